@@ -1,0 +1,161 @@
+"""Chunk keys: token chunking, chained prefix hashing and namespaces.
+
+A prompt is cut into chunks of ``chunk_tokens`` tokens. Chunk ``i``'s digest is
+``xxh3_128(digest_{i-1} ‖ tokens_i)`` over the little-endian int64 bytes of its tokens, starting
+from the namespace, so a digest names the chunk *and its whole prefix*. Python's ``hash()`` is
+never used: it is salted per process (``PYTHONHASHSEED``) and keys must agree across processes
+and hosts.
+
+The **namespace** is a short hash of everything that makes the stored bytes interpretable
+(engine, model, KV layout, dtype, block size, heads, head size, TP rank/size, ...). Two models or
+two layouts can never share a key, which is how lmtier never loads wrong KV.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from lmtier.errors import InvalidArgumentError
+
+__all__ = [
+    "ChunkKey",
+    "KVNamespace",
+    "chunk_keys",
+    "chunk_spans",
+    "make_namespace",
+]
+
+#: Bumped whenever the hashing scheme changes, so old keys can never alias new ones.
+KEY_SCHEME_VERSION = 1
+_NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
+_KEY_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{32})$")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """The identity of one stored chunk: ``namespace`` + 16-byte prefix ``digest``.
+
+    ``str(key)`` is ``"<16 hex namespace>-<32 hex digest>"``: lowercase hex and ``-`` only, safe
+    as a file name, Redis key or S3 key. :meth:`parse` inverts it.
+    """
+
+    namespace: str
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
+            raise InvalidArgumentError(
+                f"ChunkKey.namespace must be 16 lowercase hex characters, got {self.namespace!r}; "
+                "build it with lmtier.keys.make_namespace()"
+            )
+        if not isinstance(self.digest, bytes) or len(self.digest) != 16:
+            raise InvalidArgumentError(
+                f"ChunkKey.digest must be 16 bytes, got {self.digest!r}; build keys with chunk_keys()"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.namespace}-{self.digest.hex()}"
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkKey:
+        """Inverse of ``str(key)``; raises InvalidArgumentError on anything else."""
+        m = _KEY_RE.match(text) if isinstance(text, str) else None
+        if m is None:
+            raise InvalidArgumentError(f"not a chunk key string: {text!r}")
+        return cls(m.group(1), bytes.fromhex(m.group(2)))
+
+
+def make_namespace(**fields: Any) -> str:
+    """Hash the fields that make stored bytes interpretable into a 16-hex-char namespace.
+
+    Values must be JSON-serialisable scalars/lists; field order does not matter.
+    """
+    try:
+        canonical = json.dumps(
+            {"_scheme": KEY_SCHEME_VERSION, **fields}, sort_keys=True, separators=(",", ":")
+        )
+    except TypeError as exc:
+        raise InvalidArgumentError(f"namespace fields must be JSON scalars: {exc}") from None
+    return xxhash.xxh3_64_hexdigest(canonical.encode())
+
+
+@dataclass(frozen=True)
+class KVNamespace:
+    """The fields that make a KV chunk's bytes interpretable; :attr:`namespace` hashes them."""
+
+    model: str
+    kv_layout: str
+    dtype: str
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    page_bytes: int
+    chunk_tokens: int
+    engine: str = "lmtier"
+    tp_rank: int = 0
+    tp_world_size: int = 1
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def namespace(self) -> str:
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        fields["extra"] = [list(kv) for kv in self.extra]
+        return make_namespace(**fields)
+
+
+def _token_bytes(tokens: Any) -> memoryview:
+    """Canonical little-endian int64 bytes of a token sequence (list, numpy, torch)."""
+    import numpy as np
+
+    if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch tensor, without importing torch
+        tokens = tokens.detach().cpu().numpy()
+    try:
+        arr = np.ascontiguousarray(tokens, dtype="<i8")
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"token ids must be a 1-D sequence of ints: {exc}") from None
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"token ids must be 1-D, got shape {arr.shape}")
+    return memoryview(arr).cast("B")
+
+
+def chunk_spans(num_tokens: int, chunk_tokens: int, *, include_partial: bool = True) -> list[tuple[int, int]]:
+    """``[start, end)`` token spans of each chunk; the last may be partial if allowed."""
+    if chunk_tokens <= 0:
+        raise InvalidArgumentError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    end = num_tokens if include_partial else num_tokens - num_tokens % chunk_tokens
+    return [(s, min(s + chunk_tokens, end)) for s in range(0, end, chunk_tokens)]
+
+
+def chunk_keys(
+    tokens: Sequence[int] | Iterable[int] | Any,
+    namespace: str,
+    chunk_tokens: int,
+    *,
+    include_partial: bool = False,
+) -> list[ChunkKey]:
+    """Keys of the chunks of ``tokens``: key ``i`` names tokens ``[0, (i+1)*chunk_tokens)``.
+
+    A trailing partial chunk gets a key only with ``include_partial=True``; its digest differs
+    from the full chunk it would grow into, so partial and full chunks never alias.
+    """
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise InvalidArgumentError(f"namespace must come from make_namespace(), got {namespace!r}")
+    data = _token_bytes(tokens)
+    n_tokens = len(data) // 8
+    prev = bytes.fromhex(namespace)
+    keys: list[ChunkKey] = []
+    hasher = xxhash.xxh3_128()
+    for start, end in chunk_spans(n_tokens, chunk_tokens, include_partial=include_partial):
+        hasher.reset()
+        hasher.update(prev)
+        hasher.update(data[start * 8 : end * 8])
+        prev = hasher.digest()
+        keys.append(ChunkKey(namespace, prev))
+    return keys

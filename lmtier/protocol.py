@@ -1,0 +1,145 @@
+"""The storage backend protocol: one async, batched get/put/contains/delete contract.
+
+Every tier (built-in or third-party) implements :class:`StorageBackend`. Calls are batched:
+``result[i]`` always answers ``keys[i]``. The manager owns retries, fallbacks and metrics, so
+backends stay small: map client errors to the :mod:`lmtier.errors` tree in one place and let
+them propagate.
+
+Semantics every backend must honour (checked by :class:`lmtier.testing.BackendConformance`):
+
+* A miss is ``None`` (``get``) or ``False`` (``contains``); it is never an exception.
+* Empty batches are valid and return empty lists without touching the store.
+* ``put`` is atomic per item: a concurrent ``get`` sees the old value, the new one, or a miss,
+  never a partial value. Overwriting an existing key is allowed.
+* ``delete`` of an absent key is not an error.
+* Only :class:`~lmtier.errors.LmtierError` subclasses escape; a wrong argument type raises
+  :class:`~lmtier.errors.InvalidArgumentError` (a ``TypeError``).
+* ``aclose`` is idempotent; backends are async context managers.
+* Stored bytes that fail validation are a miss: the backend deletes them and counts them
+  (``corrupt`` in :meth:`SupportsStats.stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+try:  # PEP 688 (3.12+); typing_extensions backports it for 3.11
+    from collections.abc import Buffer
+except ImportError:  # pragma: no cover - depends on the interpreter
+    from typing_extensions import Buffer
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from lmtier.keys import ChunkKey
+
+__all__ = [
+    "Buffer",
+    "Capabilities",
+    "StorageBackend",
+    "SupportsGetInto",
+    "SupportsStats",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend promises; the conformance suite verifies each claim.
+
+    Attributes:
+        persistent: data survives ``aclose()`` and a fresh handle on the same storage
+            (a new process, a restart).
+        shared: several processes/hosts may use the same storage concurrently and see each
+            other's writes (Redis, S3); the manager then never assumes it knows the contents.
+        evicts: the backend may drop entries by itself (byte bound, TTL, maxmemory); callers
+            must treat ``contains`` as a hint, and ``get`` as the truth.
+        max_item_bytes: the largest value ``put`` accepts, or ``None`` for no limit.
+    """
+
+    persistent: bool = False
+    shared: bool = False
+    evicts: bool = False
+    max_item_bytes: int | None = None
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """An async, batched key/value store for KV-cache chunks.
+
+    Keys are :class:`~lmtier.keys.ChunkKey`; ``str(key)`` is lowercase hex and ``-`` only and is
+    what a backend uses as a file name, Redis key or S3 key. Values are any buffer-protocol object
+    (``bytes``, ``memoryview``, a contiguous ``numpy``/``torch`` uint8 array); backends must not
+    keep a reference to a caller's buffer after ``put`` returns, unless they copy it.
+    """
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The backend's promises (see :class:`Capabilities`)."""
+        ...
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Return, for each key, whether a ``get`` would likely hit.
+
+        May be answered from an index or metadata only; for backends that evict (``evicts``)
+        a ``True`` may still turn into a miss on ``get``.
+        """
+        ...
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        """Return the stored value for each key, or ``None`` for a miss.
+
+        Returned buffers are read-only views the caller may keep; a corrupt entry is a miss and
+        is deleted.
+        """
+        ...
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        """Store each ``(key, value)``; atomic per item, overwrite allowed.
+
+        Raises:
+            CapacityError: the item does not fit (``max_item_bytes`` or the store is full).
+            BackendUnavailableError: the store cannot be reached.
+            InvalidArgumentError: a key is not a ChunkKey or a value is not a buffer.
+        """
+        ...
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        """Remove each key; absent keys are fine."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and buffers. Idempotent."""
+        ...
+
+    async def __aenter__(self) -> StorageBackend: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+@runtime_checkable
+class SupportsGetInto(Protocol):
+    """Optional: zero-copy reads into caller buffers (KV chunks have a known size)."""
+
+    async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
+        """Fill ``outs[i]`` (writable, exactly the stored payload size) with ``keys[i]``'s value.
+
+        Returns ``True`` where filled; ``False`` for a miss, a size mismatch or corrupt data, in
+        which case the content of ``outs[i]`` is unspecified.
+        """
+        ...
+
+
+@runtime_checkable
+class SupportsStats(Protocol):
+    """Optional: backend-specific counters (objects, bytes, corrupt, ...) for metrics/doctor."""
+
+    def stats(self) -> dict[str, Any]:
+        """Return a flat dict of numbers; ``objects`` and ``bytes`` where known."""
+        ...

@@ -1,0 +1,143 @@
+"""The ``cpu`` tier: values live in one preallocated host slab (pinned when CUDA exists).
+
+Puts copy into the slab (or adopt a buffer already carved from it: zero copy); gets return
+read-only lease views of the slab, so reads are zero-copy and the transfer layer can DMA straight
+from them. A view holds its range until it is garbage collected, so eviction never recycles
+memory a reader still sees. Over ``max_bytes``, least-recently-used entries are evicted and
+offered to the eviction listener (the manager demotes them to the next tier).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lmtier.codec import as_bytes_view
+from lmtier.errors import CapacityError, InvalidArgumentError
+from lmtier.keys import ChunkKey
+from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
+from lmtier.protocol import Buffer, Capabilities
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from lmtier_backends.cpu.config import CpuConfig
+
+__all__ = ["CpuBackend"]
+
+EvictionListener = Callable[[ChunkKey, memoryview], None]
+
+
+class CpuBackend:
+    """In-process, byte-bounded LRU store over a :class:`HostMemoryPool` slab."""
+
+    def __init__(self, config: CpuConfig) -> None:
+        self.config = config
+        self.pool = HostMemoryPool(int(config.max_bytes), pin=config.pinned, name="cpu-tier")
+        self._entries: OrderedDict[ChunkKey, HostBuffer] = OrderedDict()
+        self._listeners: list[EvictionListener] = []
+        self._evictions = 0
+        self._closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(persistent=False, shared=False, evicts=True, max_item_bytes=self.pool.capacity)
+
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call ``listener(key, view)`` for each LRU eviction, before the range is reused."""
+        self._listeners.append(listener)
+
+    def allocate(self, nbytes: int) -> HostBuffer:
+        """A buffer inside this tier's slab; ``put`` of it adopts it without copying."""
+        return self._reserve(nbytes)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        _check_keys(keys)
+        return [k in self._entries for k in keys]
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        _check_keys(keys)
+        out: list[Buffer | None] = []
+        for k in keys:
+            buf = self._entries.get(k)
+            if buf is None:
+                out.append(None)
+            else:
+                self._entries.move_to_end(k)
+                out.append(buf.lease_view())
+        return out
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        _check_keys([k for k, _ in items])
+        views = [(k, v, as_bytes_view(v)) for k, v in items]  # validate the whole batch first
+        for key, value, view in views:
+            tensor = host_tensor_of(value)
+            if isinstance(value, HostBuffer) and value.pool is self.pool:
+                buf = value.retain()  # adopt: the caller keeps its own reference
+            else:
+                buf = self._reserve(view.nbytes)
+                if tensor is not None and view.nbytes == tensor.numel():
+                    buf.tensor.copy_(tensor)
+                else:
+                    buf.memoryview()[:] = view
+            old = self._entries.pop(key, None)
+            self._entries[key] = buf
+            if old is not None:
+                old.release()
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        _check_keys(keys)
+        for k in keys:
+            buf = self._entries.pop(k, None)
+            if buf is not None:
+                buf.release()
+
+    def stats(self) -> dict[str, Any]:
+        return {"objects": len(self._entries), "bytes": self.pool.used_bytes,
+                "capacity_bytes": self.pool.capacity, "evictions": self._evictions}
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        entries, self._entries = self._entries, OrderedDict()
+        for buf in entries.values():
+            buf.release()
+        self.pool.close()
+
+    async def __aenter__(self) -> CpuBackend:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def _reserve(self, nbytes: int) -> HostBuffer:
+        if nbytes > self.pool.capacity:
+            raise CapacityError(f"cpu tier: a {nbytes}-byte item exceeds max_bytes={self.pool.capacity}")
+        while True:
+            buf = self.pool.try_allocate(nbytes)
+            if buf is not None:
+                return buf
+            if not self._entries:
+                raise CapacityError(
+                    f"cpu tier: no room for {nbytes} bytes: the slab is held by outstanding readers; "
+                    "release views or raise max_bytes"
+                )
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        key, buf = self._entries.popitem(last=False)
+        self._evictions += 1
+        if self._listeners:
+            view = buf.lease_view()
+            for listener in self._listeners:
+                listener(key, view)
+        buf.release()
+
+
+def _check_keys(keys: Sequence[object]) -> None:
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")
