@@ -4,7 +4,7 @@ The contract (both implementations):
 
 - A layer of the cache is described by a :class:`PageLayout` (:func:`describe_layout`); all layers
   passed to one call share it. A page is one block of one layer: one or two contiguous byte runs.
-- A host chunk is a contiguous ``uint8`` tensor laid out ``[layers × pages × page_bytes]``, where
+- A host chunk is a contiguous ``uint8`` tensor laid out ``[layers x pages x page_bytes]``, where
   ``layers`` is ``len(kv_layers)`` (always all layers, also when ``layers=`` selects a few) and
   ``pages`` is ``len(block_ids[c])`` (a last chunk may have fewer pages). Its size is
   :func:`chunk_nbytes`; a larger tensor is fine (only the leading bytes are used).
@@ -98,7 +98,7 @@ def offload(
 ) -> None:
     """Copy pages ``block_ids[c]`` of the cache into ``host_chunks[c]`` (cache → host).
 
-    ``host_chunks[c]`` receives ``[layers × len(block_ids[c]) × page_bytes]``. With ``layers``,
+    ``host_chunks[c]`` receives ``[layers x len(block_ids[c]) x page_bytes]``. With ``layers``,
     only those layers' slices of each host chunk are written. Enqueued on ``stream`` for CUDA
     caches (the caller synchronises before reading the host chunks); synchronous on CPU.
     """
@@ -119,7 +119,7 @@ def onload(
     """Copy ``host_chunks[c]`` into pages ``block_ids[c]`` of the cache (host → cache).
 
     With ``layers``, only those layers are written (the host chunk keeps its full
-    ``[layers × pages × page_bytes]`` format). Block ids must be distinct across the call.
+    ``[layers x pages x page_bytes]`` format). Block ids must be distinct across the call.
     Enqueued on ``stream`` for CUDA caches (the caller keeps the host chunks unchanged and
     synchronises before using the pages elsewhere); synchronous on CPU.
     """

@@ -9,7 +9,7 @@ layers) and a ``non_blocking`` copy to or from the host chunk.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lmtier.transfer._layout import PageLayout, TransferPlan, plan_transfer
 
@@ -35,7 +35,7 @@ def _pages_view(kv_layer: torch.Tensor, layout: PageLayout) -> torch.Tensor:
 
 
 def _host_view(host: torch.Tensor, plan: TransferPlan, pages: int, layout: PageLayout) -> torch.Tensor:
-    """The ``[layers × pages × runs × run_bytes]`` view of one host chunk."""
+    """The ``[layers x pages x runs x run_bytes]`` view of one host chunk."""
     n = plan.num_layers * pages * layout.page_bytes
     runs = len(layout.run_offsets)
     return host.reshape(-1)[:n].view(plan.num_layers, pages, runs, layout.run_bytes)
@@ -51,7 +51,7 @@ def _chunks(plan: TransferPlan) -> list[tuple[int, int, int]]:
     return out
 
 
-def _stream_ctx(kv_layer: torch.Tensor, stream: object) -> object:
+def _stream_ctx(kv_layer: torch.Tensor, stream: Any) -> Any:
     import contextlib
 
     import torch
@@ -68,7 +68,7 @@ def offload(
     host_chunks: Sequence[torch.Tensor],
     *,
     layers: Sequence[int] | None = None,
-    stream: object = None,
+    stream: Any = None,
 ) -> None:
     """Copy pages ``block_ids[c]`` of every (selected) layer into ``host_chunks[c]``."""
     import torch
@@ -77,7 +77,7 @@ def offload(
     kv = list(kv_layers)
     dev = kv[0].device
     views = {li: _pages_view(kv[li], layout) for li in plan.layers}
-    with _stream_ctx(kv[0], stream):  # type: ignore[attr-defined]
+    with _stream_ctx(kv[0], stream):
         ids = torch.tensor(plan.flat_ids, dtype=torch.int64, device=dev)
         stage = _staging(plan, layout, dev) if kv[0].is_cuda else None
         for c, start, p in _chunks(plan):
@@ -87,9 +87,7 @@ def offload(
                 for li in plan.layers:
                     torch.index_select(views[li], 0, idx, out=host[li])
                 continue
-            tmp = stage[: len(plan.layers) * p * layout.page_bytes].view(
-                len(plan.layers), p, *host.shape[2:]
-            )
+            tmp = stage[: len(plan.layers) * p * layout.page_bytes].view(len(plan.layers), p, *host.shape[2:])
             for i, li in enumerate(plan.layers):
                 torch.index_select(views[li], 0, idx, out=tmp[i])
             if len(plan.layers) == plan.num_layers:
@@ -106,7 +104,7 @@ def onload(
     host_chunks: Sequence[torch.Tensor],
     *,
     layers: Sequence[int] | None = None,
-    stream: object = None,
+    stream: Any = None,
 ) -> None:
     """Copy ``host_chunks[c]`` into pages ``block_ids[c]`` of every (selected) layer."""
     import torch
@@ -115,7 +113,7 @@ def onload(
     kv = list(kv_layers)
     dev = kv[0].device
     views = {li: _pages_view(kv[li], layout) for li in plan.layers}
-    with _stream_ctx(kv[0], stream):  # type: ignore[attr-defined]
+    with _stream_ctx(kv[0], stream):
         ids = torch.tensor(plan.flat_ids, dtype=torch.int64, device=dev)
         stage = _staging(plan, layout, dev) if kv[0].is_cuda else None
         for c, start, p in _chunks(plan):
@@ -125,9 +123,7 @@ def onload(
                 for li in plan.layers:
                     views[li].index_copy_(0, idx, host[li])
                 continue
-            tmp = stage[: len(plan.layers) * p * layout.page_bytes].view(
-                len(plan.layers), p, *host.shape[2:]
-            )
+            tmp = stage[: len(plan.layers) * p * layout.page_bytes].view(len(plan.layers), p, *host.shape[2:])
             if len(plan.layers) == plan.num_layers:
                 tmp.copy_(host, non_blocking=True)
             else:

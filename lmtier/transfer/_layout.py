@@ -60,12 +60,10 @@ class PageLayout:
 def chunk_nbytes(layout: PageLayout, num_layers: int, pages: int) -> int:
     """Bytes of a host chunk of ``pages`` pages over ``num_layers`` layers.
 
-    The host chunk is laid out ``[layers × pages × page_bytes]``.
+    The host chunk is laid out ``[layers x pages x page_bytes]``.
     """
     if num_layers < 0 or pages < 0:
-        raise InvalidArgumentError(
-            f"num_layers and pages must be >= 0, got {num_layers} and {pages}"
-        )
+        raise InvalidArgumentError(f"num_layers and pages must be >= 0, got {num_layers} and {pages}")
     return num_layers * pages * layout.page_bytes
 
 
@@ -87,12 +85,11 @@ def describe_layout(kv_layer: torch.Tensor, kind: str) -> PageLayout:
     Raises :class:`InvalidArgumentError` naming the expected shape when the tensor does not fit.
     """
     if kind not in LAYOUT_KINDS:
-        raise InvalidArgumentError(
-            f"unknown layout kind {kind!r}; use one of {sorted(LAYOUT_KINDS)}"
-        )
+        raise InvalidArgumentError(f"unknown layout kind {kind!r}; use one of {sorted(LAYOUT_KINDS)}")
     shape = tuple(int(s) for s in kv_layer.shape)
     stride = tuple(int(s) for s in kv_layer.stride())
     esize = kv_layer.element_size()
+    offsets: tuple[int, ...]
     want = LAYOUT_KINDS[kind]
 
     def bad(why: str) -> InvalidArgumentError:
@@ -156,10 +153,10 @@ def _runs_disjoint(layout: PageLayout) -> bool:
 class TransferPlan:
     """Checked, normalised arguments of one transfer (shared by both implementations)."""
 
-    layers: tuple[int, ...]          # selected layer indices, in call order
-    num_layers: int                  # all layers: the host chunk format's first dimension
-    pages: tuple[int, ...]           # pages per chunk
-    flat_ids: list[int]              # block ids of all chunks, concatenated
+    layers: tuple[int, ...]  # selected layer indices, in call order
+    num_layers: int  # all layers: the host chunk format's first dimension
+    pages: tuple[int, ...]  # pages per chunk
+    flat_ids: list[int]  # block ids of all chunks, concatenated
 
 
 def plan_transfer(
@@ -208,9 +205,7 @@ def plan_transfer(
     else:
         sel = tuple(int(x) for x in layers)
         if any(not 0 <= x < num_layers for x in sel) or len(set(sel)) != len(sel):
-            raise InvalidArgumentError(
-                f"layers {list(sel)} must be distinct indices in [0, {num_layers})"
-            )
+            raise InvalidArgumentError(f"layers {list(sel)} must be distinct indices in [0, {num_layers})")
     if isinstance(block_ids, torch.Tensor) or len(block_ids) != len(host_chunks):
         raise InvalidArgumentError(
             "block_ids must be a sequence with one block-id list per host chunk "

@@ -201,9 +201,7 @@ def _copy(
 ) -> None:
     import torch
 
-    plan = plan_transfer(
-        kv_layers, layout, block_ids, host_chunks, layers, distinct=direction == _H2D
-    )
+    plan = plan_transfer(kv_layers, layout, block_ids, host_chunks, layers, distinct=direction == _H2D)
     lib = _library()
     kv = list(kv_layers)
     if not kv[0].is_cuda:
@@ -232,9 +230,7 @@ def _copy(
     hosts = (ctypes.c_uint64 * c)(*(h.data_ptr() for h in host_chunks))
     opts = None
     if options is not None:
-        opts = ctypes.byref(
-            _Opts(options.threads, options.max_ctas, options.unroll, options.flags)
-        )
+        opts = ctypes.byref(_Opts(options.threads, options.max_ctas, options.unroll, options.flags))
     status = lib.lmt_copy_pages(
         direction,
         ctypes.byref(desc),
