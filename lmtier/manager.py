@@ -1,0 +1,456 @@
+"""StorageManager: a chain of tiers behind one async, batched, fault-tolerant API.
+
+Data flow (hottest tier first, as listed in the config):
+
+* ``lookup(keys)`` — how many *leading* keys are present in any tier (prefix semantics).
+* ``get(keys)`` — asks each tier in turn for the keys still missing; hits found in a colder tier
+  are promoted into hotter tiers (``promote: true``) in the background.
+* ``put(items)`` — lands in the hottest tier, then in every ``write: through`` tier (awaited) and
+  every ``write: async`` tier (bounded background queue: when it is full the write is dropped,
+  counted and logged — a slow tier never blocks the caller).
+* Eviction — backends that evict (``add_eviction_listener``) hand the evicted chunk to the
+  manager, which demotes it into the next tier if that tier lacks the key.
+
+Faults are misses: a :class:`~lmtier.errors.BackendError` (or any unexpected exception from a
+third-party backend) becomes a miss or a skipped write, with a metric and a log line. Tiers that
+raise :class:`~lmtier.errors.BackendUnavailableError` repeatedly trip their circuit breaker and
+are skipped until a probe succeeds. Only bad input (:class:`~lmtier.errors.InvalidArgumentError`)
+reaches the caller.
+
+All methods must be called from the event loop the manager was opened on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from lmtier.breaker import CircuitBreaker
+from lmtier.codec import as_bytes_view
+from lmtier.config import LmtierConfig, TierConfig, load_config
+from lmtier.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    CapacityError,
+    CorruptDataError,
+    InvalidArgumentError,
+    LmtierError,
+)
+from lmtier.keys import ChunkKey
+from lmtier.memory import HostBuffer
+from lmtier.metrics import Metrics, default_metrics
+from lmtier.protocol import Buffer, StorageBackend, SupportsStats
+from lmtier.registry import BackendRegistry
+
+if TYPE_CHECKING:
+    import os
+
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["StorageManager", "Tier"]
+
+log = logging.getLogger("lmtier")
+T = TypeVar("T")
+Item = tuple[ChunkKey, Buffer]
+
+
+class _Fault:
+    """Sentinel result of a tier call that failed (already counted and logged)."""
+
+    def __repr__(self) -> str:
+        return "FAULT"
+
+
+FAULT = _Fault()
+
+
+@dataclass
+class _Job:
+    kind: Literal["write", "promote", "demote"]
+    items: list[Item]
+
+
+@dataclass
+class Tier:
+    """One tier of the chain: its config, backend, breaker and background writer."""
+
+    index: int
+    config: TierConfig
+    backend: StorageBackend
+    breaker: CircuitBreaker
+    queue: asyncio.Queue[_Job] = field(repr=False)
+    writer: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+class StorageManager:
+    """The chain of tiers. Build with :meth:`from_config` (opens the backends)."""
+
+    def __init__(
+        self,
+        tiers: Sequence[tuple[TierConfig, StorageBackend]],
+        *,
+        config: LmtierConfig | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not tiers:
+            raise InvalidArgumentError("a StorageManager needs at least one tier")
+        self.config = config
+        self.metrics = metrics or default_metrics()
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._closed = False
+        self.tiers: list[Tier] = []
+        for i, (tcfg, backend) in enumerate(tiers):
+            b = tcfg.breaker
+            tier = Tier(i, tcfg, backend, CircuitBreaker(b.failures, b.cooldown_s, b.max_cooldown_s, clock),
+                        asyncio.Queue(maxsize=tcfg.queue_depth))
+            tier.writer = self._loop.create_task(self._drain(tier), name=f"lmtier-writer-{tcfg.name}")
+            self.tiers.append(tier)
+            if isinstance(backend, SupportsStats):
+                self.metrics.add_stats_source(tcfg.name, backend.stats)
+            add_listener = getattr(backend, "add_eviction_listener", None)
+            if callable(add_listener):
+                add_listener(self._eviction_listener(tier))
+            self.metrics.circuit_open.labels(tcfg.name).set(0)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    async def from_config(
+        cls,
+        config: str | os.PathLike[str] | Mapping[str, Any] | LmtierConfig | None = None,
+        *,
+        registry: BackendRegistry | None = None,
+        metrics_registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> StorageManager:
+        """Validate ``config`` (both phases) and open every tier, hottest first.
+
+        If a tier fails to open, the tiers already opened are closed before the error propagates.
+        """
+        cfg = load_config(config)
+        registry = registry or BackendRegistry.discover()
+        options = cfg.validate_backends(registry)
+        opened: list[tuple[TierConfig, StorageBackend]] = []
+        try:
+            for i, (tcfg, opts) in enumerate(zip(cfg.tiers, options, strict=True)):
+                backend = await registry.create(tcfg.backend, opts, path=f"tiers[{i}].options")
+                opened.append((tcfg, backend))
+        except BaseException:
+            for _, backend in opened:
+                await backend.aclose()
+            raise
+        metrics = Metrics(metrics_registry) if metrics_registry is not None else None
+        manager = cls(opened, config=cfg, metrics=metrics, clock=clock)
+        log.info("lmtier storage ready: %s", " -> ".join(f"{t.name}({t.config.backend})" for t in manager.tiers))
+        return manager
+
+    def tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise InvalidArgumentError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")
+
+    # -- public API ----------------------------------------------------------------------------
+    async def lookup(self, keys: Sequence[ChunkKey]) -> int:
+        """Number of leading ``keys`` present in at least one tier."""
+        _check_keys(keys)
+        n = len(keys)
+        present = [False] * n
+        first_missing = 0
+        for tier in self.tiers:
+            if first_missing == n:
+                break
+            todo = [i for i in range(first_missing, n) if not present[i]]
+            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo])
+            if found is FAULT:
+                continue
+            for i, hit in zip(todo, found, strict=True):
+                present[i] = present[i] or bool(hit)
+            while first_missing < n and present[first_missing]:
+                first_missing += 1
+        self.metrics.lookup_chunks.inc(n)
+        self.metrics.lookup_hit_chunks.inc(first_missing)
+        log.debug("lookup: hit %d of %d chunks", first_missing, n)
+        return first_missing
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key is present in any tier."""
+        _check_keys(keys)
+        present = [False] * len(keys)
+        for tier in self.tiers:
+            todo = [i for i, p in enumerate(present) if not p]
+            if not todo:
+                break
+            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo])
+            if found is not FAULT:
+                for i, hit in zip(todo, found, strict=True):
+                    present[i] = bool(hit)
+        return present
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        """Values of ``keys`` from the hottest tier holding each, ``None`` for misses."""
+        _check_keys(keys)
+        results: list[Buffer | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        for tier in self.tiers:
+            if not pending:
+                break
+            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending])
+            if values is FAULT:
+                self.metrics.misses.labels(tier.name).inc(len(pending))
+                continue
+            still: list[int] = []
+            found: list[Item] = []
+            nbytes = 0
+            for i, value in zip(pending, values, strict=True):
+                if value is None:
+                    still.append(i)
+                else:
+                    results[i] = value
+                    found.append((keys[i], value))
+                    nbytes += memoryview(value).nbytes
+            self.metrics.hits.labels(tier.name).inc(len(found))
+            self.metrics.misses.labels(tier.name).inc(len(still))
+            self.metrics.bytes_read.labels(tier.name).inc(nbytes)
+            if found and tier.index > 0:
+                self._promote(tier.index, found)
+            pending = still
+        hits = len(keys) - len(pending)
+        log.debug("get: hit %d of %d chunks", hits, len(keys))
+        return results
+
+    async def put(self, items: Sequence[Item]) -> None:
+        """Store ``items`` in the hottest tier and flow them to colder tiers per write mode."""
+        _check_keys([k for k, _ in items] if isinstance(items, Sequence) else items)
+        for _, value in items:
+            as_bytes_view(value)  # InvalidArgumentError for non-buffers, before anything is written
+        if not items:
+            return
+        items = list(items)
+        hottest, colder = self.tiers[0], self.tiers[1:]
+        await self._write(hottest, items)
+        through = [t for t in colder if t.config.write == "through"]
+        background = [t for t in colder if t.config.write == "async"]
+        if background:
+            stable = [(k, _stable(v)) for k, v in items]
+            for tier in background:
+                self._enqueue(tier, _Job("write", stable))
+        if through:
+            await asyncio.gather(*(self._write(t, items) for t in through))
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        """Remove ``keys`` from every tier (faults are logged and counted)."""
+        _check_keys(keys)
+        if keys:
+            await asyncio.gather(*(self._call(t, "delete", t.backend.delete, list(keys)) for t in self.tiers))
+
+    async def flush(self) -> None:
+        """Wait until every queued background write, promotion and demotion is done."""
+        for tier in self.tiers:
+            await tier.queue.join()
+
+    async def aclose(self) -> None:
+        """Drain background work, stop writers and close every backend. Idempotent."""
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        for tier in self.tiers:
+            if tier.writer is not None:
+                tier.writer.cancel()
+        await asyncio.gather(*(t.writer for t in self.tiers if t.writer is not None), return_exceptions=True)
+        for tier in self.tiers:
+            if isinstance(tier.backend, SupportsStats):
+                self.metrics.remove_stats_source(tier.name, tier.backend.stats)
+            try:
+                await tier.backend.aclose()
+            except Exception as exc:  # closing one tier must not leave the others open
+                log.warning("lmtier tier %s: error while closing: %s", tier.name, exc)
+
+    async def __aenter__(self) -> StorageManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        """Per-tier state for `lmtier doctor` and tests."""
+        out: dict[str, Any] = {}
+        for t in self.tiers:
+            entry: dict[str, Any] = {"backend": t.config.backend, "circuit": t.breaker.state,
+                                     "queued": t.queue.qsize()}
+            if isinstance(t.backend, SupportsStats):
+                entry.update(t.backend.stats())
+            out[t.name] = entry
+        return out
+
+    # -- machinery -----------------------------------------------------------------------------
+    async def _call(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], arg: T,
+                    *, writes: int = 0) -> Any:
+        """Run one backend call with breaker, deadline and metrics; a fault returns FAULT.
+
+        ``writes`` is the number of items a put carries, counted as skipped writes on a fault.
+        """
+        if not tier.breaker.allow():
+            if writes:
+                self.metrics.skipped_writes.labels(tier.name, "circuit_open").inc(writes)
+            return FAULT
+        start = self._clock()
+        try:
+            if tier.config.timeout_s is None:
+                result = await fn(arg)
+            else:
+                try:
+                    result = await asyncio.wait_for(fn(arg), tier.config.timeout_s)
+                except TimeoutError:
+                    raise BackendTimeoutError(
+                        f"tier {tier.name}: {op} took longer than timeout_s={tier.config.timeout_s}"
+                    ) from None
+        except InvalidArgumentError:
+            tier.breaker.record_success()
+            raise
+        except asyncio.CancelledError:
+            tier.breaker.abandon_probe()  # our own cancellation says nothing about the tier
+            raise
+        except Exception as exc:
+            reason = self._fault(tier, op, exc)
+            if writes:
+                self.metrics.skipped_writes.labels(tier.name, reason).inc(writes)
+            return FAULT
+        self.metrics.latency.labels(tier.name, op).observe(self._clock() - start)
+        if tier.breaker.record_success():
+            self.metrics.circuit_open.labels(tier.name).set(0)
+            log.warning("lmtier tier %s: recovered, circuit closed", tier.name)
+        return result
+
+    def _fault(self, tier: Tier, op: str, exc: Exception) -> str:
+        """Count and log a failed call, feed the breaker; returns the skipped-write reason."""
+        kind = _error_kind(exc)
+        self.metrics.errors.labels(tier.name, op, kind).inc()
+        if isinstance(exc, CapacityError):
+            reason, failed = "full", False
+        elif isinstance(exc, BackendUnavailableError):
+            reason, failed = "unavailable", True
+        elif isinstance(exc, LmtierError):
+            reason, failed = "error", False
+        else:  # a buggy third-party backend must not crash the engine; treat it as unhealthy
+            reason, failed = "error", True
+            log.error("lmtier tier %s: unexpected %s from %s", tier.name, type(exc).__name__, op, exc_info=exc)
+        if not isinstance(exc, CorruptDataError):
+            log.warning("lmtier tier %s: %s failed (%s: %s); treated as a miss/skipped write",
+                        tier.name, op, type(exc).__name__, exc)
+        if not failed:
+            tier.breaker.record_success()  # the tier answered: it is reachable
+        elif tier.breaker.record_failure():
+            self.metrics.circuit_open.labels(tier.name).set(1)
+            log.warning("lmtier tier %s: circuit opened after %d failures; skipping it for %.1fs",
+                        tier.name, tier.breaker.failures, tier.breaker.cooldown)
+        return reason
+
+    async def _write(self, tier: Tier, items: list[Item]) -> bool:
+        if await self._call(tier, "put", tier.backend.put, items, writes=len(items)) is FAULT:
+            return False
+        nbytes = sum(as_bytes_view(v).nbytes for _, v in items)
+        self.metrics.bytes_written.labels(tier.name).inc(nbytes)
+        self.metrics.objects_written.labels(tier.name).inc(len(items))
+        return True
+
+    def _enqueue(self, tier: Tier, job: _Job) -> None:
+        try:
+            tier.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self.metrics.skipped_writes.labels(tier.name, "queue_full").inc(len(job.items))
+            log.debug("lmtier tier %s: background queue full, dropped %d %s item(s)",
+                      tier.name, len(job.items), job.kind)
+        self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
+
+    def _promote(self, found_in: int, items: list[Item]) -> None:
+        for tier in self.tiers[:found_in]:
+            if tier.config.promote:
+                self._enqueue(tier, _Job("promote", items))
+
+    def _eviction_listener(self, tier: Tier) -> Callable[[ChunkKey, Buffer], None]:
+        def on_evict(key: ChunkKey, value: Buffer) -> None:
+            self.metrics.evictions.labels(tier.name).inc()
+            if self._closed or tier.index + 1 >= len(self.tiers):
+                return
+            nxt = self.tiers[tier.index + 1]
+            if nxt.queue.full():
+                self.metrics.skipped_writes.labels(nxt.name, "queue_full").inc()
+                return
+            # Copy out of the evicting tier: holding its memory until the demotion lands would make
+            # it evict even more entries to make room for the put that triggered this eviction.
+            job = _Job("demote", [(key, bytes(as_bytes_view(value)))])
+            if threading.get_ident() == self._loop_thread:
+                self._enqueue(nxt, job)
+            else:  # backends may evict from their I/O threads
+                self._loop.call_soon_threadsafe(self._enqueue, nxt, job)
+
+        return on_evict
+
+    async def _drain(self, tier: Tier) -> None:
+        """Background writer of one tier: async writes, promotions and demotions, in order."""
+        while True:
+            job = await tier.queue.get()
+            try:
+                items = job.items
+                if job.kind == "demote":
+                    present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items])
+                    if present is FAULT:
+                        continue
+                    items = [it for it, p in zip(items, present, strict=True) if not p]
+                if items and await self._write(tier, items):
+                    counter = {"demote": self.metrics.demotions, "promote": self.metrics.promotions}.get(job.kind)
+                    if counter is not None:
+                        counter.labels(tier.name).inc(len(items))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad job kill the writer
+                log.exception("lmtier tier %s: background %s failed", tier.name, job.kind)
+            finally:
+                # drop our references now: a demoted lease view pins its slab range until freed
+                job = items = None  # type: ignore[assignment]
+                tier.queue.task_done()
+                self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
+
+
+def _stable(value: Buffer) -> Buffer:
+    """A value that stays valid after put returns (background writes outlive the call)."""
+    if isinstance(value, HostBuffer):
+        return value.lease_view()
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, memoryview) and value.readonly and isinstance(value.obj, bytes):
+        return value
+    from lmtier.memory import host_tensor_of
+
+    if isinstance(value, memoryview) and value.readonly and host_tensor_of(value) is not None:
+        return value  # a lease view holds its own reference on the pool range
+    return bytes(as_bytes_view(value))
+
+
+def _error_kind(exc: BaseException) -> str:
+    for cls in (BackendTimeoutError, BackendUnavailableError, CapacityError, CorruptDataError, BackendError):
+        if isinstance(exc, cls):
+            return cls.__name__.removesuffix("Error").lower()
+    return "unexpected" if not isinstance(exc, LmtierError) else type(exc).__name__.lower()
+
+
+def _check_keys(keys: Sequence[object]) -> None:
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise InvalidArgumentError(f"keys must be a sequence of ChunkKey, got {type(keys).__name__}")
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")
