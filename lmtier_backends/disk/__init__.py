@@ -1,0 +1,1 @@
+"""The ``disk`` tier: one file per chunk under a local directory, persistent across restarts."""

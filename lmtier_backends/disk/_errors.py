@@ -1,0 +1,65 @@
+"""The one place where the disk tier turns ``OSError`` into the lmtier error tree.
+
+The manager degrades :class:`BackendError` to misses and skipped writes and opens its circuit
+breaker on :class:`BackendUnavailableError`, so the mapping decides how a fault is handled:
+
+* disk full / quota / file too big -> :class:`CapacityError` (a skipped write; reads still work)
+* the device or filesystem is failing or gone (EIO, read-only remount, permissions pulled,
+  stale mount) -> :class:`BackendUnavailableError` (the tier is taken out for a while)
+* anything else -> :class:`BackendError`
+
+At open time, a root that cannot be created or written is a :class:`ConfigError` instead: the
+tier is misconfigured, not failing, and the user has to change ``root``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from lmtier.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    CapacityError,
+    ConfigError,
+)
+
+__all__ = ["map_os_error", "root_config_error"]
+
+_CAPACITY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_TIMEOUT = {errno.ETIMEDOUT}
+_UNAVAILABLE = {
+    errno.EIO, errno.EROFS, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ENOTCONN,
+    errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EHOSTDOWN, errno.ESHUTDOWN,
+}
+
+
+def _describe(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "?")
+    return f"{exc.strerror or exc} [{name}]"
+
+
+def map_os_error(exc: OSError, *, op: str, path: str | os.PathLike[str] | None = None) -> BackendError:
+    """The lmtier error for an ``OSError`` raised while doing ``op`` on ``path``."""
+    where = f" {os.fspath(path)}" if path is not None else ""
+    what = f"disk tier: {op}{where} failed: {_describe(exc)}"
+    if exc.errno in _CAPACITY:
+        return CapacityError(f"{what}; free space on that filesystem or lower the tier's max_bytes")
+    if exc.errno in _TIMEOUT:
+        return BackendTimeoutError(f"{what}; the filesystem did not answer (network mount?)")
+    if exc.errno in _UNAVAILABLE:
+        return BackendUnavailableError(
+            f"{what}; check the device, mount and permissions of the tier's root"
+        )
+    return BackendError(what)
+
+
+def root_config_error(exc: OSError, root: Path) -> ConfigError:
+    """The error for a tier ``root`` that cannot be created or written at open."""
+    return ConfigError(
+        f"disk tier: root {os.fspath(root)!r} is not a writable directory ({_describe(exc)}"
+        f"{f' at {exc.filename!r}' if exc.filename else ''}); set options.root to a directory "
+        "this process can create and write, e.g. on a local NVMe drive"
+    )

@@ -1,0 +1,397 @@
+"""The ``disk`` tier: one checksummed file per chunk on a local filesystem, byte-bounded LRU.
+
+Layout: ``root/<namespace>/<d0d1>/<d2d3>/<str(key)>`` (``fan_out`` levels of two digest hex
+characters), each file ``codec header ‖ payload``. Puts write a temp file in the same directory
+and publish it with an atomic rename; reads validate header and checksum, and a file that fails
+is a miss: deleted and counted (``stats()["corrupt"]``).
+
+The index (key -> file size, in LRU order) lives in this process: it is rebuilt at open by
+scanning the root (recency comes from atimes the tier sets itself; stale temp files of a crashed
+writer are deleted), so the tier survives restarts (``persistent``). It is not shared: one
+process owns a root at a time. All file I/O runs on a pool of ``max_concurrency`` threads; the
+index is touched only on the event loop, so it needs no lock.
+
+Concurrent operations on the *same* key are unordered (as the protocol allows): the worst a race
+can do is turn a later ``get`` into a miss; the key inside every header makes a wrong value
+impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lmtier.codec import HEADER_BYTES, as_bytes_view
+from lmtier.errors import (
+    BackendError,
+    BackendUnavailableError,
+    CapacityError,
+    CorruptDataError,
+    InvalidArgumentError,
+    LmtierError,
+)
+from lmtier.keys import ChunkKey
+from lmtier.protocol import Buffer, Capabilities
+from lmtier_backends.disk import _files
+from lmtier_backends.disk._errors import map_os_error, root_config_error
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from lmtier_backends.disk.config import DiskConfig
+
+__all__ = ["DiskBackend", "EvictionListener", "open_disk_backend"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+EvictionListener = Callable[[ChunkKey, memoryview], None]
+#: ``(True, value)`` or ``(False, exception)`` of one call run on a worker thread.
+Outcome = tuple[bool, Any]
+
+
+async def open_disk_backend(config: DiskConfig) -> DiskBackend:
+    """The registry's factory: check the root and scan it on a thread, off the event loop."""
+    return await asyncio.to_thread(DiskBackend, config)
+
+
+class _Entry:
+    __slots__ = ("gen", "size")
+
+    def __init__(self, size: int, gen: int) -> None:
+        self.size = size
+        self.gen = gen  # bumped by every put, so a late corrupt/missing report never drops a newer file
+
+
+class DiskBackend:
+    """Byte-bounded LRU store of one file per chunk under ``config.root``.
+
+    Construction is blocking (it creates and probes the root, then scans it); from async code use
+    :func:`open_disk_backend`. A root that cannot be created or written raises
+    :class:`~lmtier.errors.ConfigError` naming the path.
+    """
+
+    def __init__(self, config: DiskConfig) -> None:
+        self.config = config
+        self.root = Path(os.path.abspath(config.root))
+        self.max_bytes = int(config.max_bytes)
+        self._layout = _files.Layout(self.root, config.fan_out)
+        try:
+            _files.probe_root(self.root)
+        except OSError as exc:
+            raise root_config_error(exc, self.root) from None
+        try:
+            found = _files.scan(self._layout)
+        except OSError as exc:
+            raise map_os_error(exc, op="scan of the root", path=self.root) from None
+        found.entries.sort(key=lambda e: (e[2], str(e[0])))  # least recently used first
+        self._index: OrderedDict[ChunkKey, _Entry] = OrderedDict(
+            (key, _Entry(size, 0)) for key, size, _ in found.entries
+        )
+        self._used = sum(e.size for e in self._index.values())
+        self._last_stamp = max((e[2] for e in found.entries), default=0)
+        self._gen = 0
+        self._corrupt = found.corrupt_removed
+        self._tmp_removed = found.tmp_removed
+        self._evictions = 0
+        self._listeners: list[EvictionListener] = []
+        self._closed = False
+        # over budget at open (max_bytes was lowered): trim now, while nobody listens yet
+        while self._used > self.max_bytes and self._index:
+            key, entry = self._index.popitem(last=False)
+            self._used -= entry.size
+            self._evictions += 1
+            try:
+                _files.remove_file(self._layout.path_of(key))
+            except OSError as exc:
+                raise map_os_error(exc, op="trim at open", path=self._layout.path_of(key)) from None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.max_concurrency, thread_name_prefix="lmtier-disk"
+        )
+
+    # -- the StorageBackend protocol -----------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(persistent=True, shared=False, evicts=True,
+                            max_item_bytes=self.max_bytes - HEADER_BYTES)
+
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call ``listener(key, payload)`` for each LRU eviction, in eviction order.
+
+        ``payload`` is a read-only view of the validated payload, backed by a mapping of the
+        already-unlinked file: keep it as long as needed (e.g. while demoting it to the next
+        tier); the disk blocks are freed when the last reference dies. An evicted file that
+        fails validation is counted as corrupt and not offered. Listeners run on the event loop
+        and must not block; an exception in one is logged and does not fail the put.
+        """
+        self._listeners.append(listener)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        _check_keys(keys)
+        self._check_open()
+        return [k in self._index for k in keys]
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        _check_keys(keys)
+        self._check_open()
+        wanted = [k for k in dict.fromkeys(keys) if k in self._index]  # a key twice is read once
+        gens = [self._index[k].gen for k in wanted]
+        calls = [partial(_files.read_file, self._layout.path_of(k), k, self._stamp()) for k in wanted]
+        outcomes, cancelled = await self._run(calls)
+        found: dict[ChunkKey, Buffer] = {}
+        errors: list[LmtierError] = []
+        for key, gen, (ok, value) in zip(wanted, gens, outcomes, strict=True):
+            if ok:
+                found[key] = value
+                self._touch(key, gen)
+            else:
+                self._settle_failure(key, gen, value, "read", errors)
+        _raise_first(cancelled, errors)
+        return [found.get(k) for k in keys]
+
+    async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
+        """Fill ``outs[i]`` with ``keys[i]``'s payload straight from the file (no staging copy).
+
+        ``outs[i]`` must be a writable C-contiguous buffer (``bytearray``, numpy array,
+        :class:`~lmtier.memory.HostBuffer`, CPU torch tensor) of exactly the stored size; the
+        checksum is verified on the filled buffer. ``False`` means a miss, a size mismatch or
+        corrupt data (deleted and counted), and the buffer's content is then unspecified.
+        """
+        _check_keys(keys)
+        if len(keys) != len(outs):
+            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
+        views = [_writable_view(o) for o in outs]
+        self._check_open()
+        todo = [i for i, k in enumerate(keys) if k in self._index]
+        gens = [self._index[keys[i]].gen for i in todo]
+        calls = [partial(_files.read_file_into, self._layout.path_of(keys[i]), keys[i], views[i],
+                         self._stamp()) for i in todo]
+        outcomes, cancelled = await self._run(calls)
+        filled = [False] * len(keys)
+        errors: list[LmtierError] = []
+        for i, gen, (ok, value) in zip(todo, gens, outcomes, strict=True):
+            if ok:
+                filled[i] = bool(value)
+                if value:
+                    self._touch(keys[i], gen)
+            else:
+                self._settle_failure(keys[i], gen, value, "read", errors)
+        _raise_first(cancelled, errors)
+        return filled
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        _check_keys([k for k, _ in items])
+        latest = {k: as_bytes_view(v) for k, v in items}  # validate all first; the last value of a key wins
+        self._check_open()
+        for key, view in latest.items():
+            if HEADER_BYTES + view.nbytes > self.max_bytes:
+                raise CapacityError(
+                    f"disk tier: {key} is {view.nbytes} bytes, more than max_bytes={self.max_bytes} "
+                    f"minus the {HEADER_BYTES}-byte header; raise max_bytes"
+                )
+        calls = [partial(_files.write_file, self._layout, k, v, fsync=self.config.fsync, stamp=self._stamp())
+                 for k, v in latest.items()]
+        outcomes, cancelled = await self._run(calls)
+        errors: list[LmtierError] = []
+        for key, (ok, value) in zip(latest, outcomes, strict=True):
+            if ok:
+                self._gen += 1
+                old = self._index.pop(key, None)
+                if old is not None:
+                    self._used -= old.size
+                self._index[key] = _Entry(value, self._gen)
+                self._used += value
+            else:
+                errors.append(_as_lmtier_error(value, op="write", path=self._layout.path_of(key)))
+        if not cancelled:
+            await self._evict_over_budget()  # after the writes: a failed put never costs an entry
+        _raise_first(cancelled, errors)
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        _check_keys(keys)
+        self._check_open()
+        unique = list(dict.fromkeys(keys))
+        for key in unique:
+            entry = self._index.pop(key, None)
+            if entry is not None:
+                self._used -= entry.size
+        outcomes, cancelled = await self._run(
+            [partial(_files.remove_file, self._layout.path_of(k)) for k in unique])
+        errors = [_as_lmtier_error(v, op="delete", path=self._layout.path_of(k))
+                  for k, (ok, v) in zip(unique, outcomes, strict=True) if not ok]
+        _raise_first(cancelled, errors)
+
+    def stats(self) -> dict[str, Any]:
+        return {"objects": len(self._index), "bytes": self._used, "capacity_bytes": self.max_bytes,
+                "evictions": self._evictions, "corrupt": self._corrupt,
+                "stale_tmp_removed": self._tmp_removed}
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._listeners.clear()
+        # wait for writes in flight, so a handle opened next on this root sees finished files only
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def __aenter__(self) -> DiskBackend:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- machinery -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError(f"disk tier at {self.root} is closed")
+
+    def _stamp(self) -> int:
+        """A recency stamp (ns since the epoch), strictly increasing within this process."""
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        return self._last_stamp
+
+    def _touch(self, key: ChunkKey, gen: int) -> None:
+        entry = self._index.get(key)
+        if entry is not None and entry.gen == gen:
+            self._index.move_to_end(key)
+
+    def _drop(self, key: ChunkKey, gen: int) -> None:
+        entry = self._index.get(key)
+        if entry is not None and entry.gen == gen:
+            del self._index[key]
+            self._used -= entry.size
+
+    def _settle_failure(self, key: ChunkKey, gen: int, exc: BaseException, op: str,
+                        errors: list[LmtierError]) -> None:
+        """A failed read: corrupt or vanished files are misses; other faults are errors."""
+        if isinstance(exc, CorruptDataError):
+            self._corrupt += 1
+            self._drop(key, gen)
+            log.warning("disk tier: deleted a corrupt file: %s", exc)
+        elif isinstance(exc, FileNotFoundError):
+            self._drop(key, gen)
+        else:
+            errors.append(_as_lmtier_error(exc, op=op, path=self._layout.path_of(key)))
+
+    async def _evict_over_budget(self) -> None:
+        victims: list[ChunkKey] = []
+        while self._used > self.max_bytes and self._index:
+            key, entry = self._index.popitem(last=False)
+            self._used -= entry.size
+            victims.append(key)
+        if not victims:
+            return
+        self._evictions += len(victims)
+        want = bool(self._listeners)
+        outcomes, cancelled = await self._run(
+            [partial(_files.evict_file, self._layout.path_of(k), k, want) for k in victims])
+        for key, (ok, value) in zip(victims, outcomes, strict=True):
+            if ok:
+                if value is not None:
+                    self._notify(key, value)
+            elif isinstance(value, CorruptDataError):
+                self._corrupt += 1
+                log.warning("disk tier: an evicted file was corrupt and not demoted: %s", value)
+            elif not isinstance(value, FileNotFoundError):
+                # the file stays on disk unindexed until the next open's scan picks it up again
+                log.warning("disk tier: could not evict %s: %s", key,
+                            _as_lmtier_error(value, op="evict", path=self._layout.path_of(key)))
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _notify(self, key: ChunkKey, payload: memoryview) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(key, payload)
+            except Exception:
+                log.exception("disk tier: eviction listener %r failed for %s", listener, key)
+
+    async def _run(self, calls: list[Callable[[], T]]) -> tuple[list[Outcome], bool]:
+        """Run ``calls`` on the worker threads; return their outcomes in order and whether the
+        awaiting task was cancelled meanwhile.
+
+        Calls are dealt round-robin into at most ``max_concurrency`` jobs, so a batch of many small
+        files costs a few thread hand-offs, not one per file. On cancellation, jobs not started
+        are dropped, but those already running are awaited: they read from or write into caller
+        buffers, which must not be touched once this method returns.
+        """
+        if not calls:
+            return [], False
+        n = min(len(calls), self.config.max_concurrency)
+        groups = [calls[i::n] for i in range(n)]
+        try:
+            futures = [self._executor.submit(_run_group, g) for g in groups]
+        except RuntimeError:  # shut down by a concurrent aclose()
+            raise BackendUnavailableError(f"disk tier at {self.root} is closed") from None
+        waiting = {asyncio.wrap_future(f) for f in futures}
+        cancelled = False
+        while True:
+            try:
+                await asyncio.wait(waiting)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+                for f in futures:
+                    f.cancel()
+        outcomes: list[Outcome] = [(False, None)] * len(calls)
+        for i, fut in enumerate(futures):
+            if fut.cancelled():
+                for j in range(i, len(calls), n):
+                    outcomes[j] = (False, asyncio.CancelledError())
+            else:
+                for j, outcome in zip(range(i, len(calls), n), fut.result(), strict=True):
+                    outcomes[j] = outcome
+        return outcomes, cancelled
+
+
+def _run_group(calls: list[Callable[[], Any]]) -> list[Outcome]:
+    out: list[Outcome] = []
+    for call in calls:
+        try:
+            out.append((True, call()))
+        except Exception as exc:  # reported per call; the loop side decides what it means
+            out.append((False, exc))
+    return out
+
+
+def _as_lmtier_error(exc: BaseException, *, op: str, path: str) -> LmtierError:
+    if isinstance(exc, LmtierError):
+        return exc
+    if isinstance(exc, OSError):
+        return map_os_error(exc, op=op, path=path)
+    if isinstance(exc, asyncio.CancelledError):
+        return BackendError(f"disk tier: {op} {path} was cancelled")
+    return BackendError(f"disk tier: {op} {path} failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def _raise_first(cancelled: bool, errors: list[LmtierError]) -> None:
+    if cancelled:
+        raise asyncio.CancelledError
+    if errors:
+        raise errors[0]
+
+
+def _writable_view(out: object) -> memoryview:
+    if hasattr(out, "data_ptr") and hasattr(out, "numpy"):  # a CPU torch tensor, without importing torch
+        try:
+            out = out.detach().numpy()  # type: ignore[attr-defined]
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidArgumentError(f"get_into needs CPU buffers: {exc}") from None
+    view = as_bytes_view(out)
+    if view.readonly:
+        raise InvalidArgumentError("get_into needs writable buffers, got a read-only one")
+    return view
+
+
+def _check_keys(keys: Sequence[object]) -> None:
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

@@ -1,0 +1,48 @@
+"""Options of the ``disk`` backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+
+__all__ = ["DiskConfig"]
+
+
+class DiskConfig(BaseModel):
+    """Where and how the disk tier stores chunks.
+
+    Attributes:
+        root: directory holding the tier (created if missing; ``~`` is expanded). One process owns
+            it at a time: the in-memory index is not shared, so two live processes on one root
+            would evict each other's files without knowing.
+        max_bytes: bytes of files (64-byte header + payload each) the tier keeps; least recently
+            used files are evicted beyond it. Writes in flight may exceed it briefly by at most
+            ``max_concurrency`` items.
+        max_concurrency: file operations running at once (worker threads of the tier). Raise it
+            for NVMe drives that want deep queues; 1 serialises all I/O.
+        fsync: ``False`` (default) trusts the page cache: a put returns once the bytes are in the
+            kernel, and an OS crash or power loss may lose recent puts (never corrupt them
+            silently: a torn file fails its checksum and becomes a miss). ``True`` fsyncs each
+            file and its directory before the rename that publishes it, so a finished put
+            survives power loss, at the cost of waiting for the device (often 2-10x slower puts).
+            A KV cache can always be recomputed, hence the default.
+        fan_out: directory levels between ``root/<namespace>/`` and the files, each named by two
+            hex characters of the key digest (2 levels = up to 65,536 directories), so no
+            directory grows huge. Changing it later is fine: files found at another depth are
+            moved to the new place when the tier opens.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    root: Path = Field(Path("~/.cache/lmtier"), description="directory of the tier (~ expanded)")
+    max_bytes: ByteSize = Field(ByteSize(20 << 30), gt=0, description="LRU-evicts beyond this many bytes")
+    max_concurrency: int = Field(8, ge=1, le=256, description="file operations running at once (threads)")
+    fsync: bool = Field(False, description="fsync each put before publishing it: durable but slower")
+    fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
+
+    @field_validator("root")
+    @classmethod
+    def _expand_user(cls, root: Path) -> Path:
+        if not str(root).strip():
+            raise ValueError("root must name a directory")
+        return root.expanduser()
