@@ -43,7 +43,7 @@ def as_bytes_view(value: object) -> memoryview:
     from lmtier.memory import HostBuffer
 
     if isinstance(value, HostBuffer):  # no buffer protocol for pure-Python classes before 3.12
-        return value.memoryview()
+        return value.view()
     try:
         view = memoryview(value)  # type: ignore[arg-type]
     except TypeError:

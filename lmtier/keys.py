@@ -122,7 +122,7 @@ def _token_bytes(tokens: Any) -> memoryview:
         raise InvalidArgumentError(f"token ids must be a 1-D sequence of ints: {exc}") from None
     if arr.ndim != 1:
         raise InvalidArgumentError(f"token ids must be 1-D, got shape {arr.shape}")
-    return memoryview(arr).cast("B")
+    return memoryview(arr.data).cast("B")
 
 
 def chunk_spans(num_tokens: int, chunk_tokens: int, *, include_partial: bool = True) -> list[tuple[int, int]]:

@@ -149,7 +149,7 @@ class HostMemoryPool:
 class HostBuffer:
     """A range of a :class:`HostMemoryPool` slab with an explicit refcount."""
 
-    __slots__ = ("_pool", "offset", "nbytes", "reserved", "_refs", "_refs_lock", "__weakref__")
+    __slots__ = ("__weakref__", "_pool", "_refs", "_refs_lock", "nbytes", "offset", "reserved")
 
     def __init__(self, pool: HostMemoryPool, offset: int, nbytes: int, reserved: int) -> None:
         self._pool = pool
@@ -177,9 +177,9 @@ class HostBuffer:
     def data_ptr(self) -> int:
         return int(self._pool._slab.data_ptr()) + self.offset
 
-    def memoryview(self) -> memoryview:
+    def view(self) -> memoryview:
         """A writable memoryview (valid while you hold a reference)."""
-        return memoryview(self.tensor.numpy())
+        return self.tensor.numpy().data
 
     def retain(self) -> HostBuffer:
         with self._refs_lock:
@@ -208,7 +208,7 @@ class HostBuffer:
         lease = _Lease(self)
         arr = np.asarray(lease)  # arr.base is the lease: its lifetime is the view's lifetime
         arr.flags.writeable = False
-        return memoryview(arr)
+        return arr.data
 
     def _check_alive(self) -> None:
         if self._refs <= 0:
@@ -227,7 +227,7 @@ class HostBuffer:
 class _Lease:
     """Holds one reference on a HostBuffer for as long as numpy views reference it."""
 
-    __slots__ = ("buffer", "__array_interface__", "__weakref__")
+    __slots__ = ("__array_interface__", "__weakref__", "buffer")
 
     def __init__(self, buffer: HostBuffer) -> None:
         self.buffer = buffer

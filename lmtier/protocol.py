@@ -25,10 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-try:  # PEP 688 (3.12+); typing_extensions backports it for 3.11
-    from collections.abc import Buffer
-except ImportError:  # pragma: no cover - depends on the interpreter
-    from typing_extensions import Buffer
+from typing_extensions import Buffer  # collections.abc.Buffer (PEP 688) exists only from 3.12
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -109,8 +109,8 @@ class BackendRegistry:
         self._pm.register(plugin, name=plugin_name)
         impls = [i for i in self._pm.hook.lmtier_backend_specs.get_hookimpls() if i.plugin is plugin]
         for impl in impls:
-            specs = impl.function()
-            for spec in specs or ():
+            specs = cast("list[BackendSpec]", impl.function() or [])
+            for spec in specs:
                 self.register(spec, origin=plugin_name)
 
     def register(self, spec: BackendSpec, *, origin: str = "programmatic") -> None:

@@ -80,7 +80,7 @@ class CpuBackend:
                 if tensor is not None and view.nbytes == tensor.numel():
                     buf.tensor.copy_(tensor)
                 else:
-                    buf.memoryview()[:] = view
+                    buf.view()[:] = view
             old = self._entries.pop(key, None)
             self._entries[key] = buf
             if old is not None:
