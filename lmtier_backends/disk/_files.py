@@ -12,6 +12,7 @@ Functions raise ``OSError`` (mapped by the caller in one place) and
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -178,14 +179,14 @@ def read_file(path: str, key: ChunkKey, stamp: int) -> memoryview:
         length, csum = _read_header(fd, path, key, st)
         # np.empty: uninitialised, so the only pass over the memory is the kernel's copy into it
         out = np.empty(length, dtype=np.uint8)
-        view = memoryview(out)
+        view = out.data
         _read_payload(fd, path, key, view, csum)
         view.release()
         os.utime(fd, ns=(stamp, st.st_mtime_ns))
     finally:
         os.close(fd)
     out.flags.writeable = False  # callers get a read-only view, like every other tier's
-    return memoryview(out)
+    return out.data
 
 
 def read_file_into(path: str, key: ChunkKey, out: memoryview, stamp: int) -> bool:
@@ -296,7 +297,5 @@ def _discard(path: str, st: os.stat_result) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

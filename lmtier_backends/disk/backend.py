@@ -22,12 +22,13 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from lmtier.codec import HEADER_BYTES, as_bytes_view
 from lmtier.errors import (
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["DiskBackend", "EvictionListener", "open_disk_backend"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 EvictionListener = Callable[[ChunkKey, memoryview], None]
 #: ``(True, value)`` or ``(False, exception)`` of one call run on a worker thread.
 Outcome = tuple[bool, Any]
@@ -121,6 +121,10 @@ class DiskBackend:
     def capabilities(self) -> Capabilities:
         return Capabilities(persistent=True, shared=False, evicts=True,
                             max_item_bytes=self.max_bytes - HEADER_BYTES)
+
+    def path_of(self, key: ChunkKey) -> Path:
+        """The file that holds (or would hold) ``key``."""
+        return Path(self._layout.path_of(key))
 
     def add_eviction_listener(self, listener: EvictionListener) -> None:
         """Call ``listener(key, payload)`` for each LRU eviction, in eviction order.
@@ -314,21 +318,22 @@ class DiskBackend:
             except Exception:
                 log.exception("disk tier: eviction listener %r failed for %s", listener, key)
 
-    async def _run(self, calls: list[Callable[[], T]]) -> tuple[list[Outcome], bool]:
+    async def _run(self, calls: Sequence[Callable[[], Any]]) -> tuple[list[Outcome], bool]:
         """Run ``calls`` on the worker threads; return their outcomes in order and whether the
         awaiting task was cancelled meanwhile.
 
         Calls are dealt round-robin into at most ``max_concurrency`` jobs, so a batch of many small
-        files costs a few thread hand-offs, not one per file. On cancellation, jobs not started
-        are dropped, but those already running are awaited: they read from or write into caller
+        files costs a few thread hand-offs, not one per file. On cancellation, calls not started
+        are skipped, but those already running are awaited: they read from or write into caller
         buffers, which must not be touched once this method returns.
         """
         if not calls:
             return [], False
         n = min(len(calls), self.config.max_concurrency)
-        groups = [calls[i::n] for i in range(n)]
+        groups = [list(calls[i::n]) for i in range(n)]
+        stop = threading.Event()
         try:
-            futures = [self._executor.submit(_run_group, g) for g in groups]
+            futures = [self._executor.submit(_run_group, g, stop) for g in groups]
         except RuntimeError:  # shut down by a concurrent aclose()
             raise BackendUnavailableError(f"disk tier at {self.root} is closed") from None
         waiting = {asyncio.wrap_future(f) for f in futures}
@@ -339,6 +344,7 @@ class DiskBackend:
                 break
             except asyncio.CancelledError:
                 cancelled = True
+                stop.set()
                 for f in futures:
                     f.cancel()
         outcomes: list[Outcome] = [(False, None)] * len(calls)
@@ -352,9 +358,12 @@ class DiskBackend:
         return outcomes, cancelled
 
 
-def _run_group(calls: list[Callable[[], Any]]) -> list[Outcome]:
+def _run_group(calls: list[Callable[[], Any]], stop: threading.Event) -> list[Outcome]:
     out: list[Outcome] = []
     for call in calls:
+        if stop.is_set():  # the caller was cancelled: leave the rest of its buffers alone
+            out.append((False, asyncio.CancelledError()))
+            continue
         try:
             out.append((True, call()))
         except Exception as exc:  # reported per call; the loop side decides what it means

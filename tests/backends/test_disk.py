@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from lmtier.codec import HEADER_BYTES
+from lmtier.errors import (
+    BackendError,
+    BackendUnavailableError,
+    CapacityError,
+    ConfigError,
+    InvalidArgumentError,
+)
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.memory import HostMemoryPool
+from lmtier.registry import BackendRegistry
 from lmtier.testing import BackendConformance
-from lmtier_backends.disk.backend import open_disk_backend
+from lmtier_backends.disk import _files
+from lmtier_backends.disk._errors import map_os_error
+from lmtier_backends.disk.backend import DiskBackend, open_disk_backend
 from lmtier_backends.disk.config import DiskConfig
 
 MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TestDiskBackend(BackendConformance):
@@ -16,3 +42,419 @@ class TestDiskBackend(BackendConformance):
     def backend_factory(self, tmp_path):
         config = DiskConfig(root=tmp_path / "tier", max_bytes=256 * MiB, max_concurrency=4)
         return lambda: open_disk_backend(config)
+
+
+def _keys(n: int, tag: str = "disk") -> list[ChunkKey]:
+    ns = make_namespace(test=tag)
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+async def _open(root: Path, **options: object) -> DiskBackend:
+    return await open_disk_backend(DiskConfig(root=root, **options))
+
+
+def _tmp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if _files.TMP_MARK in p.name]
+
+
+# -- restart -------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_restart_rebuilds_the_index_with_sizes_and_lru_order(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    k = _keys(4)
+    first = await _open(root, max_bytes=7000)
+    await first.put([(k[0], b"a" * 1000), (k[1], b"b" * 2000), (k[2], b"c" * 3000)])
+    await first.get([k[0]])  # recency now: k1, k2, k0
+    stored = first.stats()
+    await first.aclose()
+
+    second = await _open(root, max_bytes=7000)
+    evicted: list[ChunkKey] = []
+    second.add_eviction_listener(lambda key, view: evicted.append(key))
+    assert second.stats()["objects"] == 3
+    assert second.stats()["bytes"] == stored["bytes"] == 6000 + 3 * HEADER_BYTES
+    await second.put([(k[3], b"d" * 1000)])  # 7256 bytes > 7000: the least recent (k1) must go
+    assert evicted == [k[1]]
+    assert await second.contains(k) == [True, False, True, True]
+    assert [bytes(v) for v in await second.get([k[0], k[2]])] == [b"a" * 1000, b"c" * 3000]
+    await second.aclose()
+
+
+@pytest.mark.asyncio
+async def test_stale_temp_files_are_deleted_at_open_and_stored_files_kept(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    (key,) = _keys(1)
+    backend = await _open(root)
+    await backend.put([(key, b"kept")])
+    await backend.aclose()
+    path = backend.path_of(key)
+    stale = [Path(f"{path}.tmp-0a1b2c"), path.parent.parent / "x.tmp-99", root / ".probe.tmp-1234"]
+    for p in stale:
+        p.write_bytes(b"half a write")
+
+    reopened = await _open(root)
+    assert not any(p.exists() for p in stale)
+    assert reopened.stats()["stale_tmp_removed"] == 3
+    assert [bytes(v) for v in await reopened.get([key])] == [b"kept"]
+    await reopened.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_file_shorter_than_a_header_is_removed_and_counted_at_open(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    good, bad = _keys(2)
+    backend = await _open(root)
+    await backend.put([(good, b"good"), (bad, b"bad")])
+    await backend.aclose()
+    backend.path_of(bad).write_bytes(b"LMTR")
+
+    reopened = await _open(root)
+    assert reopened.stats()["corrupt"] == 1 and reopened.stats()["objects"] == 1
+    assert not reopened.path_of(bad).exists()
+    assert await reopened.contains([good, bad]) == [True, False]
+    await reopened.aclose()
+
+
+@pytest.mark.asyncio
+async def test_lowering_max_bytes_trims_the_least_recently_used_files_at_open(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    k = _keys(3)
+    backend = await _open(root)
+    for i, key in enumerate(k):
+        await backend.put([(key, bytes([i]) * 1000)])
+    await backend.aclose()
+
+    smaller = await _open(root, max_bytes=2 * (1000 + HEADER_BYTES))
+    assert await smaller.contains(k) == [False, True, True]
+    assert not smaller.path_of(k[0]).exists()
+    assert smaller.stats()["bytes"] == 2 * (1000 + HEADER_BYTES)
+    await smaller.aclose()
+
+
+@pytest.mark.asyncio
+async def test_changing_fan_out_moves_existing_files_to_their_new_place(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    (key,) = _keys(1)
+    deep = await _open(root, fan_out=2)
+    await deep.put([(key, b"moved")])
+    old_path = deep.path_of(key)
+    await deep.aclose()
+
+    flat = await _open(root, fan_out=0)
+    assert flat.path_of(key) == root / key.namespace / str(key)
+    assert flat.path_of(key).exists() and not old_path.exists()
+    assert [bytes(v) for v in await flat.get([key])] == [b"moved"]
+    await flat.aclose()
+
+
+# -- corruption ----------------------------------------------------------------------------------
+def _damage(path: Path, how: str, other: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "flip_payload_byte":
+        raw[HEADER_BYTES + 5000] ^= 0x01
+    elif how == "truncate":
+        del raw[HEADER_BYTES + 100 :]
+    elif how == "garbage_header":
+        raw[:HEADER_BYTES] = os.urandom(HEADER_BYTES)
+    elif how == "another_keys_file":  # e.g. a file renamed by hand: the header names its real key
+        raw = bytearray(other.read_bytes())
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["flip_payload_byte", "truncate", "garbage_header", "another_keys_file"])
+@pytest.mark.parametrize("read", ["get", "get_into"])
+async def test_a_damaged_file_is_a_miss_deleted_and_counted(tmp_path: Path, how: str, read: str) -> None:
+    backend = await _open(tmp_path / "tier")
+    key, other = _keys(2)
+    data, other_data = os.urandom(10_000), os.urandom(10_000)
+    await backend.put([(key, data), (other, other_data)])
+    _damage(backend.path_of(key), how, backend.path_of(other))
+
+    if read == "get":
+        got = await backend.get([key, other])
+        assert got[0] is None and bytes(got[1]) == other_data
+    else:
+        outs = [bytearray(10_000), bytearray(10_000)]
+        assert await backend.get_into([key, other], outs) == [False, True]
+        assert bytes(outs[1]) == other_data
+    assert not backend.path_of(key).exists()
+    assert backend.stats()["corrupt"] == 1
+    assert backend.stats()["objects"] == 1
+    assert await backend.contains([key, other]) == [False, True]
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_get_into_a_buffer_of_the_wrong_size_is_false_and_keeps_the_file(tmp_path: Path) -> None:
+    backend = await _open(tmp_path / "tier")
+    (key,) = _keys(1)
+    await backend.put([(key, b"x" * 1000)])
+    assert await backend.get_into([key], [bytearray(999)]) == [False]
+    assert backend.path_of(key).exists() and backend.stats()["corrupt"] == 0
+    with pytest.raises(InvalidArgumentError):
+        await backend.get_into([key], [b"\x00" * 1000])  # read-only
+    with pytest.raises(InvalidArgumentError):
+        await backend.get_into([key], [])
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_get_into_fills_host_pool_buffers_numpy_arrays_and_cpu_tensors(tmp_path: Path) -> None:
+    import torch
+
+    backend = await _open(tmp_path / "tier")
+    keys = _keys(3)
+    data = [os.urandom(4096) for _ in keys]
+    await backend.put(list(zip(keys, data, strict=True)))
+    pool = HostMemoryPool(1 * MiB, pin=False, name="disk-test")
+    host = pool.allocate(4096)
+    try:
+        arr = np.zeros(1024, dtype=np.float32)  # a typed array of the right byte size
+        tensor = torch.zeros(4096, dtype=torch.uint8)
+        assert await backend.get_into(keys, [host, arr, tensor]) == [True, True, True]
+        assert bytes(host.tensor.numpy()) == data[0]
+        assert arr.tobytes() == data[1]
+        assert bytes(tensor.numpy()) == data[2]
+    finally:
+        host.release()
+        pool.close()
+        await backend.aclose()
+
+
+# -- eviction ------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_lru_eviction_stays_within_max_bytes_and_hands_the_listener_the_payload(tmp_path: Path) -> None:
+    item = 1024 + HEADER_BYTES
+    backend = await _open(tmp_path / "tier", max_bytes=3 * item)
+    views: list[tuple[ChunkKey, memoryview]] = []
+    backend.add_eviction_listener(lambda key, view: views.append((key, view)))
+    k = _keys(5)
+    await backend.put([(k[0], b"a" * 1024), (k[1], b"b" * 1024), (k[2], b"c" * 1024)])
+    await backend.get([k[0]])  # k0 becomes most recently used
+    await backend.put([(k[3], b"d" * 1024)])
+    await backend.put([(k[4], b"e" * 1024)])
+
+    assert [key for key, _ in views] == [k[1], k[2]]
+    assert not backend.path_of(k[1]).exists() and not backend.path_of(k[2]).exists()
+    # the views outlive the unlinked files: they map them until dropped
+    assert [bytes(v) for _, v in views] == [b"b" * 1024, b"c" * 1024]
+    assert await backend.contains(k) == [True, False, False, True, True]
+    stats = backend.stats()
+    assert stats["bytes"] == 3 * item <= backend.max_bytes and stats["evictions"] == 2
+    views.clear()
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_evicted_file_that_fails_validation_is_counted_not_offered(tmp_path: Path) -> None:
+    item = 1000 + HEADER_BYTES
+    backend = await _open(tmp_path / "tier", max_bytes=2 * item)
+    offered: list[ChunkKey] = []
+    backend.add_eviction_listener(lambda key, view: offered.append(key))
+    k = _keys(3)
+    await backend.put([(k[0], os.urandom(1000)), (k[1], os.urandom(1000))])
+    raw = bytearray(backend.path_of(k[0]).read_bytes())
+    raw[-1] ^= 0xFF  # the least recently used file goes bad on disk
+    backend.path_of(k[0]).write_bytes(bytes(raw))
+    await backend.put([(k[2], os.urandom(1000))])
+    assert offered == []
+    assert backend.stats()["corrupt"] == 1 and not backend.path_of(k[0]).exists()
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_eviction_listener_does_not_fail_the_put(tmp_path: Path, caplog) -> None:
+    backend = await _open(tmp_path / "tier", max_bytes=2 * (100 + HEADER_BYTES))
+
+    def broken(key: ChunkKey, view: memoryview) -> None:
+        raise RuntimeError("listener bug")
+
+    backend.add_eviction_listener(broken)
+    k = _keys(3)
+    for key in k:
+        await backend.put([(key, b"z" * 100)])
+    assert await backend.contains(k) == [False, True, True]
+    assert "listener bug" in caplog.text
+    await backend.aclose()
+
+
+# -- configuration -------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_root_that_cannot_be_a_directory_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_bytes(b"")
+    for root in (blocker / "tier", blocker):  # under a file (even root cannot), or a file itself
+        with pytest.raises(ConfigError, match="not a writable directory") as info:
+            await _open(root)
+        assert str(root) in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_the_registry_builds_the_tier_and_reports_config_errors(tmp_path: Path) -> None:
+    registry = BackendRegistry.discover()
+    assert registry.spec("disk").install_hint == "pip install lmtier"
+    backend = await registry.create("disk", {"root": str(tmp_path / "tier"), "max_bytes": "1MiB"})
+    assert isinstance(backend, DiskBackend) and backend.max_bytes == 1 << 20
+    assert backend.capabilities.persistent and not backend.capabilities.shared
+    await backend.aclose()
+    with pytest.raises(ConfigError, match="allowed keys"):
+        await registry.create("disk", {"root": str(tmp_path), "bogus": 1})
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(ConfigError, match=str(tmp_path / "f" / "tier")):
+        await registry.create("disk", {"root": str(tmp_path / "f" / "tier")})
+
+
+def test_root_expands_the_home_directory() -> None:
+    assert DiskConfig(root="~/lmtier-cache").root == Path.home() / "lmtier-cache"
+
+
+def test_os_errors_map_to_the_lmtier_error_tree() -> None:
+    assert isinstance(map_os_error(OSError(errno.ENOSPC, "full"), op="write"), CapacityError)
+    assert isinstance(map_os_error(OSError(errno.EDQUOT, "quota"), op="write"), CapacityError)
+    assert isinstance(map_os_error(OSError(errno.EIO, "io"), op="read"), BackendUnavailableError)
+    assert isinstance(map_os_error(OSError(errno.EROFS, "ro"), op="write"), BackendUnavailableError)
+    other = map_os_error(OSError(errno.ENAMETOOLONG, "long"), op="write", path="/x")
+    assert type(other) is BackendError and "/x" in str(other)
+
+
+# -- faults --------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_put_refused_for_size_writes_nothing_and_loses_nothing(tmp_path: Path) -> None:
+    backend = await _open(tmp_path / "tier", max_bytes=4096)
+    old, small, huge = _keys(3)
+    await backend.put([(old, b"o" * 3000)])
+    with pytest.raises(CapacityError):
+        await backend.put([(small, b"s" * 10), (huge, b"h" * 4096)])
+    assert await backend.contains([old, small, huge]) == [True, False, False]
+    assert [bytes(v) for v in await backend.get([old])] == [b"o" * 3000]
+    assert _tmp_files(tmp_path / "tier") == []
+    await backend.aclose()
+
+
+_FILE_SIZE_LIMIT_SCRIPT = """
+import asyncio, json, resource, signal, sys
+from pathlib import Path
+from lmtier.errors import CapacityError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier_backends.disk.backend import open_disk_backend
+from lmtier_backends.disk.config import DiskConfig
+
+async def main():
+    ns = make_namespace(test="efbig")
+    key, other = ChunkKey(ns, b"k" * 16), ChunkKey(ns, b"o" * 16)
+    backend = await open_disk_backend(DiskConfig(root=sys.argv[1]))
+    await backend.put([(key, b"old" * 1000), (other, b"other")])
+    # the kernel refuses writes past 64 KiB from now on (EFBIG): a real filesystem fault
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+    try:
+        await backend.put([(key, b"new" * 100_000)])
+        raised = None
+    except CapacityError as exc:
+        raised = type(exc).__name__
+    got = [bytes(v) if v is not None else None for v in await backend.get([key, other])]
+    tmp = [str(p) for p in Path(sys.argv[1]).rglob("*.tmp-*")]
+    await backend.aclose()
+    print(json.dumps({"raised": raised, "kept_old": got[0] == b"old" * 1000,
+                      "kept_other": got[1] == b"other", "tmp": tmp}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_write_the_kernel_refuses_is_a_capacity_error_and_keeps_the_old_value(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FILE_SIZE_LIMIT_SCRIPT), str(tmp_path / "tier")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"raised": "CapacityError", "kept_old": True, "kept_other": True, "tmp": []}
+
+
+@pytest.mark.asyncio
+async def test_an_io_error_is_backend_unavailable_and_keeps_the_file(tmp_path: Path, monkeypatch) -> None:
+    backend = await _open(tmp_path / "tier")
+    (key,) = _keys(1)
+    await backend.put([(key, b"v" * 100)])
+
+    def failing_read(*args: object) -> None:  # a fake only to inject the fault
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_files, "_read_payload", failing_read)
+    with pytest.raises(BackendUnavailableError, match="EIO"):
+        await backend.get([key])
+    monkeypatch.setattr(_files, "_write_all", failing_read)
+    with pytest.raises(BackendUnavailableError):
+        await backend.put([(key, b"w" * 100)])
+    monkeypatch.undo()
+    assert backend.path_of(key).exists() and backend.stats()["corrupt"] == 0
+    assert [bytes(v) for v in await backend.get([key])] == [b"v" * 100]
+    assert _tmp_files(tmp_path / "tier") == []
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_get_into_returns_only_after_its_reads_stopped(tmp_path: Path, monkeypatch) -> None:
+    backend = await _open(tmp_path / "tier", max_concurrency=1)
+    keys = _keys(2)
+    await backend.put([(k, b"p" * 100) for k in keys])
+    started, release = threading.Event(), threading.Event()
+    real = _files.read_file_into
+
+    def slow_read(path: str, key: ChunkKey, out: memoryview, stamp: int) -> bool:
+        started.set()
+        release.wait(timeout=30)
+        return real(path, key, out, stamp)
+
+    monkeypatch.setattr(_files, "read_file_into", slow_read)
+    outs = [bytearray(100), bytearray(100)]
+    task = asyncio.create_task(backend.get_into(keys, outs))
+    deadline = time.monotonic() + 10
+    while not started.is_set():
+        assert time.monotonic() < deadline, "the read never started"
+        await asyncio.sleep(0.001)
+    task.cancel()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done(), "get_into returned while a thread still writes into the caller's buffer"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert bytes(outs[0]) == b"p" * 100  # the running read finished
+    assert bytes(outs[1]) == bytes(100)  # the queued one never started
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_closed_backends_refuse_with_an_lmtier_error(tmp_path: Path) -> None:
+    backend = await _open(tmp_path / "tier")
+    await backend.aclose()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await backend.get(_keys(1))
+
+
+# -- under the manager ---------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_under_the_manager_evicted_chunks_are_demoted_and_survive_a_restart(tmp_path: Path) -> None:
+    from lmtier.manager import StorageManager
+
+    item = 1000 + HEADER_BYTES
+    cfg = {"chunk_tokens": 256, "tiers": [
+        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "nvme"), "max_bytes": 2 * item}},
+        {"name": "cold", "backend": "disk", "options": {"root": str(tmp_path / "cold")}},
+    ]}
+    keys = _keys(3)
+    data = [os.urandom(1000) for _ in keys]
+    mgr = await StorageManager.from_config(cfg)
+    await mgr.put(list(zip(keys, data, strict=True)))
+    await mgr.flush()
+    assert await mgr.tier("nvme").backend.contains(keys) == [False, True, True]
+    assert await mgr.tier("cold").backend.contains(keys[:1]) == [True]
+    await mgr.aclose()
+
+    mgr = await StorageManager.from_config(cfg)
+    assert await mgr.lookup(keys) == 3
+    assert [bytes(memoryview(v).cast("B")) for v in await mgr.get(keys)] == data
+    await mgr.aclose()
