@@ -1,0 +1,1 @@
+"""The ``redis`` tier: Redis or Redis Cluster (``pip install 'lmtier[redis]'``)."""

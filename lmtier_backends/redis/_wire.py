@@ -1,0 +1,374 @@
+"""The synchronous data path of the redis tier: pipelined commands on redis-py connections.
+
+Everything here runs on the tier's worker threads, one batch per thread and connection.
+
+Why not ``Redis.get``/``Redis.set``: measured on the project's 2-core machines (see
+``benchmarks/redis_tier.py``), redis-py's command layer copies each large value several times:
+``SET`` joins header and payload (and the hiredis packer copies again), and a ``GET`` reply goes
+socket -> read buffer -> hiredis buffer -> a fresh ``bytes``. For 37.7 MB values that made GETs
+~2x slower than the socket allows. So we keep redis-py for what it does well (connecting, TLS,
+AUTH/ACL, SELECT, timeouts, error classes) and use only its public connection methods
+(``send_packed_command`` / ``read_response``) for the data:
+
+* ``SET`` is packed here, with the 64-byte codec header and the caller's payload sent as
+  separate pieces of one bulk string (RESP allows splitting a bulk string across writes), so the
+  payload is never joined or copied; all SETs of a batch go out as one pipeline.
+* ``GET`` replies are received by :class:`DirectReadParser` straight into buffers chosen per
+  reply (a warm receive slab, or the caller's own buffer for ``get_into``): one copy, kernel to
+  destination. Every other reply (handshake, EXISTS, errors) is parsed by hiredis as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis import exceptions as rex
+from redis.connection import ConnectionPool
+
+__all__ = [
+    "FILLED",
+    "Abort",
+    "Alloc",
+    "DirectReadParser",
+    "Node",
+    "direct_reads_available",
+]
+
+#: ``alloc(n)`` gets a bulk reply's length and returns writable byte views whose sizes add up to
+#: ``n`` to receive it into, or ``None`` to read and drop it.
+Alloc = Callable[[int], Sequence[memoryview] | None]
+
+_CRLF = b"\r\n"
+_MAX_LINE = 1 << 16  # a reply header line longer than this is a desynchronised stream
+_SMALL = 16 << 10  # payloads below this are joined into the command (one write beats two)
+_GET_WINDOW_BYTES = 64 << 20  # GET replies a pipeline may have outstanding (server output buffers)
+_MAX_WINDOW = 512
+
+# Why a thread-local: the parser is created by the connection and reached only through
+# ``Connection.read_response`` (whose error handling we want to keep), so the per-reply
+# destination is handed over on the side. Each worker thread drives one connection at a time.
+_SINK = threading.local()
+
+
+class _Filled:
+    """The reply was a bulk string and now sits in the buffers ``alloc`` returned."""
+
+    def __repr__(self) -> str:
+        return "FILLED"
+
+
+FILLED = _Filled()
+
+
+def direct_reads_available() -> bool:
+    return DirectReadParser is not None
+
+
+def _make_parser_class() -> Any:
+    try:
+        from redis._parsers import _HiredisParser
+        from redis.utils import HIREDIS_AVAILABLE
+    except ImportError:  # pragma: no cover - depends on the installed redis-py
+        return None
+    if not HIREDIS_AVAILABLE:  # pragma: no cover - the lmtier[redis] extra installs hiredis
+        return None
+
+    class _DirectReadParser(_HiredisParser):  # type: ignore[misc, valid-type]
+        """hiredis for every reply, except bulk replies read while a sink is armed.
+
+        Bytes read past an armed reply (the next pipelined replies) are kept in ``_pend`` and
+        consumed by the next armed read, or handed to hiredis before an unarmed one.
+        """
+
+        def __init__(self, socket_read_size: int) -> None:
+            super().__init__(socket_read_size)
+            self._pend = b""
+            self._ppos = 0
+            self._scratch = memoryview(bytearray(socket_read_size))
+
+        def on_connect(self, connection: Any, **kwargs: Any) -> None:
+            super().on_connect(connection, **kwargs)
+            self._pend, self._ppos = b"", 0
+
+        def on_disconnect(self) -> None:
+            super().on_disconnect()
+            self._pend, self._ppos = b"", 0
+
+        def can_read(self, timeout: float = 0) -> bool:
+            return self._ppos < len(self._pend) or bool(super().can_read(timeout))
+
+        def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:
+            alloc = getattr(_SINK, "alloc", None)
+            sock = getattr(self, "_sock", None)
+            reader = getattr(self, "_reader", None)
+            if alloc is None or sock is None or reader is None or reader.has_data():
+                if self._ppos < len(self._pend) and reader is not None:
+                    reader.feed(self._pend, self._ppos)
+                self._pend, self._ppos = b"", 0
+                return super().read_response(disable_decoding=disable_decoding, **kwargs)
+            return self._read_direct(sock, alloc)
+
+        # -- the armed path ------------------------------------------------------------------
+        def _recv_more(self, sock: Any) -> None:
+            n = sock.recv_into(self._scratch)
+            if n == 0:
+                raise rex.ConnectionError("Connection closed by server.")
+            if self._ppos >= len(self._pend):
+                self._pend = bytes(self._scratch[:n])
+            else:
+                self._pend = self._pend[self._ppos:] + self._scratch[:n]
+            self._ppos = 0
+
+        def _line(self, sock: Any) -> bytes:
+            while True:
+                end = self._pend.find(_CRLF, self._ppos)
+                if end >= 0:
+                    line = self._pend[self._ppos:end]
+                    self._ppos = end + 2
+                    return line
+                if len(self._pend) - self._ppos > _MAX_LINE:
+                    raise rex.InvalidResponse("reply header line too long: stream out of sync")
+                self._recv_more(sock)
+
+        def _read_direct(self, sock: Any, alloc: Alloc) -> Any:
+            line = self._line(sock)
+            kind = line[:1]
+            if kind == b"$":
+                n = int(line[1:])
+                if n < 0:
+                    return None
+                targets = alloc(n)
+                if targets is None:
+                    self._discard(sock, n)
+                else:
+                    self._fill(sock, targets, n)
+                while len(self._pend) - self._ppos < 2:
+                    self._recv_more(sock)
+                if self._pend[self._ppos:self._ppos + 2] != _CRLF:
+                    raise rex.InvalidResponse("bulk reply not terminated by CRLF: stream out of sync")
+                self._ppos += 2
+                return FILLED
+            if kind == b"-":
+                return self.parse_error(line[1:].decode("utf-8", "replace"))
+            if kind == b"_":  # RESP3 null
+                return None
+            raise rex.InvalidResponse(f"expected a bulk reply, got {line[:40]!r}")
+
+        def _fill(self, sock: Any, targets: Sequence[memoryview], n: int) -> None:
+            if sum(t.nbytes for t in targets) != n:
+                raise ValueError("alloc() returned buffers that do not add up to the reply length")
+            for target in targets:
+                pos = 0
+                size = target.nbytes
+                have = len(self._pend) - self._ppos
+                if have:  # bytes already read past the header line
+                    take = min(have, size)
+                    target[:take] = self._pend[self._ppos:self._ppos + take]
+                    self._ppos += take
+                    pos = take
+                while pos < size:  # the rest goes straight from the socket into place
+                    got = sock.recv_into(target[pos:])
+                    if got == 0:
+                        raise rex.ConnectionError("Connection closed by server.")
+                    pos += got
+
+        def _discard(self, sock: Any, n: int) -> None:
+            have = min(len(self._pend) - self._ppos, n)
+            self._ppos += have
+            left = n - have
+            while left:
+                got = sock.recv_into(self._scratch, min(left, self._scratch.nbytes))
+                if got == 0:
+                    raise rex.ConnectionError("Connection closed by server.")
+                left -= got
+
+    return _DirectReadParser
+
+
+DirectReadParser: Any = _make_parser_class()
+
+
+class Abort:
+    """Cancellation token of one worker-thread job: :meth:`abort` drops its connection.
+
+    Why: a cancelled ``get_into`` must not keep writing into the caller's buffers after the
+    caller moved on, so the awaiting side aborts (the blocked ``recv`` fails at once) and then
+    waits for the thread to finish.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.aborted = False
+        self._conn: Any = None
+
+    def attach(self, conn: Any) -> None:
+        with self._lock:
+            if self.aborted:
+                raise rex.ConnectionError("operation cancelled")
+            self._conn = conn
+
+    def detach(self) -> None:
+        with self._lock:
+            self._conn = None
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # the worker sees its socket gone either way
+                conn.disconnect()
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+class Node:
+    """One Redis server: its connection pool and the batch operations (blocking; threads only).
+
+    Each operation returns one outcome per key, in order: the value described by the method, or
+    the ``ResponseError`` the server answered for that key (MOVED, OOM, WRONGTYPE, ...). A
+    connection-level failure raises instead: the connection is dropped (redis-py reconnects on
+    next use) and nothing of the batch is known.
+    """
+
+    def __init__(self, pool: ConnectionPool, name: str) -> None:
+        self.pool = pool
+        self.name = name
+
+    def _checkout(self, token: Abort | None) -> Any:
+        conn = self.pool.get_connection()
+        if token is not None:
+            try:
+                token.attach(conn)
+            except BaseException:
+                self.pool.release(conn)
+                raise
+        return conn
+
+    def _checkin(self, conn: Any, token: Abort | None) -> None:
+        if token is not None:
+            token.detach()
+        self.pool.release(conn)
+
+    def _replies(self, conn: Any, n: int) -> list[Any]:
+        out: list[Any] = []
+        for _ in range(n):
+            try:
+                out.append(conn.read_response())
+            except rex.ResponseError as exc:  # one key's error; the stream is still in step
+                out.append(exc)
+        return out
+
+    def command(self, *args: Any, token: Abort | None = None) -> Any:
+        """One command through the normal redis-py path (PING, CONFIG GET, ...)."""
+        conn = self._checkout(token)
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        finally:
+            self._checkin(conn, token)
+
+    def set_many(self, items: Sequence[tuple[bytes, bytes, memoryview]], px: int | None,
+                 token: Abort | None = None) -> list[Any]:
+        """``SET key header‖payload [PX px]`` for each ``(key, header, payload)``, pipelined."""
+        suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
+        nargs = b"*5\r\n" if px else b"*3\r\n"
+        pieces: list[Any] = []
+        carry = b""
+        for key, header, payload in items:
+            head = b"".join((carry, nargs, b"$3\r\nSET\r\n", _bulk(key),
+                             b"$%d\r\n" % (len(header) + payload.nbytes), header))
+            if payload.nbytes < _SMALL:
+                carry = head + payload + suffix
+            else:  # the payload goes out as its own write: no copy of it is ever made
+                pieces.append(head)
+                pieces.append(payload)
+                carry = suffix
+        if carry:
+            pieces.append(carry)
+        conn = self._checkout(token)
+        try:
+            conn.send_packed_command(pieces, check_health=False)
+            return self._replies(conn, len(items))
+        finally:
+            self._checkin(conn, token)
+
+    def _simple_many(self, verb: bytes, keys: Sequence[bytes], token: Abort | None) -> list[Any]:
+        head = b"*2\r\n" + _bulk(verb)
+        conn = self._checkout(token)
+        try:
+            conn.send_packed_command([b"".join(head + _bulk(k) for k in keys)], check_health=False)
+            return self._replies(conn, len(keys))
+        finally:
+            self._checkin(conn, token)
+
+    def exists_many(self, keys: Sequence[bytes], token: Abort | None = None) -> list[Any]:
+        """``EXISTS key`` for each key: 1 / 0 (or the key's error)."""
+        return self._simple_many(b"EXISTS", keys, token)
+
+    def unlink_many(self, keys: Sequence[bytes], token: Abort | None = None) -> list[Any]:
+        """``UNLINK key`` for each key (frees large values off the server's main thread)."""
+        return self._simple_many(b"UNLINK", keys, token)
+
+    def get_many(self, keys: Sequence[bytes], allocs: Sequence[Alloc],
+                 token: Abort | None = None) -> list[Any]:
+        """``GET key`` for each key, reply ``i`` received into ``allocs[i]``'s buffers.
+
+        Outcomes: :data:`FILLED`, ``None`` (absent) or the key's ``ResponseError``. Requests go
+        out in windows so that at most ~64 MiB of replies wait in the server's output buffer.
+        """
+        out: list[Any] = []
+        conn = self._checkout(token)
+        try:
+            window = 8
+            start = 0
+            while start < len(keys):
+                chunk = keys[start:start + window]
+                conn.send_packed_command(
+                    [b"".join(b"*2\r\n$3\r\nGET\r\n" + _bulk(k) for k in chunk)], check_health=False)
+                largest = 0
+                for i in range(start, start + len(chunk)):
+                    outcome, nbytes = self._read_into(conn, allocs[i])
+                    out.append(outcome)
+                    largest = max(largest, nbytes)
+                start += len(chunk)
+                # the window adapts to the value size just seen: many small, few large
+                window = max(1, min(_MAX_WINDOW, _GET_WINDOW_BYTES // max(largest, 1)))
+            return out
+        finally:
+            self._checkin(conn, token)
+
+    @staticmethod
+    def _read_into(conn: Any, alloc: Alloc) -> tuple[Any, int]:
+        """One GET reply into ``alloc``'s buffers; returns ``(outcome, reply length)``."""
+        length = 0
+
+        def sized(n: int) -> Sequence[memoryview] | None:
+            nonlocal length
+            length = n
+            return alloc(n)
+
+        _SINK.alloc = sized
+        try:
+            reply = conn.read_response()
+        except rex.ResponseError as exc:
+            return exc, 0
+        finally:
+            _SINK.alloc = None
+        if isinstance(reply, (bytes, bytearray)):  # hiredis answered (no direct path): copy once
+            targets = sized(len(reply))
+            if targets is not None:
+                pos = 0
+                for t in targets:
+                    t[:] = reply[pos:pos + t.nbytes]
+                    pos += t.nbytes
+            return FILLED, length
+        return reply, length
+
+    def close(self) -> None:
+        self.pool.disconnect()

@@ -1,0 +1,622 @@
+"""The ``redis`` tier: chunks as Redis strings on a standalone server or a Redis Cluster.
+
+Each chunk is one string ``<key_prefix><str(key)>`` holding ``codec header ‖ payload``. Reads
+validate header and checksum; a value that fails is a miss, deleted and counted
+(``stats()["corrupt"]``). A concurrent overwrite racing that delete may lose the fresh value:
+that costs a recompute, never wrong data.
+
+How the bytes move (measured; see :mod:`lmtier_backends.redis._wire` and
+``benchmarks/redis_tier.py``): every batch is split by node (one node when standalone) and each
+node's share runs as one pipelined exchange on a worker thread with its own connection, all
+nodes in parallel. Payloads are sent without being copied or joined to their header, and large
+GET replies land directly in their final buffer: the caller's for :meth:`get_into`, else a
+warm receive slab (``recv_pool_bytes``) handed out as read-only lease views.
+
+Faults: every redis-py/socket error is mapped in :mod:`lmtier_backends.redis._errors`; the
+manager turns them into misses and skipped writes. In a Cluster, a ``MOVED`` reply refreshes the
+slot map and the affected keys are retried once; an ``ASK`` (a slot being migrated) is a miss or
+a skipped write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from redis import exceptions as rex
+from redis.backoff import NoBackoff
+from redis.connection import ConnectionPool, parse_url
+from redis.retry import Retry
+
+from lmtier.codec import HEADER_BYTES, as_bytes_view, checksum, decode_header, encode_header
+from lmtier.errors import (
+    BackendUnavailableError,
+    CapacityError,
+    ConfigError,
+    CorruptDataError,
+    InvalidArgumentError,
+    LmtierError,
+)
+from lmtier.keys import ChunkKey
+from lmtier.protocol import Buffer, Capabilities
+from lmtier_backends.redis._errors import map_error
+from lmtier_backends.redis._wire import FILLED, Abort, DirectReadParser, Node
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from redis.cluster import RedisCluster
+
+    from lmtier.memory import HostBuffer, HostMemoryPool
+    from lmtier_backends.redis.config import RedisConfig
+
+__all__ = ["RedisBackend", "open_redis_backend"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: ``(True, value)`` or ``(False, exception)`` of one job run on a worker thread.
+Outcome = tuple[bool, Any]
+
+_DEFAULT_MAX_BULK = 512 << 20  # Redis' default proto-max-bulk-len
+_POOLED_MIN = 256 << 10  # payloads from this size are received into the warm slab
+
+
+async def open_redis_backend(config: RedisConfig) -> RedisBackend:
+    """The registry's factory: connect, check credentials and read the server's limits.
+
+    Raises ConfigError for refused credentials or a ``password_env`` that is not set, and
+    BackendUnavailableError when the server cannot be reached (unless ``connect_at_open`` is
+    off, in which case nothing is contacted here).
+    """
+    backend = RedisBackend(config)
+    try:
+        await backend.connect()
+    except BaseException:
+        await backend.aclose()
+        raise
+    return backend
+
+
+class RedisBackend:
+    """Chunks in Redis (standalone or Cluster); see the module docstring for the data path.
+
+    The constructor does no I/O; :func:`open_redis_backend` (the registry's factory) also calls
+    :meth:`connect`. Usable from one event loop; the blocking work runs on
+    ``max_connections`` worker threads.
+    """
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self.where = config.display_url()  # credential-free, safe in messages and logs
+        self._prefix = config.key_prefix.encode()
+        self._px = max(1, round(config.ttl_s * 1000)) if config.ttl_s is not None else None
+        self._conn_kwargs, self._address = _connection_kwargs(config, config.resolve_password())
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.max_connections, thread_name_prefix="lmtier-redis"
+        )
+        self._nodes: dict[str, Node] = {}
+        self._nodes_lock = threading.Lock()
+        self._cluster: RedisCluster | None = None
+        self._recv_pool: HostMemoryPool | None = None
+        self._recv_pool_lock = threading.Lock()
+        self._max_value = _DEFAULT_MAX_BULK
+        self._evicts = True
+        self._closed = False
+        self._counters = dict.fromkeys(
+            ("gets", "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written", "corrupt",
+             "errors", "moved_retries", "recv_pool_fallbacks"), 0)
+
+    # -- opening -------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Discover the topology (Cluster), PING every primary, read eviction policy and limits."""
+        if not self.config.connect_at_open:
+            return
+        (ok, value), = await self._run([self._connect_blocking])
+        if not ok:
+            raise map_error(value, op="connect", where=self.where, at_open=True)
+
+    def _connect_blocking(self, token: Abort) -> None:
+        nodes = self._topology_blocking() if self.config.cluster else [self._standalone_node()]
+        policies: list[str | None] = []
+        limits: list[int] = []
+        for node in nodes:
+            node.command("PING", token=token)
+            policies.append(_config_get(node, "maxmemory-policy", token))
+            limit = _config_get(node, "proto-max-bulk-len", token)
+            if limit is not None and limit.isdigit():
+                limits.append(int(limit))
+        # evicts unless every node is known to refuse writes rather than drop keys, and no TTL
+        self._evicts = self._px is not None or not policies or any(p != "noeviction" for p in policies)
+        if limits:
+            self._max_value = min(limits)
+
+    def _standalone_node(self) -> Node:
+        with self._nodes_lock:
+            node = self._nodes.get("")
+            if node is None:
+                pool = ConnectionPool(max_connections=self.config.max_connections,
+                                      **self._address, **self._conn_kwargs)
+                node = self._nodes[""] = Node(pool, self.where)
+            return node
+
+    def _topology_blocking(self) -> list[Node]:
+        """(Re)build the Cluster slot map; return a Node per primary."""
+        if self._cluster is None:
+            from redis.cluster import RedisCluster
+
+            kwargs = {k: v for k, v in self._conn_kwargs.items() if k not in ("parser_class", "connection_class", "db")}
+            if self.config.tls:
+                kwargs["ssl"] = True
+            self._cluster = RedisCluster(host=self._address["host"], port=self._address["port"],
+                                         require_full_coverage=False, **kwargs)
+        else:
+            self._cluster.nodes_manager.initialize()
+        return [self._cluster_node(n) for n in self._cluster.get_primaries()]
+
+    def _cluster_node(self, cnode: Any) -> Node:
+        with self._nodes_lock:
+            node = self._nodes.get(cnode.name)
+            if node is None:
+                pool = ConnectionPool(max_connections=self.config.max_connections, host=cnode.host,
+                                      port=cnode.port, **self._conn_kwargs)
+                node = self._nodes[cnode.name] = Node(pool, cnode.name)
+            return node
+
+    # -- the StorageBackend protocol -----------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        # persistent: chunks outlive this handle (and this process); whether they outlive a
+        # server restart depends on the server's RDB/AOF settings, which is the operator's call
+        return Capabilities(persistent=True, shared=True, evicts=self._evicts,
+                            max_item_bytes=self._max_value - HEADER_BYTES)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        _check_keys(keys)
+        self._check_open()
+        if not keys:
+            return []
+        names = [self._name(k) for k in keys]
+        outcomes = await self._per_node("contains", names, lambda node, idx, tok: node.exists_many(
+            [names[i] for i in idx], tok))
+        self._raise_first("contains", outcomes)
+        return [bool(o) for o in outcomes]
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        _check_keys(keys)
+        self._check_open()
+        if not keys:
+            return []
+        unique = list(dict.fromkeys(keys))  # a key asked twice is read once
+        names = [self._name(k) for k in unique]
+        outcomes = await self._per_node("get", names, partial(self._get_blocking, unique, names))
+        found: dict[ChunkKey, Buffer] = {}
+        corrupt: list[ChunkKey] = []
+        error: LmtierError | None = None
+        for key, outcome in zip(unique, outcomes, strict=True):
+            if isinstance(outcome, CorruptDataError):
+                corrupt.append(key)
+                log.warning("redis tier %s: deleting a corrupt value: %s", self.where, outcome)
+            elif isinstance(outcome, BaseException):
+                error = error or self._mapped("get", outcome)
+            elif outcome is not None:
+                found[key] = outcome
+        await self._forget_corrupt(corrupt)
+        if error is not None:
+            raise error
+        self._counters["gets"] += len(keys)
+        self._counters["hits"] += sum(1 for k in keys if k in found)
+        self._counters["misses"] += sum(1 for k in keys if k not in found)
+        self._counters["bytes_read"] += sum(memoryview(v).nbytes for v in found.values())
+        return [found.get(k) for k in keys]
+
+    async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
+        """Receive ``keys[i]``'s payload straight from the socket into ``outs[i]`` (no staging).
+
+        ``outs[i]`` must be a writable C-contiguous buffer (``bytearray``, numpy array,
+        :class:`~lmtier.memory.HostBuffer`, CPU torch tensor) of exactly the stored payload size;
+        the checksum is verified on the filled buffer. ``False`` means a miss, a size mismatch or
+        corrupt data (deleted and counted), and the buffer's content is then unspecified. If the
+        call is cancelled, it returns only after its worker stopped writing into ``outs``.
+        """
+        _check_keys(keys)
+        if len(keys) != len(outs):
+            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
+        views = [_writable_view(o) for o in outs]
+        self._check_open()
+        if not keys:
+            return []
+        names = [self._name(k) for k in keys]
+        outcomes = await self._per_node("get", names, partial(self._get_into_blocking, list(keys), names, views))
+        corrupt: list[ChunkKey] = []
+        error: LmtierError | None = None
+        filled = [False] * len(keys)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, CorruptDataError):
+                corrupt.append(keys[i])
+                log.warning("redis tier %s: deleting a corrupt value: %s", self.where, outcome)
+            elif isinstance(outcome, BaseException):
+                error = error or self._mapped("get", outcome)
+            else:
+                filled[i] = bool(outcome)
+        await self._forget_corrupt(list(dict.fromkeys(corrupt)))
+        if error is not None:
+            raise error
+        self._counters["gets"] += len(keys)
+        self._counters["hits"] += sum(filled)
+        self._counters["misses"] += len(keys) - sum(filled)
+        self._counters["bytes_read"] += sum(v.nbytes for v, f in zip(views, filled, strict=True) if f)
+        return filled
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        _check_keys([k for k, _ in items])
+        views = [(k, as_bytes_view(v)) for k, v in items]  # validate the whole batch first
+        self._check_open()
+        if not views:
+            return
+        limit = self._max_value - HEADER_BYTES
+        for key, view in views:
+            if view.nbytes > limit:
+                raise CapacityError(
+                    f"redis tier {self.where}: {key} is {view.nbytes} bytes, more than the server "
+                    f"accepts ({limit} = proto-max-bulk-len minus the {HEADER_BYTES}-byte header); "
+                    "raise proto-max-bulk-len or use smaller chunks"
+                )
+        names = [self._name(k) for k, _ in views]
+        outcomes = await self._per_node("put", names, partial(self._put_blocking, views, names))
+        self._raise_first("put", outcomes)
+        self._counters["puts"] += len(views)
+        self._counters["bytes_written"] += sum(v.nbytes for _, v in views)
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        _check_keys(keys)
+        self._check_open()
+        if not keys:
+            return
+        names = [self._name(k) for k in dict.fromkeys(keys)]
+        outcomes = await self._per_node("delete", names, lambda node, idx, tok: node.unlink_many(
+            [names[i] for i in idx], tok))
+        self._raise_first("delete", outcomes)
+        self._counters["deletes"] += len(names)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._counters)
+        out["nodes"] = len(self._nodes)
+        pool = self._recv_pool
+        out["recv_pool_used_bytes"] = pool.used_bytes if pool is not None else 0
+        return out
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # wait for jobs in flight: they may still read caller buffers (put) or fill them (get_into)
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._close_clients)
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- worker-thread bodies ------------------------------------------------------------------
+    def _put_blocking(self, views: list[tuple[ChunkKey, memoryview]], names: list[bytes],
+                      node: Node, idx: list[int], token: Abort) -> list[Any]:
+        # headers are made here, not on the event loop: the checksum reads every payload byte
+        batch = [(names[i], encode_header(views[i][0], views[i][1]), views[i][1]) for i in idx]
+        replies = node.set_many(batch, self._px, token)
+        return [r if isinstance(r, BaseException) else None for r in replies]
+
+    def _get_blocking(self, keys: list[ChunkKey], names: list[bytes],
+                      node: Node, idx: list[int], token: Abort) -> list[Any]:
+        receivers = [_Receiver(self._recv_buffer) for _ in idx]
+        try:
+            replies = node.get_many([names[i] for i in idx], receivers, token)
+            return [rcv.result(keys[i], reply) for i, rcv, reply in zip(idx, receivers, replies, strict=True)]
+        finally:
+            for rcv in receivers:
+                rcv.release()
+
+    def _get_into_blocking(self, keys: list[ChunkKey], names: list[bytes], views: list[memoryview],
+                           node: Node, idx: list[int], token: Abort) -> list[Any]:
+        receivers = [_IntoReceiver(views[i]) for i in idx]
+        replies = node.get_many([names[i] for i in idx], receivers, token)
+        return [rcv.result(keys[i], reply) for i, rcv, reply in zip(idx, receivers, replies, strict=True)]
+
+    def _recv_buffer(self, nbytes: int) -> tuple[memoryview, HostBuffer | None]:
+        """A writable buffer for a payload: from the warm slab when large and room is left."""
+        if nbytes >= _POOLED_MIN and self.config.recv_pool_bytes and not self._closed:
+            pool = self._recv_pool
+            if pool is None:
+                with self._recv_pool_lock:
+                    if self._recv_pool is None:
+                        from lmtier.memory import HostMemoryPool
+
+                        self._recv_pool = HostMemoryPool(int(self.config.recv_pool_bytes), pin=False,
+                                                         name="redis-recv")
+                    pool = self._recv_pool
+            buf = pool.try_allocate(nbytes) if not pool.closed else None
+            if buf is not None:
+                return buf.view(), buf
+            self._counters["recv_pool_fallbacks"] += 1  # approximate under threads; a hint only
+        return memoryview(bytearray(nbytes)), None
+
+    # -- machinery -----------------------------------------------------------------------------
+    def _name(self, key: ChunkKey) -> bytes:
+        return self._prefix + str(key).encode()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailableError(f"redis tier {self.where} is closed")
+
+    def _mapped(self, op: str, exc: BaseException) -> LmtierError:
+        self._counters["errors"] += 1
+        return map_error(exc, op=op, where=self.where)
+
+    def _raise_first(self, op: str, outcomes: list[Any]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise self._mapped(op, outcome)
+
+    async def _forget_corrupt(self, keys: list[ChunkKey]) -> None:
+        """Delete values that failed validation (best effort: a failure here is only logged)."""
+        if not keys:
+            return
+        self._counters["corrupt"] += len(keys)
+        names = [self._name(k) for k in keys]
+        outcomes = await self._per_node("delete", names, lambda node, idx, tok: node.unlink_many(
+            [names[i] for i in idx], tok))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                log.warning("redis tier %s: could not delete a corrupt value: %s", self.where,
+                            map_error(outcome, op="delete", where=self.where))
+                break
+
+    async def _per_node(self, op: str, names: list[bytes],
+                        work: Callable[[Node, list[int], Abort], list[Any]]) -> list[Any]:
+        """Run ``work(node, indices, token)`` for each node's share of ``names``, in parallel.
+
+        Returns one outcome per name: what ``work`` produced for it, or an exception (the key's
+        own error, or its node's). Cluster keys answered with MOVED are retried once after the
+        slot map is refreshed.
+        """
+        outcomes: list[Any] = [None] * len(names)
+        todo = list(range(len(names)))
+        for attempt in range(2):
+            groups = await self._groups(names, todo)
+            jobs = [partial(work, node, idx) for node, idx in groups]
+            results = await self._run(jobs)
+            moved: list[int] = []
+            for (_, idx), (ok, value) in zip(groups, results, strict=True):
+                for j, i in enumerate(idx):
+                    outcomes[i] = value[j] if ok else value
+                    if ok and type(value[j]) is rex.MovedError:
+                        moved.append(i)
+            if not moved or attempt or not self.config.cluster:
+                break
+            self._counters["moved_retries"] += len(moved)
+            (ok, value), = await self._run([lambda _token: self._topology_blocking()])
+            if not ok:
+                break
+            todo = moved
+        return outcomes
+
+    async def _groups(self, names: list[bytes], idx: list[int]) -> list[tuple[Node, list[int]]]:
+        if not self.config.cluster:
+            node = self._nodes.get("") or self._standalone_node()
+            return [(node, idx)]
+        if self._cluster is None:  # connect_at_open was off: discover the slots now
+            (ok, value), = await self._run([lambda _token: self._topology_blocking()])
+            if not ok:
+                raise self._mapped("cluster discovery", value)
+        cluster = self._cluster
+        assert cluster is not None
+        by_name: dict[str, tuple[Node, list[int]]] = {}
+        for i in idx:
+            try:
+                cnode = cluster.get_node_from_key(names[i])
+            except (rex.RedisError, rex.RedisClusterException) as exc:
+                raise self._mapped("slot lookup", exc) from None
+            entry = by_name.get(cnode.name)
+            if entry is None:
+                entry = by_name[cnode.name] = (self._cluster_node(cnode), [])
+            entry[1].append(i)
+        return list(by_name.values())
+
+    async def _run(self, jobs: list[Callable[[Abort], T]]) -> list[Outcome]:
+        """Run each ``job(token)`` on a worker thread; return their outcomes in order.
+
+        On cancellation, every job is aborted (its connection dropped, so a blocked read ends at
+        once) and awaited before CancelledError propagates: no worker touches caller buffers
+        after this returns.
+        """
+        tokens = [Abort() for _ in jobs]
+        try:
+            futures = [self._executor.submit(_outcome, job, tok) for job, tok in zip(jobs, tokens, strict=True)]
+        except RuntimeError:  # shut down by a concurrent aclose()
+            raise BackendUnavailableError(f"redis tier {self.where} is closed") from None
+        waiting = {asyncio.wrap_future(f) for f in futures}
+        cancelled = False
+        while True:
+            try:
+                await asyncio.wait(waiting)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+                for tok in tokens:
+                    tok.abort()
+                for f in futures:
+                    f.cancel()
+        if cancelled:
+            raise asyncio.CancelledError
+        return [f.result() for f in futures]
+
+    def _close_clients(self) -> None:
+        for node in list(self._nodes.values()):
+            node.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        if self._recv_pool is not None:
+            self._recv_pool.close()
+
+
+class _Receiver:
+    """Where one GET reply goes: a 64-byte header buffer and a payload buffer, then validated."""
+
+    __slots__ = ("_get_buffer", "header", "host", "payload")
+
+    def __init__(self, get_buffer: Callable[[int], tuple[memoryview, HostBuffer | None]]) -> None:
+        self._get_buffer = get_buffer
+        self.header = memoryview(bytearray(HEADER_BYTES))
+        self.payload: memoryview | None = None
+        self.host: HostBuffer | None = None
+
+    def __call__(self, n: int) -> list[memoryview]:
+        if n < HEADER_BYTES:  # too short to be ours: receive it, then fail validation
+            self.payload = None
+            self.header = memoryview(bytearray(n))
+            return [self.header]
+        self.payload, self.host = self._get_buffer(n - HEADER_BYTES)
+        return [self.header, self.payload]
+
+    def result(self, key: ChunkKey, reply: Any) -> Any:
+        """The payload as a read-only view, None for a miss, or the error/CorruptDataError."""
+        if reply is None or isinstance(reply, BaseException):
+            return _corrupt_if_wrong_type(key, reply)
+        if reply is not FILLED or self.payload is None:
+            return CorruptDataError(f"{key}: value shorter than the {HEADER_BYTES}-byte header")
+        try:
+            length, csum = decode_header(key, self.header)
+            if length != self.payload.nbytes:
+                raise CorruptDataError(f"{key}: payload is {self.payload.nbytes} bytes, header says {length}")
+            if checksum(self.payload) != csum:
+                raise CorruptDataError(f"{key}: checksum mismatch")
+        except CorruptDataError as exc:
+            return exc
+        if self.host is not None:
+            view = self.host.lease_view()  # holds the slab range until the caller drops it
+            self.host.release()
+            self.host = None
+            return view
+        return self.payload.toreadonly()
+
+    def release(self) -> None:
+        if self.host is not None:
+            self.host.release()
+            self.host = None
+
+
+class _IntoReceiver:
+    """Where one ``get_into`` reply goes: header buffer + the caller's buffer, if sizes match."""
+
+    __slots__ = ("header", "out", "took")
+
+    def __init__(self, out: memoryview) -> None:
+        self.out = out
+        self.header = memoryview(bytearray(HEADER_BYTES))
+        self.took = False
+
+    def __call__(self, n: int) -> list[memoryview] | None:
+        self.took = n == HEADER_BYTES + self.out.nbytes
+        return [self.header, self.out] if self.took else None  # a size mismatch is a plain miss
+
+    def result(self, key: ChunkKey, reply: Any) -> Any:
+        if reply is None or isinstance(reply, BaseException):
+            return _corrupt_if_wrong_type(key, reply)
+        if not self.took:
+            return False
+        try:
+            length, csum = decode_header(key, self.header)
+            if length != self.out.nbytes or checksum(self.out) != csum:
+                raise CorruptDataError(f"{key}: checksum or length mismatch")
+        except CorruptDataError as exc:
+            return exc
+        return True
+
+
+def _corrupt_if_wrong_type(key: ChunkKey, reply: Any) -> Any:
+    """A key of ours holding a list/hash/... is corrupt (deleted), not a tier fault."""
+    if isinstance(reply, rex.ResponseError) and str(reply).startswith("WRONGTYPE"):
+        return CorruptDataError(f"{key}: the Redis key holds a non-string value")
+    return reply
+
+
+def _outcome(job: Callable[[Abort], Any], token: Abort) -> Outcome:
+    if token.aborted:
+        return False, asyncio.CancelledError()
+    try:
+        return True, job(token)
+    except Exception as exc:  # reported per job; the loop side maps it
+        return False, exc
+
+
+def _config_get(node: Node, name: str, token: Abort) -> str | None:
+    """``CONFIG GET name`` or None where CONFIG is disabled/renamed (managed services)."""
+    try:
+        reply = node.command("CONFIG", "GET", name, token=token)
+    except rex.ResponseError:
+        return None
+    if isinstance(reply, list) and len(reply) >= 2:
+        value = reply[1]
+        return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _connection_kwargs(config: RedisConfig, password: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """redis-py connection options, split into common options and the address (host/port/path).
+
+    Retries are off on purpose: a dead server must become a fast miss, and the manager's circuit
+    breaker (not a client-side backoff loop) decides when to try again.
+    """
+    parsed = parse_url(config.url)
+    address = {k: parsed.pop(k) for k in ("host", "port", "path") if k in parsed}
+    common: dict[str, Any] = {
+        "db": parsed.pop("db", 0),
+        "username": config.username,
+        "password": password,
+        "socket_timeout": config.read_timeout_s,
+        "socket_connect_timeout": config.connect_timeout_s,
+        "protocol": 2,
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": "lmtier",
+    }
+    if DirectReadParser is not None:
+        common["parser_class"] = DirectReadParser
+    if "connection_class" in parsed:
+        common["connection_class"] = parsed.pop("connection_class")
+    if config.tls:
+        common.update({
+            "ssl_ca_certs": config.tls_ca_file,
+            "ssl_cert_reqs": "required" if config.tls_verify else "none",
+            "ssl_check_hostname": config.tls_verify,
+        })
+    if parsed:
+        raise ConfigError(f"redis tier {config.display_url()}: unsupported url options {sorted(parsed)}")
+    return common, address
+
+
+def _writable_view(out: object) -> memoryview:
+    if hasattr(out, "data_ptr") and hasattr(out, "numpy"):  # a CPU torch tensor, without importing torch
+        try:
+            out = out.detach().numpy()  # type: ignore[attr-defined]
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidArgumentError(f"get_into needs CPU buffers: {exc}") from None
+    view = as_bytes_view(out)
+    if view.readonly:
+        raise InvalidArgumentError("get_into needs writable buffers, got a read-only one")
+    return view
+
+
+def _check_keys(keys: Sequence[object]) -> None:
+    if isinstance(keys, (str, bytes)):
+        raise InvalidArgumentError(f"keys must be a sequence of ChunkKey, got {type(keys).__name__}")
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")
+
