@@ -17,8 +17,9 @@ usually means identical bytes. With ``skip_identical_puts`` a put is conditional
 header equals the new one (same key, length and checksum); otherwise it is rewritten
 unconditionally. With ``Expect: 100-continue`` the server refuses before the body is sent.
 
-Cancellation: a cancelled call sets its abort flag and waits for its worker to stop (within one
-block), so no thread reads or writes a caller's buffer after the call has unwound.
+Cancellation (e.g. the manager's ``timeout_s``) returns at once, except that a ``get_into``
+caught while writing the caller's buffer first shuts its socket and waits for the worker to
+stop, so no thread writes caller memory after the call has unwound (:class:`._io.CallGuard`).
 
 Errors are translated in one place, :mod:`._errors`.
 """
@@ -56,7 +57,7 @@ from lmtier_backends.s3._errors import (
     translate,
     translate_open,
 )
-from lmtier_backends.s3._io import HeaderedBody, finish_response, read_exact_into
+from lmtier_backends.s3._io import CallGuard, HeaderedBody, finish_response, read_exact_into, response_socket
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -183,7 +184,7 @@ class S3Backend:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(
             ("gets", "hits", "misses", "corrupt", "puts", "skipped_identical", "multipart_puts",
-             "deletes", "bytes_read", "bytes_written", "errors"), 0)
+             "deletes", "bytes_read", "bytes_written", "errors", "writing_caller_buffers"), 0)
         self._closed = False
 
     # -- contract ----------------------------------------------------------------------------------
@@ -282,11 +283,16 @@ class S3Backend:
         return await self._run(fn, key, *args, op=op, where=self.object_name(key))
 
     async def _run(self, fn: Callable[..., T], *args: Any, op: str, where: str,
-                   abort: threading.Event | None = None) -> T:
-        """Run ``fn(abort, *args)`` on the pool; translate its errors; survive cancellation safely."""
-        abort = abort or threading.Event()
+                   guard: CallGuard | None = None) -> T:
+        """Run ``fn(guard, *args)`` on the pool and translate its errors.
+
+        On cancellation the guard stops the worker; if it is writing into a caller's buffer the
+        coroutine waits until it has stopped (promptly: the socket is shut), otherwise the worker
+        is left to finish on its own (its result is dropped; it touches no caller memory).
+        """
+        guard = guard or CallGuard()
         try:
-            cf = self._pool.submit(fn, abort, *args)
+            cf = self._pool.submit(fn, guard, *args)
         except RuntimeError:  # the pool was shut down by aclose()
             raise BackendError(f"s3 {op} {where}: the tier is closed") from None
         fut = asyncio.wrap_future(cf)
@@ -297,10 +303,12 @@ class S3Backend:
             if cf.cancelled() and (task is None or task.cancelling() == 0):
                 # not our cancellation: aclose() dropped the queued request
                 raise BackendError(f"s3 {op} {where}: the tier was closed") from None
-            # The worker may be streaming a caller's buffer: stop it and wait until it has.
-            abort.set()
+            must_wait = guard.abort()
             if not cf.cancel():
-                await _wait_uninterrupted(fut)
+                if must_wait:
+                    await _wait_uninterrupted(fut)
+                else:  # left to finish alone: retrieve its outcome so asyncio does not log it
+                    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
         except Exception as exc:
             with self._lock:
@@ -326,8 +334,8 @@ class S3Backend:
         if self._closed:
             raise BackendError(f"s3 tier (bucket {self._bucket!r}) is closed")
 
-    # -- worker functions (run on the pool; first argument is the abort flag) ----------------------
-    def _check_bucket(self, abort: threading.Event) -> None:
+    # -- worker functions (run on the pool; the first argument is the call's CallGuard) -----------
+    def _check_bucket(self, guard: CallGuard) -> None:
         import botocore.exceptions as bce
 
         endpoint = self.config.endpoint_url or "AWS"
@@ -348,7 +356,7 @@ class S3Backend:
             if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise translate_open(exc, bucket=self._bucket, endpoint=endpoint, config=self.config) from exc
 
-    def _head(self, abort: threading.Event, key: ChunkKey) -> bool:
+    def _head(self, guard: CallGuard, key: ChunkKey) -> bool:
         try:
             self._client.head_object(Bucket=self._bucket, Key=self.object_name(key))
             return True
@@ -366,7 +374,7 @@ class S3Backend:
                 return None
             raise
 
-    def _get_one(self, abort: threading.Event, key: ChunkKey) -> memoryview | None:
+    def _get_one(self, guard: CallGuard, key: ChunkKey) -> memoryview | None:
         name = self.object_name(key)
         self._count(gets=1)
         resp = self._get_object(name)
@@ -377,7 +385,7 @@ class S3Backend:
         buf = np.empty(size, dtype=np.uint8)
         consumed = False
         try:
-            read_exact_into(body, memoryview(buf), abort)
+            read_exact_into(body, memoryview(buf), guard)
             consumed = True
         finally:
             finish_response(body, consumed=consumed)
@@ -389,7 +397,7 @@ class S3Backend:
         self._count(hits=1, bytes_read=size)
         return payload.toreadonly()
 
-    def _get_into_one(self, abort: threading.Event, key: ChunkKey, out: memoryview) -> bool:
+    def _get_into_one(self, guard: CallGuard, key: ChunkKey, out: memoryview) -> bool:
         name = self.object_name(key)
         self._count(gets=1)
         resp = self._get_object(name)
@@ -404,8 +412,13 @@ class S3Backend:
         header = bytearray(HEADER_BYTES)
         consumed = False
         try:
-            read_exact_into(body, memoryview(header), abort)
-            read_exact_into(body, out, abort)
+            with guard.writing_caller_buffer(response_socket(body)):
+                self._count(writing_caller_buffers=1)
+                try:
+                    read_exact_into(body, memoryview(header), guard)
+                    read_exact_into(body, out, guard)
+                finally:
+                    self._count(writing_caller_buffers=-1)
             consumed = True
         finally:
             finish_response(body, consumed=consumed)
@@ -430,13 +443,13 @@ class S3Backend:
         except Exception as del_exc:  # the miss stands either way; the next read retries the delete
             log.warning("s3 tier: could not delete corrupt object %s: %s", name, del_exc)
 
-    def _put_single(self, abort: threading.Event, key: ChunkKey, view: memoryview) -> None:
+    def _put_single(self, guard: CallGuard, key: ChunkKey, view: memoryview) -> None:
         name = self.object_name(key)
         header = encode_header(key, view)
         if self._conditional_puts:
             try:
                 self._client.put_object(Bucket=self._bucket, Key=name, IfNoneMatch="*",
-                                        Body=HeaderedBody(header, view, abort))
+                                        Body=HeaderedBody(header, view, guard))
                 self._count(puts=1, bytes_written=len(header) + view.nbytes)
                 return
             except Exception as exc:
@@ -448,7 +461,7 @@ class S3Backend:
                 elif self._stored_header_matches(name, header, view.nbytes):
                     self._count(skipped_identical=1)
                     return
-        self._client.put_object(Bucket=self._bucket, Key=name, Body=HeaderedBody(header, view, abort))
+        self._client.put_object(Bucket=self._bucket, Key=name, Body=HeaderedBody(header, view, guard))
         self._count(puts=1, bytes_written=len(header) + view.nbytes)
 
     def _stored_header_matches(self, name: str, header: bytes, payload_bytes: int) -> bool:
@@ -464,7 +477,7 @@ class S3Backend:
         total = _CONTENT_RANGE_TOTAL.search(str(resp.get("ContentRange", "")))
         return stored == header and total is not None and int(total.group(1)) == HEADER_BYTES + payload_bytes
 
-    def _delete_batch(self, abort: threading.Event, names: list[str]) -> None:
+    def _delete_batch(self, guard: CallGuard, names: list[str]) -> None:
         resp = self._client.delete_objects(
             Bucket=self._bucket, Delete={"Objects": [{"Key": n} for n in names], "Quiet": True}
         )
@@ -478,16 +491,16 @@ class S3Backend:
     # -- multipart (orchestrated on the loop: workers never wait on each other) --------------------
     async def _put_multipart(self, key: ChunkKey, view: memoryview) -> None:
         name = self.object_name(key)
-        abort = threading.Event()
-        run = lambda fn, *a: self._run(fn, *a, op="put", where=name, abort=abort)  # noqa: E731
-        header: bytes = await run(lambda _abort: encode_header(key, view))
+        guard = CallGuard()
+        run = lambda fn, *a: self._run(fn, *a, op="put", where=name, guard=guard)  # noqa: E731
+        header: bytes = await run(lambda _guard: encode_header(key, view))
         if self._conditional_puts:
-            same = await run(lambda _abort: self._stored_header_matches(name, header, view.nbytes))
+            same = await run(lambda _guard: self._stored_header_matches(name, header, view.nbytes))
             if same:
                 self._count(skipped_identical=1)
                 return
         upload_id: str = await run(
-            lambda _abort: self._client.create_multipart_upload(Bucket=self._bucket, Key=name)["UploadId"]
+            lambda _guard: self._client.create_multipart_upload(Bucket=self._bucket, Key=name)["UploadId"]
         )
         total, part = HEADER_BYTES + view.nbytes, int(self.config.multipart_part_size)
         spans = [(s, min(s + part, total)) for s in range(0, total, part)]
@@ -497,18 +510,18 @@ class S3Backend:
                 for i, (s, e) in enumerate(spans)
             ])
             parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(etags)]
-            await run(lambda _abort: self._client.complete_multipart_upload(
+            await run(lambda _guard: self._client.complete_multipart_upload(
                 Bucket=self._bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}))
         except BaseException:
             self._abort_upload_later(name, upload_id)
             raise
         self._count(puts=1, multipart_puts=1, bytes_written=total)
 
-    def _upload_part(self, abort: threading.Event, name: str, upload_id: str, number: int,
+    def _upload_part(self, guard: CallGuard, name: str, upload_id: str, number: int,
                      header: bytes, view: memoryview, start: int, end: int) -> str:
         resp = self._client.upload_part(
             Bucket=self._bucket, Key=name, UploadId=upload_id, PartNumber=number,
-            Body=HeaderedBody(header, view, abort, start, end),
+            Body=HeaderedBody(header, view, guard, start, end),
         )
         return str(resp["ETag"])
 

@@ -1,0 +1,302 @@
+"""Behaviour of the s3 tier beyond the conformance suite, on a real SeaweedFS server.
+
+Objects are planted and inspected with raw boto3 to check what is really stored: the layout,
+corruption handling, conditional puts of identical chunks, multipart uploads, open-time errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from lmtier.codec import HEADER_BYTES, decode, encode_header
+from lmtier.errors import ConfigError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.memory import HostMemoryPool
+from lmtier.registry import BackendRegistry
+from lmtier_backends.s3.backend import S3Backend, open_s3_backend
+from lmtier_backends.s3.config import S3Config
+from tests.backends.s3.conftest import BUCKET, SECRET_KEY_ENV
+from tests.support.seaweedfs import S3Endpoint
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+
+
+def _keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="s3", run=os.urandom(4).hex())
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+def _exists(s3: Any, name: str) -> bool:
+    try:
+        s3.head_object(Bucket=BUCKET, Key=name)
+    except s3.exceptions.ClientError as exc:
+        assert exc.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+        return False
+    return True
+
+
+def _raw(s3: Any, name: str) -> bytes:
+    return s3.get_object(Bucket=BUCKET, Key=name)["Body"].read()  # type: ignore[no-any-return]
+
+
+# -- layout -----------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_objects_are_stored_as_prefix_slash_key_with_the_codec_header(
+    s3_config: S3Config, s3_endpoint: S3Endpoint
+) -> None:
+    (key,) = _keys(1)
+    data = os.urandom(5000)
+    async with await open_s3_backend(s3_config) as backend:
+        await backend.put([(key, data)])
+        name = backend.object_name(key)
+    assert name == f"{s3_config.prefix}/{key}"
+    raw = _raw(s3_endpoint.client(), name)
+    assert len(raw) == HEADER_BYTES + len(data)
+    assert raw[:HEADER_BYTES] == encode_header(key, data)
+    assert bytes(decode(key, raw)) == data
+
+
+@pytest.mark.asyncio
+async def test_an_empty_prefix_stores_objects_at_the_bucket_root(s3_options: Callable[..., dict[str, Any]]) -> None:
+    (key,) = _keys(1)
+    async with await open_s3_backend(S3Config(**s3_options(prefix="/"))) as backend:
+        assert backend.object_name(key) == str(key)
+        await backend.put([(key, b"root")])
+        assert [bytes(v) for v in await backend.get([key]) if v is not None] == [b"root"]
+        await backend.delete([key])
+
+
+# -- corruption ---------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_corrupt_object_is_a_miss_is_deleted_and_is_counted(
+    s3_config: S3Config, s3_endpoint: S3Endpoint
+) -> None:
+    s3 = s3_endpoint.client()
+    garbage, flipped, foreign, short = _keys(4)
+    async with await open_s3_backend(s3_config) as backend:
+        good = os.urandom(10_000)
+        await backend.put([(flipped, good), (foreign, good)])
+        # random bytes with no header at all
+        s3.put_object(Bucket=BUCKET, Key=backend.object_name(garbage), Body=os.urandom(1000))
+        # a valid object with one payload byte flipped: the checksum catches it
+        raw = bytearray(_raw(s3, backend.object_name(flipped)))
+        raw[HEADER_BYTES + 123] ^= 0xFF
+        s3.put_object(Bucket=BUCKET, Key=backend.object_name(flipped), Body=bytes(raw))
+        # another key's (valid) object under this key's name: the header names the other key
+        other = _keys(1)[0]
+        s3.put_object(Bucket=BUCKET, Key=backend.object_name(foreign),
+                      Body=encode_header(other, good) + good)
+        # shorter than a header
+        s3.put_object(Bucket=BUCKET, Key=backend.object_name(short), Body=b"LMTR")
+
+        assert await backend.get([garbage, flipped, foreign, short]) == [None, None, None, None]
+        assert backend.stats()["corrupt"] == 4
+        for key in (garbage, flipped, foreign, short):
+            assert not _exists(s3, backend.object_name(key)), f"corrupt object {key} was not deleted"
+        assert await backend.contains([garbage, flipped, foreign, short]) == [False] * 4
+
+
+@pytest.mark.asyncio
+async def test_get_into_treats_a_corrupt_object_as_a_miss_and_deletes_it(
+    s3_config: S3Config, s3_endpoint: S3Endpoint
+) -> None:
+    s3 = s3_endpoint.client()
+    (key,) = _keys(1)
+    data = os.urandom(300_000)
+    async with await open_s3_backend(s3_config) as backend:
+        await backend.put([(key, data)])
+        raw = bytearray(_raw(s3, backend.object_name(key)))
+        raw[-1] ^= 0x01
+        s3.put_object(Bucket=BUCKET, Key=backend.object_name(key), Body=bytes(raw))
+        out = bytearray(len(data))
+        assert await backend.get_into([key], [out]) == [False]
+        assert backend.stats()["corrupt"] == 1
+        assert not _exists(s3, backend.object_name(key))
+
+
+# -- conditional puts ----------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_putting_identical_bytes_again_skips_the_upload_but_new_bytes_overwrite(
+    s3_config: S3Config, s3_endpoint: S3Endpoint
+) -> None:
+    s3 = s3_endpoint.client()
+    (key,) = _keys(1)
+    first, second = os.urandom(2 * MiB), os.urandom(2 * MiB)  # same length: only the checksum differs
+    async with await open_s3_backend(s3_config) as backend:
+        await backend.put([(key, first)])
+        etag = s3.head_object(Bucket=BUCKET, Key=backend.object_name(key))["ETag"]
+        await backend.put([(key, first)])
+        stats = backend.stats()
+        assert (stats["puts"], stats["skipped_identical"]) == (1, 1)
+        assert s3.head_object(Bucket=BUCKET, Key=backend.object_name(key))["ETag"] == etag
+        await backend.put([(key, second)])
+        stats = backend.stats()
+        assert (stats["puts"], stats["skipped_identical"]) == (2, 1)
+        (got,) = await backend.get([key])
+        assert got is not None and bytes(got) == second
+
+
+@pytest.mark.asyncio
+async def test_without_skip_identical_puts_every_put_uploads(s3_options: Callable[..., dict[str, Any]]) -> None:
+    (key,) = _keys(1)
+    async with await open_s3_backend(S3Config(**s3_options(skip_identical_puts=False))) as backend:
+        await backend.put([(key, b"same")])
+        await backend.put([(key, b"same")])
+        assert (backend.stats()["puts"], backend.stats()["skipped_identical"]) == (2, 0)
+
+
+# -- multipart ----------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_objects_above_the_threshold_are_uploaded_in_parts_and_read_back_whole(
+    s3_options: Callable[..., dict[str, Any]], s3_endpoint: S3Endpoint
+) -> None:
+    config = S3Config(**s3_options(multipart_threshold="5MiB", multipart_part_size="5MiB"))
+    keys = _keys(2)
+    big = [os.urandom(11 * MiB + 17), os.urandom(5 * MiB)]  # 3 parts; exactly threshold with header
+    async with await open_s3_backend(config) as backend:
+        await backend.put(list(zip(keys, big, strict=True)))
+        assert backend.stats()["multipart_puts"] == 2
+        got = await backend.get(keys)
+        assert [bytes(g) for g in got if g is not None] == big
+        outs = [bytearray(len(b)) for b in big]
+        assert await backend.get_into(keys, outs) == [True, True]
+        assert [bytes(o) for o in outs] == big
+        raw = _raw(s3_endpoint.client(), backend.object_name(keys[0]))
+        assert raw[:HEADER_BYTES] == encode_header(keys[0], big[0])
+        # an identical big chunk is not uploaded again
+        await backend.put([(keys[0], big[0])])
+        assert backend.stats()["skipped_identical"] == 1
+
+
+# -- buffers --------------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_get_into_fills_a_host_pool_buffer_in_place(s3_config: S3Config) -> None:
+    (key,) = _keys(1)
+    data = os.urandom(MiB)
+    pool = HostMemoryPool(4 * MiB, pin=False, name="s3-test")
+    try:
+        async with await open_s3_backend(s3_config) as backend:
+            await backend.put([(key, data)])
+            with pool.allocate(len(data)) as buf:
+                assert await backend.get_into([key], [buf]) == [True]
+                assert bytes(buf.view()) == data
+                assert await backend.get_into([_keys(1)[0]], [buf]) == [False]
+    finally:
+        pool.close()
+
+
+@pytest.mark.asyncio
+async def test_returned_values_are_read_only(s3_config: S3Config) -> None:
+    (key,) = _keys(1)
+    async with await open_s3_backend(s3_config) as backend:
+        await backend.put([(key, b"payload")])
+        (got,) = await backend.get([key])
+        assert isinstance(got, memoryview) and got.readonly
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_get_into_has_stopped_writing_the_callers_buffer_when_it_unwinds(
+    s3_config: S3Config,
+) -> None:
+    (key,) = _keys(1)
+    data = os.urandom(64 * MiB)
+    async with await open_s3_backend(s3_config) as backend:
+        await backend.put([(key, data)])
+        out = bytearray(len(data))
+        caught_streaming = False
+        for _ in range(20):  # each attempt needs to catch the worker mid-download
+            task = asyncio.create_task(backend.get_into([key], [out]))
+            while not task.done() and backend.stats()["writing_caller_buffers"] == 0:
+                await asyncio.sleep(0.001)  # poll interval, not synchronisation
+            if task.done():
+                continue
+            caught_streaming = True
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert backend.stats()["writing_caller_buffers"] == 0
+            break
+        assert caught_streaming, "the download always finished before it could be cancelled"
+        # the tier is still usable and the object intact
+        assert await backend.get_into([key], [out]) == [True]
+        assert out == data
+
+
+# -- opening ------------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_wrong_credentials_are_a_clear_config_error_at_open(
+    s3_options: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMTIER_S3_TEST_WRONG_SECRET", "not-the-secret")
+    config = S3Config(**s3_options(secret_key_env="LMTIER_S3_TEST_WRONG_SECRET"))
+    with pytest.raises(ConfigError, match=r"rejected the keys from \$LMTIER_S3_TEST_ACCESS_KEY") as info:
+        await open_s3_backend(config)
+    assert "not-the-secret" not in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_a_missing_bucket_is_a_clear_config_error_unless_create_bucket_is_set(
+    s3_options: Callable[..., dict[str, Any]], s3_endpoint: S3Endpoint
+) -> None:
+    bucket = f"lmtier-missing-{os.urandom(4).hex()}"
+    with pytest.raises(ConfigError, match=f"bucket '{bucket}' .* does not exist; create it, or set create_bucket"):
+        await open_s3_backend(S3Config(**s3_options(bucket=bucket)))
+    async with await open_s3_backend(S3Config(**s3_options(bucket=bucket, create_bucket=True))) as backend:
+        (key,) = _keys(1)
+        await backend.put([(key, b"in the new bucket")])
+    s3_endpoint.client().head_bucket(Bucket=bucket)  # it exists now
+    async with await open_s3_backend(S3Config(**s3_options(bucket=bucket, create_bucket=True))):
+        pass  # and opening again with create_bucket is fine
+
+
+@pytest.mark.asyncio
+async def test_an_unset_credentials_variable_is_a_config_error_naming_it(
+    s3_options: Callable[..., dict[str, Any]]
+) -> None:
+    config = S3Config(**s3_options(secret_key_env="LMTIER_S3_TEST_NOT_SET_ANYWHERE"))
+    with pytest.raises(ConfigError, match="LMTIER_S3_TEST_NOT_SET_ANYWHERE"):
+        await open_s3_backend(config)
+
+
+@pytest.mark.asyncio
+async def test_secrets_never_appear_in_reprs_or_logs(
+    s3_config: S3Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = os.environ[SECRET_KEY_ENV]
+    caplog.set_level(logging.DEBUG)
+    async with await open_s3_backend(s3_config) as backend:
+        (key,) = _keys(1)
+        await backend.put([(key, b"x")])
+        await backend.get([key])
+        texts = [repr(backend), repr(backend.config), str(backend.stats())]
+    texts += [r.getMessage() for r in caplog.records]
+    assert not [t for t in texts if secret in t]
+
+
+def test_the_registry_builds_the_tier_from_options_and_reports_bad_keys(s3_options: Callable[..., dict[str, Any]]) -> None:
+    registry = BackendRegistry.discover()
+    assert registry.spec("s3").install_hint == "pip install 'lmtier[s3]'"
+    with pytest.raises(ConfigError, match=r"tiers\[1\].options.bukket: unknown key; allowed keys: .*bucket"):
+        registry.validate_options("s3", {**s3_options(), "bukket": "x"}, path="tiers[1].options")
+    with pytest.raises(ConfigError, match="access_key_env and secret_key_env"):
+        registry.validate_options("s3", {**s3_options(), "access_key_env": None})
+
+
+@pytest.mark.asyncio
+async def test_the_registry_awaits_the_factory_and_returns_an_open_tier(
+    s3_options: Callable[..., dict[str, Any]]
+) -> None:
+    backend = await BackendRegistry.discover().create("s3", s3_options())
+    try:
+        assert isinstance(backend, S3Backend)
+        assert backend.capabilities.persistent and backend.capabilities.shared
+    finally:
+        await backend.aclose()
