@@ -238,7 +238,15 @@ class Bench:
                 e2e.append(t2 - t0)
             res[name + "_call_us"] = 1e6 * statistics.median(calls)
             res[name + "_e2e_us"] = 1e6 * statistics.median(e2e)
-        trust = LaunchOptions(flags=1)
+        from lmtier.transfer._layout import plan_transfer
+
+        plans = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            plan_transfer(kv, layout, out_ids[:1], outs[:1], None, distinct=False)
+            plans.append(time.perf_counter() - t0)
+        res["python_checks_us"] = 1e6 * statistics.median(plans)
+        trust = LaunchOptions(flags=_native.FLAG_TRUST_UVA)
         calls = []
         for _ in range(30):
             torch.cuda.synchronize()
@@ -267,14 +275,19 @@ class Bench:
             (256, 4, sms, 0),
             (256, 8, sms, 0),
             (1024, 4, sms, 0),
-            (512, 4, sms, 2),
+            (512, 4, sms, _native.FLAG_PLAIN_ACCESS),
             (512, 8, 32, 0),
             (1024, 8, 16, 0),
         ]
         rows = []
         for threads, unroll, ctas, flags in configs:
             o = LaunchOptions(threads=threads, unroll=unroll, max_ctas=ctas, flags=flags)
-            row = {"threads": threads, "unroll": unroll, "ctas": ctas, "plain": bool(flags & 2)}
+            row = {
+                "threads": threads,
+                "unroll": unroll,
+                "ctas": ctas,
+                "plain": bool(flags & _native.FLAG_PLAIN_ACCESS),
+            }
             row["d2h"] = total / timed(nat_d2h(o), max(5, self.reps // 2)) / 1e6
             row["h2d"] = total / timed(nat_h2d(o), max(5, self.reps // 2)) / 1e6
             if (ctas <= 66 or (threads, unroll, ctas) == (512, 4, sms)) and not flags:
@@ -313,7 +326,10 @@ def table(res: dict[str, Any]) -> str:
             fb = r["fallback"].get(d)
             fbs = f"{fb:8.1f} {100 * fb / m:5.1f}%" if fb else f"{'-':>8} {'':6}"
             label = name if d == "d2h" else f"  {r['bytes'] / GB:.2f} GB" if d == "h2d" else ""
-            lines.append(f"{label:26} {d:5} {m:7.1f} {n:7.1f} {100 * n / m:5.1f}% {fbs}")
+            ce = r["native_ce"][d]
+            lines.append(
+                f"{label:26} {d:5} {m:7.1f} {n:7.1f} {100 * n / m:5.1f}% {fbs} {ce:7.1f} {100 * ce / m:5.1f}%"
+            )
         lines.append(
             f"{'':26} staging: native {r['native']['staging_torch_peak'] / MIB:.1f} MiB torch / "
             f"{r['native']['staging_free_drop'] / MIB:.1f} MiB device; fallback "
@@ -321,7 +337,13 @@ def table(res: dict[str, Any]) -> str:
         )
         if "latency" in r:
             lat = r["latency"]
-            for k in ("chunk_d2h", "chunk_h2d", "layer_h2d", "chunk_d2h_fallback", "chunk_h2d_fallback"):
+            for k in (
+                "chunk_d2h",
+                "chunk_h2d",
+                "layer_h2d",
+                "chunk_d2h_fallback",
+                "chunk_h2d_fallback",
+            ):
                 lines.append(
                     f"  latency {k:20} gpu {lat[k + '_gpu_us']:8.0f} us  call {lat[k + '_call_us']:7.0f} us"
                     f"  end-to-end {lat[k + '_e2e_us']:8.0f} us"
@@ -352,7 +374,8 @@ def main() -> None:
     reason = _native.unavailable_reason()
     if reason:
         sys.exit(f"native library unavailable: {reason}")
-    res = Bench(args).run()
+    with torch.cuda.stream(torch.cuda.Stream()):  # a serving engine's side stream
+        res = Bench(args).run()
     text = table(res)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

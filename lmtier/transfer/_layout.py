@@ -188,12 +188,14 @@ def plan_transfer(
             f"layer 0 is described by {got}, not the given {layout}; "
             "describe the cache you pass with describe_layout()"
         )
+    shape, stride, dtype, device = first.shape, first.stride(), first.dtype, first.device
     for i, t in enumerate(kv[1:], 1):
-        if not isinstance(t, torch.Tensor) or (
-            t.shape != first.shape
-            or t.stride() != first.stride()
-            or t.dtype != first.dtype
-            or t.device != first.device
+        if not (
+            isinstance(t, torch.Tensor)
+            and t.shape == shape
+            and t.stride() == stride
+            and t.dtype == dtype
+            and t.device == device
         ):
             raise InvalidArgumentError(
                 f"layer {i} differs from layer 0 in shape, stride, dtype or device; "

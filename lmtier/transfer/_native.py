@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ABI_VERSION",
+    "FLAG_PLAIN_ACCESS",
+    "FLAG_TRUST_UVA",
     "LaunchOptions",
     "library_info",
     "offload",
@@ -40,6 +42,8 @@ ABI_VERSION = 1
 LIB_NAME = "liblmtier_transfer.so"
 
 _D2H, _H2D = 0, 1
+#: LaunchOptions.flags bits (lmtier_transfer.h): trust UVA host pointers; ordinary cache hints.
+FLAG_TRUST_UVA, FLAG_PLAIN_ACCESS = 1, 2
 
 
 class _Layout(ctypes.Structure):

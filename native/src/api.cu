@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda.h>  // types only: the driver is reached through cudaGetDriverEntryPointByVersion
+
 #include "batch.h"
 #include "lmtier_transfer.h"
 
@@ -76,27 +78,56 @@ struct Piece {
     uint32_t pages;
 };
 
+using PointerAttrFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+
+// cuPointerGetAttribute for one attribute is far cheaper than cudaPointerGetAttributes, which
+// asks the driver for every attribute. Looked up once (thread-safe static init); no -lcuda link,
+// so the library still loads on machines without a driver.
+PointerAttrFn pointer_attr() {
+    static const PointerAttrFn fn = [] {
+        void* f = nullptr;
+        cudaDriverEntryPointQueryResult q{};
+        if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &f, 12000, cudaEnableDefault,
+                                             &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            return PointerAttrFn(nullptr);
+        }
+        return reinterpret_cast<PointerAttrFn>(f);
+    }();
+    return fn;
+}
+
+// The device address of host address `host`, or 0 when the device cannot reach it.
+uint64_t device_address(uint64_t host) {
+    if (PointerAttrFn fn = pointer_attr()) {
+        CUdeviceptr dev = 0;
+        return fn(&dev, CU_POINTER_ATTRIBUTE_DEVICE_POINTER, CUdeviceptr(host)) == CUDA_SUCCESS
+                   ? uint64_t(dev)
+                   : 0;
+    }
+    cudaPointerAttributes a{};
+    if (cudaPointerGetAttributes(&a, reinterpret_cast<void*>(host)) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (a.type != cudaMemoryTypeHost && a.type != cudaMemoryTypeManaged) return 0;
+    return reinterpret_cast<uint64_t>(a.devicePointer);
+}
+
 // The device address of a pinned host range; checks both ends lie in one mapped allocation.
 int map_host(int chunk, uint64_t host, uint64_t bytes, int device, uint64_t* out) {
-    cudaPointerAttributes a{};
-    cudaError_t e = cudaPointerGetAttributes(&a, reinterpret_cast<void*>(host));
-    if (e != cudaSuccess) return fail_cuda(e, "cudaPointerGetAttributes(host chunk)");
-    if ((a.type != cudaMemoryTypeHost && a.type != cudaMemoryTypeManaged) || !a.devicePointer) {
+    const uint64_t dev = device_address(host);
+    if (!dev) {
         return fail(LMT_ERR_HOST_NOT_MAPPED,
                     "host chunk %d at 0x%llx is not pinned host memory mapped for device %d "
                     "(allocate it with cudaHostAlloc / torch pin_memory=True)",
                     chunk, (unsigned long long)host, device);
     }
-    const uint64_t dev = reinterpret_cast<uint64_t>(a.devicePointer);
-    if (bytes > 1) {
-        cudaPointerAttributes b{};
-        e = cudaPointerGetAttributes(&b, reinterpret_cast<void*>(host + bytes - 1));
-        if (e != cudaSuccess) return fail_cuda(e, "cudaPointerGetAttributes(host chunk end)");
-        if (b.type != a.type || reinterpret_cast<uint64_t>(b.devicePointer) != dev + bytes - 1) {
-            return fail(LMT_ERR_HOST_NOT_MAPPED,
-                        "host chunk %d (0x%llx, %llu bytes) extends past its pinned allocation",
-                        chunk, (unsigned long long)host, (unsigned long long)bytes);
-        }
+    if (bytes > 1 && device_address(host + bytes - 1) != dev + bytes - 1) {
+        return fail(LMT_ERR_HOST_NOT_MAPPED,
+                    "host chunk %d (0x%llx, %llu bytes) extends past its pinned allocation", chunk,
+                    (unsigned long long)host, (unsigned long long)bytes);
     }
     *out = dev;
     return LMT_OK;

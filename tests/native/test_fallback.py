@@ -31,6 +31,13 @@ from tests.native.kvcases import (
 LAYERS, BLOCKS = 3, 23
 
 
+@pytest.fixture(autouse=True)
+def plain_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests choose the path themselves: ignore the caller's LMTIER_* transfer settings."""
+    for name in ("LMTIER_REQUIRE_NATIVE", "LMTIER_DISABLE_NATIVE", "LMTIER_NATIVE_LIB"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

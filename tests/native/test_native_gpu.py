@@ -11,7 +11,14 @@ import torch
 from lmtier import transfer
 from lmtier.errors import InvalidArgumentError, NativeUnavailableError
 from lmtier.transfer import PageLayout, _fallback, _native, chunk_nbytes, describe_layout
-from tests.native.kvcases import CASES, POISON, layout_of, make_cache, poisoned_chunks, random_tables
+from tests.native.kvcases import (
+    CASES,
+    POISON,
+    layout_of,
+    make_cache,
+    poisoned_chunks,
+    random_tables,
+)
 
 pytestmark = [
     pytest.mark.gpu,
