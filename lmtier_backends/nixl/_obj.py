@@ -1,0 +1,199 @@
+"""Chunks as S3 objects, moved by NIXL's OBJ plugin between staging memory and OBJ_SEG descriptors.
+
+Object key: ``<prefix><namespace>/<str(key)>``; each object is the codec header followed by the
+payload. An OBJ_SEG descriptor names its object through ``metaInfo`` at registration and is
+addressed by a device id unique within this store; registering one is a map insertion, so it is
+done per call (the DRAM side is the expensive registration, done once per staging slab).
+
+Reads need a size before the object is fetched, and NIXL's HEAD does not return one, so a read
+uses the size this handle last saw for the key, else the last size it saw for any key, else
+``expected_item_bytes``; a ranged GET past the end returns the whole object. When the header
+says the object is bigger than what was read, the object is read again at its exact size.
+
+A present key whose GET fails is re-checked: gone meanwhile is a miss, still there is a fault.
+Deletes go through :class:`~lmtier_backends.nixl._s3rest.S3Rest` (NIXL has no delete).
+All methods block; the tier calls them on worker threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from lmtier.codec import HEADER_BYTES, decode_header
+from lmtier.errors import CorruptDataError
+from lmtier.keys import ChunkKey
+from lmtier.memory import HostBuffer
+from lmtier_backends.nixl._errors import TransferFailed
+from lmtier_backends.nixl._s3rest import S3Rest
+from lmtier_backends.nixl._staging import StagingPool
+from lmtier_backends.nixl._xfer import Outcome, transfer_each
+from lmtier_backends.nixl.config import ObjOptions
+
+__all__ = ["ObjStore"]
+
+PLUGIN = "OBJ"
+_SIZE_CACHE_ENTRIES = 65536
+_SHRINK_SLACK = 1 << 20
+
+
+class ObjStore:
+    """The object side of the ``obj`` flavour of the nixl tier."""
+
+    plugin = PLUGIN
+
+    def __init__(self, agent: Any, peer: str, options: ObjOptions, staging: StagingPool, rest: S3Rest,
+                 *, timeout_s: float) -> None:
+        self._agent = agent
+        self._peer = peer
+        self._opts = options
+        self._staging = staging
+        self._rest = rest
+        self._timeout_s = timeout_s
+        self._dev_ids = itertools.count(1)
+        self._sizes: OrderedDict[ChunkKey, int] = OrderedDict()
+        self._last_size = int(options.expected_item_bytes)
+        self._lock = threading.Lock()
+        self.rereads = 0
+
+    def name(self, key: ChunkKey) -> str:
+        return f"{self._opts.prefix}{key.namespace}/{key}"
+
+    # -- queries ---------------------------------------------------------------------------------
+    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """HEAD each object through NIXL; raises (nixlBackendError) when the store cannot answer."""
+        if not keys:
+            return []
+        answers = self._agent.query_memory([(0, 0, 0, self.name(k)) for k in keys], PLUGIN, "OBJ")
+        return [a is not None for a in answers]
+
+    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | None]:
+        """Each object's bytes (at least header + payload) in a staging buffer; ``None`` if absent."""
+        present = self.exists(keys)
+        want = [i for i, p in enumerate(present) if p]
+        out: list[HostBuffer | None] = [None] * len(keys)
+        try:
+            self._fetch(keys, want, out, exact=False)
+            # a header announcing more bytes than were read: read that object again, exactly
+            again = [i for i in want if out[i] is not None and self._announced(keys[i], out[i]) > out[i].nbytes]
+            if again:
+                self.rereads += len(again)
+                self._fetch(keys, again, out, exact=True)
+            for i in want:
+                self._shrink(keys[i], out, i)
+            return out
+        except BaseException:
+            for buf in out:
+                if buf is not None:
+                    buf.release()
+            raise
+
+    # -- updates ---------------------------------------------------------------------------------
+    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
+        """PUT each item's staging bytes as its key's object; raises if any PUT failed."""
+        outcome = self._transfer("WRITE", [(self.name(k), buf, buf.nbytes) for k, buf in items])
+        for (key, buf), error in zip(items, outcome.errors, strict=True):
+            if error is None:
+                self._remember(key, buf.nbytes)
+        failed = [e for e in outcome.errors if e is not None]
+        if failed:
+            raise failed[0]
+
+    def remove(self, keys: Sequence[ChunkKey]) -> None:
+        statuses = self._rest.delete([self.name(k) for k in keys])
+        with self._lock:
+            for key in keys:
+                self._sizes.pop(key, None)
+        bad = [s for s in statuses if s not in (200, 204, 404)]
+        if bad:
+            raise TransferFailed(f"S3 DELETE answered HTTP {bad[0]}")
+
+    def close(self) -> None:
+        """Nothing to release: the objects are the tier's persistent state."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"rereads": self.rereads}
+
+    # -- machinery -------------------------------------------------------------------------------
+    def _fetch(self, keys: Sequence[ChunkKey], which: Sequence[int], out: list[HostBuffer | None], *,
+               exact: bool) -> None:
+        """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones)."""
+        if not which:
+            return
+        for i in which:
+            size = self._announced(keys[i], out[i]) if exact and out[i] is not None else self._guess(keys[i])
+            old, out[i] = out[i], None
+            if old is not None:
+                old.release()
+            out[i] = self._staging.allocate(size)
+        outcome = self._transfer("READ", [(self.name(keys[i]), out[i], out[i].nbytes) for i in which])
+        failed = [i for i, e in zip(which, outcome.errors, strict=True) if e is not None]
+        for i in failed:
+            buf, out[i] = out[i], None
+            if buf is not None:
+                buf.release()
+        if failed:
+            # gone since the HEAD (deleted, expired) is a miss; still there means the store failed
+            still = self.exists([keys[i] for i in failed])
+            if any(still):
+                errors = [e for e in outcome.errors if e is not None]
+                raise errors[0]
+
+    def _transfer(self, op: str, jobs: Sequence[tuple[str, HostBuffer, int]]) -> Outcome:
+        """Move each ``(object name, buffer, nbytes)`` as its own request; OBJ descriptors are
+        registered meanwhile; buffers of abandoned requests are quarantined."""
+        agent = self._agent
+        ids = [next(self._dev_ids) for _ in jobs]
+        registration = agent.register_memory(
+            [(0, 0, dev, name) for dev, (name, _, _) in zip(ids, jobs, strict=True)], "OBJ", backends=[PLUGIN]
+        )
+        try:
+            pairs = [
+                (agent.get_xfer_descs([(buf.data_ptr, n, 0)], "DRAM"), agent.get_xfer_descs([(0, n, dev)], "OBJ"))
+                for dev, (_, buf, n) in zip(ids, jobs, strict=True)
+            ]
+            outcome = transfer_each(agent, op, pairs, peer=self._peer, timeout_s=self._timeout_s)
+        finally:
+            agent.deregister_memory(registration, backends=[PLUGIN])
+        for j in outcome.abandoned:
+            self._staging.quarantine(jobs[j][1])
+        return outcome
+
+    def _shrink(self, key: ChunkKey, out: list[HostBuffer | None], i: int) -> None:
+        """Move a small object read into a big guessed buffer to a buffer of its size: callers
+        may keep the returned view (and so the buffer) for long."""
+        buf = out[i]
+        size = self._announced(key, buf)
+        if buf is None or not size or buf.nbytes - size < _SHRINK_SLACK or size > buf.nbytes // 2:
+            return
+        small = self._staging.allocate(size)
+        small.tensor.copy_(buf.tensor[:size])
+        out[i] = small
+        buf.release()
+
+    def _announced(self, key: ChunkKey, buf: HostBuffer | None) -> int:
+        """Header + payload bytes the stored header announces (0 if the header is bad)."""
+        if buf is None:
+            return 0
+        try:
+            length, _ = decode_header(key, buf.tensor[:HEADER_BYTES].numpy())
+        except CorruptDataError:
+            return 0
+        size = HEADER_BYTES + length
+        self._remember(key, size)
+        return size
+
+    def _guess(self, key: ChunkKey) -> int:
+        with self._lock:
+            return self._sizes.get(key, self._last_size)
+
+    def _remember(self, key: ChunkKey, size: int) -> None:
+        with self._lock:
+            self._sizes[key] = size
+            self._sizes.move_to_end(key)
+            self._last_size = size
+            while len(self._sizes) > _SIZE_CACHE_ENTRIES:
+                self._sizes.popitem(last=False)

@@ -1,0 +1,257 @@
+"""Chunks as files, moved by NIXL's POSIX plugin between staging memory and FILE_SEG descriptors.
+
+Layout: ``root/<namespace>/<first 2 hex of the digest>/<str(key)>``, each file the codec header
+followed by the payload. A put writes ``.<key>.<random>.tmp`` beside the final name through NIXL
+and publishes it with an atomic rename, so readers see the old file, the new one, or none. A
+reader's open fd keeps the file it opened even if it is replaced meanwhile.
+
+The index (key -> file size, oldest first) is rebuilt at open by scanning ``root`` (stale temp
+files of a crashed writer are deleted) and bounds the tier at ``max_bytes``. ``exists`` asks NIXL
+(``query_memory`` stats each path), not the index, so files written by another process count.
+
+All methods block; the tier calls them on worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmtier.codec import HEADER_BYTES
+from lmtier.errors import CapacityError, ConfigError, InvalidArgumentError
+from lmtier.keys import ChunkKey
+from lmtier.memory import HostBuffer
+from lmtier_backends.nixl._errors import TransferFailed
+from lmtier_backends.nixl._staging import StagingPool
+from lmtier_backends.nixl._xfer import Outcome, transfer_each
+from lmtier_backends.nixl.config import PosixOptions
+
+__all__ = ["PosixStore"]
+
+log = logging.getLogger(__name__)
+PLUGIN = "POSIX"
+_TMP_SUFFIX = ".tmp"
+
+
+class PosixStore:
+    """The file side of the ``posix`` flavour of the nixl tier."""
+
+    plugin = PLUGIN
+
+    def __init__(self, agent: Any, peer: str, options: PosixOptions, staging: StagingPool, *,
+                 timeout_s: float) -> None:
+        self._agent = agent
+        self._peer = peer
+        self._opts = options
+        self._staging = staging
+        self._timeout_s = timeout_s
+        self.root = options.root
+        self._index: OrderedDict[ChunkKey, int] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.evictions = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}{_TMP_SUFFIX}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"nixl tier: posix.root {os.fspath(self.root)!r} is not a writable directory "
+                f"({exc.strerror or exc}); set it to a directory this process can create and write"
+            ) from None
+        self._rebuild_index()
+
+    @property
+    def max_bytes(self) -> int | None:
+        return None if self._opts.max_bytes is None else int(self._opts.max_bytes)
+
+    def path(self, key: ChunkKey) -> Path:
+        return self.root / key.namespace / key.digest.hex()[:2] / str(key)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        answers = self._agent.query_memory(
+            [(0, 0, 0, os.fspath(self.path(k))) for k in keys], PLUGIN, "FILE"
+        )
+        return [a is not None for a in answers]
+
+    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
+        """Each file's bytes in a staging buffer; ``None`` if absent; ``bytes`` if too short to hold
+        a header (the caller's decode rejects it). Failed reads of present files raise only if all
+        of them failed (the filesystem is failing); otherwise they are misses."""
+        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        fds: list[int] = []
+        todo: list[tuple[int, int, int]] = []  # (index, fd, size)
+        try:
+            for i, key in enumerate(keys):
+                try:
+                    fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                fds.append(fd)
+                size = os.fstat(fd).st_size
+                if size < HEADER_BYTES:
+                    out[i] = os.pread(fd, size, 0)
+                    continue
+                out[i] = self._staging.allocate(size)
+                todo.append((i, fd, size))
+            if todo:
+                outcome = self._transfer("READ", [(out[i], fd, size) for i, fd, size in todo])
+                failed = [j for j, e in enumerate(outcome.errors) if e is not None]
+                for j in failed:
+                    i = todo[j][0]
+                    buf, out[i] = out[i], None
+                    if isinstance(buf, HostBuffer):
+                        buf.release()
+                if failed and len(failed) == len(todo):
+                    raise outcome.errors[failed[0]] or TransferFailed("POSIX read failed")
+                for j in failed:  # others were read: a file changed under us, not a failing disk
+                    log.warning("nixl posix: reading %s failed (%s); a miss", keys[todo[j][0]], outcome.errors[j])
+            with self._lock:
+                for key, got in zip(keys, out, strict=True):
+                    if got is not None and key in self._index:
+                        self._index.move_to_end(key)
+            return out
+        except BaseException:
+            for got in out:
+                if isinstance(got, HostBuffer):
+                    got.release()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    # -- updates ---------------------------------------------------------------------------------
+    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
+        """Publish each item's staging bytes as its key's file; raises after publishing the rest
+        if some failed."""
+        opened: list[tuple[ChunkKey, HostBuffer, int, Path]] = []
+        try:
+            for key, buf in items:
+                final = self.path(key)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(f".{final.name}.{os.urandom(4).hex()}{_TMP_SUFFIX}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                opened.append((key, buf, fd, tmp))
+            errors = self._transfer("WRITE", [(buf, fd, buf.nbytes) for _, buf, fd, _ in opened]).errors
+            first: BaseException | None = None
+            for (key, buf, fd, tmp), error in zip(opened, errors, strict=True):
+                if error is None:
+                    try:
+                        if self._opts.fsync:
+                            os.fsync(fd)
+                        os.replace(tmp, self.path(key))
+                    except OSError as exc:
+                        error = exc
+                    else:
+                        self._indexed(key, buf.nbytes)
+                        continue
+                first = first or self._write_error(error, buf.nbytes)
+            if first is not None:
+                raise first
+        finally:
+            for _, _, fd, tmp in opened:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        self._evict()
+
+    def remove(self, keys: Sequence[ChunkKey]) -> None:
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(key))
+            self._forget(key)
+
+    def close(self) -> None:
+        """Nothing to release: the files are the tier's persistent state."""
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"objects": len(self._index), "bytes": self._bytes, "evictions": self.evictions}
+
+    # -- machinery -------------------------------------------------------------------------------
+    def _transfer(self, op: str, jobs: Sequence[tuple[Any, int, int]]) -> Outcome:
+        """Move each ``(buffer, fd, nbytes)`` job as its own request, the fds registered as
+        FILE_SEG meanwhile; buffers of abandoned requests are quarantined."""
+        agent = self._agent
+        registration = agent.register_memory([(0, 0, fd, "") for _, fd, _ in jobs], "FILE", backends=[PLUGIN])
+        try:
+            pairs = [
+                (agent.get_xfer_descs([(buf.data_ptr, n, 0)], "DRAM"), agent.get_xfer_descs([(0, n, fd)], "FILE"))
+                for buf, fd, n in jobs
+            ]
+            outcome = transfer_each(agent, op, pairs, peer=self._peer, timeout_s=self._timeout_s)
+        finally:
+            agent.deregister_memory(registration, backends=[PLUGIN])
+        for j in outcome.abandoned:
+            self._staging.quarantine(jobs[j][0])
+        return outcome
+
+    def _write_error(self, error: BaseException, nbytes: int) -> BaseException:
+        # NIXL only says a write failed; a full filesystem is the likely cause worth naming.
+        try:
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize < nbytes:
+                return CapacityError(f"nixl tier: the filesystem of {os.fspath(self.root)} is full")
+        except OSError:
+            pass
+        return error
+
+    def _indexed(self, key: ChunkKey, size: int) -> None:
+        with self._lock:
+            old = self._index.pop(key, None)
+            self._bytes += size - (old or 0)
+            self._index[key] = size
+
+    def _forget(self, key: ChunkKey) -> None:
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._bytes -= old
+
+    def _evict(self) -> None:
+        limit = self.max_bytes
+        if limit is None:
+            return
+        while True:
+            with self._lock:
+                if self._bytes <= limit or not self._index:
+                    return
+                key, size = self._index.popitem(last=False)
+                self._bytes -= size
+                self.evictions += 1
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(key))
+
+    def _rebuild_index(self) -> None:
+        found: list[tuple[float, ChunkKey, int]] = []
+        for ns_dir in self.root.iterdir():
+            if not ns_dir.is_dir():
+                continue
+            for fan in ns_dir.iterdir():
+                if not fan.is_dir():
+                    continue
+                for entry in os.scandir(fan):
+                    if entry.name.endswith(_TMP_SUFFIX):  # a crashed writer's leftover
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+                        continue
+                    try:
+                        key = ChunkKey.parse(entry.name)
+                        st = entry.stat()
+                    except (InvalidArgumentError, OSError):
+                        continue
+                    found.append((st.st_mtime, key, st.st_size))
+        found.sort(key=lambda t: t[0])
+        with self._lock:
+            for _, key, size in found:
+                self._index[key] = size
+                self._bytes += size
+        self._evict()

@@ -1,0 +1,117 @@
+"""Posting NIXL transfers and waiting for them on a worker thread, one request per item.
+
+Why one request per item: when a request of several descriptors fails, NIXL reports the first
+failure while the plugin may still be moving the others (the OBJ plugin's requests run on the AWS
+SDK's threads and releasing the handle does not stop them). A single-descriptor request that
+reports an error is really over, so its staging memory can be reused; and each item gets its own
+outcome. The requests of a batch are all posted first and then polled together.
+
+Why polling: storage plugins make progress when polled (POSIX submits queued I/O from
+``check_xfer_state``), so the waiting thread polls with a short exponential backoff (a few spins,
+then sleeps from 20 us up to ``max_interval_s``). It runs on a worker thread; the event loop only
+awaits the thread's future.
+
+Every handle is released on every path. A request still running at the deadline is released
+(NIXL tries to cancel it) and reported *abandoned*: its memory must be quarantined, never reused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmtier_backends.nixl._errors import TransferFailed, TransferTimeout
+
+__all__ = ["Outcome", "transfer_each"]
+
+_SPINS = 8
+
+
+@dataclass
+class Outcome:
+    """What happened to each request of a batch: ``errors[i]`` is None where request ``i`` is done."""
+
+    errors: list[BaseException | None]
+    abandoned: set[int] = field(default_factory=set)
+
+    @property
+    def ok(self) -> list[bool]:
+        return [e is None for e in self.errors]
+
+
+def transfer_each(
+    agent: Any,
+    op: str,
+    pairs: Sequence[tuple[Any, Any]],
+    *,
+    peer: str,
+    timeout_s: float,
+    max_interval_s: float = 0.002,
+) -> Outcome:
+    """Run one ``op`` (``"READ"``/``"WRITE"``) request per ``(local_descs, remote_descs)`` pair.
+
+    ``peer`` is the remote agent name; for storage plugins it is the agent's own name (loopback).
+    Blocks the calling thread until every request is done, failed, or past ``timeout_s``.
+    """
+    n = len(pairs)
+    errors: list[BaseException | None] = [None] * n
+    handles: list[Any] = [None] * n
+    pending: list[int] = []
+    abandoned: set[int] = set()
+    try:
+        for i, (local, remote) in enumerate(pairs):
+            try:
+                handles[i] = agent.initialize_xfer(op, local, remote, peer)
+                state = agent.transfer(handles[i])
+            except Exception as exc:  # a request that could not be posted moved nothing
+                errors[i] = exc
+                continue
+            if state == "PROC":
+                pending.append(i)
+            elif state != "DONE":
+                errors[i] = TransferFailed(f"{op} request was refused ({state})")
+        deadline = time.monotonic() + timeout_s
+        delay, spins = 0.0, 0
+        while pending:
+            still = []
+            for i in pending:
+                try:
+                    state = agent.check_xfer_state(handles[i])
+                except Exception as exc:  # NIXL raises for a failed request
+                    errors[i] = exc
+                    continue
+                if state == "PROC":
+                    still.append(i)
+                elif state != "DONE":
+                    errors[i] = TransferFailed(f"{op} request failed ({state})")
+            pending = still
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                for i in pending:
+                    errors[i] = TransferTimeout(f"{op} request still running after {timeout_s}s")
+                    abandoned.add(i)
+                pending = []
+                break
+            if spins < _SPINS:
+                spins += 1
+                time.sleep(0)  # yield the GIL; completions often land within microseconds
+            else:
+                delay = min(max(delay * 2, 20e-6), max_interval_s)
+                time.sleep(delay)  # poll interval of a progress loop, not a synchronisation
+    except BaseException:
+        abandoned.update(pending)  # interrupted while requests ran: their memory is not ours
+        raise
+    finally:
+        for i, handle in enumerate(handles):
+            if handle is None:
+                continue
+            try:
+                handle.release()
+            except Exception as exc:  # NIXL could not cancel it: the plugin may still use the memory
+                abandoned.add(i)
+                if errors[i] is None:
+                    errors[i] = exc
+    return Outcome(errors, abandoned)

@@ -1,0 +1,482 @@
+"""The ``nixl`` tier: KV chunks moved by NVIDIA NIXL from registered host memory to storage.
+
+One NIXL agent per tier instance, with exactly one storage plugin:
+
+* ``posix`` - one file per chunk under a root (FILE_SEG), index rebuilt at open, persistent
+  (:mod:`lmtier_backends.nixl._posix`);
+* ``obj`` - one object per chunk in an S3 bucket (OBJ_SEG), persistent and shared
+  (:mod:`lmtier_backends.nixl._obj`).
+
+Data path: a put copies each value behind its codec header (magic, version, length, checksum,
+key) into a buffer carved from NIXL-registered staging slabs (:mod:`._staging`), and NIXL writes
+it out; a get has NIXL read into staging, checks header and checksum, and returns a read-only
+zero-copy view of the payload that holds its staging range until the view is garbage collected.
+A value that fails the check is a miss: deleted and counted (``stats()["corrupt"]``).
+
+Concurrency: every NIXL call runs on a pool of ``io_threads`` worker threads, which post the
+requests and poll them (:mod:`._xfer`); the event loop only awaits those threads. Cancelling a
+call never frees memory a transfer still uses: the worker finishes, releases handles, fds and
+buffers itself, and :meth:`NixlBackend.aclose` waits for every worker before deregistering the
+slabs. Failures are mapped to the lmtier error tree in one place (:mod:`._errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from lmtier.codec import HEADER_BYTES, as_bytes_view, decode, decode_header, encode_header
+from lmtier.errors import (
+    BackendError,
+    BackendUnavailableError,
+    CapacityError,
+    ConfigError,
+    CorruptDataError,
+    InvalidArgumentError,
+    LmtierError,
+)
+from lmtier.keys import ChunkKey
+from lmtier.memory import HostBuffer
+from lmtier.protocol import Buffer, Capabilities
+from lmtier_backends.nixl import _nixl
+from lmtier_backends.nixl._errors import map_error
+from lmtier_backends.nixl._staging import StagingPool
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from lmtier_backends.nixl._obj import ObjStore
+    from lmtier_backends.nixl._posix import PosixStore
+    from lmtier_backends.nixl.config import NixlConfig, ObjOptions
+
+__all__ = ["NixlBackend", "open_nixl_backend"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_S3_MAX_OBJECT = 5 << 30  # a single S3 PUT
+
+
+async def open_nixl_backend(config: NixlConfig) -> NixlBackend:
+    """Open a tier (the registry's factory): start the agent and plugin, and probe the store.
+
+    Raises:
+        PluginError: NIXL is not installed (the message carries ``pip install 'lmtier[nixl]'``).
+        ConfigError: the plugin cannot load on this host (the message lists those that can), the
+            posix root is not writable, or the S3 endpoint rejects the credentials / lacks the
+            bucket.
+        BackendUnavailableError: the S3 endpoint cannot be reached.
+    """
+    backend = NixlBackend(config)
+    try:
+        await backend._run("open", backend._open_sync)
+    except BaseException:
+        await backend.aclose()
+        raise
+    return backend
+
+
+class NixlBackend:
+    """A NIXL-backed tier; open it with :func:`open_nixl_backend`."""
+
+    def __init__(self, config: NixlConfig) -> None:
+        self.config = config
+        self.tier = f"nixl/{config.plugin}"
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.io_threads, thread_name_prefix=f"lmtier-{config.plugin}"
+        )
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        self._agent: Any = None
+        self._staging: StagingPool | None = None
+        self._store: PosixStore | ObjStore | None = None
+        self._opened = False
+        self._closed = False
+        self._counts = {"corrupt": 0, "gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0}
+        self._counts_lock = threading.Lock()
+
+    # -- protocol --------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        limit = int(self.config.max_staging_bytes) - HEADER_BYTES
+        if self.config.plugin == "obj":
+            return Capabilities(persistent=True, shared=True, evicts=False,
+                                max_item_bytes=min(limit, _S3_MAX_OBJECT - HEADER_BYTES))
+        assert self.config.posix is not None
+        return Capabilities(persistent=True, shared=False, evicts=self.config.posix.max_bytes is not None,
+                            max_item_bytes=limit)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        _check_keys(keys)
+        if not keys:
+            self._check_open()
+            return []
+        unique = list(dict.fromkeys(keys))
+        found = dict(zip(unique, await self._run("contains", self._exists_sync, unique), strict=True))
+        return [found[k] for k in keys]
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        _check_keys(keys)
+        if not keys:
+            self._check_open()
+            return []
+        unique = list(dict.fromkeys(keys))
+        found = dict(zip(unique, await self._run("get", self._get_sync, unique), strict=True))
+        return [found[k] for k in keys]
+
+    async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
+        """Fill ``outs[i]`` with ``keys[i]``'s payload (one copy out of staging); False on a miss,
+        a size mismatch or corrupt data."""
+        _check_keys(keys)
+        if len(outs) != len(keys):
+            raise InvalidArgumentError(f"get_into needs one buffer per key ({len(keys)} keys, {len(outs)} buffers)")
+        views = [as_bytes_view(o) for o in outs]
+        if any(v.readonly for v in views):
+            raise InvalidArgumentError("get_into needs writable buffers")
+        if not keys:
+            self._check_open()
+            return []
+        return await self._run("get", self._get_into_sync, list(keys), views)  # type: ignore[no-any-return]
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        _check_keys([k for k, _ in items])
+        latest: dict[ChunkKey, memoryview] = {}
+        for key, value in items:  # validate the whole batch first; the last value of a key wins
+            latest[key] = as_bytes_view(value)
+        limit = self.capabilities.max_item_bytes
+        for key, view in latest.items():
+            if limit is not None and view.nbytes > limit:
+                raise CapacityError(
+                    f"{self.tier}: a {view.nbytes}-byte value for {key} exceeds max_item_bytes={limit}; "
+                    "raise max_staging_bytes"
+                )
+        if not latest:
+            self._check_open()
+            return
+        copied = asyncio.get_running_loop().create_future()
+        await self._run("put", self._put_sync, list(latest.items()), _Signal(copied), copied=copied)
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        _check_keys(keys)
+        if not keys:
+            self._check_open()
+            return
+        await self._run("delete", self._remove_sync, list(dict.fromkeys(keys)))
+
+    def stats(self) -> dict[str, Any]:
+        with self._counts_lock:
+            out: dict[str, Any] = dict(self._counts)
+        if self._store is not None:
+            out.update(self._store.stats())
+        if self._staging is not None:
+            out["staging_bytes"] = self._staging.registered_bytes
+            out["staging_outstanding"] = self._staging.outstanding()
+            out["quarantined_bytes"] = self._staging.quarantined_bytes
+        return out
+
+    async def aclose(self) -> None:
+        """Wait for running transfers, then release the store, deregister staging, drop the agent."""
+        if self._closed:
+            return
+        self._closed = True
+        running = [asyncio.wrap_future(f) for f in list(self._inflight)]
+        if running:
+            await asyncio.wait(running, timeout=self.config.xfer_timeout_s + 10)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._teardown_sync)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> NixlBackend:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- the event-loop side ---------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError(f"{self.tier}: the tier is closed")
+
+    async def _run(self, op: str, fn: Callable[..., T], *args: Any,
+                   copied: asyncio.Future[None] | None = None) -> T:
+        """Run ``fn(*args)`` on a worker thread; map its failures to lmtier errors.
+
+        If the caller is cancelled while ``fn`` runs, ``fn`` still finishes (and frees what it
+        holds) on its thread; a put first waits for ``copied``: until then the worker may still
+        be reading the caller's buffers.
+        """
+        self._check_open()
+        future = self._executor.submit(fn, *args)
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if copied is not None and not future.cancelled():
+                await asyncio.shield(copied)
+            raise
+        except LmtierError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, tier=self.tier, op=op) from exc
+
+    # -- the worker side -------------------------------------------------------------------------
+    def _open_sync(self) -> None:
+        cfg = self.config
+        api = _nixl.load_api()
+        name = f"lmtier-{cfg.plugin}-{os.getpid()}-{os.urandom(4).hex()}"
+        if cfg.plugin == "posix":
+            from lmtier_backends.nixl._posix import PLUGIN, PosixStore
+
+            assert cfg.posix is not None
+            self._agent = _nixl.create_agent(api, name, PLUGIN, cfg.posix.params)
+            self._staging = self._new_staging(PLUGIN)
+            self._store = PosixStore(self._agent, name, cfg.posix, self._staging, timeout_s=cfg.xfer_timeout_s)
+        else:
+            assert cfg.obj is not None
+            self._open_obj(api, name, cfg.obj)
+        self._opened = True
+
+    def _open_obj(self, api: Any, name: str, opts: ObjOptions) -> None:
+        from lmtier_backends.nixl._obj import PLUGIN, ObjStore
+        from lmtier_backends.nixl._s3rest import S3Rest, S3Target
+
+        secret = opts.secret_key.get_secret_value() if opts.secret_key is not None else None
+        assert opts.scheme is not None
+        target = S3Target(opts.bucket, opts.region, opts.scheme, opts.endpoint_override,
+                          opts.use_virtual_addressing, opts.access_key, secret)
+        rest = S3Rest(target)
+        _probe_bucket(rest)
+        params = {
+            "bucket": opts.bucket, "region": opts.region, "scheme": opts.scheme,
+            "use_virtual_addressing": "true" if opts.use_virtual_addressing else "false",
+        }
+        if opts.endpoint_override:
+            params["endpoint_override"] = opts.endpoint_override
+        env = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": str(opts.max_attempts)}
+        if opts.access_key is not None and secret is not None:
+            params.update(access_key=opts.access_key, secret_key=secret)
+            env["AWS_EC2_METADATA_DISABLED"] = "true"  # explicit keys: never wait on an IMDS lookup
+        params.update(opts.params)
+        self._agent = _nixl.create_agent(api, name, PLUGIN, params, env=env)
+        self._staging = self._new_staging(PLUGIN)
+        store = ObjStore(self._agent, name, opts, self._staging, rest, timeout_s=self.config.xfer_timeout_s)
+        self._store = store
+        try:
+            store.exists([ChunkKey("0" * 16, bytes(16))])
+        except Exception as exc:
+            raise ConfigError(
+                f"{self.tier}: {target.url} answers HEAD on bucket {opts.bucket!r}, but NIXL's OBJ plugin "
+                f"cannot query it with these options ({type(exc).__name__}: {exc}); check region, scheme, "
+                "use_virtual_addressing and params"
+            ) from None
+
+    def _new_staging(self, plugin: str) -> StagingPool:
+        cfg = self.config
+        return StagingPool(self._agent, plugin, slab_bytes=int(cfg.staging_slab_bytes),
+                           max_bytes=int(cfg.max_staging_bytes), pinned=cfg.pinned, name=self.tier)
+
+    def _live_store(self) -> PosixStore | ObjStore:
+        store = self._store
+        if store is None or self._closed:
+            raise BackendError(f"{self.tier}: the tier is closed")
+        return store
+
+    def _exists_sync(self, keys: list[ChunkKey]) -> list[bool]:
+        return self._live_store().exists(keys)
+
+    def _get_sync(self, keys: list[ChunkKey]) -> list[memoryview | None]:
+        raw = self._live_store().read(keys)
+        out: list[memoryview | None] = []
+        corrupt: list[ChunkKey] = []
+        try:
+            for key, got in zip(keys, raw, strict=True):
+                if got is None:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(_payload_view(key, got))
+                except CorruptDataError as exc:
+                    log.warning("%s: %s; deleting it (a miss)", self.tier, exc)
+                    corrupt.append(key)
+                    out.append(None)
+        finally:
+            for got in raw:
+                if isinstance(got, HostBuffer):
+                    got.release()
+        self._count(gets=len(keys), hits=sum(v is not None for v in out),
+                    bytes_read=sum(v.nbytes for v in out if v is not None))
+        self._drop_corrupt(corrupt)
+        return out
+
+    def _get_into_sync(self, keys: list[ChunkKey], outs: list[memoryview]) -> list[bool]:
+        unique = list(dict.fromkeys(keys))
+        raw = dict(zip(unique, self._live_store().read(unique), strict=True))
+        filled: list[bool] = []
+        corrupt: list[ChunkKey] = []
+        try:
+            for key, dest in zip(keys, outs, strict=True):
+                got = raw[key]
+                if got is None:
+                    filled.append(False)
+                    continue
+                try:
+                    payload = _checked_payload(key, got)
+                except CorruptDataError as exc:
+                    log.warning("%s: %s; deleting it (a miss)", self.tier, exc)
+                    if key not in corrupt:
+                        corrupt.append(key)
+                    filled.append(False)
+                    continue
+                if payload.nbytes != dest.nbytes:
+                    filled.append(False)
+                    continue
+                dest[:] = payload
+                filled.append(True)
+        finally:
+            for got in raw.values():
+                if isinstance(got, HostBuffer):
+                    got.release()
+        self._count(gets=len(keys), hits=sum(filled), bytes_read=sum(o.nbytes for o, f in zip(outs, filled, strict=True) if f))
+        self._drop_corrupt(corrupt)
+        return filled
+
+    def _put_sync(self, items: list[tuple[ChunkKey, memoryview]], copied: _Signal) -> None:
+        staged: list[tuple[ChunkKey, HostBuffer]] = []
+        try:
+            try:
+                for key, view in items:
+                    buf = self._staging_pool().allocate(HEADER_BYTES + view.nbytes)
+                    staged.append((key, buf))
+                    arr = buf.tensor.numpy()
+                    payload = arr[HEADER_BYTES:]
+                    payload[:] = np.frombuffer(view, dtype=np.uint8)
+                    # the checksum covers the staged copy: what is stored is what was summed
+                    arr[:HEADER_BYTES] = np.frombuffer(encode_header(key, payload), dtype=np.uint8)
+            finally:
+                copied.set()  # the caller's buffers are no longer read
+            self._live_store().write(staged)
+            self._count(puts=len(staged), bytes_written=sum(v.nbytes for _, v in items))
+        finally:
+            for _, buf in staged:
+                buf.release()
+
+    def _remove_sync(self, keys: list[ChunkKey]) -> None:
+        self._live_store().remove(keys)
+
+    def _drop_corrupt(self, keys: list[ChunkKey]) -> None:
+        if not keys:
+            return
+        self._count(corrupt=len(keys))
+        try:
+            self._live_store().remove(keys)
+        except Exception as exc:  # the miss stands; the entry is retried next time it is read
+            log.warning("%s: could not delete %d corrupt entries: %s", self.tier, len(keys), exc)
+
+    def _staging_pool(self) -> StagingPool:
+        if self._staging is None:
+            raise BackendError(f"{self.tier}: the tier is closed")
+        return self._staging
+
+    def _teardown_sync(self) -> None:
+        store, staging, agent = self._store, self._staging, self._agent
+        self._store = self._staging = self._agent = None
+        try:
+            if store is not None:
+                store.close()
+        finally:
+            if staging is not None:
+                try:
+                    staging.close()
+                except Exception as exc:
+                    log.warning("%s: deregistering staging memory failed: %s", self.tier, exc)
+            del agent  # the last reference: NIXL destroys the agent and its plugin here
+
+    def _count(self, **deltas: int) -> None:
+        with self._counts_lock:
+            for name, delta in deltas.items():
+                self._counts[name] += delta
+
+
+class _Signal:
+    """Resolves an asyncio future from a worker thread (once)."""
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+        self._loop = future.get_loop()
+        self._done = False
+
+    def set(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self._loop.call_soon_threadsafe(_resolve, self._future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _probe_bucket(rest: Any) -> None:
+    """HEAD the bucket once, so a wrong endpoint, key or bucket fails at open with a clear message."""
+    import http.client
+
+    t = rest.target
+    try:
+        status = rest.head_bucket()
+    except (OSError, http.client.HTTPException) as exc:
+        raise BackendUnavailableError(
+            f"nixl/obj: cannot reach the S3 endpoint {t.url} ({exc}); is the server running?"
+        ) from None
+    if status in (401, 403):
+        raise ConfigError(
+            f"nixl/obj: the S3 endpoint {t.url} rejected the credentials for bucket {t.bucket!r} "
+            f"(HTTP {status}, access_key={t.access_key!r}); check obj.access_key and obj.secret_key"
+        )
+    if status == 404:
+        raise ConfigError(f"nixl/obj: bucket {t.bucket!r} does not exist at {t.url}; create it first")
+    if status >= 300:
+        raise ConfigError(
+            f"nixl/obj: {t.url} answered HTTP {status} to HEAD on bucket {t.bucket!r}; check region, "
+            "scheme, endpoint_override and use_virtual_addressing"
+        )
+
+
+def _checked_payload(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
+    """The validated payload of a stored value (a view of ``got``); CorruptDataError otherwise."""
+    data = got.tensor.numpy() if isinstance(got, HostBuffer) else np.frombuffer(got, dtype=np.uint8)
+    length, _ = decode_header(key, data)
+    if HEADER_BYTES + length > data.nbytes:
+        raise CorruptDataError(f"{key}: value is {data.nbytes} bytes, its header announces {HEADER_BYTES + length}")
+    return decode(key, data[: HEADER_BYTES + length])
+
+
+def _payload_view(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
+    """A read-only view of the validated payload that keeps its staging range alive.
+
+    The view is a fresh numpy array over a lease of the buffer, so
+    :func:`lmtier.memory.host_tensor_of` does not mistake it for the whole buffer (header
+    included) and callers copy through the buffer protocol.
+    """
+    payload = _checked_payload(key, got)
+    if not isinstance(got, HostBuffer) or payload.nbytes == 0:
+        return memoryview(bytes(payload))
+    lease = got.lease_view()
+    return memoryview(np.frombuffer(lease, dtype=np.uint8, count=payload.nbytes, offset=HEADER_BYTES))
+
+
+def _check_keys(keys: Sequence[object]) -> None:
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

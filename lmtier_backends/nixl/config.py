@@ -1,0 +1,161 @@
+"""Options of the ``nixl`` backend (pydantic only; nothing here imports NIXL).
+
+One tier uses one NIXL storage plugin, chosen by ``plugin``; its settings live in the section of
+the same name::
+
+    - name: nvme
+      backend: nixl
+      options: {plugin: posix, posix: {root: /var/cache/lmtier-nixl, max_bytes: 200GiB}}
+    - name: objects
+      backend: nixl
+      options:
+        plugin: obj
+        obj: {bucket: kv-cache, endpoint_override: "http://127.0.0.1:8333",
+              access_key: K, secret_key: S}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+__all__ = ["NixlConfig", "ObjOptions", "PosixOptions"]
+
+MiB = 1 << 20
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class PosixOptions(BaseModel):
+    """Chunks as files under ``root``, written and read by NIXL's POSIX plugin (FILE_SEG).
+
+    Attributes:
+        root: directory of the tier (created if missing; ``~`` expanded). Files are
+            ``root/<namespace>/<2 hex>/<key>``; the index is rebuilt from them at open.
+        max_bytes: bytes of files kept; the oldest files are deleted beyond it (``None``: no bound,
+            the tier then never evicts).
+        fsync: fsync each file before the rename that publishes it (durable, slower).
+        params: extra POSIX plugin parameters passed to NIXL as is (``use_uring: "true"``, ...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    root: Path = Field(description="directory of the tier (~ expanded)")
+    max_bytes: ByteSize | None = Field(None, gt=0, description="delete the oldest files beyond this")
+    fsync: bool = Field(False, description="fsync each file before publishing it")
+    params: dict[str, str] = Field(default_factory=dict, description="extra NIXL POSIX plugin params")
+
+    @field_validator("root")
+    @classmethod
+    def _expand_user(cls, root: Path) -> Path:
+        if not str(root).strip():
+            raise ValueError("root must name a directory")
+        return root.expanduser()
+
+
+class ObjOptions(BaseModel):
+    """Chunks as objects in an S3 bucket, moved by NIXL's OBJ plugin (OBJ_SEG).
+
+    The bucket must exist; the tier checks the endpoint, the credentials and the bucket when it
+    opens and fails with a :class:`~lmtier.errors.ConfigError` saying which is wrong.
+
+    Attributes:
+        bucket: an existing bucket.
+        endpoint_override: S3 endpoint URL (``http://host:port``) for S3-compatible stores; omit
+            for AWS.
+        access_key / secret_key: credentials; omit both to use the AWS SDK's default chain.
+        region: signing region.
+        scheme: ``http`` or ``https``; default: the endpoint URL's scheme, else ``https``.
+        use_virtual_addressing: bucket in the host name (AWS) instead of the path (most others).
+        prefix: prepended to every object key (``<prefix><namespace>/<key>``).
+        max_attempts: attempts per S3 request inside NIXL's AWS SDK client. The SDK's default is
+            11 attempts with backoff, which turns an unreachable server into a 25 s stall per
+            request; a cache tier should fail fast and let the circuit breaker act.
+        expected_item_bytes: first read size for an object whose size this handle has not seen
+            (one GET when it is large enough, otherwise a second GET of the exact size).
+        params: extra OBJ plugin parameters passed to NIXL as is (``crtMinLimit``, ``ca_bundle``...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    bucket: str = Field(description="an existing S3 bucket")
+    endpoint_override: str | None = Field(None, description="S3 endpoint URL, e.g. http://127.0.0.1:8333")
+    access_key: str | None = Field(None, description="access key id")
+    secret_key: SecretStr | None = Field(None, description="secret access key")
+    region: str = Field("us-east-1", description="signing region")
+    scheme: Literal["http", "https"] | None = Field(None, description="default: the endpoint's scheme")
+    use_virtual_addressing: bool = Field(False, description="virtual-hosted-style bucket addressing")
+    prefix: str = Field("lmtier/", pattern=r"^[A-Za-z0-9/_.-]{0,200}$", description="object key prefix")
+    max_attempts: int = Field(2, ge=1, le=10, description="attempts per S3 request inside NIXL")
+    expected_item_bytes: ByteSize = Field(ByteSize(1 * MiB), gt=0, description="first read size guess")
+    params: dict[str, str] = Field(default_factory=dict, description="extra NIXL OBJ plugin params")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, bucket: str) -> str:
+        if not _BUCKET.match(bucket):
+            raise ValueError("not a valid S3 bucket name (3-63 of a-z 0-9 . -, starting and ending alnum)")
+        return bucket
+
+    @field_validator("endpoint_override")
+    @classmethod
+    def _endpoint_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url if "://" in url else f"//{url}")
+        if parts.scheme not in ("", "http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8333")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjOptions:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("give both access_key and secret_key, or neither (AWS default chain)")
+        url_scheme = urlsplit(self.endpoint_override).scheme if self.endpoint_override else ""
+        if self.scheme is None:
+            self.scheme = url_scheme or "https"  # type: ignore[assignment]
+        elif url_scheme and url_scheme != self.scheme:
+            raise ValueError(f"scheme {self.scheme!r} contradicts endpoint_override {self.endpoint_override!r}")
+        return self
+
+
+class NixlConfig(BaseModel):
+    """Options of the ``nixl`` tier.
+
+    Attributes:
+        plugin: NIXL storage plugin: ``posix`` (files) or ``obj`` (S3 objects).
+        posix / obj: that plugin's section (exactly the one named by ``plugin``).
+        staging_slab_bytes: NIXL-registered host memory is allocated and registered in slabs of
+            this size (registration is expensive: once per slab, never per call); an item larger
+            than a slab gets a slab rounded up to a multiple of it.
+        max_staging_bytes: bound of all slabs together. Values returned by ``get`` are zero-copy
+            views of staging memory and hold it until they are garbage collected.
+        pinned: page-lock the slabs; default: iff CUDA is available.
+        io_threads: NIXL transfers waited on at once (worker threads; the event loop never blocks).
+        batch_descriptors: items per NIXL transfer request; bigger batches are split.
+        xfer_timeout_s: a transfer still running after this long is cancelled and its staging
+            memory quarantined (never reused); the call fails with BackendTimeoutError.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    plugin: Literal["posix", "obj"] = Field(description="NIXL storage plugin: posix | obj")
+    posix: PosixOptions | None = Field(None, description="settings of the posix plugin")
+    obj: ObjOptions | None = Field(None, description="settings of the obj plugin")
+    staging_slab_bytes: ByteSize = Field(ByteSize(64 * MiB), ge=1 * MiB, description="registered slab size")
+    max_staging_bytes: ByteSize = Field(ByteSize(1024 * MiB), ge=1 * MiB, description="bound of all slabs")
+    pinned: bool | None = Field(None, description="page-lock staging slabs; default iff CUDA")
+    io_threads: int = Field(4, ge=1, le=64, description="transfers waited on at once")
+    batch_descriptors: int = Field(64, ge=1, le=4096, description="items per NIXL transfer request")
+    xfer_timeout_s: float = Field(120.0, gt=0, description="cancel a transfer running longer than this")
+
+    @model_validator(mode="after")
+    def _section_of_the_plugin(self) -> NixlConfig:
+        other = "obj" if self.plugin == "posix" else "posix"
+        if getattr(self, self.plugin) is None:
+            raise ValueError(f"plugin {self.plugin!r} needs its section: add `{self.plugin}: {{...}}`")
+        if getattr(self, other) is not None:
+            raise ValueError(f"section {other!r} is set but plugin is {self.plugin!r}; remove one")
+        if self.max_staging_bytes < self.staging_slab_bytes:
+            raise ValueError("max_staging_bytes must be at least staging_slab_bytes")
+        return self
