@@ -148,8 +148,7 @@ def read_exact_into(body: Any, out: memoryview, guard: CallGuard) -> None:
     """
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
-    direct = isinstance(fp, http.client.HTTPResponse)
-    target = fp if direct else body
+    target: Any = fp if isinstance(fp, http.client.HTTPResponse) else body
     pos, total = 0, out.nbytes
     while pos < total:
         guard.check()
