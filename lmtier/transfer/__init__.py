@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from lmtier.errors import NativeUnavailableError
@@ -55,7 +54,7 @@ def _flag(name: str) -> bool:
 
 
 def _fallback_reason(kv_layers: Sequence[Any], host_chunks: Sequence[Any]) -> str | None:
-    """Why this call cannot take the native path, or None when it can."""
+    """Why this call cannot take the native path, or None when it may (pinning is checked later)."""
     import torch
 
     if _flag("LMTIER_DISABLE_NATIVE"):
@@ -64,19 +63,25 @@ def _fallback_reason(kv_layers: Sequence[Any], host_chunks: Sequence[Any]) -> st
     if not isinstance(first, torch.Tensor) or not first.is_cuda:
         return "the KV cache is not on a CUDA device"
     for c, host in enumerate(host_chunks):
-        if isinstance(host, torch.Tensor) and host.numel() and not host.is_pinned():
-            return f"host_chunks[{c}] is not pinned (allocate it with pin_memory=True)"
+        if isinstance(host, torch.Tensor) and host.device.type != "cpu":
+            return f"host_chunks[{c}] is not a CPU tensor"
     from lmtier.transfer import _native
 
     return _native.unavailable_reason()
 
 
-def _impl(kv_layers: Sequence[Any], host_chunks: Sequence[Any]) -> ModuleType:
+def _run(op: str, kv_layers: Sequence[Any], host_chunks: Sequence[Any], *args: Any, **kwargs: Any) -> None:
     reason = _fallback_reason(kv_layers, host_chunks)
     if reason is None:
         from lmtier.transfer import _native
 
-        return _native
+        try:
+            # The library checks that every host chunk is pinned and mapped before it launches
+            # anything (one driver query per pinned allocation), so a refusal has no effect.
+            getattr(_native, op)(kv_layers, *args, host_chunks, **kwargs)
+            return
+        except _native.HostNotMappedError as exc:
+            reason = f"a host chunk is not pinned (allocate it with pin_memory=True): {exc}"
     if _flag("LMTIER_REQUIRE_NATIVE"):
         raise NativeUnavailableError(
             f"native transfer required (LMTIER_REQUIRE_NATIVE) but not usable: {reason}; "
@@ -84,7 +89,7 @@ def _impl(kv_layers: Sequence[Any], host_chunks: Sequence[Any]) -> ModuleType:
         )
     from lmtier.transfer import _fallback
 
-    return _fallback
+    getattr(_fallback, op)(kv_layers, *args, host_chunks, **kwargs)
 
 
 def offload(
@@ -102,9 +107,7 @@ def offload(
     only those layers' slices of each host chunk are written. Enqueued on ``stream`` for CUDA
     caches (the caller synchronises before reading the host chunks); synchronous on CPU.
     """
-    _impl(kv_layers, host_chunks).offload(
-        kv_layers, layout, block_ids, host_chunks, layers=layers, stream=stream
-    )
+    _run("offload", kv_layers, host_chunks, layout, block_ids, layers=layers, stream=stream)
 
 
 def onload(
@@ -123,9 +126,7 @@ def onload(
     Enqueued on ``stream`` for CUDA caches (the caller keeps the host chunks unchanged and
     synchronises before using the pages elsewhere); synchronous on CPU.
     """
-    _impl(kv_layers, host_chunks).onload(
-        kv_layers, layout, block_ids, host_chunks, layers=layers, stream=stream
-    )
+    _run("onload", kv_layers, host_chunks, layout, block_ids, layers=layers, stream=stream)
 
 
 def transfer_status() -> dict[str, Any]:

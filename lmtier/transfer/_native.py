@@ -30,6 +30,7 @@ __all__ = [
     "ABI_VERSION",
     "FLAG_PLAIN_ACCESS",
     "FLAG_TRUST_UVA",
+    "HostNotMappedError",
     "LaunchOptions",
     "library_info",
     "offload",
@@ -96,9 +97,14 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     ),
 }
 
+
+class HostNotMappedError(InvalidArgumentError):
+    """A host chunk is not pinned memory the GPU can map (the torch path can still copy it)."""
+
+
 _ERRORS: dict[int, type[LmtierError]] = {
     1: InvalidArgumentError,  # LMT_ERR_INVALID_ARGUMENT
-    2: InvalidArgumentError,  # LMT_ERR_HOST_NOT_MAPPED
+    2: HostNotMappedError,  # LMT_ERR_HOST_NOT_MAPPED
     3: NativeUnavailableError,  # LMT_ERR_NO_DEVICE
     4: NativeUnavailableError,  # LMT_ERR_UNSUPPORTED_DEVICE
     5: LmtierError,  # LMT_ERR_CUDA

@@ -78,60 +78,96 @@ struct Piece {
     uint32_t pages;
 };
 
-using PointerAttrFn = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+template <class F>
+F driver_entry(const char* name) {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion(name, &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+        cudaGetLastError();
+        return nullptr;
+    }
+    return reinterpret_cast<F>(f);
+}
 
-// cuPointerGetAttribute for one attribute is far cheaper than cudaPointerGetAttributes, which
-// asks the driver for every attribute. Looked up once (thread-safe static init); no -lcuda link,
-// so the library still loads on machines without a driver.
-PointerAttrFn pointer_attr() {
-    static const PointerAttrFn fn = [] {
-        void* f = nullptr;
-        cudaDriverEntryPointQueryResult q{};
-        if (cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &f, 12000, cudaEnableDefault,
-                                             &q) != cudaSuccess ||
-            q != cudaDriverEntryPointSuccess) {
-            cudaGetLastError();
-            return PointerAttrFn(nullptr);
-        }
-        return reinterpret_cast<PointerAttrFn>(f);
-    }();
+using PointerAttrsFn = CUresult (*)(unsigned, CUpointer_attribute*, void**, CUdeviceptr);
+
+// cuPointerGetAttributes for three attributes instead of cudaPointerGetAttributes (which asks for
+// every one). Looked up once (thread-safe static init); no -lcuda link, so the library still
+// loads on machines without a driver.
+PointerAttrsFn pointer_attrs() {
+    static const PointerAttrsFn fn = driver_entry<PointerAttrsFn>("cuPointerGetAttributes");
     return fn;
 }
 
-// The device address of host address `host`, or 0 when the device cannot reach it.
-uint64_t device_address(uint64_t host) {
-    if (PointerAttrFn fn = pointer_attr()) {
-        CUdeviceptr dev = 0;
-        return fn(&dev, CU_POINTER_ATTRIBUTE_DEVICE_POINTER, CUdeviceptr(host)) == CUDA_SUCCESS
-                   ? uint64_t(dev)
-                   : 0;
+struct HostRange {
+    uint64_t host, dev, size;
+};
+
+// Device address of `host`, and the pinned allocation around it (size 0 when unknown).
+HostRange query_host(uint64_t host) {
+    if (PointerAttrsFn fn = pointer_attrs()) {
+        CUdeviceptr dev = 0, start = 0;
+        size_t size = 0;
+        CUpointer_attribute attrs[3] = {CU_POINTER_ATTRIBUTE_DEVICE_POINTER,
+                                        CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                                        CU_POINTER_ATTRIBUTE_RANGE_SIZE};
+        void* data[3] = {&dev, &start, &size};
+        if (fn(3, attrs, data, CUdeviceptr(host)) != CUDA_SUCCESS || !dev) return {0, 0, 0};
+        if (start > host || host - start >= size) return {host, uint64_t(dev), 0};
+        return {uint64_t(start), uint64_t(dev) - (host - uint64_t(start)), uint64_t(size)};
     }
     cudaPointerAttributes a{};
     if (cudaPointerGetAttributes(&a, reinterpret_cast<void*>(host)) != cudaSuccess) {
         cudaGetLastError();
-        return 0;
+        return {0, 0, 0};
     }
-    if (a.type != cudaMemoryTypeHost && a.type != cudaMemoryTypeManaged) return 0;
-    return reinterpret_cast<uint64_t>(a.devicePointer);
+    if (a.type != cudaMemoryTypeHost && a.type != cudaMemoryTypeManaged) return {0, 0, 0};
+    return {host, reinterpret_cast<uint64_t>(a.devicePointer), 0};
 }
 
-// The device address of a pinned host range; checks both ends lie in one mapped allocation.
-int map_host(int chunk, uint64_t host, uint64_t bytes, int device, uint64_t* out) {
-    const uint64_t dev = device_address(host);
-    if (!dev) {
-        return fail(LMT_ERR_HOST_NOT_MAPPED,
-                    "host chunk %d at 0x%llx is not pinned host memory mapped for device %d "
-                    "(allocate it with cudaHostAlloc / torch pin_memory=True)",
-                    chunk, (unsigned long long)host, device);
-    }
-    if (bytes > 1 && device_address(host + bytes - 1) != dev + bytes - 1) {
-        return fail(LMT_ERR_HOST_NOT_MAPPED,
-                    "host chunk %d (0x%llx, %llu bytes) extends past its pinned allocation", chunk,
-                    (unsigned long long)host, (unsigned long long)bytes);
-    }
-    *out = dev;
-    return LMT_OK;
+uint64_t device_address(uint64_t host) {
+    const HostRange r = query_host(host);
+    return r.dev ? r.dev + (host - r.host) : 0;
 }
+
+// Host -> device address translation for one call. Pointer queries cost tens of microseconds
+// each on a large pinned allocation, so one query per allocation serves every chunk inside it
+// (an engine's chunks come from one pinned pool). Nothing outlives the call: an allocation
+// freed and reused later is looked up afresh.
+class HostMapper {
+   public:
+    int map(int chunk, uint64_t host, uint64_t bytes, int device, uint64_t* out) {
+        for (const HostRange& r : ranges_) {
+            if (host >= r.host && host - r.host + bytes <= r.size) {
+                *out = r.dev + (host - r.host);
+                return LMT_OK;
+            }
+        }
+        const HostRange r = query_host(host);
+        if (!r.dev) {
+            return fail(LMT_ERR_HOST_NOT_MAPPED,
+                        "host chunk %d at 0x%llx is not pinned host memory mapped for device %d "
+                        "(allocate it with cudaHostAlloc / torch pin_memory=True)",
+                        chunk, (unsigned long long)host, device);
+        }
+        const uint64_t dev = r.dev + (host - r.host);
+        // Trust the allocation's range only if its last byte maps linearly too.
+        if (r.size && host - r.host + bytes <= r.size &&
+            device_address(r.host + r.size - 1) == r.dev + r.size - 1) {
+            ranges_.push_back(r);
+        } else if (bytes > 1 && device_address(host + bytes - 1) != dev + bytes - 1) {
+            return fail(LMT_ERR_HOST_NOT_MAPPED,
+                        "host chunk %d (0x%llx, %llu bytes) extends past its pinned allocation",
+                        chunk, (unsigned long long)host, (unsigned long long)bytes);
+        }
+        *out = dev;
+        return LMT_OK;
+    }
+
+   private:
+    std::vector<HostRange> ranges_;
+};
 
 struct Plan {
     bool to_host;
@@ -346,6 +382,7 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
     for (int32_t l : p.layers) align |= layer_ptrs[l] + L.run_offsets[0];
 
     uint32_t first = 0;
+    HostMapper mapper;
     for (int32_t c = 0; c < num_chunks; ++c) {
         const uint32_t pages = uint32_t(chunk_pages[c]);
         if (!pages) continue;
@@ -353,7 +390,7 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
         uint64_t host = host_ptrs[c];
         if (!host) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", c);
         if (!(o.flags & LMT_FLAG_TRUST_UVA)) {
-            const int st = map_host(c, host, layer_stride * uint64_t(num_layers), device, &host);
+            const int st = mapper.map(c, host, layer_stride * uint64_t(num_layers), device, &host);
             if (st != LMT_OK) return st;
         }
         align |= host;
