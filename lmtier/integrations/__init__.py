@@ -1,0 +1,1 @@
+"""Engine integrations (vLLM connector, HF transformers); each module is import-guarded."""
