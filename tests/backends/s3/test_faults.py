@@ -206,3 +206,25 @@ async def test_a_missing_bucket_fails_the_manager_at_open_with_a_config_error(
     options = s3_options(bucket=f"lmtier-absent-{os.urandom(4).hex()}", create_bucket=False)
     with pytest.raises(ConfigError, match="does not exist; create it, or set create_bucket: true"):
         await StorageManager.from_config(_manager_config(options), metrics_registry=CollectorRegistry())
+
+
+@pytest.mark.asyncio
+async def test_keys_revoked_while_the_tier_is_open_are_unavailable_errors_that_say_so(
+    own_seaweedfs: SeaweedFS,
+) -> None:
+    backend = await open_s3_backend(S3Config(**_fast_failing(options_for(own_seaweedfs.endpoint))))
+    try:
+        (key,) = _keys(1)
+        await backend.put([(key, b"before the rotation")])
+        own_seaweedfs.secret_key = "rotated-" + os.urandom(4).hex()  # the server now wants another key
+        own_seaweedfs.restart()
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        while True:  # the first requests after a restart may still fail to connect or time out
+            with pytest.raises(BackendUnavailableError) as info:
+                await backend.get([key])
+            if "credentials were rejected" in str(info.value) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)  # poll interval, not synchronisation
+        assert "credentials were rejected" in str(info.value)
+    finally:
+        await backend.aclose()

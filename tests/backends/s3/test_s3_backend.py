@@ -300,3 +300,15 @@ async def test_the_registry_awaits_the_factory_and_returns_an_open_tier(
         assert backend.capabilities.persistent and backend.capabilities.shared
     finally:
         await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_unsigned_payloads_are_accepted_and_still_checksummed(
+    s3_options: Callable[..., dict[str, Any]]
+) -> None:
+    (key,) = _keys(1)
+    data = os.urandom(MiB + 3)
+    async with await open_s3_backend(S3Config(**s3_options(sign_payload=False))) as backend:
+        await backend.put([(key, data)])
+        (got,) = await backend.get([key])
+        assert got is not None and bytes(got) == data
