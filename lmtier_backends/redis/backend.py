@@ -107,6 +107,8 @@ class RedisBackend:
         self._max_value = _DEFAULT_MAX_BULK
         self._evicts = True
         self._closed = False
+        self._running = 0  # jobs executing on worker threads now
+        self._running_lock = threading.Lock()
         self._counters = dict.fromkeys(
             ("gets", "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written", "corrupt",
              "errors", "moved_retries", "recv_pool_fallbacks"), 0)
@@ -286,6 +288,7 @@ class RedisBackend:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._counters)
         out["nodes"] = len(self._nodes)
+        out["jobs_running"] = self._running
         pool = self._recv_pool
         out["recv_pool_used_bytes"] = pool.used_bytes if pool is not None else 0
         return out
@@ -438,7 +441,7 @@ class RedisBackend:
         """
         tokens = [Abort() for _ in jobs]
         try:
-            futures = [self._executor.submit(_outcome, job, tok) for job, tok in zip(jobs, tokens, strict=True)]
+            futures = [self._executor.submit(self._outcome, job, tok) for job, tok in zip(jobs, tokens, strict=True)]
         except RuntimeError:  # shut down by a concurrent aclose()
             raise BackendUnavailableError(f"redis tier {self.where} is closed") from None
         waiting = {asyncio.wrap_future(f) for f in futures}
@@ -456,6 +459,20 @@ class RedisBackend:
         if cancelled:
             raise asyncio.CancelledError
         return [f.result() for f in futures]
+
+    def _outcome(self, job: Callable[[Abort], Any], token: Abort) -> Outcome:
+        """Run one job on a worker thread; its result or exception, never raised."""
+        if token.aborted:
+            return False, asyncio.CancelledError()
+        with self._running_lock:
+            self._running += 1
+        try:
+            return True, job(token)
+        except Exception as exc:  # reported per job; the loop side maps it
+            return False, exc
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def _close_clients(self) -> None:
         for node in list(self._nodes.values()):
@@ -545,15 +562,6 @@ def _corrupt_if_wrong_type(key: ChunkKey, reply: Any) -> Any:
     if isinstance(reply, rex.ResponseError) and str(reply).startswith("WRONGTYPE"):
         return CorruptDataError(f"{key}: the Redis key holds a non-string value")
     return reply
-
-
-def _outcome(job: Callable[[Abort], Any], token: Abort) -> Outcome:
-    if token.aborted:
-        return False, asyncio.CancelledError()
-    try:
-        return True, job(token)
-    except Exception as exc:  # reported per job; the loop side maps it
-        return False, exc
 
 
 def _config_get(node: Node, name: str, token: Abort) -> str | None:

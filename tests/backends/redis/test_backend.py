@@ -1,0 +1,378 @@
+"""The redis tier's own behaviour: corrupt values, credentials, limits, sockets, cancellation.
+
+Every test talks to a real redis-server; values are planted or inspected with plain redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import struct
+
+import pytest
+import redis
+
+from lmtier.codec import HEADER_BYTES, encode_header
+from lmtier.errors import BackendTimeoutError, BackendUnavailableError, CapacityError, ConfigError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier_backends.redis.backend import RedisBackend, open_redis_backend
+from lmtier_backends.redis.config import RedisConfig
+from tests.backends.redis.conftest import PASSWORD, options_for
+
+pytestmark = pytest.mark.redis
+
+
+def _keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="redis-backend", run=os.urandom(4).hex())
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+def _raw(server, **kwargs) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=server.port, **kwargs)
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` on the event loop until it holds; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.005)
+
+
+async def _open(url: str, **overrides) -> RedisBackend:
+    return await open_redis_backend(RedisConfig(**options_for(url, **overrides)))
+
+
+def _corruptions(key: ChunkKey, other: ChunkKey) -> dict[str, bytes]:
+    payload = os.urandom(300_000)  # large enough to be received into the warm slab
+    good = encode_header(key, payload) + payload
+    flipped = bytearray(good)
+    flipped[-1] ^= 0xFF
+    return {
+        "garbage": os.urandom(5000),
+        "shorter than a header": b"LMTR",
+        "payload bit flip": bytes(flipped),
+        "truncated payload": good[:-10],
+        "header of another key": encode_header(other, payload) + payload,
+        "bad magic": b"XXXX" + good[4:],
+        "future format version": good[:4] + struct.pack("<H", 99) + good[6:],
+    }
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", list(_corruptions(*_keys(2))))
+async def test_a_corrupt_value_is_a_miss_deleted_and_counted(redis_server, kind: str) -> None:
+    backend = await _open(redis_server.url)
+    try:
+        key, other = _keys(2)
+        name = backend._name(key)
+        raw = _raw(redis_server)
+        raw.set(name, _corruptions(key, other)[kind])
+        assert await backend.contains([key]) == [True]  # contains is a hint: it does not read values
+        assert await backend.get([key]) == [None]
+        assert raw.exists(name) == 0, "the corrupt value must be deleted"
+        assert backend.stats()["corrupt"] == 1
+        raw.set(name, _corruptions(key, other)[kind])
+        out = bytearray(300_000)
+        assert await backend.get_into([key], [out]) == [False]
+        assert backend.stats()["corrupt"] == (2 if kind in ("payload bit flip", "header of another key",
+                                                             "bad magic", "future format version") else 1)
+        raw.close()
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_key_holding_another_redis_type_is_corrupt_not_a_fault(redis_server) -> None:
+    backend = await _open(redis_server.url)
+    try:
+        (key,) = _keys(1)
+        raw = _raw(redis_server)
+        raw.rpush(backend._name(key), b"a", b"b")
+        assert await backend.get([key]) == [None]
+        assert raw.exists(backend._name(key)) == 0
+        assert backend.stats()["corrupt"] == 1
+        raw.close()
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_get_into_a_buffer_of_the_wrong_size_is_a_miss_and_keeps_the_value(redis_server) -> None:
+    backend = await _open(redis_server.url)
+    try:
+        (key,) = _keys(1)
+        data = os.urandom(1 << 20)
+        await backend.put([(key, data)])
+        assert await backend.get_into([key], [bytearray(len(data) + 1)]) == [False]
+        assert backend.stats()["corrupt"] == 0
+        out = bytearray(len(data))
+        assert await backend.get_into([key], [out]) == [True]
+        assert out == data
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_pipelined_replies_of_mixed_sizes_and_misses_land_in_the_right_buffers(redis_server) -> None:
+    backend = await _open(redis_server.url)
+    try:
+        keys = _keys(40)
+        sizes = [0, 1, 63, 64, 65, 4095, 16 << 10, (16 << 10) + 1, 300_000, 3 << 20]
+        stored = {k: os.urandom(sizes[i % len(sizes)]) for i, k in enumerate(keys) if i % 4 != 3}
+        await backend.put(list(stored.items()))
+        got = await backend.get(keys)
+        for k, g in zip(keys, got, strict=True):
+            assert (None if g is None else bytes(g)) == stored.get(k)
+        outs = [bytearray(len(stored.get(k, b"?"))) for k in keys]
+        filled = await backend.get_into(keys, outs)
+        assert filled == [k in stored for k in keys]
+        assert all(bytes(o) == stored[k] for k, o in zip(keys, outs, strict=True) if k in stored)
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_large_gets_are_lease_views_of_the_receive_slab_until_it_is_full(redis_server) -> None:
+    from lmtier.memory import host_tensor_of
+
+    backend = await _open(redis_server.url, recv_pool_bytes=(5 << 20) // 2)
+    try:
+        keys = _keys(3)
+        values = [os.urandom(1 << 20) for _ in keys]
+        await backend.put(list(zip(keys, values, strict=True)))
+        got = await backend.get(keys)
+        assert [bytes(g) for g in got] == values
+        assert host_tensor_of(got[0]) is not None and memoryview(got[0]).readonly
+        assert backend.stats()["recv_pool_fallbacks"] >= 1  # the third MiB did not fit: plain buffer
+        del got
+        assert backend.stats()["recv_pool_used_bytes"] == 0  # views dropped: the slab is free again
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_keys_carry_the_prefix_and_the_ttl(redis_server) -> None:
+    backend = await _open(redis_server.url, key_prefix="myapp:kv:", ttl_s=120)
+    try:
+        (key,) = _keys(1)
+        await backend.put([(key, b"v" * 100)])
+        raw = _raw(redis_server)
+        name = f"myapp:kv:{key}"
+        assert raw.exists(name) == 1
+        assert 0 < raw.pttl(name) <= 120_000
+        assert raw.strlen(name) == HEADER_BYTES + 100
+        assert backend.capabilities.evicts is True  # a TTL drops entries
+        raw.close()
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_capabilities_follow_the_servers_eviction_policy_and_bulk_limit(own_redis) -> None:
+    server = own_redis(maxmemory_policy="noeviction",
+                       extra_args=["--proto-max-bulk-len", str(2 << 20)])
+    backend = await _open(server.url)
+    try:
+        caps = backend.capabilities
+        assert caps.persistent and caps.shared and caps.evicts is False
+        assert caps.max_item_bytes == (2 << 20) - HEADER_BYTES
+        (key,) = _keys(1)
+        with pytest.raises(CapacityError, match="proto-max-bulk-len"):
+            await backend.put([(key, bytes(2 << 20))])
+    finally:
+        await backend.aclose()
+    evicting = own_redis(maxmemory_policy="allkeys-lru")
+    backend = await _open(evicting.url)
+    try:
+        assert backend.capabilities.evicts is True
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_maxmemory_with_noeviction_is_a_capacity_error(own_redis) -> None:
+    server = own_redis(maxmemory="4mb", maxmemory_policy="noeviction")
+    backend = await _open(server.url)
+    try:
+        keys = _keys(8)
+        with pytest.raises(CapacityError, match="maxmemory"):
+            for k in keys:
+                await backend.put([(k, os.urandom(1 << 20))])
+        assert backend.stats()["errors"] >= 1
+        # reads still work while the server is full
+        assert (await backend.get([keys[0]]))[0] is not None
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_unix_socket_url_works(own_redis, tmp_path) -> None:
+    sock = tmp_path / "redis.sock"
+    server = own_redis(extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"])
+    assert server.running
+    backend = await open_redis_backend(RedisConfig(url=f"unix://{sock}?db=2", key_prefix="u:"))
+    try:
+        (key,) = _keys(1)
+        await backend.put([(key, b"over a unix socket")])
+        assert bytes((await backend.get([key]))[0]) == b"over a unix socket"
+        raw = _raw(server, db=2)
+        assert raw.exists(f"u:{key}") == 1
+        raw.close()
+    finally:
+        await backend.aclose()
+
+
+# -- credentials -----------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_wrong_password_is_a_config_error_at_open_that_does_not_show_it(redis_with_password, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConfigError, match="refused our credentials") as info:
+        await open_redis_backend(RedisConfig(url=redis_with_password.url, password="not-the-password-9b1"))
+    assert "not-the-password-9b1" not in str(info.value)
+    assert "not-the-password-9b1" not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_missing_password_is_a_config_error_at_open(redis_with_password) -> None:
+    with pytest.raises(ConfigError, match="refused our credentials"):
+        await open_redis_backend(RedisConfig(url=redis_with_password.url))
+
+
+@pytest.mark.asyncio
+async def test_an_unset_password_variable_is_a_config_error_naming_it(redis_with_password, monkeypatch) -> None:
+    monkeypatch.delenv("LMTIER_TEST_UNSET_PW", raising=False)
+    with pytest.raises(ConfigError, match="LMTIER_TEST_UNSET_PW"):
+        await open_redis_backend(RedisConfig(url=redis_with_password.url, password_env="LMTIER_TEST_UNSET_PW"))
+
+
+@pytest.mark.asyncio
+async def test_a_password_in_the_url_works_and_never_shows(redis_with_password, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = RedisConfig(url=f"redis://:{PASSWORD}@127.0.0.1:{redis_with_password.port}/0")
+    assert PASSWORD not in repr(config) and PASSWORD not in str(config) and PASSWORD not in config.url
+    backend = await open_redis_backend(config)
+    try:
+        (key,) = _keys(1)
+        await backend.put([(key, b"authenticated")])
+        assert bytes((await backend.get([key]))[0]) == b"authenticated"
+        assert PASSWORD not in repr(backend.stats()) and PASSWORD not in backend.where
+    finally:
+        await backend.aclose()
+    redis_with_password.kill()  # a fault now: its message and log lines must not carry the password either
+    try:
+        backend = await open_redis_backend(config.model_copy(update={"connect_at_open": False}))
+        with pytest.raises(BackendUnavailableError) as info:
+            await backend.get([key])
+        await backend.aclose()
+        assert PASSWORD not in str(info.value)
+    finally:
+        redis_with_password.start()
+    assert PASSWORD not in caplog.text
+
+
+# -- availability ----------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_server_that_is_down_at_open_is_unavailable_unless_connect_at_open_is_off(own_redis) -> None:
+    server = own_redis()
+    server.stop()
+    with pytest.raises(BackendUnavailableError, match="is the server up"):
+        await _open(server.url)
+    backend = await _open(server.url, connect_at_open=False)
+    try:
+        (key,) = _keys(1)
+        with pytest.raises(BackendUnavailableError):
+            await backend.put([(key, b"x")])
+        server.start()  # same port: the tier works without being reopened
+        await backend.put([(key, b"x")])
+        assert bytes((await backend.get([key]))[0]) == b"x"
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_server_is_a_timeout(own_redis) -> None:
+    server = own_redis()
+    backend = await _open(server.url, read_timeout_s=0.3)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        (key,) = _keys(1)
+        with pytest.raises(BackendTimeoutError):
+            await backend.get([key])
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_cancelling_get_into_aborts_the_transfer_and_the_tier_stays_usable(own_redis) -> None:
+    server = own_redis()
+    # a read deadline far beyond the test's own: the call can only return early by aborting
+    backend = await _open(server.url, read_timeout_s=600, max_connections=1)
+    try:
+        (key,) = _keys(1)
+        data = os.urandom(4 << 20)
+        await backend.put([(key, data)])
+        os.kill(server.pid, signal.SIGSTOP)  # the GET is sent, and its reply never comes
+        out = bytearray(len(data))
+        task = asyncio.ensure_future(backend.get_into([key], [out]))
+        await _until(lambda: backend.stats()["jobs_running"] == 1)  # blocked on the stalled server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=20)
+        os.kill(server.pid, signal.SIGCONT)
+        # with one connection and one worker, this runs only once the cancelled job has finished
+        out2 = bytearray(len(data))
+        assert await backend.get_into([key], [out2]) == [True]
+        assert out2 == data
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_calls_after_aclose_are_unavailable_errors(redis_server) -> None:
+    backend = await _open(redis_server.url)
+    await backend.aclose()
+    with pytest.raises(BackendUnavailableError, match="closed"):
+        await backend.get(_keys(1))
+
+
+# -- Cluster ---------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_cluster_batches_are_spread_over_every_primary(redis_cluster) -> None:
+    backend = await _open(redis_cluster.url, cluster=True)
+    try:
+        keys = _keys(60)
+        await backend.put([(k, b"c" * 10) for k in keys])
+        counts = []
+        for port in redis_cluster.ports:
+            raw = redis.Redis(host="127.0.0.1", port=port)
+            counts.append(sum(1 for _ in raw.scan_iter(match=backend.config.key_prefix + "*")))
+            raw.close()
+        assert sum(counts) == 60 and all(c > 0 for c in counts), counts
+        assert backend.stats()["nodes"] == 3
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_cluster_keys_answered_with_moved_are_retried_after_a_slot_map_refresh(redis_cluster) -> None:
+    backend = await _open(redis_cluster.url, cluster=True)
+    try:
+        keys = _keys(30)
+        await backend.put([(k, b"m" * 10) for k in keys])
+        # poison the client's slot map: every key is routed to one node, which answers MOVED
+        # for the keys it does not own, so the tier must refresh the map and retry those keys
+        cluster = backend._cluster
+        first = cluster.get_primaries()[0]
+        for slot in list(cluster.nodes_manager.slots_cache):
+            cluster.nodes_manager.slots_cache[slot] = [first]
+        got = await backend.get(keys)
+        assert [bytes(g) for g in got] == [b"m" * 10] * 30
+        assert backend.stats()["moved_retries"] > 0
+    finally:
+        await backend.aclose()

@@ -1,0 +1,48 @@
+"""The redis tier against the backend conformance suite: standalone and a 3-primary Cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmtier.testing import BackendConformance
+from lmtier_backends.redis.backend import open_redis_backend
+from lmtier_backends.redis.config import RedisConfig
+from tests.backends.redis.conftest import options_for
+
+pytestmark = pytest.mark.redis
+
+
+class TestRedisStandalone(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, redis_server):
+        config = RedisConfig(**options_for(redis_server.url))
+        return lambda: open_redis_backend(config)
+
+
+class TestRedisStandaloneWithoutRecvPool(BackendConformance):
+    """Large gets into fresh buffers instead of the warm slab (``recv_pool_bytes: 0``)."""
+
+    big_item_bytes = 8 << 20
+
+    @pytest.fixture
+    def backend_factory(self, redis_server):
+        config = RedisConfig(**options_for(redis_server.url, recv_pool_bytes=0))
+        return lambda: open_redis_backend(config)
+
+
+class TestRedisPasswordFromEnv(BackendConformance):
+    """A password-protected server, the password read from the variable named by password_env."""
+
+    big_item_bytes = 8 << 20
+
+    @pytest.fixture
+    def backend_factory(self, redis_with_password, password_env):
+        config = RedisConfig(**options_for(redis_with_password.url, password_env=password_env))
+        return lambda: open_redis_backend(config)
+
+
+class TestRedisCluster(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, redis_cluster):
+        config = RedisConfig(**options_for(redis_cluster.url, cluster=True))
+        return lambda: open_redis_backend(config)

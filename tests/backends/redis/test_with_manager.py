@@ -1,0 +1,185 @@
+"""The redis tier behind a real StorageManager: faults are misses, capacity is a skipped write,
+credentials fail loudly at open, and two processes share one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lmtier.errors import ConfigError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.manager import StorageManager
+from tests.backends.redis.conftest import options_for
+
+pytestmark = pytest.mark.redis
+
+
+class FakeClock:
+    """The manager's injectable clock: the breaker's cooldown passes when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="redis-manager", run=os.urandom(4).hex())
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+def _config(options: dict[str, Any], **tier: Any) -> dict[str, Any]:
+    return {"chunk_tokens": 256,
+            "tiers": [{"name": "shared", "backend": "redis", "options": options, **tier}]}
+
+
+def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.asyncio
+async def test_a_server_killed_mid_batch_gives_misses_and_skipped_writes_then_the_tier_recovers(own_redis) -> None:
+    server = own_redis()
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    mgr = await StorageManager.from_config(
+        _config(options_for(server.url, read_timeout_s=5, max_connections=2),
+                breaker={"failures": 2, "cooldown_s": 5.0}),
+        metrics_registry=registry, clock=clock)
+    try:
+        tier = mgr.tier("shared")
+        keys = _keys(26)
+        items = [(k, os.urandom(2 << 20)) for k in keys]
+        await mgr.put(items[:2])
+        assert await mgr.lookup(keys[:2]) == 2
+
+        batch = asyncio.ensure_future(mgr.put(items[2:]))  # 48 MiB in flight...
+        await _until(lambda: tier.backend.stats()["jobs_running"] > 0)
+        server.kill()  # ...when the server dies
+        await batch  # no exception reaches the caller
+        assert _sample(registry, "lmtier_tier_skipped_writes_total", tier="shared", reason="unavailable") == 24
+
+        assert await mgr.get(keys[:2]) == [None, None]  # a fault is a miss
+        assert tier.breaker.state == "open"
+        assert _sample(registry, "lmtier_tier_circuit_open", tier="shared") == 1
+        await mgr.put(items[:1])  # skipped without touching the dead server
+        assert _sample(registry, "lmtier_tier_skipped_writes_total", tier="shared", reason="circuit_open") == 1
+
+        server.start()  # back on the same port (empty: it persists nothing)
+        clock.advance(5.0)  # the cooldown passes: the next call is the probe
+        await mgr.put(items[:2])
+        assert tier.breaker.state == "closed"
+        assert _sample(registry, "lmtier_tier_circuit_open", tier="shared") == 0
+        got = await mgr.get(keys[:3])
+        assert [None if g is None else bytes(g) for g in got] == [items[0][1], items[1][1], None]
+    finally:
+        await mgr.aclose()
+
+
+@pytest.mark.asyncio
+async def test_maxmemory_reached_is_a_skipped_write_that_keeps_the_circuit_closed(own_redis) -> None:
+    server = own_redis(maxmemory="4mb", maxmemory_policy="noeviction")
+    registry = CollectorRegistry()
+    mgr = await StorageManager.from_config(
+        _config(options_for(server.url), breaker={"failures": 1}), metrics_registry=registry)
+    try:
+        keys = _keys(8)
+        for k in keys:
+            await mgr.put([(k, os.urandom(1 << 20))])  # never raises
+        assert _sample(registry, "lmtier_tier_skipped_writes_total", tier="shared", reason="full") >= 1
+        assert _sample(registry, "lmtier_tier_errors_total", tier="shared", op="put", kind="capacity") >= 1
+        assert mgr.tier("shared").breaker.state == "closed"  # full is not down
+        assert (await mgr.get(keys[:1]))[0] is not None  # what fitted is still served
+    finally:
+        await mgr.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_password_fails_the_manager_at_open_with_a_clear_error(redis_with_password) -> None:
+    with pytest.raises(ConfigError, match="refused our credentials") as info:
+        await StorageManager.from_config(
+            _config(options_for(redis_with_password.url, password="wrong-pw-31c")),
+            metrics_registry=CollectorRegistry())
+    assert "wrong-pw-31c" not in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_a_bad_option_names_its_key_path(redis_server) -> None:
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.options\.url"):
+        await StorageManager.from_config(_config({"url": "http://127.0.0.1:1"}), metrics_registry=CollectorRegistry())
+
+
+_PEER = textwrap.dedent("""
+    import asyncio, json, random, sys
+    from prometheus_client import CollectorRegistry
+    from lmtier.keys import chunk_keys, make_namespace
+    from lmtier.manager import StorageManager
+
+    async def main(options, run, mode):
+        keys = chunk_keys(list(range(2048)), make_namespace(test="two-processes", run=run), 256)
+        mine, theirs = (keys[:4], keys[4:]) if mode == "second" else (keys[4:], keys[:4])
+        value = lambda k: random.Random(k.digest).randbytes(300_000)
+        cfg = {"tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20, "pinned": False}},
+                         {"name": "shared", "backend": "redis", "options": options}]}
+        mgr = await StorageManager.from_config(cfg, metrics_registry=CollectorRegistry())
+        try:
+            got = await mgr.get(theirs)
+            seen = [g is not None and bytes(g) == value(k) for k, g in zip(theirs, got)]
+            await mgr.put([(k, value(k)) for k in mine])
+        finally:
+            await mgr.aclose()
+        print(json.dumps({"seen": seen}))
+
+    asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]))
+""")
+
+
+@pytest.mark.asyncio
+async def test_two_managers_in_two_processes_see_each_others_chunks(redis_server, tmp_path) -> None:
+    from lmtier.keys import chunk_keys
+
+    options = options_for(redis_server.url)
+    run = os.urandom(4).hex()
+    keys = chunk_keys(list(range(2048)), make_namespace(test="two-processes", run=run), 256)
+
+    def value(k: ChunkKey) -> bytes:
+        return random.Random(k.digest).randbytes(300_000)
+
+    cfg = {"tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20, "pinned": False}},
+                     {"name": "shared", "backend": "redis", "options": options}]}
+    mgr = await StorageManager.from_config(cfg, metrics_registry=CollectorRegistry())
+    try:
+        await mgr.put([(k, value(k)) for k in keys[4:]])  # this process writes chunks 4..7
+        script = tmp_path / "peer.py"
+        script.write_text(_PEER)
+        proc = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(script), json.dumps(options), run, "second"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"seen": [True] * 4}  # it saw ours
+        assert await mgr.lookup(keys) == 8  # and we see the chunks 0..3 it wrote
+        got = await mgr.get(keys[:4])
+        assert [bytes(g) for g in got] == [value(k) for k in keys[:4]]
+    finally:
+        await mgr.aclose()
