@@ -128,7 +128,9 @@ class ObjStore:
             old, out[i] = out[i], None
             if old is not None:
                 old.release()
-            out[i] = self._staging.allocate(size)
+            out[i] = buf = self._staging.allocate(size)
+            # a short object leaves the rest of the buffer as it was: never let an old header stand
+            buf.tensor[:HEADER_BYTES].zero_()
         outcome = self._transfer("READ", [(self.name(keys[i]), out[i], out[i].nbytes) for i in which])
         failed = [i for i, e in zip(which, outcome.errors, strict=True) if e is not None]
         for i in failed:
@@ -188,7 +190,7 @@ class ObjStore:
 
     def _guess(self, key: ChunkKey) -> int:
         with self._lock:
-            return self._sizes.get(key, self._last_size)
+            return max(HEADER_BYTES, self._sizes.get(key, self._last_size))  # the header, at least
 
     def _remember(self, key: ChunkKey, size: int) -> None:
         with self._lock:

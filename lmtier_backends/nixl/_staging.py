@@ -62,6 +62,11 @@ class StagingPool:
         return sum(s.pool.capacity for s in self._slabs)
 
     @property
+    def slabs(self) -> int:
+        """Slabs registered so far (each one NIXL registration)."""
+        return len(self._slabs)
+
+    @property
     def quarantined_bytes(self) -> int:
         return sum(b.nbytes for b in self._quarantined)
 

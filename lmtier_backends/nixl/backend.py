@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -175,6 +175,7 @@ class NixlBackend:
         if self._store is not None:
             out.update(self._store.stats())
         if self._staging is not None:
+            out["staging_slabs"] = self._staging.slabs
             out["staging_bytes"] = self._staging.registered_bytes
             out["staging_outstanding"] = self._staging.outstanding()
             out["quarantined_bytes"] = self._staging.quarantined_bytes
@@ -215,11 +216,13 @@ class NixlBackend:
         be reading the caller's buffers.
         """
         self._check_open()
-        future = self._executor.submit(fn, *args)
+        box = _Box[T]()
+        future = self._executor.submit(box.fill, fn, *args)
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
         try:
-            return await asyncio.wrap_future(future)
+            await asyncio.wrap_future(future)
+            return box.take()
         except asyncio.CancelledError:
             if copied is not None and not future.cancelled():
                 await asyncio.shield(copied)
@@ -405,6 +408,24 @@ class NixlBackend:
         with self._counts_lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
+
+
+class _Box(Generic[T]):
+    """Carries a worker's result past the futures.
+
+    The futures would keep the result alive until the awaiting task next yields (the loop's
+    running callback holds the future), and with it the staging views a get returns.
+    """
+
+    __slots__ = ("_value",)
+
+    def fill(self, fn: Callable[..., T], *args: Any) -> None:
+        self._value = fn(*args)
+
+    def take(self) -> T:
+        value = self._value
+        del self._value
+        return value
 
 
 class _Signal:

@@ -1,0 +1,128 @@
+"""The ``obj`` flavour of the nixl tier on a real SeaweedFS: layout, size guessing, corruption,
+and clear errors at open."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from lmtier.codec import HEADER_BYTES, encode_header
+from lmtier.errors import BackendUnavailableError, ConfigError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier_backends.nixl.backend import NixlBackend, open_nixl_backend
+from lmtier_backends.nixl.config import NixlConfig
+from tests.backends.nixl._helpers import needs_nixl, obj_options
+
+pytestmark = [*needs_nixl, pytest.mark.s3]
+
+
+def _keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="nixl-obj", run=os.urandom(4).hex())
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+def _config(seaweed: Any, bucket: str, **obj: Any) -> NixlConfig:
+    return NixlConfig(plugin="obj", obj=obj_options(seaweed, bucket, **obj), staging_slab_bytes=8 << 20)
+
+
+@pytest_asyncio.fixture
+async def opener(seaweed: Any, bucket: str) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[NixlBackend] = []
+
+    async def open_tier(**obj: Any) -> NixlBackend:
+        backend = await open_nixl_backend(_config(seaweed, bucket, **obj))
+        opened.append(backend)
+        return backend
+
+    try:
+        yield open_tier
+    finally:
+        for backend in opened:
+            await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_each_chunk_is_one_object_named_by_prefix_namespace_and_key(
+    seaweed: Any, bucket: str, opener: Callable[..., Any]
+) -> None:
+    tier = await opener(prefix="kv/")
+    (key,) = _keys(1)
+    await tier.put([(key, b"object payload")])
+    body = seaweed.endpoint.client().get_object(Bucket=bucket, Key=f"kv/{key.namespace}/{key}")["Body"].read()
+    assert body == encode_header(key, b"object payload") + b"object payload"
+
+
+@pytest.mark.asyncio
+async def test_objects_written_by_another_client_are_found_and_read(
+    seaweed: Any, bucket: str, opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    key, absent = _keys(2)
+    payload = os.urandom(300_000)
+    seaweed.endpoint.client().put_object(Bucket=bucket, Key=f"lmtier/{key.namespace}/{key}",
+                                         Body=encode_header(key, payload) + payload)
+    assert await tier.contains([key, absent]) == [True, False]
+    assert bytes((await tier.get([key]))[0]) == payload  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_an_object_bigger_than_the_first_read_is_read_again_at_its_size(
+    opener: Callable[..., Any]
+) -> None:
+    writer = await opener()
+    keys = _keys(2)
+    values = [os.urandom(200_000), os.urandom(50_000)]
+    await writer.put(list(zip(keys, values, strict=True)))
+    reader = await opener(expected_item_bytes=4096)  # a fresh handle knows no sizes
+    assert [bytes(v) for v in await reader.get(keys)] == values  # type: ignore[arg-type]
+    assert reader.stats()["rereads"] == 2
+    assert [bytes(v) for v in await reader.get(keys)] == values  # type: ignore[arg-type]
+    assert reader.stats()["rereads"] == 2  # sizes are remembered: one GET each now
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("damage", ["flipped payload byte", "shorter than the header", "another key's object"])
+async def test_a_damaged_object_is_a_miss_that_is_deleted_and_counted(
+    seaweed: Any, bucket: str, opener: Callable[..., Any], damage: str
+) -> None:
+    tier = await opener()
+    key, other = _keys(2)
+    s3 = seaweed.endpoint.client()
+    name = f"lmtier/{key.namespace}/{key}"
+    good = encode_header(key, b"p" * 5000) + b"p" * 5000
+    if damage == "flipped payload byte":
+        body = good[:HEADER_BYTES + 7] + bytes([good[HEADER_BYTES + 7] ^ 0xFF]) + good[HEADER_BYTES + 8:]
+    elif damage == "shorter than the header":
+        body = good[:30]
+    else:
+        body = encode_header(other, b"p" * 5000) + b"p" * 5000
+    s3.put_object(Bucket=bucket, Key=name, Body=body)
+    assert await tier.get([key]) == [None]
+    assert tier.stats()["corrupt"] == 1
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=name).get("KeyCount", 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_wrong_credentials_are_a_config_error_at_open(seaweed: Any, bucket: str) -> None:
+    with pytest.raises(ConfigError, match="rejected the credentials"):
+        await open_nixl_backend(_config(seaweed, bucket, secret_key="not-the-secret"))
+
+
+@pytest.mark.asyncio
+async def test_a_missing_bucket_is_a_config_error_at_open(seaweed: Any) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        await open_nixl_backend(_config(seaweed, "lmtier-no-such-bucket"))
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_endpoint_is_unavailable_at_open(seaweed: Any, bucket: str) -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BackendUnavailableError, match="cannot reach"):
+        await open_nixl_backend(_config(seaweed, bucket, endpoint_override=f"http://127.0.0.1:{port}"))

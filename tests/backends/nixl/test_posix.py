@@ -1,0 +1,245 @@
+"""The ``posix`` flavour of the nixl tier: files, index, eviction, corruption, staging, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from lmtier.codec import HEADER_BYTES, encode_header
+from lmtier.errors import CapacityError, ConfigError, PluginError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.memory import host_tensor_of
+from lmtier.registry import BackendRegistry
+from lmtier_backends.nixl import _nixl
+from lmtier_backends.nixl.backend import NixlBackend, open_nixl_backend
+from lmtier_backends.nixl.config import NixlConfig
+from tests.backends.nixl._helpers import needs_nixl, posix_options
+
+pytestmark = needs_nixl
+
+MiB = 1 << 20
+
+
+def _keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="nixl-posix", run=os.urandom(4).hex())
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+def _config(root: Path, **overrides: Any) -> NixlConfig:
+    posix = posix_options(root, **overrides.pop("posix", {}))
+    return NixlConfig(plugin="posix", posix=posix, **{"staging_slab_bytes": 4 * MiB, **overrides})
+
+
+@pytest_asyncio.fixture
+async def opener(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Opens tiers on ``tmp_path/tier`` (options overridable) and closes them all afterwards."""
+    opened: list[NixlBackend] = []
+
+    async def open_tier(**overrides: Any) -> NixlBackend:
+        backend = await open_nixl_backend(_config(tmp_path / "tier", **overrides))
+        opened.append(backend)
+        return backend
+
+    try:
+        yield open_tier
+    finally:
+        for backend in opened:
+            await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_each_chunk_is_one_file_under_its_namespace_starting_with_the_codec_header(
+    tmp_path: Path, opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    await tier.put([(key, b"payload" * 100)])
+    path = tmp_path / "tier" / key.namespace / key.digest.hex()[:2] / str(key)
+    data = path.read_bytes()
+    assert data[:HEADER_BYTES] == encode_header(key, b"payload" * 100)
+    assert data[HEADER_BYTES:] == b"payload" * 100
+    assert [p.name for p in path.parent.iterdir()] == [str(key)]  # no temp file left behind
+
+
+@pytest.mark.asyncio
+async def test_the_index_is_rebuilt_at_open_and_a_crashed_writers_temp_files_are_deleted(
+    tmp_path: Path, opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    keys = _keys(3)
+    await tier.put([(k, os.urandom(1000 * (i + 1))) for i, k in enumerate(keys)])
+    await tier.aclose()
+    stale = tmp_path / "tier" / keys[0].namespace / keys[0].digest.hex()[:2] / f".{keys[0]}.dead.tmp"
+    stale.write_bytes(b"half a write")
+
+    reopened = await opener()
+    assert reopened.stats()["objects"] == 3
+    assert reopened.stats()["bytes"] == sum(HEADER_BYTES + 1000 * (i + 1) for i in range(3))
+    assert not stale.exists()
+    assert await reopened.contains(keys) == [True, True, True]
+
+
+@pytest.mark.asyncio
+async def test_max_bytes_deletes_the_oldest_files(opener: Callable[..., Any]) -> None:
+    item = 100_000
+    tier = await opener(posix={"max_bytes": 3 * (item + HEADER_BYTES)})
+    assert tier.capabilities.evicts
+    keys = _keys(5)
+    for k in keys:
+        await tier.put([(k, os.urandom(item))])
+    assert await tier.contains(keys) == [False, False, True, True, True]
+    assert tier.stats()["evictions"] == 2
+    assert tier.stats()["bytes"] <= 3 * (item + HEADER_BYTES)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("damage", ["flipped payload byte", "truncated below the header", "another key's file"])
+async def test_a_damaged_file_is_a_miss_that_is_deleted_and_counted(
+    tmp_path: Path, opener: Callable[..., Any], damage: str
+) -> None:
+    tier = await opener()
+    key, other = _keys(2)
+    await tier.put([(key, b"k" * 5000), (other, b"o" * 5000)])
+    path = tmp_path / "tier" / key.namespace / key.digest.hex()[:2] / str(key)
+    if damage == "flipped payload byte":
+        data = bytearray(path.read_bytes())
+        data[HEADER_BYTES + 10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncated below the header":
+        path.write_bytes(path.read_bytes()[:20])
+    else:
+        os.replace(tmp_path / "tier" / other.namespace / other.digest.hex()[:2] / str(other), path)
+    assert await tier.get([key]) == [None]
+    assert not path.exists()
+    assert tier.stats()["corrupt"] == 1
+    assert await tier.get([key]) == [None]  # gone now: a plain miss, not counted again
+    assert tier.stats()["corrupt"] == 1
+
+
+@pytest.mark.asyncio
+async def test_contains_asks_the_filesystem_through_nixl_not_the_index(
+    tmp_path: Path, opener: Callable[..., Any]
+) -> None:
+    first, second = await opener(), await opener()
+    written_elsewhere, removed_behind = _keys(2)
+    await second.put([(written_elsewhere, b"from the other handle"), (removed_behind, b"x")])
+    assert await first.contains([written_elsewhere]) == [True]
+    assert bytes((await first.get([written_elsewhere]))[0]) == b"from the other handle"
+    os.unlink(tmp_path / "tier" / removed_behind.namespace / removed_behind.digest.hex()[:2] / str(removed_behind))
+    assert await second.contains([removed_behind]) == [False]
+
+
+@pytest.mark.asyncio
+async def test_staging_is_registered_once_and_reused_across_calls(opener: Callable[..., Any]) -> None:
+    tier = await opener()
+    for key in _keys(20):
+        await tier.put([(key, os.urandom(MiB))])
+        got = await tier.get([key])
+        assert got[0] is not None
+        del got
+    assert tier.stats()["staging_slabs"] == 1
+    assert tier.stats()["staging_bytes"] == 4 * MiB
+
+
+@pytest.mark.asyncio
+async def test_staging_grows_in_slab_steps_and_refuses_past_its_bound(opener: Callable[..., Any]) -> None:
+    tier = await opener(staging_slab_bytes=MiB, max_staging_bytes=4 * MiB)
+    small, big, too_big = _keys(3)
+    await tier.put([(small, b"s" * 1000)])
+    assert (tier.stats()["staging_slabs"], tier.stats()["staging_bytes"]) == (1, MiB)
+    await tier.put([(big, os.urandom(2 * MiB + 1))])  # needs a slab of 3 slab steps
+    assert (tier.stats()["staging_slabs"], tier.stats()["staging_bytes"]) == (2, 4 * MiB)
+    with pytest.raises(CapacityError, match="max_staging_bytes"):
+        await tier.put([(too_big, os.urandom(3 * MiB))])
+    assert await tier.contains([too_big]) == [False]
+
+
+@pytest.mark.asyncio
+async def test_a_returned_value_is_a_zero_copy_view_that_holds_staging_until_dropped(
+    opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    await tier.put([(key, b"v" * 10_000)])
+    (view,) = await tier.get([key])
+    assert tier.stats()["staging_outstanding"] == 1
+    assert host_tensor_of(view) is None  # never mistaken for the whole staging buffer (header included)
+    assert memoryview(view).readonly and bytes(view) == b"v" * 10_000
+    del view
+    gc.collect()
+    assert tier.stats()["staging_outstanding"] == 0
+
+
+async def _cancel_once_running(tier: NixlBackend, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` once its worker holds staging memory (it is mid-transfer)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while tier.stats()["staging_outstanding"] == 0 and not task.done():
+        assert asyncio.get_running_loop().time() < deadline, "the call never started"
+        await asyncio.sleep(0.0005)  # poll interval, not synchronisation
+    assert not task.done(), "the call finished before it could be cancelled mid-transfer"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.asyncio
+async def test_calls_cancelled_mid_transfer_leave_no_buffer_or_handle_behind(opener: Callable[..., Any]) -> None:
+    tier = await opener(max_staging_bytes=256 * MiB)
+    keys = _keys(32)
+    value = os.urandom(2 * MiB)
+    await _cancel_once_running(tier, asyncio.create_task(tier.put([(k, value) for k in keys])))
+    deadline = asyncio.get_running_loop().time() + 30
+    while tier.stats()["staging_outstanding"]:  # the worker finishes the cancelled put by itself
+        assert asyncio.get_running_loop().time() < deadline, "a cancelled put never released its buffers"
+        await asyncio.sleep(0.001)  # poll interval, not synchronisation
+    await tier.put([(k, value) for k in keys[:16]])
+    await _cancel_once_running(tier, asyncio.create_task(tier.get(keys)))
+    staging = tier._staging
+    await tier.aclose()  # waits for the worker still finishing the cancelled get
+    gc.collect()
+    assert staging is not None and staging.outstanding() == 0 and staging.quarantined_bytes == 0
+
+
+@pytest.mark.asyncio
+async def test_a_root_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"posix\.root"):
+        await open_nixl_backend(_config(blocker / "tier"))
+
+
+def test_a_plugin_this_host_cannot_load_is_a_config_error_naming_the_usable_ones() -> None:
+    api = _nixl.load_api()
+    with pytest.raises(ConfigError, match=r"'GDS' is not available on this host; usable plugins here: .*POSIX"):
+        _nixl.create_agent(api, f"probe-{os.urandom(4).hex()}", "GDS", {})
+
+
+@pytest.mark.asyncio
+async def test_missing_nixl_is_a_plugin_error_with_the_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_nixl, "PACKAGES", ("lmtier_no_such_nixl",))
+    with pytest.raises(PluginError, match=r"pip install 'lmtier\[nixl\]'"):
+        await open_nixl_backend(_config(tmp_path / "tier"))
+
+
+@pytest.mark.asyncio
+async def test_the_registry_builds_the_tier_from_yaml_style_options(tmp_path: Path) -> None:
+    registry = BackendRegistry.discover()
+    with pytest.raises(ConfigError, match="needs its section"):
+        registry.validate_options("nixl", {"plugin": "posix"})
+    backend = await registry.create("nixl", {"plugin": "posix", "posix": {"root": str(tmp_path / "t")},
+                                             "staging_slab_bytes": "4MiB"})
+    try:
+        (key,) = _keys(1)
+        await backend.put([(key, b"via the registry")])
+        assert bytes((await backend.get([key]))[0]) == b"via the registry"  # type: ignore[arg-type]
+    finally:
+        await backend.aclose()
