@@ -78,7 +78,7 @@ class ObjStore:
         try:
             self._fetch(keys, want, out, exact=False)
             # a header announcing more bytes than were read: read that object again, exactly
-            again = [i for i in want if out[i] is not None and self._announced(keys[i], out[i]) > out[i].nbytes]
+            again = [i for i in want if self._announced(keys[i], out[i]) > _nbytes(out[i])]
             if again:
                 self.rereads += len(again)
                 self._fetch(keys, again, out, exact=True)
@@ -123,20 +123,22 @@ class ObjStore:
         """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones)."""
         if not which:
             return
+        jobs: list[tuple[str, HostBuffer, int]] = []
         for i in which:
-            size = self._announced(keys[i], out[i]) if exact and out[i] is not None else self._guess(keys[i])
+            size = self._announced(keys[i], out[i]) if exact else self._guess(keys[i])
             old, out[i] = out[i], None
             if old is not None:
                 old.release()
             out[i] = buf = self._staging.allocate(size)
             # a short object leaves the rest of the buffer as it was: never let an old header stand
             buf.tensor[:HEADER_BYTES].zero_()
-        outcome = self._transfer("READ", [(self.name(keys[i]), out[i], out[i].nbytes) for i in which])
+            jobs.append((self.name(keys[i]), buf, buf.nbytes))
+        outcome = self._transfer("READ", jobs)
         failed = [i for i, e in zip(which, outcome.errors, strict=True) if e is not None]
         for i in failed:
-            buf, out[i] = out[i], None
-            if buf is not None:
-                buf.release()
+            failed_buf, out[i] = out[i], None
+            if failed_buf is not None:
+                failed_buf.release()
         if failed:
             # gone since the HEAD (deleted, expired) is a miss; still there means the store failed
             still = self.exists([keys[i] for i in failed])
@@ -181,7 +183,7 @@ class ObjStore:
         if buf is None:
             return 0
         try:
-            length, _ = decode_header(key, buf.tensor[:HEADER_BYTES].numpy())
+            length, _ = decode_header(key, buf.tensor[:HEADER_BYTES].numpy().data)
         except CorruptDataError:
             return 0
         size = HEADER_BYTES + length
@@ -199,3 +201,7 @@ class ObjStore:
             self._last_size = size
             while len(self._sizes) > _SIZE_CACHE_ENTRIES:
                 self._sizes.popitem(last=False)
+
+
+def _nbytes(buf: HostBuffer | None) -> int:
+    return 0 if buf is None else buf.nbytes

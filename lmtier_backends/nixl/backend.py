@@ -364,7 +364,7 @@ class NixlBackend:
                     payload = arr[HEADER_BYTES:]
                     payload[:] = np.frombuffer(view, dtype=np.uint8)
                     # the checksum covers the staged copy: what is stored is what was summed
-                    arr[:HEADER_BYTES] = np.frombuffer(encode_header(key, payload), dtype=np.uint8)
+                    arr[:HEADER_BYTES] = np.frombuffer(encode_header(key, payload.data), dtype=np.uint8)
             finally:
                 copied.set()  # the caller's buffers are no longer read
             self._live_store().write(staged)
@@ -476,7 +476,7 @@ def _probe_bucket(rest: Any) -> None:
 
 def _checked_payload(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
     """The validated payload of a stored value (a view of ``got``); CorruptDataError otherwise."""
-    data = got.tensor.numpy() if isinstance(got, HostBuffer) else np.frombuffer(got, dtype=np.uint8)
+    data = got.tensor.numpy().data if isinstance(got, HostBuffer) else memoryview(got)
     length, _ = decode_header(key, data)
     if HEADER_BYTES + length > data.nbytes:
         raise CorruptDataError(f"{key}: value is {data.nbytes} bytes, its header announces {HEADER_BYTES + length}")
@@ -494,7 +494,7 @@ def _payload_view(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
     if not isinstance(got, HostBuffer) or payload.nbytes == 0:
         return memoryview(bytes(payload))
     lease = got.lease_view()
-    return memoryview(np.frombuffer(lease, dtype=np.uint8, count=payload.nbytes, offset=HEADER_BYTES))
+    return np.frombuffer(lease, dtype=np.uint8, count=payload.nbytes, offset=HEADER_BYTES).data
 
 
 def _check_keys(keys: Sequence[object]) -> None:
