@@ -11,6 +11,8 @@ repeat, a batch of fresh keys is written and read back:
   with ``max_concurrency = --concurrency``; values carry the 64-byte header and are verified;
 * tier, identical re-put: the same batch again, which the tier skips after a conditional PUT.
 
+``--no-sign-payload`` turns SHA-256 body signing off on both sides (tier ``sign_payload: false``).
+
 Raw and tier passes alternate within each repeat. MB/s counts payload bytes (1 MB = 10^6 B);
 figures are medians over repeats, ratios are tier / raw; nothing is asserted.
 
@@ -48,13 +50,17 @@ BUCKET = "lmtier-bench"
 MB = 1e6
 
 
-def raw_client(server: SeaweedFS, concurrency: int) -> Any:
+def raw_client(server: SeaweedFS, concurrency: int, sign_payload: bool | None) -> Any:
     """A boto3 client with the tier's settings (see lmtier_backends/s3/backend.py:_make_client)."""
+    s3: dict[str, Any] = {"addressing_style": "path"}
+    if sign_payload is not None:
+        s3["payload_signing_enabled"] = sign_payload
     return server.endpoint.client(
         max_pool_connections=concurrency + 2,
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=5,
         read_timeout=30,
+        s3=s3,
     )
 
 
@@ -70,6 +76,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where SeaweedFS keeps its data (default: a temp dir)")
     ap.add_argument("--out", default=None, help="directory for s3_tier.json")
+    ap.add_argument("--no-sign-payload", action="store_true",
+                    help="skip SHA-256 body signing on both sides (tier sign_payload: false)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, SeaweedFS(Path(tmp) / "seaweedfs") as server:
@@ -82,12 +90,13 @@ def main() -> None:
             endpoint_url=server.endpoint.endpoint_url,
             access_key_env="LMTIER_BENCH_S3_ACCESS",
             secret_key_env="LMTIER_BENCH_S3_SECRET",
-            max_concurrency=args.concurrency,
+            max_concurrency=args.concurrency, sign_payload=False if args.no_sign_payload else None,
         )
         with asyncio.Runner() as runner:
             backend = runner.run(open_s3_backend(config))
             try:
-                results = run_all(runner, backend, raw_client(server, args.concurrency), args)
+                sign = False if args.no_sign_payload else None
+                results = run_all(runner, backend, raw_client(server, args.concurrency, sign), args)
             finally:
                 runner.run(backend.aclose())
     print_table(results, args)
