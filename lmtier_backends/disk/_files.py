@@ -18,13 +18,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 
 from lmtier.codec import HEADER_BYTES, decode, decode_header, encode_header
 from lmtier.errors import CorruptDataError, InvalidArgumentError
 from lmtier.keys import ChunkKey
+
+if TYPE_CHECKING:
+    from lmtier_backends.disk._buffers import BufferRecycler
 
 __all__ = [
     "Layout",
@@ -168,8 +171,8 @@ def write_file(layout: Layout, key: ChunkKey, payload: memoryview, *, fsync: boo
     return HEADER_BYTES + payload.nbytes
 
 
-def read_file(path: str, key: ChunkKey, stamp: int) -> memoryview:
-    """The validated payload of ``key``'s file as a fresh read-only buffer.
+def read_file(path: str, key: ChunkKey, stamp: int, buffers: BufferRecycler) -> memoryview:
+    """The validated payload of ``key``'s file, as a read-only view of a private buffer.
 
     Raises FileNotFoundError for a miss and CorruptDataError (after unlinking) for a bad file.
     """
@@ -177,16 +180,18 @@ def read_file(path: str, key: ChunkKey, stamp: int) -> memoryview:
     try:
         st = os.fstat(fd)
         length, csum = _read_header(fd, path, key, st)
-        # np.empty: uninitialised, so the only pass over the memory is the kernel's copy into it
-        out = np.empty(length, dtype=np.uint8)
-        view = out.data
-        _read_payload(fd, path, key, view, csum)
-        view.release()
+        out = buffers.take(length)
+        try:
+            view = out.data
+            _read_payload(fd, path, key, view, csum)
+            view.release()
+        except BaseException:
+            buffers.give_back(out)
+            raise
         os.utime(fd, ns=(stamp, st.st_mtime_ns))
     finally:
         os.close(fd)
-    out.flags.writeable = False  # callers get a read-only view, like every other tier's
-    return out.data
+    return buffers.lend(out)
 
 
 def read_file_into(path: str, key: ChunkKey, out: memoryview, stamp: int) -> bool:

@@ -42,6 +42,7 @@ from lmtier.errors import (
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.disk import _files
+from lmtier_backends.disk._buffers import BufferRecycler
 from lmtier_backends.disk._errors import map_os_error, root_config_error
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class DiskBackend:
                 _files.remove_file(self._layout.path_of(key))
             except OSError as exc:
                 raise map_os_error(exc, op="trim at open", path=self._layout.path_of(key)) from None
+        self._buffers = BufferRecycler(int(config.get_buffer_bytes))
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.max_concurrency, thread_name_prefix="lmtier-disk"
         )
@@ -147,7 +149,8 @@ class DiskBackend:
         self._check_open()
         wanted = [k for k in dict.fromkeys(keys) if k in self._index]  # a key twice is read once
         gens = [self._index[k].gen for k in wanted]
-        calls = [partial(_files.read_file, self._layout.path_of(k), k, self._stamp()) for k in wanted]
+        calls = [partial(_files.read_file, self._layout.path_of(k), k, self._stamp(), self._buffers)
+                 for k in wanted]
         outcomes, cancelled = await self._run(calls)
         found: dict[ChunkKey, Buffer] = {}
         errors: list[LmtierError] = []
@@ -235,7 +238,7 @@ class DiskBackend:
     def stats(self) -> dict[str, Any]:
         return {"objects": len(self._index), "bytes": self._used, "capacity_bytes": self.max_bytes,
                 "evictions": self._evictions, "corrupt": self._corrupt,
-                "stale_tmp_removed": self._tmp_removed}
+                "stale_tmp_removed": self._tmp_removed, "idle_get_buffer_bytes": self._buffers.idle_bytes}
 
     async def aclose(self) -> None:
         if self._closed:
@@ -244,6 +247,7 @@ class DiskBackend:
         self._listeners.clear()
         # wait for writes in flight, so a handle opened next on this root sees finished files only
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self._buffers.close()
 
     async def __aenter__(self) -> DiskBackend:
         return self

@@ -27,6 +27,10 @@ class DiskConfig(BaseModel):
             file and its directory before the rename that publishes it, so a finished put
             survives power loss, at the cost of waiting for the device (often 2-10x slower puts).
             A KV cache can always be recomputed, hence the default.
+        get_buffer_bytes: memory kept, while idle, for reuse as ``get`` result buffers of 1 MiB
+            or more. ``get`` returns private copies; fresh memory for each costs page faults that
+            slowed large reads by 20-80% where measured, so buffers whose views were dropped are
+            reused (exact sizes: KV chunks of a model are all alike). 0 disables the reuse.
         fan_out: directory levels between ``root/<namespace>/`` and the files, each named by two
             hex characters of the key digest (2 levels = up to 65,536 directories), so no
             directory grows huge. Changing it later is fine: files found at another depth are
@@ -38,6 +42,8 @@ class DiskConfig(BaseModel):
     max_bytes: ByteSize = Field(ByteSize(20 << 30), gt=0, description="LRU-evicts beyond this many bytes")
     max_concurrency: int = Field(8, ge=1, le=256, description="file operations running at once (threads)")
     fsync: bool = Field(False, description="fsync each put before publishing it: durable but slower")
+    get_buffer_bytes: ByteSize = Field(ByteSize(512 << 20), ge=0,
+                                       description="idle memory kept to reuse get's result buffers")
     fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
 
     @field_validator("root")

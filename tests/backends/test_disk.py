@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import os
 import subprocess
@@ -220,6 +221,31 @@ async def test_get_into_fills_host_pool_buffers_numpy_arrays_and_cpu_tensors(tmp
         host.release()
         pool.close()
         await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_get_reuses_a_large_buffer_only_after_every_view_of_it_is_gone(tmp_path: Path) -> None:
+    backend = await _open(tmp_path / "tier")
+    a, b = _keys(2)
+    da, db = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    await backend.put([(a, da), (b, db)])
+    (va,) = await backend.get([a])
+    with pytest.raises(TypeError):
+        va[0] = 0  # type: ignore[index]  # results are read-only
+    part = np.frombuffer(va, dtype=np.uint8)[10:20]  # a derived view keeps the buffer lent
+    del va
+    gc.collect()
+    (vb,) = await backend.get([b])
+    assert bytes(part) == da[10:20] and bytes(vb) == db
+    assert backend.stats()["idle_get_buffer_bytes"] == 0
+    del part, vb
+    gc.collect()
+    assert backend.stats()["idle_get_buffer_bytes"] == 4 * MiB
+    (va,) = await backend.get([a])  # served from a recycled buffer
+    assert bytes(va) == da and backend.stats()["idle_get_buffer_bytes"] == 2 * MiB
+    del va
+    await backend.aclose()
+    assert backend.stats()["idle_get_buffer_bytes"] == 0
 
 
 # -- eviction ------------------------------------------------------------------------------------
