@@ -148,6 +148,19 @@ async def test_changing_fan_out_moves_existing_files_to_their_new_place(tmp_path
     await flat.aclose()
 
 
+@pytest.mark.asyncio
+async def test_fsync_puts_round_trip_and_persist(tmp_path: Path) -> None:
+    root = tmp_path / "tier"
+    keys = _keys(3)
+    backend = await _open(root, fsync=True)
+    await backend.put([(k, bytes([i]) * 5000) for i, k in enumerate(keys)])
+    await backend.aclose()
+    reopened = await _open(root, fsync=True)
+    assert [bytes(v) for v in await reopened.get(keys)] == [bytes([i]) * 5000 for i in range(3)]
+    assert _tmp_files(root) == []
+    await reopened.aclose()
+
+
 # -- corruption ----------------------------------------------------------------------------------
 def _damage(path: Path, how: str, other: Path) -> None:
     raw = bytearray(path.read_bytes())
