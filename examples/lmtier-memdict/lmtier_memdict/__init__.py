@@ -1,0 +1,3 @@
+"""lmtier-memdict: an example third-party lmtier backend (``backend: memdict``)."""
+
+__all__: list[str] = []

@@ -1,0 +1,123 @@
+"""The ``memdict`` tier: each value copied into an immutable ``bytes`` in a dict, byte-bounded LRU.
+
+Why ``bytes``: ``put`` must not keep the caller's buffer (the caller may reuse it), and a value
+returned by ``get`` must not change when the key is overwritten later. An immutable copy gives
+both for free, and makes every put atomic: the dict slot switches from the old object to the new.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lmtier.codec import as_bytes_view
+from lmtier.errors import BackendUnavailableError, CapacityError, InvalidArgumentError
+from lmtier.keys import ChunkKey
+from lmtier.protocol import Buffer, Capabilities
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from lmtier_memdict.config import MemDictConfig
+
+__all__ = ["MemDictBackend"]
+
+
+class MemDictBackend:
+    """In-process, byte-bounded LRU store. Not persistent, not shared between processes."""
+
+    def __init__(self, config: MemDictConfig) -> None:
+        self.max_bytes = int(config.max_bytes)
+        self._data: OrderedDict[ChunkKey, bytes] = OrderedDict()  # least recently used first
+        self._used = 0
+        self._evictions = 0
+        self._closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(persistent=False, shared=False, evicts=True, max_item_bytes=self.max_bytes)
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        self._check(keys)
+        return [k in self._data for k in keys]
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        self._check(keys)
+        out: list[Buffer | None] = []
+        for k in keys:
+            value = self._data.get(k)
+            if value is not None:
+                self._data.move_to_end(k)
+            out.append(value)
+        return out
+
+    async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
+        """Optional zero-copy protocol (SupportsGetInto): fill caller buffers of the exact size."""
+        self._check(keys)
+        if len(outs) != len(keys):
+            raise InvalidArgumentError(f"get_into needs one buffer per key, got {len(outs)} for {len(keys)}")
+        filled = []
+        for k, out in zip(keys, outs, strict=True):
+            view = as_bytes_view(out)
+            if view.readonly:
+                raise InvalidArgumentError("get_into needs writable buffers")
+            value = self._data.get(k)
+            if value is None or len(value) != view.nbytes:
+                filled.append(False)
+                continue
+            self._data.move_to_end(k)
+            view[:] = value
+            filled.append(True)
+        return filled
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        self._check([k for k, _ in items])
+        frozen = [(k, self._freeze(v)) for k, v in items]  # validate the whole batch before writing
+        for _, value in frozen:
+            if len(value) > self.max_bytes:
+                raise CapacityError(f"memdict: a {len(value)}-byte value exceeds max_bytes={self.max_bytes}")
+        for key, value in frozen:
+            old = self._data.pop(key, None)
+            self._used -= 0 if old is None else len(old)
+            while self._data and self._used + len(value) > self.max_bytes:
+                _, evicted = self._data.popitem(last=False)
+                self._used -= len(evicted)
+                self._evictions += 1
+            self._data[key] = value
+            self._used += len(value)
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        self._check(keys)
+        for k in keys:
+            old = self._data.pop(k, None)
+            self._used -= 0 if old is None else len(old)
+
+    def stats(self) -> dict[str, Any]:
+        """Optional protocol (SupportsStats): exported as lmtier_backend_<name>{tier=...} gauges."""
+        return {"objects": len(self._data), "bytes": self._used, "evictions": self._evictions}
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._data.clear()
+        self._used = 0
+
+    async def __aenter__(self) -> MemDictBackend:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    # -- the one place where bad input and a closed handle become lmtier errors -----------------
+    @staticmethod
+    def _freeze(value: object) -> bytes:
+        """An immutable copy of any C-contiguous buffer; InvalidArgumentError for anything else."""
+        return bytes(as_bytes_view(value))
+
+    def _check(self, keys: Sequence[object]) -> None:
+        if self._closed:
+            raise BackendUnavailableError("memdict tier is closed")
+        for k in keys:
+            if not isinstance(k, ChunkKey):
+                raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

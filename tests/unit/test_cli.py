@@ -1,0 +1,242 @@
+"""The `lmtier` command line, in-process through ``lmtier.cli.main`` and as a real console script."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import re
+import socket
+import subprocess
+import sys
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmtier.cli import _redact, main, parse_size
+
+LMTIER = Path(sys.executable).parent / "lmtier"  # the console script pip installed into the venv
+
+
+def write_config(path: Path, tmp_path: Path, *extra_tiers: dict) -> Path:
+    config = {"chunk_tokens": 256, "tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB", "pinned": False}},
+        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "disk"), "max_bytes": "1GiB"}},
+        *extra_tiers,
+    ]}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("lmtier: error:")]
+
+
+# -- doctor -------------------------------------------------------------------------------------
+def test_doctor_reports_the_environment_and_the_config_without_printing_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shared = {"name": "shared", "backend": "redis", "write": "async",
+              "options": {"url": "redis://lmtier:hunter2-secret@127.0.0.1:6399/0", "connect_at_open": False}}
+    monkeypatch.setenv("LMTIER_CONFIG", str(write_config(tmp_path / "c.yaml", tmp_path, shared)))
+    monkeypatch.setenv("LMTIER_TIERS__SHARED__OPTIONS__KEY_PREFIX", "test-")
+    assert main(["doctor"]) == 0
+    out, err = capsys.readouterr()
+    for expected in ("torch", "cuda", "pinned memory", "transfer path", str(tmp_path / "c.yaml"),
+                     "tier hot", "tier nvme", "tier shared", "redis, write: async",
+                     "LMTIER_TIERS__SHARED__OPTIONS__KEY_PREFIX", "redis-server", "weed", "verdict: OK"):
+        assert expected in out
+    assert re.search(r"^\s+cpu\s+installed", out, re.MULTILINE)
+    assert "hunter2" not in out + err
+
+
+def test_doctor_names_the_bad_key_of_a_broken_config_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers:\n  - {name: hot, backend: cpu, options: {max_byts: 1MiB}}\n")
+    assert main(["doctor", "--config", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "verdict: NOT OK" in out and "tiers[0].options.max_byts: unknown key" in out
+
+
+def test_secret_looking_options_and_url_passwords_are_masked() -> None:
+    shown = _redact({"url": "redis://u:pw@h:1/0", "secret_key": "abc", "nested": {"api_key": "k"},
+                     "plain": "redis://h:1/0", "access_key_env": "AWS_KEY", "size": 3})
+    assert shown == {"url": "redis://u:***@h:1/0", "secret_key": "***", "nested": {"api_key": "***"},
+                     "plain": "redis://h:1/0", "access_key_env": "***", "size": 3}
+
+
+# -- backends -----------------------------------------------------------------------------------
+def test_backends_lists_every_registered_backend_with_origin_and_install_state(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["NAME", "ORIGIN", "INSTALLED", "INSTALL", "HINT", "DESCRIPTION"]
+    assert re.search(r"^cpu\s+entrypoint:cpu\s+yes\s+pip install lmtier", out, re.MULTILINE)
+    assert re.search(r"^disk\s+entrypoint:disk\s+yes\s+pip install lmtier", out, re.MULTILINE)
+
+
+def test_the_console_script_and_python_m_run_as_real_processes(tmp_path: Path) -> None:
+    assert LMTIER.is_file(), f"{LMTIER} missing: the project is not pip-installed into this venv"
+    done = subprocess.run([str(LMTIER), "backends"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^cpu\s+entrypoint:cpu\s+yes", done.stdout, re.MULTILINE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers:\n  - {name: hot, backend: cpu, write: sometimes}\n")
+    done = subprocess.run([sys.executable, "-m", "lmtier", "config", "validate", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [
+        f"lmtier: error: {bad}: invalid lmtier configuration: tiers[0].write: "
+        "Input should be 'through' or 'async' (got 'sometimes')"
+    ]
+
+
+# -- config validate ----------------------------------------------------------------------------
+def test_config_validate_accepts_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path / "good.yaml", tmp_path)
+    assert main(["config", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: OK" in out and "hot (cpu, write: through) -> nvme (disk, write: through)" in out
+
+
+@pytest.mark.parametrize(("tiers", "message"), [
+    ([{"name": "hot", "backend": "cpu"}, {"name": "nvme", "backend": "disk", "options": {"rot": "/x"}}],
+     r"tiers\[1\]\.options\.rot: unknown key; allowed keys: .*root"),  # phase two: the backend's model
+    ([{"name": "hot", "backend": "cpu"}, {"name": "x", "backend": "nosuch"}],
+     r"tiers\[1\]\.backend: unknown backend 'nosuch'; known backends: cpu, disk"),
+    ([{"name": "hot", "backend": "cpu", "queue_depth": 0}],
+     r"tiers\[0\]\.queue_depth: Input should be greater than or equal to 1"),  # phase one: core schema
+])
+def test_config_validate_rejects_a_bad_file_naming_the_key_path_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiers: list, message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"tiers": tiers}))
+    assert main(["config", "validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    (line,) = error_lines(err)
+    assert re.search(message, line) and str(path) in line
+    assert out == ""
+
+
+def test_config_validate_applies_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path / "good.yaml", tmp_path)
+    monkeypatch.setenv("LMTIER_TIERS__NVME__OPTIONS__MAX_BYTES", "lots")
+    assert main(["config", "validate", str(path)]) == 2
+    assert "tiers[1].options.max_bytes" in capsys.readouterr().err
+
+
+# -- check-backend ------------------------------------------------------------------------------
+def test_check_backend_runs_the_conformance_suite_against_cpu(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    options = tmp_path / "cpu.yaml"
+    options.write_text("max_bytes: 16MiB\npinned: false\n")
+    args = ["check-backend", "cpu", "--options", str(options), "--big-item", "1MiB", "-q",
+            "-k", "round_trip or order or buffer or big_item"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "BackendConformance against 'cpu' (entrypoint:cpu)" in out
+    assert re.search(r"\b[1-9][0-9]* passed", out) and "failed" not in out, out
+
+
+def test_check_backend_exit_code_is_pytests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-backend", "cpu", "-k", "no_test_is_called_this"]) == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def test_check_backend_refuses_unknown_backends_and_bad_options_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check-backend", "nosuch"]) == 2
+    assert "unknown backend 'nosuch'" in error_lines(capsys.readouterr().err)[0]
+    options = tmp_path / "cpu.yaml"
+    options.write_text("max_byts: 1MiB\n")
+    assert main(["check-backend", "cpu", "--options", str(options)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"{options}: " in line and "options.max_byts: unknown key" in line
+
+
+# -- bench, demo --------------------------------------------------------------------------------
+def test_bench_measures_every_configured_tier_against_the_raw_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path / "c.yaml", tmp_path)
+    assert main(["bench", "--config", str(path), "--size", "64KiB", "--count", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 x 65.5 kB values per tier" in out and "raw memcpy (numpy copyto)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("hot ", "nvme "))}
+    assert rows["hot"][1] == "cpu" and rows["nvme"][1] == "disk"
+    assert all(float(v) > 0 for row in rows.values() for v in row[2:8]), out
+    assert list((tmp_path / "disk").rglob("*-*")) == [], "bench left its values in the disk tier"
+
+
+def test_parse_size_accepts_decimal_and_binary_units() -> None:
+    assert parse_size("37.7MB") == 37_700_000
+    assert parse_size("36MiB") == 37_748_736
+    assert parse_size("4096") == 4096
+
+
+def test_the_storage_demo_stores_then_hits_from_disk_in_a_fresh_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["demo", "--storage", "--tokens", "1000", "--chunk-tokens", "64", "--scale", "64",
+            "--dir", str(tmp_path / "demo")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[pass 1] lookup: hit 0 of 1000 tokens" in out
+    assert "[pass 1] stored 960 of 1000 tokens" in out  # 15 full chunks; the last 40 tokens are not one
+    assert "[pass 2, fresh process] lookup: hit 960 of 1000 tokens" in out
+    assert "retrieved 960 of 1000 tokens byte-exact" in out and "hot 0, local 15" in out
+    assert "demo OK" in out
+    assert len([p for p in (tmp_path / "demo").rglob("*-*") if p.is_file()]) == 15  # --dir keeps the files
+
+
+def test_demo_delegates_to_lmtier_demo_when_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    fake = types.ModuleType("lmtier.demo")
+    fake.__spec__ = importlib.machinery.ModuleSpec("lmtier.demo", None)
+    fake.run_demo = lambda argv: seen.append(argv) or 7  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lmtier.demo", fake)
+    assert main(["demo", "--model", "tiny", "--help"]) == 7
+    assert seen == [["--model", "tiny", "--help"]]
+
+
+# -- serve-metrics ------------------------------------------------------------------------------
+def test_serve_metrics_serves_the_default_registry_until_terminated() -> None:
+    proc = subprocess.Popen([str(LMTIER), "serve-metrics", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once the socket is listening; EOF if it died
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line)
+        assert match, f"no address line: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        with urllib.request.urlopen(match.group(0), timeout=10) as resp:
+            body = resp.read().decode()
+        assert "lmtier_lookup_chunks_total" in body and "# TYPE lmtier_tier_hits_total counter" in body
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert proc.returncode == 0  # SIGTERM is a clean shutdown
+
+
+@pytest.mark.timeout(60)
+def test_serve_metrics_on_a_busy_port_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve-metrics", "--port", str(port)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in line and "pick another --port" in line
