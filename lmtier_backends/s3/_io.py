@@ -141,7 +141,7 @@ def response_socket(body: Any) -> socket.socket | None:
 
 
 def read_exact_into(body: Any, out: memoryview, guard: CallGuard) -> None:
-    """Fill ``out`` from a botocore StreamingBody; EOFError if the stream ends early.
+    """Fill ``out`` from a botocore StreamingBody; ConnectionError if the stream ends early.
 
     Uses http.client's ``readinto`` on the response under urllib3 when present (the socket
     writes into ``out`` directly); otherwise StreamingBody.readinto (one extra copy per block).
@@ -154,7 +154,7 @@ def read_exact_into(body: Any, out: memoryview, guard: CallGuard) -> None:
         guard.check()
         got = target.readinto(out[pos : min(pos + _READ_BLOCK, total)])
         if not got:
-            raise EOFError(f"response ended after {pos} of {total} bytes")
+            raise ConnectionError(f"the response ended after {pos} of {total} bytes")
         pos += got
 
 
