@@ -94,6 +94,12 @@ class StagingPool:
             slab = self._add_slab(size)
             return slab.pool.allocate(nbytes)
 
+    def prime(self) -> None:
+        """Register the first slab now (at open), so the first call pays no registration."""
+        with self._lock:
+            if not self._slabs and not self._closed:
+                self._add_slab(self.slab_bytes)
+
     def quarantine(self, buf: HostBuffer) -> None:
         """Never reuse ``buf``'s range: a transfer that could not be stopped may still write it."""
         with self._lock:

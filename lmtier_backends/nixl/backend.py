@@ -253,21 +253,26 @@ class NixlBackend:
         from lmtier_backends.nixl._obj import PLUGIN, ObjStore
         from lmtier_backends.nixl._s3rest import S3Rest, S3Target
 
-        secret = opts.secret_key.get_secret_value() if opts.secret_key is not None else None
+        try:
+            creds = opts.credentials()
+        except ValueError as exc:
+            raise ConfigError(f"{self.tier}: {exc}") from None
+        access, secret = creds if creds is not None else (None, None)
         assert opts.scheme is not None
         target = S3Target(opts.bucket, opts.region, opts.scheme, opts.endpoint_override,
-                          opts.use_virtual_addressing, opts.access_key, secret)
+                          opts.use_virtual_addressing, access, secret)
         rest = S3Rest(target)
         _probe_bucket(rest)
         params = {
             "bucket": opts.bucket, "region": opts.region, "scheme": opts.scheme,
             "use_virtual_addressing": "true" if opts.use_virtual_addressing else "false",
+            "num_threads": str(opts.num_threads),
         }
         if opts.endpoint_override:
             params["endpoint_override"] = opts.endpoint_override
         env = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": str(opts.max_attempts)}
-        if opts.access_key is not None and secret is not None:
-            params.update(access_key=opts.access_key, secret_key=secret)
+        if access is not None and secret is not None:
+            params.update(access_key=access, secret_key=secret)
             env["AWS_EC2_METADATA_DISABLED"] = "true"  # explicit keys: never wait on an IMDS lookup
         params.update(opts.params)
         self._agent = _nixl.create_agent(api, name, PLUGIN, params, env=env)
@@ -285,8 +290,10 @@ class NixlBackend:
 
     def _new_staging(self, plugin: str) -> StagingPool:
         cfg = self.config
-        return StagingPool(self._agent, plugin, slab_bytes=int(cfg.staging_slab_bytes),
-                           max_bytes=int(cfg.max_staging_bytes), pinned=cfg.pinned, name=self.tier)
+        staging = StagingPool(self._agent, plugin, slab_bytes=int(cfg.staging_slab_bytes),
+                              max_bytes=int(cfg.max_staging_bytes), pinned=cfg.pinned, name=self.tier)
+        staging.prime()
+        return staging
 
     def _live_store(self) -> PosixStore | ObjStore:
         store = self._store

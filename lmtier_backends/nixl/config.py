@@ -16,6 +16,7 @@ the same name::
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -65,7 +66,10 @@ class ObjOptions(BaseModel):
         bucket: an existing bucket.
         endpoint_override: S3 endpoint URL (``http://host:port``) for S3-compatible stores; omit
             for AWS.
-        access_key / secret_key: credentials; omit both to use the AWS SDK's default chain.
+        access_key / secret_key: credentials (the secret is held as ``SecretStr``, never logged).
+        access_key_env / secret_key_env: instead, names of environment variables holding them,
+            read at open (keeps secrets out of YAML). Omit all four to use the AWS SDK's default
+            chain (``AWS_ACCESS_KEY_ID``, profiles, instance roles, ...).
         region: signing region.
         scheme: ``http`` or ``https``; default: the endpoint URL's scheme, else ``https``.
         use_virtual_addressing: bucket in the host name (AWS) instead of the path (most others).
@@ -73,6 +77,8 @@ class ObjOptions(BaseModel):
         max_attempts: attempts per S3 request inside NIXL's AWS SDK client. The SDK's default is
             11 attempts with backoff, which turns an unreachable server into a 25 s stall per
             request; a cache tier should fail fast and let the circuit breaker act.
+        num_threads: S3 requests NIXL's OBJ plugin runs at once (its AWS SDK executor threads;
+            NIXL's own default is half the cores, a single thread on a 2-core host).
         expected_item_bytes: first read size for an object whose size this handle has not seen
             (one GET when it is large enough, otherwise a second GET of the exact size).
         params: extra OBJ plugin parameters passed to NIXL as is (``crtMinLimit``, ``ca_bundle``...).
@@ -83,11 +89,14 @@ class ObjOptions(BaseModel):
     endpoint_override: str | None = Field(None, description="S3 endpoint URL, e.g. http://127.0.0.1:8333")
     access_key: str | None = Field(None, description="access key id")
     secret_key: SecretStr | None = Field(None, description="secret access key")
+    access_key_env: str | None = Field(None, description="env variable holding the access key id")
+    secret_key_env: str | None = Field(None, description="env variable holding the secret access key")
     region: str = Field("us-east-1", description="signing region")
     scheme: Literal["http", "https"] | None = Field(None, description="default: the endpoint's scheme")
     use_virtual_addressing: bool = Field(False, description="virtual-hosted-style bucket addressing")
     prefix: str = Field("lmtier/", pattern=r"^[A-Za-z0-9/_.-]{0,200}$", description="object key prefix")
     max_attempts: int = Field(2, ge=1, le=10, description="attempts per S3 request inside NIXL")
+    num_threads: int = Field(8, ge=1, le=256, description="S3 requests NIXL runs at once")
     expected_item_bytes: ByteSize = Field(ByteSize(1 * MiB), gt=0, description="first read size guess")
     params: dict[str, str] = Field(default_factory=dict, description="extra NIXL OBJ plugin params")
 
@@ -108,10 +117,31 @@ class ObjOptions(BaseModel):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:8333")
         return url.rstrip("/")
 
+    def credentials(self) -> tuple[str, str] | None:
+        """``(access_key, secret_key)`` from the options or the named variables; None = SDK chain.
+
+        Raises ValueError naming a variable that is not set.
+        """
+        if self.access_key is not None and self.secret_key is not None:
+            return self.access_key, self.secret_key.get_secret_value()
+        if self.access_key_env is None or self.secret_key_env is None:
+            return None
+        values = []
+        for var in (self.access_key_env, self.secret_key_env):
+            value = os.environ.get(var)
+            if not value:
+                raise ValueError(f"environment variable {var} (named by obj.*_env) is not set")
+            values.append(value)
+        return values[0], values[1]
+
     @model_validator(mode="after")
     def _consistent(self) -> ObjOptions:
         if (self.access_key is None) != (self.secret_key is None):
             raise ValueError("give both access_key and secret_key, or neither (AWS default chain)")
+        if (self.access_key_env is None) != (self.secret_key_env is None):
+            raise ValueError("give both access_key_env and secret_key_env, or neither")
+        if self.access_key is not None and self.access_key_env is not None:
+            raise ValueError("give the keys either inline (access_key/secret_key) or by env (*_env), not both")
         url_scheme = urlsplit(self.endpoint_override).scheme if self.endpoint_override else ""
         if self.scheme is None:
             self.scheme = url_scheme or "https"  # type: ignore[assignment]

@@ -126,3 +126,30 @@ async def test_an_unreachable_endpoint_is_unavailable_at_open(seaweed: Any, buck
         port = s.getsockname()[1]
     with pytest.raises(BackendUnavailableError, match="cannot reach"):
         await open_nixl_backend(_config(seaweed, bucket, endpoint_override=f"http://127.0.0.1:{port}"))
+
+
+@pytest.mark.asyncio
+async def test_credentials_can_come_from_named_environment_variables(
+    seaweed: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = seaweed.endpoint
+    monkeypatch.setenv("LMTIER_TEST_NIXL_AK", endpoint.access_key)
+    monkeypatch.setenv("LMTIER_TEST_NIXL_SK", endpoint.secret_key)
+    config = _config(seaweed, bucket, access_key=None, secret_key=None,
+                     access_key_env="LMTIER_TEST_NIXL_AK", secret_key_env="LMTIER_TEST_NIXL_SK")
+    assert endpoint.secret_key not in repr(config)
+    tier = await open_nixl_backend(config)
+    try:
+        (key,) = _keys(1)
+        await tier.put([(key, b"env credentials")])
+        assert bytes((await tier.get([key]))[0]) == b"env credentials"  # type: ignore[arg-type]
+    finally:
+        await tier.aclose()
+    monkeypatch.delenv("LMTIER_TEST_NIXL_SK")
+    with pytest.raises(ConfigError, match="LMTIER_TEST_NIXL_SK"):
+        await open_nixl_backend(config)
+
+
+def test_an_inline_secret_never_shows_in_the_config_repr(seaweed: Any, bucket: str) -> None:
+    config = _config(seaweed, bucket)
+    assert seaweed.endpoint.secret_key not in repr(config) and seaweed.endpoint.secret_key not in str(config)
