@@ -51,6 +51,7 @@ from lmtier.errors import (
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.s3._errors import (
+    error_status,
     is_not_found,
     is_not_implemented,
     is_precondition_failed,
@@ -467,7 +468,12 @@ class S3Backend:
 
     def _stored_header_matches(self, name: str, header: bytes, payload_bytes: int) -> bool:
         """Whether the stored object has exactly this header and size (so identical content)."""
-        resp = self._get_object(name, Range=f"bytes=0-{HEADER_BYTES - 1}")
+        try:
+            resp = self._get_object(name, Range=f"bytes=0-{HEADER_BYTES - 1}")
+        except Exception as exc:
+            if error_status(exc) == 416:  # an empty object: certainly not ours
+                return False
+            raise
         if resp is None:
             return False
         body = resp["Body"]

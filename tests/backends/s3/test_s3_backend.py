@@ -145,6 +145,20 @@ async def test_putting_identical_bytes_again_skips_the_upload_but_new_bytes_over
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("planted", [b"", b"LMTR", b"x" * 100], ids=["empty", "short", "foreign"])
+async def test_a_put_over_a_foreign_or_empty_object_replaces_it(
+    s3_config: S3Config, s3_endpoint: S3Endpoint, planted: bytes
+) -> None:
+    (key,) = _keys(1)
+    async with await open_s3_backend(s3_config) as backend:
+        s3_endpoint.client().put_object(Bucket=BUCKET, Key=backend.object_name(key), Body=planted)
+        await backend.put([(key, b"ours")])
+        (got,) = await backend.get([key])
+        assert got is not None and bytes(got) == b"ours"
+        assert backend.stats()["skipped_identical"] == 0
+
+
+@pytest.mark.asyncio
 async def test_without_skip_identical_puts_every_put_uploads(s3_options: Callable[..., dict[str, Any]]) -> None:
     (key,) = _keys(1)
     async with await open_s3_backend(S3Config(**s3_options(skip_identical_puts=False))) as backend:
@@ -207,7 +221,7 @@ async def test_a_cancelled_get_into_has_stopped_writing_the_callers_buffer_when_
     s3_config: S3Config,
 ) -> None:
     (key,) = _keys(1)
-    data = os.urandom(64 * MiB)
+    data = os.urandom(32 * MiB)
     async with await open_s3_backend(s3_config) as backend:
         await backend.put([(key, data)])
         out = bytearray(len(data))
