@@ -19,13 +19,16 @@ volume server), never slept on::
     server.restart()                     # same ports, same data dir
     server.close()                       # stop + delete the sockets; also `with SeaweedFS(d) as s`
 
-Known traps (see the team's SERVICES.md): after a restart on the same data dir the first PUT once
-took 5 s, so callers should retry their first write with a deadline (:func:`wait_writable`).
+Known traps (see the team's SERVICES.md): after a SIGKILL, the restarted master sometimes takes
+~5 s to see its volume server again (S3 answers at once, but writes stall: the "first PUT took
+5 s" seen before). :meth:`SeaweedFS.restart` waits for the volume server, so this costs time, not
+flakiness; ``stop(graceful=True)`` (~1 s) avoids it. :func:`wait_writable` polls a real PUT.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -80,6 +83,7 @@ class S3Endpoint(NamedTuple):
         ``config`` goes to ``botocore.config.Config`` and overrides the defaults.
         """
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         options: dict[str, Any] = {
@@ -91,7 +95,9 @@ class S3Endpoint(NamedTuple):
             "read_timeout": 30,
         }
         options.update(config)
-        return boto3.session.Session().client(
+        core = botocore.session.Session()
+        core.register_component("data_loader", _shared_loader())
+        return boto3.session.Session(botocore_session=core).client(
             "s3",
             endpoint_url=self.endpoint_url,
             aws_access_key_id=self.access_key,
@@ -99,6 +105,14 @@ class S3Endpoint(NamedTuple):
             region_name=DEFAULT_REGION,
             config=Config(**options),
         )
+
+
+@functools.cache
+def _shared_loader() -> Any:
+    """One botocore model loader per process: parsing the S3 model costs ~1 s per new session."""
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
 
 
 def find_weed() -> str | None:
