@@ -440,8 +440,13 @@ class RedisBackend:
         after this returns.
         """
         tokens = [Abort() for _ in jobs]
+        # Why slots (emptied below) and not future results: a finished future and the worker's
+        # work item stay referenced for a moment after the job, and would keep the results'
+        # lease views (slab ranges) alive after the caller dropped them
+        slots: list[Outcome] = [(False, asyncio.CancelledError()) for _ in jobs]
         try:
-            futures = [self._executor.submit(self._outcome, job, tok) for job, tok in zip(jobs, tokens, strict=True)]
+            futures = [self._executor.submit(self._outcome, job, tok, slots, i)
+                       for i, (job, tok) in enumerate(zip(jobs, tokens, strict=True))]
         except RuntimeError:  # shut down by a concurrent aclose()
             raise BackendUnavailableError(f"redis tier {self.where} is closed") from None
         waiting = {asyncio.wrap_future(f) for f in futures}
@@ -458,18 +463,20 @@ class RedisBackend:
                     f.cancel()
         if cancelled:
             raise asyncio.CancelledError
-        return [f.result() for f in futures]
+        outcomes = list(slots)
+        slots.clear()
+        return outcomes
 
-    def _outcome(self, job: Callable[[Abort], Any], token: Abort) -> Outcome:
-        """Run one job on a worker thread; its result or exception, never raised."""
+    def _outcome(self, job: Callable[[Abort], Any], token: Abort, slots: list[Outcome], i: int) -> None:
+        """Run one job on a worker thread; its result or exception goes to ``slots[i]``."""
         if token.aborted:
-            return False, asyncio.CancelledError()
+            return
         with self._running_lock:
             self._running += 1
         try:
-            return True, job(token)
+            slots[i] = (True, job(token))
         except Exception as exc:  # reported per job; the loop side maps it
-            return False, exc
+            slots[i] = (False, exc)
         finally:
             with self._running_lock:
                 self._running -= 1

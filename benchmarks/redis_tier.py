@@ -1,0 +1,345 @@
+"""Redis tier throughput against the raw client and redis-benchmark, same servers, same run.
+
+Starts its own servers on 127.0.0.1 (a standalone one and a 3-primary Cluster; persistence off)
+and, for values of 1 MiB, 4 MiB and 37.7 MB (one Qwen3-8B chunk of 256 tokens: 37,748,736
+bytes), measures SET/GET throughput of:
+
+* ``redis-benchmark -d <size> -t set,get --csv`` (the C client: the server's limit here);
+  ``-c 1`` standalone (one stream, like one tier batch), ``--cluster -c 3`` on the Cluster;
+* raw redis-py, every mode worth trying, the best one per op being the reference (GET results
+  are kept until the pass ends, as a caller needing the whole batch keeps them: a result freed at
+  once would let the next one reuse the same, cache-hot memory, which no real caller does):
+  ``Redis`` with hiredis parsing and the default packer; with ``PythonRespSerializer`` as the
+  packer (SERVICES.md's fastest); pipelines; ``redis.asyncio``; on the Cluster ``RedisCluster``
+  one by one and pipelined (it ignores the packer argument);
+* the tier (``RedisBackend``): one ``put`` of the whole batch, one ``get`` (read-only views of
+  the warm receive slab, header and checksum verified), one ``get_into`` (the caller's reused
+  buffers, verified), and one item per call.
+
+The raw modes store the bare payload; the tier stores the 64-byte header too and checksums every
+byte both ways. Also printed: what ``header + payload`` (a ``b"".join``) would cost per value.
+
+Each repeat moves about ``--batch-mib`` MiB per mode, in a fresh random order of modes; MB/s is
+the median over repeats, and tier/raw is the median over repeats of the ratio within one repeat
+(tier pass vs the best raw mode's pass of that repeat), which cancels the machine's slow drifts.
+Nothing is asserted.
+
+    python benchmarks/redis_tier.py [--repeats 5] [--batch-mib 128] [--sizes 1MiB,4MiB,37.7MB]
+                                    [--no-cluster] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, when run as a script
+
+import redis
+import redis.asyncio as aredis
+from redis.cluster import RedisCluster
+from redis.connection import ConnectionPool, Encoder, PythonRespSerializer
+
+from lmtier.codec import encode_header
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier_backends.redis.backend import RedisBackend, open_redis_backend
+from lmtier_backends.redis.config import RedisConfig
+from tests.support.redis_server import redis_available, start_cluster, start_redis
+
+MB = 1e6
+QWEN3_8B_CHUNK = 36 * 2 * 8 * 128 * 2 * 256  # 37,748,736 bytes
+SIZES = {"1MiB": 1 << 20, "4MiB": 4 << 20, "37.7MB": QWEN3_8B_CHUNK}
+
+Pass = Callable[[], float]  # runs one pass, returns seconds
+
+
+# -- raw redis-py modes (blocking) ------------------------------------------------------------------
+def _sync_modes(client: Any, names: list[bytes], values: list[bytes], tag: str,
+                pipelined: bool = True) -> dict[str, tuple[Pass, Pass]]:
+    def put_each() -> float:
+        t = time.perf_counter()
+        for n, v in zip(names, values, strict=True):
+            client.set(n, v)
+        return time.perf_counter() - t
+
+    def get_each() -> float:
+        t = time.perf_counter()
+        got = [client.get(n) for n in names]  # kept, like a caller that needs the whole batch
+        dt = time.perf_counter() - t
+        del got
+        return dt
+
+    def put_pipe() -> float:
+        t = time.perf_counter()
+        p = client.pipeline(transaction=False)
+        for n, v in zip(names, values, strict=True):
+            p.set(n, v)
+        p.execute()
+        return time.perf_counter() - t
+
+    def get_pipe() -> float:
+        t = time.perf_counter()
+        p = client.pipeline(transaction=False)
+        for n in names:
+            p.get(n)
+        got = p.execute()
+        dt = time.perf_counter() - t
+        del got
+        return dt
+
+    modes = {f"{tag} one by one": (put_each, get_each)}
+    if pipelined:
+        modes[f"{tag} pipeline"] = (put_pipe, get_pipe)
+    return modes
+
+
+def _async_mode(port: int, names: list[bytes], values: list[bytes], loop: asyncio.AbstractEventLoop,
+                holder: list[Any]) -> dict[str, tuple[Pass, Pass]]:
+    client = aredis.Redis(host="127.0.0.1", port=port)
+    holder.append(client)
+
+    async def put() -> None:
+        for n, v in zip(names, values, strict=True):
+            await client.set(n, v)
+
+    async def get() -> None:
+        got = [await client.get(n) for n in names]
+        del got
+
+    def timed(fn: Callable[[], Any]) -> Pass:
+        def run() -> float:
+            t = time.perf_counter()
+            loop.run_until_complete(fn())
+            return time.perf_counter() - t
+        return run
+
+    return {"redis.asyncio one by one": (timed(put), timed(get))}
+
+
+# -- the tier ------------------------------------------------------------------------------------
+def _tier_modes(backend: RedisBackend, keys: list[ChunkKey], values: list[bytes],
+                loop: asyncio.AbstractEventLoop) -> dict[str, tuple[Pass, Pass]]:
+    items = list(zip(keys, values, strict=True))
+    outs = [bytearray(len(v)) for v in values]
+    for o in outs:  # pre-touch the caller's buffers, like an engine's reused pinned pages
+        o[:] = b"\0" * len(o)
+
+    def timed(fn: Callable[[], Any]) -> Pass:
+        def run() -> float:
+            t = time.perf_counter()
+            loop.run_until_complete(fn())
+            return time.perf_counter() - t
+        return run
+
+    async def put_batch() -> None:
+        await backend.put(items)
+
+    async def get_batch() -> None:
+        got = await backend.get(keys)
+        assert all(g is not None for g in got)
+        del got  # the views go back to the slab
+
+    async def get_into_batch() -> None:
+        assert all(await backend.get_into(keys, outs))
+
+    async def put_each() -> None:
+        for it in items:
+            await backend.put([it])
+
+    async def get_each() -> None:
+        for k in keys:
+            (g,) = await backend.get([k])
+            assert g is not None
+            del g
+
+    return {
+        "tier batch (put / get)": (timed(put_batch), timed(get_batch)),
+        "tier batch (put / get_into)": (timed(put_batch), timed(get_into_batch)),
+        "tier one per call (put / get)": (timed(put_each), timed(get_each)),
+    }
+
+
+# -- redis-benchmark -------------------------------------------------------------------------------
+def redis_benchmark(port: int, size: int, requests: int, clients: int, cluster: bool) -> dict[str, float]:
+    """MB/s of SET and GET from ``redis-benchmark --csv`` (rps x value size)."""
+    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set,get", "-d", str(size),
+           "-n", str(requests), "-c", str(clients), "-P", "1", "--csv"]
+    if cluster:
+        cmd.append("--cluster")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    rates: dict[str, float] = {}
+    for row in csv.reader(io.StringIO(out)):
+        if len(row) >= 2 and row[0] in ("SET", "GET"):
+            rates[row[0]] = float(row[1]) * size / MB
+    return rates
+
+
+# -- driver --------------------------------------------------------------------------------------
+def measure(topology: str, port: int, size: int, args: argparse.Namespace,
+            loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+    count = max(2, round(args.batch_mib * (1 << 20) / size))
+    ns = make_namespace(bench="redis_tier", size=size, run=os.urandom(4).hex())
+    keys = [ChunkKey(ns, os.urandom(16)) for _ in range(count)]
+    names = [f"raw:{k}".encode() for k in keys]
+    values = [os.urandom(size) for _ in range(count)]
+    cluster = topology == "cluster"
+    holder: list[Any] = []
+
+    modes: dict[str, tuple[Pass, Pass]] = {}
+    if cluster:
+        rc = RedisCluster(host="127.0.0.1", port=port)
+        holder.append(rc)
+        modes.update(_sync_modes(rc, names, values, "RedisCluster"))
+    else:
+        default = redis.Redis(host="127.0.0.1", port=port)
+        enc = Encoder("utf-8", "strict", False)
+        packer = redis.Redis(connection_pool=ConnectionPool(
+            host="127.0.0.1", port=port, command_packer=PythonRespSerializer(6000, enc.encode)))
+        holder += [default, packer]
+        modes.update(_sync_modes(default, names, values, "Redis (hiredis packer)", pipelined=False))
+        modes.update(_sync_modes(packer, names, values, "Redis (PythonRespSerializer)"))
+        modes.update(_async_mode(port, names, values, loop, holder))
+    raw_modes = list(modes)
+    backend = loop.run_until_complete(open_redis_backend(RedisConfig(
+        url=f"redis://127.0.0.1:{port}/0", cluster=cluster, key_prefix="tier:",
+        recv_pool_bytes=max(256 << 20, int(count * size * 1.1)), read_timeout_s=60)))
+    modes.update(_tier_modes(backend, keys, values, loop))
+    tier_modes = [m for m in modes if m not in raw_modes]
+
+    runs: dict[tuple[str, str], list[float]] = {}
+    order = list(modes)
+    for _ in range(args.repeats):
+        random.shuffle(order)
+        for mode in order:
+            put, get = modes[mode]
+            runs.setdefault((mode, "put"), []).append(count * size / put() / MB)
+            runs.setdefault((mode, "get"), []).append(count * size / get() / MB)
+
+    # b"".join(header, payload): what a tier that joins before SET would pay per value
+    header = encode_header(keys[0], values[0])
+    joins = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for v in values:
+            b"".join((header, v))
+        joins.append((time.perf_counter() - t) / count)
+
+    loop.run_until_complete(backend.aclose())
+    for c in holder:
+        if isinstance(c, aredis.Redis):
+            loop.run_until_complete(c.aclose())
+        else:
+            c.close()
+    cleanup = RedisCluster(host="127.0.0.1", port=port) if cluster else redis.Redis(host="127.0.0.1", port=port)
+    if cluster:
+        cleanup.flushall(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        cleanup.flushall()
+    cleanup.close()
+
+    bench_clients = 3 if cluster else 1
+    bench = redis_benchmark(port, size, max(20, (512 << 20) // size), bench_clients, cluster)
+    result: dict[str, Any] = {"topology": topology, "size": size, "count": count, "ops": {}}
+    for op in ("put", "get"):
+        best_raw = max(raw_modes, key=lambda m: statistics.median(runs[(m, op)]))
+        best_tier = max(tier_modes, key=lambda m: statistics.median(runs[(m, op)]))
+        rows = []
+        for mode in modes:
+            ratio = statistics.median(t / r for t, r in zip(runs[(mode, op)], runs[(best_raw, op)], strict=True))
+            rows.append({"mode": mode, "MBps": statistics.median(runs[(mode, op)]),
+                         "vs_best_raw": ratio, "is_tier": mode in tier_modes})
+        cli = bench["SET" if op == "put" else "GET"]
+        result["ops"][op] = {"rows": rows, "best_raw": best_raw, "best_tier": best_tier,
+                             "redis_benchmark_MBps": cli,
+                             "redis_benchmark_cmd": f"redis-benchmark -t set,get -d {size} -c {bench_clients}"
+                                                    f"{' --cluster' if cluster else ''} --csv"}
+    best_put = statistics.median(runs[(result["ops"]["put"]["best_raw"], "put")])
+    result["join_ms_per_value"] = statistics.median(joins) * 1e3
+    result["join_share_of_best_raw_put"] = statistics.median(joins) / (size / (best_put * MB))
+    return result
+
+
+def report(r: dict[str, Any]) -> None:
+    label = next(k for k, v in SIZES.items() if v == r["size"]) if r["size"] in SIZES.values() else str(r["size"])
+    print(f"\n== {r['topology']}, {label} values x {r['count']} per pass")
+    for op in ("put", "get"):
+        o = r["ops"][op]
+        cli = o["redis_benchmark_MBps"]
+        print(f"  {op.upper():3}  redis-benchmark {cli:8.0f} MB/s   ({o['redis_benchmark_cmd']})")
+        for row in sorted(o["rows"], key=lambda x: -x["MBps"]):
+            mark = "*" if row["mode"] == o["best_raw"] else " "
+            print(f"     {mark} {row['mode']:34} {row['MBps']:8.0f} MB/s   x{row['vs_best_raw']:.2f} of best raw"
+                  f"   x{row['MBps'] / cli:.2f} of redis-benchmark")
+    print(f"  b''.join(header, payload): {r['join_ms_per_value']:.3f} ms per value = "
+          f"{100 * r['join_share_of_best_raw_put']:.1f}% of the best raw SET time")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-mib", type=float, default=128.0, help="MiB moved per mode per repeat")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {list(SIZES)}")
+    ap.add_argument("--no-cluster", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    if not redis_available() or shutil.which("redis-benchmark") is None:
+        print("redis_tier: skipped, redis-server / redis-cli / redis-benchmark not on PATH")
+        return 0
+    sizes = [SIZES[s] for s in args.sizes.split(",")]
+    base = Path(tempfile.mkdtemp(prefix="lmtier-redis-bench-"))
+    loop = asyncio.new_event_loop()
+    results = []
+    print(f"redis_tier: redis-py {redis.__version__}, {os.cpu_count()} CPUs, repeats={args.repeats}, "
+          f"~{args.batch_mib:.0f} MiB per pass; MB/s = 1e6 bytes/s of payload; medians")
+    try:
+        server = start_redis(base)
+        try:
+            for size in sizes:
+                results.append(measure("standalone", server.port, size, args, loop))
+                report(results[-1])
+        finally:
+            server.stop()
+        if not args.no_cluster:
+            cluster = start_cluster(base)
+            try:
+                for size in sizes:
+                    results.append(measure("cluster", cluster.nodes[0].port, size, args, loop))
+                    report(results[-1])
+            finally:
+                cluster.stop()
+    finally:
+        loop.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print("\nsummary: best tier mode vs best raw redis-py mode and redis-benchmark (same run)")
+    print(f"  {'topology':10} {'size':7} {'op':3} {'tier MB/s':>9} {'raw MB/s':>9} {'C MB/s':>8} "
+          f"{'tier/raw':>8} {'tier/C':>7}  best tier mode / best raw mode")
+    for r in results:
+        label = next((k for k, v in SIZES.items() if v == r["size"]), str(r["size"]))
+        for op in ("put", "get"):
+            o = r["ops"][op]
+            rows = {row["mode"]: row for row in o["rows"]}
+            t, raw = rows[o["best_tier"]], rows[o["best_raw"]]
+            print(f"  {r['topology']:10} {label:7} {op:3} {t['MBps']:9.0f} {raw['MBps']:9.0f} "
+                  f"{o['redis_benchmark_MBps']:8.0f} {t['vs_best_raw']:8.2f} "
+                  f"{t['MBps'] / o['redis_benchmark_MBps']:7.2f}  {o['best_tier']} / {o['best_raw']}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
