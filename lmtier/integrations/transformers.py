@@ -496,7 +496,7 @@ class KVPrefixCache:
 
     def keys(self, input_ids: Any) -> list[ChunkKey]:
         """Chunk keys of the prompt's full chunks."""
-        return chunk_keys(_flat_ids(input_ids).tolist(), self.namespace, self.chunk_tokens)
+        return chunk_keys(_flat_ids(input_ids).numpy(), self.namespace, self.chunk_tokens)
 
     def load(self, input_ids: Any, *, extra_tokens: int = 0) -> tuple[PagedKVCache, int]:
         """A :class:`PagedKVCache` holding the longest stored prefix of the prompt, and its length.
@@ -507,11 +507,11 @@ class KVPrefixCache:
         after it. ``extra_tokens`` reserves room for tokens generated afterwards.
         """
         self._check_open()
-        ids = _flat_ids(input_ids)
+        ids = _flat_ids(input_ids)  # hashing needs the tokens on the host: pass CPU ids to avoid a sync
         n = int(ids.numel())
         if n == 0:
             raise InvalidArgumentError("the prompt is empty")
-        keys = chunk_keys(ids.tolist(), self.namespace, self.chunk_tokens)
+        keys = chunk_keys(ids.numpy(), self.namespace, self.chunk_tokens)
         cache = PagedKVCache(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              block_size=self.block_size, capacity_tokens=n + max(extra_tokens, 0),
                              dtype=self.dtype, device=self.device)
@@ -533,8 +533,9 @@ class KVPrefixCache:
         with it) and how many prompt tokens came from the tiers. The logits are on the GPU and may
         still be computing (asynchronous like any CUDA forward).
         """
-        ids = _batch_ids(input_ids, self.device)
-        cache, hit = self.load(ids, extra_tokens=max_new_tokens)
+        flat = _flat_ids(input_ids)
+        ids = flat.unsqueeze(0).to(self.device)
+        cache, hit = self.load(flat, extra_tokens=max_new_tokens)
         if not all_logits and "logits_to_keep" not in forward_kwargs:
             forward_kwargs["logits_to_keep"] = 1
         with torch.no_grad():
@@ -548,13 +549,14 @@ class KVPrefixCache:
         """
         if "past_key_values" in generate_kwargs:
             raise InvalidArgumentError("KVPrefixCache.generate supplies past_key_values itself")
-        ids = _batch_ids(input_ids, self.device)
+        flat = _flat_ids(input_ids)
+        ids = flat.unsqueeze(0).to(self.device)
         gen_cfg = generate_kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         extra = generate_kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None)
         if not extra:
             max_length = generate_kwargs.get("max_length") or getattr(gen_cfg, "max_length", None) or 0
             extra = max(int(max_length) - ids.shape[1], 0)
-        cache, _ = self.load(ids, extra_tokens=int(extra or 0))
+        cache, _ = self.load(flat, extra_tokens=int(extra or 0))
         generate_kwargs.setdefault("attention_mask", torch.ones_like(ids))
         with torch.no_grad():
             return self.model.generate(ids, past_key_values=cache, **generate_kwargs)
@@ -796,12 +798,6 @@ def _flat_ids(input_ids: Any) -> torch.Tensor:
     if t.dim() != 1:
         raise InvalidArgumentError(f"input_ids must be 1-D or [1, n], got shape {tuple(t.shape)}")
     return t.detach().to("cpu", torch.int64)
-
-
-def _batch_ids(input_ids: Any, device: torch.device) -> torch.Tensor:
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 1:
-        return input_ids.to(device=device, dtype=torch.long)
-    return _flat_ids(input_ids).unsqueeze(0).to(device)
 
 
 def _copy_into(item: tuple[HostBuffer, Any]) -> None:
