@@ -20,7 +20,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import lmtier.testing.conformance  # noqa: F401  (see below)
-
 from lmtier.cli import main
 from lmtier.errors import ConfigError, PluginError
 from lmtier.keys import ChunkKey, make_namespace
@@ -51,12 +50,12 @@ def example_on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         del sys.modules[name]  # the next test imports it afresh (from another path, maybe)
 
 
-def run_suite(pytester: pytest.Pytester, test_source: str) -> tuple[set[str], set[str], set[str]]:
+def run_suite(pytester: pytest.Pytester, test_source: str, *args: str) -> tuple[set[str], set[str], set[str]]:
     """Run ``test_source`` in-process; return the names of passed, skipped and failed tests."""
     pytester.syspathinsert(EXAMPLE)
     pytester.makeini(INI)
     pytester.makepyfile(test_memdict=test_source)
-    reprec = pytester.inline_run("-p", "no:cacheprovider")
+    reprec = pytester.inline_run("-p", "no:cacheprovider", *args)
     passed, skipped, failed = reprec.listoutcomes()
 
     def names(reports: list) -> set[str]:
@@ -135,9 +134,12 @@ def test_a_subtly_broken_backend_fails_the_relevant_conformance_tests(pytester: 
         "    def backend_factory(self):",
         "        return lambda: Broken(MemDictConfig(max_bytes='32MiB'))",
     ])
-    passed, _, failed = run_suite(pytester, source)
-    assert must_fail <= failed, f"{variant}: expected {sorted(must_fail)} to fail, failed: {sorted(failed)}"
-    assert passed, "the rest of the suite still runs"
+    # only the tests that must catch the bug, plus controls that must not (the full suite is slow)
+    controls = {"test_empty_batches_return_empty_lists", "test_capabilities_is_a_capabilities_instance"}
+    selected = " or ".join(sorted({name.split("[")[0] for name in must_fail | controls}))
+    passed, _, failed = run_suite(pytester, source, "-k", selected)
+    assert failed == must_fail, f"{variant}: expected {sorted(must_fail)} to fail, failed: {sorted(failed)}"
+    assert controls <= passed
 
 
 def memdict_plugin():
@@ -214,9 +216,11 @@ def test_lmtier_check_backend_runs_the_suite_against_the_installed_package(
 ) -> None:
     options = tmp_path / "memdict.yaml"
     options.write_text("max_bytes: 32MiB\n")
-    assert main(["check-backend", "memdict", "--options", str(options), "--big-item", "4MiB", "-q"]) == 0
+    args = ["check-backend", "memdict", "--options", str(options), "--big-item", "4MiB", "-q",
+            "-k", "round_trip or order or buffer or persistent"]  # the full suite runs in the first test
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\b2[0-9] passed, 2 skipped", out), out
+    assert re.search(r"\b7 passed, 1 skipped, 19 deselected", out), out
 
 
 def test_the_guide_shows_the_example_files_verbatim() -> None:
