@@ -8,8 +8,9 @@ breaker on :class:`BackendUnavailableError`, so this mapping decides how a fault
 * a socket deadline passed -> :class:`BackendTimeoutError`
 * ``OOM command not allowed when used memory > 'maxmemory'``, a value over
   ``proto-max-bulk-len`` -> :class:`CapacityError` (a skipped write; reads still work)
-* authentication / ACL refusals -> :class:`ConfigError` when the tier opens (the user must fix
-  the password or user), :class:`BackendUnavailableError` later (e.g. a rotated password)
+* authentication / ACL refusals, an untrusted TLS certificate -> :class:`ConfigError` when the
+  tier opens (the user must fix the password, user or CA file), :class:`BackendUnavailableError`
+  later (e.g. a rotated password)
 * anything else -> :class:`BackendError`
 
 Messages name the server by its credential-free URL; redis-py's own messages carry host and
@@ -63,6 +64,11 @@ def map_error(exc: BaseException, *, op: str, where: str, at_open: bool = False)
                 "and the password (password_env / the url) and the user's ACL permissions"
             )
         return BackendUnavailableError(f"{what}; the server refused our credentials (rotated password?)")
+    if at_open and _is_untrusted_certificate(exc):
+        return ConfigError(
+            f"redis tier {where}: the server's TLS certificate was not trusted ({exc}); set "
+            "tls_ca_file to the CA that signed it (or tls_verify: false for a test setup)"
+        )
     if isinstance(exc, (rex.TimeoutError, socket.timeout, TimeoutError)):
         return BackendTimeoutError(f"{what}; raise read_timeout_s / connect_timeout_s or check the server load")
     if isinstance(exc, rex.OutOfMemoryError) or _is_too_big(exc):
@@ -73,6 +79,18 @@ def map_error(exc: BaseException, *, op: str, where: str, at_open: bool = False)
     if isinstance(exc, _UNAVAILABLE):
         return BackendUnavailableError(f"{what}; is the server up and reachable?")
     return BackendError(what)
+
+
+def _is_untrusted_certificate(exc: BaseException) -> bool:
+    """redis-py wraps the ssl error in a ConnectionError; look along the chain."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _is_too_big(exc: BaseException) -> bool:

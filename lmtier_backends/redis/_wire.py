@@ -104,7 +104,7 @@ def _make_parser_class() -> Any:
         def can_read(self, timeout: float = 0) -> bool:
             return self._rpos < self._rend or bool(super().can_read(timeout))
 
-        def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:
+        def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
             alloc = getattr(_SINK, "alloc", None)
             sock = getattr(self, "_sock", None)
             reader = getattr(self, "_reader", None)

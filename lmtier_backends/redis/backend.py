@@ -432,7 +432,7 @@ class RedisBackend:
             entry[1].append(i)
         return list(by_name.values())
 
-    async def _run(self, jobs: list[Callable[[Abort], T]]) -> list[Outcome]:
+    async def _run(self, jobs: Sequence[Callable[[Abort], T]]) -> list[Outcome]:
         """Run each ``job(token)`` on a worker thread; return their outcomes in order.
 
         On cancellation, every job is aborted (its connection dropped, so a blocked read ends at

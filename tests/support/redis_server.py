@@ -8,6 +8,7 @@ Readiness is polled with a deadline (a raw ``PING`` on the socket), never slept 
 
     server = start_redis(tmp_path)                       # standalone
     server = start_redis(tmp_path, password="s3cret")    # requirepass
+    server = start_redis(tmp_path, tls=make_tls_files(tmp_path))  # TLS only (rediss://)
     cluster = start_cluster(tmp_path)                    # 3 primaries, cluster_state:ok
     ...
     server.stop(); cluster.stop()
@@ -20,6 +21,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
@@ -29,7 +31,9 @@ from pathlib import Path
 __all__ = [
     "RedisCluster",
     "RedisServer",
+    "TlsFiles",
     "free_port",
+    "make_tls_files",
     "redis_available",
     "start_cluster",
     "start_redis",
@@ -67,10 +71,32 @@ def free_port(*, cluster_bus: bool = False) -> int:
     raise RuntimeError("no free loopback port found in 20000-50000")
 
 
-def _ping(port: int, password: str | None) -> str:
+@dataclass(frozen=True)
+class TlsFiles:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key."""
+
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: str | os.PathLike[str]) -> TlsFiles:
+    """Create a self-signed certificate for IP 127.0.0.1 with the ``openssl`` CLI."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(d / "cert.pem", d / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files.key),
+         "-out", str(files.cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        capture_output=True, check=True, timeout=60,
+    )
+    return files
+
+
+def _ping(port: int, password: str | None, tls: TlsFiles | None = None) -> str:
     """Send PING (after AUTH if needed) on a fresh socket; return the reply line or ''."""
     try:
-        with socket.create_connection((HOST, port), timeout=0.5) as s:
+        with _connect(port, tls) as s:
             request = b"PING\r\n"
             if password is not None:
                 pw = password.encode()
@@ -87,14 +113,23 @@ def _ping(port: int, password: str | None) -> str:
         return ""
 
 
+def _connect(port: int, tls: TlsFiles | None) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=0.5)
+    if tls is None:
+        return sock
+    context = ssl.create_default_context(cafile=str(tls.cert))
+    return context.wrap_socket(sock, server_hostname=HOST)
+
+
 @dataclass
 class RedisServer:
     """One redis-server process; :meth:`stop` ends it by PID, :meth:`kill` simulates a crash."""
 
     port: int
     dir: Path
-    args: list[str]
-    password: str | None = None
+    args: list[str] = field(repr=False)  # may hold --requirepass
+    password: str | None = field(default=None, repr=False)
+    tls: TlsFiles | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -103,8 +138,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """``redis://`` URL without credentials (pass the password separately in tests)."""
-        return f"redis://{HOST}:{self.port}/0"
+        """``redis://`` (``rediss://`` with TLS) URL without credentials."""
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -128,7 +163,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 tail = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-server on port {self.port} exited ({self.proc.returncode}):\n{tail}")
-            reply = _ping(self.port, self.password)
+            reply = _ping(self.port, self.password, self.tls)
             if reply in ("+PONG", "-LOADING Redis is loading the dataset in memory"):
                 return self
             time.sleep(0.01)  # polling interval of the readiness check, not a synchronisation
@@ -160,9 +195,15 @@ class RedisServer:
 
 
 def _server_args(port: int, directory: Path, password: str | None, maxmemory: str | None,
-                 policy: str | None, extra: Sequence[str]) -> list[str]:
-    args = ["--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
+                 policy: str | None, tls: TlsFiles | None, extra: Sequence[str]) -> list[str]:
+    args = ["--bind", HOST, "--save", "", "--appendonly", "no",
             "--dir", str(directory), "--daemonize", "no", "--protected-mode", "yes"]
+    if tls is None:
+        args += ["--port", str(port)]
+    else:  # TLS only: the plain port is closed
+        args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
+                 "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.cert),
+                 "--tls-auth-clients", "no"]
     if password is not None:
         args += ["--requirepass", password]
     if maxmemory is not None:
@@ -178,6 +219,7 @@ def start_redis(
     password: str | None = None,
     maxmemory: str | None = None,
     maxmemory_policy: str | None = None,
+    tls: TlsFiles | None = None,
     extra_args: Sequence[str] = (),
     cluster_bus: bool = False,
     attempts: int = 5,
@@ -188,8 +230,8 @@ def start_redis(
         port = free_port(cluster_bus=cluster_bus)
         directory = Path(base_dir) / str(port)
         server = RedisServer(port, directory,
-                             _server_args(port, directory, password, maxmemory, maxmemory_policy, extra_args),
-                             password=password)
+                             _server_args(port, directory, password, maxmemory, maxmemory_policy, tls, extra_args),
+                             password=password, tls=tls)
         try:
             return server.start()
         except RuntimeError as exc:

@@ -12,13 +12,21 @@ in the options (``password_env``).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.redis_server import RedisCluster, RedisServer, redis_available, start_cluster, start_redis
+from tests.support.redis_server import (
+    RedisCluster,
+    RedisServer,
+    make_tls_files,
+    redis_available,
+    start_cluster,
+    start_redis,
+)
 
 PASSWORD_ENV = "LMTIER_REDIS_TEST_PASSWORD"
 PASSWORD = "lmtier-test-pw-7f3a"
@@ -69,6 +77,20 @@ def password_env() -> Iterator[str]:
 def redis_with_password(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     _require_redis()
     server = start_redis(tmp_path_factory.mktemp("redis-pw"), password=PASSWORD)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A TLS-only server with a self-signed certificate for 127.0.0.1 (``server.tls.cert``)."""
+    _require_redis()
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make the test certificate")
+    base = tmp_path_factory.mktemp("redis-tls")
+    server = start_redis(base, tls=make_tls_files(base / "pki"))
     try:
         yield server
     finally:

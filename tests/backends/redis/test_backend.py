@@ -274,6 +274,19 @@ async def test_a_password_in_the_url_works_and_never_shows(redis_with_password, 
     assert PASSWORD not in caplog.text
 
 
+@pytest.mark.asyncio
+async def test_an_untrusted_tls_certificate_is_a_config_error_at_open(redis_tls) -> None:
+    with pytest.raises(ConfigError, match="certificate"):
+        await open_redis_backend(RedisConfig(url=redis_tls.url))  # the system store lacks our CA
+    backend = await open_redis_backend(RedisConfig(url=redis_tls.url, tls_verify=False))
+    try:
+        (key,) = _keys(1)
+        await backend.put([(key, b"unverified but encrypted")])
+        assert bytes((await backend.get([key]))[0]) == b"unverified but encrypted"
+    finally:
+        await backend.aclose()
+
+
 # -- availability ----------------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_a_server_that_is_down_at_open_is_unavailable_unless_connect_at_open_is_off(own_redis) -> None:

@@ -41,6 +41,17 @@ class TestRedisPasswordFromEnv(BackendConformance):
         return lambda: open_redis_backend(config)
 
 
+class TestRedisTls(BackendConformance):
+    """rediss:// with the server's certificate verified against its own CA file."""
+
+    big_item_bytes = 8 << 20
+
+    @pytest.fixture
+    def backend_factory(self, redis_tls):
+        config = RedisConfig(**options_for(redis_tls.url, tls_ca_file=str(redis_tls.tls.cert)))
+        return lambda: open_redis_backend(config)
+
+
 class TestRedisCluster(BackendConformance):
     @pytest.fixture
     def backend_factory(self, redis_cluster):
