@@ -623,6 +623,9 @@ def _raw_baselines(payload: Any, count: int, file_dir: Path | None,
     writes, reads = [], []
     with tempfile.TemporaryDirectory(prefix="lmtier-bench-", dir=file_dir) as tmp:
         paths = [Path(tmp) / f"raw-{i}" for i in range(count)]
+        for path in paths:  # the same warm-up as the tiers get: write once, delete
+            path.write_bytes(payload.data)
+            path.unlink()
         for path in paths:
             t0 = time.perf_counter()
             with open(path, "wb") as f:
