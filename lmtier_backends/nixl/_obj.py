@@ -18,6 +18,7 @@ All methods block; the tier calls them on worker threads.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._s3rest import S3Rest
 from lmtier_backends.nixl._staging import StagingPool
-from lmtier_backends.nixl._xfer import Outcome, transfer_each
+from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, outs_registered, transfer_each
 from lmtier_backends.nixl.config import ObjOptions
 
 __all__ = ["ObjStore"]
@@ -91,10 +92,48 @@ class ObjStore:
                     buf.release()
             raise
 
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | None]:
+        """Read each object's payload straight into ``outs[i]`` (a ranged GET from byte 64) and its
+        header into a 64-byte staging buffer, both at once. Returns the header buffer (payload in
+        ``outs[i]``), or - where a GET failed and the cause is unclear (a short object, a failing
+        server) - the whole value read through staging as :meth:`read` does, or ``None`` for a miss.
+        Caller memory is never abandoned: this returns only once NIXL is done writing it."""
+        present = self.exists(keys)
+        todo = [i for i, p in enumerate(present) if p]
+        out: list[HostBuffer | None] = [None] * len(keys)
+        try:
+            jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
+            owners: list[int] = []
+            for i in todo:
+                out[i] = header = self._staging.allocate(HEADER_BYTES)
+                header.tensor.zero_()
+                jobs.append((self.name(keys[i]), header.data_ptr, HEADER_BYTES, 0, header))
+                if outs[i].nbytes:
+                    jobs.append((self.name(keys[i]), outs[i].address, outs[i].nbytes, HEADER_BYTES, None))
+                owners.extend([i] * (len(jobs) - len(owners)))
+            if jobs:
+                with outs_registered(self._agent, PLUGIN, [outs[i] for i in todo]):
+                    outcome = self._transfer("READ", jobs, timeout_s=math.inf)
+                unclear = sorted({owners[j] for j, e in enumerate(outcome.errors) if e is not None})
+                for i in unclear:
+                    buf, out[i] = out[i], None
+                    if buf is not None:
+                        buf.release()
+                if unclear:
+                    whole = self.read([keys[i] for i in unclear])
+                    for i, got in zip(unclear, whole, strict=True):
+                        out[i] = got
+            return out
+        except BaseException:
+            for buf in out:
+                if buf is not None:
+                    buf.release()
+            raise
+
     # -- updates ---------------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
         """PUT each item's staging bytes as its key's object; raises if any PUT failed."""
-        outcome = self._transfer("WRITE", [(self.name(k), buf, buf.nbytes) for k, buf in items])
+        outcome = self._transfer("WRITE", [(self.name(k), buf.data_ptr, buf.nbytes, 0, buf) for k, buf in items])
         for (key, buf), error in zip(items, outcome.errors, strict=True):
             if error is None:
                 self._remember(key, buf.nbytes)
@@ -123,7 +162,7 @@ class ObjStore:
         """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones)."""
         if not which:
             return
-        jobs: list[tuple[str, HostBuffer, int]] = []
+        jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
         for i in which:
             size = self._announced(keys[i], out[i]) if exact else self._guess(keys[i])
             old, out[i] = out[i], None
@@ -132,7 +171,7 @@ class ObjStore:
             out[i] = buf = self._staging.allocate(size)
             # a short object leaves the rest of the buffer as it was: never let an old header stand
             buf.tensor[:HEADER_BYTES].zero_()
-            jobs.append((self.name(keys[i]), buf, buf.nbytes))
+            jobs.append((self.name(keys[i]), buf.data_ptr, buf.nbytes, 0, buf))
         outcome = self._transfer("READ", jobs)
         failed = [i for i, e in zip(which, outcome.errors, strict=True) if e is not None]
         for i in failed:
@@ -146,24 +185,29 @@ class ObjStore:
                 errors = [e for e in outcome.errors if e is not None]
                 raise errors[0]
 
-    def _transfer(self, op: str, jobs: Sequence[tuple[str, HostBuffer, int]]) -> Outcome:
-        """Move each ``(object name, buffer, nbytes)`` as its own request; OBJ descriptors are
-        registered meanwhile; buffers of abandoned requests are quarantined."""
+    def _transfer(self, op: str, jobs: Sequence[tuple[str, int, int, int, HostBuffer | None]], *,
+                  timeout_s: float | None = None) -> Outcome:
+        """Move each ``(object name, address, nbytes, object offset, staging buffer or None)`` job
+        as its own request; OBJ descriptors are registered meanwhile. Staging buffers of abandoned
+        requests are quarantined; jobs on caller memory pass ``timeout_s=inf`` (never abandoned)."""
         agent = self._agent
         ids = [next(self._dev_ids) for _ in jobs]
         registration = agent.register_memory(
-            [(0, 0, dev, name) for dev, (name, _, _) in zip(ids, jobs, strict=True)], "OBJ", backends=[PLUGIN]
+            [(0, 0, dev, job[0]) for dev, job in zip(ids, jobs, strict=True)], "OBJ", backends=[PLUGIN]
         )
         try:
             pairs = [
-                (agent.get_xfer_descs([(buf.data_ptr, n, 0)], "DRAM"), agent.get_xfer_descs([(0, n, dev)], "OBJ"))
-                for dev, (_, buf, n) in zip(ids, jobs, strict=True)
+                (agent.get_xfer_descs([(addr, n, 0)], "DRAM"), agent.get_xfer_descs([(off, n, dev)], "OBJ"))
+                for dev, (_, addr, n, off, _) in zip(ids, jobs, strict=True)
             ]
-            outcome = transfer_each(agent, op, pairs, peer=self._peer, timeout_s=self._timeout_s)
+            outcome = transfer_each(agent, op, pairs, peer=self._peer,
+                                    timeout_s=self._timeout_s if timeout_s is None else timeout_s)
         finally:
             agent.deregister_memory(registration, backends=[PLUGIN])
         for j in outcome.abandoned:
-            self._staging.quarantine(jobs[j][1])
+            buf = jobs[j][4]
+            if buf is not None:
+                self._staging.quarantine(buf)
         return outcome
 
     def _shrink(self, key: ChunkKey, out: list[HostBuffer | None], i: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._staging import StagingPool
-from lmtier_backends.nixl._xfer import Outcome, transfer_each
+from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, outs_registered, transfer_each
 from lmtier_backends.nixl.config import PosixOptions
 
 __all__ = ["PosixStore"]
@@ -103,7 +104,7 @@ class PosixStore:
                 out[i] = self._staging.allocate(size)
                 todo.append((i, fd, size))
             if todo:
-                outcome = self._transfer("READ", [(out[i], fd, size) for i, fd, size in todo])
+                outcome = self._transfer("READ", [(_addr(out[i]), size, fd, 0, _buf(out[i])) for i, fd, size in todo])
                 failed = [j for j, e in enumerate(outcome.errors) if e is not None]
                 for j in failed:
                     i = todo[j][0]
@@ -128,6 +129,57 @@ class PosixStore:
             for fd in fds:
                 os.close(fd)
 
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | bytes | None]:
+        """Read each file's payload straight into ``outs[i]`` and its header into a 64-byte staging
+        buffer (returned). ``None``: absent, or the file's size does not match ``outs[i]``;
+        ``bytes``: too short for a header. Caller memory is registered for the call and never
+        abandoned: this returns only once NIXL is done writing it."""
+        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        fds: list[int] = []
+        todo: list[tuple[int, int]] = []  # (index, fd)
+        try:
+            for i, key in enumerate(keys):
+                try:
+                    fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                fds.append(fd)
+                size = os.fstat(fd).st_size
+                if size < HEADER_BYTES:
+                    out[i] = os.pread(fd, size, 0)
+                elif size == HEADER_BYTES + outs[i].nbytes:
+                    out[i] = self._staging.allocate(HEADER_BYTES)
+                    todo.append((i, fd))
+            if todo:
+                jobs: list[tuple[int, int, int, int, HostBuffer | None]] = []
+                owners: list[int] = []  # owners[j]: the todo entry job j belongs to
+                for t, (i, fd) in enumerate(todo):
+                    jobs.append((_addr(out[i]), HEADER_BYTES, fd, 0, _buf(out[i])))
+                    if outs[i].nbytes:
+                        jobs.append((outs[i].address, outs[i].nbytes, fd, HEADER_BYTES, None))
+                    owners.extend([t] * (len(jobs) - len(owners)))
+                with outs_registered(self._agent, PLUGIN, [outs[i] for i, _ in todo]):
+                    outcome = self._transfer("READ", jobs, timeout_s=math.inf)
+                failed = sorted({owners[j] for j, e in enumerate(outcome.errors) if e is not None})
+                for t in failed:
+                    i = todo[t][0]
+                    buf, out[i] = out[i], None
+                    if isinstance(buf, HostBuffer):
+                        buf.release()
+                if failed and len(failed) == len(todo):
+                    raise next(e for e in outcome.errors if e is not None)
+                for t in failed:
+                    log.warning("nixl posix: reading %s failed; a miss", keys[todo[t][0]])
+            return out
+        except BaseException:
+            for got in out:
+                if isinstance(got, HostBuffer):
+                    got.release()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     # -- updates ---------------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
         """Publish each item's staging bytes as its key's file; raises after publishing the rest
@@ -140,7 +192,7 @@ class PosixStore:
                 tmp = final.with_name(f".{final.name}.{os.urandom(4).hex()}{_TMP_SUFFIX}")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 opened.append((key, buf, fd, tmp))
-            errors = self._transfer("WRITE", [(buf, fd, buf.nbytes) for _, buf, fd, _ in opened]).errors
+            errors = self._transfer("WRITE", [(buf.data_ptr, buf.nbytes, fd, 0, buf) for _, buf, fd, _ in opened]).errors
             first: BaseException | None = None
             for (key, buf, fd, tmp), error in zip(opened, errors, strict=True):
                 if error is None:
@@ -177,21 +229,27 @@ class PosixStore:
             return {"objects": len(self._index), "bytes": self._bytes, "evictions": self.evictions}
 
     # -- machinery -------------------------------------------------------------------------------
-    def _transfer(self, op: str, jobs: Sequence[tuple[Any, int, int]]) -> Outcome:
-        """Move each ``(buffer, fd, nbytes)`` job as its own request, the fds registered as
-        FILE_SEG meanwhile; buffers of abandoned requests are quarantined."""
+    def _transfer(self, op: str, jobs: Sequence[tuple[int, int, int, int, HostBuffer | None]], *,
+                  timeout_s: float | None = None) -> Outcome:
+        """Move each ``(address, nbytes, fd, file offset, staging buffer or None)`` job as its own
+        request, the fds registered as FILE_SEG meanwhile. Staging buffers of abandoned requests
+        are quarantined; jobs on caller memory pass ``timeout_s=inf`` (never abandoned)."""
         agent = self._agent
-        registration = agent.register_memory([(0, 0, fd, "") for _, fd, _ in jobs], "FILE", backends=[PLUGIN])
+        fds = list(dict.fromkeys(fd for _, _, fd, _, _ in jobs))
+        registration = agent.register_memory([(0, 0, fd, "") for fd in fds], "FILE", backends=[PLUGIN])
         try:
             pairs = [
-                (agent.get_xfer_descs([(buf.data_ptr, n, 0)], "DRAM"), agent.get_xfer_descs([(0, n, fd)], "FILE"))
-                for buf, fd, n in jobs
+                (agent.get_xfer_descs([(addr, n, 0)], "DRAM"), agent.get_xfer_descs([(off, n, fd)], "FILE"))
+                for addr, n, fd, off, _ in jobs
             ]
-            outcome = transfer_each(agent, op, pairs, peer=self._peer, timeout_s=self._timeout_s)
+            outcome = transfer_each(agent, op, pairs, peer=self._peer,
+                                    timeout_s=self._timeout_s if timeout_s is None else timeout_s)
         finally:
             agent.deregister_memory(registration, backends=[PLUGIN])
         for j in outcome.abandoned:
-            self._staging.quarantine(jobs[j][0])
+            buf = jobs[j][4]
+            if buf is not None:
+                self._staging.quarantine(buf)
         return outcome
 
     def _write_error(self, error: BaseException, nbytes: int) -> BaseException:
@@ -255,3 +313,13 @@ class PosixStore:
                 self._index[key] = size
                 self._bytes += size
         self._evict()
+
+
+def _addr(buf: HostBuffer | bytes | None) -> int:
+    assert isinstance(buf, HostBuffer)
+    return buf.data_ptr
+
+
+def _buf(buf: HostBuffer | bytes | None) -> HostBuffer:
+    assert isinstance(buf, HostBuffer)
+    return buf

@@ -17,14 +17,53 @@ Every handle is released on every path. A request still running at the deadline 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from lmtier_backends.nixl._errors import TransferFailed, TransferTimeout
 
-__all__ = ["Outcome", "transfer_each"]
+__all__ = ["CallerBuffer", "Outcome", "RegistrationRefused", "outs_registered", "transfer_each"]
+
+
+class RegistrationRefused(Exception):
+    """NIXL would not register the caller's buffers (overlapping, odd memory); use staging."""
+
+
+@dataclass(frozen=True)
+class CallerBuffer:
+    """A caller's writable buffer as NIXL addresses it; holds the view so the memory stays put."""
+
+    view: memoryview
+    address: int
+    nbytes: int
+
+    @classmethod
+    def of(cls, view: memoryview) -> CallerBuffer:
+        arr = np.frombuffer(view, dtype=np.uint8)
+        return cls(view, int(arr.ctypes.data), int(arr.nbytes))
+
+
+@contextlib.contextmanager
+def outs_registered(agent: Any, plugin: str, outs: Sequence[CallerBuffer]) -> Iterator[None]:
+    """Register caller buffers with ``plugin`` for the block (cheap for storage plugins: no pinning;
+    measured ~10 us for a 37.7 MB buffer with POSIX)."""
+    regions = [(o.address, o.nbytes, 0, "") for o in outs if o.nbytes]
+    if not regions:
+        yield
+        return
+    try:
+        registration = agent.register_memory(regions, "DRAM", backends=[plugin])
+    except Exception as exc:
+        raise RegistrationRefused(str(exc)) from exc
+    try:
+        yield
+    finally:
+        agent.deregister_memory(registration, backends=[plugin])
 
 _SPINS = 8
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from lmtier.codec import HEADER_BYTES, as_bytes_view, decode, decode_header, encode_header
+from lmtier.codec import HEADER_BYTES, as_bytes_view, checksum, decode, decode_header, encode_header
 from lmtier.errors import (
     BackendError,
     BackendUnavailableError,
@@ -49,6 +50,7 @@ from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.nixl import _nixl
 from lmtier_backends.nixl._errors import map_error
 from lmtier_backends.nixl._staging import StagingPool
+from lmtier_backends.nixl._xfer import CallerBuffer, RegistrationRefused
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -98,7 +100,8 @@ class NixlBackend:
         self._store: PosixStore | ObjStore | None = None
         self._opened = False
         self._closed = False
-        self._counts = {"corrupt": 0, "gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0}
+        self._counts = {"corrupt": 0, "gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0,
+                        "get_into_direct": 0}
         self._counts_lock = threading.Lock()
 
     # -- protocol --------------------------------------------------------------------------------
@@ -142,7 +145,8 @@ class NixlBackend:
         if not keys:
             self._check_open()
             return []
-        return await self._run("get", self._get_into_sync, list(keys), views)  # type: ignore[no-any-return]
+        done = asyncio.get_running_loop().create_future()
+        return await self._run("get", self._get_into_sync, list(keys), views, _Signal(done), copied=done)
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
         _check_keys([k for k, _ in items])
@@ -212,8 +216,8 @@ class NixlBackend:
         """Run ``fn(*args)`` on a worker thread; map its failures to lmtier errors.
 
         If the caller is cancelled while ``fn`` runs, ``fn`` still finishes (and frees what it
-        holds) on its thread; a put first waits for ``copied``: until then the worker may still
-        be reading the caller's buffers.
+        holds) on its thread; ``copied`` (put, get_into) is first awaited: until it resolves the
+        worker or NIXL may still read or write the caller's buffers.
         """
         self._check_open()
         box = _Box[T]()
@@ -328,37 +332,64 @@ class NixlBackend:
         self._drop_corrupt(corrupt)
         return out
 
-    def _get_into_sync(self, keys: list[ChunkKey], outs: list[memoryview]) -> list[bool]:
+    def _get_into_sync(self, keys: list[ChunkKey], outs: list[memoryview], done: _Signal) -> list[bool]:
+        """NIXL reads payloads straight into the caller's buffers (registered for the call) and
+        headers into staging; the checksum is then verified in place."""
+        try:
+            store = self._live_store()
+            callers = [CallerBuffer.of(o) for o in outs]
+            raw: list[HostBuffer | bytes | None]
+            try:
+                if _overlapping(callers):  # two reads into one buffer would fail each other's check
+                    raise RegistrationRefused("caller buffers overlap")
+                raw = list(store.read_into(keys, callers))
+                self._count(get_into_direct=len(keys))
+            except RegistrationRefused as exc:
+                log.debug("%s: get_into through staging (%s)", self.tier, exc)
+                raw = self._read_shared(store, keys)
+            filled, corrupt, recheck = self._fill_all(keys, outs, raw)
+            if recheck:  # a payload failed its check in the caller's buffer: verify in staging first
+                again = self._read_shared(store, [keys[i] for i in recheck])
+                redo, more, _ = self._fill_all([keys[i] for i in recheck], [outs[i] for i in recheck], again)
+                for i, ok in zip(recheck, redo, strict=True):
+                    filled[i] = ok
+                corrupt += [k for k in more if k not in corrupt]
+            self._count(gets=len(keys), hits=sum(filled),
+                        bytes_read=sum(o.nbytes for o, f in zip(outs, filled, strict=True) if f))
+            self._drop_corrupt(corrupt)
+            return filled
+        finally:
+            done.set()  # NIXL and this thread are done with the caller's buffers
+
+    def _read_shared(self, store: PosixStore | ObjStore, keys: list[ChunkKey]) -> list[HostBuffer | bytes | None]:
+        """Whole values through staging, one read per distinct key (a repeated key shares it)."""
         unique = list(dict.fromkeys(keys))
-        raw = dict(zip(unique, self._live_store().read(unique), strict=True))
+        found = dict(zip(unique, store.read(unique), strict=True))
+        return [found[k] for k in keys]
+
+    def _fill_all(self, keys: list[ChunkKey], outs: list[memoryview], raw: list[HostBuffer | bytes | None]
+                  ) -> tuple[list[bool], list[ChunkKey], list[int]]:
+        """Finish get_into for each key; returns (filled, corrupt keys, indices to recheck). Releases
+        every buffer in ``raw``."""
         filled: list[bool] = []
         corrupt: list[ChunkKey] = []
+        recheck: list[int] = []
         try:
-            for key, dest in zip(keys, outs, strict=True):
-                got = raw[key]
-                if got is None:
-                    filled.append(False)
-                    continue
+            for i, (key, dest, got) in enumerate(zip(keys, outs, raw, strict=True)):
                 try:
-                    payload = _checked_payload(key, got)
+                    filled.append(got is not None and _fill(key, got, dest))
+                except _Recheck:
+                    recheck.append(i)
+                    filled.append(False)
                 except CorruptDataError as exc:
                     log.warning("%s: %s; deleting it (a miss)", self.tier, exc)
                     if key not in corrupt:
                         corrupt.append(key)
                     filled.append(False)
-                    continue
-                if payload.nbytes != dest.nbytes:
-                    filled.append(False)
-                    continue
-                dest[:] = payload
-                filled.append(True)
         finally:
-            for got in raw.values():
-                if isinstance(got, HostBuffer):
-                    got.release()
-        self._count(gets=len(keys), hits=sum(filled), bytes_read=sum(o.nbytes for o, f in zip(outs, filled, strict=True) if f))
-        self._drop_corrupt(corrupt)
-        return filled
+            for buf in {id(g): g for g in raw if isinstance(g, HostBuffer)}.values():
+                buf.release()
+        return filled, corrupt, recheck
 
     def _put_sync(self, items: list[tuple[ChunkKey, memoryview]], copied: _Signal) -> None:
         staged: list[tuple[ChunkKey, HostBuffer]] = []
@@ -479,6 +510,33 @@ def _probe_bucket(rest: Any) -> None:
             f"nixl/obj: {t.url} answered HTTP {status} to HEAD on bucket {t.bucket!r}; check region, "
             "scheme, endpoint_override and use_virtual_addressing"
         )
+
+
+class _Recheck(Exception):
+    """A payload read into caller memory failed its checksum; verify the stored value in staging."""
+
+
+def _overlapping(buffers: Sequence[CallerBuffer]) -> bool:
+    spans = sorted((b.address, b.address + b.nbytes) for b in buffers if b.nbytes)
+    return any(start < prev_end for (_, prev_end), (start, _) in itertools.pairwise(spans))
+
+
+def _fill(key: ChunkKey, got: HostBuffer | bytes, dest: memoryview) -> bool:
+    """Complete a get_into for one key: ``got`` is the stored header (payload already in ``dest``)
+    or the whole stored value (copied into ``dest``). False on a size mismatch; CorruptDataError
+    when the stored bytes fail validation."""
+    if isinstance(got, HostBuffer) and got.nbytes == HEADER_BYTES:
+        length, csum = decode_header(key, got.tensor.numpy().data)
+        if length != dest.nbytes:
+            return False
+        if checksum(dest) != csum:
+            raise _Recheck  # real corruption, or the caller wrote its buffer meanwhile
+        return True
+    payload = _checked_payload(key, got)
+    if payload.nbytes != dest.nbytes:
+        return False
+    dest[:] = payload
+    return True
 
 
 def _checked_payload(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:

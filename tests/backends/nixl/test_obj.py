@@ -153,3 +153,33 @@ async def test_credentials_can_come_from_named_environment_variables(
 def test_an_inline_secret_never_shows_in_the_config_repr(seaweed: Any, bucket: str) -> None:
     config = _config(seaweed, bucket)
     assert seaweed.endpoint.secret_key not in repr(config) and seaweed.endpoint.secret_key not in str(config)
+
+
+@pytest.mark.asyncio
+async def test_get_into_has_nixl_read_payloads_straight_into_the_callers_buffers(
+    opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    keys = _keys(3)
+    values = [os.urandom(300_000 + i) for i in range(3)]
+    await tier.put(list(zip(keys, values, strict=True)))
+    outs = [bytearray(len(v)) for v in values]
+    assert await tier.get_into(keys, outs) == [True, True, True]
+    assert [bytes(o) for o in outs] == values
+    assert tier.stats()["get_into_direct"] == 3 and tier.stats()["staging_outstanding"] == 0
+    assert await tier.get_into([keys[0]], [bytearray(10)]) == [False]  # another size: not corrupt
+    assert tier.stats()["corrupt"] == 0
+
+
+@pytest.mark.asyncio
+async def test_get_into_of_an_object_cut_after_its_header_is_false_deleted_and_counted(
+    seaweed: Any, bucket: str, opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    name = f"lmtier/{key.namespace}/{key}"
+    s3 = seaweed.endpoint.client()
+    s3.put_object(Bucket=bucket, Key=name, Body=encode_header(key, b"q" * 1000))  # the payload is missing
+    assert await tier.get_into([key], [bytearray(1000)]) == [False]
+    assert tier.stats()["corrupt"] == 1
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=name).get("KeyCount", 0) == 0

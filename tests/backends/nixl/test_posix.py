@@ -243,3 +243,71 @@ async def test_the_registry_builds_the_tier_from_yaml_style_options(tmp_path: Pa
         assert bytes((await backend.get([key]))[0]) == b"via the registry"  # type: ignore[arg-type]
     finally:
         await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_get_into_has_nixl_read_payloads_straight_into_the_callers_buffers(
+    opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    keys = _keys(3)
+    values = [os.urandom(MiB + i) for i in range(3)]
+    await tier.put(list(zip(keys, values, strict=True)))
+    outs = [bytearray(len(v)) for v in values]
+    assert await tier.get_into(keys, outs) == [True, True, True]
+    assert [bytes(o) for o in outs] == values
+    assert tier.stats()["get_into_direct"] == 3
+    assert tier.stats()["staging_outstanding"] == 0
+
+
+@pytest.mark.asyncio
+async def test_get_into_a_buffer_of_another_size_is_false_and_keeps_the_file(opener: Callable[..., Any]) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    await tier.put([(key, b"x" * 1000)])
+    assert await tier.get_into([key], [bytearray(999)]) == [False]
+    assert await tier.contains([key]) == [True] and tier.stats()["corrupt"] == 0
+
+
+@pytest.mark.asyncio
+async def test_get_into_of_a_damaged_file_is_false_deleted_and_counted(
+    tmp_path: Path, opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    await tier.put([(key, b"d" * 4096)])
+    path = tmp_path / "tier" / key.namespace / key.digest.hex()[:2] / str(key)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert await tier.get_into([key], [bytearray(4096)]) == [False]
+    assert not path.exists() and tier.stats()["corrupt"] == 1
+
+
+@pytest.mark.asyncio
+async def test_get_into_the_same_buffer_twice_goes_through_staging(opener: Callable[..., Any]) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    await tier.put([(key, b"twice" * 100)])
+    out = bytearray(500)
+    assert await tier.get_into([key, key], [out, out]) == [True, True]
+    assert bytes(out) == b"twice" * 100
+    assert tier.stats()["get_into_direct"] == 0 and tier.stats()["corrupt"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_get_into_never_writes_the_callers_buffers_after_it_unwinds(
+    opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    keys = _keys(16)
+    await tier.put([(k, os.urandom(2 * MiB)) for k in keys])
+    outs = [bytearray(2 * MiB) for _ in keys]
+    task = asyncio.create_task(tier.get_into(keys, outs))
+    await _cancel_once_running(tier, task)
+    snapshot = [bytes(o) for o in outs]
+    deadline = asyncio.get_running_loop().time() + 30
+    while tier._inflight:  # the worker of the cancelled call, if any, finishes by itself
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)  # poll interval, not synchronisation
+    assert [bytes(o) for o in outs] == snapshot
