@@ -587,6 +587,7 @@ async def _bench_tier(backend: Any, keys: list[Any], payload: Any, progress: Any
     for key in keys:  # first touch of a fresh slab (page faults) is not the steady state
         await backend.put([(key, payload)])
     await backend.delete(keys)
+    _settle_dirty_pages()
     puts: list[float] = []
     gets: list[float] = []
     for key in keys:
@@ -605,6 +606,13 @@ async def _bench_tier(backend: Any, keys: list[Any], payload: Any, progress: Any
     return _median_s(puts), _median_s(gets)
 
 
+def _settle_dirty_pages() -> None:
+    """Start each write phase with no dirty pages pending, so that no phase pays for the writeback
+    of an earlier one (the kernel throttles writers once a few hundred MB are dirty)."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def _raw_baselines(payload: Any, count: int, file_dir: Path | None,
                    progress: Any) -> tuple[float, float, float, str]:
     """Median seconds of a numpy copy, a file write (no fsync) and a file read of ``payload``."""
@@ -613,11 +621,12 @@ def _raw_baselines(payload: Any, count: int, file_dir: Path | None,
     dst = np.empty_like(payload)
     np.copyto(dst, payload)  # first touch: page faults are not part of the copy
     copies = []
-    for _ in range(count):
+    for i in range(max(count, 20)):  # cheap: more repeats make the reference steadier
         t0 = time.perf_counter()
         np.copyto(dst, payload)
         copies.append(time.perf_counter() - t0)
-        progress.update()
+        if i < count:
+            progress.update()
     if file_dir is not None:
         file_dir.mkdir(parents=True, exist_ok=True)
     writes, reads = [], []
@@ -626,6 +635,7 @@ def _raw_baselines(payload: Any, count: int, file_dir: Path | None,
         for path in paths:  # the same warm-up as the tiers get: write once, delete
             path.write_bytes(payload.data)
             path.unlink()
+        _settle_dirty_pages()
         for path in paths:
             t0 = time.perf_counter()
             with open(path, "wb") as f:
