@@ -33,8 +33,8 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -201,7 +201,7 @@ class S3Backend:
         self._check_open()
         _check_keys(keys)
         unique = list(dict.fromkeys(keys))
-        found = await self._gather([self._call(self._head, k, op="head") for k in unique])
+        found = await self._run_many("head", [(self._head, (k,), self.object_name(k)) for k in unique])
         answer = dict(zip(unique, found, strict=True))
         return [answer[k] for k in keys]
 
@@ -209,7 +209,7 @@ class S3Backend:
         self._check_open()
         _check_keys(keys)
         unique = list(dict.fromkeys(keys))
-        values = await self._gather([self._call(self._get_one, k, op="get") for k in unique])
+        values = await self._run_many("get", [(self._get_one, (k,), self.object_name(k)) for k in unique])
         answer = dict(zip(unique, values, strict=True))
         return [answer[k] for k in keys]
 
@@ -223,8 +223,8 @@ class S3Backend:
         for v in views:
             if v.readonly:
                 raise InvalidArgumentError("get_into: output buffers must be writable")
-        return await self._gather(
-            [self._call(self._get_into_one, k, v, op="get") for k, v in zip(keys, views, strict=True)]
+        return await self._run_many(
+            "get", [(self._get_into_one, (k, v), self.object_name(k)) for k, v in zip(keys, views, strict=True)]
         )
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
@@ -240,20 +240,20 @@ class S3Backend:
                 )
             latest[key] = view
         threshold = int(self.config.multipart_threshold)
-        await self._gather([
-            self._put_multipart(k, v) if HEADER_BYTES + v.nbytes >= threshold
-            else self._call(self._put_single, k, v, op="put")
-            for k, v in latest.items()
-        ])
+        small = [(self._put_single, (k, v), self.object_name(k))
+                 for k, v in latest.items() if HEADER_BYTES + v.nbytes < threshold]
+        big = [self._put_multipart(k, v) for k, v in latest.items() if HEADER_BYTES + v.nbytes >= threshold]
+        if not big:
+            await self._run_many("put", small)
+            return
+        await _gather_all([self._run_many("put", small), *big])
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         self._check_open()
         _check_keys(keys)
         names = list(dict.fromkeys(self.object_name(k) for k in keys))
         batches = [names[i : i + _DELETE_BATCH] for i in range(0, len(names), _DELETE_BATCH)]
-        await self._gather([
-            self._run(self._delete_batch, b, op="delete", where=f"{len(b)} objects") for b in batches
-        ])
+        await self._run_many("delete", [(self._delete_batch, (b,), f"{len(b)} objects") for b in batches])
 
     def stats(self) -> dict[str, Any]:
         """Counters since open: gets/hits/misses, puts/skipped_identical, corrupt, errors, bytes."""
@@ -280,51 +280,90 @@ class S3Backend:
         return f"S3Backend(bucket={self._bucket!r}, prefix={self.config.prefix!r}, endpoint={self.config.endpoint_url!r})"
 
     # -- running blocking calls ------------------------------------------------------------------
-    async def _call(self, fn: Callable[..., T], key: ChunkKey, *args: Any, op: str) -> T:
-        return await self._run(fn, key, *args, op=op, where=self.object_name(key))
-
     async def _run(self, fn: Callable[..., T], *args: Any, op: str, where: str,
                    guard: CallGuard | None = None) -> T:
-        """Run ``fn(guard, *args)`` on the pool and translate its errors.
+        """One blocking call on the pool (see :meth:`_run_many`)."""
+        (result,) = await self._run_many(op, [(fn, args, where)], [guard or CallGuard()])
+        return result  # type: ignore[no-any-return]
 
-        On cancellation the guard stops the worker; if it is writing into a caller's buffer the
-        coroutine waits until it has stopped (promptly: the socket is shut), otherwise the worker
-        is left to finish on its own (its result is dropped; it touches no caller memory).
+    async def _run_many(self, op: str, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], str]],
+                        guards: Sequence[CallGuard] | None = None) -> list[Any]:
+        """Run each ``fn(guard, *args)`` on the pool; results in order, or the first error.
+
+        Every call finishes before this returns or raises (so no worker still holds a caller's
+        buffer), and errors are translated here, in one place. The event loop is woken once per
+        batch, not once per item: with small objects, per-item wake-ups cost as much CPU (and
+        GIL) as the requests themselves.
+
+        On cancellation every guard stops its worker; workers writing into a caller's buffer are
+        waited for (promptly: their socket is shut down), the others are left to finish alone
+        (they touch no caller memory; their outcome is dropped).
         """
-        guard = guard or CallGuard()
-        try:
-            cf = self._pool.submit(fn, guard, *args)
-        except RuntimeError:  # the pool was shut down by aclose()
-            raise BackendError(f"s3 {op} {where}: the tier is closed") from None
-        fut = asyncio.wrap_future(cf)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if cf.cancelled() and (task is None or task.cancelling() == 0):
-                # not our cancellation: aclose() dropped the queued request
-                raise BackendError(f"s3 {op} {where}: the tier was closed") from None
-            must_wait = guard.abort()
-            if not cf.cancel():
-                if must_wait:
-                    await _wait_uninterrupted(fut)
-                else:  # left to finish alone: retrieve its outcome so asyncio does not log it
-                    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-            raise
-        except Exception as exc:
-            with self._lock:
-                self._counts["errors"] += 1
-            raise translate(exc, op=op, where=f"s3://{self._bucket}/{where}") from exc
-
-    async def _gather(self, calls: Sequence[Any]) -> list[Any]:
-        """Await all calls (so no worker still holds a buffer), then raise the first error."""
         if not calls:
             return []
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        loop = asyncio.get_running_loop()
+        batch_done: asyncio.Future[None] = loop.create_future()
+        guards = list(guards) if guards is not None else [CallGuard() for _ in calls]
+        lock = threading.Lock()
+        finished, submitted = 0, -1  # submitted stays -1 until every call is on the pool
+
+        def on_done(_: Future[Any]) -> None:
+            nonlocal finished
+            with lock:
+                finished += 1
+                last = finished == submitted
+            if last:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                    loop.call_soon_threadsafe(_resolve, batch_done)
+
+        futures: list[Future[Any]] = []
+        for (fn, args, _), guard in zip(calls, guards, strict=True):
+            try:
+                cf = self._pool.submit(fn, guard, *args)
+            except RuntimeError:  # aclose() shut the pool down meanwhile
+                break
+            futures.append(cf)
+            cf.add_done_callback(on_done)
+        with lock:
+            submitted = len(futures)
+            last = finished == submitted
+        if last:
+            _resolve(batch_done)
+        try:
+            await batch_done
+        except asyncio.CancelledError:
+            await self._abandon(futures, guards)
+            raise
+        results: list[Any] = []
+        first: BaseException | None = None
+        for i, (_, _, where) in enumerate(calls):
+            cf_or_none = futures[i] if i < len(futures) else None
+            if cf_or_none is None or cf_or_none.cancelled():  # never started: aclose() dropped it
+                error: BaseException | None = BackendError(f"s3 {op} {where}: the tier was closed")
+            else:
+                exc = cf_or_none.exception()
+                error = None if exc is None else translate(exc, op=op, where=f"s3://{self._bucket}/{where}")
+                if error is not None and error is not exc:
+                    error.__cause__ = exc
+            if error is None:
+                results.append(cf_or_none.result())  # type: ignore[union-attr]
+            else:
+                self._count(errors=1)
+                first = first or error
+        if first is not None:
+            raise first
         return results
+
+    @staticmethod
+    async def _abandon(futures: Sequence[Future[Any]], guards: Sequence[CallGuard]) -> None:
+        """Stop the workers of a cancelled batch; wait for those writing caller buffers."""
+        waits = []
+        for cf, guard in zip(futures, guards, strict=False):
+            must_wait = guard.abort()
+            if not cf.cancel() and must_wait:
+                waits.append(asyncio.wrap_future(cf))
+        for fut in waits:
+            await _wait_uninterrupted(fut)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -512,10 +551,10 @@ class S3Backend:
         total, part = HEADER_BYTES + view.nbytes, int(self.config.multipart_part_size)
         spans = [(s, min(s + part, total)) for s in range(0, total, part)]
         try:
-            etags = await self._gather([
-                run(self._upload_part, name, upload_id, i + 1, header, view, s, e)
+            etags = await self._run_many("put", [
+                (self._upload_part, (name, upload_id, i + 1, header, view, s, e), f"{name} part {i + 1}")
                 for i, (s, e) in enumerate(spans)
-            ])
+            ], [guard] * len(spans))
             parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(etags)]
             await run(lambda _guard: self._client.complete_multipart_upload(
                 Bucket=self._bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}))
@@ -542,6 +581,20 @@ class S3Backend:
 
         with contextlib.suppress(RuntimeError):  # pool already shut down
             self._pool.submit(abort_upload)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _gather_all(calls: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Await every call (none left running), then raise the first error."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 async def _wait_uninterrupted(fut: asyncio.Future[Any]) -> None:
