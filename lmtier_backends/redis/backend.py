@@ -102,6 +102,7 @@ class RedisBackend:
         self._nodes: dict[str, Node] = {}
         self._nodes_lock = threading.Lock()
         self._cluster: RedisCluster | None = None
+        self._topology_lock = threading.Lock()
         self._recv_pool: HostMemoryPool | None = None
         self._recv_pool_lock = threading.Lock()
         self._max_value = _DEFAULT_MAX_BULK
@@ -148,6 +149,10 @@ class RedisBackend:
 
     def _topology_blocking(self) -> list[Node]:
         """(Re)build the Cluster slot map; return a Node per primary."""
+        with self._topology_lock:  # concurrent batches that all saw MOVED refresh once each, in turn
+            return self._topology_locked()
+
+    def _topology_locked(self) -> list[Node]:
         if self._cluster is None:
             from redis.cluster import RedisCluster
 

@@ -136,6 +136,32 @@ async def test_pipelined_replies_of_mixed_sizes_and_misses_land_in_the_right_buf
 
 
 @pytest.mark.asyncio
+async def test_without_the_direct_read_parser_replies_are_copied_from_redis_pys_parser(
+    redis_server, monkeypatch
+) -> None:
+    """The fallback when hiredis (or the parser hook) is missing: same results, one more copy."""
+    import lmtier_backends.redis.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "DirectReadParser", None)
+    backend = await _open(redis_server.url)
+    try:
+        keys = _keys(6)
+        values = [os.urandom(n) for n in (0, 10, 70_000, 300_000, 1 << 20, 5)]
+        await backend.put(list(zip(keys, values, strict=True)))
+        assert [bytes(g) for g in await backend.get(keys)] == values
+        outs = [bytearray(len(v)) for v in values]
+        assert await backend.get_into(keys, outs) == [True] * 6
+        assert [bytes(o) for o in outs] == values
+        raw = _raw(redis_server)
+        raw.set(backend._name(keys[0]), b"garbage")
+        assert await backend.get(keys[:1]) == [None]
+        assert backend.stats()["corrupt"] == 1
+        raw.close()
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
 async def test_large_gets_are_lease_views_of_the_receive_slab_until_it_is_full(redis_server) -> None:
     from lmtier.memory import host_tensor_of
 
