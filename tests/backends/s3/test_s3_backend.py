@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from lmtier.codec import HEADER_BYTES, decode, encode_header
-from lmtier.errors import ConfigError
+from lmtier.errors import BackendError, ConfigError
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.memory import HostMemoryPool
 from lmtier.registry import BackendRegistry
@@ -326,3 +326,20 @@ async def test_unsigned_payloads_are_accepted_and_still_checksummed(
         await backend.put([(key, data)])
         (got,) = await backend.get([key])
         assert got is not None and bytes(got) == data
+
+
+@pytest.mark.asyncio
+async def test_aclose_during_a_batch_fails_its_queued_requests_with_a_backend_error(
+    s3_options: Callable[..., dict[str, Any]]
+) -> None:
+    backend = await open_s3_backend(S3Config(**s3_options(max_concurrency=1)))
+    keys = _keys(40)
+    await backend.put([(k, os.urandom(256 * 1024)) for k in keys])
+    task = asyncio.create_task(backend.get(keys))
+    while backend.stats()["gets"] == 0:
+        await asyncio.sleep(0.001)  # poll interval, not synchronisation
+    await backend.aclose()
+    with pytest.raises(BackendError, match="closed"):
+        await task
+    with pytest.raises(BackendError, match="closed"):
+        await backend.get(keys[:1])
