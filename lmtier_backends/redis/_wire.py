@@ -282,20 +282,19 @@ class Node:
                  token: Abort | None = None) -> list[Any]:
         """``SET key header‖payload [PX px]`` for each ``(key, header, payload)``, pipelined."""
         suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
-        nargs = b"*5\r\n" if px else b"*3\r\n"
+        nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
         pieces: list[Any] = []
-        carry = b""
+        small: list[Any] = []  # parts joined into one write when the next large payload comes
         for key, header, payload in items:
-            head = b"".join((carry, nargs, b"$3\r\nSET\r\n", _bulk(key),
-                             b"$%d\r\n" % (len(header) + payload.nbytes), header))
+            small += (nargs, _bulk(key), b"$%d\r\n" % (len(header) + payload.nbytes), header)
             if payload.nbytes < _SMALL:
-                carry = head + payload + suffix
+                small += (payload, suffix)
             else:  # the payload goes out as its own write: no copy of it is ever made
-                pieces.append(head)
+                pieces.append(b"".join(small))
                 pieces.append(payload)
-                carry = suffix
-        if carry:
-            pieces.append(carry)
+                small = [suffix]
+        if small:
+            pieces.append(b"".join(small))
         conn = self._checkout(token)
         try:
             conn.send_packed_command(pieces, check_health=False)
