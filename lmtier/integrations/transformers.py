@@ -45,6 +45,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
@@ -365,6 +366,7 @@ class LoadInfo:
     hit_chunks: int
     bytes_loaded: int
     staged_chunks: int  # chunks copied into pinned staging first (not zero-copy from the tier)
+    fetch_ms: float = 0.0  # wall time of lookup + get (+ staging copies), before the onload
     load_start: Any = None  # CUDA timing events on the load stream (with timing=True)
     load_end: Any = None
 
@@ -515,9 +517,10 @@ class KVPrefixCache:
         cache = PagedKVCache(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              block_size=self.block_size, capacity_tokens=n + max(extra_tokens, 0),
                              dtype=self.dtype, device=self.device)
+        t0 = time.perf_counter()
         fetched = self._fetch(keys[: (n - 1) // self.chunk_tokens])
         info = LoadInfo(n, fetched.chunks * self.chunk_tokens, fetched.chunks,
-                        fetched.chunks * self.chunk_bytes, fetched.staged)
+                        fetched.chunks * self.chunk_bytes, fetched.staged, (time.perf_counter() - t0) * 1e3)
         if fetched.chunks:
             self._onload(cache, fetched, info)
         self.last = info
