@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"disk tier vs raw file I/O: {args.chunks} chunks x {CHUNK_BYTES:,} B per pass, {args.repeats} "
-        f"repeats, cold cache via {bench.cache.method}, on {args.dir}"
+        f"repeats, cold cache via {bench.cache.method}, on {args.dir}; tier max_concurrency={args.concurrency}, "
+        f"get_buffer_bytes={DiskConfig().get_buffer_bytes.human_readable()}"
     )
     print(f"{'pass':40} {'MB/s':>7} {'ms/chunk':>9} {'tier/raw':>9}   tier/raw per repeat")
     for r in rows:

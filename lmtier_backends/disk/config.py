@@ -42,7 +42,7 @@ class DiskConfig(BaseModel):
     max_bytes: ByteSize = Field(ByteSize(20 << 30), gt=0, description="LRU-evicts beyond this many bytes")
     max_concurrency: int = Field(8, ge=1, le=256, description="file operations running at once (threads)")
     fsync: bool = Field(False, description="fsync each put before publishing it: durable but slower")
-    get_buffer_bytes: ByteSize = Field(ByteSize(512 << 20), ge=0,
+    get_buffer_bytes: ByteSize = Field(ByteSize(1 << 30), ge=0,
                                        description="idle memory kept to reuse get's result buffers")
     fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
 
