@@ -181,6 +181,23 @@ async def test_large_gets_are_lease_views_of_the_receive_slab_until_it_is_full(r
 
 
 @pytest.mark.asyncio
+async def test_with_the_receive_slab_off_gets_are_plain_read_only_buffers(redis_server) -> None:
+    from lmtier.memory import host_tensor_of
+
+    backend = await _open(redis_server.url, recv_pool_bytes=0)
+    try:
+        keys = _keys(2)
+        values = [os.urandom(1 << 20), os.urandom(3 << 20)]
+        await backend.put(list(zip(keys, values, strict=True)))
+        got = await backend.get(keys)
+        assert [bytes(g) for g in got] == values
+        assert host_tensor_of(got[0]) is None and memoryview(got[0]).readonly
+        assert backend.stats()["recv_pool_fallbacks"] == 0  # no slab at all, not a full one
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
 async def test_keys_carry_the_prefix_and_the_ttl(redis_server) -> None:
     backend = await _open(redis_server.url, key_prefix="myapp:kv:", ttl_s=120)
     try:

@@ -1,4 +1,6 @@
-"""The redis tier against the backend conformance suite: standalone and a 3-primary Cluster."""
+"""The redis tier against the backend conformance suite: standalone (plain, password from an
+environment variable, TLS) and a 3-primary Cluster. Gets without the receive slab are covered in
+test_backend.py (slab full, small values, the redis-py parser fallback)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,6 @@ class TestRedisStandalone(BackendConformance):
     @pytest.fixture
     def backend_factory(self, redis_server):
         config = RedisConfig(**options_for(redis_server.url))
-        return lambda: open_redis_backend(config)
-
-
-class TestRedisStandaloneWithoutRecvPool(BackendConformance):
-    """Large gets into fresh buffers instead of the warm slab (``recv_pool_bytes: 0``)."""
-
-    big_item_bytes = 8 << 20
-
-    @pytest.fixture
-    def backend_factory(self, redis_server):
-        config = RedisConfig(**options_for(redis_server.url, recv_pool_bytes=0))
         return lambda: open_redis_backend(config)
 
 
