@@ -48,6 +48,7 @@ from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.nixl import _nixl
+from lmtier_backends.nixl._batched import Batched
 from lmtier_backends.nixl._errors import map_error
 from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, RegistrationRefused
@@ -55,8 +56,6 @@ from lmtier_backends.nixl._xfer import CallerBuffer, RegistrationRefused
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from lmtier_backends.nixl._obj import ObjStore
-    from lmtier_backends.nixl._posix import PosixStore
     from lmtier_backends.nixl.config import NixlConfig, ObjOptions
 
 __all__ = ["NixlBackend", "open_nixl_backend"]
@@ -97,7 +96,7 @@ class NixlBackend:
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._agent: Any = None
         self._staging: StagingPool | None = None
-        self._store: PosixStore | ObjStore | None = None
+        self._store: Batched | None = None
         self._opened = False
         self._closed = False
         self._counts = {"corrupt": 0, "gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0,
@@ -247,7 +246,8 @@ class NixlBackend:
             assert cfg.posix is not None
             self._agent = _nixl.create_agent(api, name, PLUGIN, cfg.posix.params)
             self._staging = self._new_staging(PLUGIN)
-            self._store = PosixStore(self._agent, name, cfg.posix, self._staging, timeout_s=cfg.xfer_timeout_s)
+            self._store = Batched(PosixStore(self._agent, name, cfg.posix, self._staging, timeout_s=cfg.xfer_timeout_s),
+                                  cfg.batch_descriptors)
         else:
             assert cfg.obj is not None
             self._open_obj(api, name, cfg.obj)
@@ -282,7 +282,7 @@ class NixlBackend:
         self._agent = _nixl.create_agent(api, name, PLUGIN, params, env=env)
         self._staging = self._new_staging(PLUGIN)
         store = ObjStore(self._agent, name, opts, self._staging, rest, timeout_s=self.config.xfer_timeout_s)
-        self._store = store
+        self._store = Batched(store, self.config.batch_descriptors)
         try:
             store.exists([ChunkKey("0" * 16, bytes(16))])
         except Exception as exc:
@@ -299,7 +299,7 @@ class NixlBackend:
         staging.prime()
         return staging
 
-    def _live_store(self) -> PosixStore | ObjStore:
+    def _live_store(self) -> Batched:
         store = self._store
         if store is None or self._closed:
             raise BackendError(f"{self.tier}: the tier is closed")
@@ -361,7 +361,7 @@ class NixlBackend:
         finally:
             done.set()  # NIXL and this thread are done with the caller's buffers
 
-    def _read_shared(self, store: PosixStore | ObjStore, keys: list[ChunkKey]) -> list[HostBuffer | bytes | None]:
+    def _read_shared(self, store: Batched, keys: list[ChunkKey]) -> list[HostBuffer | bytes | None]:
         """Whole values through staging, one read per distinct key (a repeated key shares it)."""
         unique = list(dict.fromkeys(keys))
         found = dict(zip(unique, store.read(unique), strict=True))

@@ -163,7 +163,8 @@ class NixlConfig(BaseModel):
             views of staging memory and hold it until they are garbage collected.
         pinned: page-lock the slabs; default: iff CUDA is available.
         io_threads: NIXL transfers waited on at once (worker threads; the event loop never blocks).
-        batch_descriptors: items per NIXL transfer request; bigger batches are split.
+        batch_descriptors: items per round of NIXL requests; bigger batches are split (bounds the
+            files held open, descriptors registered and requests in flight).
         xfer_timeout_s: a transfer still running after this long is cancelled and its staging
             memory quarantined (never reused); the call fails with BackendTimeoutError.
     """
@@ -176,7 +177,7 @@ class NixlConfig(BaseModel):
     max_staging_bytes: ByteSize = Field(ByteSize(1024 * MiB), ge=1 * MiB, description="bound of all slabs")
     pinned: bool | None = Field(None, description="page-lock staging slabs; default iff CUDA")
     io_threads: int = Field(4, ge=1, le=64, description="transfers waited on at once")
-    batch_descriptors: int = Field(64, ge=1, le=4096, description="items per NIXL transfer request")
+    batch_descriptors: int = Field(64, ge=1, le=4096, description="items per round of NIXL requests")
     xfer_timeout_s: float = Field(120.0, gt=0, description="cancel a transfer running longer than this")
 
     @model_validator(mode="after")

@@ -300,3 +300,27 @@ async def test_a_cancelled_get_into_never_writes_the_callers_buffers_after_it_un
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.001)  # poll interval, not synchronisation
     assert [bytes(o) for o in outs] == snapshot
+
+
+@pytest.mark.asyncio
+async def test_big_batches_are_split_into_rounds_of_batch_descriptors(
+    opener: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmtier_backends.nixl import _posix
+
+    rounds: list[int] = []
+    real = _posix.transfer_each
+
+    def spy(agent: Any, op: str, pairs: Any, **kw: Any) -> Any:
+        rounds.append(len(pairs))
+        return real(agent, op, pairs, **kw)
+
+    monkeypatch.setattr(_posix, "transfer_each", spy)
+    tier = await opener(batch_descriptors=3)
+    keys = _keys(10)
+    values = [os.urandom(100 + i) for i in range(10)]
+    await tier.put(list(zip(keys, values, strict=True)))
+    assert [bytes(v) for v in await tier.get(keys)] == values  # type: ignore[arg-type]
+    outs = [bytearray(len(v)) for v in values]
+    assert await tier.get_into(keys, outs) == [True] * 10 and [bytes(o) for o in outs] == values
+    assert rounds == [3, 3, 3, 1] * 2 + [6, 6, 6, 2]  # get_into: a header and a payload request per item
