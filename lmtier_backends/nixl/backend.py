@@ -190,8 +190,11 @@ class NixlBackend:
             return
         self._closed = True
         running = [asyncio.wrap_future(f) for f in list(self._inflight)]
-        if running:
-            await asyncio.wait(running, timeout=self.config.xfer_timeout_s + 10)
+        if running:  # workers may hold NIXL handles and staging: never tear down under them
+            _, late = await asyncio.wait(running, timeout=self.config.xfer_timeout_s + 10)
+            if late:
+                log.warning("%s: aclose still waiting for %d transfers", self.tier, len(late))
+                await asyncio.wait(late)
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._teardown_sync)
@@ -227,7 +230,8 @@ class NixlBackend:
             await asyncio.wrap_future(future)
             return box.take()
         except asyncio.CancelledError:
-            if copied is not None and not future.cancelled():
+            # cancel() fails once the worker runs: then wait until it lets go of caller memory
+            if copied is not None and not future.cancel():
                 await asyncio.shield(copied)
             raise
         except LmtierError:
