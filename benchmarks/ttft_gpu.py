@@ -129,9 +129,9 @@ def files_under(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def drop_page_cache(root: Path) -> None:
-    """Write back and evict the tier's files from the page cache (no root privileges needed)."""
-    for path in files_under(root):
+def drop_page_cache(root: Path, paths: list[Path] | None = None) -> None:
+    """Write back and evict the tier's files (or just ``paths``) from the page cache (no root needed)."""
+    for path in paths if paths is not None else files_under(root):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -176,7 +176,7 @@ def raw_disk_reads(kv: Any, prompts: list[torch.Tensor], root: Path, threads: in
     import numpy as np
 
     backend = kv.manager.tiers[0].backend
-    paths = [backend.path_of(k) for p in prompts for k in kv.keys(p)[: (p.shape[1] - 1) // kv.chunk_tokens]]
+    paths = [Path(backend.path_of(k)) for p in prompts for k in kv.keys(p)[: (p.shape[1] - 1) // kv.chunk_tokens]]
     sizes = [os.path.getsize(p) for p in paths]
     total = sum(sizes)
     dst = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available()).numpy()
@@ -193,7 +193,7 @@ def raw_disk_reads(kv: Any, prompts: list[torch.Tensor], root: Path, threads: in
             os.close(fd)
 
     out: dict[str, float] = {"bytes": float(total), "files": float(len(paths))}
-    drop_page_cache(root)
+    drop_page_cache(root, paths)  # only these: the other prompts' files stay as the cold pass left them
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for state in ("cold", "warm"):
             t = time.perf_counter()
