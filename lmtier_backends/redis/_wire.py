@@ -278,27 +278,31 @@ class Node:
         finally:
             self._checkin(conn, token)
 
-    def set_many(self, items: Sequence[tuple[bytes, bytes, memoryview]], px: int | None,
+    def set_many(self, names: Sequence[bytes], payloads: Sequence[memoryview],
+                 header_of: Callable[[int], bytes], px: int | None,
                  token: Abort | None = None) -> list[Any]:
-        """``SET key header‖payload [PX px]`` for each ``(key, header, payload)``, pipelined."""
+        """``SET name header‖payload [PX px]`` for each name, pipelined; replies read at the end.
+
+        ``header_of(i)`` makes item ``i``'s header just before it is sent: computing a large
+        payload's checksum then overlaps with the kernel still draining the previous payload to
+        the server, instead of delaying the whole batch.
+        """
         suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
         nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
-        pieces: list[Any] = []
-        small: list[Any] = []  # parts joined into one write when the next large payload comes
-        for key, header, payload in items:
-            small += (nargs, _bulk(key), b"$%d\r\n" % (len(header) + payload.nbytes), header)
-            if payload.nbytes < _SMALL:
-                small += (payload, suffix)
-            else:  # the payload goes out as its own write: no copy of it is ever made
-                pieces.append(b"".join(small))
-                pieces.append(payload)
-                small = [suffix]
-        if small:
-            pieces.append(b"".join(small))
         conn = self._checkout(token)
         try:
-            conn.send_packed_command(pieces, check_health=False)
-            return self._replies(conn, len(items))
+            small: list[Any] = []  # parts of small items, joined into one write
+            for i, (name, payload) in enumerate(zip(names, payloads, strict=True)):
+                header = header_of(i)
+                small += (nargs, _bulk(name), b"$%d\r\n" % (len(header) + payload.nbytes), header)
+                if payload.nbytes < _SMALL:
+                    small += (payload, suffix)
+                else:  # the payload goes out as its own write: no copy of it is ever made
+                    conn.send_packed_command([b"".join(small), payload], check_health=False)
+                    small = [suffix]
+            if small:
+                conn.send_packed_command([b"".join(small)], check_health=False)
+            return self._replies(conn, len(names))
         finally:
             self._checkin(conn, token)
 

@@ -317,8 +317,12 @@ class RedisBackend:
     def _put_blocking(self, views: list[tuple[ChunkKey, memoryview]], names: list[bytes],
                       node: Node, idx: list[int], token: Abort) -> list[Any]:
         # headers are made here, not on the event loop: the checksum reads every payload byte
-        batch = [(names[i], encode_header(views[i][0], views[i][1]), views[i][1]) for i in idx]
-        replies = node.set_many(batch, self._px, token)
+        def header_of(j: int) -> bytes:
+            key, view = views[idx[j]]
+            return encode_header(key, view)
+
+        replies = node.set_many([names[i] for i in idx], [views[i][1] for i in idx], header_of,
+                                self._px, token)
         return [r if isinstance(r, BaseException) else None for r in replies]
 
     def _get_blocking(self, keys: list[ChunkKey], names: list[bytes],
