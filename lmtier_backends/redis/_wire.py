@@ -328,25 +328,29 @@ class Node:
         """``GET key`` for each key, reply ``i`` received into ``allocs[i]``'s buffers.
 
         Outcomes: :data:`FILLED`, ``None`` (absent) or the key's ``ResponseError``. Requests go
-        out in windows so that at most ~64 MiB of replies wait in the server's output buffer.
+        out in windows sized from the largest value seen so far, so that about
+        ``_GET_WINDOW_BYTES`` of replies wait at a time (at most 8 requests while no value has
+        been seen: the first ones may be huge).
         """
         out: list[Any] = []
         conn = self._checkout(token)
         try:
-            window = 1  # until the first reply shows the value size
+            window = 1
+            largest = 0
             start = 0
             while start < len(keys):
                 chunk = keys[start:start + window]
                 conn.send_packed_command(
                     [b"".join(b"*2\r\n$3\r\nGET\r\n" + _bulk(k) for k in chunk)], check_health=False)
-                largest = 0
                 for i in range(start, start + len(chunk)):
                     outcome, nbytes = self._read_into(conn, allocs[i])
                     out.append(outcome)
                     largest = max(largest, nbytes)
                 start += len(chunk)
-                # the window adapts to the value size just seen: many small, few large
-                window = max(1, min(_MAX_WINDOW, _GET_WINDOW_BYTES // max(largest, 1)))
+                if largest:  # many small values per round trip, few large ones
+                    window = max(1, min(_MAX_WINDOW, _GET_WINDOW_BYTES // largest))
+                else:  # only misses so far: no size known yet
+                    window = min(window * 2, 8)
             return out
         finally:
             self._checkin(conn, token)
