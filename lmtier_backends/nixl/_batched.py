@@ -34,7 +34,7 @@ class Batched:
     def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | bytes | None]:
         return self._gather(keys, lambda lo, hi: self.store.read_into(keys[lo:hi], outs[lo:hi]))
 
-    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
+    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer, CallerBuffer | None]]) -> None:
         for lo in range(0, len(items), self.size):
             self.store.write(items[lo:lo + self.size])
 

@@ -131,10 +131,13 @@ class ObjStore:
             raise
 
     # -- updates ---------------------------------------------------------------------------------
-    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
-        """PUT each item's staging bytes as its key's object; raises if any PUT failed."""
-        outcome = self._transfer("WRITE", [(self.name(k), buf.data_ptr, buf.nbytes, 0, buf) for k, buf in items])
-        for (key, buf), error in zip(items, outcome.errors, strict=True):
+    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer, CallerBuffer | None]]) -> None:
+        """PUT each item's staging bytes (header and payload: an object is written whole, so the
+        payload cannot come from elsewhere) as its key's object; raises if any PUT failed."""
+        if any(payload is not None for _, _, payload in items):
+            raise ValueError("the obj store writes whole objects from staging")
+        outcome = self._transfer("WRITE", [(self.name(k), buf.data_ptr, buf.nbytes, 0, buf) for k, buf, _ in items])
+        for (key, buf, _), error in zip(items, outcome.errors, strict=True):
             if error is None:
                 self._remember(key, buf.nbytes)
         failed = [e for e in outcome.errors if e is not None]

@@ -181,20 +181,34 @@ class PosixStore:
                 os.close(fd)
 
     # -- updates ---------------------------------------------------------------------------------
-    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer]]) -> None:
-        """Publish each item's staging bytes as its key's file; raises after publishing the rest
-        if some failed."""
-        opened: list[tuple[ChunkKey, HostBuffer, int, Path]] = []
+    def write(self, items: Sequence[tuple[ChunkKey, HostBuffer, CallerBuffer | None]]) -> None:
+        """Publish each item as its key's file: the staging buffer's bytes, then - when given - the
+        caller's payload, which NIXL reads in place (registered for the call, never abandoned).
+        Raises after publishing the others if some failed."""
+        opened: list[tuple[ChunkKey, int, int, Path]] = []  # (key, file size, fd, temp path)
+        jobs: list[tuple[int, int, int, int, HostBuffer | None]] = []
+        owners: list[int] = []
         try:
-            for key, buf in items:
+            for key, buf, payload in items:
                 final = self.path(key)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = final.with_name(f".{final.name}.{os.urandom(4).hex()}{_TMP_SUFFIX}")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                opened.append((key, buf, fd, tmp))
-            errors = self._transfer("WRITE", [(buf.data_ptr, buf.nbytes, fd, 0, buf) for _, buf, fd, _ in opened]).errors
+                size = buf.nbytes + (payload.nbytes if payload is not None else 0)
+                opened.append((key, size, fd, tmp))
+                jobs.append((buf.data_ptr, buf.nbytes, fd, 0, buf))
+                if payload is not None and payload.nbytes:
+                    jobs.append((payload.address, payload.nbytes, fd, buf.nbytes, None))
+                owners.extend([len(opened) - 1] * (len(jobs) - len(owners)))
+            callers = [p for _, _, p in items if p is not None]
+            with outs_registered(self._agent, PLUGIN, callers):
+                outcome = self._transfer("WRITE", jobs, timeout_s=math.inf if callers else None)
+            errors: list[BaseException | None] = [None] * len(opened)
+            for j, error in enumerate(outcome.errors):
+                if error is not None and errors[owners[j]] is None:
+                    errors[owners[j]] = error
             first: BaseException | None = None
-            for (key, buf, fd, tmp), error in zip(opened, errors, strict=True):
+            for (key, size, fd, tmp), error in zip(opened, errors, strict=True):
                 if error is None:
                     try:
                         if self._opts.fsync:
@@ -203,9 +217,9 @@ class PosixStore:
                     except OSError as exc:
                         error = exc
                     else:
-                        self._indexed(key, buf.nbytes)
+                        self._indexed(key, size)
                         continue
-                first = first or self._write_error(error, buf.nbytes)
+                first = first or self._write_error(error, size)
             if first is not None:
                 raise first
         finally:

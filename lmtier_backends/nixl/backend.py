@@ -7,10 +7,12 @@ One NIXL agent per tier instance, with exactly one storage plugin:
 * ``obj`` - one object per chunk in an S3 bucket (OBJ_SEG), persistent and shared
   (:mod:`lmtier_backends.nixl._obj`).
 
-Data path: a put copies each value behind its codec header (magic, version, length, checksum,
-key) into a buffer carved from NIXL-registered staging slabs (:mod:`._staging`), and NIXL writes
-it out; a get has NIXL read into staging, checks header and checksum, and returns a read-only
-zero-copy view of the payload that holds its staging range until the view is garbage collected.
+Data path: a put stages each value's codec header (magic, version, length, checksum, key) in a
+buffer carved from NIXL-registered staging slabs (:mod:`._staging`); posix has NIXL write a big
+payload straight from the caller's buffer behind it, while small payloads and obj objects are
+copied behind the header into staging (an object is one PUT). A get has NIXL read into staging,
+checks header and checksum, and returns a read-only zero-copy view of the payload that holds its
+staging range until the view is garbage collected.
 A value that fails the check is a miss: deleted and counted (``stats()["corrupt"]``).
 
 Concurrency: every NIXL call runs on a pool of ``io_threads`` worker threads, which post the
@@ -63,6 +65,9 @@ __all__ = ["NixlBackend", "open_nixl_backend"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _S3_MAX_OBJECT = 5 << 30  # a single S3 PUT
+# Why a floor: below it one memcpy into staging costs less than the second NIXL request that an
+# in-place payload needs (the header is always its own request then).
+_DIRECT_PUT_MIN_BYTES = 256 << 10
 
 
 async def open_nixl_backend(config: NixlConfig) -> NixlBackend:
@@ -396,23 +401,46 @@ class NixlBackend:
         return filled, corrupt, recheck
 
     def _put_sync(self, items: list[tuple[ChunkKey, memoryview]], copied: _Signal) -> None:
-        staged: list[tuple[ChunkKey, HostBuffer]] = []
+        """Write the batch; ``copied`` resolves once the caller's buffers are no longer read."""
+        try:
+            try:
+                self._write(items, copied, direct=self.config.plugin == "posix")
+            except RegistrationRefused as exc:  # NIXL would not take the caller's memory: copy it
+                log.debug("%s: put through staging (%s)", self.tier, exc)
+                self._write(items, copied, direct=False)
+            self._count(puts=len(items), bytes_written=sum(v.nbytes for _, v in items))
+        finally:
+            copied.set()
+
+    def _write(self, items: list[tuple[ChunkKey, memoryview]], copied: _Signal, *, direct: bool) -> None:
+        """posix (``direct``): a payload of at least ``_DIRECT_PUT_MIN_BYTES`` is written by NIXL
+        from the caller's buffer in place, behind a header staged on its own. Otherwise header and
+        payload are copied into one staging buffer (obj: an object is one PUT, whole)."""
+        staged: list[tuple[ChunkKey, HostBuffer, CallerBuffer | None]] = []
+        in_place = False
         try:
             try:
                 for key, view in items:
+                    if direct and view.nbytes >= _DIRECT_PUT_MIN_BYTES:
+                        buf = self._staging_pool().allocate(HEADER_BYTES)
+                        staged.append((key, buf, CallerBuffer.of(view)))
+                        in_place = True
+                        # summed over the caller's bytes: the caller must not change them until put returns
+                        buf.tensor.numpy()[:] = np.frombuffer(encode_header(key, view), dtype=np.uint8)
+                        continue
                     buf = self._staging_pool().allocate(HEADER_BYTES + view.nbytes)
-                    staged.append((key, buf))
+                    staged.append((key, buf, None))
                     arr = buf.tensor.numpy()
                     payload = arr[HEADER_BYTES:]
                     payload[:] = np.frombuffer(view, dtype=np.uint8)
                     # the checksum covers the staged copy: what is stored is what was summed
                     arr[:HEADER_BYTES] = np.frombuffer(encode_header(key, payload.data), dtype=np.uint8)
             finally:
-                copied.set()  # the caller's buffers are no longer read
+                if not in_place:
+                    copied.set()  # everything is in staging: the caller's buffers are free
             self._live_store().write(staged)
-            self._count(puts=len(staged), bytes_written=sum(v.nbytes for _, v in items))
         finally:
-            for _, buf in staged:
+            for _, buf, _ in staged:
                 buf.release()
 
     def _remove_sync(self, keys: list[ChunkKey]) -> None:

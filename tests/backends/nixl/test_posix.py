@@ -152,13 +152,26 @@ async def test_staging_is_registered_once_and_reused_across_calls(opener: Callab
 async def test_staging_grows_in_slab_steps_and_refuses_past_its_bound(opener: Callable[..., Any]) -> None:
     tier = await opener(staging_slab_bytes=MiB, max_staging_bytes=4 * MiB)
     small, big, too_big = _keys(3)
-    await tier.put([(small, b"s" * 1000)])
-    assert (tier.stats()["staging_slabs"], tier.stats()["staging_bytes"]) == (1, MiB)
-    await tier.put([(big, os.urandom(2 * MiB + 1))])  # needs a slab of 3 slab steps
+    await tier.put([(small, b"s" * 1000), (big, os.urandom(2 * MiB + 1)), (too_big, os.urandom(3 * MiB))])
+    assert (tier.stats()["staging_slabs"], tier.stats()["staging_bytes"]) == (1, MiB)  # payloads written in place
+    (held,) = await tier.get([big])  # needs a slab of 3 slab steps, held by the view
     assert (tier.stats()["staging_slabs"], tier.stats()["staging_bytes"]) == (2, 4 * MiB)
     with pytest.raises(CapacityError, match="max_staging_bytes"):
-        await tier.put([(too_big, os.urandom(3 * MiB))])
-    assert await tier.contains([too_big]) == [False]
+        await tier.get([too_big])
+    with pytest.raises(CapacityError, match="max_item_bytes"):
+        await tier.put([(too_big, os.urandom(4 * MiB))])
+    assert held is not None and tier.stats()["staging_outstanding"] == 1
+
+
+@pytest.mark.asyncio
+async def test_put_has_nixl_write_payloads_from_the_callers_buffers_in_place(opener: Callable[..., Any]) -> None:
+    tier = await opener(staging_slab_bytes=MiB, max_staging_bytes=2 * MiB)
+    keys = _keys(4)
+    values = [os.urandom(MiB) for _ in keys]  # 4 MiB of payloads through 2 MiB of staging
+    await tier.put(list(zip(keys, values, strict=True)))
+    assert tier.stats()["staging_slabs"] == 1
+    outs = [bytearray(MiB) for _ in keys]
+    assert await tier.get_into(keys, outs) == [True] * 4 and [bytes(o) for o in outs] == values
 
 
 @pytest.mark.asyncio
@@ -205,6 +218,24 @@ async def test_calls_cancelled_mid_transfer_leave_no_buffer_or_handle_behind(ope
     await tier.aclose()  # waits for the worker still finishing the cancelled get
     gc.collect()
     assert staging is not None and staging.outstanding() == 0 and staging.quarantined_bytes == 0
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_put_never_reads_the_callers_buffers_after_it_unwinds(opener: Callable[..., Any]) -> None:
+    tier = await opener(max_staging_bytes=256 * MiB)
+    keys = _keys(16)
+    originals = [os.urandom(2 * MiB) for _ in keys]  # big enough to be written in place
+    buffers = [bytearray(v) for v in originals]
+    await _cancel_once_running(tier, asyncio.create_task(tier.put(list(zip(keys, buffers, strict=True)))))
+    for b in buffers:  # the caller reuses its buffers as soon as the call has unwound
+        b[:] = bytes(len(b))
+    deadline = asyncio.get_running_loop().time() + 30
+    while tier._inflight:  # the worker of the cancelled call, if any, finishes by itself
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)  # poll interval, not synchronisation
+    got = await tier.get(keys)
+    assert all(g is None or bytes(g) == v for g, v in zip(got, originals, strict=True))
+    assert tier.stats()["corrupt"] == 0  # no file holds bytes written after their checksum was taken
 
 
 @pytest.mark.asyncio
