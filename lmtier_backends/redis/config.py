@@ -29,17 +29,19 @@ __all__ = ["RedisConfig"]
 _SCHEMES = ("redis", "rediss", "unix")
 
 
-class _FromUrl:
-    """A credential taken out of the url; masked in reprs (validation errors print inputs)."""
+class _Masked:
+    """A credential on its way through validation, masked in reprs (validation errors print
+    their input): one taken out of the url, or a password of the wrong type."""
 
-    __slots__ = ("conflict", "value")
+    __slots__ = ("problem", "shown", "value")
 
-    def __init__(self, value: str, conflict: str = "") -> None:
+    def __init__(self, value: Any, problem: str = "", shown: str = "<from the url>") -> None:
         self.value = value
-        self.conflict = conflict
+        self.problem = problem
+        self.shown = shown
 
     def __repr__(self) -> str:
-        return "<from the url>"
+        return self.shown
 
 
 class RedisConfig(BaseModel):
@@ -101,10 +103,16 @@ class RedisConfig(BaseModel):
         """``redis://user:pw@host`` -> url ``redis://host``, username ``user``, password ``pw``.
 
         Why no error is raised here: a model-level error prints the whole input, password
-        included. Conflicts are wrapped in :class:`_FromUrl` and reported by the field
+        included. Conflicts are wrapped in :class:`_Masked` and reported by the field
         validators below, whose error shows only a masked value.
         """
-        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+        if not isinstance(data, dict):
+            return data
+        given = data.get("password")
+        if given is not None and not isinstance(given, (str, SecretStr)):  # e.g. an unquoted YAML number
+            data = dict(data)
+            data["password"] = _Masked(given, "the password must be a string (quote it in YAML)", "<hidden>")
+        if not isinstance(data.get("url"), str):
             return data
         parts = urlsplit(data["url"])
         try:
@@ -116,28 +124,24 @@ class RedisConfig(BaseModel):
         data = dict(data)
         if password is not None:
             explicit = [k for k in ("password", "password_env") if data.get(k) is not None]
-            data["password"] = _FromUrl(unquote(password), conflict=", ".join(explicit))
+            data["password"] = _Masked(unquote(password), _both("password", ", ".join(explicit)))
         if user:
             given = data.get("username")
             clash = "username" if given is not None and given != unquote(user) else ""
-            data["username"] = _FromUrl(unquote(user), conflict=clash)
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        netloc = host + (f":{port}" if port is not None else "")
-        data["url"] = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+            data["username"] = _Masked(unquote(user), _both("username", clash))
+        # host[:port] exactly as written (after the last "@", as urlsplit reads it), so that
+        # _check_url still sees, and rejects, an invalid port instead of it silently vanishing
+        netloc = parts.netloc.rpartition("@")[2]
+        # not urlunsplit: it drops the "//" of an empty netloc (unix://:pw@/path -> unix:/path)
+        data["url"] = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{parts.query}" if parts.query else "")
         return data
 
     @field_validator("username", "password", mode="before")
     @classmethod
-    def _unwrap_url_credentials(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, _FromUrl):
-            if value.conflict:
-                raise ValueError(f"the url carries a {info.field_name} and {value.conflict} is also set; keep one")
+    def _unwrap_masked_credentials(cls, value: Any) -> Any:
+        if isinstance(value, _Masked):
+            if value.problem:
+                raise ValueError(value.problem)
             return value.value
         return value
 
@@ -231,3 +235,8 @@ class RedisConfig(BaseModel):
         parts = urlsplit(self.url)
         return urlunsplit((parts.scheme, f"{quote(self.username, safe='')}@{parts.netloc}",
                            parts.path, parts.query, parts.fragment))
+
+
+def _both(field: str, other: str) -> str:
+    """The complaint about a credential given in the url and again as ``other`` ('' = none)."""
+    return f"the url carries a {field} and {other} is also set; keep one" if other else ""
