@@ -254,6 +254,14 @@ class RedisCluster:
     def ports(self) -> list[int]:
         return [n.port for n in self.nodes]
 
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Poll every node until all report ``cluster_state:ok`` (after creation or a node restart)."""
+        deadline = time.monotonic() + timeout_s
+        while not all("cluster_state:ok" in _cluster_info(n.port) for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not reach cluster_state:ok within {timeout_s}s")
+            time.sleep(0.05)  # polling interval of the readiness check
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -287,13 +295,9 @@ def start_cluster(base_dir: str | os.PathLike[str], *, primaries: int = 3,
         )
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if all("cluster_state:ok" in _cluster_info(n.port) for n in nodes):
-                return RedisCluster(nodes)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster did not reach cluster_state:ok within {timeout_s}s")
-            time.sleep(0.05)  # polling interval of the readiness check
+        cluster = RedisCluster(nodes)
+        cluster.wait_ok(timeout_s)
+        return cluster
     except BaseException:
         for n in nodes:
             n.stop()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -74,9 +75,12 @@ async def test_a_server_killed_mid_batch_gives_misses_and_skipped_writes_then_th
         await mgr.put(items[:2])
         assert await mgr.lookup(keys[:2]) == 2
 
-        batch = asyncio.ensure_future(mgr.put(items[2:]))  # 48 MiB in flight...
+        # the server stops answering, a 48 MiB batch starts (and blocks once the socket buffers
+        # are full), and the server dies while that batch is on the wire
+        os.kill(server.pid, signal.SIGSTOP)
+        batch = asyncio.ensure_future(mgr.put(items[2:]))
         await _until(lambda: tier.backend.stats()["jobs_running"] > 0)
-        server.kill()  # ...when the server dies
+        server.kill()
         await batch  # no exception reaches the caller
         assert _sample(registry, "lmtier_tier_skipped_writes_total", tier="shared", reason="unavailable") == 24
 
@@ -95,6 +99,72 @@ async def test_a_server_killed_mid_batch_gives_misses_and_skipped_writes_then_th
         assert [None if g is None else bytes(g) for g in got] == [items[0][1], items[1][1], None]
     finally:
         await mgr.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_server_killed_during_a_get_batch_gives_misses_and_opens_the_circuit(own_redis) -> None:
+    server = own_redis()
+    registry = CollectorRegistry()
+    mgr = await StorageManager.from_config(
+        _config(options_for(server.url, read_timeout_s=5, max_connections=2), breaker={"failures": 1}),
+        metrics_registry=registry, clock=FakeClock())
+    try:
+        tier = mgr.tier("shared")
+        keys = _keys(12)
+        await mgr.put([(k, os.urandom(2 << 20)) for k in keys])
+        assert await mgr.lookup(keys) == 12
+
+        os.kill(server.pid, signal.SIGSTOP)  # the GETs go out and their replies never come...
+        batch = asyncio.ensure_future(mgr.get(keys))
+        await _until(lambda: tier.backend.stats()["jobs_running"] > 0)
+        server.kill()  # ...the server dies with the batch in flight
+        assert await batch == [None] * 12  # misses, no exception
+        assert _sample(registry, "lmtier_tier_misses_total", tier="shared") == 12
+        assert _sample(registry, "lmtier_tier_errors_total", tier="shared", op="get", kind="backendunavailable") == 1
+        assert tier.breaker.state == "open"
+        assert await mgr.lookup(keys) == 0  # the open circuit is a miss too, without a connection
+    finally:
+        await mgr.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_cluster_primary_killed_mid_batch_is_a_fault_and_the_tier_recovers_once_it_is_back(
+    tmp_path,
+) -> None:
+    from tests.support.redis_server import start_cluster
+
+    cluster = start_cluster(tmp_path / "cluster")  # private: one of its nodes is killed
+    try:
+        clock = FakeClock()
+        registry = CollectorRegistry()
+        mgr = await StorageManager.from_config(
+            _config(options_for(cluster.url, cluster=True, read_timeout_s=5), breaker={"failures": 1}),
+            metrics_registry=registry, clock=clock)
+        try:
+            tier = mgr.tier("shared")
+            keys = _keys(30)  # spread over the three primaries' slots
+            items = [(k, os.urandom(100_000)) for k in keys]
+            victim = cluster.nodes[1]
+            os.kill(victim.pid, signal.SIGSTOP)  # its share of the next batch hangs on the wire...
+            batch = asyncio.ensure_future(mgr.put(items))
+            await _until(lambda: tier.backend.stats()["jobs_running"] > 0)
+            victim.kill()  # ...until the node dies
+            await batch  # no exception reaches the caller
+            assert _sample(registry, "lmtier_tier_skipped_writes_total", tier="shared", reason="unavailable") == 30
+            assert tier.breaker.state == "open"
+            assert await mgr.get(keys) == [None] * 30
+
+            victim.start()  # same port and nodes.conf: it rejoins with its slots
+            await asyncio.to_thread(cluster.wait_ok)
+            clock.advance(60.0)  # past the cooldown: the next call is the probe
+            await mgr.put(items)
+            assert tier.breaker.state == "closed"
+            got = await mgr.get(keys)
+            assert [None if g is None else bytes(g) for g in got] == [v for _, v in items]
+        finally:
+            await mgr.aclose()
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.asyncio
