@@ -7,6 +7,7 @@ corruption handling, conditional puts of identical chunks, multipart uploads, op
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import pytest
 from lmtier.codec import HEADER_BYTES, decode, encode_header
 from lmtier.errors import BackendError, ConfigError
 from lmtier.keys import ChunkKey, make_namespace
-from lmtier.memory import HostMemoryPool
+from lmtier.memory import HostMemoryPool, host_tensor_of
 from lmtier.registry import BackendRegistry
 from lmtier_backends.s3.backend import S3Backend, open_s3_backend
 from lmtier_backends.s3.config import S3Config
@@ -76,16 +77,17 @@ async def test_an_empty_prefix_stores_objects_at_the_bucket_root(s3_options: Cal
 
 # -- corruption ---------------------------------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.parametrize("size", [10_000, MiB], ids=["fresh-buffer", "received-into-the-slab"])
 async def test_a_corrupt_object_is_a_miss_is_deleted_and_is_counted(
-    s3_config: S3Config, s3_endpoint: S3Endpoint
+    s3_config: S3Config, s3_endpoint: S3Endpoint, size: int
 ) -> None:
     s3 = s3_endpoint.client()
     garbage, flipped, foreign, short = _keys(4)
     async with await open_s3_backend(s3_config) as backend:
-        good = os.urandom(10_000)
+        good = os.urandom(size)
         await backend.put([(flipped, good), (foreign, good)])
         # random bytes with no header at all
-        s3.put_object(Bucket=BUCKET, Key=backend.object_name(garbage), Body=os.urandom(1000))
+        s3.put_object(Bucket=BUCKET, Key=backend.object_name(garbage), Body=os.urandom(size))
         # a valid object with one payload byte flipped: the checksum catches it
         raw = bytearray(_raw(s3, backend.object_name(flipped)))
         raw[HEADER_BYTES + 123] ^= 0xFF
@@ -102,6 +104,8 @@ async def test_a_corrupt_object_is_a_miss_is_deleted_and_is_counted(
         for key in (garbage, flipped, foreign, short):
             assert not _exists(s3, backend.object_name(key)), f"corrupt object {key} was not deleted"
         assert await backend.contains([garbage, flipped, foreign, short]) == [False] * 4
+        pool = backend._recv_pool
+        assert pool is None or pool.outstanding() == 0  # a rejected payload gives its range back
 
 
 @pytest.mark.asyncio
@@ -205,6 +209,29 @@ async def test_get_into_fills_a_host_pool_buffer_in_place(s3_config: S3Config) -
                 assert await backend.get_into([_keys(1)[0]], [buf]) == [False]
     finally:
         pool.close()
+
+
+@pytest.mark.asyncio
+async def test_large_gets_are_received_into_a_reused_slab_that_overflows_to_fresh_buffers(
+    s3_options: Callable[..., dict[str, Any]]
+) -> None:
+    keys = _keys(3)
+    values = [os.urandom(3 * MiB) for _ in keys]
+    async with await open_s3_backend(S3Config(**s3_options(recv_pool_bytes="8MiB"))) as backend:
+        await backend.put(list(zip(keys, values, strict=True)))
+        held = await backend.get(keys[:2])
+        assert [bytes(v) for v in held if v is not None] == values[:2]
+        assert all(v is not None and memoryview(v).readonly and host_tensor_of(v) is not None for v in held)
+        pool = backend._recv_pool
+        assert pool is not None and pool.outstanding() == 2  # each view holds its range
+        (third,) = await backend.get(keys[2:])  # 2 ranges held + 3 MiB > 8 MiB: a fresh buffer
+        assert third is not None and bytes(third) == values[2] and host_tensor_of(third) is None
+        assert backend.stats()["recv_pool_fallbacks"] == 1
+        del held, third
+        gc.collect()
+        assert pool.outstanding() == 0
+        assert [bytes(v) for v in await backend.get(keys[1:]) if v is not None] == values[1:]  # the slab again
+        assert backend.stats()["recv_pool_fallbacks"] == 1 and pool.outstanding() == 0
 
 
 @pytest.mark.asyncio
