@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,6 +297,51 @@ async def test_a_missing_bucket_is_a_clear_config_error_unless_create_bucket_is_
     s3_endpoint.client().head_bucket(Bucket=bucket)  # it exists now
     async with await open_s3_backend(S3Config(**s3_options(bucket=bucket, create_bucket=True))):
         pass  # and opening again with create_bucket is fine
+
+
+@pytest.fixture
+def chain_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """An environment where boto3's chain finds nothing but what a test puts there."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+@pytest.mark.asyncio
+async def test_without_named_variables_the_standard_aws_variables_are_used(
+    s3_options: Callable[..., dict[str, Any]], s3_endpoint: S3Endpoint, chain_only: pytest.MonkeyPatch
+) -> None:
+    options = s3_options(access_key_env=None, secret_key_env=None)
+    with pytest.raises(ConfigError, match="configure credentials"):  # nothing in the chain yet
+        await open_s3_backend(S3Config(**options))
+    chain_only.setenv("AWS_ACCESS_KEY_ID", s3_endpoint.access_key)
+    chain_only.setenv("AWS_SECRET_ACCESS_KEY", s3_endpoint.secret_key)
+    async with await open_s3_backend(S3Config(**options)) as backend:
+        (key,) = _keys(1)
+        await backend.put([(key, b"through the chain")])
+        assert [bytes(v) for v in await backend.get([key]) if v is not None] == [b"through the chain"]
+
+
+@pytest.mark.asyncio
+async def test_a_named_profile_takes_its_keys_from_the_shared_credentials_file(
+    s3_options: Callable[..., dict[str, Any]], s3_endpoint: S3Endpoint, chain_only: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[lmtier-test]\naws_access_key_id = {s3_endpoint.access_key}\n"
+                           f"aws_secret_access_key = {s3_endpoint.secret_key}\n")
+    chain_only.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    options = s3_options(access_key_env=None, secret_key_env=None, profile="lmtier-test")
+    async with await open_s3_backend(S3Config(**options)) as backend:
+        (key,) = _keys(1)
+        await backend.put([(key, b"from the profile")])
+        assert await backend.contains([key]) == [True]
+    with pytest.raises(ConfigError, match="profile"):
+        await open_s3_backend(S3Config(**{**options, "profile": "no-such-profile"}))
 
 
 @pytest.mark.asyncio
