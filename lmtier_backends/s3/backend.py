@@ -166,6 +166,8 @@ async def open_s3_backend(config: S3Config) -> S3Backend:
     backend = S3Backend(config, client)
     try:
         await backend._run(backend._check_bucket, op="open", where=f"bucket {config.bucket!r}")
+        if config.recv_pool_bytes:  # now, not on the first get: it imports torch (seconds, once)
+            await asyncio.to_thread(backend._receive_pool)
     except BaseException:
         await backend.aclose()
         raise
@@ -192,7 +194,7 @@ class S3Backend:
              "deletes", "bytes_read", "bytes_written", "errors", "writing_caller_buffers",
              "recv_pool_fallbacks"), 0)
         self._closed = False
-        self._recv_pool: HostMemoryPool | None = None  # created on the first large get (imports torch)
+        self._recv_pool: HostMemoryPool | None = None  # made at open (imports torch)
         self._recv_pool_lock = threading.Lock()
 
     # -- contract ----------------------------------------------------------------------------------
@@ -480,18 +482,21 @@ class S3Backend:
 
     def _recv_buffer(self, nbytes: int) -> HostBuffer | None:
         """A range of the warm receive slab, or None when it is full (or the tier closed)."""
-        from lmtier.memory import HostMemoryPool
-
-        pool = self._recv_pool
-        if pool is None:
-            with self._recv_pool_lock:
-                if self._recv_pool is None and not self._closed:
-                    self._recv_pool = HostMemoryPool(int(self.config.recv_pool_bytes), pin=False, name="s3-recv")
-                pool = self._recv_pool
+        pool = self._receive_pool()
         buf = pool.try_allocate(nbytes) if pool is not None and not pool.closed else None
         if buf is None:
             self._count(recv_pool_fallbacks=1)
         return buf
+
+    def _receive_pool(self) -> HostMemoryPool | None:
+        """The receive slab, made on first use (unpinned: the socket writes it, not a DMA engine)."""
+        if self._recv_pool is None:
+            with self._recv_pool_lock:
+                if self._recv_pool is None and not self._closed:
+                    from lmtier.memory import HostMemoryPool
+
+                    self._recv_pool = HostMemoryPool(int(self.config.recv_pool_bytes), pin=False, name="s3-recv")
+        return self._recv_pool
 
     def _get_into_one(self, guard: CallGuard, key: ChunkKey, out: memoryview) -> bool:
         name = self.object_name(key)
