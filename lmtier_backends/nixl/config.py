@@ -162,7 +162,8 @@ class NixlConfig(BaseModel):
         max_staging_bytes: bound of all slabs together. Values returned by ``get`` are zero-copy
             views of staging memory and hold it until they are garbage collected.
         pinned: page-lock the slabs; default: iff CUDA is available.
-        io_threads: NIXL transfers waited on at once (worker threads; the event loop never blocks).
+        io_threads: worker threads (the event loop never blocks); a get, get_into or put batch is
+            split into up to this many pieces run at once, so checksums use several cores.
         batch_descriptors: items per round of NIXL requests; bigger batches are split (bounds the
             files held open, descriptors registered and requests in flight).
         xfer_timeout_s: a transfer still running after this long is cancelled and its staging
@@ -176,7 +177,7 @@ class NixlConfig(BaseModel):
     staging_slab_bytes: ByteSize = Field(ByteSize(64 * MiB), ge=1 * MiB, description="registered slab size")
     max_staging_bytes: ByteSize = Field(ByteSize(1024 * MiB), ge=1 * MiB, description="bound of all slabs")
     pinned: bool | None = Field(None, description="page-lock staging slabs; default iff CUDA")
-    io_threads: int = Field(4, ge=1, le=64, description="transfers waited on at once")
+    io_threads: int = Field(4, ge=1, le=64, description="worker threads; a batch is split into this many pieces")
     batch_descriptors: int = Field(64, ge=1, le=4096, description="items per round of NIXL requests")
     xfer_timeout_s: float = Field(120.0, gt=0, description="cancel a transfer running longer than this")
 

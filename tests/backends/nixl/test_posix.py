@@ -347,7 +347,7 @@ async def test_big_batches_are_split_into_rounds_of_batch_descriptors(
         return real(agent, op, pairs, **kw)
 
     monkeypatch.setattr(_posix, "transfer_each", spy)
-    tier = await opener(batch_descriptors=3)
+    tier = await opener(batch_descriptors=3, io_threads=1)  # one worker: the batch is not split among threads
     keys = _keys(10)
     values = [os.urandom(100 + i) for i in range(10)]
     await tier.put(list(zip(keys, values, strict=True)))
@@ -355,3 +355,27 @@ async def test_big_batches_are_split_into_rounds_of_batch_descriptors(
     outs = [bytearray(len(v)) for v in values]
     assert await tier.get_into(keys, outs) == [True] * 10 and [bytes(o) for o in outs] == values
     assert rounds == [3, 3, 3, 1] * 2 + [6, 6, 6, 2]  # get_into: a header and a payload request per item
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_split_into_one_piece_per_io_thread(
+    opener: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmtier_backends.nixl import _posix
+
+    rounds: list[int] = []
+    real = _posix.transfer_each
+
+    def spy(agent: Any, op: str, pairs: Any, **kw: Any) -> Any:
+        rounds.append(len(pairs))
+        return real(agent, op, pairs, **kw)
+
+    monkeypatch.setattr(_posix, "transfer_each", spy)
+    tier = await opener(io_threads=3)
+    keys = _keys(7)
+    values = [os.urandom(100 + i) for i in range(7)]
+    await tier.put(list(zip(keys, values, strict=True)))
+    assert sorted(rounds) == [2, 2, 3]  # 7 items over 3 workers, each piece its own round
+    rounds.clear()
+    assert [bytes(v) for v in await tier.get(keys)] == values  # type: ignore[arg-type]
+    assert sorted(rounds) == [2, 2, 3]
