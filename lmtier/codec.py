@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from lmtier.keys import ChunkKey
     from lmtier.protocol import Buffer
 
-__all__ = ["FORMAT_VERSION", "HEADER_BYTES", "MAGIC", "checksum", "decode", "encode_header", "as_bytes_view"]
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_BYTES",
+    "MAGIC",
+    "as_bytes_view",
+    "checksum",
+    "checksum_stream",
+    "decode",
+    "encode_header",
+]
 
 MAGIC = b"LMTR"
 FORMAT_VERSION = 1
@@ -60,11 +69,23 @@ def checksum(payload: Buffer) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
-def encode_header(key: ChunkKey, payload: Buffer) -> bytes:
-    """The 64-byte header for ``payload`` stored under ``key``."""
+def checksum_stream() -> xxhash.xxh3_64:
+    """An incremental :func:`checksum`: ``update()`` it with a payload's pieces in order, and
+    ``intdigest()`` equals ``checksum(payload)``. For hashing a payload piece by piece while
+    other work (sending the previous one) goes on."""
+    return xxhash.xxh3_64()
+
+
+def encode_header(key: ChunkKey, payload: Buffer, *, payload_checksum: int | None = None) -> bytes:
+    """The 64-byte header for ``payload`` stored under ``key``.
+
+    ``payload_checksum``, when given, must be ``checksum(payload)`` computed by the caller (e.g.
+    with :func:`checksum_stream`); it is trusted, not recomputed.
+    """
     view = as_bytes_view(payload)
+    csum = checksum(view) if payload_checksum is None else payload_checksum
     return _HEADER.pack(
-        MAGIC, FORMAT_VERSION, HEADER_BYTES, view.nbytes, checksum(view),
+        MAGIC, FORMAT_VERSION, HEADER_BYTES, view.nbytes, csum,
         bytes.fromhex(key.namespace), key.digest,
     )
 

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rex
 from redis.connection import ConnectionPool
+
+from lmtier.codec import checksum, checksum_stream
+
+if TYPE_CHECKING:
+    from lmtier.protocol import Buffer
 
 __all__ = [
     "FILLED",
@@ -43,6 +48,9 @@ Alloc = Callable[[int], Sequence[memoryview] | None]
 
 _CRLF = b"\r\n"
 _SMALL = 16 << 10  # payloads below this are joined into the command (one write beats two)
+# large payloads are written in pieces of this size, a piece of the next one hashed between two
+# writes (measured: 1 MiB pieces cost ~25 us of client CPU each in syscalls and wake-ups)
+_PIECE = 4 << 20
 # GET replies a pipeline may have outstanding. Measured: for values of 1 MiB and more, deeper
 # pipelines were slower than one GET at a time (the server buffers and copies the extra replies);
 # for small values pipelining saves a round trip per key.
@@ -232,6 +240,52 @@ def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
+def _set_commands(names: Sequence[bytes], payloads: Sequence[memoryview],
+                  header_of: Callable[[int, int], bytes], px: int | None) -> Iterator[Buffer]:
+    """The byte pieces of a pipeline of ``SET``s, each payload sent as is (never copied or joined).
+
+    A header needs its payload's checksum, one pass over every payload byte. Hashing a payload
+    whole just before sending it stalls the stream whenever the socket buffers drain before the
+    hash is done (a fast link, small buffers: 4 MiB drain in ~1.3 ms at 25 Gb/s; 37.7 MB hash in
+    ~3 ms). So while a large payload goes out in ``_PIECE``-byte writes, the next large payload
+    is hashed a piece after each write, always with a full buffer to overlap with; only the
+    first large payload of a batch is hashed before anything is sent. (On loopback with
+    autotuned buffers both orders measured the same.) Payloads under ``_SMALL`` bytes are joined
+    with their commands instead: one write beats two.
+    """
+    suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
+    nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
+    small: list[Any] = []  # parts of small items, joined into one write
+    ahead: tuple[int, Any, int] | None = None  # (item, its partial hash, bytes hashed so far)
+    count = len(payloads)
+    for i, (name, payload) in enumerate(zip(names, payloads, strict=True)):
+        if ahead is not None and ahead[0] == i:
+            _, hasher, done = ahead
+            if done < payload.nbytes:
+                hasher.update(payload[done:])
+            csum = hasher.intdigest()
+        else:
+            csum = checksum(payload)
+        header = header_of(i, csum)
+        small += (nargs, _bulk(name), b"$%d\r\n" % (len(header) + payload.nbytes), header)
+        if payload.nbytes < _SMALL:
+            small += (payload, suffix)
+            continue
+        yield b"".join(small)
+        small = [suffix]
+        following = payloads[i + 1] if i + 1 < count and payloads[i + 1].nbytes >= _SMALL else None
+        hasher = checksum_stream() if following is not None else None
+        done = 0
+        for start in range(0, payload.nbytes, _PIECE):
+            yield payload[start:start + _PIECE]
+            if hasher is not None and following is not None and done < following.nbytes:
+                hasher.update(following[done:done + _PIECE])
+                done = min(done + _PIECE, following.nbytes)
+        ahead = (i + 1, hasher, done) if hasher is not None else None
+    if small:
+        yield b"".join(small)
+
+
 class Node:
     """One Redis server: its connection pool and the batch operations (blocking; threads only).
 
@@ -279,29 +333,19 @@ class Node:
             self._checkin(conn, token)
 
     def set_many(self, names: Sequence[bytes], payloads: Sequence[memoryview],
-                 header_of: Callable[[int], bytes], px: int | None,
+                 header_of: Callable[[int, int], bytes], px: int | None,
                  token: Abort | None = None) -> list[Any]:
         """``SET name header‖payload [PX px]`` for each name, pipelined; replies read at the end.
 
-        ``header_of(i)`` makes item ``i``'s header just before it is sent: computing a large
-        payload's checksum then overlaps with the kernel still draining the previous payload to
-        the server, instead of delaying the whole batch.
+        ``header_of(i, checksum)`` makes item ``i``'s header from its payload's checksum, which
+        is computed here (see :func:`_set_commands`).
         """
-        suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
-        nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
         conn = self._checkout(token)
         try:
-            small: list[Any] = []  # parts of small items, joined into one write
-            for i, (name, payload) in enumerate(zip(names, payloads, strict=True)):
-                header = header_of(i)
-                small += (nargs, _bulk(name), b"$%d\r\n" % (len(header) + payload.nbytes), header)
-                if payload.nbytes < _SMALL:
-                    small += (payload, suffix)
-                else:  # the payload goes out as its own write: no copy of it is ever made
-                    conn.send_packed_command([b"".join(small), payload], check_health=False)
-                    small = [suffix]
-            if small:
-                conn.send_packed_command([b"".join(small)], check_health=False)
+            # Why one call fed by a generator: redis-py connects only at the start of a call, so a
+            # connection dropped mid-batch (a fault, or Abort) ends the batch with an error
+            # instead of the rest of a command going out on a fresh connection
+            conn.send_packed_command(_set_commands(names, payloads, header_of, px), check_health=False)
             return self._replies(conn, len(names))
         finally:
             self._checkin(conn, token)

@@ -317,9 +317,9 @@ class RedisBackend:
     def _put_blocking(self, views: list[tuple[ChunkKey, memoryview]], names: list[bytes],
                       node: Node, idx: list[int], token: Abort) -> list[Any]:
         # headers are made here, not on the event loop: the checksum reads every payload byte
-        def header_of(j: int) -> bytes:
+        def header_of(j: int, csum: int) -> bytes:
             key, view = views[idx[j]]
-            return encode_header(key, view)
+            return encode_header(key, view, payload_checksum=csum)
 
         replies = node.set_many([names[i] for i in idx], [views[i][1] for i in idx], header_of,
                                 self._px, token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmtier.codec import HEADER_BYTES, decode, encode_header
+from lmtier.codec import HEADER_BYTES, checksum, checksum_stream, decode, encode_header
 from lmtier.errors import CorruptDataError, InvalidArgumentError
 from lmtier.keys import ChunkKey, make_namespace
 
@@ -47,3 +47,15 @@ def test_a_value_stored_under_another_key_is_corrupt() -> None:
 def test_non_buffers_are_typed_errors() -> None:
     with pytest.raises(InvalidArgumentError):
         encode_header(KEY, "text")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [0, 1, 240, 241, 65_537, 1 << 20, 3_000_017])
+def test_a_checksum_streamed_piece_by_piece_equals_the_whole_payloads(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    stream = checksum_stream()
+    for start in range(0, size, 100_003):
+        stream.update(memoryview(payload)[start:start + 100_003])
+    assert stream.intdigest() == checksum(payload)
+    header = encode_header(KEY, payload, payload_checksum=stream.intdigest())
+    assert header == encode_header(KEY, payload)  # the same stored format either way
+    assert bytes(decode(KEY, header + payload)) == payload

@@ -136,6 +136,56 @@ async def test_pipelined_replies_of_mixed_sizes_and_misses_land_in_the_right_buf
 
 
 @pytest.mark.asyncio
+async def test_checksums_hashed_ahead_while_sending_match_every_payload_in_any_order_of_sizes(redis_server) -> None:
+    """Large payloads go out in pieces while the next one is hashed between them; small and
+    odd-sized neighbours, and sizes on and off the piece boundary, all get their own checksum."""
+    from lmtier_backends.redis._wire import _PIECE, _SMALL
+
+    sizes = [3 * _PIECE + 5, _SMALL, 2 * _PIECE, 10, _PIECE - 1, 5 * _PIECE + 3, _SMALL - 1, _PIECE,
+             _PIECE + 1, 0, 4 * _PIECE]
+    backend = await _open(redis_server.url)
+    try:
+        keys = _keys(len(sizes))
+        values = [os.urandom(n) for n in sizes]
+        await backend.put(list(zip(keys, values, strict=True)))
+        assert [bytes(g) for g in await backend.get(keys)] == values  # each checksum verified
+        assert backend.stats()["corrupt"] == 0
+        raw = _raw(redis_server)
+        for key, value in zip(keys, values, strict=True):
+            assert raw.get(backend._name(key)) == encode_header(key, value) + value
+        raw.close()
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_put_cancelled_mid_batch_never_sends_the_rest_on_a_new_connection(own_redis) -> None:
+    server = own_redis()
+    backend = await _open(server.url, read_timeout_s=600, max_connections=1)
+    raw = _raw(server)
+    try:
+        keys = _keys(9)
+        errors = raw.info("stats")["total_error_replies"]  # handshakes so far (e.g. CLIENT SETINFO on 7.0)
+        os.kill(server.pid, signal.SIGSTOP)  # the batch fills the socket buffers and blocks mid-payload
+        task = asyncio.ensure_future(backend.put([(k, os.urandom(4 << 20)) for k in keys[:8]]))
+        await _until(lambda: backend.stats()["jobs_running"] == 1)
+        task.cancel()  # drops the connection under the blocked write
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=20)
+        os.kill(server.pid, signal.SIGCONT)
+        # the server reads what the dropped connection had sent, then frees it; had the rest of
+        # the batch gone out on a new connection, a client of ours would remain
+        await _until(lambda: not [c for c in raw.client_list() if c["name"] == "lmtier"])
+        assert raw.info("stats")["total_error_replies"] == errors  # no payload bytes parsed as commands
+        await backend.put([(keys[8], b"after")])  # the tier is usable on a fresh connection
+        assert bytes((await backend.get(keys[8:]))[0]) == b"after"
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        raw.close()
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
 async def test_without_the_direct_read_parser_replies_are_copied_from_redis_pys_parser(
     redis_server, monkeypatch
 ) -> None:
