@@ -315,22 +315,25 @@ class KVCacheEngine:
         return self._closed
 
     # -- lookup --------------------------------------------------------------------------------
-    def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True) -> int:
+    def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
+               requested: int | None = None) -> int:
         """Tokens of ``token_ids``'s prefix whose KV is available now (a multiple of the block size).
 
-        ``record`` counts the lookup in the hit metrics and logs it (once per request, please).
+        ``record`` counts the lookup in the hit metrics and logs it (once per request, please);
+        ``requested`` is the prompt length to count when ``token_ids`` is only its loadable prefix.
         A fault is a miss (0).
         """
-        return self.lookup_async(token_ids, request_id=request_id, record=record).result()
+        return self.lookup_async(token_ids, request_id=request_id, record=record, requested=requested).result()
 
-    def lookup_async(self, token_ids: Any, *, request_id: str | None = None,
-                     record: bool = True) -> concurrent.futures.Future[int]:
+    def lookup_async(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
+                     requested: int | None = None) -> concurrent.futures.Future[int]:
         """:meth:`lookup` without blocking: a future of the hit tokens (never an exception)."""
         tokens = _tokens(token_ids)
         self._check_open()
-        return self._loop.submit(self._lookup(tokens, request_id, record))
+        return self._loop.submit(self._lookup(tokens, request_id, record, requested))
 
-    async def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool) -> int:
+    async def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
+                      requested: int | None = None) -> int:
         n, c, b = len(tokens), self.chunk_tokens, self.block_size
         try:
             full = chunk_keys(tokens, self.namespace, c)
@@ -354,10 +357,11 @@ class KVCacheEngine:
             hit = 0
         if record:
             m = self.metrics
-            m.requested_tokens.inc(n)
+            total = n if requested is None else max(requested, n)
+            m.requested_tokens.inc(total)
             m.hit_tokens.inc(hit)
             m.observe_hit_ratio()
-            log.info("Request %s: total %d tokens, hit %d", request_id or "-", n, hit)
+            log.info("Request %s: total %d tokens, hit %d", request_id or "-", total, hit)
         return hit
 
     # -- store ---------------------------------------------------------------------------------
@@ -456,7 +460,9 @@ class KVCacheEngine:
             if event is not None:
                 await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
                 copied.set_result(None)
-            await self.manager.put(items)
+            # HostBuffers expose their bytes through as_bytes_view (the cpu tier adopts them), not
+            # through a static __buffer__, so they are not a typing Buffer
+            await self.manager.put(items)  # type: ignore[arg-type]
         except Exception as exc:
             log.warning("lmtier: store of request %s failed (%s: %s)", request_id, type(exc).__name__, exc)
             return 0
