@@ -1,0 +1,142 @@
+"""Fixtures of the vLLM integration tests: the tiny model, baseline outputs, one engine at a time.
+
+vLLM keeps its worker-side connector in a process-wide slot, so two engines with a connector must
+never be alive together in one process: :class:`EngineSlot` shuts the current engine down before
+it opens the next. Engines are opened by module-scoped fixtures, so the RAM tier they keep between
+tests is not mistaken for a leak by the per-test buffer check. Engines run with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (scheduler and worker in
+this process, which lets tests look at the worker's lmtier engine); the multiprocess test starts
+vLLM's OpenAI server (API server, engine core and worker in three processes).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import vllm_runner as runner
+
+__all__ = ["PROMPTS", "EngineSlot", "tier_config"]
+
+
+def _prompts() -> dict[str, list[int]]:
+    rng = random.Random(1234)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(3, 2000) for _ in range(n)]
+
+    long = toks(1000)  # 3 chunks of 256 + a 1-block tail (128) stored; 896 loadable
+    return {
+        "long": long,
+        "shared": long[:600] + toks(300),  # shares 2 whole chunks with "long"
+        "odd": toks(700),  # 2 chunks + a 1-block tail: 640 stored and loadable
+        "short": toks(50),  # shorter than one block: never stored
+        "disk": toks(1000),
+        "redis_a": toks(600),
+        "redis_b": toks(600),
+        "dead": toks(600),
+        "mp": toks(800),
+    }
+
+
+PROMPTS = _prompts()
+
+
+@pytest.fixture(scope="session")
+def vllm_env() -> Iterator[None]:
+    pytest.importorskip("vllm", reason="needs vLLM: pip install 'lmtier[vllm]'")
+    saved = {k: os.environ.get(k) for k in runner.ENGINE_ENV}
+    os.environ.update(runner.ENGINE_ENV)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model(vllm_env: None) -> str:
+    from tests.support.tiny_model import tiny_llama
+
+    return str(tiny_llama("test"))
+
+
+@pytest.fixture(scope="session")
+def baseline(tiny_model: str) -> dict[str, runner.Result]:
+    """Every prompt's outputs from vLLM without any connector (the reference)."""
+    llm = runner.make_llm(tiny_model)
+    try:
+        names = list(PROMPTS)
+        results = runner.generate(llm, [PROMPTS[n] for n in names])
+    finally:
+        runner.shutdown(llm)
+    return dict(zip(names, results, strict=True))
+
+
+class EngineSlot:
+    """Holds at most one vLLM engine with the lmtier connector; opening another closes it."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.name: str | None = None
+        self.llm: Any = None
+
+    def open(self, name: str, extra: dict[str, Any]) -> Any:
+        if self.name == name:
+            return self.llm
+        self.close()
+        self.llm = runner.make_llm(self.model, extra)
+        self.name = name
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            llm, self.llm, self.name = self.llm, None, None
+            runner.shutdown(llm)
+
+    def run(self, *names: str) -> list[runner.Result]:
+        return runner.generate(self.llm, [PROMPTS[n] for n in names])
+
+    @staticmethod
+    def worker_engine() -> Any:
+        """The lmtier KVCacheEngine of the (in-process) worker connector."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        return get_kv_transfer_group()._engine
+
+    @staticmethod
+    def overwrite_kv_cache(value: float = 3.0) -> None:
+        """Overwrite every page of vLLM's paged KV cache (in-process worker).
+
+        With vLLM's own prefix cache off, a request's blocks are often the very blocks an earlier
+        run of the same prompt left its KV in; overwriting them first means a later match with
+        the baseline proves the KV was loaded from lmtier, not found lying in freed blocks.
+        A constant, not noise: filling the whole cache stays a memset, and attention over
+        constant K/V changes the output beyond recognition.
+        """
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        for layer in get_kv_transfer_group()._layers:
+            layer.fill_(value)
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_model: str) -> Iterator[EngineSlot]:
+    slot = EngineSlot(tiny_model)
+    yield slot
+    slot.close()
+
+
+def tier_config(disk_root: Path, *more: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """A connector extra config: a RAM tier and a disk tier under ``disk_root``, then ``more``."""
+    tier_list: list[dict[str, Any]] = [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": 256 << 20}},
+        {"name": "local", "backend": "disk", "options": {"root": str(disk_root)}},
+        *more,
+    ]
+    return {"chunk_tokens": 256, "tiers": tier_list, **options}

@@ -1,0 +1,284 @@
+"""The lmtier connector in a real vLLM engine (CPU, tiny random Llama): reuse is exact, faults recompute.
+
+Every output is compared with vLLM's own run without a connector (token ids equal, logprobs within
+bf16 noise); ``num_cached_tokens`` shows what came from lmtier (vLLM's local prefix cache is off).
+vLLM's CPU block size is 128 tokens and lmtier's chunk 256 here, so a 1000-token prompt stores 3
+chunks + a 1-block tail and a repeat loads 896 tokens (vLLM computes at least the last token).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from lmtier.keys import chunk_keys
+from tests.integration import vllm_runner as runner
+from tests.integration.conftest import PROMPTS, EngineSlot, tier_config
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.timeout(600),
+    # vLLM and the torch pieces it imports warn about their own deprecations; not ours to fix
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+def check(results: list[runner.Result], names: list[str], baseline: dict[str, runner.Result]) -> None:
+    for name, got in zip(names, results, strict=True):
+        problem = runner.same_outputs(got, baseline[name])
+        assert problem is None, f"{name}: {problem}"
+
+
+def metric(name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+@pytest.fixture(scope="module")
+def cpu_disk(engines: EngineSlot, tmp_path_factory: pytest.TempPathFactory) -> EngineSlot:
+    engines.open("cpu+disk", tier_config(tmp_path_factory.mktemp("lmtier-disk")))
+    return engines
+
+
+def test_the_same_prompt_twice_loads_from_lmtier_and_matches_vllm(
+        cpu_disk: EngineSlot, baseline: dict[str, runner.Result], caplog: pytest.LogCaptureFixture) -> None:
+    engines = cpu_disk
+    assert engines.name == "cpu+disk"
+    caplog.set_level(logging.INFO, logger="lmtier")
+    loaded_before = metric("lmtier_loaded_tokens_total")
+    (first,) = engines.run("long")
+    assert first.num_cached_tokens == 0
+    engines.worker_engine().flush()
+    engines.overwrite_kv_cache()  # what the second run matches with must come from lmtier
+    (second,) = engines.run("long")
+    assert second.num_cached_tokens == 896
+    assert metric("lmtier_loaded_tokens_total") - loaded_before == 896
+    check([first, second], ["long", "long"], baseline)
+    assert "Stored 896 of 896 tokens for request" in caplog.text
+    assert "total 1000 tokens, hit 896, need to load 896" in caplog.text
+
+
+def test_chunk_and_block_alignment(cpu_disk: EngineSlot, baseline: dict[str, runner.Result]) -> None:
+    engines = cpu_disk
+    assert engines.name == "cpu+disk"
+    names = ["long", "odd", "short"]
+    engines.run(*names)
+    engines.worker_engine().flush()
+    engines.overwrite_kv_cache()
+    again = engines.run("shared", "odd", "short")
+    # "shared" reuses the 2 whole chunks it has in common with "long" (600 tokens, 512 of them in
+    # whole chunks); "odd" (700) its 2 chunks + 1-block tail; "short" (50) nothing
+    assert [r.num_cached_tokens for r in again] == [512, 640, 0]
+    check(again, ["shared", "odd", "short"], baseline)
+
+
+@pytest.fixture(scope="module")
+def disk_reader(engines: EngineSlot, tmp_path_factory: pytest.TempPathFactory,
+                baseline: dict[str, runner.Result]) -> Path:
+    """A disk tier written by one engine ("disk" prompt's files then corrupted), read by a fresh one."""
+    root = tmp_path_factory.mktemp("lmtier-persist")
+    extra = tier_config(root)
+    engines.open("disk-writer", extra)
+    engines.run("long", "disk")
+    eng = engines.worker_engine()
+    eng.flush()
+    keys = chunk_keys(PROMPTS["disk"][:896], eng.namespace, 256, include_partial=True)
+    files = {p.name: p for p in root.rglob("*") if p.is_file()}
+    assert all(str(k) in files for k in keys)
+    for k in keys:  # flip the last payload byte: the header still parses, the checksum fails
+        path = files[str(k)]
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x5A
+        path.write_bytes(bytes(raw))
+    engines.open("disk-reader", extra)  # a fresh engine: its RAM tier is empty
+    engines.overwrite_kv_cache()
+    return root
+
+
+def test_a_fresh_engine_loads_from_the_disk_tier(disk_reader: Path, engines: EngineSlot,
+                                                 baseline: dict[str, runner.Result]) -> None:
+    assert engines.name == "disk-reader"
+    hits_before = metric("lmtier_tier_hits_total", tier="local")
+    (got,) = engines.run("long")
+    assert got.num_cached_tokens == 896
+    assert metric("lmtier_tier_hits_total", tier="local") - hits_before == 4  # 3 chunks + the tail
+    check([got], ["long"], baseline)
+
+
+def test_corrupt_chunks_on_disk_are_recomputed(disk_reader: Path, engines: EngineSlot,
+                                               baseline: dict[str, runner.Result],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    assert engines.name == "disk-reader"
+    caplog.set_level(logging.WARNING, logger="lmtier")
+    eng = engines.worker_engine()
+    corrupt_before = eng.manager.stats()["local"].get("corrupt", 0)
+    (got,) = engines.run("disk")
+    check([got], ["disk"], baseline)  # vLLM recomputed what failed to load
+    assert eng.manager.stats()["local"]["corrupt"] - corrupt_before >= 1
+    assert "could not be loaded; vLLM recomputes them" in caplog.text
+    eng.flush()
+    engines.overwrite_kv_cache()
+    (again,) = engines.run("disk")  # the recomputed chunks were stored again, intact
+    assert again.num_cached_tokens == 896
+    check([again], ["disk"], baseline)
+
+
+@pytest.fixture(scope="module")
+def redis_engine(engines: EngineSlot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, EngineSlot]]:
+    """An engine with tiers cpu -> disk -> redis (a real server, which the test will kill)."""
+    from tests.support.redis_server import redis_available, start_redis
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        shared = {"name": "shared", "backend": "redis", "options": {"url": server.url},
+                  "timeout_s": 2.0, "breaker": {"failures": 2, "cooldown_s": 30.0}}
+        engines.open("redis", tier_config(tmp_path_factory.mktemp("lmtier-disk"), shared))
+        yield server, engines
+    finally:
+        engines.close()
+        server.stop()
+
+
+@pytest.mark.redis
+def test_a_remote_tier_that_goes_down_costs_only_misses(
+        redis_engine: tuple[Any, EngineSlot], baseline: dict[str, runner.Result]) -> None:
+    server, engines = redis_engine
+    assert engines.name == "redis"
+    first = engines.run("redis_a")
+    engines.worker_engine().flush()
+    assert metric("lmtier_tier_written_objects_total", tier="shared") >= 2  # 2 chunks, no whole-block tail
+    server.kill()  # the remote tier is down from here on
+    errors_before = metric("lmtier_tier_errors_total", tier="shared", op="contains")
+    down = engines.run("redis_b", "redis_a")
+    engines.worker_engine().flush()
+    # redis_b: a miss everywhere, computed; redis_a: still served from the RAM tier
+    assert [r.num_cached_tokens for r in down] == [0, 512]
+    check([*first, *down], ["redis_a", "redis_b", "redis_a"], baseline)
+    failed = metric("lmtier_tier_errors_total", tier="shared", op="contains") - errors_before
+    skipped = sum(metric("lmtier_tier_skipped_writes_total", tier="shared", reason=r)
+                  for r in ("unavailable", "circuit_open"))
+    assert failed >= 1 and skipped >= 2
+
+
+@pytest.fixture(scope="module")
+def dead_redis_engine(engines: EngineSlot, tmp_path_factory: pytest.TempPathFactory) -> EngineSlot:
+    """An engine with tiers cpu -> disk -> redis, where no Redis ever listens."""
+    pytest.importorskip("redis", reason="the redis tier needs `pip install 'lmtier[redis]'`")
+    from tests.support.redis_server import free_port
+
+    shared = {"name": "shared", "backend": "redis",
+              "options": {"url": f"redis://127.0.0.1:{free_port()}/0", "connect_at_open": False},
+              "timeout_s": 2.0, "breaker": {"failures": 2, "cooldown_s": 30.0}}
+    engines.open("dead-redis", tier_config(tmp_path_factory.mktemp("lmtier-disk"), shared))
+    return engines
+
+
+def test_a_remote_tier_down_from_the_start_costs_only_misses(
+        dead_redis_engine: EngineSlot, baseline: dict[str, runner.Result]) -> None:
+    engines = dead_redis_engine
+    assert engines.name == "dead-redis"
+    errors_before = metric("lmtier_tier_errors_total", tier="shared")
+    hits_before = metric("lmtier_hit_tokens_total")
+    written_before = metric("lmtier_tier_written_objects_total", tier="shared")
+    (first,) = engines.run("dead")
+    engines.worker_engine().flush()
+    engines.overwrite_kv_cache()
+    (second,) = engines.run("dead")  # served by the RAM tier; Redis is never needed
+    assert [first.num_cached_tokens, second.num_cached_tokens] == [0, 512]
+    check([first, second], ["dead", "dead"], baseline)
+    assert metric("lmtier_tier_errors_total", tier="shared") - errors_before >= 1
+    assert metric("lmtier_hit_tokens_total") - hits_before == 512  # the first lookup: a miss
+    assert metric("lmtier_tier_written_objects_total", tier="shared") == written_before
+
+
+def _server_result(body: dict[str, Any]) -> tuple[runner.Result, int]:
+    choice = body["choices"][0]
+    ids = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+    cached = (body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return runner.Result(ids, [float(x) for x in choice["logprobs"]["token_logprobs"]], int(cached)), int(cached)
+
+
+def _prom(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_the_openai_server_with_roles_in_separate_processes(
+        tiny_model: str, baseline: dict[str, runner.Result], tmp_path: Path) -> None:
+    """The documented server form: API server, engine core (scheduler) and worker in three processes."""
+    from tests.support.vllm_server import start_vllm_server
+
+    ktc = {"kv_connector": "LMTierConnector", "kv_connector_module_path": "lmtier.integrations.vllm",
+           "kv_role": "kv_both", "kv_connector_extra_config": tier_config(tmp_path / "disk")}
+    env = {**runner.ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    args = ["--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0", "--enforce-eager",
+            "--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
+    server = start_vllm_server(tiny_model, tmp_path / "server.log", kv_transfer_config=ktc, args=args, env=env)
+    try:
+        first, cached_first = _server_result(server.complete(PROMPTS["mp"], max_tokens=runner.MAX_TOKENS))
+        # the RAM tier has the chunks once the first response is out: a lookup queued after a
+        # store on the engine's loop sees the hottest tier's copy (it is written without yielding)
+        second, cached_second = _server_result(server.complete(PROMPTS["mp"], max_tokens=runner.MAX_TOKENS))
+        metrics = server.metrics()
+    finally:
+        server.stop()
+    log = server.log()
+    assert [cached_first, cached_second] == [0, 768], log[-3000:]  # 800 tokens: 3 whole chunks
+    check([first, second], ["mp", "mp"], baseline)
+    assert "setting kv_load_failure_policy='recompute'" in log
+    assert re.search(r"\(Worker pid=\d+\).*lmtier storage ready: hot\(cpu\) -> local\(disk\)", log)
+    assert re.search(r"\(EngineCore pid=\d+\).*Request \S+: total 800 tokens, hit 768, need to load 768", log)
+    # hit and requested tokens were counted when the second request was scheduled, steps before
+    # its response: vLLM's frontend has them on /metrics by then
+    assert _prom(metrics, "vllm:lmtier_requested_tokens_total") == 1600
+    assert _prom(metrics, "vllm:lmtier_hit_tokens_total") == 768
+    assert _prom(metrics, "vllm:lmtier_loaded_tokens_total") == 768
+    assert _prom(metrics, "vllm:lmtier_hit_ratio") == pytest.approx(0.48)
+
+
+# -- configuration and statistics (no engine) ------------------------------------------------------
+def test_connector_config_inline_from_a_yaml_path_or_from_lmtier_config(tmp_path: Path) -> None:
+    from lmtier.errors import ConfigError
+    from lmtier.integrations.vllm import load_connector_config
+
+    inline = {"chunk_tokens": 512, "tiers": [{"name": "hot", "backend": "cpu"}]}
+    cfg, opts = load_connector_config({**inline, "save_tail": False}, env={})
+    assert cfg.chunk_tokens == 512 and [t.name for t in cfg.tiers] == ["hot"] and opts["save_tail"] is False
+    path = tmp_path / "lmtier.yaml"
+    path.write_text("chunk_tokens: 384\ntiers:\n  - {name: ram, backend: cpu}\n")
+    cfg, _ = load_connector_config({"config": str(path)}, env={})
+    assert cfg.chunk_tokens == 384 and cfg.tiers[0].name == "ram"
+    cfg, _ = load_connector_config(None, env={"LMTIER_CONFIG": str(path)})
+    assert cfg.chunk_tokens == 384
+    cfg, _ = load_connector_config({}, env={})  # the embedded default: cpu + disk
+    assert [t.backend for t in cfg.tiers] == ["cpu", "disk"]
+    with pytest.raises(ConfigError, match="not both"):
+        load_connector_config({"config": str(path), **inline}, env={})
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_connector_config({"tier": []}, env={})
+
+
+def test_connector_stats_sum_across_roles_and_report_the_hit_ratio() -> None:
+    from lmtier.integrations.vllm import LMTierConnector, LMTierConnectorStats
+
+    sched = LMTierConnectorStats()
+    sched.add("requests", 2)
+    sched.add("requested_tokens", 1600)
+    sched.add("hit_tokens", 768)
+    worker = LMTierConnector.build_kv_connector_stats({"stored_tokens": 768, "failed_tokens": 0})
+    assert worker is not None and not worker.is_empty()
+    total = worker.aggregate(sched)
+    assert total.reduce() == {"requests": 2, "requested_tokens": 1600, "hit_tokens": 768, "loaded_tokens": 0,
+                              "failed_tokens": 0, "stored_tokens": 768, "hit_ratio": 0.48}
+    total.reset()
+    assert total.is_empty() and LMTierConnectorStats().reduce()["hit_ratio"] == 0.0
