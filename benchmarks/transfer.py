@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,20 @@ from lmtier.transfer._native import LaunchOptions
 
 GB = 1e9
 MIB = 1 << 20
+MODES = ("mapped", "staged")
+#: staged-path variants of the sweep: (MiB device->host, MiB host->device, slots, copy streams,
+#: flags); the default first, the last beyond the 64 MiB budget (for reference)
+STAGED_CONFIGS = [
+    (32, 32, 2, 1, 0),
+    (32, 32, 2, 1, 4),
+    (32, 32, 4, 2, 0),
+    (32, 32, 3, 1, 0),
+    (16, 48, 2, 1, 0),
+    (16, 48, 3, 1, 0),
+    (24, 40, 2, 1, 0),
+    (8, 56, 2, 1, 0),
+    (64, 64, 2, 1, 0),
+]
 
 # name, kind, layers, per-block shape (dtype bf16)
 LAYOUTS: list[tuple[str, str, int, tuple[int, ...]]] = [
@@ -101,6 +116,13 @@ class Bench:
         self.host_in.copy_(torch.randint(0, 256, (most,), dtype=torch.uint8, device="cuda"))
         self.dev_a = torch.randint(0, 256, (most,), dtype=torch.uint8, device="cuda")
         self.dev_b = torch.empty_like(self.dev_a)
+        # Clocks and the link's power state settle under load: about two seconds of copies
+        # both ways before anything is timed (the first layout read low without it).
+        deadline = time.perf_counter() + 2.0
+        while time.perf_counter() < deadline:
+            self.host_out.copy_(self.dev_a, non_blocking=True)
+            self.dev_b.copy_(self.host_in, non_blocking=True)
+            torch.cuda.synchronize()
         self.results: dict[str, Any] = {
             "device": torch.cuda.get_device_name(),
             "sms": torch.cuda.get_device_properties(0).multi_processor_count,
@@ -153,19 +175,35 @@ class Bench:
         }
         res["memcpy"] = self.memcpy(total)
 
-        def nat_d2h(opts: LaunchOptions | None = None) -> Callable[[], None]:
-            return lambda: _native.offload(kv, layout, out_ids, outs, options=opts)
+        def nat_d2h(opts: LaunchOptions | None = None, mode: str = "mapped") -> Callable[[], None]:
+            return lambda: _native.offload(kv, layout, out_ids, outs, options=opts, mode=mode)
 
-        def nat_h2d(opts: LaunchOptions | None = None) -> Callable[[], None]:
-            return lambda: _native.onload(kv, layout, in_ids, ins, options=opts)
+        def nat_h2d(opts: LaunchOptions | None = None, mode: str = "mapped") -> Callable[[], None]:
+            return lambda: _native.onload(kv, layout, in_ids, ins, options=opts, mode=mode)
 
-        res["native"] = {
-            "d2h": total / timed(nat_d2h(), self.reps) / 1e6,
-            "h2d": total / timed(nat_h2d(), self.reps) / 1e6,
-            "both": 2 * total / timed(both_ways(nat_d2h(), nat_h2d(), self.s1, self.s2), self.reps) / 1e6,
-        }
-        res["native"]["staging_torch_peak"], res["native"]["staging_free_drop"] = staging_bytes(nat_d2h())
-        res["correct"] = self.verify(kv, layout, out_ids, in_ids, outs, ins, layers, p)
+        def per_layer_h2d(mode: str, opts: LaunchOptions | None = None) -> Callable[[], None]:
+            def run() -> None:
+                for layer in range(layers):
+                    _native.onload(kv, layout, in_ids, ins, layers=[layer], mode=mode, options=opts)
+
+            return run
+
+        def per_layer_staged(opts: LaunchOptions) -> Callable[[], None]:
+            return per_layer_h2d("staged", opts)
+
+        for mode in MODES:
+            r: dict[str, Any] = {}
+            # the first staged call allocates the staging buffers: count what that costs the device
+            r["staging_torch_peak"], r["staging_free_drop"] = staging_bytes(
+                both_ways(nat_d2h(None, mode), nat_h2d(None, mode), self.s1, self.s2))
+            r["d2h"] = total / timed(nat_d2h(None, mode), self.reps) / 1e6
+            r["h2d"] = total / timed(nat_h2d(None, mode), self.reps) / 1e6
+            r["both"] = 2 * total / timed(both_ways(nat_d2h(None, mode), nat_h2d(None, mode), self.s1, self.s2),
+                                          self.reps) / 1e6
+            r["h2d_per_layer"] = total / timed(per_layer_h2d(mode), self.reps) / 1e6
+            r["staging_in_use"] = _native.staging_in_use()  # before the sweep adds its own buffers
+            res[mode] = r
+        res["correct"] = all(self.verify(kv, layout, out_ids, in_ids, outs, ins, layers, p, mode) for mode in MODES)
 
         fb_reps = max(3, self.reps // 2)
         res["fallback"] = {
@@ -179,6 +217,7 @@ class Bench:
             res["latency"] = self.latency(kv, layout, out_ids, in_ids, outs, ins, layers)
             if args.sweep:
                 res["sweep"] = self.sweep(nat_d2h, nat_h2d, total)
+                res["staged_sweep"] = self.staged_sweep(nat_d2h, nat_h2d, per_layer_staged, total)
         return res
 
     def verify(
@@ -191,16 +230,19 @@ class Bench:
         ins: list[torch.Tensor],
         layers: int,
         p: int,
+        mode: str,
     ) -> bool:
-        """Native output equals the fallback's on a few chunks, both directions."""
+        """Native output (``mode``) equals the fallback's on a few chunks, both directions."""
         size = chunk_nbytes(layout, layers, p)
         pick = [0, 1, len(out_ids) // 2, len(out_ids) - 1]
         check = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in pick]
-        _native.offload(kv, layout, out_ids, outs)
+        for o in outs:
+            o.fill_(0xA5)
+        _native.offload(kv, layout, out_ids, outs, mode=mode)
         _fallback.offload(kv, layout, [out_ids[i] for i in pick], check)
         torch.cuda.synchronize()
         ok = all(torch.equal(outs[i], chk) for i, chk in zip(pick, check, strict=True))
-        _native.onload(kv, layout, in_ids, ins)
+        _native.onload(kv, layout, in_ids, ins, mode=mode)
         _fallback.offload(kv, layout, [in_ids[i] for i in pick], check)
         torch.cuda.synchronize()
         return ok and all(torch.equal(ins[i], chk) for i, chk in zip(pick, check, strict=True))
@@ -218,9 +260,14 @@ class Bench:
         """One chunk (all layers) and one layer of one chunk: GPU time, call time, end to end (us)."""
         res: dict[str, float] = {}
         cases = {
-            "chunk_d2h": lambda o: _native.offload(kv, layout, out_ids[:1], outs[:1], options=o),
-            "chunk_h2d": lambda o: _native.onload(kv, layout, in_ids[:1], ins[:1], options=o),
-            "layer_h2d": lambda o: _native.onload(kv, layout, in_ids[:1], ins[:1], layers=[7], options=o),
+            "chunk_d2h": lambda o: _native.offload(kv, layout, out_ids[:1], outs[:1], options=o, mode="mapped"),
+            "chunk_h2d": lambda o: _native.onload(kv, layout, in_ids[:1], ins[:1], options=o, mode="mapped"),
+            "chunk_d2h_staged": lambda o: _native.offload(kv, layout, out_ids[:1], outs[:1], mode="staged"),
+            "chunk_h2d_staged": lambda o: _native.onload(kv, layout, in_ids[:1], ins[:1], mode="staged"),
+            "layer_h2d": lambda o: _native.onload(kv, layout, in_ids[:1], ins[:1], layers=[7], options=o,
+                                                  mode="mapped"),
+            "layer_h2d_staged": lambda o: _native.onload(kv, layout, in_ids[:1], ins[:1], layers=[7],
+                                                         mode="staged"),
             "chunk_d2h_fallback": lambda o: _fallback.offload(kv, layout, out_ids[:1], outs[:1]),
             "chunk_h2d_fallback": lambda o: _fallback.onload(kv, layout, in_ids[:1], ins[:1]),
         }
@@ -297,6 +344,40 @@ class Bench:
             rows.append(row)
         return rows
 
+    def staged_sweep(
+        self,
+        nat_d2h: Callable[..., Callable[[], None]],
+        nat_h2d: Callable[..., Callable[[], None]],
+        per_layer: Callable[[LaunchOptions], Callable[[], None]],
+        total: int,
+    ) -> list[dict[str, Any]]:
+        """Staging buffer size, slots and copy streams (each configuration its own buffers)."""
+        rows = []
+        saved = {k: os.environ.get(k) for k in ("LMTIER_STAGING_D2H_BYTES", "LMTIER_STAGING_H2D_BYTES",
+                                                 "LMTIER_STAGING_SLOTS", "LMTIER_STAGING_STREAMS")}
+        try:
+            for d2h_mib, h2d_mib, slots, streams, flags in STAGED_CONFIGS:
+                os.environ.update(LMTIER_STAGING_D2H_BYTES=str(d2h_mib * MIB),
+                                  LMTIER_STAGING_H2D_BYTES=str(h2d_mib * MIB),
+                                  LMTIER_STAGING_SLOTS=str(slots), LMTIER_STAGING_STREAMS=str(streams))
+                reps = max(5, self.reps // 2)
+                o = LaunchOptions(flags=flags)
+                row: dict[str, Any] = {"d2h_mib": d2h_mib, "h2d_mib": h2d_mib, "slots": slots, "streams": streams,
+                                       "single_copies": bool(flags & _native.FLAG_SINGLE_COPIES)}
+                row["d2h"] = total / timed(nat_d2h(o, "staged"), reps) / 1e6
+                row["h2d"] = total / timed(nat_h2d(o, "staged"), reps) / 1e6
+                row["both"] = 2 * total / timed(both_ways(nat_d2h(o, "staged"), nat_h2d(o, "staged"),
+                                                          self.s1, self.s2), reps) / 1e6
+                row["h2d_per_layer"] = total / timed(per_layer(o), reps) / 1e6
+                rows.append(row)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return rows
+
     def run(self) -> dict[str, Any]:
         for name, kind, layers, inner in LAYOUTS:
             if self.args.only and kind != self.args.only:
@@ -320,26 +401,31 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"device {res['device']} ({res['sms']} SMs), torch {res['torch']}, {res['library']}",
         f"{res['chunks']} chunks x {res['pages_per_chunk']} pages; GB/s (1e9 B/s); % = of pinned cudaMemcpy, same run",
-        f"{'layout':26} {'dir':5} {'memcpy':>7} {'native':>7} {'%':>6} {'fallback':>8} {'%':>6}",
+        f"{'layout':26} {'dir':9} {'memcpy':>7} {'mapped':>7} {'%':>6} {'staged':>7} {'%':>6} {'fallback':>8} {'%':>6}",
     ]
     for name, r in res["layouts"].items():
-        for d in ("d2h", "h2d", "both"):
-            m, n = r["memcpy"][d], r["native"][d]
+        for d in ("d2h", "h2d", "both", "h2d_per_layer"):
+            m = r["memcpy"]["h2d" if d == "h2d_per_layer" else d]
+            a, b = r["mapped"][d], r["staged"][d]
             fb = r["fallback"].get(d)
             fbs = f"{fb:8.1f} {100 * fb / m:5.1f}%" if fb else f"{'-':>8} {'':6}"
             label = name if d == "d2h" else f"  {r['bytes'] / GB:.2f} GB" if d == "h2d" else ""
-            lines.append(f"{label:26} {d:5} {m:7.1f} {n:7.1f} {100 * n / m:5.1f}% {fbs}")
+            lines.append(f"{label:26} {d:9} {m:7.1f} {a:7.1f} {100 * a / m:5.1f}% {b:7.1f} {100 * b / m:5.1f}% {fbs}")
         lines.append(
-            f"{'':26} staging: native {r['native']['staging_torch_peak'] / MIB:.1f} MiB torch / "
-            f"{r['native']['staging_free_drop'] / MIB:.1f} MiB device; fallback "
+            f"{'':26} device memory: mapped {r['mapped']['staging_free_drop'] / MIB:.1f} MiB; staged "
+            f"{r['staged']['staging_in_use'] / MIB:.0f} MiB of staging (free memory dropped "
+            f"{r['staged']['staging_free_drop'] / MIB:.1f} MiB at its first use); fallback "
             f"{r['fallback']['staging_torch_peak'] / MIB:.1f} MiB; native==fallback: {r['correct']}"
         )
         if "latency" in r:
             lat = r["latency"]
             for k in (
                 "chunk_d2h",
+                "chunk_d2h_staged",
                 "chunk_h2d",
+                "chunk_h2d_staged",
                 "layer_h2d",
+                "layer_h2d_staged",
                 "chunk_d2h_fallback",
                 "chunk_h2d_fallback",
             ):
@@ -356,6 +442,12 @@ def table(res: dict[str, Any]) -> str:
             lines.append(
                 f"  sweep threads {row['threads']:4} unroll {row['unroll']} ctas {row['ctas']:3}"
                 f"{' plain' if row['plain'] else ' trust' if row.get('trust_uva') else '      '}: d2h {row['d2h']:5.1f} h2d {row['h2d']:5.1f}{both}"
+            )
+        for row in r.get("staged_sweep", []):
+            lines.append(
+                f"  staged {row['d2h_mib']:2}+{row['h2d_mib']:2} MiB x {row['slots']} slots, {row['streams']} streams"
+                f"{', single copies' if row['single_copies'] else ''}: d2h {row['d2h']:5.1f} h2d {row['h2d']:5.1f} "
+                f"both {row['both']:5.1f} h2d per layer {row['h2d_per_layer']:5.1f}"
             )
     return "\n".join(lines)
 

@@ -16,8 +16,10 @@ cat "$OUT/gpu.txt"
 start=$SECONDS
 if ! bash native/build.sh >"$OUT/build.log" 2>&1; then cat "$OUT/build.log"; exit 1; fi
 echo "build: $((SECONDS - start)) s"
-# No ini file: the device lacks pytest-asyncio/pytest-timeout, whose options would warn (= error).
-pytest_args=(-c /dev/null --rootdir . -W error -o "markers=gpu: needs a CUDA GPU" -p no:cacheprovider -q)
+# No ini file: the device lacks pytest-timeout, whose option would warn (= error); pytest-asyncio
+# (which tests/conftest.py needs) is carried as a wheel (see docs/native.md).
+pytest_args=(-c /dev/null --rootdir . -W error -o "markers=gpu: needs a CUDA GPU"
+             -o asyncio_default_fixture_loop_scope=function -p no:cacheprovider -q)
 start=$SECONDS
 LMTIER_REQUIRE_NATIVE=1 python3 -m pytest "${pytest_args[@]}" tests/native >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
@@ -31,9 +33,10 @@ if [[ -n "$memcheck" ]]; then
     start=$SECONDS
     # Without torch's caching allocator every tensor is its own cudaMalloc, so memcheck sees
     # any access past a cache or chunk, not just past a pooled segment.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LMTIER_REQUIRE_NATIVE=1 timeout 240 "$cs" --tool memcheck \
+    # Every copy mode (mapped, staged, staged with small slots) of the layout and edge-case tests.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 LMTIER_REQUIRE_NATIVE=1 timeout 300 "$cs" --tool memcheck \
       --error-exitcode 9 --print-limit 20 python3 -m pytest "${pytest_args[@]}" tests/native/test_native_gpu.py \
-      -k "every_layout or unaligned or wide_accesses or per_layer" >"$OUT/memcheck.log" 2>&1
+      -k "every_layout or unaligned or wide_accesses or per_layer or both_directions" >"$OUT/memcheck.log" 2>&1
     echo "memcheck rc=$? ($((SECONDS - start)) s): $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
   else
     echo "memcheck: compute-sanitizer not found" | tee "$OUT/memcheck.log"

@@ -14,9 +14,13 @@ The contract (both implementations):
   returns; the caller synchronises (event or stream) before reading an offloaded host chunk,
   refilling an onloaded one, or using onloaded pages from another stream. CPU caches: the call
   completes before it returns.
-- The native path runs when the cache is on CUDA and every host chunk is pinned; it launches one
-  kernel that reads/writes the pinned host memory directly (no device staging). Otherwise the
-  torch path runs. ``LMTIER_REQUIRE_NATIVE=1`` makes a fallback raise
+- The native path runs when the cache is on CUDA and every host chunk is pinned. It copies in
+  one of two ways (``mode``, default ``LMTIER_TRANSFER_MODE`` or ``"auto"``): ``"mapped"``, one
+  kernel reading/writing the pinned host memory directly (no device memory, lowest latency), or
+  ``"staged"``, the copy engines at ``cudaMemcpy`` speed through a small device staging buffer
+  (64 MiB per device for both directions by default) that a gather/scatter kernel fills and empties.
+  ``"auto"`` stages large calls with long host ranges. See :mod:`lmtier.transfer._native`.
+- Otherwise the torch path runs. ``LMTIER_REQUIRE_NATIVE=1`` makes a fallback raise
   :class:`~lmtier.errors.NativeUnavailableError` instead; ``LMTIER_DISABLE_NATIVE=1`` forces
   the torch path; ``LMTIER_NATIVE_LIB`` names the shared library.
 
@@ -30,7 +34,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lmtier.errors import NativeUnavailableError
+from lmtier.errors import InvalidArgumentError, NativeUnavailableError
 from lmtier.transfer._layout import LAYOUT_KINDS, PageLayout, chunk_nbytes, describe_layout
 
 if TYPE_CHECKING:
@@ -89,6 +93,7 @@ def _run(op: str, kv_layers: Sequence[Any], host_chunks: Sequence[Any], *args: A
         )
     from lmtier.transfer import _fallback
 
+    kwargs.pop("mode", None)  # the torch path has one way of copying
     getattr(_fallback, op)(kv_layers, *args, host_chunks, **kwargs)
 
 
@@ -100,14 +105,16 @@ def offload(
     *,
     layers: Sequence[int] | None = None,
     stream: torch.cuda.Stream | None = None,
+    mode: str | None = None,
 ) -> None:
     """Copy pages ``block_ids[c]`` of the cache into ``host_chunks[c]`` (cache → host).
 
     ``host_chunks[c]`` receives ``[layers x len(block_ids[c]) x page_bytes]``. With ``layers``,
     only those layers' slices of each host chunk are written. Enqueued on ``stream`` for CUDA
     caches (the caller synchronises before reading the host chunks); synchronous on CPU.
+    ``mode`` picks the native copy path ("auto", "mapped", "staged"; ignored by the torch path).
     """
-    _run("offload", kv_layers, host_chunks, layout, block_ids, layers=layers, stream=stream)
+    _run("offload", kv_layers, host_chunks, layout, block_ids, layers=layers, stream=stream, mode=mode)
 
 
 def onload(
@@ -118,6 +125,7 @@ def onload(
     *,
     layers: Sequence[int] | None = None,
     stream: torch.cuda.Stream | None = None,
+    mode: str | None = None,
 ) -> None:
     """Copy ``host_chunks[c]`` into pages ``block_ids[c]`` of the cache (host → cache).
 
@@ -125,8 +133,9 @@ def onload(
     ``[layers x pages x page_bytes]`` format). Block ids must be distinct across the call.
     Enqueued on ``stream`` for CUDA caches (the caller keeps the host chunks unchanged and
     synchronises before using the pages elsewhere); synchronous on CPU.
+    ``mode`` picks the native copy path ("auto", "mapped", "staged"; ignored by the torch path).
     """
-    _run("onload", kv_layers, host_chunks, layout, block_ids, layers=layers, stream=stream)
+    _run("onload", kv_layers, host_chunks, layout, block_ids, layers=layers, stream=stream, mode=mode)
 
 
 def transfer_status() -> dict[str, Any]:
@@ -134,8 +143,9 @@ def transfer_status() -> dict[str, Any]:
 
     Keys: ``active`` ("native" or "fallback"), ``reason`` (why not native, or None),
     ``library`` (path loaded or None), ``library_version``, ``searched`` (paths tried in order),
-    ``cuda_available``, ``require_native``, ``disable_native``. CPU caches always use the
-    fallback. Loads the native library (but starts no CUDA context).
+    ``cuda_available``, ``require_native``, ``disable_native``, ``mode`` (the native copy path
+    default) with ``staging_bytes_d2h``, ``staging_bytes_h2d`` and ``staged_min_bytes``. CPU
+    caches always use the fallback. Loads the native library (but starts no CUDA context).
     """
     from lmtier.transfer import _native
 
@@ -147,6 +157,12 @@ def transfer_status() -> dict[str, Any]:
         cuda = bool(torch.cuda.is_available())
     except ImportError:  # pragma: no cover - torch is a core dependency
         pass
+    try:
+        cfg = _native.staging_config()
+        info.update(mode=cfg.mode, staging_bytes_d2h=cfg.d2h_bytes, staging_bytes_h2d=cfg.h2d_bytes,
+                    staged_min_bytes=cfg.min_bytes)
+    except InvalidArgumentError as exc:
+        info.update(mode=None, mode_error=str(exc))
     reason = info.pop("error")
     if _flag("LMTIER_DISABLE_NATIVE"):
         reason = "LMTIER_DISABLE_NATIVE is set"

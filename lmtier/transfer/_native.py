@@ -3,13 +3,33 @@
 The library is found, on first use, at ``$LMTIER_NATIVE_LIB``, then ``native/build/`` of the
 source checkout, then next to this module. Loading it starts no CUDA context. Every C status
 code maps to one :mod:`lmtier.errors` type in :func:`_raise`.
+
+Two copy paths (``mode``):
+
+- ``"mapped"``: one kernel reads/writes the pinned host chunks through their mapped addresses; no
+  device memory, lowest latency, but SM accesses reach PCIe as 128-byte packets (~91-94% of the
+  link one way, ~77% both ways on an H100).
+- ``"staged"``: the copy engines carry the bytes (cudaMemcpy's speed) through a small device
+  staging buffer per device and direction, which a gather/scatter kernel fills or empties.
+  ``LMTIER_STAGING_D2H_BYTES`` / ``LMTIER_STAGING_H2D_BYTES`` size the buffers (default 24 and
+  40 MiB: 64 MiB in all; ``LMTIER_STAGING_BYTES`` sets both),
+  ``LMTIER_STAGING_SLOTS`` (default 2) and ``LMTIER_STAGING_STREAMS`` (default 1) its pipeline
+  (the defaults measured fastest: few, large copies).
+- ``"auto"`` (default; ``LMTIER_TRANSFER_MODE`` overrides): staged for calls moving at least
+  ``LMTIER_STAGED_MIN_BYTES`` (default 4 MiB) in contiguous host ranges of at least
+  ``LMTIER_STAGED_MIN_RUN_BYTES`` on average (default 256 KiB; one layer of a chunk is one
+  range in a per-layer call), mapped otherwise, and mapped whenever a staging buffer cannot be
+  allocated.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
+import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,22 +49,32 @@ if TYPE_CHECKING:
 __all__ = [
     "ABI_VERSION",
     "FLAG_PLAIN_ACCESS",
+    "FLAG_SINGLE_COPIES",
     "FLAG_TRUST_UVA",
+    "MODES",
     "HostNotMappedError",
     "LaunchOptions",
+    "StagingConfig",
     "library_info",
     "offload",
     "onload",
+    "staging_config",
+    "staging_in_use",
     "unavailable_reason",
 ]
 
+log = logging.getLogger("lmtier.transfer")
+
 #: The C ABI this binding speaks (``lmt_abi_version()`` must return it).
-ABI_VERSION = 1
+ABI_VERSION = 2
+#: Copy paths: see the module docstring.
+MODES = ("auto", "mapped", "staged")
 LIB_NAME = "liblmtier_transfer.so"
 
 _D2H, _H2D = 0, 1
-#: LaunchOptions.flags bits (lmtier_transfer.h): trust UVA host pointers; ordinary cache hints.
-FLAG_TRUST_UVA, FLAG_PLAIN_ACCESS = 1, 2
+#: LaunchOptions.flags bits (lmtier_transfer.h): trust UVA host pointers; ordinary cache hints;
+#: staged copies one cudaMemcpyAsync at a time instead of batched (the last two for comparison).
+FLAG_TRUST_UVA, FLAG_PLAIN_ACCESS, FLAG_SINGLE_COPIES = 1, 2, 4
 
 
 class _Layout(ctypes.Structure):
@@ -95,7 +125,15 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
             ctypes.POINTER(_Opts),  # or NULL
         ],
     ),
+    "lmt_staging_create": (
+        ctypes.c_int,
+        [ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_void_p)],
+    ),
+    "lmt_staging_destroy": (ctypes.c_int, [ctypes.c_void_p]),
+    "lmt_staging_slot_bytes": (ctypes.c_uint64, [ctypes.c_void_p]),
 }
+# lmt_copy_pages_staged: lmt_copy_pages's arguments plus the staging handle.
+_SIGNATURES["lmt_copy_pages_staged"] = (ctypes.c_int, [*_SIGNATURES["lmt_copy_pages"][1], ctypes.c_void_p])
 
 
 class HostNotMappedError(InvalidArgumentError):
@@ -109,6 +147,7 @@ _ERRORS: dict[int, type[LmtierError]] = {
     4: NativeUnavailableError,  # LMT_ERR_UNSUPPORTED_DEVICE
     5: LmtierError,  # LMT_ERR_CUDA
     6: NotSupportedError,  # LMT_ERR_NOT_SUPPORTED
+    7: LmtierError,  # LMT_ERR_OUT_OF_MEMORY
 }
 
 
@@ -199,6 +238,107 @@ def _raise(lib: ctypes.CDLL, status: int) -> None:
     raise _ERRORS.get(status, LmtierError)(f"native transfer failed ({name}): {detail}")
 
 
+@dataclass(frozen=True)
+class StagingConfig:
+    """Sizes of the staged path, read from the environment (see the module docstring)."""
+
+    # 64 MiB in all; host->device gains more from longer copies (measured: benchmarks/transfer.py)
+    d2h_bytes: int = 24 << 20
+    h2d_bytes: int = 40 << 20
+    slots: int = 2
+    streams: int = 1
+    min_bytes: int = 4 << 20
+    min_run_bytes: int = 512 << 10
+    mode: str = "auto"
+
+    def bytes_for(self, direction: int) -> int:
+        """Staging bytes of one direction (0: device to host, 1: host to device)."""
+        return self.d2h_bytes if direction == _D2H else self.h2d_bytes
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgumentError(f"{name}={raw!r} is not an integer") from None
+
+
+def staging_config() -> StagingConfig:
+    """The staged path's settings from ``LMTIER_STAGING_*`` / ``LMTIER_TRANSFER_MODE``."""
+    mode = os.environ.get("LMTIER_TRANSFER_MODE", "").strip().lower() or "auto"
+    if mode not in MODES:
+        raise InvalidArgumentError(f"LMTIER_TRANSFER_MODE={mode!r}; use one of {', '.join(MODES)}")
+    d = StagingConfig()
+    both = _env_int("LMTIER_STAGING_BYTES", -1)
+    return StagingConfig(
+        d2h_bytes=_env_int("LMTIER_STAGING_D2H_BYTES", both if both >= 0 else d.d2h_bytes),
+        h2d_bytes=_env_int("LMTIER_STAGING_H2D_BYTES", both if both >= 0 else d.h2d_bytes),
+        slots=_env_int("LMTIER_STAGING_SLOTS", d.slots),
+        streams=_env_int("LMTIER_STAGING_STREAMS", d.streams),
+        min_bytes=_env_int("LMTIER_STAGED_MIN_BYTES", d.min_bytes),
+        min_run_bytes=_env_int("LMTIER_STAGED_MIN_RUN_BYTES", d.min_run_bytes),
+        mode=mode,
+    )
+
+
+class _Stagings:
+    """Staging buffers of the loaded library, one per (device, direction, config), made on first use.
+
+    A buffer that cannot be made is remembered as ``None`` (logged once): its calls go mapped.
+    Buffers live as long as the process (freeing device memory at interpreter exit races the
+    CUDA context's own teardown).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: dict[tuple[str, int, int, StagingConfig], int | None] = {}
+
+    def get(self, lib: ctypes.CDLL, path: str, device: int, direction: int, cfg: StagingConfig) -> int | None:
+        key = (path, device, direction, cfg)
+        with self._lock:
+            if key in self._handles:
+                return self._handles[key]
+            out = ctypes.c_void_p()
+            nbytes = cfg.bytes_for(direction)
+            status = lib.lmt_staging_create(device, nbytes, cfg.slots, cfg.streams, ctypes.byref(out))
+            handle: int | None = out.value if status == 0 else None
+            if handle is None:
+                detail = (lib.lmt_last_error() or b"").decode(errors="replace")
+                log.warning("lmtier transfer: no %d-byte staging buffer on cuda:%d (%s); copies there "
+                            "take the mapped path", nbytes, device, detail)
+            self._handles[key] = handle
+            return handle
+
+    def in_use(self) -> int:
+        with self._lock:
+            return sum(k[3].bytes_for(k[2]) for k, h in self._handles.items() if h is not None)
+
+
+@functools.cache
+def _stagings() -> _Stagings:
+    return _Stagings()
+
+
+def staging_in_use() -> int:
+    """Bytes of device staging memory this process has allocated for staged copies."""
+    return _stagings().in_use()
+
+
+def _worth_staging(pages: Sequence[int], layers: Sequence[int], page_bytes: int, cfg: StagingConfig) -> bool:
+    """Auto mode: stage calls that are large and whose host ranges are long enough for the copy
+    engines (each chunk's run of consecutive selected layers is one contiguous copy)."""
+    total = sum(pages) * len(layers) * page_bytes
+    if total < cfg.min_bytes:
+        return False
+    ordered = sorted(layers)
+    groups = 1 + sum(1 for a, b in itertools.pairwise(ordered) if b != a + 1)
+    runs = sum(1 for p in pages if p) * groups
+    return total >= cfg.min_run_bytes * runs
+
+
 def _copy(
     direction: int,
     kv_layers: Sequence[torch.Tensor],
@@ -208,10 +348,15 @@ def _copy(
     layers: Sequence[int] | None,
     stream: Any,
     options: LaunchOptions | None,
+    mode: str | None,
 ) -> None:
     import torch
 
     plan = plan_transfer(kv_layers, layout, block_ids, host_chunks, layers, distinct=direction == _H2D)
+    cfg = staging_config()
+    mode = (mode or cfg.mode).lower()
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode {mode!r}; use one of {', '.join(MODES)}")
     lib = _library()
     kv = list(kv_layers)
     if not kv[0].is_cuda:
@@ -241,21 +386,16 @@ def _copy(
     opts = None
     if options is not None:
         opts = ctypes.byref(_Opts(options.threads, options.max_ctas, options.unroll, options.flags))
-    status = lib.lmt_copy_pages(
-        direction,
-        ctypes.byref(desc),
-        layer_ptrs,
-        n,
-        sel,
-        len(plan.layers),
-        ids,
-        pages,
-        hosts,
-        c,
-        device,
-        handle,
-        opts,
-    )
+    args = (direction, ctypes.byref(desc), layer_ptrs, n, sel, len(plan.layers), ids, pages, hosts, c,
+            device, handle, opts)
+    staging = None
+    if mode == "staged" or (mode == "auto" and _worth_staging(plan.pages, plan.layers, layout.page_bytes, cfg)):
+        path = _loaded().path
+        assert path is not None
+        staging = _stagings().get(lib, path, device, direction, cfg)
+        if staging is not None and layout.page_bytes > lib.lmt_staging_slot_bytes(staging):
+            staging = None  # a page must fit one slot; such layouts take the kernel alone
+    status = lib.lmt_copy_pages_staged(*args, staging) if staging is not None else lib.lmt_copy_pages(*args)
     if status:
         _raise(lib, status)
 
@@ -269,9 +409,10 @@ def offload(
     layers: Sequence[int] | None = None,
     stream: Any = None,
     options: LaunchOptions | None = None,
+    mode: str | None = None,
 ) -> None:
-    """Native cache → pinned host copy; one kernel launch enqueued on ``stream``."""
-    _copy(_D2H, kv_layers, layout, block_ids, host_chunks, layers, stream, options)
+    """Native cache → pinned host copy enqueued on ``stream`` (``mode``: see the module docstring)."""
+    _copy(_D2H, kv_layers, layout, block_ids, host_chunks, layers, stream, options, mode)
 
 
 def onload(
@@ -283,6 +424,7 @@ def onload(
     layers: Sequence[int] | None = None,
     stream: Any = None,
     options: LaunchOptions | None = None,
+    mode: str | None = None,
 ) -> None:
-    """Native pinned host → cache copy; one kernel launch enqueued on ``stream``."""
-    _copy(_H2D, kv_layers, layout, block_ids, host_chunks, layers, stream, options)
+    """Native pinned host → cache copy enqueued on ``stream`` (``mode``: see the module docstring)."""
+    _copy(_H2D, kv_layers, layout, block_ids, host_chunks, layers, stream, options, mode)

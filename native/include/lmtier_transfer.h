@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 /* Bumped on any incompatible change of the functions or structs below. */
-#define LMT_ABI_VERSION 1
+#define LMT_ABI_VERSION 2
 
 typedef enum lmt_status {
     LMT_OK = 0,
@@ -51,7 +51,8 @@ typedef enum lmt_status {
     LMT_ERR_NO_DEVICE = 3,          /* no CUDA driver or device */
     LMT_ERR_UNSUPPORTED_DEVICE = 4, /* no kernel image for this GPU, or the driver is too old */
     LMT_ERR_CUDA = 5,               /* any other CUDA error (see lmt_last_error) */
-    LMT_ERR_NOT_SUPPORTED = 6       /* layout outside what the kernel handles (e.g. > 2 runs) */
+    LMT_ERR_NOT_SUPPORTED = 6,      /* layout outside what the kernel handles (e.g. > 2 runs) */
+    LMT_ERR_OUT_OF_MEMORY = 7       /* the device staging buffer could not be allocated */
 } lmt_status;
 
 typedef enum lmt_direction {
@@ -81,6 +82,9 @@ typedef struct lmt_launch_opts {
 #define LMT_FLAG_TRUST_UVA 1u
 /* Ordinary loads/stores instead of streaming (evict-first) ones; for comparison only. */
 #define LMT_FLAG_PLAIN_ACCESS 2u
+/* Staged copies: one cudaMemcpyAsync per contiguous range instead of one cudaMemcpyBatchAsync
+ * per slot fill; for comparison only. */
+#define LMT_FLAG_SINGLE_COPIES 4u
 
 LMT_API int lmt_abi_version(void);
 LMT_API const char* lmt_version_string(void);
@@ -124,6 +128,47 @@ LMT_API int lmt_onload_layer(const lmt_layout* layout, const uint64_t* layer_ptr
                              int32_t num_layers, int32_t layer, const int32_t* block_ids,
                              const int32_t* chunk_pages, const uint64_t* host_ptrs,
                              int32_t num_chunks, int32_t device, void* stream);
+
+/*
+ * Staged copies: the copy engines carry the bytes, a small device buffer gathers the pages.
+ *
+ * The mapped kernel above is bounded by the 128-byte packets SM accesses make on PCIe (~94% of
+ * cudaMemcpy device->host, ~91% host->device, ~77% both ways on an H100). The copy engines send
+ * 256-byte packets and reach cudaMemcpy's speed, but only on long contiguous copies, and pages
+ * are scattered. A staged copy therefore cuts the batch into slot fills of a device staging
+ * buffer: device->host, a gather kernel packs a fill's pages into a slot (HBM speed, microseconds)
+ * and one cudaMemcpyAsync per contiguous host range sends it; host->device, the copy engine fills
+ * a slot and a scatter kernel places its pages. Fills rotate over the slots, so the link stays
+ * busy while the next slot is gathered or scattered.
+ *
+ *   - The staging object owns its device buffer, `copy_streams` internal non-blocking streams and
+ *     the events that order slot reuse. Calls on one object are serialised (a mutex); use one
+ *     object per direction to run both directions at once.
+ *   - Work is ordered after everything enqueued on `stream` before the call, and everything
+ *     enqueued on `stream` after the call sees it finished (the internal streams are joined back
+ *     into `stream`): the contract of lmt_copy_pages.
+ *   - Host chunks must be pinned (checked as for lmt_copy_pages: LMT_ERR_HOST_NOT_MAPPED).
+ *   - A page larger than one slot is LMT_ERR_NOT_SUPPORTED (use lmt_copy_pages).
+ *   - Destroying the object waits for its work to finish.
+ */
+typedef struct lmt_staging lmt_staging;
+
+/* Allocates `bytes` of device memory on `device` split into `slots` slots (2..64), with
+ * `copy_streams` (1..8) internal streams; slot s uses stream s % copy_streams. */
+LMT_API int lmt_staging_create(int32_t device, uint64_t bytes, uint32_t slots,
+                               uint32_t copy_streams, lmt_staging** out);
+LMT_API int lmt_staging_destroy(lmt_staging* staging);
+/* Bytes of one slot (the largest contiguous fill), or 0 for NULL. */
+LMT_API uint64_t lmt_staging_slot_bytes(const lmt_staging* staging);
+
+/* lmt_copy_pages through `staging` (which must belong to `device`). */
+LMT_API int lmt_copy_pages_staged(int direction, const lmt_layout* layout,
+                                  const uint64_t* layer_ptrs, int32_t num_layers,
+                                  const int32_t* layers, int32_t num_selected,
+                                  const int32_t* block_ids, const int32_t* chunk_pages,
+                                  const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
+                                  void* stream, const lmt_launch_opts* opts,
+                                  lmt_staging* staging);
 
 #ifdef __cplusplus
 }

@@ -1,4 +1,6 @@
-// The C entry points: validate, translate host pointers, cut the batch into launches.
+// The C entry points and the machinery both copy paths share: argument checks, host pointer
+// translation, cutting a plan into kernel launches. The mapped path lives here; the staged
+// (copy-engine) path in staged.cu.
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
@@ -8,22 +10,13 @@
 
 #include <cuda.h>  // types only: the driver is reached through cudaGetDriverEntryPointByVersion
 
-#include "batch.h"
-#include "lmtier_transfer.h"
+#include "plan.h"
+
+namespace lmt {
 
 namespace {
 
 thread_local std::string g_last_error;
-
-int fail(int status, const char* fmt, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    g_last_error = buf;
-    return status;
-}
 
 int status_of(cudaError_t e) {
     switch (e) {
@@ -38,45 +31,12 @@ int status_of(cudaError_t e) {
         case cudaErrorInvalidPtx:
         case cudaErrorInvalidKernelImage:
             return LMT_ERR_UNSUPPORTED_DEVICE;
+        case cudaErrorMemoryAllocation:
+            return LMT_ERR_OUT_OF_MEMORY;
         default:
             return LMT_ERR_CUDA;
     }
 }
-
-int fail_cuda(cudaError_t e, const char* what) {
-    cudaGetLastError();  // our runtime's error state only; torch's runtime keeps its own
-    return fail(status_of(e), "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-}
-
-// Switches to the cache's device for the call and back afterwards (the caller's thread state).
-class DeviceGuard {
-   public:
-    explicit DeviceGuard(int device) {
-        err_ = cudaGetDevice(&prev_);
-        if (err_ == cudaSuccess && prev_ != device) {
-            err_ = cudaSetDevice(device);
-            switched_ = err_ == cudaSuccess;
-        }
-    }
-    ~DeviceGuard() {
-        if (switched_) cudaSetDevice(prev_);
-    }
-    cudaError_t error() const { return err_; }
-
-   private:
-    int prev_ = 0;
-    bool switched_ = false;
-    cudaError_t err_ = cudaSuccess;
-};
-
-// A chunk, or a slice of one too long for a launch: where its layer-0 pages start on the host,
-// how far apart its layers are, and which block ids it takes.
-struct Piece {
-    uint64_t host;
-    uint64_t layer_stride;
-    uint32_t first;
-    uint32_t pages;
-};
 
 template <class F>
 F driver_entry(const char* name) {
@@ -131,58 +91,6 @@ uint64_t device_address(uint64_t host) {
     return r.dev ? r.dev + (host - r.host) : 0;
 }
 
-// Host -> device address translation for one call. Pointer queries cost tens of microseconds
-// each on a large pinned allocation, so one query per allocation serves every chunk inside it
-// (an engine's chunks come from one pinned pool). Nothing outlives the call: an allocation
-// freed and reused later is looked up afresh.
-class HostMapper {
-   public:
-    int map(int chunk, uint64_t host, uint64_t bytes, int device, uint64_t* out) {
-        for (const HostRange& r : ranges_) {
-            if (host >= r.host && host - r.host + bytes <= r.size) {
-                *out = r.dev + (host - r.host);
-                return LMT_OK;
-            }
-        }
-        const HostRange r = query_host(host);
-        if (!r.dev) {
-            return fail(LMT_ERR_HOST_NOT_MAPPED,
-                        "host chunk %d at 0x%llx is not pinned host memory mapped for device %d "
-                        "(allocate it with cudaHostAlloc / torch pin_memory=True)",
-                        chunk, (unsigned long long)host, device);
-        }
-        const uint64_t dev = r.dev + (host - r.host);
-        // Trust the allocation's range only if its last byte maps linearly too.
-        if (r.size && host - r.host + bytes <= r.size &&
-            device_address(r.host + r.size - 1) == r.dev + r.size - 1) {
-            ranges_.push_back(r);
-        } else if (bytes > 1 && device_address(host + bytes - 1) != dev + bytes - 1) {
-            return fail(LMT_ERR_HOST_NOT_MAPPED,
-                        "host chunk %d (0x%llx, %llu bytes) extends past its pinned allocation",
-                        chunk, (unsigned long long)host, (unsigned long long)bytes);
-        }
-        *out = dev;
-        return LMT_OK;
-    }
-
-   private:
-    std::vector<HostRange> ranges_;
-};
-
-struct Plan {
-    bool to_host;
-    const lmt_layout* layout;
-    const uint64_t* layer_ptrs;
-    std::vector<int32_t> layers;
-    std::vector<Piece> pieces;
-    const int32_t* block_ids;
-    uint64_t page_bytes;
-    lmt::LaunchShape shape;
-    uint32_t tiles_per_run;
-    uint32_t tile_bytes;
-    cudaStream_t stream;
-};
-
 template <class B>
 int run_batches(const Plan& p) {
     // The parameter block is up to ~30 KB: build it on the heap, reuse it for every launch.
@@ -226,9 +134,9 @@ int run_batches(const Plan& p) {
                 return fail(LMT_ERR_NOT_SUPPORTED, "too many work units (%llu) in one launch",
                             (unsigned long long)units);
             }
-            lmt::LaunchShape shape = p.shape;
+            LaunchShape shape = p.shape;
             shape.ctas = int(std::min<uint64_t>(uint64_t(shape.ctas), units));
-            const cudaError_t e = lmt::launch_copy(p.to_host, *b, shape, p.stream);
+            const cudaError_t e = launch_copy(p.to_host, *b, shape, p.stream);
             if (e != cudaSuccess) return fail_cuda(e, "launching the page copy kernel");
         }
     }
@@ -237,47 +145,75 @@ int run_batches(const Plan& p) {
 
 }  // namespace
 
-extern "C" {
-
-LMT_API int lmt_abi_version(void) { return LMT_ABI_VERSION; }
-
-LMT_API const char* lmt_version_string(void) {
-    static const std::string v = "lmtier_transfer 0.1.0 (abi " + std::to_string(LMT_ABI_VERSION) +
-                                 ", built with CUDA " + std::to_string(CUDART_VERSION / 1000) +
-                                 "." + std::to_string(CUDART_VERSION % 1000 / 10) + ")";
-    return v.c_str();
+int fail(int status, const char* fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    g_last_error = buf;
+    return status;
 }
 
-LMT_API const char* lmt_status_string(int status) {
-    switch (status) {
-        case LMT_OK: return "LMT_OK";
-        case LMT_ERR_INVALID_ARGUMENT: return "LMT_ERR_INVALID_ARGUMENT";
-        case LMT_ERR_HOST_NOT_MAPPED: return "LMT_ERR_HOST_NOT_MAPPED";
-        case LMT_ERR_NO_DEVICE: return "LMT_ERR_NO_DEVICE";
-        case LMT_ERR_UNSUPPORTED_DEVICE: return "LMT_ERR_UNSUPPORTED_DEVICE";
-        case LMT_ERR_CUDA: return "LMT_ERR_CUDA";
-        case LMT_ERR_NOT_SUPPORTED: return "LMT_ERR_NOT_SUPPORTED";
-        default: return "LMT_ERR_UNKNOWN";
+int fail_cuda(cudaError_t e, const char* what) {
+    cudaGetLastError();  // our runtime's error state only; torch's runtime keeps its own
+    return fail(status_of(e), "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
+}
+
+DeviceGuard::DeviceGuard(int device) {
+    err_ = cudaGetDevice(&prev_);
+    if (err_ == cudaSuccess && prev_ != device) {
+        err_ = cudaSetDevice(device);
+        switched_ = err_ == cudaSuccess;
     }
 }
 
-LMT_API const char* lmt_last_error(void) { return g_last_error.c_str(); }
+DeviceGuard::~DeviceGuard() {
+    if (switched_) cudaSetDevice(prev_);
+}
 
-LMT_API int lmt_device_count(int* count) {
-    g_last_error.clear();
-    if (!count) return fail(LMT_ERR_INVALID_ARGUMENT, "count is NULL");
-    *count = 0;
-    const cudaError_t e = cudaGetDeviceCount(count);
-    if (e != cudaSuccess) return fail_cuda(e, "cudaGetDeviceCount");
+// Host -> device address translation for one call. Pointer queries cost tens of microseconds
+// each on a large pinned allocation, so one query per allocation serves every chunk inside it
+// (an engine's chunks come from one pinned pool). Nothing outlives the call: an allocation
+// freed and reused later is looked up afresh.
+int HostMapper::map(int chunk, uint64_t host, uint64_t bytes, int device, uint64_t* out,
+                    uint64_t* alloc) {
+    if (alloc) *alloc = host;
+    for (const Range& r : ranges_) {
+        if (host >= r.host && host - r.host + bytes <= r.size) {
+            *out = r.dev + (host - r.host);
+            if (alloc) *alloc = r.host;
+            return LMT_OK;
+        }
+    }
+    const HostRange r = query_host(host);
+    if (!r.dev) {
+        return fail(LMT_ERR_HOST_NOT_MAPPED,
+                    "host chunk %d at 0x%llx is not pinned host memory mapped for device %d "
+                    "(allocate it with cudaHostAlloc / torch pin_memory=True)",
+                    chunk, (unsigned long long)host, device);
+    }
+    const uint64_t dev = r.dev + (host - r.host);
+    // Trust the allocation's range only if its last byte maps linearly too.
+    if (r.size && host - r.host + bytes <= r.size &&
+        device_address(r.host + r.size - 1) == r.dev + r.size - 1) {
+        ranges_.push_back(Range{r.host, r.dev, r.size});
+        if (alloc) *alloc = r.host;
+    } else if (bytes > 1 && device_address(host + bytes - 1) != dev + bytes - 1) {
+        return fail(LMT_ERR_HOST_NOT_MAPPED,
+                    "host chunk %d (0x%llx, %llu bytes) extends past its pinned allocation",
+                    chunk, (unsigned long long)host, (unsigned long long)bytes);
+    }
+    *out = dev;
     return LMT_OK;
 }
 
-LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64_t* layer_ptrs,
-                           int32_t num_layers, const int32_t* layers, int32_t num_selected,
-                           const int32_t* block_ids, const int32_t* chunk_pages,
-                           const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
-                           void* stream, const lmt_launch_opts* opts) {
-    g_last_error.clear();
+int prepare_call(int direction, const lmt_layout* layout, const uint64_t* layer_ptrs,
+                 int32_t num_layers, const int32_t* layers, int32_t num_selected,
+                 const int32_t* block_ids, const int32_t* chunk_pages, const uint64_t* host_ptrs,
+                 int32_t num_chunks, int32_t device, void* stream, const lmt_launch_opts* opts,
+                 Call* out) {
+    Call& c = *out;
     if (direction != LMT_DEVICE_TO_HOST && direction != LMT_HOST_TO_DEVICE) {
         return fail(LMT_ERR_INVALID_ARGUMENT, "direction %d is neither 0 (D2H) nor 1 (H2D)",
                     direction);
@@ -300,13 +236,18 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
     }
     if (device < 0) return fail(LMT_ERR_INVALID_ARGUMENT, "device %d < 0", device);
 
-    Plan p{};
-    p.to_host = direction == LMT_DEVICE_TO_HOST;
-    p.layout = layout;
-    p.layer_ptrs = layer_ptrs;
-    p.block_ids = block_ids;
-    p.page_bytes = uint64_t(L.num_runs) * L.run_bytes;
-    p.stream = static_cast<cudaStream_t>(stream);
+    c.to_host = direction == LMT_DEVICE_TO_HOST;
+    c.layout = layout;
+    c.layer_ptrs = layer_ptrs;
+    c.num_layers = num_layers;
+    c.block_ids = block_ids;
+    c.chunk_pages = chunk_pages;
+    c.host_ptrs = host_ptrs;
+    c.num_chunks = num_chunks;
+    c.page_bytes = uint64_t(L.num_runs) * L.run_bytes;
+    c.device = device;
+    c.stream = static_cast<cudaStream_t>(stream);
+    c.layers.clear();
     if (layers) {
         if (num_selected < 0) return fail(LMT_ERR_INVALID_ARGUMENT, "num_selected < 0");
         std::vector<char> seen(size_t(num_layers), 0);
@@ -317,21 +258,21 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
                             "layers[%d] = %d is out of [0, %d) or repeated", i, l, num_layers);
             }
             seen[size_t(l)] = 1;
-            p.layers.push_back(l);
+            c.layers.push_back(l);
         }
     } else {
-        for (int32_t l = 0; l < num_layers; ++l) p.layers.push_back(l);
+        for (int32_t l = 0; l < num_layers; ++l) c.layers.push_back(l);
     }
-    for (int32_t l : p.layers) {
+    for (int32_t l : c.layers) {
         if (!layer_ptrs[l]) return fail(LMT_ERR_INVALID_ARGUMENT, "layer_ptrs[%d] is NULL", l);
     }
 
     uint64_t total = 0;
-    for (int32_t c = 0; c < num_chunks; ++c) {
-        if (chunk_pages[c] < 0) {
-            return fail(LMT_ERR_INVALID_ARGUMENT, "chunk_pages[%d] = %d < 0", c, chunk_pages[c]);
+    for (int32_t i = 0; i < num_chunks; ++i) {
+        if (chunk_pages[i] < 0) {
+            return fail(LMT_ERR_INVALID_ARGUMENT, "chunk_pages[%d] = %d < 0", i, chunk_pages[i]);
         }
-        total += uint64_t(chunk_pages[c]);
+        total += uint64_t(chunk_pages[i]);
     }
     if (total > 0x7fffffffull) return fail(LMT_ERR_INVALID_ARGUMENT, "too many pages");
     if (total && !block_ids) return fail(LMT_ERR_INVALID_ARGUMENT, "block_ids is NULL");
@@ -341,7 +282,7 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
                         block_ids[i], (unsigned long long)i, (unsigned long long)L.num_blocks);
         }
     }
-    if (!p.to_host && total > 1) {
+    if (!c.to_host && total > 1) {
         // Two writers of one block would race; an onload must name each block once.
         std::vector<int32_t> sorted(block_ids, block_ids + total);
         std::sort(sorted.begin(), sorted.end());
@@ -351,70 +292,155 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
                         *dup);
         }
     }
-    if (total == 0 || p.layers.empty()) return LMT_OK;
+    c.total_pages = total;
 
     lmt_launch_opts o{};
     if (opts) o = *opts;
-    const int threads = o.threads ? int(o.threads) : 512;
-    const int unroll = o.unroll ? int(o.unroll) : 4;
-    if (threads < 32 || threads > 1024 || threads % 32) {
+    c.threads = o.threads ? int(o.threads) : 512;
+    c.unroll = o.unroll ? int(o.unroll) : 4;
+    c.max_ctas = int(o.max_ctas);
+    c.flags = o.flags;
+    if (c.threads < 32 || c.threads > 1024 || c.threads % 32) {
         return fail(LMT_ERR_INVALID_ARGUMENT, "threads %d: use a multiple of 32 in 32..1024",
-                    threads);
+                    c.threads);
     }
-    if (unroll != 2 && unroll != 4 && unroll != 8) {
-        return fail(LMT_ERR_INVALID_ARGUMENT, "unroll %d: use 2, 4 or 8", unroll);
-    }
-
-    DeviceGuard guard(device);
-    if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "selecting the device");
-    int ctas = int(o.max_ctas);
-    if (!ctas) {
-        const cudaError_t e = cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, device);
-        if (e != cudaSuccess) return fail_cuda(e, "cudaDeviceGetAttribute(SM count)");
+    if (c.unroll != 2 && c.unroll != 4 && c.unroll != 8) {
+        return fail(LMT_ERR_INVALID_ARGUMENT, "unroll %d: use 2, 4 or 8", c.unroll);
     }
 
-    // Widest access every address and size allows (16 bytes in every real KV layout).
+    // Widest access every device address and size allows (16 bytes in every real KV layout).
     uint64_t align = L.run_bytes | (L.num_blocks > 1 ? L.block_stride : 0);
     if (L.num_runs == 2) {
         align |= L.run_offsets[1] > L.run_offsets[0] ? L.run_offsets[1] - L.run_offsets[0]
                                                        : L.run_offsets[0] - L.run_offsets[1];
     }
-    for (int32_t l : p.layers) align |= layer_ptrs[l] + L.run_offsets[0];
+    for (int32_t l : c.layers) align |= layer_ptrs[l] + L.run_offsets[0];
+    c.align = align;
+    return LMT_OK;
+}
 
+int shape_plan(const Call& c, uint64_t align, Plan* p) {
+    int ctas = c.max_ctas;
+    if (!ctas) {
+        const cudaError_t e = cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, c.device);
+        if (e != cudaSuccess) return fail_cuda(e, "cudaDeviceGetAttribute(SM count)");
+    }
+    int width = 16;
+    while (width > 1 && (align & uint64_t(width - 1))) width >>= 1;
+    const int eff_unroll = width == 16 ? c.unroll : 4;  // narrower kernels exist with unroll 4
+    p->to_host = c.to_host;
+    p->layout = c.layout;
+    p->layer_ptrs = c.layer_ptrs;
+    p->block_ids = c.block_ids;
+    p->page_bytes = c.page_bytes;
+    p->stream = c.stream;
+    p->tile_bytes = uint32_t(c.threads) * uint32_t(eff_unroll) * uint32_t(width);
+    const uint64_t tiles = (c.layout->run_bytes + p->tile_bytes - 1) / p->tile_bytes;
+    if (tiles > 0x7fffffffull) return fail(LMT_ERR_NOT_SUPPORTED, "run_bytes too large");
+    p->tiles_per_run = uint32_t(tiles);
+    p->shape = LaunchShape{width, eff_unroll, c.threads, ctas, (c.flags & LMT_FLAG_PLAIN_ACCESS) != 0};
+    return LMT_OK;
+}
+
+void add_pieces(Plan* p, uint64_t host, uint64_t layer_stride, uint32_t first, uint32_t pages) {
+    for (uint32_t p0 = 0; p0 < pages; p0 += LargeBatch::max_pages) {
+        const uint32_t n = std::min<uint32_t>(pages - p0, LargeBatch::max_pages);
+        p->pieces.push_back(Piece{host + uint64_t(p0) * p->page_bytes, layer_stride, first + p0, n});
+    }
+}
+
+int run_plan(const Plan& p) {
+    uint64_t pages = 0;
+    for (const Piece& pc : p.pieces) pages += pc.pages;
+    if (!pages || p.layers.empty()) return LMT_OK;
+    const bool small = p.layers.size() <= size_t(SmallBatch::max_layers) &&
+                       p.pieces.size() <= size_t(SmallBatch::max_chunks) &&
+                       pages <= uint64_t(SmallBatch::max_pages);
+    return small ? run_batches<SmallBatch>(p) : run_batches<LargeBatch>(p);
+}
+
+const char* last_error() { return g_last_error.c_str(); }
+void clear_error() { g_last_error.clear(); }
+
+}  // namespace lmt
+
+using lmt::fail;
+using lmt::fail_cuda;
+
+extern "C" {
+
+LMT_API int lmt_abi_version(void) { return LMT_ABI_VERSION; }
+
+LMT_API const char* lmt_version_string(void) {
+    static const std::string v = "lmtier_transfer 0.2.0 (abi " + std::to_string(LMT_ABI_VERSION) +
+                                 ", built with CUDA " + std::to_string(CUDART_VERSION / 1000) +
+                                 "." + std::to_string(CUDART_VERSION % 1000 / 10) + ")";
+    return v.c_str();
+}
+
+LMT_API const char* lmt_status_string(int status) {
+    switch (status) {
+        case LMT_OK: return "LMT_OK";
+        case LMT_ERR_INVALID_ARGUMENT: return "LMT_ERR_INVALID_ARGUMENT";
+        case LMT_ERR_HOST_NOT_MAPPED: return "LMT_ERR_HOST_NOT_MAPPED";
+        case LMT_ERR_NO_DEVICE: return "LMT_ERR_NO_DEVICE";
+        case LMT_ERR_UNSUPPORTED_DEVICE: return "LMT_ERR_UNSUPPORTED_DEVICE";
+        case LMT_ERR_CUDA: return "LMT_ERR_CUDA";
+        case LMT_ERR_NOT_SUPPORTED: return "LMT_ERR_NOT_SUPPORTED";
+        case LMT_ERR_OUT_OF_MEMORY: return "LMT_ERR_OUT_OF_MEMORY";
+        default: return "LMT_ERR_UNKNOWN";
+    }
+}
+
+LMT_API const char* lmt_last_error(void) { return lmt::last_error(); }
+
+LMT_API int lmt_device_count(int* count) {
+    lmt::clear_error();
+    if (!count) return fail(LMT_ERR_INVALID_ARGUMENT, "count is NULL");
+    *count = 0;
+    const cudaError_t e = cudaGetDeviceCount(count);
+    if (e != cudaSuccess) return fail_cuda(e, "cudaGetDeviceCount");
+    return LMT_OK;
+}
+
+LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64_t* layer_ptrs,
+                           int32_t num_layers, const int32_t* layers, int32_t num_selected,
+                           const int32_t* block_ids, const int32_t* chunk_pages,
+                           const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
+                           void* stream, const lmt_launch_opts* opts) {
+    lmt::clear_error();
+    lmt::Call c;
+    int st = lmt::prepare_call(direction, layout, layer_ptrs, num_layers, layers, num_selected,
+                               block_ids, chunk_pages, host_ptrs, num_chunks, device, stream, opts,
+                               &c);
+    if (st != LMT_OK || c.total_pages == 0 || c.layers.empty()) return st;
+
+    lmt::DeviceGuard guard(device);
+    if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "selecting the device");
+
+    lmt::Plan p;
+    p.page_bytes = c.page_bytes;
+    p.layers = c.layers;
+    uint64_t align = c.align;
     uint32_t first = 0;
-    HostMapper mapper;
-    for (int32_t c = 0; c < num_chunks; ++c) {
-        const uint32_t pages = uint32_t(chunk_pages[c]);
+    lmt::HostMapper mapper;
+    for (int32_t i = 0; i < num_chunks; ++i) {
+        const uint32_t pages = uint32_t(chunk_pages[i]);
         if (!pages) continue;
-        const uint64_t layer_stride = uint64_t(pages) * p.page_bytes;
-        uint64_t host = host_ptrs[c];
-        if (!host) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", c);
-        if (!(o.flags & LMT_FLAG_TRUST_UVA)) {
-            const int st = mapper.map(c, host, layer_stride * uint64_t(num_layers), device, &host);
+        const uint64_t layer_stride = uint64_t(pages) * c.page_bytes;
+        uint64_t host = host_ptrs[i];
+        if (!host) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", i);
+        if (!(c.flags & LMT_FLAG_TRUST_UVA)) {
+            st = mapper.map(i, host, layer_stride * uint64_t(num_layers), device, &host);
             if (st != LMT_OK) return st;
         }
         align |= host;
-        for (uint32_t p0 = 0; p0 < pages; p0 += lmt::LargeBatch::max_pages) {
-            const uint32_t n = std::min<uint32_t>(pages - p0, lmt::LargeBatch::max_pages);
-            p.pieces.push_back(Piece{host + uint64_t(p0) * p.page_bytes, layer_stride,
-                                     first + p0, n});
-        }
+        lmt::add_pieces(&p, host, layer_stride, first, pages);
         first += pages;
     }
-
-    int width = 16;
-    while (width > 1 && (align & uint64_t(width - 1))) width >>= 1;
-    const int eff_unroll = width == 16 ? unroll : 4;  // narrower kernels exist with unroll 4
-    p.tile_bytes = uint32_t(threads) * uint32_t(eff_unroll) * uint32_t(width);
-    const uint64_t tiles = (L.run_bytes + p.tile_bytes - 1) / p.tile_bytes;
-    if (tiles > 0x7fffffffull) return fail(LMT_ERR_NOT_SUPPORTED, "run_bytes too large");
-    p.tiles_per_run = uint32_t(tiles);
-    p.shape = lmt::LaunchShape{width, eff_unroll, threads, ctas, (o.flags & LMT_FLAG_PLAIN_ACCESS) != 0};
-
-    const bool small = p.layers.size() <= size_t(lmt::SmallBatch::max_layers) &&
-                       p.pieces.size() <= size_t(lmt::SmallBatch::max_chunks) &&
-                       total <= uint64_t(lmt::SmallBatch::max_pages);
-    return small ? run_batches<lmt::SmallBatch>(p) : run_batches<lmt::LargeBatch>(p);
+    st = lmt::shape_plan(c, align, &p);
+    if (st != LMT_OK) return st;
+    return lmt::run_plan(p);
 }
 
 LMT_API int lmt_offload(const lmt_layout* layout, const uint64_t* layer_ptrs, int32_t num_layers,

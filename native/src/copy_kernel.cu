@@ -67,9 +67,11 @@ __global__ void __launch_bounds__(1024) copy_pages_kernel(const __grid_constant_
         const uint32_t bytes = left < b.tile_bytes ? uint32_t(left) : b.tile_bytes;
         char* dev = reinterpret_cast<char*>(b.layer_base[li]) +
                     uint64_t(b.block_id[t]) * b.block_stride + (r ? b.run_delta : 0) + off;
-        char* host = reinterpret_cast<char*>(b.host_base[lo]) +
-                     uint64_t(b.layer_slot[li]) * b.host_layer_stride[lo] +
-                     uint64_t(t - b.chunk_start[lo]) * b.page_bytes + r * b.run_bytes + off;
+        // Integer arithmetic: a staged piece's base lies before its buffer (it names layer 0
+        // of a chunk whose first layers live elsewhere); only the sum is an address.
+        char* host = reinterpret_cast<char*>(
+            b.host_base[lo] + uint64_t(b.layer_slot[li]) * b.host_layer_stride[lo] +
+            uint64_t(t - b.chunk_start[lo]) * b.page_bytes + r * b.run_bytes + off);
         const uint32_t n = bytes / sizeof(V);
         if (kToHost) {
             copy_tile<V, U, kPlain>(reinterpret_cast<const V*>(dev), reinterpret_cast<V*>(host), n);

@@ -148,8 +148,87 @@ def test_device_count_without_a_gpu_is_no_device(lib: ctypes.CDLL) -> None:
         (4, NativeUnavailableError),
         (5, LmtierError),
         (6, NotSupportedError),
+        (7, LmtierError),
     ],
 )
 def test_status_codes_map_to_typed_errors(lib: ctypes.CDLL, status: int, error: type[Exception]) -> None:
     with pytest.raises(error, match=lib.lmt_status_string(status).decode()):
         _native._raise(lib, status)
+
+
+@pytest.mark.parametrize(
+    ("device", "nbytes", "slots", "streams", "match"),
+    [
+        (-1, 1 << 20, 4, 2, "device -1"),
+        (0, 1 << 20, 1, 2, "slots 1"),
+        (0, 1 << 20, 65, 2, "slots 65"),
+        (0, 1 << 20, 4, 0, "copy_streams 0"),
+        (0, 1 << 20, 4, 9, "copy_streams 9"),
+        (0, 1000, 4, 2, "cannot make 4 slots"),
+    ],
+)
+def test_staging_create_rejects_bad_sizes_with_a_message(
+    lib: ctypes.CDLL, device: int, nbytes: int, slots: int, streams: int, match: str
+) -> None:
+    out = ctypes.c_void_p()
+    assert lib.lmt_staging_create(device, nbytes, slots, streams, ctypes.byref(out)) == 1
+    assert match in lib.lmt_last_error().decode()
+    assert out.value is None
+    assert lib.lmt_staging_create(0, 1 << 20, 4, 2, None) == 1  # no place for the handle
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_staging_create_without_a_gpu_is_no_device(lib: ctypes.CDLL) -> None:
+    out = ctypes.c_void_p()
+    assert lib.lmt_staging_create(0, 1 << 20, 4, 2, ctypes.byref(out)) == 3
+    assert out.value is None
+    assert lib.lmt_staging_destroy(None) == 0
+    assert lib.lmt_staging_slot_bytes(None) == 0
+
+
+def test_staged_copy_needs_a_staging_buffer(lib: ctypes.CDLL) -> None:
+    layout = _native._Layout(8, 256, (ctypes.c_uint64 * 2)(0, 0), 256, 1, 0)
+    status = lib.lmt_copy_pages_staged(
+        1, ctypes.byref(layout), (ctypes.c_uint64 * 1)(0x10000), 1, None, 0, (ctypes.c_int32 * 1)(0),
+        (ctypes.c_int32 * 1)(1), (ctypes.c_uint64 * 1)(0x1000), 1, 0, None, None, None,
+    )
+    assert status == 1
+    assert "staging is NULL" in lib.lmt_last_error().decode()
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [({"LMTIER_TRANSFER_MODE": "fast"}, "LMTIER_TRANSFER_MODE"), ({"LMTIER_STAGING_BYTES": "lots"}, "not an integer")],
+)
+def test_bad_transfer_settings_are_named(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], match: str) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(InvalidArgumentError, match=match):
+        _native.staging_config()
+
+
+def test_transfer_status_reports_the_copy_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMTIER_TRANSFER_MODE", "staged")
+    monkeypatch.setenv("LMTIER_STAGING_BYTES", str(16 << 20))
+    monkeypatch.setenv("LMTIER_STAGING_H2D_BYTES", str(48 << 20))
+    status = transfer_status()
+    assert (status["mode"], status["staging_bytes_d2h"], status["staging_bytes_h2d"]) == ("staged", 16 << 20, 48 << 20)
+    monkeypatch.setenv("LMTIER_TRANSFER_MODE", "fast")
+    assert "LMTIER_TRANSFER_MODE" in transfer_status()["mode_error"]
+
+
+@pytest.mark.parametrize(
+    ("pages", "layers", "page_bytes", "staged"),
+    [
+        ([16] * 40, list(range(36)), 64 << 10, True),  # all layers of 40 Qwen3-8B chunks
+        ([16] * 40, [7], 64 << 10, True),  # one layer: 1 MiB per chunk
+        ([16] * 40, [3, 9], 64 << 10, True),  # two separate layers
+        ([16] * 40, [7], 18 << 10, False),  # one MLA layer: 288 KiB per chunk
+        ([16], list(range(36)), 1 << 10, False),  # 576 KiB in all: below the call minimum
+        ([0, 16, 0], [1], 1 << 20, True),  # empty chunks make no copies
+    ],
+)
+def test_auto_mode_stages_large_calls_with_long_host_ranges(
+    pages: list[int], layers: list[int], page_bytes: int, staged: bool
+) -> None:
+    assert _native._worth_staging(pages, layers, page_bytes, _native.StagingConfig()) is staged

@@ -38,6 +38,22 @@ def native_library() -> None:
         pytest.skip(reason)
 
 
+#: Every test runs on each native copy path. "staged-small" makes slots of 32 KiB, so chunks
+#: split into many fills, layers into page ranges, and fills wrap around the slots.
+MODES = {
+    "mapped": {"LMTIER_TRANSFER_MODE": "mapped"},
+    "staged": {"LMTIER_TRANSFER_MODE": "staged"},
+    "staged-small": {"LMTIER_TRANSFER_MODE": "staged", "LMTIER_STAGING_BYTES": str(128 << 10)},
+}
+
+
+@pytest.fixture(autouse=True, params=list(MODES))
+def copy_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    for k, v in MODES[request.param].items():
+        monkeypatch.setenv(k, v)
+    return str(request.param)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(99)
@@ -251,3 +267,83 @@ def test_native_rejects_host_chunks_shorter_than_their_pages(gen: torch.Generato
     short = torch.empty(chunk_nbytes(layout, 2, 2) - 1, dtype=torch.uint8, pin_memory=True)
     with pytest.raises(InvalidArgumentError, match="need"):
         _native.offload(kv, layout, [[1, 2]], [short])
+
+
+def test_staged_onload_waits_for_earlier_work_on_its_stream(gen: torch.Generator, copy_mode: str) -> None:
+    # An offload fills the host chunks and an onload reads them, both only enqueued on one
+    # stream: the onload's copy engine must not read the chunks before the offload wrote them.
+    kv = make_cache("flashinfer", layers=4, blocks=96, blk=16, heads=8, head=128, device=CUDA, gen=gen)
+    layout = layout_of(kv, "flashinfer")
+    src, dst = random_tables(96, [8, 8], gen), random_tables(96, [8, 8], gen)
+    hosts = poisoned_chunks(layout, 4, src, pin=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    out = [torch.zeros_like(t) for t in kv]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)  # keep the stream busy so a premature read would see poison
+        transfer.offload(kv, layout, src, hosts, stream=side)
+        transfer.onload(out, layout, dst, hosts, stream=side)
+    side.synchronize()
+    for layer in range(4):
+        for a, b in zip([x for t in src for x in t], [x for t in dst for x in t], strict=True):
+            assert torch.equal(out[layer][b].view(torch.uint8), kv[layer][a].view(torch.uint8))
+
+
+def test_both_directions_at_once_on_two_streams(gen: torch.Generator, copy_mode: str) -> None:
+    kv = make_cache("vllm_kv_first", layers=6, blocks=80, blk=16, heads=4, head=64, device=CUDA, gen=gen)
+    layout = layout_of(kv, "vllm_kv_first")
+    tables = random_tables(80, [16] * 4, gen)
+    out_ids, in_ids = tables[:2], tables[2:]  # disjoint: the offload reads what the onload leaves
+    outs = poisoned_chunks(layout, 6, out_ids, pin=True)
+    ins = poisoned_chunks(layout, 6, in_ids, pin=True)
+    other = make_cache("vllm_kv_first", layers=6, blocks=80, blk=16, heads=4, head=64, device=CUDA, gen=gen)
+    _fallback.offload(other, layout, in_ids, ins)
+    want = poisoned_chunks(layout, 6, out_ids, pin=True)
+    _fallback.offload(kv, layout, out_ids, want)
+    torch.cuda.synchronize()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    for s in (s1, s2):
+        s.wait_stream(torch.cuda.current_stream())
+    transfer.offload(kv, layout, out_ids, outs, stream=s1)
+    transfer.onload(kv, layout, in_ids, ins, stream=s2)
+    torch.cuda.synchronize()
+    landed = poisoned_chunks(layout, 6, in_ids, pin=True)
+    _fallback.offload(kv, layout, in_ids, landed)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(landed, ins, strict=True))
+
+
+def test_staged_copies_use_a_bounded_staging_buffer_per_direction(gen: torch.Generator, copy_mode: str) -> None:
+    if copy_mode != "staged":
+        pytest.skip("checks the default staging size")
+    kv = make_cache("flashinfer", layers=8, blocks=200, blk=16, heads=8, head=128, device=CUDA, gen=gen)
+    layout = layout_of(kv, "flashinfer")
+    tables = random_tables(200, [16] * 10, gen)  # 10 chunks of 8 MiB: more than the buffer holds
+    before = _native.staging_in_use()
+    _check_offload(kv, layout, tables)
+    _check_onload(lambda: [t.clone() for t in kv], layout, tables)
+    cfg = _native.staging_config()
+    assert cfg.d2h_bytes + cfg.h2d_bytes <= 64 << 20
+    # at most one buffer per direction, made on first use
+    assert _native.staging_in_use() - before in (0, cfg.d2h_bytes, cfg.h2d_bytes, cfg.d2h_bytes + cfg.h2d_bytes)
+
+
+def test_pages_larger_than_a_slot_take_the_kernel(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMTIER_TRANSFER_MODE", "staged")
+    monkeypatch.setenv("LMTIER_STAGING_BYTES", str(8 << 10))  # 4 KiB slots, 18 KiB pages
+    kv = make_cache("mla", layers=3, blocks=32, blk=16, head=64, device=CUDA, gen=gen)
+    layout = layout_of(kv, "mla")
+    assert layout.page_bytes > 4 << 10
+    tables = random_tables(32, [3, 2], gen)
+    _check_offload(kv, layout, tables)
+    _check_onload(lambda: [t.clone() for t in kv], layout, tables)
+
+
+def test_bad_copy_mode_is_a_clear_error(gen: torch.Generator) -> None:
+    kv = make_cache("flashinfer", layers=2, blocks=16, device=CUDA, gen=gen)
+    layout = layout_of(kv, "flashinfer")
+    hosts = poisoned_chunks(layout, 2, [[1, 2]], pin=True)
+    with pytest.raises(InvalidArgumentError, match="mode 'fastest'"):
+        _native.offload(kv, layout, [[1, 2]], hosts, mode="fastest")
