@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from lmtier.breaker import CircuitBreaker
 from lmtier.codec import as_bytes_view
@@ -58,6 +58,9 @@ __all__ = ["StorageManager", "Tier"]
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
 Item = tuple[ChunkKey, Buffer]
+#: What ``put`` accepts: a HostBuffer is not a buffer-protocol object before Python 3.12, but the
+#: engine stages chunks in them (and the cpu tier adopts those carved from its own slab).
+PutItem = tuple[ChunkKey, Buffer | HostBuffer]
 
 
 class _Fault:
@@ -231,11 +234,14 @@ class StorageManager:
         log.debug("get: hit %d of %d chunks", hits, len(keys))
         return results
 
-    async def put(self, items: Sequence[Item]) -> None:
-        """Store ``items`` in the hottest tier and flow them to colder tiers per write mode."""
-        _check_keys([k for k, _ in items] if isinstance(items, Sequence) else items)
-        for _, value in items:
-            as_bytes_view(value)  # InvalidArgumentError for non-buffers, before anything is written
+    async def put(self, items: Sequence[PutItem]) -> None:
+        """Store ``items`` in the hottest tier and flow them to colder tiers per write mode.
+
+        Each item is a ``(ChunkKey, value)`` pair; a value is any C-contiguous buffer or a
+        :class:`~lmtier.memory.HostBuffer`. The whole batch is checked before anything is written:
+        a malformed item raises :class:`~lmtier.errors.InvalidArgumentError`.
+        """
+        _check_items(items)
         if not items:
             return
         items = list(items)
@@ -359,10 +365,16 @@ class StorageManager:
                         tier.name, tier.breaker.failures, tier.breaker.cooldown)
         return reason
 
-    async def _write(self, tier: Tier, items: list[Item]) -> bool:
-        if await self._call(tier, "put", tier.backend.put, items, writes=len(items)) is FAULT:
+    async def _write(self, tier: Tier, items: Sequence[PutItem]) -> bool:
+        # The protocol promises backends buffer-protocol values; only a tier that hands out
+        # HostBuffers itself (the cpu tier's `allocate`) gets them, to adopt those of its own slab.
+        if callable(getattr(tier.backend, "allocate", None)):
+            batch = cast("list[Item]", list(items))
+        else:
+            batch = [(k, v.view() if isinstance(v, HostBuffer) else v) for k, v in items]
+        if await self._call(tier, "put", tier.backend.put, batch, writes=len(batch)) is FAULT:
             return False
-        nbytes = sum(as_bytes_view(v).nbytes for _, v in items)
+        nbytes = sum(as_bytes_view(v).nbytes for _, v in batch)
         self.metrics.bytes_written.labels(tier.name).inc(nbytes)
         self.metrics.objects_written.labels(tier.name).inc(len(items))
         return True
@@ -426,7 +438,7 @@ class StorageManager:
                 self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
 
 
-def _stable(value: Buffer) -> Buffer:
+def _stable(value: Buffer | HostBuffer) -> Buffer:
     """A value that stays valid after put returns (background writes outlive the call)."""
     if isinstance(value, HostBuffer):
         return value.lease_view()
@@ -446,6 +458,19 @@ def _error_kind(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return cls.__name__.removesuffix("Error").lower()
     return "unexpected" if not isinstance(exc, LmtierError) else type(exc).__name__.lower()
+
+
+def _check_items(items: object) -> None:
+    """``items`` must be a sequence of ``(ChunkKey, buffer)`` pairs; InvalidArgumentError otherwise."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise InvalidArgumentError(f"items must be a sequence of (ChunkKey, buffer) pairs, got {type(items).__name__}")
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidArgumentError(f"each item must be a (ChunkKey, buffer) pair, got {item!r:.80}")
+        key, value = item
+        if not isinstance(key, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(key).__name__}: {key!r:.80}")
+        as_bytes_view(value)  # InvalidArgumentError for non-buffers, before anything is written
 
 
 def _check_keys(keys: Sequence[object]) -> None:

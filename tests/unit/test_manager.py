@@ -93,10 +93,48 @@ class FaultyConfig(CpuConfig):
     label: str = "faulty"
 
 
+class BytesDictBackend:
+    """A minimal third-party-style tier that relies on the protocol's promise of buffer-protocol
+    values: it copies each one with ``memoryview`` (no lmtier helpers)."""
+
+    def __init__(self, config) -> None:
+        self.data: dict[ChunkKey, bytes] = {}
+
+    @property
+    def capabilities(self):
+        from lmtier.protocol import Capabilities
+
+        return Capabilities()
+
+    async def contains(self, keys):
+        return [k in self.data for k in keys]
+
+    async def get(self, keys):
+        return [self.data.get(k) for k in keys]
+
+    async def put(self, items):
+        for k, v in items:
+            self.data[k] = bytes(memoryview(v))
+
+    async def delete(self, keys):
+        for k in keys:
+            self.data.pop(k, None)
+
+    async def aclose(self):
+        pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
 @pytest.fixture
 def registry() -> BackendRegistry:
     reg = BackendRegistry.discover()
     reg.register(BackendSpec("faulty", f"{__name__}:_faulty_factory", f"{__name__}:FaultyConfig"))
+    reg.register(BackendSpec("bytesdict", f"{__name__}:BytesDictBackend", "lmtier_backends.cpu.config:CpuConfig"))
     return reg
 
 
@@ -309,7 +347,7 @@ async def test_async_writes_are_isolated_from_later_mutation_of_the_callers_buff
 
 @pytest.mark.asyncio
 async def test_bad_input_is_a_typed_error_and_nothing_is_written(two_tiers) -> None:
-    mgr, cold, _ = two_tiers
+    mgr, _, _ = two_tiers
     ks = keys(2)
     with pytest.raises(InvalidArgumentError):
         await mgr.put([(ks[0], b"ok"), (ks[1], "not bytes")])
@@ -320,11 +358,75 @@ async def test_bad_input_is_a_typed_error_and_nothing_is_written(two_tiers) -> N
         await mgr.lookup("deadbeef")
 
 
+@pytest.mark.parametrize("bad_batch", [
+    pytest.param(lambda k: 42, id="not-a-sequence"),
+    pytest.param(lambda k: "ab", id="a-string"),
+    pytest.param(lambda k: [b"xy"], id="item-not-a-pair"),
+    pytest.param(lambda k: [(k,)], id="item-of-one"),
+    pytest.param(lambda k: [(k, b"v", b"w")], id="item-of-three"),
+    pytest.param(lambda k: [(str(k), b"v")], id="key-as-string"),
+    pytest.param(lambda k: [(k, b"new"), (k, None)], id="second-value-not-a-buffer"),
+    pytest.param(lambda k: [(k, memoryview(bytes(8))[::2])], id="non-contiguous"),
+])
+@pytest.mark.asyncio
+async def test_a_malformed_put_is_a_typed_error_and_loses_nothing_already_stored(two_tiers, bad_batch) -> None:
+    mgr, cold, _ = two_tiers
+    (k,) = keys(1, "malformed")
+    await mgr.put([(k, b"stored before")])
+    with pytest.raises(InvalidArgumentError) as info:
+        await mgr.put(bad_batch(k))
+    assert isinstance(info.value, TypeError)
+    assert bytes((await mgr.tier("hot").backend.get([k]))[0]) == b"stored before"
+    assert bytes((await cold.inner.get([k]))[0]) == b"stored before"
+    assert cold.calls.count("put") == 1, "the bad batch reached a tier"
+
+
+@pytest.mark.asyncio
+async def test_host_buffers_reach_other_tiers_as_buffers_and_the_cpu_tier_adopts_its_own(registry) -> None:
+    from lmtier.memory import HostMemoryPool, host_tensor_of
+
+    tiers = cfg(HOT, {"name": "strict", "backend": "bytesdict"},
+                {"name": "later", "backend": "bytesdict", "write": "async"})
+    async with await StorageManager.from_config(tiers, registry=registry,
+                                                metrics_registry=CollectorRegistry()) as mgr:
+        hot = mgr.tier("hot").backend
+        own, foreign = keys(2, "hostbuf")
+        mine = hot.allocate(1000)  # carved from the cpu tier's slab, as the engine stages chunks
+        mine.tensor.fill_(7)
+        pool = HostMemoryPool(4096, pin=False, name="elsewhere")
+        other = pool.allocate(500)
+        other.tensor.fill_(9)
+        await mgr.put([(own, mine), (foreign, other)])
+        await mgr.flush()
+        (view,) = await hot.get([own])
+        assert host_tensor_of(view).data_ptr() == mine.data_ptr, "the cpu tier copied its own buffer"
+        mine.release()
+        other.release()
+        for name in ("strict", "later"):
+            data = mgr.tier(name).backend.data
+            assert data[own] == b"\x07" * 1000 and data[foreign] == b"\x09" * 500, name
+            assert sample(mgr, "lmtier_tier_errors_total", {"tier": name, "op": "put", "kind": "unexpected"}) == 0
+        assert bytes((await hot.get([foreign]))[0]) == b"\x09" * 500
+        del view
+        pool.close()
+
+
 @pytest.mark.asyncio
 async def test_an_unknown_backend_names_the_tier_and_the_known_backends(registry) -> None:
     with pytest.raises(ConfigError) as info:
         await StorageManager.from_config(cfg(HOT, {"name": "x", "backend": "nope"}), registry=registry)
     assert "tiers[1].backend" in str(info.value) and "cpu" in str(info.value) and "disk" in str(info.value)
+
+
+@pytest.mark.asyncio
+async def test_an_unwritable_disk_root_fails_at_open_and_closes_the_tiers_already_opened(registry, tmp_path) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    first = {"name": "hot", "backend": "faulty", "options": {"label": "opened-first", "pinned": False}}
+    disk = {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "a-file" / "tier")}}
+    with pytest.raises(ConfigError, match=r"root '.*a-file/tier' is not a writable directory.*set options\.root"):
+        await StorageManager.from_config(cfg(first, disk), registry=registry, metrics_registry=CollectorRegistry())
+    opened = FAULTY["opened-first"].inner
+    assert opened._closed and opened.pool.closed
 
 
 @pytest.mark.asyncio
