@@ -316,6 +316,11 @@ def _doctor(args: argparse.Namespace) -> int:
 
         registry = BackendRegistry.discover()
     configured = {t.backend for t in cfg.tiers} if cfg is not None else set()
+    if not registry.autoloaded:
+        from lmtier.registry import AUTOLOAD_ENV
+
+        row("discovery", f"off ({AUTOLOAD_ENV} is set): no installed backend is registered")
+        notes.append(f"{AUTOLOAD_ENV} is set: only backends registered by hand are available")
     for name in registry.names():
         ok, detail = _backend_status(registry, name)
         mark = "installed" if ok else f"NOT importable: {detail}"
@@ -392,6 +397,11 @@ def _cmd_backends(_args: argparse.Namespace, _extra: list[str]) -> int:
         if not ok:
             problems.append(f"  {name}: {detail}")
     print(_table(["NAME", "ORIGIN", "INSTALLED", "INSTALL HINT", "DESCRIPTION"], rows))
+    if not registry.autoloaded:
+        from lmtier.registry import AUTOLOAD_ENV
+
+        print(f"\nentry-point discovery is off ({AUTOLOAD_ENV} is set): no backend is registered, "
+              "built-in ones included; unset it to list the installed backends")
     if problems:
         print("\nnot installed:")
         print("\n".join(problems))

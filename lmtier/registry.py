@@ -4,11 +4,13 @@ Our own backends (``lmtier_backends/*/plugin.py``) register exactly as a third p
 modules are cheap; the factory and config model of a :class:`BackendSpec` are imported lazily, and
 an ``ImportError`` there becomes a :class:`PluginError` carrying the spec's install hint.
 
-Set ``LMTIER_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points (then register plugins by hand).
+Set ``LMTIER_DISABLE_PLUGIN_AUTOLOAD=1`` (any value but ``0``, ``false``, ``no``, ``off`` or empty) to
+skip entry points, built-in backends included; then register plugins by hand.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import logging
@@ -16,7 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -27,10 +29,20 @@ from lmtier.errors import ConfigError, PluginError
 if TYPE_CHECKING:
     from lmtier.protocol import StorageBackend
 
-__all__ = ["ENTRY_POINT_GROUP", "BackendRegistry", "BackendSpec", "hookimpl", "import_string"]
+__all__ = [
+    "AUTOLOAD_ENV",
+    "ENTRY_POINT_GROUP",
+    "BackendRegistry",
+    "BackendSpec",
+    "autoload_disabled",
+    "hookimpl",
+    "import_string",
+]
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "lmtier"
+AUTOLOAD_ENV = "LMTIER_DISABLE_PLUGIN_AUTOLOAD"
+_FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 
 
@@ -55,6 +67,10 @@ class BackendSpec:
     description: str = ""
 
 
+class _DuplicateName(PluginError):
+    """Two plugins provide one backend name: fatal at discovery (the others are only logged)."""
+
+
 def import_string(path: str, *, hint: str = "") -> Any:
     """Import ``"module:attr"``; a missing module raises PluginError with ``hint``."""
     module_name, _, attr = path.partition(":")
@@ -71,6 +87,12 @@ def import_string(path: str, *, hint: str = "") -> Any:
         raise PluginError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
+def autoload_disabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``LMTIER_DISABLE_PLUGIN_AUTOLOAD`` asks to skip entry-point discovery."""
+    value = (os.environ if env is None else env).get(AUTOLOAD_ENV, "")
+    return value.strip().lower() not in _FALSE_WORDS
+
+
 class BackendRegistry:
     """Known backends by name. Build with :meth:`discover` (entry points) or register by hand."""
 
@@ -80,63 +102,117 @@ class BackendRegistry:
         self._specs: dict[str, BackendSpec] = {}
         self._origins: dict[str, str] = {}
         self.load_errors: dict[str, str] = {}
+        #: False when discovery skipped the entry points (``LMTIER_DISABLE_PLUGIN_AUTOLOAD``).
+        self.autoloaded = False
 
     @classmethod
     def discover(cls, *, autoload: bool | None = None) -> BackendRegistry:
-        """A registry holding every backend installed through the ``lmtier`` entry points."""
+        """A registry holding every backend installed through the ``lmtier`` entry points.
+
+        ``autoload=None`` loads them unless ``LMTIER_DISABLE_PLUGIN_AUTOLOAD`` is set; the registry
+        is then empty (built-in backends included) until plugins are registered by hand.
+        """
         reg = cls()
         if autoload is None:
-            autoload = os.environ.get("LMTIER_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0", "false")
+            autoload = not autoload_disabled()
         if autoload:
             reg.load_entry_points()
         return reg
 
     def load_entry_points(self) -> None:
+        """Register the plugin module of every entry point in the ``lmtier`` group.
+
+        A plugin that fails to import, whose hook raises or returns something other than
+        ``BackendSpec`` objects is logged and recorded in :attr:`load_errors`, and the other
+        plugins still load. A backend name provided twice raises :class:`PluginError`.
+        """
+        self.autoloaded = True
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             try:
-                module = ep.load()
+                self.register_plugin(ep.load(), name=f"entrypoint:{ep.name}")
+            except _DuplicateName:
+                raise  # two packages claim one name: refusing it is the point
             except Exception as exc:  # a broken third-party plugin must not break the others
                 self.load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("lmtier plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
-                continue
-            self.register_plugin(module, name=f"entrypoint:{ep.name}")
 
     def register_plugin(self, plugin: object, *, name: str | None = None) -> None:
-        """Register a module/object holding ``@hookimpl`` functions and collect its specs."""
+        """Register a module/object holding ``@hookimpl`` functions and collect its specs.
+
+        All or nothing: if the hook raises, returns a non-``BackendSpec`` or a name already
+        taken, :class:`PluginError` is raised and none of the plugin's backends is registered.
+        Registering the same plugin (or name) again does nothing.
+        """
         plugin_name = name or getattr(plugin, "__name__", None) or repr(plugin)
         if self._pm.is_registered(plugin) or self._pm.has_plugin(plugin_name):
             return
         self._pm.register(plugin, name=plugin_name)
-        impls = [i for i in self._pm.hook.lmtier_backend_specs.get_hookimpls() if i.plugin is plugin]
-        for impl in impls:
-            specs = cast("list[BackendSpec]", impl.function() or [])
-            for spec in specs:
-                self.register(spec, origin=plugin_name)
+        try:
+            specs: list[BackendSpec] = []
+            for impl in self._pm.hook.lmtier_backend_specs.get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    result = impl.function()
+                except Exception as exc:
+                    raise PluginError(f"{plugin_name}: lmtier_backend_specs() raised "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                if result is not None and not isinstance(result, (list, tuple)):
+                    raise PluginError(f"{plugin_name}: lmtier_backend_specs must return a list of "
+                                      f"BackendSpec objects, got {result!r}")
+                specs.extend(result or [])
+            taken = dict(self._origins)
+            for spec in specs:  # check every spec before registering any
+                self._check_new(spec, plugin_name, taken)
+                taken[spec.name] = plugin_name
+        except BaseException:
+            self._pm.unregister(plugin)
+            raise
+        for spec in specs:
+            self._specs[spec.name] = spec
+            self._origins[spec.name] = plugin_name
 
     def register(self, spec: BackendSpec, *, origin: str = "programmatic") -> None:
         """Add one backend; a name already taken raises PluginError naming both origins."""
-        if not isinstance(spec, BackendSpec):
-            raise PluginError(f"{origin}: lmtier_backend_specs must return BackendSpec objects, got {spec!r}")
-        if spec.name in self._specs:
-            raise PluginError(
-                f"backend name {spec.name!r} is provided twice: by {self._origins[spec.name]} and by "
-                f"{origin}; uninstall one of them or rename it"
-            )
+        self._check_new(spec, origin, self._origins)
         self._specs[spec.name] = spec
         self._origins[spec.name] = origin
+
+    @staticmethod
+    def _check_new(spec: object, origin: str, taken: Mapping[str, str]) -> None:
+        if not isinstance(spec, BackendSpec):
+            raise PluginError(f"{origin}: lmtier_backend_specs must return BackendSpec objects, got {spec!r}")
+        if spec.name in taken:
+            raise _DuplicateName(
+                f"backend name {spec.name!r} is provided twice: by {taken[spec.name]} and by "
+                f"{origin}; uninstall one of them or rename it"
+            )
 
     def names(self) -> list[str]:
         return sorted(self._specs)
 
     def spec(self, name: str) -> BackendSpec:
+        """The spec of backend ``name``; ConfigError listing the known ones and what to install."""
         try:
             return self._specs[name]
         except KeyError:
-            known = ", ".join(self.names()) or "none"
-            raise ConfigError(
-                f"unknown backend {name!r}; known backends: {known}. A third-party backend must be "
-                f"pip-installed so that it registers an entry point in the {ENTRY_POINT_GROUP!r} group"
-            ) from None
+            raise ConfigError(self._unknown(name)) from None
+
+    def _unknown(self, name: object) -> str:
+        known = self.names()
+        close = difflib.get_close_matches(str(name), known, n=1)
+        msg = f"unknown backend {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        msg += f"; known backends: {', '.join(known) or 'none'}"
+        if self.load_errors:
+            failed = "; ".join(f"{ep} ({err})" for ep, err in sorted(self.load_errors.items()))
+            msg += f". Plugins that failed to load (reinstall the package providing them): {failed}"
+        if not self.autoloaded:
+            msg += (f". Entry-point discovery is off ({AUTOLOAD_ENV} is set or autoload=False): unset it, "
+                    "or register the plugin by hand (BackendRegistry.register_plugin)")
+        else:
+            msg += (f". To add a backend, pip-install the package that provides it: it registers an entry "
+                    f"point in the {ENTRY_POINT_GROUP!r} group (`lmtier backends` lists what is installed)")
+        return msg
 
     def origin(self, name: str) -> str:
         return self._origins[name]

@@ -240,3 +240,42 @@ def test_serve_metrics_on_a_busy_port_is_one_clear_error(capsys: pytest.CaptureF
         assert main(["serve-metrics", "--port", str(port)]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert f"cannot serve metrics on 127.0.0.1:{port}" in line and "pick another --port" in line
+
+
+# -- help, and the autoload switch --------------------------------------------------------------
+def test_help_lists_every_command_and_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("doctor", "backends", "config", "check-backend", "bench", "demo", "serve-metrics"):
+        assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), command
+    assert main([]) == 2
+    assert "usage: lmtier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["doctor"], ["backends"], ["config", "validate"], ["check-backend"], ["bench"], ["serve-metrics"],
+    ["demo", "--storage"],
+])
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lmtier {argv[0]}"), out
+
+
+def test_with_autoload_disabled_the_commands_say_why_no_backend_is_known(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LMTIER_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"^(cpu|disk)\s", out, re.MULTILINE)
+    assert "entry-point discovery is off (LMTIER_DISABLE_PLUGIN_AUTOLOAD is set)" in out
+    path = write_config(tmp_path / "c.yaml", tmp_path)
+    assert main(["config", "validate", str(path)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "tiers[0].backend: unknown backend 'cpu'; known backends: none" in line
+    assert "LMTIER_DISABLE_PLUGIN_AUTOLOAD is set" in line
+    assert main(["doctor", "--config", str(path)]) == 1
+    assert "discovery              off (LMTIER_DISABLE_PLUGIN_AUTOLOAD is set)" in capsys.readouterr().out
+    monkeypatch.setenv("LMTIER_DISABLE_PLUGIN_AUTOLOAD", "0")  # a false value keeps autoload on
+    assert main(["config", "validate", str(path)]) == 0
