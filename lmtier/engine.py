@@ -316,32 +316,40 @@ class KVCacheEngine:
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-               requested: int | None = None) -> int:
+               limit: int | None = None) -> int:
         """Tokens of ``token_ids``'s prefix whose KV is available now (a multiple of the block size).
 
-        ``record`` counts the lookup in the hit metrics and logs it (once per request, please);
-        ``requested`` is the prompt length to count when ``token_ids`` is only its loadable prefix.
-        A fault is a miss (0).
+        ``limit`` caps the answer (rounded down to a block), for a caller that computes the last
+        tokens itself: pass the whole prompt and the cap rather than a shortened prompt, so that
+        a chunk stored whole can serve its leading blocks (a shortened prompt names only the
+        chunk's tail key). ``record`` counts the lookup in the hit metrics and logs it (once per
+        request, please). A fault is a miss (0).
         """
-        return self.lookup_async(token_ids, request_id=request_id, record=record, requested=requested).result()
+        return self.lookup_async(token_ids, request_id=request_id, record=record, limit=limit).result()
 
     def lookup_async(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-                     requested: int | None = None) -> concurrent.futures.Future[int]:
+                     limit: int | None = None) -> concurrent.futures.Future[int]:
         """:meth:`lookup` without blocking: a future of the hit tokens (never an exception)."""
         tokens = _tokens(token_ids)
         self._check_open()
-        return self._loop.submit(self._lookup(tokens, request_id, record, requested))
+        if limit is not None and limit < 0:
+            raise InvalidArgumentError(f"limit={limit} must be >= 0")
+        return self._loop.submit(self._lookup(tokens, request_id, record, limit))
 
     async def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
-                      requested: int | None = None) -> int:
-        n, c, b = len(tokens), self.chunk_tokens, self.block_size
+                      limit: int | None = None) -> int:
+        total, c, b = len(tokens), self.chunk_tokens, self.block_size
+        cap = total if limit is None else min(total, limit // b * b)
+        # only the chunks reaching into [0, cap) are asked for, each under its whole-chunk key when
+        # the tokens complete it: a chunk stored whole serves its leading blocks too
+        tokens = tokens[: min(total, -(-cap // c) * c)]
         try:
             full = chunk_keys(tokens, self.namespace, c)
             hits = await self.manager.lookup(full) if full else 0
             hit = hits * c
             if self.save_tail:
                 base = hits * c
-                longest = min(self.pages_per_chunk - 1, (n - base) // b)
+                longest = min(self.pages_per_chunk - 1, (cap - base) // b)
                 if longest > 0:
                     cands = [chunk_keys(tokens[: base + k * b], self.namespace, c, include_partial=True)[-1]
                              for k in range(longest, 0, -1)]
@@ -355,9 +363,9 @@ class KVCacheEngine:
         except Exception as exc:  # the manager degrades tier faults; anything else is still a miss
             log.warning("lmtier: lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
             hit = 0
+        hit = min(hit, cap)
         if record:
             m = self.metrics
-            total = n if requested is None else max(requested, n)
             m.requested_tokens.inc(total)
             m.hit_tokens.inc(hit)
             m.observe_hit_ratio()

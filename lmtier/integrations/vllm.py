@@ -103,8 +103,8 @@ _CONNECTOR_KEYS = frozenset({"config", "save_tail", "namespace_salt", "lookup_ti
 @dataclass
 class _Lookup:
     req_id: str
-    token_ids: list[int]  # the loadable prefix
-    prompt_tokens: int  # the whole prompt (for the requested-tokens metric)
+    token_ids: list[int]  # the whole prompt: a chunk stored whole is named by all its tokens
+    limit: int  # loadable tokens at most (vLLM computes the last prompt token itself)
 
 
 @dataclass
@@ -422,7 +422,7 @@ class LMTierConnector(KVConnectorBase_V1):
         if hit is None:  # ask the workers; answer on a later pass
             self._lookups[rid] = _IN_FLIGHT
             self._lookup_started[rid] = time.monotonic()
-            self._lookup_queue.append(_Lookup(rid, list(prompt[:limit]), len(prompt)))
+            self._lookup_queue.append(_Lookup(rid, list(prompt), limit))
             return None, False
         if hit == _IN_FLIGHT:
             if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
@@ -447,7 +447,8 @@ class LMTierConnector(KVConnectorBase_V1):
         if num_external_tokens > 0:
             block_ids = list(blocks.get_block_ids()[0])
             end = local + num_external_tokens
-            self._pending_loads[rid] = _Load(rid, prompt[:end], block_ids, local, end)
+            # the whole prompt: the chunk holding `end` may be stored whole, under its full key
+            self._pending_loads[rid] = _Load(rid, prompt, block_ids, local, end)
         log.info("Request %s: total %d tokens, hit %d, need to load %d",
                  rid, len(prompt), max(hit, 0), num_external_tokens)
         self._count("requests", 1)
@@ -620,7 +621,7 @@ class LMTierConnector(KVConnectorBase_V1):
             return
         for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
             if self._engine is not None and not self._disabled:
-                fut = self._engine.lookup_async(op.token_ids, request_id=op.req_id, requested=op.prompt_tokens)
+                fut = self._engine.lookup_async(op.token_ids, request_id=op.req_id, limit=op.limit)
             else:
                 fut = concurrent.futures.Future()
                 fut.set_result(0)

@@ -40,6 +40,7 @@ def _prompts() -> dict[str, list[int]]:
         "redis_b": toks(600),
         "dead": toks(600),
         "mp": toks(800),
+        "whole": toks(1024),  # exactly 4 chunks: stored whole, the repeat loads 896 of chunk 3's pages
     }
 
 

@@ -69,15 +69,16 @@ def test_the_same_prompt_twice_loads_from_lmtier_and_matches_vllm(
 def test_chunk_and_block_alignment(cpu_disk: EngineSlot, baseline: dict[str, runner.Result]) -> None:
     engines = cpu_disk
     assert engines.name == "cpu+disk"
-    names = ["long", "odd", "short"]
+    names = ["long", "odd", "short", "whole"]
     engines.run(*names)
     engines.worker_engine().flush()
     engines.overwrite_kv_cache()
-    again = engines.run("shared", "odd", "short")
+    again = engines.run("shared", "odd", "short", "whole")
     # "shared" reuses the 2 whole chunks it has in common with "long" (600 tokens, 512 of them in
-    # whole chunks); "odd" (700) its 2 chunks + 1-block tail; "short" (50) nothing
-    assert [r.num_cached_tokens for r in again] == [512, 640, 0]
-    check(again, ["shared", "odd", "short"], baseline)
+    # whole chunks); "odd" (700) its 2 chunks + 1-block tail; "short" (50) nothing; "whole"
+    # (1024, 4 whole chunks) all but the last block, which vLLM computes: 3 chunks + 1 page of the 4th
+    assert [r.num_cached_tokens for r in again] == [512, 640, 0, 896]
+    check(again, ["shared", "odd", "short", "whole"], baseline)
 
 
 @pytest.fixture(scope="module")

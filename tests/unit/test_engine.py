@@ -113,6 +113,19 @@ def test_a_prefix_of_a_chunk_loads_only_the_blocks_asked_for(engine: KVCacheEngi
         assert all(int(layer[b].abs().sum()) == 0 for layer in dst)
 
 
+def test_a_capped_lookup_finds_the_leading_blocks_of_a_chunk_stored_whole(engine: KVCacheEngine) -> None:
+    src = make_cache()
+    toks = tokens(32)  # 2 whole chunks, no tail
+    engine.store(toks, src, list(range(8))).wait()
+    # a caller that computes the last token itself: the whole prompt, capped at 31 -> 28 (7 blocks)
+    assert engine.lookup(toks, limit=31) == 28
+    assert engine.lookup(toks[:31]) == 16  # a shortened prompt names only chunk 1's tail keys
+    assert engine.lookup(toks, limit=3) == 0
+    assert engine.lookup(toks + tokens(40, seed=9), limit=31) == 28
+    with pytest.raises(InvalidArgumentError):
+        engine.lookup(toks, limit=-1)
+
+
 def test_layer_wise_retrieval_loads_one_layer_at_a_time(engine: KVCacheEngine) -> None:
     src, dst = make_cache(), make_cache(fill=False)
     toks = tokens(32)
