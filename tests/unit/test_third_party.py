@@ -8,7 +8,10 @@ installed distribution; and docs/writing-a-backend.md shows its files verbatim.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import shutil
+import subprocess
 import sys
 import textwrap
 import types
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy  # noqa: F401  (see below)
 import pytest
+import torch  # noqa: F401  (see below)
 from prometheus_client import CollectorRegistry
 
 import lmtier.testing.conformance  # noqa: F401  (see below)
@@ -28,8 +32,8 @@ from lmtier.registry import BackendRegistry, BackendSpec, hookimpl
 
 pytest_plugins = ["pytester"]
 # pytester's in-process runs restore sys.modules afterwards: a module first imported inside a run
-# would be imported a second time by a later test, and numpy warns about that. Hence the imports
-# of numpy and the suite above, before any run.
+# would be imported a second time by a later test: numpy warns about that and torch fails outright
+# (the cpu tier imports it). Hence the imports of numpy, torch and the suite above, before any run.
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "lmtier-memdict"
@@ -114,6 +118,54 @@ BROKEN = {
         """,
         {"test_get_of_a_missing_key_is_none", "test_delete_removes_and_absent_keys_are_fine"},
     ),
+    "claims_persistence_it_lacks": (
+        """
+        import dataclasses
+
+        class Broken(MemDictBackend):
+            @property
+            def capabilities(self):
+                return dataclasses.replace(super().capabilities, persistent=True)
+        """,
+        {"test_persistent_backends_keep_data_across_close_and_reopen"},
+    ),
+    "accepts_keys_that_are_not_chunk_keys": (
+        """
+        from lmtier.errors import BackendUnavailableError
+
+        class Broken(MemDictBackend):
+            def _check(self, keys):  # only the closed check: a str key is simply a miss
+                if self._closed:
+                    raise BackendUnavailableError("closed")
+        """,
+        {"test_a_key_that_is_not_a_chunk_key_is_a_typed_error"},
+    ),
+    "a_second_aclose_raises": (
+        """
+        class Broken(MemDictBackend):
+            async def aclose(self):
+                if self._closed:
+                    raise RuntimeError("already closed")
+                await super().aclose()
+        """,
+        {"test_aclose_is_idempotent_and_later_calls_raise_only_lmtier_errors",
+         "test_async_with_closes_the_backend"},
+    ),
+    "get_into_ignores_the_size": (
+        """
+        class Broken(MemDictBackend):
+            async def get_into(self, keys, outs):  # fills what fits and reports success
+                filled = []
+                for k, out in zip(keys, outs, strict=True):
+                    value, view = self._data.get(k), as_bytes_view(out)
+                    if value is not None:
+                        n = min(len(value), view.nbytes)
+                        view[:n] = value[:n]
+                    filled.append(value is not None)
+                return filled
+        """,
+        {"test_get_into_fills_caller_buffers"},
+    ),
 }
 
 
@@ -140,6 +192,52 @@ def test_a_subtly_broken_backend_fails_the_relevant_conformance_tests(pytester: 
     passed, _, failed = run_suite(pytester, source, "-k", selected)
     assert failed == must_fail, f"{variant}: expected {sorted(must_fail)} to fail, failed: {sorted(failed)}"
     assert controls <= passed
+
+
+def run_reports(pytester: pytest.Pytester, test_source: str, *args: str) -> pytest.HookRecorder:
+    pytester.syspathinsert(EXAMPLE)
+    pytester.makeini(INI)
+    pytester.makepyfile(test_memdict=test_source)
+    return pytester.inline_run("-p", "no:cacheprovider", *args)
+
+
+def test_the_suite_fails_loudly_when_backend_factory_is_not_overridden(pytester: pytest.Pytester) -> None:
+    source = "from lmtier.testing import BackendConformance\n\n\nclass TestForgot(BackendConformance):\n    pass\n"
+    reprec = run_reports(pytester, source, "-k", "empty_batches or capabilities_is_a")
+    passed, skipped, failed = reprec.listoutcomes()
+    assert passed == [] and skipped == [] and len(failed) == 2
+    for report in failed:
+        assert "TestForgot must override the `backend_factory` fixture" in str(report.longrepr)
+
+
+def test_the_suite_is_not_collected_by_itself(pytester: pytest.Pytester) -> None:
+    reprec = run_reports(pytester, "from lmtier.testing import BackendConformance  # noqa: F401\n")
+    assert reprec.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    assert reprec.listoutcomes() == ([], [], [])
+
+
+def test_the_suite_fails_a_backend_that_leaves_host_buffers_out_after_aclose(pytester: pytest.Pytester) -> None:
+    source = textwrap.dedent("""
+        import pytest
+        from lmtier.testing import BackendConformance
+        from lmtier_backends.cpu.backend import CpuBackend
+        from lmtier_backends.cpu.config import CpuConfig
+
+        class Leaky(CpuBackend):
+            async def aclose(self):  # closes its pool but never releases the stored entries
+                self._closed = True
+                self.pool.close()
+
+        class TestLeaky(BackendConformance):
+            @pytest.fixture
+            def backend_factory(self):
+                return lambda: Leaky(CpuConfig(max_bytes="4MiB", pinned=False))
+        """)
+    reprec = run_reports(pytester, source, "-k", "put_then_get or empty_batches")
+    passed, _, failed = reprec.listoutcomes()
+    assert {r.nodeid.rsplit("::", 1)[-1] for r in passed} >= {"test_empty_batches_return_empty_lists"}
+    assert len(failed) == 3 and all(r.when == "teardown" for r in failed)  # the 3 sizes of put_then_get
+    assert all("backend left host buffers outstanding after aclose()" in str(r.longrepr) for r in failed)
 
 
 def memdict_plugin():
@@ -231,3 +329,95 @@ def test_the_guide_shows_the_example_files_verbatim() -> None:
                                            "tests/test_conformance.py"}
     for path, text in shown:
         assert text == (EXAMPLE / path).read_text(), f"docs/writing-a-backend.md is out of date for {path}"
+
+
+# -- a real `pip install` of the package, used from fresh processes --------------------------------
+def pip_install(source: Path, target: Path) -> None:
+    """Build and install ``source`` into ``target`` offline, as `pip install` does (a wheel, a
+    dist-info with the package's own entry points)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "--disable-pip-version-check", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def pip_installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The example installed as is, and a copy whose put keeps (a view of) the caller's buffer."""
+    root = tmp_path_factory.mktemp("pip")
+    good, bad = root / "src-good", root / "src-bad"
+    shutil.copytree(EXAMPLE, good, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(good, bad)
+    backend = bad / "lmtier_memdict" / "backend.py"
+    text = backend.read_text()
+    assert "return bytes(as_bytes_view(value))" in text
+    backend.write_text(text.replace("return bytes(as_bytes_view(value))", "return as_bytes_view(value)"))
+    sites = {"good": root / "site-good", "bad": root / "site-bad"}
+    pip_install(good, sites["good"])
+    pip_install(bad, sites["bad"])
+    return sites
+
+
+def suite_size() -> int:
+    """How many tests one BackendConformance subclass runs (parametrized cases counted)."""
+    from lmtier.testing import BackendConformance
+
+    n = 0
+    for name, fn in vars(BackendConformance).items():
+        if name.startswith("test_"):
+            params = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+            n += len(params[0].args[1]) if params else 1
+    return n
+
+
+def assert_all_passed(output: str, expected: int) -> None:
+    """``expected`` tests ran, none failed; memdict claims neither persistence nor sharing (2 skips)."""
+    match = re.search(r"\b(\d+) passed, 2 skipped in", output)
+    assert match and int(match.group(1)) + 2 == expected and "failed" not in output, output
+
+
+def run_installed(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("LMTIER_DISABLE_PLUGIN_AUTOLOAD", None)
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+def test_a_pip_installed_package_passes_the_whole_suite_through_lmtier_check_backend(
+    pip_installed: dict[str, Path], tmp_path: Path
+) -> None:
+    options = tmp_path / "memdict.yaml"
+    options.write_text("max_bytes: 96MiB\n")
+    lmtier = str(Path(sys.executable).parent / "lmtier")
+    listed = run_installed(pip_installed["good"], tmp_path, lmtier, "backends")
+    assert re.search(r"^memdict\s+entrypoint:memdict\s+yes\s+pip install lmtier-memdict", listed.stdout,
+                     re.MULTILINE), listed.stdout + listed.stderr
+    done = run_installed(pip_installed["good"], tmp_path, lmtier, "check-backend", "memdict", "--options",
+                         str(options), "-q")  # the whole suite, 64 MiB item included
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_all_passed(done.stdout, suite_size())
+
+
+def test_the_installed_packages_own_tests_pass_against_the_installed_copy(
+    pip_installed: dict[str, Path], tmp_path: Path
+) -> None:
+    shutil.copy(CONFORMANCE_TEST, tmp_path / "test_conformance.py")
+    (tmp_path / "pytest.ini").write_text(INI)
+    code = "import lmtier_memdict, sys; print(lmtier_memdict.__file__)"
+    where = run_installed(pip_installed["good"], tmp_path, sys.executable, "-c", code).stdout.strip()
+    assert where.startswith(str(pip_installed["good"])), where  # not the checkout under examples/
+    done = run_installed(pip_installed["good"], tmp_path, sys.executable, "-m", "pytest", "-q",
+                         "-p", "no:cacheprovider", "test_conformance.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_all_passed(done.stdout, suite_size() + 1)  # + its own LRU test
+
+
+def test_a_pip_installed_subtly_broken_package_fails_lmtier_check_backend(
+    pip_installed: dict[str, Path], tmp_path: Path
+) -> None:
+    lmtier = str(Path(sys.executable).parent / "lmtier")
+    done = run_installed(pip_installed["bad"], tmp_path, lmtier, "check-backend", "memdict", "-q",
+                         "-k", "reference or empty_batches")
+    assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout + done.stderr
+    assert "FAILED" in done.stdout and "test_put_does_not_keep_a_reference_to_the_callers_buffer" in done.stdout
+    assert re.search(r"\b1 failed, 1 passed", done.stdout), done.stdout
