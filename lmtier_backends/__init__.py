@@ -4,3 +4,5 @@ Each subpackage follows the same three-module shape a third-party backend uses:
 ``plugin.py`` (cheap: the hook returning a BackendSpec), ``config.py`` (pydantic only) and
 ``backend.py`` (the heavy imports, loaded only when a tier uses the backend).
 """
+
+__all__: list[str] = []
