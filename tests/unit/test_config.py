@@ -68,7 +68,7 @@ def test_phase_one_errors_name_the_key_path(tmp_path: Path, yaml_text: str, expe
 
 
 def test_a_missing_file_says_where_it_looked() -> None:
-    with pytest.raises(ConfigError, match="cannot read lmtier config /nonexistent.yaml"):
+    with pytest.raises(ConfigError, match=r"cannot read lmtier config /nonexistent\.yaml"):
         load_config("/nonexistent.yaml", env={})
 
 

@@ -18,7 +18,7 @@ NS = make_namespace(model="m", layout="l")
 
 def test_a_key_names_its_whole_prefix() -> None:
     a = chunk_keys(list(range(512)), NS, 256)
-    b = chunk_keys([7] + list(range(1, 512)), NS, 256)
+    b = chunk_keys([7, *range(1, 512)], NS, 256)
     assert len(a) == 2 and a[1] != b[1], "a change in chunk 0 must change chunk 1's key"
     c = chunk_keys(list(range(256)) + [9] * 256, NS, 256)
     assert a[0] == c[0] and a[1] != c[1]
