@@ -295,7 +295,7 @@ class NixlBackend:
             from lmtier_backends.nixl._posix import PLUGIN, PosixStore
 
             assert cfg.posix is not None
-            self._agent = _nixl.create_agent(api, name, PLUGIN, cfg.posix.params)
+            self._agent = _posix_agent(api, name, PLUGIN, cfg.posix.params)
             self._staging = self._new_staging(PLUGIN)
             self._store = Batched(PosixStore(self._agent, name, cfg.posix, self._staging, timeout_s=cfg.xfer_timeout_s),
                                   cfg.batch_descriptors)
@@ -559,6 +559,25 @@ class _Signal:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+_POSIX_QUEUE_KEYS = frozenset({"use_uring", "use_aio", "use_posix_aio"})
+
+
+def _posix_agent(api: Any, name: str, plugin: str, params: dict[str, str]) -> Any:
+    """An agent with the POSIX plugin on io_uring unless ``params`` choose a queue; NIXL's
+    default (Linux AIO) where io_uring cannot start (old kernels, seccomp-filtered containers).
+
+    Why io_uring: with AIO, buffered file I/O happens inside io_submit, so a tier's requests run
+    one by one under the agent's lock; io_uring hands them to kernel workers (docs/backends/nixl.md).
+    """
+    if _POSIX_QUEUE_KEYS & params.keys():
+        return _nixl.create_agent(api, name, plugin, params)
+    try:
+        return _nixl.create_agent(api, name, plugin, {**params, "use_uring": "true"})
+    except ConfigError as exc:
+        log.info("nixl/posix: io_uring unavailable (%s); using NIXL's default I/O queue", exc)
+        return _nixl.create_agent(api, name, plugin, params)
 
 
 def _probe_bucket(rest: Any) -> None:

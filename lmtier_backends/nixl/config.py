@@ -39,7 +39,12 @@ class PosixOptions(BaseModel):
         max_bytes: bytes of files kept; the oldest files are deleted beyond it (``None``: no bound,
             the tier then never evicts).
         fsync: fsync each file before the rename that publishes it (durable, slower).
-        params: extra POSIX plugin parameters passed to NIXL as is (``use_uring: "true"``, ...).
+        params: extra POSIX plugin parameters passed to NIXL as is (``use_aio: "true"``,
+            ``kernel_queue_size``, ...). Without a queue choice (``use_uring``, ``use_aio``,
+            ``use_posix_aio``) the tier asks for io_uring and falls back to NIXL's default (Linux
+            AIO) where io_uring cannot start: with AIO, buffered I/O runs inside the submit call,
+            one request at a time; io_uring measured 1.35x faster puts and 1.1-1.3x faster cold
+            reads here, warm reads alike.
     """
 
     model_config = ConfigDict(extra="forbid")

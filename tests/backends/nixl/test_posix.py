@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -379,3 +380,50 @@ async def test_a_batch_is_split_into_one_piece_per_io_thread(
     rounds.clear()
     assert [bytes(v) for v in await tier.get(keys)] == values  # type: ignore[arg-type]
     assert sorted(rounds) == [2, 2, 3]
+
+
+def _io_uring_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[io_uring]"
+        except OSError:  # closed meanwhile
+            continue
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc to see io_uring instances")
+@pytest.mark.asyncio
+async def test_the_posix_plugin_runs_on_io_uring_unless_params_choose_a_queue(
+    opener: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    before = _io_uring_fds()
+    await opener(posix={"params": {"use_aio": "true"}})
+    assert _io_uring_fds() == before
+    caplog.set_level(logging.INFO, logger="lmtier_backends.nixl.backend")
+    tier = await opener()
+    fell_back = any("io_uring unavailable" in r.getMessage() for r in caplog.records)
+    assert _io_uring_fds() == before + (0 if fell_back else 1)
+    (key,) = _keys(1)
+    await tier.put([(key, b"u" * MiB)])
+    assert bytes((await tier.get([key]))[0]) == b"u" * MiB  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_where_io_uring_cannot_start_the_posix_plugin_uses_nixls_default_queue(
+    opener: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = _nixl.create_agent
+
+    def no_uring(api: Any, name: str, plugin: str, params: dict[str, str], **kw: Any) -> Any:
+        if params.get("use_uring") == "true":  # fault injection: a host where io_uring is blocked
+            raise ConfigError("NIXL refused to start its POSIX plugin with these options: io_uring blocked")
+        return real(api, name, plugin, params, **kw)
+
+    monkeypatch.setattr(_nixl, "create_agent", no_uring)
+    caplog.set_level(logging.INFO, logger="lmtier_backends.nixl.backend")
+    tier = await opener()
+    assert any("io_uring unavailable" in r.getMessage() for r in caplog.records)
+    (key,) = _keys(1)
+    await tier.put([(key, b"a" * MiB)])
+    assert bytes((await tier.get([key]))[0]) == b"a" * MiB  # type: ignore[arg-type]
