@@ -10,8 +10,12 @@ Files (one directory, one filesystem):
 * raw: ``open`` + one ``write`` of header+payload per new file / ``readinto`` of each file into a
   reused buffer, on ``--concurrency`` threads (the physical reference);
 * disk tier: ``put`` / ``get`` / ``get_into`` of the batch (``max_concurrency = --concurrency``);
-* nixl/posix: ``put`` / ``get`` / ``get_into`` of the batch (NIXL POSIX plugin, FILE_SEG).
+* nixl/posix: ``put`` / ``get`` / ``get_into`` of the batch (NIXL POSIX plugin, FILE_SEG);
+* raw NIXL: the same plugin (same I/O queue as the tier) moving header+payload between
+  registered, reused buffers and the raw files, one request per file, no checksum (what the
+  tier costs on top of NIXL: its checksums, headers, staging).
 
+Write passes start after an ``os.sync()`` (untimed), so none pays for another's dirty pages.
 Reads are measured twice: warm (page cache) and cold (every file dropped from the page cache with
 ``posix_fadvise(DONTNEED)`` after a sync, or ``drop_caches`` when allowed, right before the pass).
 
@@ -143,6 +147,7 @@ def bench_files(args: argparse.Namespace, runner: asyncio.Runner, data: bytes, r
     n, total = args.chunks, args.chunks * CHUNK_BYTES
     outs = [bytearray(CHUNK_BYTES) for _ in range(n)]
     raw_bufs = [bytearray(CHUNK_BYTES + HEADER_BYTES) for _ in range(n)]
+    raw_nixl = RawNixl(dict(args.posix_param), n, CHUNK_BYTES + HEADER_BYTES)
     ns = make_namespace(bench="nixl_tier_files", run=os.urandom(4).hex())
     try:
         for rep in range(args.repeats):
@@ -163,11 +168,16 @@ def bench_files(args: argparse.Namespace, runner: asyncio.Runner, data: bytes, r
                 list(pool.map(one, range(n)))
 
             items = [(k, data) for k in keys]
+            raw_nixl.fill(stored)
+            # os.sync before each write pass (untimed): no pass pays for an earlier pass's dirty pages
             w = run_passes([
-                ("raw write", raw_put, None),
-                ("disk put", lambda items=items: runner.run(disk.put(items)), None),
-                ("nixl/posix put", lambda items=items: runner.run(nixl.put(items)), None),
+                ("raw write", raw_put, os.sync),
+                ("raw NIXL write", lambda names=names: raw_nixl.move("WRITE", [f"{p}.nixl" for p in names]), os.sync),
+                ("disk put", lambda items=items: runner.run(disk.put(items)), os.sync),
+                ("nixl/posix put", lambda items=items: runner.run(nixl.put(items)), os.sync),
             ], bench, total, rng)
+            bench.ratio("raw NIXL write", w["raw NIXL write"] / w["raw write"])
+            bench.ratio("nixl/posix put vs raw NIXL", w["nixl/posix put"] / w["raw NIXL write"])
             bench.ratio("disk put", w["disk put"] / w["raw write"])
             bench.ratio("nixl/posix put", w["nixl/posix put"] / w["raw write"])
             bench.ratio("nixl/posix put vs disk", w["nixl/posix put"] / w["disk put"])
@@ -190,12 +200,16 @@ def bench_files(args: argparse.Namespace, runner: asyncio.Runner, data: bytes, r
 
                 r = run_passes([
                     (f"raw read ({temp})", raw_get, drop),
+                    (f"raw NIXL read ({temp})", lambda names=names: raw_nixl.move("READ", names), drop),
                     (f"disk get ({temp})", lambda: check_get(disk), drop),
                     (f"disk get_into ({temp})", lambda: check_get_into(disk), drop),
                     (f"nixl/posix get ({temp})", lambda: check_get(nixl), drop),
                     (f"nixl/posix get_into ({temp})", lambda: check_get_into(nixl), drop),
                 ], bench, total, rng)
+                bench.ratio(f"raw NIXL read ({temp})", r[f"raw NIXL read ({temp})"] / r[f"raw read ({temp})"])
                 for op in ("get", "get_into"):
+                    bench.ratio(f"nixl/posix {op} vs raw NIXL ({temp})",
+                                r[f"nixl/posix {op} ({temp})"] / r[f"raw NIXL read ({temp})"])
                     bench.ratio(f"disk {op} ({temp})", r[f"disk {op} ({temp})"] / r[f"raw read ({temp})"])
                     bench.ratio(f"nixl/posix {op} ({temp})", r[f"nixl/posix {op} ({temp})"] / r[f"raw read ({temp})"])
                     bench.ratio(f"nixl/posix {op} vs disk ({temp})",
@@ -204,12 +218,63 @@ def bench_files(args: argparse.Namespace, runner: asyncio.Runner, data: bytes, r
             runner.run(nixl.delete(keys))
             for p in names:
                 os.unlink(p)
+                os.unlink(f"{p}.nixl")
             print(f"  files: repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     finally:
+        raw_nixl.close()
         runner.run(disk.aclose())
         runner.run(nixl.aclose())
         shutil.rmtree(base, ignore_errors=True)
     return bench, method
+
+
+class RawNixl:
+    """NIXL's POSIX plugin driven directly: ``n`` registered, reused buffers of ``nbytes`` each,
+    one request per file, all posted, then polled until done (the tier's I/O queue choice)."""
+
+    def __init__(self, params: dict[str, str], n: int, nbytes: int) -> None:
+        import numpy as np
+
+        from lmtier_backends.nixl import _nixl
+        from lmtier_backends.nixl.backend import _posix_agent
+
+        self.name = f"bench-raw-{os.getpid()}"
+        self.agent = _posix_agent(_nixl.load_api(), self.name, "POSIX", params)
+        self.bufs = [np.ones(nbytes, dtype=np.uint8) for _ in range(n)]  # touched: no page faults timed
+        self.dram = self.agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in self.bufs], "DRAM",
+                                               backends=["POSIX"])
+
+    def fill(self, values: list[bytes]) -> None:
+        for buf, value in zip(self.bufs, values, strict=True):
+            buf[:] = memoryview(value)
+
+    def move(self, op: str, paths: list[str]) -> None:
+        flags = os.O_RDONLY if op == "READ" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fds = [os.open(p, flags | os.O_CLOEXEC, 0o644) for p in paths]
+        agent = self.agent
+        try:
+            files = agent.register_memory([(0, 0, fd, "") for fd in fds], "FILE", backends=["POSIX"])
+            handles = []
+            try:
+                for buf, fd in zip(self.bufs, fds, strict=False):
+                    local = agent.get_xfer_descs([(buf.ctypes.data, buf.nbytes, 0)], "DRAM")
+                    remote = agent.get_xfer_descs([(0, buf.nbytes, fd)], "FILE")
+                    handles.append(agent.initialize_xfer(op, local, remote, self.name))
+                    agent.transfer(handles[-1])
+                for h in handles:
+                    while (state := agent.check_xfer_state(h)) == "PROC":
+                        time.sleep(0)
+                    assert state == "DONE", state
+            finally:
+                for h in handles:
+                    h.release()
+                agent.deregister_memory(files, backends=["POSIX"])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.agent.deregister_memory(self.dram, backends=["POSIX"])
 
 
 # -- objects ---------------------------------------------------------------------------------------
@@ -299,15 +364,21 @@ def summary(bench: Bench) -> dict[str, Any]:
     }
 
 
-def print_section(title: str, bench: Bench, rows: list[tuple[str, str, str | None]]) -> None:
+def print_section(title: str, bench: Bench, rows: list[tuple[str, str, str | None]],
+                  vs_raw_nixl: bool = False) -> None:
     med = {k: statistics.median(v) for k, v in bench.rates.items()}
     rat = {k: statistics.median(v) for k, v in bench.ratios.items()}
     print(f"\n{title}")
-    print(f"  {'pass':<30} {'MB/s':>8} {'x/raw':>7} {'nixl/other':>11}")
+    extra = f" {'nixl/raw NIXL':>14}" if vs_raw_nixl else ""
+    print(f"  {'pass':<30} {'MB/s':>8} {'x/raw':>7} {'nixl/other':>11}{extra}")
     for name, ratio_key, versus in rows:
         r = f"{rat[ratio_key]:.2f}" if ratio_key in rat else "1.00"
         v = f"{rat[versus]:.2f}" if versus and versus in rat else ""
-        print(f"  {name:<30} {med[name]:>8.0f} {r:>7} {v:>11}")
+        x = ""
+        if vs_raw_nixl:
+            key = versus.replace("vs disk", "vs raw NIXL") if versus else ""
+            x = f" {rat[key]:>14.2f}" if key in rat else f" {'':>14}"
+        print(f"  {name:<30} {med[name]:>8.0f} {r:>7} {v:>11}{x}")
 
 
 def main() -> None:
@@ -344,15 +415,17 @@ def main() -> None:
             f"medians of {args.repeats} repeats, MB/s of payload (1 MB = 1e6 B)")
     if files is not None:
         rows: list[tuple[str, str, str | None]] = [
-            ("raw write", "", None), ("disk put", "disk put", None),
+            ("raw write", "", None), ("raw NIXL write", "raw NIXL write", None), ("disk put", "disk put", None),
             ("nixl/posix put", "nixl/posix put", "nixl/posix put vs disk"),
         ]
         for temp in ("warm", "cold"):
-            rows += [(f"raw read ({temp})", "", None)]
+            rows += [(f"raw read ({temp})", "", None),
+                     (f"raw NIXL read ({temp})", f"raw NIXL read ({temp})", None)]
             for op in ("get", "get_into"):
                 rows += [(f"disk {op} ({temp})", f"disk {op} ({temp})", None),
                          (f"nixl/posix {op} ({temp})", f"nixl/posix {op} ({temp})", f"nixl/posix {op} vs disk ({temp})")]
-        print_section(f"Files: nixl/posix vs disk tier vs raw files ({head}; cold = {method})", files, rows)
+        print_section(f"Files: nixl/posix vs disk tier vs raw files ({head}; cold = {method})", files, rows,
+                      vs_raw_nixl=True)
     if objects is not None:
         rows = [("raw boto3 put", "", None), ("s3 put", "s3 put", None),
                 ("nixl/obj put", "nixl/obj put", "nixl/obj put vs s3"), ("raw boto3 get", "", None)]
