@@ -16,7 +16,8 @@ staging range until the view is garbage collected.
 A value that fails the check is a miss: deleted and counted (``stats()["corrupt"]``).
 
 Concurrency: every NIXL call runs on a pool of ``io_threads`` worker threads, which post the
-requests and poll them (:mod:`._xfer`); the event loop only awaits those threads. Cancelling a
+requests and poll them (:mod:`._xfer`); the event loop only awaits those threads. A batch is
+split into up to ``io_threads`` pieces, so checksums run on several cores. Cancelling a
 call never frees memory a transfer still uses: the worker finishes, releases handles, fds and
 buffers itself, and :meth:`NixlBackend.aclose` waits for every worker before deregistering the
 slabs. Failures are mapped to the lmtier error tree in one place (:mod:`._errors`).
