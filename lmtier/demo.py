@@ -8,8 +8,9 @@ same batch of long prompts three ways:
 2. first run with lmtier (cold: every chunk is computed and stored in the default tiers);
 3. second run with lmtier on a **fresh** engine (warm: the prefixes load from lmtier's tiers),
 
-and prints a table of times, speedups and hit tokens, plus whether the token ids (and the
-logprobs, within a tolerance) of both lmtier runs equal the baseline. It returns 0 on success
+and prints a table of times (the whole batch, and the median time to first token), speedups and
+hit tokens, plus whether the token ids (and the logprobs, within bf16 rounding) of both lmtier
+runs equal the baseline. It returns 0 on success
 and 1 when an output differs.
 
 :func:`build_tiny_llama` is also what the vLLM tests use (through ``tests/support/tiny_model.py``).
@@ -195,6 +196,7 @@ class _Run:
     seconds: float
     prompt_tokens: int
     cached_tokens: int  # vLLM's num_cached_tokens: what this run did not prefill
+    ttft: float  # median time to first token over the prompts (vLLM's per-request stats)
     stored_tokens: int  # lmtier: newly written to the tiers
     token_ids: list[list[int]]
     logprobs: list[list[float]]
@@ -354,7 +356,7 @@ def _run_engine(label: str, model: str, prompts: list[list[int]], max_tokens: in
             kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=lmtier)
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="bfloat16", max_model_len=max(len(p) for p in prompts) + max_tokens + 16,
-              seed=0, enforce_eager=True, disable_log_stats=True, use_tqdm_on_load=False, **kwargs)
+              seed=0, enforce_eager=True, disable_log_stats=False, use_tqdm_on_load=False, **kwargs)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
         # untimed warm-up with the same sampling (the first logprobs request compiles a kernel for
@@ -378,16 +380,22 @@ def _run_engine(label: str, model: str, prompts: list[list[int]], max_tokens: in
             for step, t in zip(o.outputs[0].logprobs or [], i, strict=True)]
            for o, i in zip(outs, ids, strict=True)]
     cached = sum(int(o.num_cached_tokens or 0) for o in outs)
-    run = _Run(label, seconds, sum(len(p) for p in prompts), cached, stored, ids, lps)
-    _say(f"      {label}: {seconds:.2f} s, {cached} prompt tokens from cache"
+    import statistics
+
+    firsts = [float(o.metrics.first_token_latency) for o in outs if o.metrics is not None]
+    ttft = statistics.median(firsts) if firsts else float("nan")
+    run = _Run(label, seconds, sum(len(p) for p in prompts), cached, ttft, stored, ids, lps)
+    _say(f"      {label}: {seconds:.2f} s (TTFT median {ttft:.2f} s), {cached} prompt tokens from cache"
          + (f", {stored} stored by lmtier" if lmtier is not None else ""))
     return run
 
 
 def _report(base: _Run, runs: list[_Run], opts: argparse.Namespace) -> int:
-    rows = [("run", "time", "speedup", "prompt tokens", "hit tokens", "stored", "outputs vs baseline")]
+    rows = [("run", "time", "speedup", "TTFT p50", "TTFT speedup", "prompt tokens", "hit tokens", "stored",
+             "outputs vs baseline")]
     ok = True
-    rows.append((base.label, f"{base.seconds:.2f} s", "1.00x", str(base.prompt_tokens), "-", "-", "reference"))
+    rows.append((base.label, f"{base.seconds:.2f} s", "1.00x", f"{base.ttft:.2f} s", "1.00x",
+                 str(base.prompt_tokens), "-", "-", "reference"))
     for run in runs:
         same_ids = run.token_ids == base.token_ids
         worst = max((abs(a - b) for x, y in zip(run.logprobs, base.logprobs, strict=True)
@@ -396,8 +404,10 @@ def _report(base: _Run, runs: list[_Run], opts: argparse.Namespace) -> int:
             "DIFFERENT token ids" if not same_ids else f"logprobs differ by {worst:.4f}")
         ok = ok and same_ids and worst <= _LOGPROB_ATOL
         speedup = base.seconds / run.seconds if run.seconds > 0 else float("inf")
-        rows.append((run.label, f"{run.seconds:.2f} s", f"{speedup:.2f}x", str(run.prompt_tokens),
-                     str(run.cached_tokens), str(run.stored_tokens), verdict))
+        ttft_speedup = base.ttft / run.ttft if run.ttft > 0 else float("inf")
+        rows.append((run.label, f"{run.seconds:.2f} s", f"{speedup:.2f}x", f"{run.ttft:.2f} s",
+                     f"{ttft_speedup:.2f}x", str(run.prompt_tokens), str(run.cached_tokens),
+                     str(run.stored_tokens), verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, row in enumerate(rows):
         _say("  ".join(c.ljust(w) if i in (0, len(row) - 1) else c.rjust(w)
@@ -408,7 +418,8 @@ def _report(base: _Run, runs: list[_Run], opts: argparse.Namespace) -> int:
     loaded = second.cached_tokens > 0
     _say(f"second run: {second.cached_tokens} of {second.prompt_tokens} prompt tokens "
          f"({second.cached_tokens / second.prompt_tokens:.1%}) loaded from lmtier instead of prefilled; "
-         f"{base.seconds / second.seconds:.2f}x faster than vLLM without lmtier")
+         f"{base.seconds / second.seconds:.2f}x faster (TTFT {base.ttft / second.ttft:.2f}x) than vLLM "
+         "without lmtier")
     if not loaded:
         _say("lmtier demo: FAILED: the second run loaded nothing from lmtier")
     elif not ok:

@@ -18,7 +18,8 @@ The scheduler connector, which may live in another process (vLLM's default on CP
 never touches storage. It asks the workers instead:
 
 1. ``get_num_new_matched_tokens`` for a new request returns ``None`` ("ask again") and queues a
-   lookup of the request's loadable prefix;
+   lookup of the request's prompt, capped at its last block before the last token (which vLLM
+   always computes);
 2. the lookup travels to every worker in the step's connector metadata; each worker starts it on
    its engine when the metadata is bound and reports the hit tokens in
    ``build_connector_worker_meta`` (vLLM aggregates the workers' reports: the minimum counts);
@@ -38,6 +39,13 @@ copy) and the tiers are written in the background. Blocks can therefore be freed
 ``request_finished`` never delays them and ``get_finished`` has nothing to report. A request
 whose load failed saves nothing in that step (its forward pass saw bad KV); its chunks are
 stored again after the recompute.
+
+**Observability.** Log lines (logger ``lmtier``; given vLLM's handler when the application set
+up none): ``Request R: total N tokens, hit M, need to load K`` (scheduler) and ``Stored N of M
+tokens for request R (K already present)`` (worker). Counts travel as vLLM connector stats
+(:class:`LMTierConnectorStats`) to vLLM's ``KV Transfer metrics`` log line and to
+``vllm:lmtier_*`` metrics on the API server's ``/metrics`` (tokens requested, hit, loaded,
+failed, stored, and the hit ratio).
 
 **Not cached** (neither loaded nor stored): multimodal prompts, LoRA requests, prompt embeddings,
 requests with a ``cache_salt``, pooling requests, models with more than one KV cache group
@@ -284,7 +292,7 @@ def _route_logs(level: str | None) -> None:
         return
     for handler in logging.getLogger("vllm").handlers or [logging.StreamHandler()]:
         logger.addHandler(handler)  # vLLM's handler: same format, same stream
-    if not level and logger.getEffectiveLevel() > logging.INFO:
+    if not level and logger.level == logging.NOTSET:  # an explicit level stays
         logger.setLevel(logging.INFO)
 
 
@@ -576,6 +584,15 @@ class LMTierConnector(KVConnectorBase_V1):
         self._engine = KVCacheEngine(cfg, self._kv, save_tail=self._opts["save_tail"], name=f"lmtier-tp{rank}")
         log.info("lmtier connector (worker, rank %d): namespace %s, tiers %s", rank, self._kv.namespace,
                  [t.name for t in self._engine.manager.tiers])
+
+    @property
+    def engine(self) -> KVCacheEngine | None:
+        """The worker's :class:`~lmtier.engine.KVCacheEngine` (None on the scheduler side or when disabled).
+
+        In-process engines (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) reach it through
+        ``vllm.distributed.kv_transfer.get_kv_transfer_group().engine``, e.g. to :meth:`flush` it.
+        """
+        return getattr(self, "_engine", None)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self._engine is None:

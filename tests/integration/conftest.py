@@ -108,7 +108,7 @@ class EngineSlot:
         """The lmtier KVCacheEngine of the (in-process) worker connector."""
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-        return get_kv_transfer_group()._engine
+        return get_kv_transfer_group().engine
 
     @staticmethod
     def overwrite_kv_cache(value: float = 3.0) -> None:

@@ -283,3 +283,25 @@ def test_connector_stats_sum_across_roles_and_report_the_hit_ratio() -> None:
                               "failed_tokens": 0, "stored_tokens": 768, "hit_ratio": 0.48}
     total.reset()
     assert total.is_empty() and LMTierConnectorStats().reduce()["hit_ratio"] == 0.0
+
+
+# -- the demo (last: it needs the process to itself) -----------------------------------------------
+def test_the_demo_compares_three_runs_and_checks_the_outputs(
+        engines: EngineSlot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from lmtier.demo import run_demo
+
+    engines.close()  # the demo opens its own engines, one at a time
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "ERROR")  # what the demo would set for good
+    logger = logging.getLogger("lmtier")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    rc = run_demo(["--preset", "test", "--prompts", "2", "--tokens", "700", "--max-tokens", "4",
+                   "--dir", str(tmp_path / "disk")])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "lmtier demo: OK: outputs identical to vLLM without lmtier" in out
+    assert re.search(r"lmtier, second run .* 1280 .* identical", out)  # 2 x (2 chunks + 1-block tail)
+    assert "Stored 640 of 640 tokens for request" in out
+    assert re.search(r"Request \S+: total 700 tokens, hit 640, need to load 640", out)
