@@ -64,6 +64,7 @@ Outcome = tuple[bool, Any]
 
 _DEFAULT_MAX_BULK = 512 << 20  # Redis' default proto-max-bulk-len
 _POOLED_MIN = 256 << 10  # payloads from this size are received into the warm slab
+_STRIPE_BYTES = 4 << 20  # a put batch is split into parallel streams of at least this many bytes
 
 
 async def open_redis_backend(config: RedisConfig) -> RedisBackend:
@@ -273,8 +274,13 @@ class RedisBackend:
                     f"accepts ({limit} = proto-max-bulk-len minus the {HEADER_BYTES}-byte header); "
                     "raise proto-max-bulk-len or use smaller chunks"
                 )
-        names = [self._name(k) for k, _ in views]
-        outcomes = await self._per_node("put", names, partial(self._put_blocking, views, names))
+        # a key given twice is stored once, with its last value (as if stored one by one): the
+        # parts of a batch go out on parallel connections, in no order between them
+        last = {self._name(k): i for i, (k, _) in enumerate(views)}
+        unique = [views[i] for i in last.values()] if len(last) < len(views) else views
+        names = list(last)
+        outcomes = await self._per_node("put", names, partial(self._put_blocking, unique, names),
+                                        sizes=[v.nbytes for _, v in unique])
         self._raise_first("put", outcomes)
         self._counters["puts"] += len(views)
         self._counters["bytes_written"] += sum(v.nbytes for _, v in views)
@@ -391,17 +397,23 @@ class RedisBackend:
                 break
 
     async def _per_node(self, op: str, names: list[bytes],
-                        work: Callable[[Node, list[int], Abort], list[Any]]) -> list[Any]:
+                        work: Callable[[Node, list[int], Abort], list[Any]],
+                        sizes: list[int] | None = None) -> list[Any]:
         """Run ``work(node, indices, token)`` for each node's share of ``names``, in parallel.
 
-        Returns one outcome per name: what ``work`` produced for it, or an exception (the key's
-        own error, or its node's). Cluster keys answered with MOVED are retried once after the
-        slot map is refreshed.
+        With ``sizes`` (bytes per name), a large share is split further into up to
+        ``put_streams`` parts (:func:`_stripes`), run in parallel too. Returns one outcome per
+        name: what ``work`` produced for it, or an exception (the key's own error, or its
+        node's). Cluster keys answered with MOVED are retried once after the slot map is
+        refreshed.
         """
         outcomes: list[Any] = [None] * len(names)
         todo = list(range(len(names)))
         for attempt in range(2):
             groups = await self._groups(names, todo)
+            if sizes is not None and self.config.put_streams > 1:
+                groups = [(node, part) for node, idx in groups
+                          for part in _stripes(idx, sizes, self.config.put_streams)]
             jobs = [partial(work, node, idx) for node, idx in groups]
             results = await self._run(jobs)
             moved: list[int] = []
@@ -571,6 +583,28 @@ class _IntoReceiver:
         except CorruptDataError as exc:
             return exc
         return True
+
+
+def _stripes(idx: list[int], sizes: list[int], streams: int) -> list[list[int]]:
+    """``idx`` cut into up to ``streams`` runs of about equal bytes, none under _STRIPE_BYTES.
+
+    Why: one stream's client side (a checksum pass and the kernel's copy of every byte, on one
+    thread) can be slower than a Redis server swallowing the bytes; parallel streams spread
+    that work over cores. Runs stay contiguous, so a small batch is still one round trip.
+    """
+    total = sum(sizes[i] for i in idx)
+    parts = min(streams, len(idx), total // _STRIPE_BYTES)
+    if parts <= 1:
+        return [idx]
+    out: list[list[int]] = [[]]
+    done = 0
+    for i in idx:
+        # start the next run once this one holds its share of the bytes
+        if out[-1] and len(out) < parts and done >= total * len(out) / parts:
+            out.append([])
+        out[-1].append(i)
+        done += sizes[i]
+    return out
 
 
 def _corrupt_if_wrong_type(key: ChunkKey, reply: Any) -> Any:

@@ -185,6 +185,52 @@ async def test_a_put_cancelled_mid_batch_never_sends_the_rest_on_a_new_connectio
         await backend.aclose()
 
 
+def test_a_put_batch_is_cut_into_runs_of_about_equal_bytes_none_under_the_minimum() -> None:
+    from lmtier_backends.redis.backend import _STRIPE_BYTES, _stripes
+
+    big = _STRIPE_BYTES
+    assert _stripes(list(range(8)), [big] * 8, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert _stripes(list(range(8)), [big] * 8, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert _stripes([4, 9, 11], [0] * 4 + [2 * big] + [0] * 4 + [1] + [0] + [2 * big], 4) == [[4], [9, 11]]
+    assert _stripes(list(range(4)), [big // 4] * 4, 2) == [[0, 1, 2, 3]]  # too small to split
+    assert _stripes([0], [10 * big], 2) == [[0]]
+    assert _stripes(list(range(4)), [big] * 4, 1) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.asyncio
+async def test_a_large_put_batch_goes_out_on_parallel_connections(own_redis) -> None:
+    server = own_redis()
+    backend = await _open(server.url, put_streams=2, read_timeout_s=600)
+    try:
+        keys = _keys(8)
+        values = [os.urandom(2 << 20) for _ in keys]
+        os.kill(server.pid, signal.SIGSTOP)  # both halves block until the server answers
+        task = asyncio.ensure_future(backend.put(list(zip(keys, values, strict=True))))
+        await _until(lambda: backend.stats()["jobs_running"] == 2)
+        os.kill(server.pid, signal.SIGCONT)
+        await task
+        assert [bytes(g) for g in await backend.get(keys)] == values
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_key_given_twice_in_a_put_batch_keeps_its_last_value(redis_server) -> None:
+    backend = await _open(redis_server.url, put_streams=4)
+    try:
+        keys = _keys(6)
+        first, last = os.urandom(5 << 20), os.urandom(5 << 20)
+        items = [(keys[0], first)] + [(k, os.urandom(5 << 20)) for k in keys[1:]] + [(keys[0], last)]
+        await backend.put(items)  # 35 MiB: split over parallel streams
+        got = await backend.get(keys)
+        assert bytes(got[0]) == last
+        assert [bytes(g) for g in got[1:]] == [v for _, v in items[1:-1]]
+        assert backend.stats()["puts"] == 7
+    finally:
+        await backend.aclose()
+
+
 @pytest.mark.asyncio
 async def test_without_the_direct_read_parser_replies_are_copied_from_redis_pys_parser(
     redis_server, monkeypatch
