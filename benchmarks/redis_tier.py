@@ -12,20 +12,24 @@ bytes), measures SET/GET throughput of:
   ``Redis`` with hiredis parsing and the default packer; with ``PythonRespSerializer`` as the
   packer (SERVICES.md's fastest); pipelines; ``redis.asyncio``; on the Cluster ``RedisCluster``
   one by one and pipelined (it ignores the packer argument);
-* the tier (``RedisBackend``): one ``put`` of the whole batch, one ``get`` (read-only views of
-  the warm receive slab, header and checksum verified), one ``get_into`` (the caller's reused
-  buffers, verified), and one item per call.
+* the tier (``RedisBackend``): one ``put`` of the whole batch (default ``put_streams=2``, and
+  with ``put_streams=1``: one stream per node), one ``get`` (read-only views of the warm receive
+  slab, header and checksum verified), one ``get_into`` (the caller's reused buffers, verified),
+  and one item per call.
 
 The raw modes store the bare payload; the tier stores the 64-byte header too and checksums every
-byte both ways. Also printed: what ``header + payload`` (a ``b"".join``) would cost per value.
+byte both ways. To show what that costs, also measured: a diagnostic put of the tier with the
+checksum pass skipped (never a "best tier" candidate: it stores values that fail verification,
+under their own key prefix), the xxh3 pass alone per value, and what ``header + payload`` (a
+``b"".join``) would cost per value.
 
 Each repeat moves about ``--batch-mib`` MiB per mode, in a fresh random order of modes; MB/s is
 the median over repeats, and tier/raw is the median over repeats of the ratio within one repeat
 (tier pass vs the best raw mode's pass of that repeat), which cancels the machine's slow drifts.
 Nothing is asserted.
 
-    python benchmarks/redis_tier.py [--repeats 5] [--batch-mib 128] [--sizes 1MiB,4MiB,37.7MB]
-                                    [--no-cluster] [--json out.json]
+    flock /tmp/lmtier-bench.lock python benchmarks/redis_tier.py [--repeats 5] [--batch-mib 128]
+        [--sizes 1MiB,4MiB,37.7MB] [--ops put,get] [--no-cluster | --no-standalone] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import redis.asyncio as aredis
 from redis.cluster import RedisCluster
 from redis.connection import ConnectionPool, Encoder, PythonRespSerializer
 
-from lmtier.codec import encode_header
+from lmtier.codec import checksum, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier_backends.redis.backend import RedisBackend, open_redis_backend
 from lmtier_backends.redis.config import RedisConfig
@@ -65,6 +69,7 @@ QWEN3_8B_CHUNK = 36 * 2 * 8 * 128 * 2 * 256  # 37,748,736 bytes
 SIZES = {"1MiB": 1 << 20, "4MiB": 4 << 20, "37.7MB": QWEN3_8B_CHUNK}
 
 Pass = Callable[[], float]  # runs one pass, returns seconds
+DIAGNOSTIC = "tier batch, checksum skipped (diagnostic)"
 
 
 # -- raw redis-py modes (blocking) ------------------------------------------------------------------
@@ -131,8 +136,11 @@ def _async_mode(port: int, names: list[bytes], values: list[bytes], loop: asynci
 
 
 # -- the tier ------------------------------------------------------------------------------------
+TIER_BATCH = "tier batch (put / get)"
+
+
 def _tier_modes(backend: RedisBackend, keys: list[ChunkKey], values: list[bytes],
-                loop: asyncio.AbstractEventLoop) -> dict[str, tuple[Pass, Pass]]:
+                loop: asyncio.AbstractEventLoop) -> dict[str, tuple[Pass | None, Pass | None]]:
     items = list(zip(keys, values, strict=True))
     outs = [bytearray(len(v)) for v in values]
     for o in outs:  # pre-touch the caller's buffers, like an engine's reused pinned pages
@@ -166,11 +174,40 @@ def _tier_modes(backend: RedisBackend, keys: list[ChunkKey], values: list[bytes]
             assert g is not None
             del g
 
-    return {
-        "tier batch (put / get)": (timed(put_batch), timed(get_batch)),
-        "tier batch (put / get_into)": (timed(put_batch), timed(get_into_batch)),
+    return {  # get_into reads what the batch put stored (the same puts, timed once)
+        TIER_BATCH: (timed(put_batch), timed(get_batch)),
+        "tier batch (get_into)": (None, timed(get_into_batch)),
         "tier one per call (put / get)": (timed(put_each), timed(get_each)),
     }
+
+
+class _NoChecksum:
+    """Stands in for the streaming xxh3 in the diagnostic mode: no pass over the bytes."""
+
+    def update(self, _piece: object) -> None:
+        pass
+
+    def intdigest(self) -> int:
+        return 0
+
+
+def _diagnostic_put(backend: RedisBackend, keys: list[ChunkKey], values: list[bytes],
+                    loop: asyncio.AbstractEventLoop) -> Pass:
+    """The tier's batch put with the checksum pass swapped out (values stored fail verification)."""
+    from lmtier_backends.redis import _wire
+
+    items = list(zip(keys, values, strict=True))
+
+    def run() -> float:
+        saved = _wire.checksum, _wire.checksum_stream
+        _wire.checksum, _wire.checksum_stream = (lambda _p: 0), _NoChecksum  # type: ignore[assignment]
+        try:
+            t = time.perf_counter()
+            loop.run_until_complete(backend.put(items))
+            return time.perf_counter() - t
+        finally:
+            _wire.checksum, _wire.checksum_stream = saved
+    return run
 
 
 # -- redis-benchmark -------------------------------------------------------------------------------
@@ -199,7 +236,7 @@ def measure(topology: str, port: int, size: int, args: argparse.Namespace,
     cluster = topology == "cluster"
     holder: list[Any] = []
 
-    modes: dict[str, tuple[Pass, Pass]] = {}
+    modes: dict[str, tuple[Pass | None, Pass | None]] = {}
     if cluster:
         rc = RedisCluster(host="127.0.0.1", port=port)
         holder.append(rc)
@@ -214,20 +251,39 @@ def measure(topology: str, port: int, size: int, args: argparse.Namespace,
         modes.update(_sync_modes(packer, names, values, "Redis (PythonRespSerializer)"))
         modes.update(_async_mode(port, names, values, loop, holder))
     raw_modes = list(modes)
-    backend = loop.run_until_complete(open_redis_backend(RedisConfig(
-        url=f"redis://127.0.0.1:{port}/0", cluster=cluster, key_prefix="tier:",
-        recv_pool_bytes=max(256 << 20, int(count * size * 1.1)), read_timeout_s=60)))
+    options = {"url": f"redis://127.0.0.1:{port}/0", "cluster": cluster, "read_timeout_s": 60,
+               "recv_pool_bytes": max(256 << 20, int(count * size * 1.1))}
+    backend = loop.run_until_complete(open_redis_backend(RedisConfig(key_prefix="tier:", **options)))
+    diagnostic = loop.run_until_complete(open_redis_backend(RedisConfig(
+        key_prefix="diag:", **{**options, "recv_pool_bytes": 0})))
+    single = loop.run_until_complete(open_redis_backend(RedisConfig(
+        key_prefix="tier1:", put_streams=1, **{**options, "recv_pool_bytes": 0})))
     modes.update(_tier_modes(backend, keys, values, loop))
+    if "put" in args.ops:
+        modes[DIAGNOSTIC] = (_diagnostic_put(diagnostic, keys, values, loop), None)
+        modes["tier batch, put_streams=1"] = (_tier_modes(single, keys, values, loop)[TIER_BATCH][0], None)
     tier_modes = [m for m in modes if m not in raw_modes]
 
+    for mode in modes:  # one untimed pass: every key exists, first-touch costs are paid
+        for timed_pass in modes[mode]:
+            if timed_pass is not None:
+                timed_pass()
     runs: dict[tuple[str, str], list[float]] = {}
     order = list(modes)
     for _ in range(args.repeats):
         random.shuffle(order)
         for mode in order:
-            put, get = modes[mode]
-            runs.setdefault((mode, "put"), []).append(count * size / put() / MB)
-            runs.setdefault((mode, "get"), []).append(count * size / get() / MB)
+            for op, timed_pass in zip(("put", "get"), modes[mode], strict=True):
+                if timed_pass is not None and op in args.ops:
+                    runs.setdefault((mode, op), []).append(count * size / timed_pass() / MB)
+
+    # the checksum pass alone, over the same (cache-cold) values the puts send
+    hashes = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for v in values:
+            checksum(v)
+        hashes.append((time.perf_counter() - t) / count)
 
     # b"".join(header, payload): what a tier that joins before SET would pay per value
     header = encode_header(keys[0], values[0])
@@ -239,6 +295,8 @@ def measure(topology: str, port: int, size: int, args: argparse.Namespace,
         joins.append((time.perf_counter() - t) / count)
 
     loop.run_until_complete(backend.aclose())
+    loop.run_until_complete(diagnostic.aclose())
+    loop.run_until_complete(single.aclose())
     for c in holder:
         if isinstance(c, aredis.Redis):
             loop.run_until_complete(c.aclose())
@@ -253,39 +311,52 @@ def measure(topology: str, port: int, size: int, args: argparse.Namespace,
 
     bench_clients = 3 if cluster else 1
     bench = redis_benchmark(port, size, max(20, (512 << 20) // size), bench_clients, cluster)
-    result: dict[str, Any] = {"topology": topology, "size": size, "count": count, "ops": {}}
-    for op in ("put", "get"):
+    result: dict[str, Any] = {"topology": topology, "size": size, "count": count, "repeats": args.repeats,
+                              "ops": {}}
+    for op in args.ops:
         best_raw = max(raw_modes, key=lambda m: statistics.median(runs[(m, op)]))
-        best_tier = max(tier_modes, key=lambda m: statistics.median(runs[(m, op)]))
+        # puts: the batch put with default options (not the max over variants of the same call)
+        best_tier = TIER_BATCH if op == "put" else max(
+            (m for m in tier_modes if (m, op) in runs), key=lambda m: statistics.median(runs[(m, op)]))
         rows = []
         for mode in modes:
+            if (mode, op) not in runs:
+                continue
             ratio = statistics.median(t / r for t, r in zip(runs[(mode, op)], runs[(best_raw, op)], strict=True))
+            q1, _, q3 = statistics.quantiles([t / r for t, r in zip(runs[(mode, op)], runs[(best_raw, op)],
+                                                                      strict=True)], n=4)
             rows.append({"mode": mode, "MBps": statistics.median(runs[(mode, op)]),
-                         "vs_best_raw": ratio, "is_tier": mode in tier_modes})
+                         "vs_best_raw": ratio, "vs_best_raw_iqr": [q1, q3], "is_tier": mode in tier_modes})
         cli = bench["SET" if op == "put" else "GET"]
         result["ops"][op] = {"rows": rows, "best_raw": best_raw, "best_tier": best_tier,
                              "redis_benchmark_MBps": cli,
                              "redis_benchmark_cmd": f"redis-benchmark -t set,get -d {size} -c {bench_clients}"
                                                     f"{' --cluster' if cluster else ''} --csv"}
-    best_put = statistics.median(runs[(result["ops"]["put"]["best_raw"], "put")])
-    result["join_ms_per_value"] = statistics.median(joins) * 1e3
-    result["join_share_of_best_raw_put"] = statistics.median(joins) / (size / (best_put * MB))
+    if "put" in args.ops:
+        per_set = size / (statistics.median(runs[(result["ops"]["put"]["best_raw"], "put")]) * MB)
+        result["join_ms_per_value"] = statistics.median(joins) * 1e3
+        result["join_share_of_best_raw_put"] = statistics.median(joins) / per_set
+        result["checksum_ms_per_value"] = statistics.median(hashes) * 1e3
+        result["checksum_share_of_best_raw_put"] = statistics.median(hashes) / per_set
     return result
 
 
 def report(r: dict[str, Any]) -> None:
     label = next(k for k, v in SIZES.items() if v == r["size"]) if r["size"] in SIZES.values() else str(r["size"])
     print(f"\n== {r['topology']}, {label} values x {r['count']} per pass")
-    for op in ("put", "get"):
-        o = r["ops"][op]
+    for op, o in r["ops"].items():
         cli = o["redis_benchmark_MBps"]
         print(f"  {op.upper():3}  redis-benchmark {cli:8.0f} MB/s   ({o['redis_benchmark_cmd']})")
         for row in sorted(o["rows"], key=lambda x: -x["MBps"]):
             mark = "*" if row["mode"] == o["best_raw"] else " "
-            print(f"     {mark} {row['mode']:34} {row['MBps']:8.0f} MB/s   x{row['vs_best_raw']:.2f} of best raw"
-                  f"   x{row['MBps'] / cli:.2f} of redis-benchmark")
-    print(f"  b''.join(header, payload): {r['join_ms_per_value']:.3f} ms per value = "
-          f"{100 * r['join_share_of_best_raw_put']:.1f}% of the best raw SET time")
+            q1, q3 = row["vs_best_raw_iqr"]
+            print(f"     {mark} {row['mode']:42} {row['MBps']:8.0f} MB/s   x{row['vs_best_raw']:.2f} of best raw"
+                  f" [IQR {q1:.2f}-{q3:.2f}]   x{row['MBps'] / cli:.2f} of redis-benchmark")
+    if "checksum_ms_per_value" in r:
+        print(f"  xxh3 pass alone: {r['checksum_ms_per_value']:.3f} ms per value = "
+              f"{100 * r['checksum_share_of_best_raw_put']:.1f}% of the best raw SET time")
+        print(f"  b''.join(header, payload): {r['join_ms_per_value']:.3f} ms per value = "
+              f"{100 * r['join_share_of_best_raw_put']:.1f}% of the best raw SET time")
 
 
 def main() -> int:
@@ -293,26 +364,30 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-mib", type=float, default=128.0, help="MiB moved per mode per repeat")
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {list(SIZES)}")
+    ap.add_argument("--ops", default="put,get", help="comma-separated, of put,get")
     ap.add_argument("--no-cluster", action="store_true")
+    ap.add_argument("--no-standalone", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     if not redis_available() or shutil.which("redis-benchmark") is None:
         print("redis_tier: skipped, redis-server / redis-cli / redis-benchmark not on PATH")
         return 0
     sizes = [SIZES[s] for s in args.sizes.split(",")]
+    args.ops = [op for op in ("put", "get") if op in args.ops.split(",")]
     base = Path(tempfile.mkdtemp(prefix="lmtier-redis-bench-"))
     loop = asyncio.new_event_loop()
     results = []
     print(f"redis_tier: redis-py {redis.__version__}, {os.cpu_count()} CPUs, repeats={args.repeats}, "
           f"~{args.batch_mib:.0f} MiB per pass; MB/s = 1e6 bytes/s of payload; medians")
     try:
-        server = start_redis(base)
-        try:
-            for size in sizes:
-                results.append(measure("standalone", server.port, size, args, loop))
-                report(results[-1])
-        finally:
-            server.stop()
+        if not args.no_standalone:
+            server = start_redis(base)
+            try:
+                for size in sizes:
+                    results.append(measure("standalone", server.port, size, args, loop))
+                    report(results[-1])
+            finally:
+                server.stop()
         if not args.no_cluster:
             cluster = start_cluster(base)
             try:
@@ -324,18 +399,26 @@ def main() -> int:
     finally:
         loop.close()
         shutil.rmtree(base, ignore_errors=True)
-    print("\nsummary: best tier mode vs best raw redis-py mode and redis-benchmark (same run)")
+    print("\nsummary: the tier (batch put with default options; best get) vs the best raw redis-py mode and "
+          "redis-benchmark (same run)")
     print(f"  {'topology':10} {'size':7} {'op':3} {'tier MB/s':>9} {'raw MB/s':>9} {'C MB/s':>8} "
-          f"{'tier/raw':>8} {'tier/C':>7}  best tier mode / best raw mode")
+          f"{'tier/raw':>8} {'IQR':>9} {'tier/C':>7}  best tier mode / best raw mode")
     for r in results:
         label = next((k for k, v in SIZES.items() if v == r["size"]), str(r["size"]))
-        for op in ("put", "get"):
-            o = r["ops"][op]
+        for op, o in r["ops"].items():
             rows = {row["mode"]: row for row in o["rows"]}
             t, raw = rows[o["best_tier"]], rows[o["best_raw"]]
+            q1, q3 = t["vs_best_raw_iqr"]
             print(f"  {r['topology']:10} {label:7} {op:3} {t['MBps']:9.0f} {raw['MBps']:9.0f} "
-                  f"{o['redis_benchmark_MBps']:8.0f} {t['vs_best_raw']:8.2f} "
+                  f"{o['redis_benchmark_MBps']:8.0f} {t['vs_best_raw']:8.2f} {q1:4.2f}-{q3:4.2f} "
                   f"{t['MBps'] / o['redis_benchmark_MBps']:7.2f}  {o['best_tier']} / {o['best_raw']}")
+            for extra, what in (("tier batch, put_streams=1", "one stream per node"),
+                                (DIAGNOSTIC, "checksum pass skipped: what the checksum costs")):
+                if op == "put" and extra in rows:
+                    d = rows[extra]
+                    q1, q3 = d["vs_best_raw_iqr"]
+                    print(f"  {'':10} {'':7} {'':3} {d['MBps']:9.0f} {'':9} {'':8} {d['vs_best_raw']:8.2f} "
+                          f"{q1:4.2f}-{q3:4.2f} {'':7}  (tier batch put, {what})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
