@@ -401,8 +401,8 @@ class RedisBackend:
                         sizes: list[int] | None = None) -> list[Any]:
         """Run ``work(node, indices, token)`` for each node's share of ``names``, in parallel.
 
-        With ``sizes`` (bytes per name), a large share is split further into up to
-        ``put_streams`` parts (:func:`_stripes`), run in parallel too. Returns one outcome per
+        With ``sizes`` (bytes per name), large shares are split further (:func:`_stripes`) so
+        that up to ``put_streams`` parts run in parallel in all (at least one per node). Returns one outcome per
         name: what ``work`` produced for it, or an exception (the key's own error, or its
         node's). Cluster keys answered with MOVED are retried once after the slot map is
         refreshed.
@@ -411,9 +411,9 @@ class RedisBackend:
         todo = list(range(len(names)))
         for attempt in range(2):
             groups = await self._groups(names, todo)
-            if sizes is not None and self.config.put_streams > 1:
-                groups = [(node, part) for node, idx in groups
-                          for part in _stripes(idx, sizes, self.config.put_streams)]
+            streams = self.config.put_streams // len(groups)  # in total, not per node: cores are the limit
+            if sizes is not None and streams > 1:
+                groups = [(node, part) for node, idx in groups for part in _stripes(idx, sizes, streams)]
             jobs = [partial(work, node, idx) for node, idx in groups]
             results = await self._run(jobs)
             moved: list[int] = []

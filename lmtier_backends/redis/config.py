@@ -64,11 +64,12 @@ class RedisConfig(BaseModel):
             evicts them under its ``maxmemory-policy``.
         max_connections: connections per node, and worker threads of the tier: how many batch
             operations run at once.
-        put_streams: a ``put`` batch of at least 8 MiB for one node is split into up to this
-            many parts sent in parallel, each on its own connection and worker thread, so that
-            the client's share of the work (checksumming and copying every byte into the
-            socket) runs on several cores. Measured on 2 cores: 1-4 MiB values went from
-            ~0.8-0.95 to ~1.0 of the raw client. 1 sends each node's share as one stream.
+        put_streams: how many parallel streams a large ``put`` batch is spread over in all
+            (at least one per node): a node's share of 8 MiB or more is split into runs sent on
+            their own connections and worker threads, so that the client's part of the work
+            (checksumming and copying every byte into the socket) runs on several cores. Raise
+            it with the client's cores; 1 (or a Cluster of 2+ nodes with the default) sends
+            each node's share as one stream.
         connect_timeout_s / read_timeout_s: socket deadlines; exceeding one is a timeout
             (a miss / skipped write for the manager).
         recv_pool_bytes: a reusable host slab that large ``get`` results are received into
@@ -95,7 +96,7 @@ class RedisConfig(BaseModel):
     key_prefix: str = Field("lmtier:", max_length=256, description="prefix of every Redis key")
     ttl_s: float | None = Field(None, gt=0, description="expiry of stored chunks; None = no expiry")
     max_connections: int = Field(8, ge=1, le=1024, description="connections per node = worker threads")
-    put_streams: int = Field(2, ge=1, le=64, description="parallel connections a large put batch uses per node")
+    put_streams: int = Field(2, ge=1, le=64, description="parallel streams a large put batch uses in all")
     connect_timeout_s: float = Field(2.0, gt=0, description="TCP/TLS connect deadline")
     read_timeout_s: float = Field(10.0, gt=0, description="deadline of each socket read/write")
     recv_pool_bytes: ByteSize = Field(ByteSize(256 << 20), ge=0, description="warm slab for large gets; 0 = off")
