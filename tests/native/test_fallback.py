@@ -122,6 +122,30 @@ def test_offload_writes_every_byte_of_every_page(
         assert bool((host[-7:] == POISON).all()), "bytes past the chunk were written"
 
 
+@pytest.mark.parametrize("shift", [0, 1, 2, 4, 8])
+def test_host_chunks_at_any_byte_offset_round_trip(shift: int, gen: torch.Generator) -> None:
+    # The copies use the widest element the offsets allow (8/4/2/1 bytes): every width must
+    # land each byte where the format says.
+    kv = make_cache("flashinfer", layers=LAYERS, blocks=BLOCKS, gen=gen)
+    layout = layout_of(kv, "flashinfer")
+    tables = random_tables(BLOCKS, [3, 2], gen)
+    sizes = [chunk_nbytes(layout, LAYERS, len(t)) for t in tables]
+    buf = torch.full((shift + sum(sizes) + 8,), POISON, dtype=torch.uint8)
+    hosts = [buf[shift : shift + sizes[0]], buf[shift + sizes[0] : shift + sum(sizes)]]
+    offload(kv, layout, tables, hosts)
+    for host, table in zip(hosts, tables, strict=True):
+        body = host.view(LAYERS, len(table), -1)
+        for layer in range(LAYERS):
+            for page, block in enumerate(table):
+                assert torch.equal(body[layer, page], ref_page(kv[layer], "flashinfer", block))
+    assert bool((buf[:shift] == POISON).all()) and bool((buf[shift + sum(sizes):] == POISON).all())
+    back = [torch.zeros_like(t) for t in kv]
+    onload(back, layout, tables, hosts)
+    for layer in range(LAYERS):
+        for block in (b for t in tables for b in t):
+            assert torch.equal(back[layer][block].view(torch.uint8), kv[layer][block].view(torch.uint8))
+
+
 @pytest.mark.parametrize(("kind", "strided"), CASES)
 def test_onload_restores_pages_and_leaves_other_blocks_alone(
     kind: str, strided: bool, gen: torch.Generator
