@@ -328,9 +328,13 @@ class S3Backend:
                     loop.call_soon_threadsafe(_resolve, batch_done)
 
         futures: list[Future[Any]] = []
-        for (fn, args, _), guard in zip(calls, guards, strict=True):
+        # Why results travel through `slots`, not the futures: a worker thread still holds its
+        # future (and the result) for a moment after the batch has resolved, so a returned view
+        # of the receive slab would outlive the caller's last reference to it.
+        slots: dict[int, Any] = {}
+        for i, ((fn, args, _), guard) in enumerate(zip(calls, guards, strict=True)):
             try:
-                cf = self._pool.submit(fn, guard, *args)
+                cf = self._pool.submit(_into_slot, slots, i, fn, guard, *args)
             except RuntimeError:  # aclose() shut the pool down meanwhile
                 break
             futures.append(cf)
@@ -347,6 +351,8 @@ class S3Backend:
             raise
         results: list[Any] = []
         first: BaseException | None = None
+        finished_slots = dict(slots)
+        slots.clear()  # every worker has finished; their work items may still hold the dict
         for i, (_, _, where) in enumerate(calls):
             cf_or_none = futures[i] if i < len(futures) else None
             if cf_or_none is None or cf_or_none.cancelled():  # never started: aclose() dropped it
@@ -357,7 +363,7 @@ class S3Backend:
                 if error is not None and error is not exc:
                     error.__cause__ = exc
             if error is None:
-                results.append(cf_or_none.result())  # type: ignore[union-attr]
+                results.append(finished_slots.pop(i))
             else:
                 self._count(errors=1)
                 first = first or error
@@ -641,6 +647,10 @@ class S3Backend:
 
         with contextlib.suppress(RuntimeError):  # pool already shut down
             self._pool.submit(abort_upload)
+
+
+def _into_slot(slots: dict[int, Any], i: int, fn: Callable[..., Any], *args: Any) -> None:
+    slots[i] = fn(*args)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
