@@ -25,6 +25,7 @@ import xxhash
 from tests.backends.nixl._helpers import needs_nixl
 from tests.backends.nixl._ucx_peer import PREFIX
 from tests.backends.nixl.conftest import LOOPBACK_ENV
+from tests.support.net import LOOPBACK_HEX, listening_addresses
 
 pytestmark = needs_nixl
 
@@ -95,27 +96,6 @@ def peers(tmp_path: Path) -> Iterator[tuple[Peer, Peer]]:
         initiator.stop()
 
 
-def _listening_addresses(pids: list[int]) -> list[str]:
-    """Local addresses of TCP sockets in LISTEN state owned by ``pids`` (Linux /proc)."""
-    inodes: set[str] = set()
-    for pid in pids:
-        fd_dir = Path(f"/proc/{pid}/fd")
-        for fd in fd_dir.iterdir():
-            try:
-                link = os.readlink(fd)
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
-                found.append(cols[1].split(":")[0])
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc to inspect sockets")
 def test_a_tagged_write_between_two_processes_lands_and_nothing_listens_beyond_loopback(
     peers: tuple[Peer, Peer],
@@ -129,14 +109,13 @@ def test_a_tagged_write_between_two_processes_lands_and_nothing_listens_beyond_l
 
     sent = initiator.read()
     received = target.read()
-    listening = _listening_addresses([target.proc.pid, initiator.proc.pid])
+    listening = listening_addresses([target.proc.pid, initiator.proc.pid])
     initiator.send({"bye": True})
 
     expected = xxhash.xxh3_64_hexdigest(random.Random(1234).randbytes(NBYTES))
     assert sent == {"done": True, "digest": expected}
     assert received["done"] is True and received["digest"] == expected
     assert received["other_notifs"] == [decoy]  # the first transfer's notification was not taken for it
-    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-    assert all(addr in loopback for addr in listening), f"a NIXL/UCX socket listens beyond loopback: {listening}"
+    assert all(addr in LOOPBACK_HEX for addr in listening), f"a NIXL/UCX socket listens beyond loopback: {listening}"
     assert target.finish() == 0
     assert initiator.finish() == 0
