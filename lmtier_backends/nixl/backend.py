@@ -260,9 +260,9 @@ class NixlBackend:
 
         Why: NIXL serialises calls on the agent, but checksums (xxh3 releases the GIL) and header
         encoding then run on several cores, overlapping the next piece's transfer (puts of 37.7
-        MB chunks 1.2-1.4x faster on 2 busy cores; see docs/backends/nixl.md). Every piece finishes (or, cancelled, lets go of caller memory)
-        before this returns or raises the first error: no worker outlives the call on the
-        caller's buffers.
+        MB chunks 1.2-1.4x faster on 2 busy cores; see docs/backends/nixl.md). Every piece
+        finishes (or, cancelled, lets go of caller memory) before this returns or raises the
+        first error: no worker outlives the call on the caller's buffers.
         """
         k = max(1, min(self.config.io_threads, n)) if split else 1
         bounds = [n * i // k for i in range(k + 1)]
@@ -279,8 +279,9 @@ class NixlBackend:
             done = loop.create_future()
             slots[i] = await self._run(op, fn, *args(lo, hi), _Signal(done), copied=done)
 
-        outcomes = await asyncio.gather(*(piece(i, lo, hi) for i, (lo, hi) in enumerate(itertools.pairwise(bounds))),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(piece(i, lo, hi) for i, (lo, hi) in enumerate(itertools.pairwise(bounds))), return_exceptions=True
+        )
         for r in outcomes:
             if isinstance(r, BaseException):
                 slots.clear()  # the views of pieces that did finish go back now, not with the traceback
