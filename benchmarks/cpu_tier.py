@@ -14,8 +14,9 @@ Part 1, one Qwen3-8B chunk (37,748,736 bytes) per call:
 Part 2, per-call overhead: batches of 1, 8 and 64 keys of 4 KiB through put / get / contains,
 against a raw copy of the same bytes.
 
-Figures are medians of ``--repeats``; ratios are tier time over raw time (1.00x = as fast as raw).
-Nothing is asserted.
+Figures are medians of ``--repeats``. In part 1 the operations take turns within each repeat and a
+ratio is the median of the per-repeat ratios to the raw copy (throughput, 1.00x = as fast as raw);
+in part 2 it is tier time over raw time. Nothing is asserted.
 
     python benchmarks/cpu_tier.py [--repeats 15] [--small-repeats 300]
 """
@@ -61,59 +62,83 @@ async def big_chunks(repeats: int) -> None:
     np.copyto(dst, src)  # first touch: page faults are not part of a copy
     dst_t.copy_(src_t)
 
-    raw_np = median(time_sync(lambda: np.copyto(dst, src), repeats=repeats))
-    raw_t = median(time_sync(lambda: dst_t.copy_(src_t), repeats=repeats))
-
     backend = CpuBackend(CpuConfig(max_bytes=4 * size, pinned=None))  # pinned where CUDA exists
     staging = HostMemoryPool(size, pin=None, name="bench-staging")
     staged = staging.allocate(size)
     staged.tensor.copy_(src_t)
     ns = make_namespace(bench="cpu_tier")
     key = _key(ns)
+
+    async def raw_np() -> None:
+        np.copyto(dst, src)
+
+    async def raw_t() -> None:
+        dst_t.copy_(src_t)
+
+    async def put_np() -> None:
+        await backend.put([(key, src)])
+
+    async def put_t() -> None:
+        await backend.put([(key, staged)])
+
+    async def get_view() -> None:
+        (view,) = await backend.get([key])
+        del view
+
+    async def get_copy() -> None:
+        (view,) = await backend.get([key])
+        np.copyto(dst, np.frombuffer(view, dtype=np.uint8))
+        del view
+
+    async def round_trip() -> None:
+        await backend.put([(key, src)])
+        await get_copy()
+
+    ops = {"raw": raw_np, "raw_t": raw_t, "put_np": put_np, "put_t": put_t, "get": get_view,
+           "get_copy": get_copy, "trip": round_trip}
+    samples: dict[str, list[float]] = {name: [] for name in ops}
     try:
-        # overwriting one key alternates between two slab ranges: warm after the warm-up calls
-        put_np = median(await time_async(lambda: backend.put([(key, src)]), repeats=repeats, warmup=2))
-        put_t = median(await time_async(lambda: backend.put([(key, staged)]), repeats=repeats, warmup=2))
-
-        async def get_view() -> None:
-            (view,) = await backend.get([key])
-            del view
-
-        async def get_copy() -> None:
-            (view,) = await backend.get([key])
-            np.copyto(dst, np.frombuffer(view, dtype=np.uint8))
-            del view
-
-        async def round_trip() -> None:
-            await backend.put([(key, src)])
-            await get_copy()
-
-        get_v = median(await time_async(get_view, repeats=repeats))
-        get_c = median(await time_async(get_copy, repeats=repeats))
-        trip = median(await time_async(round_trip, repeats=repeats, warmup=2))
+        # warm-up: the slab's ranges are touched, and overwriting one key alternates between two
+        for fn in ops.values():
+            for _ in range(2):
+                await fn()
+        # the operations take turns within each repeat (in a rotating order), so the ratio to the
+        # raw copy of the same repeat cancels the machine's load drifting between blocks of calls
+        names = list(ops)
+        for rep in range(repeats):
+            for name in names[rep % len(names):] + names[: rep % len(names)]:
+                samples[name].append((await time_async(ops[name], repeats=1, warmup=0))[0])
         pinned = backend.pool.pinned
     finally:
         await backend.aclose()
         staged.release()
         staging.close()
 
+    def ratio(name: str, nbytes_factor: int = 1) -> str:
+        """Throughput relative to numpy copyto: the median over repeats of the per-repeat ratio."""
+        return fmt_ratio(median([nbytes_factor * r / t for r, t in zip(samples["raw"], samples[name], strict=True)]))
+
+    t = {name: median(v) for name, v in samples.items()}
     print(f"Part 1: one value of {fmt_bytes(size)} ({size:,} bytes, a Qwen3-8B 256-token chunk) per call; "
-          f"medians of {repeats}; tier slab pinned: {pinned}")
+          f"medians of {repeats} interleaved repeats; tier slab pinned: {pinned}")
     rows = [
-        ["raw numpy copyto (reference)", fmt_seconds(raw_np), fmt_rate(rate(size, raw_np)), "1.00x", ""],
-        ["raw torch copy_", fmt_seconds(raw_t), fmt_rate(rate(size, raw_t)), fmt_ratio(raw_np / raw_t), ""],
-        ["tier put (numpy value)", fmt_seconds(put_np), fmt_rate(rate(size, put_np)), fmt_ratio(raw_np / put_np),
+        ["raw numpy copyto (reference)", fmt_seconds(t["raw"]), fmt_rate(rate(size, t["raw"])), "1.00x", ""],
+        ["raw torch copy_", fmt_seconds(t["raw_t"]), fmt_rate(rate(size, t["raw_t"])), ratio("raw_t"),
+         "torch copies with several threads"],
+        ["tier put (numpy value)", fmt_seconds(t["put_np"]), fmt_rate(rate(size, t["put_np"])), ratio("put_np"),
          "copy into the slab"],
-        ["tier put (HostBuffer)", fmt_seconds(put_t), fmt_rate(rate(size, put_t)), fmt_ratio(raw_np / put_t),
+        ["tier put (HostBuffer)", fmt_seconds(t["put_t"]), fmt_rate(rate(size, t["put_t"])), ratio("put_t"),
          "torch copy_ into the slab"],
-        ["tier get", fmt_seconds(get_v), fmt_rate(rate(size, get_v)), fmt_ratio(raw_np / get_v),
+        ["tier get", fmt_seconds(t["get"]), fmt_rate(rate(size, t["get"])), ratio("get"),
          "zero-copy view: no bytes move"],
-        ["tier get + copy out", fmt_seconds(get_c), fmt_rate(rate(size, get_c)), fmt_ratio(raw_np / get_c), ""],
-        ["tier put + get + copy out", fmt_seconds(trip), fmt_rate(rate(2 * size, trip)),
-         fmt_ratio(2 * raw_np / trip), "vs two raw copies"],
+        ["tier get + copy out", fmt_seconds(t["get_copy"]), fmt_rate(rate(size, t["get_copy"])), ratio("get_copy"),
+         ""],
+        ["tier put + get + copy out", fmt_seconds(t["trip"]), fmt_rate(rate(2 * size, t["trip"])),
+         ratio("trip", 2), "vs two raw copies"],
     ]
     print_table(["operation", "time", "throughput", "vs raw memcpy", "note"], rows, align="lrrrl")
-    print("  'vs raw memcpy' is throughput relative to numpy copyto of the same bytes (1.00x = as fast)\n")
+    print("  'vs raw memcpy' is throughput relative to numpy copyto of the same bytes (1.00x = as fast), the\n"
+          "  median of the ratios within each repeat\n")
 
 
 async def small_batches(repeats: int, item_bytes: int = 4096) -> None:

@@ -74,3 +74,22 @@ def test_pinning_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(LmtierError, match="pin"):
         HostMemoryPool(4096, pin=True)
     assert HostMemoryPool(4096).pinned is False
+
+
+def test_view_writes_into_the_slab_and_is_refused_after_the_last_release() -> None:
+    pool = HostMemoryPool(4096, pin=False)
+    a, b = pool.allocate(10), pool.allocate(20)
+    a.view()[:] = b"0123456789"
+    b.view()[:] = b"x" * 20
+    assert bytes(a.tensor.numpy()) == b"0123456789" and bytes(b.view()) == b"x" * 20
+    assert a.data_ptr == a.tensor.data_ptr() and b.data_ptr == b.tensor.data_ptr()
+    lease = a.lease_view()
+    assert lease.readonly and bytes(lease) == b"0123456789"
+    with pytest.raises(TypeError):
+        lease[0] = 1  # type: ignore[index]
+    del lease
+    a.release()
+    b.release()
+    with pytest.raises(LmtierError, match="after its last release"):
+        a.view()
+    assert pool.outstanding() == 0
