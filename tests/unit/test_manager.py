@@ -459,3 +459,39 @@ def _cpu():
 
 async def _unused(_: Sequence[int]) -> None:  # keeps the Sequence import honest for type checkers
     return None
+
+
+@pytest.mark.asyncio
+async def test_every_tier_call_is_counted_in_prometheus_and_logged_in_greppable_lines(
+    registry, tmp_path, caplog
+) -> None:
+    disk = {"name": "cold", "backend": "disk", "options": {"root": str(tmp_path / "disk")}}
+    with caplog.at_level(logging.DEBUG, logger="lmtier"):
+        async with await StorageManager.from_config(cfg(HOT, disk), registry=registry,
+                                                    metrics_registry=CollectorRegistry()) as mgr:
+            ks = keys(4, "metrics")
+            await mgr.put([(k, bytes([i]) * 1000) for i, k in enumerate(ks[:3])])
+            assert [v is not None for v in await mgr.get([ks[0], ks[1], ks[3]])] == [True, True, False]
+            assert await mgr.lookup(ks) == 3
+
+            def value(name: str, **labels: str) -> float:
+                return sample(mgr, name, labels)
+
+            for tier in ("hot", "cold"):
+                assert value("lmtier_tier_written_bytes_total", tier=tier) == 3000
+                assert value("lmtier_tier_written_objects_total", tier=tier) == 3
+                assert value("lmtier_tier_latency_seconds_count", tier=tier, op="put") == 1
+            assert value("lmtier_tier_hits_total", tier="hot") == 2
+            assert value("lmtier_tier_misses_total", tier="hot") == 1
+            assert value("lmtier_tier_misses_total", tier="cold") == 1  # only the key hot lacked is asked
+            assert value("lmtier_tier_read_bytes_total", tier="hot") == 2000
+            assert value("lmtier_tier_latency_seconds_count", tier="cold", op="get") == 1
+            assert value("lmtier_lookup_chunks_total") == 4 and value("lmtier_lookup_hit_chunks_total") == 3
+            # the backends' own stats, exported as gauges at scrape time
+            assert value("lmtier_backend_objects", tier="hot") == 3
+            assert value("lmtier_backend_objects", tier="cold") == 3
+            assert value("lmtier_backend_bytes", tier="cold") == 3 * (1000 + 64)
+            assert value("lmtier_tier_circuit_open", tier="cold") == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert "lmtier storage ready: hot(cpu) -> cold(disk)" in lines
+    assert "get: hit 2 of 3 chunks" in lines and "lookup: hit 3 of 4 chunks" in lines
