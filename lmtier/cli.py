@@ -243,9 +243,9 @@ def _load_both_phases(source: str | None) -> tuple[LmtierConfig, list[BaseModel]
 
 
 def _overrides_in_env() -> list[str]:
-    from lmtier.config import _NOT_OVERRIDES
+    from lmtier.config import env_overrides
 
-    return sorted(v for v in os.environ if v.startswith("LMTIER_") and v not in _NOT_OVERRIDES)
+    return env_overrides()
 
 
 def _find_binary(name: str) -> str | None:

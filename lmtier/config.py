@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from lmtier.registry import BackendRegistry
 
-__all__ = ["DEFAULT_CONFIG_YAML", "BreakerConfig", "LmtierConfig", "TierConfig", "load_config"]
+__all__ = ["DEFAULT_CONFIG_YAML", "BreakerConfig", "LmtierConfig", "TierConfig", "env_overrides", "load_config"]
 
 #: The embedded default: a pinned-RAM tier over a local disk tier.
 DEFAULT_CONFIG_YAML = """\
@@ -72,7 +72,7 @@ class LmtierConfig(BaseModel):
     chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="tokens per stored chunk")
     tiers: list[TierConfig] = Field(min_length=1, description="storage tiers, hottest first")
     host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="pinned staging pool of the engine")
-    log_level: str | None = None
+    log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
 
     @field_validator("tiers")
     @classmethod
@@ -145,6 +145,20 @@ def load_config(
         raise ConfigError(f"{where}: " + format_validation_error(exc, model=LmtierConfig)) from None
 
 
+def env_overrides(env: Mapping[str, str] | None = None) -> list[str]:
+    """The ``LMTIER_*`` variables of ``env`` (default ``os.environ``) that override config keys."""
+    env = os.environ if env is None else env
+    out = []
+    for var in env:
+        if not var.startswith("LMTIER_") or var in _NOT_OVERRIDES:
+            continue
+        path = var[len("LMTIER_"):].lower().split("__")
+        if (path[0] == "tiers" and len(path) >= 3) or (
+                len(path) == 1 and path[0] in LmtierConfig.model_fields and path[0] != "tiers"):
+            out.append(var)
+    return sorted(out)
+
+
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``LMTIER_*`` scalars; values are parsed as YAML scalars ("512" -> 512)."""
     data = {**data, "tiers": [dict(t) if isinstance(t, Mapping) else t for t in data.get("tiers", [])]}
@@ -176,6 +190,6 @@ def _set_nested(obj: dict[str, Any], path: list[str], value: Any) -> None:
 
 # variables that configure lmtier itself rather than overriding a config key
 _NOT_OVERRIDES = frozenset({
-    "LMTIER_CONFIG", "LMTIER_DISABLE_PLUGIN_AUTOLOAD", "LMTIER_REQUIRE_NATIVE", "LMTIER_NATIVE_LIB",
-    "LMTIER_LOG_LEVEL",
+    "LMTIER_CONFIG", "LMTIER_DISABLE_PLUGIN_AUTOLOAD", "LMTIER_REQUIRE_NATIVE", "LMTIER_DISABLE_NATIVE",
+    "LMTIER_NATIVE_LIB",
 })

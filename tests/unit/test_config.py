@@ -86,3 +86,14 @@ def test_phase_two_validates_options_against_the_backend_model() -> None:
 def test_a_ready_config_object_passes_through() -> None:
     cfg = LmtierConfig.model_validate({"tiers": [{"name": "a", "backend": "cpu"}]})
     assert load_config(cfg) is cfg
+
+
+def test_only_variables_that_name_config_keys_count_as_overrides(tmp_path: Path) -> None:
+    from lmtier.config import env_overrides
+
+    env = {"LMTIER_LOG_LEVEL": "DEBUG", "LMTIER_TIERS__NVME__OPTIONS__ROOT": "/data/kv",
+           "LMTIER_DISABLE_NATIVE": "1", "LMTIER_REQUIRE_NATIVE": "1", "LMTIER_CONFIG": "x.yaml",
+           "LMTIER_DISABLE_PLUGIN_AUTOLOAD": "0", "LMTIER_NOT_A_KEY": "1", "PATH": "/bin"}
+    assert env_overrides(env) == ["LMTIER_LOG_LEVEL", "LMTIER_TIERS__NVME__OPTIONS__ROOT"]
+    cfg = load_config(write(tmp_path, GOOD), env=env)
+    assert cfg.log_level == "DEBUG" and cfg.tiers[1].options["root"] == "/data/kv"
