@@ -68,3 +68,25 @@ async def test_put_of_a_buffer_carved_from_the_tier_adopts_it_without_copying() 
     assert host_tensor_of(view).data_ptr() == backend.pool._slab.data_ptr() + buf.offset
     del view
     await backend.aclose()
+
+
+@pytest.mark.gpu
+@pytest.mark.asyncio
+async def test_with_cuda_the_tier_slab_is_pinned_and_gets_copy_to_the_gpu_without_staging() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    backend = CpuBackend(CpuConfig(max_bytes=1 << 20))  # pinned: default None means "iff CUDA"
+    assert backend.pool.pinned
+    (key,) = _keys(1)
+    data = bytes(range(256)) * 16
+    await backend.put([(key, data)])
+    (view,) = await backend.get([key])
+    host = host_tensor_of(view)
+    assert host is not None and host.is_pinned()
+    on_gpu = host.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert bytes(on_gpu.cpu().numpy()) == data
+    del view, host
+    await backend.aclose()

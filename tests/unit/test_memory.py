@@ -93,3 +93,26 @@ def test_view_writes_into_the_slab_and_is_refused_after_the_last_release() -> No
     with pytest.raises(LmtierError, match="after its last release"):
         a.view()
     assert pool.outstanding() == 0
+
+
+@pytest.mark.gpu
+def test_with_cuda_the_pool_pins_by_default_and_lease_views_are_pinned_for_dma() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pool = HostMemoryPool(1 << 20)  # pin=None: pinned iff CUDA is available
+    assert pool.pinned
+    buf = pool.allocate(4096)
+    buf.tensor.copy_(torch.arange(4096, dtype=torch.int64).to(torch.uint8))
+    assert buf.tensor.is_pinned()
+    view = buf.lease_view()
+    buf.release()
+    host = host_tensor_of(view)
+    assert host is not None and host.is_pinned() and host.data_ptr() == buf.data_ptr
+    on_gpu = host.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), host)
+    del view, host
+    gc.collect()
+    assert pool.outstanding() == 0
