@@ -237,9 +237,9 @@ class StorageManager:
     async def put(self, items: Sequence[PutItem]) -> None:
         """Store ``items`` in the hottest tier and flow them to colder tiers per write mode.
 
-        Each item is a ``(ChunkKey, value)`` pair; a value is any C-contiguous buffer or a
-        :class:`~lmtier.memory.HostBuffer`. The whole batch is checked before anything is written:
-        a malformed item raises :class:`~lmtier.errors.InvalidArgumentError`.
+        Each item is a ``(ChunkKey, value)`` pair; a value is any C-contiguous host buffer, a
+        :class:`~lmtier.memory.HostBuffer` or a CPU torch tensor. The whole batch is checked before
+        anything is written: a malformed item raises :class:`~lmtier.errors.InvalidArgumentError`.
         """
         _check_items(items)
         if not items:
@@ -366,12 +366,14 @@ class StorageManager:
         return reason
 
     async def _write(self, tier: Tier, items: Sequence[PutItem]) -> bool:
-        # The protocol promises backends buffer-protocol values; only a tier that hands out
-        # HostBuffers itself (the cpu tier's `allocate`) gets them, to adopt those of its own slab.
+        # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
+        # zero-copy memoryviews, except to a tier that hands out HostBuffers itself (the cpu tier's
+        # `allocate`), which adopts those of its own slab and copies tensors with torch.
         if callable(getattr(tier.backend, "allocate", None)):
             batch = cast("list[Item]", list(items))
         else:
-            batch = [(k, v.view() if isinstance(v, HostBuffer) else v) for k, v in items]
+            batch = [(k, v if isinstance(v, (bytes, bytearray, memoryview)) else as_bytes_view(v))
+                     for k, v in items]
         if await self._call(tier, "put", tier.backend.put, batch, writes=len(batch)) is FAULT:
             return False
         nbytes = sum(as_bytes_view(v).nbytes for _, v in batch)

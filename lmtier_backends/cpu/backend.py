@@ -72,13 +72,13 @@ class CpuBackend:
         _check_keys([k for k, _ in items])
         views = [(k, v, as_bytes_view(v)) for k, v in items]  # validate the whole batch first
         for key, value, view in views:
-            tensor = host_tensor_of(value)
             if isinstance(value, HostBuffer) and value.pool is self.pool:
                 buf = value.retain()  # adopt: the caller keeps its own reference
             else:
                 buf = self._reserve(view.nbytes)
-                if tensor is not None and view.nbytes == tensor.numel():
-                    buf.tensor.copy_(tensor)
+                source = _torch_source(value, view)
+                if source is not None:
+                    buf.tensor.copy_(source)
                 else:
                     buf.view()[:] = view
             old = self._entries.pop(key, None)
@@ -135,6 +135,23 @@ class CpuBackend:
             for listener in self._listeners:
                 listener(key, view)
         buf.release()
+
+
+#: From this size on, values are copied with torch, which splits a large copy over several threads
+#: (1.3x a memcpy on 2 cores, 4.9x on 16); below it torch's fixed cost (~3 us) is not worth it.
+_TORCH_COPY_MIN = 256 << 10
+
+
+def _torch_source(value: object, view: memoryview) -> Any:
+    """``value`` as a uint8 tensor over the same memory, when a torch copy pays off; else None."""
+    tensor = host_tensor_of(value)  # a HostBuffer of another pool, or a lease view
+    if tensor is not None:
+        return tensor if tensor.numel() == view.nbytes else None
+    if view.nbytes < _TORCH_COPY_MIN or view.readonly:  # torch warns on read-only buffers
+        return None
+    import torch
+
+    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def _check_keys(keys: Sequence[object]) -> None:

@@ -393,12 +393,7 @@ def _raise_first(cancelled: bool, errors: list[LmtierError]) -> None:
 
 
 def _writable_view(out: object) -> memoryview:
-    if hasattr(out, "data_ptr") and hasattr(out, "numpy"):  # a CPU torch tensor, without importing torch
-        try:
-            out = out.detach().numpy()  # type: ignore[attr-defined]
-        except (RuntimeError, TypeError) as exc:
-            raise InvalidArgumentError(f"get_into needs CPU buffers: {exc}") from None
-    view = as_bytes_view(out)
+    view = as_bytes_view(out)  # also HostBuffers and CPU torch tensors of any dtype
     if view.readonly:
         raise InvalidArgumentError("get_into needs writable buffers, got a read-only one")
     return view

@@ -412,6 +412,30 @@ async def test_host_buffers_reach_other_tiers_as_buffers_and_the_cpu_tier_adopts
 
 
 @pytest.mark.asyncio
+async def test_cpu_torch_tensors_are_values_for_every_tier(registry) -> None:
+    import torch
+
+    tiers = cfg({"name": "hot", "backend": "cpu", "options": {"max_bytes": "4MiB", "pinned": False}},
+                {"name": "strict", "backend": "bytesdict"},
+                {"name": "later", "backend": "bytesdict", "write": "async"})
+    async with await StorageManager.from_config(tiers, registry=registry,
+                                                metrics_registry=CollectorRegistry()) as mgr:
+        small, big = keys(2, "tensors")
+        values = {small: torch.arange(100, dtype=torch.bfloat16),  # 200 bytes: memcpy path
+                  big: torch.randint(0, 255, (512 << 10,), dtype=torch.uint8)}  # torch copy path
+        expected = {k: v.view(torch.uint8).numpy().tobytes() for k, v in values.items()}
+        await mgr.put(list(values.items()))
+        values[big].zero_()  # the tiers copied: later changes to the caller's tensor do not leak in
+        await mgr.flush()
+        for name in ("strict", "later"):
+            assert mgr.tier(name).backend.data == expected, name
+        assert {k: bytes(v) for k, v in zip(values, await mgr.tier("hot").backend.get(list(values)),
+                                           strict=True)} == expected
+        with pytest.raises(InvalidArgumentError, match="host memory"):
+            await mgr.put([(small, torch.zeros(4, device="meta"))])
+
+
+@pytest.mark.asyncio
 async def test_an_unknown_backend_names_the_tier_and_the_known_backends(registry) -> None:
     with pytest.raises(ConfigError) as info:
         await StorageManager.from_config(cfg(HOT, {"name": "x", "backend": "nope"}), registry=registry)
