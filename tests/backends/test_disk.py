@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -450,10 +449,7 @@ async def test_a_cancelled_get_into_returns_only_after_its_reads_stopped(tmp_pat
     monkeypatch.setattr(_files, "read_file_into", slow_read)
     outs = [bytearray(100), bytearray(100)]
     task = asyncio.create_task(backend.get_into(keys, outs))
-    deadline = time.monotonic() + 10
-    while not started.is_set():
-        assert time.monotonic() < deadline, "the read never started"
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(started.wait, 10), "the read never started"
     task.cancel()
     for _ in range(20):
         await asyncio.sleep(0)
@@ -463,6 +459,41 @@ async def test_a_cancelled_get_into_returns_only_after_its_reads_stopped(tmp_pat
         await task
     assert bytes(outs[0]) == b"p" * 100  # the running read finished
     assert bytes(outs[1]) == bytes(100)  # the queued one never started
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_file_operations_run_at_most_max_concurrency_at_once_and_use_all_of_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    backend = await _open(tmp_path / "tier", max_concurrency=2)
+    keys = _keys(8)
+    data = {k: os.urandom(1000) for k in keys}
+    await backend.put(list(data.items()))
+    real = _files.read_file
+    lock = threading.Lock()
+    inside, most, threads = 0, 0, set()
+    both_busy = threading.Barrier(2, timeout=30)  # broken (an error) unless two reads overlap
+
+    def counted_read(*args, **kwargs):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+            first_on_this_thread = threading.get_ident() not in threads
+            threads.add(threading.get_ident())
+        try:
+            if first_on_this_thread:
+                both_busy.wait()
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(_files, "read_file", counted_read)
+    got = await backend.get(keys)
+    assert [bytes(v) for v in got] == list(data.values())
+    assert most == 2 and len(threads) == 2
     await backend.aclose()
 
 
