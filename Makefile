@@ -42,8 +42,16 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/lmtier demo
 
+# Benchmarks that run anywhere, and those that need a CUDA GPU (run only where torch sees one);
+# tests/unit/test_makefile.py keeps these lists in agreement with benchmarks/*.py.
+CPU_BENCHES := cpu_tier lookup disk_tier redis_tier s3_tier nixl_tier vllm_ttft
+GPU_BENCHES := transfer ttft_gpu
+
 bench: setup
-	@for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(CPU_BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  for b in $(GPU_BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done; \
+	else echo "== skipped, no CUDA GPU here: $(GPU_BENCHES)"; fi
 
 lint: setup
 	$(VENV)/bin/ruff check lmtier lmtier_backends tests benchmarks
