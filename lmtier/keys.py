@@ -157,5 +157,14 @@ def chunk_keys(
         hasher.update(prev)
         hasher.update(data[start * 8 : end * 8])
         prev = hasher.digest()
-        keys.append(ChunkKey(namespace, prev))
+        keys.append(_trusted_key(namespace, prev))
     return keys
+
+
+def _trusted_key(namespace: str, digest: bytes) -> ChunkKey:
+    """A ChunkKey from parts already known to be valid: skips __post_init__'s checks, which were
+    most of the cost of keying a long prompt (~1 us of ~1.3 us per chunk)."""
+    key = object.__new__(ChunkKey)
+    object.__setattr__(key, "namespace", namespace)
+    object.__setattr__(key, "digest", digest)
+    return key
