@@ -1,1 +1,3 @@
 """Engine integrations (vLLM connector, HF transformers); each module is import-guarded."""
+
+__all__: list[str] = []

@@ -3,3 +3,5 @@
 ``plugin.py`` registers it cheaply, ``config.py`` holds its options (pydantic only) and
 ``backend.py`` the tier itself; NIXL is imported only when a tier opens.
 """
+
+__all__: list[str] = []

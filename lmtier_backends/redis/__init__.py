@@ -1,1 +1,3 @@
 """The ``redis`` tier: Redis or Redis Cluster (``pip install 'lmtier[redis]'``)."""
+
+__all__: list[str] = []
