@@ -375,6 +375,11 @@ def _transfer_status_line() -> str:
         line += f"; library {st['library']}"
         if st.get("library_version"):
             line += f" ({st['library_version']})"
+    if st.get("mode"):
+        line += (f"; copy mode {st['mode']} (staging {st.get('staging_bytes_d2h', 0) >> 20} MiB device->host, "
+                 f"{st.get('staging_bytes_h2d', 0) >> 20} MiB host->device)")
+    elif st.get("mode_error"):
+        line += f"; {st['mode_error']}"
     flags = [f for f in ("require_native", "disable_native") if st.get(f)]
     if flags:
         line += f"; {', '.join(flags)} set"

@@ -62,6 +62,18 @@ def test_doctor_names_the_bad_key_of_a_broken_config_and_exits_1(
     assert "verdict: NOT OK" in out and "tiers[0].options.max_byts: unknown key" in out
 
 
+def test_doctor_names_the_copy_mode_and_a_bad_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LMTIER_TRANSFER_MODE", "staged")
+    monkeypatch.setenv("LMTIER_STAGING_H2D_BYTES", str(48 << 20))
+    main(["doctor"])
+    assert "copy mode staged (staging 24 MiB device->host, 48 MiB host->device)" in capsys.readouterr().out
+    monkeypatch.setenv("LMTIER_TRANSFER_MODE", "fastest")
+    main(["doctor"])
+    assert "LMTIER_TRANSFER_MODE='fastest'; use one of auto, mapped, staged" in capsys.readouterr().out
+
+
 def test_secret_looking_options_and_url_passwords_are_masked() -> None:
     shown = _redact({"url": "redis://u:pw@h:1/0", "secret_key": "abc", "nested": {"api_key": "k"},
                      "plain": "redis://h:1/0", "access_key_env": "AWS_KEY", "size": 3})
