@@ -359,6 +359,31 @@ int run_plan(const Plan& p) {
     return small ? run_batches<SmallBatch>(p) : run_batches<LargeBatch>(p);
 }
 
+int copy_mapped(const Call& c) {
+    Plan p;
+    p.page_bytes = c.page_bytes;
+    p.layers = c.layers;
+    uint64_t align = c.align;
+    uint32_t first = 0;
+    HostMapper mapper;
+    for (int32_t i = 0; i < c.num_chunks; ++i) {
+        const uint32_t pages = uint32_t(c.chunk_pages[i]);
+        if (!pages) continue;
+        const uint64_t layer_stride = uint64_t(pages) * c.page_bytes;
+        uint64_t host = c.host_ptrs[i];
+        if (!host) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", i);
+        if (!(c.flags & LMT_FLAG_TRUST_UVA)) {
+            const int st = mapper.map(i, host, layer_stride * uint64_t(c.num_layers), c.device, &host);
+            if (st != LMT_OK) return st;
+        }
+        align |= host;
+        add_pieces(&p, host, layer_stride, first, pages);
+        first += pages;
+    }
+    const int st = shape_plan(c, align, &p);
+    return st != LMT_OK ? st : run_plan(p);
+}
+
 const char* last_error() { return g_last_error.c_str(); }
 void clear_error() { g_last_error.clear(); }
 
@@ -366,6 +391,27 @@ void clear_error() { g_last_error.clear(); }
 
 using lmt::fail;
 using lmt::fail_cuda;
+
+namespace {
+
+// Both copy entry points: validate, select the device, run the mapped path (no staging) or the
+// staged one.
+int copy_entry(int direction, const lmt_layout* layout, const uint64_t* layer_ptrs,
+               int32_t num_layers, const int32_t* layers, int32_t num_selected,
+               const int32_t* block_ids, const int32_t* chunk_pages, const uint64_t* host_ptrs,
+               int32_t num_chunks, int32_t device, void* stream, const lmt_launch_opts* opts,
+               lmt_staging* staging) {
+    lmt::Call c;
+    const int st = lmt::prepare_call(direction, layout, layer_ptrs, num_layers, layers,
+                                     num_selected, block_ids, chunk_pages, host_ptrs, num_chunks,
+                                     device, stream, opts, &c);
+    if (st != LMT_OK || c.total_pages == 0 || c.layers.empty()) return st;
+    lmt::DeviceGuard guard(device);
+    if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "selecting the device");
+    return staging ? lmt::copy_staged(c, staging) : lmt::copy_mapped(c);
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -409,38 +455,21 @@ LMT_API int lmt_copy_pages(int direction, const lmt_layout* layout, const uint64
                            const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
                            void* stream, const lmt_launch_opts* opts) {
     lmt::clear_error();
-    lmt::Call c;
-    int st = lmt::prepare_call(direction, layout, layer_ptrs, num_layers, layers, num_selected,
-                               block_ids, chunk_pages, host_ptrs, num_chunks, device, stream, opts,
-                               &c);
-    if (st != LMT_OK || c.total_pages == 0 || c.layers.empty()) return st;
+    return copy_entry(direction, layout, layer_ptrs, num_layers, layers, num_selected, block_ids,
+                      chunk_pages, host_ptrs, num_chunks, device, stream, opts, nullptr);
+}
 
-    lmt::DeviceGuard guard(device);
-    if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "selecting the device");
-
-    lmt::Plan p;
-    p.page_bytes = c.page_bytes;
-    p.layers = c.layers;
-    uint64_t align = c.align;
-    uint32_t first = 0;
-    lmt::HostMapper mapper;
-    for (int32_t i = 0; i < num_chunks; ++i) {
-        const uint32_t pages = uint32_t(chunk_pages[i]);
-        if (!pages) continue;
-        const uint64_t layer_stride = uint64_t(pages) * c.page_bytes;
-        uint64_t host = host_ptrs[i];
-        if (!host) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", i);
-        if (!(c.flags & LMT_FLAG_TRUST_UVA)) {
-            st = mapper.map(i, host, layer_stride * uint64_t(num_layers), device, &host);
-            if (st != LMT_OK) return st;
-        }
-        align |= host;
-        lmt::add_pieces(&p, host, layer_stride, first, pages);
-        first += pages;
-    }
-    st = lmt::shape_plan(c, align, &p);
-    if (st != LMT_OK) return st;
-    return lmt::run_plan(p);
+LMT_API int lmt_copy_pages_staged(int direction, const lmt_layout* layout,
+                                  const uint64_t* layer_ptrs, int32_t num_layers,
+                                  const int32_t* layers, int32_t num_selected,
+                                  const int32_t* block_ids, const int32_t* chunk_pages,
+                                  const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
+                                  void* stream, const lmt_launch_opts* opts,
+                                  lmt_staging* staging) {
+    lmt::clear_error();
+    if (!staging) return fail(LMT_ERR_INVALID_ARGUMENT, "staging is NULL");
+    return copy_entry(direction, layout, layer_ptrs, num_layers, layers, num_selected, block_ids,
+                      chunk_pages, host_ptrs, num_chunks, device, stream, opts, staging);
 }
 
 LMT_API int lmt_offload(const lmt_layout* layout, const uint64_t* layer_ptrs, int32_t num_layers,

@@ -85,6 +85,11 @@ void add_pieces(Plan* p, uint64_t host, uint64_t layer_stride, uint32_t first, u
 // Enqueues the plan's kernel launches (a few when it exceeds one parameter block).
 int run_plan(const Plan& p);
 
+// The two copy paths, given a validated call with something to copy and its device selected:
+// one kernel on mapped host memory (api.cu), or copy engines through `staging` (staged.cu).
+int copy_mapped(const Call& c);
+int copy_staged(const Call& c, lmt_staging* staging);
+
 // Where a host chunk sits and whether it is pinned and mapped; one driver query per allocation.
 class HostMapper {
    public:

@@ -275,6 +275,62 @@ void destroy(lmt_staging* st) {
 }
 
 }  // namespace
+
+int copy_staged(const Call& c, lmt_staging* staging) {
+    if (staging->device != c.device) {
+        return fail(LMT_ERR_INVALID_ARGUMENT, "the staging buffer is on device %d, the cache on %d",
+                    staging->device, c.device);
+    }
+    // Host chunks: pinned (the copies are asynchronous), each inside its allocation.
+    HostMapper mapper;
+    std::vector<uint32_t> first_page(size_t(c.num_chunks), 0);
+    std::vector<uint64_t> alloc(size_t(c.num_chunks), 0);
+    uint32_t first = 0;
+    for (int32_t i = 0; i < c.num_chunks; ++i) {
+        first_page[size_t(i)] = first;
+        const uint32_t pages = uint32_t(c.chunk_pages[i]);
+        first += pages;
+        if (!pages) continue;
+        if (!c.host_ptrs[i]) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", i);
+        uint64_t mapped = 0;
+        const int st = mapper.map(i, c.host_ptrs[i],
+                                  uint64_t(pages) * c.page_bytes * uint64_t(c.num_layers),
+                                  c.device, &mapped, &alloc[size_t(i)]);
+        if (st != LMT_OK) return st;
+    }
+
+    // Consecutive selected layers form one contiguous range of every host chunk.
+    std::vector<int32_t> sorted = c.layers;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<std::pair<int32_t, int32_t>> ranges;
+    for (int32_t l : sorted) {
+        if (!ranges.empty() && ranges.back().second == l) {
+            ranges.back().second = l + 1;
+        } else {
+            ranges.emplace_back(l, l + 1);
+        }
+    }
+
+    Plan shape;
+    shape.page_bytes = c.page_bytes;
+    int st = shape_plan(c, c.align | reinterpret_cast<uint64_t>(staging->base) |
+                               staging->slot_bytes | kSlotAlign | c.page_bytes,
+                        &shape);
+    if (st != LMT_OK) return st;
+
+    std::lock_guard<std::mutex> lock(staging->mu);
+    StagedCopy copy(*staging, c, shape, first_page, alloc);
+    st = copy.begin();
+    for (int32_t i = 0; st == LMT_OK && i < c.num_chunks; ++i) {
+        if (!c.chunk_pages[i]) continue;
+        for (const auto& r : ranges) {
+            st = copy.add_layers(uint32_t(i), r.first, r.second);
+            if (st != LMT_OK) break;
+        }
+    }
+    return st == LMT_OK ? copy.finish() : st;
+}
+
 }  // namespace lmt
 
 using lmt::fail;
@@ -348,78 +404,6 @@ LMT_API int lmt_staging_destroy(lmt_staging* staging) {
 
 LMT_API uint64_t lmt_staging_slot_bytes(const lmt_staging* staging) {
     return staging ? staging->slot_bytes : 0;
-}
-
-LMT_API int lmt_copy_pages_staged(int direction, const lmt_layout* layout,
-                                  const uint64_t* layer_ptrs, int32_t num_layers,
-                                  const int32_t* layers, int32_t num_selected,
-                                  const int32_t* block_ids, const int32_t* chunk_pages,
-                                  const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
-                                  void* stream, const lmt_launch_opts* opts,
-                                  lmt_staging* staging) {
-    lmt::clear_error();
-    if (!staging) return fail(LMT_ERR_INVALID_ARGUMENT, "staging is NULL");
-    if (staging->device != device) {
-        return fail(LMT_ERR_INVALID_ARGUMENT, "the staging buffer is on device %d, the cache on %d",
-                    staging->device, device);
-    }
-    lmt::Call c;
-    int st = lmt::prepare_call(direction, layout, layer_ptrs, num_layers, layers, num_selected,
-                               block_ids, chunk_pages, host_ptrs, num_chunks, device, stream, opts,
-                               &c);
-    if (st != LMT_OK || c.total_pages == 0 || c.layers.empty()) return st;
-
-    lmt::DeviceGuard guard(device);
-    if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "selecting the device");
-
-    // Host chunks: pinned (the copies are asynchronous), each inside its allocation.
-    lmt::HostMapper mapper;
-    std::vector<uint32_t> first_page(size_t(num_chunks), 0);
-    std::vector<uint64_t> alloc(size_t(num_chunks), 0);
-    uint32_t first = 0;
-    for (int32_t i = 0; i < num_chunks; ++i) {
-        first_page[size_t(i)] = first;
-        const uint32_t pages = uint32_t(chunk_pages[i]);
-        first += pages;
-        if (!pages) continue;
-        if (!host_ptrs[i]) return fail(LMT_ERR_INVALID_ARGUMENT, "host_ptrs[%d] is NULL", i);
-        uint64_t mapped = 0;
-        st = mapper.map(i, host_ptrs[i], uint64_t(pages) * c.page_bytes * uint64_t(num_layers),
-                        device, &mapped, &alloc[size_t(i)]);
-        if (st != LMT_OK) return st;
-    }
-
-    // Consecutive selected layers form one contiguous range of every host chunk.
-    std::vector<int32_t> sorted = c.layers;
-    std::sort(sorted.begin(), sorted.end());
-    std::vector<std::pair<int32_t, int32_t>> ranges;
-    for (int32_t l : sorted) {
-        if (!ranges.empty() && ranges.back().second == l) {
-            ranges.back().second = l + 1;
-        } else {
-            ranges.emplace_back(l, l + 1);
-        }
-    }
-
-    lmt::Plan shape;
-    shape.page_bytes = c.page_bytes;
-    st = lmt::shape_plan(c, c.align | reinterpret_cast<uint64_t>(staging->base) |
-                                staging->slot_bytes | lmt::kSlotAlign | c.page_bytes,
-                         &shape);
-    if (st != LMT_OK) return st;
-
-    std::lock_guard<std::mutex> lock(staging->mu);
-    lmt::StagedCopy copy(*staging, c, shape, first_page, alloc);
-    st = copy.begin();
-    for (int32_t i = 0; st == LMT_OK && i < num_chunks; ++i) {
-        if (!chunk_pages[i]) continue;
-        for (const auto& r : ranges) {
-            st = copy.add_layers(uint32_t(i), r.first, r.second);
-            if (st != LMT_OK) break;
-        }
-    }
-    if (st == LMT_OK) st = copy.finish();
-    return st;
 }
 
 }  // extern "C"
