@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from lmtier.config import LmtierConfig
     from lmtier.registry import BackendRegistry
 
-__all__ = ["QWEN3_8B_CHUNK_BYTES", "main", "parse_size", "storage_demo"]
+__all__ = ["QWEN3_8B_CHUNK_BYTES", "demo_dir", "main", "parse_size", "storage_demo"]
 
 #: One 256-token chunk of Qwen3-8B's KV cache: 36 layers x (K, V) x 8 KV heads x 128 x bf16 x 256.
 QWEN3_8B_CHUNK_BYTES = 36 * 2 * 8 * 128 * 2 * 256  # 37,748,736 bytes
@@ -693,7 +693,8 @@ def _demo_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def _demo_dir(path: str | None) -> Iterator[Path]:
+def demo_dir(path: str | None) -> Iterator[Path]:
+    """The demos' working directory: ``path`` (created, kept) or a temporary one (removed)."""
     if path:
         root = Path(path).expanduser()
         root.mkdir(parents=True, exist_ok=True)
@@ -712,7 +713,7 @@ def storage_demo(argv: Sequence[str] | None = None) -> int:
     args = _demo_parser().parse_args(list(argv or []))
     if args.tokens < 1 or args.chunk_tokens < 1 or args.scale < 1:
         raise ConfigError("--tokens, --chunk-tokens and --scale must be positive")
-    with _demo_dir(args.dir) as root:
+    with demo_dir(args.dir) as root:
         return asyncio.run(_storage_demo(args.tokens, args.chunk_tokens, args.scale, root))
 
 

@@ -22,7 +22,6 @@ loaded KV.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -261,7 +260,9 @@ def run_demo(argv_or_options: Sequence[str] | argparse.Namespace | None = None) 
     _say(f"      model {model} ({time.perf_counter() - t0:.1f} s); {len(prompts)} prompts of "
          f"{opts.tokens} tokens, {opts.max_tokens} generated each")
 
-    with _disk_root(opts.dir) as root:
+    from lmtier.cli import demo_dir
+
+    with demo_dir(opts.dir) as root:
         extra = _tier_config(root)
         tiers = ", ".join(f"{t['name']}({t['backend']}: {_describe(t['options'])})" for t in extra["tiers"])
         _say(f"      lmtier tiers (the embedded default, disk root moved to the demo directory): {tiers}")
@@ -300,15 +301,6 @@ def _route_lmtier_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
-@contextlib.contextmanager
-def _disk_root(path: str | None) -> Iterator[Path]:
-    if path:
-        root = Path(path).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        yield root
-        return
-    with tempfile.TemporaryDirectory(prefix="lmtier-demo-") as tmp:
-        yield Path(tmp)
 
 
 def _tier_config(root: Path) -> dict[str, Any]:

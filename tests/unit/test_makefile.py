@@ -29,7 +29,7 @@ def test_the_quick_start_and_ci_use_make_demo_and_make_test() -> None:
 
 
 def test_make_test_runs_setup_first_and_the_whole_suite() -> None:
-    done = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["make", "--no-print-directory", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     setup = "\n".join(lines)
