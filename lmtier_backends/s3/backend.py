@@ -471,14 +471,7 @@ class S3Backend:
                 consumed = True
             finally:
                 finish_response(body, consumed=consumed)
-            try:
-                length, csum = decode_header(key, header)
-                if length != payload.nbytes:
-                    raise CorruptDataError(f"{key}: payload is {payload.nbytes} bytes, header says {length}")
-                if self.config.verify_checksum and checksum(payload) != csum:
-                    raise CorruptDataError(f"{key}: checksum mismatch")
-            except CorruptDataError as exc:
-                self._discard_corrupt(name, exc)
+            if not self._intact(key, name, header, payload):
                 return None
             self._count(hits=1, bytes_read=size)
             return payload.toreadonly() if host is None else host.lease_view()
@@ -529,16 +522,22 @@ class S3Backend:
             consumed = True
         finally:
             finish_response(body, consumed=consumed)
+        if not self._intact(key, name, header, out):
+            return False
+        self._count(hits=1, bytes_read=size)
+        return True
+
+    def _intact(self, key: ChunkKey, name: str, header: bytearray, payload: memoryview) -> bool:
+        """Whether a received object's header matches its payload; a corrupt one is discarded."""
         try:
             length, csum = decode_header(key, header)
-            if length != out.nbytes:
-                raise CorruptDataError(f"{key}: header says {length} bytes, object holds {out.nbytes}")
-            if self.config.verify_checksum and checksum(out) != csum:
+            if length != payload.nbytes:
+                raise CorruptDataError(f"{key}: header says {length} bytes, object holds {payload.nbytes}")
+            if self.config.verify_checksum and checksum(payload) != csum:
                 raise CorruptDataError(f"{key}: checksum mismatch")
         except CorruptDataError as exc:
             self._discard_corrupt(name, exc)
             return False
-        self._count(hits=1, bytes_read=size)
         return True
 
     def _discard_corrupt(self, name: str, exc: CorruptDataError) -> None:

@@ -334,20 +334,26 @@ async def test_a_cancelled_get_into_never_writes_the_callers_buffers_after_it_un
     assert [bytes(o) for o in outs] == snapshot
 
 
-@pytest.mark.asyncio
-async def test_big_batches_are_split_into_rounds_of_batch_descriptors(
-    opener: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def rounds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch of transfers the posix store hands NIXL, in order."""
     from lmtier_backends.nixl import _posix
 
-    rounds: list[int] = []
+    seen: list[int] = []
     real = _posix.transfer_each
 
     def spy(agent: Any, op: str, pairs: Any, **kw: Any) -> Any:
-        rounds.append(len(pairs))
+        seen.append(len(pairs))
         return real(agent, op, pairs, **kw)
 
     monkeypatch.setattr(_posix, "transfer_each", spy)
+    return seen
+
+
+@pytest.mark.asyncio
+async def test_big_batches_are_split_into_rounds_of_batch_descriptors(
+    opener: Callable[..., Any], rounds: list[int]
+) -> None:
     tier = await opener(batch_descriptors=3, io_threads=1)  # one worker: the batch is not split among threads
     keys = _keys(10)
     values = [os.urandom(100 + i) for i in range(10)]
@@ -360,18 +366,8 @@ async def test_big_batches_are_split_into_rounds_of_batch_descriptors(
 
 @pytest.mark.asyncio
 async def test_a_batch_is_split_into_one_piece_per_io_thread(
-    opener: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    opener: Callable[..., Any], rounds: list[int]
 ) -> None:
-    from lmtier_backends.nixl import _posix
-
-    rounds: list[int] = []
-    real = _posix.transfer_each
-
-    def spy(agent: Any, op: str, pairs: Any, **kw: Any) -> Any:
-        rounds.append(len(pairs))
-        return real(agent, op, pairs, **kw)
-
-    monkeypatch.setattr(_posix, "transfer_each", spy)
     tier = await opener(io_threads=3)
     keys = _keys(7)
     values = [os.urandom(100 + i) for i in range(7)]
