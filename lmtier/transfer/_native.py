@@ -285,7 +285,8 @@ def staging_config() -> StagingConfig:
 
 
 class _Stagings:
-    """Staging buffers of the loaded library, one per (device, direction, config), made on first use.
+    """Staging buffers of the loaded library, one per (device, direction, size, slots, streams),
+    made on first use.
 
     A buffer that cannot be made is remembered as ``None`` (logged once): its calls go mapped.
     Buffers live as long as the process (freeing device memory at interpreter exit races the
@@ -294,15 +295,16 @@ class _Stagings:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._handles: dict[tuple[str, int, int, StagingConfig], int | None] = {}
+        # keyed by what shapes a buffer: a new mode or threshold must not allocate another one
+        self._handles: dict[tuple[str, int, int, int, int, int], int | None] = {}
 
     def get(self, lib: ctypes.CDLL, path: str, device: int, direction: int, cfg: StagingConfig) -> int | None:
-        key = (path, device, direction, cfg)
+        nbytes = cfg.bytes_for(direction)
+        key = (path, device, direction, nbytes, cfg.slots, cfg.streams)
         with self._lock:
             if key in self._handles:
                 return self._handles[key]
             out = ctypes.c_void_p()
-            nbytes = cfg.bytes_for(direction)
             status = lib.lmt_staging_create(device, nbytes, cfg.slots, cfg.streams, ctypes.byref(out))
             handle: int | None = out.value if status == 0 else None
             if handle is None:
@@ -314,7 +316,7 @@ class _Stagings:
 
     def in_use(self) -> int:
         with self._lock:
-            return sum(k[3].bytes_for(k[2]) for k, h in self._handles.items() if h is not None)
+            return sum(k[3] for k, h in self._handles.items() if h is not None)
 
 
 @functools.cache
