@@ -14,7 +14,6 @@ A chunk is one Qwen3-8B chunk of 256 tokens: 36 layers x 2 (K,V) x 8 heads x 128
   chunk ``i``), so compared reads run ~30 ms apart and the device's drifts cancel;
 * a batch of all chunks: the same raw reads on ``--concurrency`` threads vs one tier ``get`` /
   ``get_into`` call (the tier's ``max_concurrency`` threads), into the same pre-touched buffers;
-* aiofiles vs ``asyncio.to_thread`` of a plain read: why the tier does not use aiofiles;
 * writes: raw create + write of new files vs tier ``put`` (temp file, header, checksum, rename),
   into the page cache and with fsync on both sides.
 
@@ -47,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from lmtier.codec import HEADER_BYTES
+from lmtier.framing import HEADER_BYTES
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier_backends.disk._files import PIECE_BYTES
 from lmtier_backends.disk.backend import DiskBackend, open_disk_backend
@@ -183,20 +182,6 @@ class Bench:
         async def tier_get_into_one(i: int) -> None:
             assert await tier.get_into([self.keys[i]], [outs[0]]) == [True]
 
-        async def to_thread_one(i: int) -> None:
-            await asyncio.to_thread(raw_read, paths[i], one)
-
-        async def aiofiles_one(i: int) -> None:
-            import aiofiles
-
-            async with aiofiles.open(paths[i], "rb", buffering=0) as f:
-                got = 0
-                while got < FILE_BYTES:
-                    n = await f.readinto(one[got:])
-                    if not n:
-                        break
-                    got += n
-
         # -- a whole batch per pass --------------------------------------------------------------
         async def raw_parallel() -> None:
             await asyncio.gather(
@@ -218,7 +203,6 @@ class Bench:
         interleaved: list[list[tuple[str, Callable[[int], Awaitable[None]]]]] = [
             [("read: raw, tier's pattern", raw_pattern_one), ("read: raw readinto", raw_readinto_one),
              ("read: tier get", tier_get_one), ("read: tier get_into", tier_get_into_one)],
-            [("async read: to_thread(os read)", to_thread_one), ("async read: aiofiles", aiofiles_one)],
         ]
         batches: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             (f"batch read: raw, tier's pattern, {self.concurrency} thr", raw_pattern_parallel),

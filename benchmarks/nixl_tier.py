@@ -55,7 +55,7 @@ os.environ.setdefault("UCX_NET_DEVICES", "lo")  # never listen beyond loopback, 
 os.environ.setdefault("UCX_MODULES", "^ib")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
-from lmtier.codec import HEADER_BYTES, encode_header
+from lmtier.framing import HEADER_BYTES, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier_backends.nixl.backend import open_nixl_backend
 from lmtier_backends.nixl.config import NixlConfig

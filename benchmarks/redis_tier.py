@@ -58,7 +58,7 @@ import redis.asyncio as aredis
 from redis.cluster import RedisCluster
 from redis.connection import ConnectionPool, Encoder, PythonRespSerializer
 
-from lmtier.codec import checksum, encode_header
+from lmtier.framing import checksum, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier_backends.redis.backend import RedisBackend, open_redis_backend
 from lmtier_backends.redis.config import RedisConfig

@@ -50,7 +50,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lmtier.codec import as_bytes_view
+from lmtier.buffers import as_bytes_view
 from lmtier.config import LmtierConfig, load_config
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys

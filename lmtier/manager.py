@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from lmtier.breaker import CircuitBreaker
-from lmtier.codec import as_bytes_view
+from lmtier.buffers import as_bytes_view
 from lmtier.config import LmtierConfig, TierConfig, load_config
 from lmtier.errors import (
     BackendError,

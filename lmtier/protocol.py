@@ -69,7 +69,7 @@ class StorageBackend(Protocol):
     what a backend uses as a file name, Redis key or S3 key. Values are C-contiguous buffer-protocol
     objects (``bytes``, ``bytearray``, ``memoryview``, ``numpy`` arrays): the
     :class:`~lmtier.manager.StorageManager` turns the HostBuffers and CPU torch tensors its callers
-    pass into zero-copy memoryviews first. :func:`lmtier.codec.as_bytes_view` gives a flat byte view
+    pass into zero-copy memoryviews first. :func:`lmtier.buffers.as_bytes_view` gives a flat byte view
     of any of them (and raises :class:`~lmtier.errors.InvalidArgumentError` for anything else).
     Backends must not keep a reference to a caller's buffer after ``put`` returns, unless they copy
     it.

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 import numpy as np
 import torch
 
-from lmtier.codec import as_bytes_view
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
 from lmtier.manager import StorageManager

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lmtier.codec import as_bytes_view
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import CapacityError, InvalidArgumentError
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from lmtier.codec import HEADER_BYTES, decode, decode_header, encode_header
 from lmtier.errors import CorruptDataError, InvalidArgumentError
+from lmtier.framing import HEADER_BYTES, decode, decode_header, encode_header
 from lmtier.keys import ChunkKey
 
 if TYPE_CHECKING:

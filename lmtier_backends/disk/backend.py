@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtier.codec import HEADER_BYTES, as_bytes_view
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import (
     BackendError,
     BackendUnavailableError,
@@ -39,6 +39,7 @@ from lmtier.errors import (
     InvalidArgumentError,
     LmtierError,
 )
+from lmtier.framing import HEADER_BYTES
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.disk import _files

@@ -24,8 +24,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from lmtier.codec import HEADER_BYTES, decode_header
 from lmtier.errors import CorruptDataError
+from lmtier.framing import HEADER_BYTES, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed

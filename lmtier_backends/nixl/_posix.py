@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmtier.codec import HEADER_BYTES
 from lmtier.errors import CapacityError, ConfigError, InvalidArgumentError
+from lmtier.framing import HEADER_BYTES
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed

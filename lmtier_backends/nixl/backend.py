@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
-from lmtier.codec import HEADER_BYTES, as_bytes_view, checksum, decode, decode_header, encode_header
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import (
     BackendError,
     BackendUnavailableError,
@@ -47,6 +47,7 @@ from lmtier.errors import (
     InvalidArgumentError,
     LmtierError,
 )
+from lmtier.framing import HEADER_BYTES, checksum, decode, decode_header, encode_header
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
 from lmtier.protocol import Buffer, Capabilities

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rex
 from redis.connection import ConnectionPool
 
-from lmtier.codec import checksum, checksum_stream
+from lmtier.framing import checksum, checksum_stream
 
 if TYPE_CHECKING:
     from lmtier.protocol import Buffer

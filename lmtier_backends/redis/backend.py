@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.connection import ConnectionPool, parse_url
 from redis.retry import Retry
 
-from lmtier.codec import HEADER_BYTES, as_bytes_view, checksum, decode_header, encode_header
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import (
     BackendUnavailableError,
     CapacityError,
@@ -42,6 +42,7 @@ from lmtier.errors import (
     InvalidArgumentError,
     LmtierError,
 )
+from lmtier.framing import HEADER_BYTES, checksum, decode_header, encode_header
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.redis._errors import map_error

@@ -1,6 +1,6 @@
 """The ``s3`` tier: one object per chunk, ``<prefix>/<str(key)>``, in an S3 bucket.
 
-Each object is the 64-byte :mod:`lmtier.codec` header (key, length, xxh3 checksum) followed by
+Each object is the 64-byte :mod:`lmtier.framing` header (key, length, xxh3 checksum) followed by
 the payload; a read that fails the check is a miss, the object is deleted and counted
 (``stats()["corrupt"]``).
 
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from pydantic import SecretStr
 
-from lmtier.codec import HEADER_BYTES, as_bytes_view, checksum, decode, decode_header, encode_header
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import (
     BackendError,
     CapacityError,
@@ -50,6 +50,7 @@ from lmtier.errors import (
     CorruptDataError,
     InvalidArgumentError,
 )
+from lmtier.framing import HEADER_BYTES, checksum, decode, decode_header, encode_header
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.s3._errors import (

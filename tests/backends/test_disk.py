@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmtier.codec import HEADER_BYTES
 from lmtier.errors import (
     BackendError,
     BackendUnavailableError,
@@ -24,6 +23,7 @@ from lmtier.errors import (
     ConfigError,
     InvalidArgumentError,
 )
+from lmtier.framing import HEADER_BYTES
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.memory import HostMemoryPool
 from lmtier.registry import BackendRegistry

@@ -21,7 +21,7 @@ HEAVY = ["torch", "numpy", "redis", "boto3", "botocore", "nixl", "nixl_cu12", "v
 #: Modules of the core framework and the built-in cpu/disk tiers (the other tiers and the
 #: integrations are owned and checked elsewhere).
 CORE_MODULES = [
-    "lmtier", "lmtier.errors", "lmtier.protocol", "lmtier.keys", "lmtier.codec", "lmtier.memory",
+    "lmtier", "lmtier.errors", "lmtier.protocol", "lmtier.keys", "lmtier.framing", "lmtier.buffers", "lmtier.memory",
     "lmtier.config", "lmtier.hookspecs", "lmtier.registry", "lmtier.breaker", "lmtier.metrics",
     "lmtier.manager", "lmtier.cli", "lmtier.testing", "lmtier.testing.conformance", "lmtier.testing.plugin",
     "lmtier_backends", "lmtier_backends.cpu", "lmtier_backends.cpu.plugin", "lmtier_backends.cpu.config",

@@ -175,7 +175,7 @@ def test_a_subtly_broken_backend_fails_the_relevant_conformance_tests(pytester: 
     body, must_fail = BROKEN[variant]
     source = "\n".join([
         "import pytest",
-        "from lmtier.codec import as_bytes_view",
+        "from lmtier.buffers import as_bytes_view",
         "from lmtier.testing import BackendConformance",
         "from lmtier_memdict.backend import MemDictBackend",
         "from lmtier_memdict.config import MemDictConfig",

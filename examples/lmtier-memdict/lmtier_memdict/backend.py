@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lmtier.codec import as_bytes_view
+from lmtier.buffers import as_bytes_view
 from lmtier.errors import BackendUnavailableError, CapacityError, InvalidArgumentError
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities

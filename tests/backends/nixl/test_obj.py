@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from lmtier.codec import HEADER_BYTES, encode_header
 from lmtier.errors import BackendUnavailableError, ConfigError
+from lmtier.framing import HEADER_BYTES, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier_backends.nixl.backend import NixlBackend, open_nixl_backend
 from lmtier_backends.nixl.config import NixlConfig

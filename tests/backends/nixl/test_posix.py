@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from lmtier.codec import HEADER_BYTES, encode_header
 from lmtier.errors import CapacityError, ConfigError
+from lmtier.framing import HEADER_BYTES, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.memory import host_tensor_of
 from lmtier.registry import BackendRegistry

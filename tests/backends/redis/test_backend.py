@@ -14,8 +14,8 @@ import struct
 import pytest
 import redis
 
-from lmtier.codec import HEADER_BYTES, encode_header
 from lmtier.errors import BackendTimeoutError, BackendUnavailableError, CapacityError, ConfigError
+from lmtier.framing import HEADER_BYTES, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier_backends.redis.backend import RedisBackend, open_redis_backend
 from lmtier_backends.redis.config import RedisConfig

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from lmtier.codec import HEADER_BYTES, decode, encode_header
 from lmtier.errors import BackendError, ConfigError
+from lmtier.framing import HEADER_BYTES, decode, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.memory import HostMemoryPool, host_tensor_of
 from lmtier.registry import BackendRegistry

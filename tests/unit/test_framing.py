@@ -1,11 +1,11 @@
-"""The stored-object header: round trip and every way a value can be wrong."""
+"""The stored-value header (lmtier.framing): round trip and every way a value can be wrong."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmtier.codec import HEADER_BYTES, checksum, checksum_stream, decode, encode_header
 from lmtier.errors import CorruptDataError, InvalidArgumentError
+from lmtier.framing import HEADER_BYTES, checksum, checksum_stream, decode, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 
 KEY = ChunkKey(make_namespace(t="codec"), bytes(range(16)))
@@ -59,30 +59,3 @@ def test_a_checksum_streamed_piece_by_piece_equals_the_whole_payloads(size: int)
     header = encode_header(KEY, payload, payload_checksum=stream.intdigest())
     assert header == encode_header(KEY, payload)  # the same stored format either way
     assert bytes(decode(KEY, header + payload)) == payload
-
-
-def test_cpu_torch_tensors_of_any_dtype_are_zero_copy_byte_views() -> None:
-    import torch
-
-    from lmtier.codec import as_bytes_view
-
-    t = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
-    view = as_bytes_view(t)
-    assert view.nbytes == 12 and view.format == "B" and view.ndim == 1
-    t[1, 2] = 100.0  # the view is the tensor's memory, not a copy
-    assert bytes(view) == t.view(torch.uint8).numpy().tobytes()
-    assert as_bytes_view(torch.empty(0)).nbytes == 0
-    assert decode(KEY, encode_header(KEY, t) + bytes(view)).tobytes() == bytes(view)
-
-
-@pytest.mark.parametrize(("tensor", "message"), [
-    (lambda torch: torch.zeros(4, 4).t(), "C-contiguous"),
-    (lambda torch: torch.zeros(4, device="meta"), "must be in host memory, got a tensor on meta"),
-])
-def test_tensors_that_are_not_contiguous_host_memory_are_typed_errors(tensor, message: str) -> None:
-    import torch
-
-    from lmtier.codec import as_bytes_view
-
-    with pytest.raises(InvalidArgumentError, match=message):
-        as_bytes_view(tensor(torch))

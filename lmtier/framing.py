@@ -19,11 +19,12 @@ turn that into a miss, delete the entry and count it. Never pickle.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
-from lmtier.errors import CorruptDataError, InvalidArgumentError
+from lmtier.buffers import as_bytes_view
+from lmtier.errors import CorruptDataError
 
 if TYPE_CHECKING:
     from lmtier.keys import ChunkKey
@@ -33,10 +34,10 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "MAGIC",
-    "as_bytes_view",
     "checksum",
     "checksum_stream",
     "decode",
+    "decode_header",
     "encode_header",
 ]
 
@@ -45,47 +46,6 @@ FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<4sHHQQ8s16s16x")
 assert _HEADER.size == HEADER_BYTES
-
-
-def as_bytes_view(value: object) -> memoryview:
-    """A flat, byte-typed, zero-copy view of a C-contiguous host buffer: any buffer-protocol object,
-    a :class:`~lmtier.memory.HostBuffer` or a CPU torch tensor (any dtype); InvalidArgumentError
-    otherwise."""
-    from lmtier.memory import HostBuffer
-
-    if isinstance(value, HostBuffer):  # no buffer protocol for pure-Python classes before 3.12
-        return value.view()
-    if _is_torch_tensor(value):  # torch tensors have no buffer protocol either
-        return _tensor_bytes(value)
-    try:
-        view = memoryview(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise InvalidArgumentError(
-            f"values must be host buffers (bytes, memoryview, numpy arrays, CPU torch tensors), "
-            f"got {type(value).__name__}"
-        ) from None
-    if not view.c_contiguous:
-        raise InvalidArgumentError("values must be C-contiguous buffers; call .contiguous() first")
-    return view.cast("B") if (view.format != "B" or view.ndim != 1) else view
-
-
-def _is_torch_tensor(value: object) -> bool:
-    # by name: importing torch here would make every codec user pay for it
-    return any(c.__module__ == "torch" and c.__name__ == "Tensor" for c in type(value).__mro__)
-
-
-def _tensor_bytes(tensor: Any) -> memoryview:
-    import torch
-
-    if tensor.device.type != "cpu":
-        raise InvalidArgumentError(
-            f"values must be in host memory, got a tensor on {tensor.device}; copy it to the host "
-            "(into a HostBuffer) first"
-        )
-    if not tensor.is_contiguous():
-        raise InvalidArgumentError("values must be C-contiguous buffers; call .contiguous() first")
-    flat = tensor.detach().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy() if flat.numel() else b"").cast("B")
 
 
 def checksum(payload: Buffer) -> int:
