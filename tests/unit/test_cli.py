@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmtier.cli import _redact, main, parse_size
+from lmtier.cli import main, parse_size
+from lmtier.cli._common import redact
 
 LMTIER = Path(sys.executable).parent / "lmtier"  # the console script pip installed into the venv
 
@@ -75,7 +76,7 @@ def test_doctor_names_the_copy_mode_and_a_bad_one(
 
 
 def test_secret_looking_options_and_url_passwords_are_masked() -> None:
-    shown = _redact({"url": "redis://u:pw@h:1/0", "secret_key": "abc", "nested": {"api_key": "k"},
+    shown = redact({"url": "redis://u:pw@h:1/0", "secret_key": "abc", "nested": {"api_key": "k"},
                      "plain": "redis://h:1/0", "access_key_env": "AWS_KEY", "size": 3})
     assert shown == {"url": "redis://u:***@h:1/0", "secret_key": "***", "nested": {"api_key": "***"},
                      "plain": "redis://h:1/0", "access_key_env": "***", "size": 3}

@@ -23,7 +23,9 @@ HEAVY = ["torch", "numpy", "redis", "boto3", "botocore", "nixl", "nixl_cu12", "v
 CORE_MODULES = [
     "lmtier", "lmtier.errors", "lmtier.protocol", "lmtier.keys", "lmtier.framing", "lmtier.buffers", "lmtier.memory",
     "lmtier.config", "lmtier.hookspecs", "lmtier.registry", "lmtier.breaker", "lmtier.metrics",
-    "lmtier.manager", "lmtier.cli", "lmtier.testing", "lmtier.testing.conformance", "lmtier.testing.plugin",
+    "lmtier.manager", "lmtier.cli", "lmtier.cli.doctor", "lmtier.cli.backends", "lmtier.cli.config",
+    "lmtier.cli.check_backend", "lmtier.cli.bench", "lmtier.cli.demo", "lmtier.cli.serve_metrics",
+    "lmtier.testing", "lmtier.testing.conformance", "lmtier.testing.plugin",
     "lmtier_backends", "lmtier_backends.cpu", "lmtier_backends.cpu.plugin", "lmtier_backends.cpu.config",
     "lmtier_backends.cpu.backend", "lmtier_backends.disk", "lmtier_backends.disk.plugin",
     "lmtier_backends.disk.config", "lmtier_backends.disk.backend",

@@ -1,0 +1,190 @@
+"""``lmtier bench``: per-tier put/get throughput against a memcpy and raw file I/O measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmtier.cli._common import (
+    QWEN3_8B_CHUNK_BYTES,
+    fmt_bytes,
+    format_table,
+    load_both_phases,
+    one_line,
+    parse_size,
+)
+from lmtier.errors import ConfigError, LmtierError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from lmtier.config import LmtierConfig
+    from lmtier.registry import BackendRegistry
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    n = sub.add_parser("bench", help="per-tier put/get throughput against memcpy and raw file I/O")
+    n.add_argument("--config", metavar="FILE", help="tiers to measure (default: $LMTIER_CONFIG, else embedded)")
+    n.add_argument("--size", type=parse_size, default=QWEN3_8B_CHUNK_BYTES, metavar="SIZE",
+                   help="bytes per value, e.g. 37.7MB, 36MiB, 4096 (default: one Qwen3-8B chunk, 37.7 MB)")
+    n.add_argument("--count", type=int, default=8, metavar="N", help="values per tier and per raw baseline")
+    n.set_defaults(run=_cmd_bench)
+
+
+def _median_s(samples: Sequence[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def _num(x: float) -> str:
+    """Two decimals, but never a misleading 0.00 for a small nonzero figure."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.2f}" if x >= 0.1 or x == 0 else f"{x:.2g}"
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+
+
+def _cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    cfg, options, registry, where = load_both_phases(args.config)
+    return asyncio.run(_bench(cfg, options, registry, where, args.size, args.count))
+
+
+async def _bench(cfg: LmtierConfig, options: list[BaseModel], registry: BackendRegistry, where: str,
+                 size: int, count: int) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from lmtier.keys import ChunkKey, make_namespace
+
+    payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    ns = make_namespace(bench=os.urandom(8).hex())  # fresh: never collides with real entries
+    progress = tqdm(total=count * (2 * len(cfg.tiers) + 3), desc="lmtier bench", unit="op",
+                    file=sys.stderr, disable=None, leave=False)
+    results: list[tuple[float, float] | str] = []  # median (put, get) seconds, or why not
+    file_dir: Path | None = None
+    for opts in options:
+        root = getattr(opts, "root", None)
+        if isinstance(root, Path):
+            file_dir = root  # raw file I/O on the same filesystem as the first disk-like tier
+            break
+    with progress:
+        # the raw baselines first: files written later would compete with the tiers' dirty pages
+        memcpy_s, write_s, read_s, file_where = _raw_baselines(payload, count, file_dir, progress)
+        for i, (tier, opts) in enumerate(zip(cfg.tiers, options, strict=True)):
+            keys = [ChunkKey(ns, os.urandom(16)) for _ in range(count)]
+            try:
+                backend = await registry.create(tier.backend, opts, path=f"tiers[{i}].options")
+            except LmtierError as exc:
+                results.append(f"cannot open: {one_line(exc)}")
+                progress.update(2 * count)
+                continue
+            try:
+                results.append(await _bench_tier(backend, keys, payload, progress))
+            except LmtierError as exc:
+                results.append(f"failed: {one_line(exc)}")
+            finally:
+                try:
+                    await backend.delete(keys)
+                finally:
+                    await backend.aclose()
+
+    print(f"lmtier bench: {count} x {fmt_bytes(size)} values per tier, one value per call, medians; "
+          f"config {where}")
+    print(f"  raw memcpy (numpy copyto): {_num(_gbps(size, memcpy_s))} GB/s   raw file write: "
+          f"{_num(_gbps(size, write_s))} GB/s   raw file read (readinto): {_num(_gbps(size, read_s))} GB/s"
+          f"   files in {file_where}")
+    table = []
+    for tier, res in zip(cfg.tiers, results, strict=True):
+        if isinstance(res, str):
+            table.append([tier.name, tier.backend, res])
+            continue
+        put_s, get_s = res
+        table.append([tier.name, tier.backend, _num(_gbps(size, put_s)), _num(_gbps(size, get_s)),
+                      _num(memcpy_s / put_s), _num(memcpy_s / get_s), _num(write_s / put_s), _num(read_s / get_s)])
+    print(format_table(["TIER", "BACKEND", "PUT GB/s", "GET GB/s", "PUT/memcpy", "GET/memcpy",
+                  "PUT/file-write", "GET/file-read"], table))
+    print("  ratios are throughput relative to the raw baseline (1.00 = as fast as the raw copy); a GET above\n"
+          "  memcpy means the tier returned a view without copying (the cpu tier's zero-copy reads)")
+    return 0
+
+
+async def _bench_tier(backend: Any, keys: list[Any], payload: Any, progress: Any) -> tuple[float, float]:
+    """Median seconds of one put and one get of ``payload`` (one key per call), after a warm-up."""
+    for key in keys:  # first touch of a fresh slab (page faults) is not the steady state
+        await backend.put([(key, payload)])
+    await backend.delete(keys)
+    _settle_dirty_pages()
+    puts: list[float] = []
+    gets: list[float] = []
+    for key in keys:
+        t0 = time.perf_counter()
+        await backend.put([(key, payload)])
+        puts.append(time.perf_counter() - t0)
+        progress.update()
+    for key in keys:
+        t0 = time.perf_counter()
+        (value,) = await backend.get([key])
+        gets.append(time.perf_counter() - t0)
+        if value is None or memoryview(value).nbytes != payload.nbytes:
+            raise LmtierError(f"a value just stored was not read back ({'miss' if value is None else 'size'})")
+        del value  # a zero-copy view pins its range of the tier: drop it now
+        progress.update()
+    return _median_s(puts), _median_s(gets)
+
+
+def _settle_dirty_pages() -> None:
+    """Start each write phase with no dirty pages pending, so that no phase pays for the writeback
+    of an earlier one (the kernel throttles writers once a few hundred MB are dirty)."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
+def _raw_baselines(payload: Any, count: int, file_dir: Path | None,
+                   progress: Any) -> tuple[float, float, float, str]:
+    """Median seconds of a numpy copy, a file write (no fsync) and a file read of ``payload``."""
+    import numpy as np
+
+    dst = np.empty_like(payload)
+    np.copyto(dst, payload)  # first touch: page faults are not part of the copy
+    copies = []
+    for i in range(max(count, 20)):  # cheap: more repeats make the reference steadier
+        t0 = time.perf_counter()
+        np.copyto(dst, payload)
+        copies.append(time.perf_counter() - t0)
+        if i < count:
+            progress.update()
+    if file_dir is not None:
+        file_dir.mkdir(parents=True, exist_ok=True)
+    writes, reads = [], []
+    with tempfile.TemporaryDirectory(prefix="lmtier-bench-", dir=file_dir) as tmp:
+        paths = [Path(tmp) / f"raw-{i}" for i in range(count)]
+        for path in paths:  # the same warm-up as the tiers get: write once, delete
+            path.write_bytes(payload.data)
+            path.unlink()
+        _settle_dirty_pages()
+        for path in paths:
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                f.write(payload.data)
+            writes.append(time.perf_counter() - t0)
+            progress.update()
+        for path in paths:
+            t0 = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(dst.data)
+            reads.append(time.perf_counter() - t0)
+            progress.update()
+        where = str(Path(tmp).parent)
+    return _median_s(copies), _median_s(writes), _median_s(reads), where
