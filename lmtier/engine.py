@@ -45,9 +45,10 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmtier.buffers import as_bytes_view
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
 __all__ = ["KVCacheEngine", "RetrieveHandle", "StoreHandle"]
 
 log = logging.getLogger("lmtier.engine")
+_NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
 T = TypeVar("T")
 
 
@@ -316,42 +318,46 @@ class KVCacheEngine:
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-               limit: int | None = None) -> int:
+               limit: int | None = None, namespace: str | None = None) -> int:
         """Tokens of ``token_ids``'s prefix whose KV is available now (a multiple of the block size).
 
         ``limit`` caps the answer (rounded down to a block), for a caller that computes the last
         tokens itself: pass the whole prompt and the cap rather than a shortened prompt, so that
         a chunk stored whole can serve its leading blocks (a shortened prompt names only the
         chunk's tail key). ``record`` counts the lookup in the hit metrics and logs it (once per
-        request, please). A fault is a miss (0).
+        request, please). A fault is a miss (0). ``namespace`` (default: the engine's) keys the
+        lookup under another namespace, e.g. one that adds a tenant's salt or a LoRA adapter to the
+        engine's (:meth:`derive_namespace`); store and retrieve take the same argument.
         """
-        return self.lookup_async(token_ids, request_id=request_id, record=record, limit=limit).result()
+        return self.lookup_async(token_ids, request_id=request_id, record=record, limit=limit,
+                                 namespace=namespace).result()
 
     def lookup_async(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-                     limit: int | None = None) -> concurrent.futures.Future[int]:
+                     limit: int | None = None, namespace: str | None = None) -> concurrent.futures.Future[int]:
         """:meth:`lookup` without blocking: a future of the hit tokens (never an exception)."""
         tokens = _tokens(token_ids)
         self._check_open()
         if limit is not None and limit < 0:
             raise InvalidArgumentError(f"limit={limit} must be >= 0")
-        return self._loop.submit(self._lookup(tokens, request_id, record, limit))
+        ns = self._namespace(namespace)
+        return self._loop.submit(self._lookup(tokens, request_id, record, limit, ns))
 
     async def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
-                      limit: int | None = None) -> int:
+                      limit: int | None, ns: str) -> int:
         total, c, b = len(tokens), self.chunk_tokens, self.block_size
         cap = total if limit is None else min(total, limit // b * b)
         # only the chunks reaching into [0, cap) are asked for, each under its whole-chunk key when
         # the tokens complete it: a chunk stored whole serves its leading blocks too
         tokens = tokens[: min(total, -(-cap // c) * c)]
         try:
-            full = chunk_keys(tokens, self.namespace, c)
+            full = chunk_keys(tokens, ns, c)
             hits = await self.manager.lookup(full) if full else 0
             hit = hits * c
             if self.save_tail:
                 base = hits * c
                 longest = min(self.pages_per_chunk - 1, (cap - base) // b)
                 if longest > 0:
-                    cands = [chunk_keys(tokens[: base + k * b], self.namespace, c, include_partial=True)[-1]
+                    cands = [chunk_keys(tokens[: base + k * b], ns, c, include_partial=True)[-1]
                              for k in range(longest, 0, -1)]
                     present = await self.manager.contains(cands)
                     for k, p in zip(range(longest, 0, -1), present, strict=True):
@@ -374,7 +380,7 @@ class KVCacheEngine:
 
     # -- store ---------------------------------------------------------------------------------
     def store(self, token_ids: Any, kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], *,
-              end: int | None = None, request_id: str | None = None) -> StoreHandle:
+              end: int | None = None, request_id: str | None = None, namespace: str | None = None) -> StoreHandle:
         """Store the chunks of ``token_ids[:end]`` not yet present; returns once the pages are copied.
 
         ``end`` (default: all tokens) must have its pages in ``block_ids``. Whole chunks are stored,
@@ -394,7 +400,7 @@ class KVCacheEngine:
         blocks = _block_list(block_ids)
         if len(blocks) < math.ceil(stop / b):
             raise InvalidArgumentError(f"{stop} tokens need {math.ceil(stop / b)} block ids, got {len(blocks)}")
-        keys = chunk_keys(tokens[:stop], self.namespace, c, include_partial=True)
+        keys = chunk_keys(tokens[:stop], self._namespace(namespace), c, include_partial=True)
         spans = [(i * c, min((i + 1) * c, stop)) for i in range(len(keys))]
         sizes = [len(kv_caches) * ((e - s) // b) * layout.page_bytes for s, e in spans]
         try:
@@ -490,13 +496,15 @@ class KVCacheEngine:
 
     # -- retrieve ------------------------------------------------------------------------------
     def retrieve(self, token_ids: Any, kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], *,
-                 start: int = 0, end: int | None = None, request_id: str | None = None) -> int:
+                 start: int = 0, end: int | None = None, request_id: str | None = None,
+                 namespace: str | None = None) -> int:
         """Load tokens ``[start, end)`` into their blocks; returns the tokens loaded from ``start``."""
         return self.start_retrieve(token_ids, kv_caches, block_ids, start=start, end=end,
-                                   request_id=request_id).wait()
+                                   request_id=request_id, namespace=namespace).wait()
 
     def start_retrieve(self, token_ids: Any, kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], *,
-                       start: int = 0, end: int | None = None, request_id: str | None = None) -> RetrieveHandle:
+                       start: int = 0, end: int | None = None, request_id: str | None = None,
+                       namespace: str | None = None) -> RetrieveHandle:
         """Start fetching tokens ``[start, end)``'s chunks; onload with the handle's waits.
 
         ``start`` and ``end`` are block-aligned (``end`` defaults to the last whole block of
@@ -517,15 +525,16 @@ class KVCacheEngine:
         if len(blocks) < end // b:
             raise InvalidArgumentError(f"{end} tokens need {end // b} block ids, got {len(blocks)}")
         chunks: list[_Chunk] = []
+        ns = self._namespace(namespace)
         if end > start:
-            full = chunk_keys(tokens[: min(n, math.ceil(end / c) * c)], self.namespace, c)
+            full = chunk_keys(tokens[: min(n, math.ceil(end / c) * c)], ns, c)
             for ci in range(start // c, math.ceil(end / c)):
                 cs, ce = ci * c, min((ci + 1) * c, end)
                 first = (max(start, cs) - cs) // b
                 ids = blocks[cs // b + first: ce // b]
                 tail_key = None
                 if ce - cs < c:
-                    tail_key = chunk_keys(tokens[:ce], self.namespace, c, include_partial=True)[-1]
+                    tail_key = chunk_keys(tokens[:ce], ns, c, include_partial=True)[-1]
                 if ci < len(full):
                     chunks.append(_Chunk(full[ci], (cs, cs + c), self.pages_per_chunk, first, ids, tail_key))
                 else:
@@ -622,6 +631,26 @@ class KVCacheEngine:
     def __repr__(self) -> str:
         return (f"KVCacheEngine(namespace={self.namespace}, chunk_tokens={self.chunk_tokens}, "
                 f"block_size={self.block_size}, tiers={[t.name for t in self.manager.tiers]})")
+
+    # -- namespaces ----------------------------------------------------------------------------
+    def derive_namespace(self, *extra: tuple[str, str]) -> str:
+        """The namespace of this engine's KV with ``extra`` identity fields added (name, value pairs).
+
+        For KV whose bytes depend on more than the engine's :class:`KVNamespace` — a LoRA adapter
+        — or that must stay apart — a tenant's cache salt: pass the result as ``namespace=`` to
+        :meth:`lookup`, :meth:`store` and :meth:`start_retrieve`. No extra: the engine's namespace.
+        """
+        if not extra:
+            return self.namespace
+        return replace(self.kv, extra=(*self.kv.extra, *extra)).namespace
+
+    def _namespace(self, namespace: str | None) -> str:
+        if namespace is None:
+            return self.namespace
+        if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+            raise InvalidArgumentError(f"namespace must be 16 lowercase hex characters (from "
+                                       f"derive_namespace()), got {namespace!r}")
+        return namespace
 
     # -- machinery -----------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -200,6 +200,22 @@ def test_another_namespace_never_sees_the_chunks(tmp_path: Path) -> None:
         assert eng.lookup(toks) == 0
 
 
+def test_a_derived_namespace_keeps_its_chunks_apart_in_one_engine(engine: KVCacheEngine) -> None:
+    src, dst = make_cache(), make_cache(fill=False)
+    toks = tokens(40)
+    tenant_a = engine.derive_namespace(("cache_salt", "a"))
+    tenant_b = engine.derive_namespace(("cache_salt", "b"))
+    assert len({engine.namespace, tenant_a, tenant_b}) == 3
+    assert engine.derive_namespace() == engine.namespace
+    assert engine.store(toks, src, list(range(10)), namespace=tenant_a).wait() == 40
+    assert [engine.lookup(toks, namespace=ns) for ns in (tenant_a, tenant_b, None)] == [40, 0, 0]
+    assert engine.retrieve(toks, dst, list(range(20, 30)), namespace=tenant_b) == 0
+    assert engine.retrieve(toks, dst, list(range(20, 30)), namespace=tenant_a) == 40
+    assert blocks_equal(src, list(range(10)), dst, list(range(20, 30)))
+    with pytest.raises(InvalidArgumentError, match="16 lowercase hex"):
+        engine.lookup(toks, namespace="tenant-a")
+
+
 def test_stores_of_present_chunks_are_skipped_and_logged(engine: KVCacheEngine,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     toks = tokens(32)
