@@ -47,7 +47,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +56,7 @@ from lmtier.config import LmtierConfig, load_config
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
 from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
+from lmtier.protocol import SupportsAllocate
 
 if TYPE_CHECKING:
     import os
@@ -442,14 +443,14 @@ class KVCacheEngine:
         """Which chunks are missing, each with a host buffer to copy it into (on the loop thread)."""
         present = await self.manager.contains(keys)
         hottest = self.manager.tiers[0].backend
-        allocate: Callable[[int], HostBuffer] | None = getattr(hottest, "allocate", None)
+        allocate = hottest.allocate if isinstance(hottest, SupportsAllocate) else None
         out: list[tuple[int, HostBuffer]] = []
         try:
             for i, (p, size) in enumerate(zip(present, sizes, strict=True)):
                 if p:
                     continue
                 buf = None
-                if callable(allocate):  # a buffer inside the hot tier's slab: its put adopts it
+                if allocate is not None:  # a buffer inside the hot tier's slab: its put adopts it
                     try:
                         buf = allocate(size)
                     except LmtierError:

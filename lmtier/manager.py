@@ -8,8 +8,8 @@ Data flow (hottest tier first, as listed in the config):
 * ``put(items)`` — lands in the hottest tier, then in every ``write: through`` tier (awaited) and
   every ``write: async`` tier (bounded background queue: when it is full the write is dropped,
   counted and logged — a slow tier never blocks the caller).
-* Eviction — backends that evict (``add_eviction_listener``) hand the evicted chunk to the
-  manager, which demotes it into the next tier if that tier lacks the key.
+* Eviction — backends that evict (:class:`~lmtier.protocol.SupportsEvictionListener`) hand the
+  evicted chunk to the manager, which demotes it into the next tier if that tier lacks the key.
 
 Faults are misses: a :class:`~lmtier.errors.BackendError` (or any unexpected exception from a
 third-party backend) becomes a miss or a skipped write, with a metric and a log line. Tiers that
@@ -45,7 +45,14 @@ from lmtier.errors import (
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
 from lmtier.metrics import Metrics, default_metrics
-from lmtier.protocol import Buffer, StorageBackend, SupportsStats
+from lmtier.protocol import (
+    Buffer,
+    StorageBackend,
+    SupportsAllocate,
+    SupportsEvictionListener,
+    SupportsStats,
+    optional_capabilities,
+)
 from lmtier.registry import BackendRegistry
 
 if TYPE_CHECKING:
@@ -123,9 +130,8 @@ class StorageManager:
             self.tiers.append(tier)
             if isinstance(backend, SupportsStats):
                 self.metrics.add_stats_source(tcfg.name, backend.stats)
-            add_listener = getattr(backend, "add_eviction_listener", None)
-            if callable(add_listener):
-                add_listener(self._eviction_listener(tier))
+            if isinstance(backend, SupportsEvictionListener):
+                backend.add_eviction_listener(self._eviction_listener(tier))
             self.metrics.circuit_open.labels(tcfg.name).set(0)
 
     # -- construction --------------------------------------------------------------------------
@@ -157,6 +163,9 @@ class StorageManager:
         metrics = Metrics(metrics_registry) if metrics_registry is not None else None
         manager = cls(opened, config=cfg, metrics=metrics, clock=clock)
         log.info("lmtier storage ready: %s", " -> ".join(f"{t.name}({t.config.backend})" for t in manager.tiers))
+        for t in manager.tiers:  # a wrapper that drops a capability shows here
+            log.info("lmtier tier %s (%s): optional capabilities: %s", t.name, t.config.backend,
+                     ", ".join(optional_capabilities(t.backend)) or "none")
         return manager
 
     def tier(self, name: str) -> Tier:
@@ -369,7 +378,7 @@ class StorageManager:
         # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
         # zero-copy memoryviews, except to a tier that hands out HostBuffers itself (the cpu tier's
         # `allocate`), which adopts those of its own slab and copies tensors with torch.
-        if callable(getattr(tier.backend, "allocate", None)):
+        if isinstance(tier.backend, SupportsAllocate):
             batch = cast("list[Item]", list(items))
         else:
             batch = [(k, v if isinstance(v, (bytes, bytearray, memoryview)) else as_bytes_view(v))

@@ -17,11 +17,28 @@ Semantics every backend must honour (checked by :class:`lmtier.testing.BackendCo
 * ``aclose`` is idempotent; backends are async context managers.
 * Stored bytes that fail validation are a miss: the backend deletes them and counts them
   (``corrupt`` in :meth:`SupportsStats.stats`).
+
+**Optional capabilities** are declared by implementing a ``Supports*`` protocol below, never
+found by ``getattr``: the manager and the conformance suite test ``isinstance(backend,
+SupportsX)`` and :func:`optional_capabilities` names them (the manager logs them per tier at open).
+
+* :class:`SupportsGetInto` — reads into caller buffers (one host copy per hit: disk, redis, s3, nixl);
+* :class:`SupportsStats` — backend counters for metrics and ``lmtier doctor``;
+* :class:`SupportsAllocate` — host buffers inside the tier's own memory, adopted by ``put``
+  without a copy (the cpu tier: the engine copies pages straight into the tier);
+* :class:`SupportsEvictionListener` — the tier tells the manager what it evicts (demotion).
+
+A backend that **wraps** another (a fault injector, a metrics shim) must claim exactly what it
+forwards: define a ``Supports*`` method only when the wrapped backend has it (for instance by
+choosing a subclass that adds it; ``isinstance`` checks only that the method exists, so a
+wrapper that defines it and then fails would be called). One that does not forward a capability
+loses it visibly: the tier's line in the manager's ``lmtier storage ready`` log shows what each
+tier supports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -31,14 +48,23 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from lmtier.keys import ChunkKey
+    from lmtier.memory import HostBuffer
 
 __all__ = [
     "Buffer",
     "Capabilities",
+    "EvictionListener",
     "StorageBackend",
+    "SupportsAllocate",
+    "SupportsEvictionListener",
     "SupportsGetInto",
     "SupportsStats",
+    "optional_capabilities",
 ]
+
+#: ``listener(key, value)``: called by a :class:`SupportsEvictionListener` tier for each entry it
+#: evicts, before the memory is reused; ``value`` is valid only during the call (copy what you keep).
+EvictionListener = Callable[["ChunkKey", memoryview], None]
 
 
 @dataclass(frozen=True)
@@ -132,7 +158,14 @@ class SupportsGetInto(Protocol):
         """Fill ``outs[i]`` (writable, exactly the stored payload size) with ``keys[i]``'s value.
 
         Returns ``True`` where filled; ``False`` for a miss, a size mismatch or corrupt data, in
-        which case the content of ``outs[i]`` is unspecified.
+        which case the content of ``outs[i]`` is unspecified. A backend fault raises like ``get``
+        (the content of every ``outs[i]`` is then unspecified).
+
+        No write into ``outs`` may happen after the call has ended — returned, raised or been
+        cancelled: a backend whose workers may still be writing must wait for them (or stop
+        them) before it lets a cancellation through. (The manager does not rely on this alone:
+        a call it stops waiting for at a deadline keeps its buffers out of circulation until it
+        really ends.)
         """
         ...
 
@@ -144,3 +177,58 @@ class SupportsStats(Protocol):
     def stats(self) -> dict[str, Any]:
         """Return a flat dict of numbers; ``objects`` and ``bytes`` where known."""
         ...
+
+
+@runtime_checkable
+class SupportsAllocate(Protocol):
+    """Optional (in-process hot tiers): host buffers carved from the tier's own memory.
+
+    The engine copies a chunk's pages straight into such a buffer, and ``put`` of it stores it
+    without another copy: the tier *adopts* the buffer (takes its own reference); the caller
+    still releases its reference. The manager also fetches colder tiers' hits into such buffers
+    and promotes them by adoption, so a remote hit is written once on the host.
+
+    Contract:
+
+    * ``allocate(nbytes)`` returns a writable :class:`~lmtier.memory.HostBuffer` of exactly
+      ``nbytes`` (refcount 1, owned by the caller), pinned iff the tier's memory is
+      (``HostBuffer.pinned``). It is not stored until ``put``; releasing it unstored frees it.
+    * It may evict least-recently-used entries to make room (telling eviction listeners), and
+      raises :class:`~lmtier.errors.CapacityError` when nothing more can be freed. It never
+      waits on I/O. Call it from the event loop the backend's other methods run on.
+    * ``get`` of an adopted (or copied-in) value returns read-only lease views of the tier's
+      memory (:meth:`~lmtier.memory.HostBuffer.lease_view`), so hits are zero-copy too.
+    """
+
+    def allocate(self, nbytes: int) -> HostBuffer:
+        """A buffer of ``nbytes`` inside the tier's memory; ``put`` adopts it without copying."""
+        ...
+
+
+@runtime_checkable
+class SupportsEvictionListener(Protocol):
+    """Optional (tiers that evict by themselves): report each eviction before the memory is reused.
+
+    The manager registers one listener per tier at construction and demotes what it is told
+    about into the next tier (if that tier lacks the key). Listeners may be called from any
+    thread the backend evicts on; a listener must not raise and must not call back into the
+    backend.
+    """
+
+    def add_eviction_listener(self, listener: EvictionListener) -> None:
+        """Call ``listener(key, value)`` for every entry evicted from now on."""
+        ...
+
+
+#: The optional protocols, by the name :func:`optional_capabilities` reports.
+_OPTIONAL: tuple[tuple[str, type], ...] = (
+    ("get_into", SupportsGetInto),
+    ("stats", SupportsStats),
+    ("allocate", SupportsAllocate),
+    ("eviction_listener", SupportsEvictionListener),
+)
+
+
+def optional_capabilities(backend: object) -> tuple[str, ...]:
+    """Names of the optional ``Supports*`` protocols ``backend`` implements, in a fixed order."""
+    return tuple(name for name, proto in _OPTIONAL if isinstance(backend, proto))

@@ -58,6 +58,7 @@ from lmtier.errors import InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
 from lmtier.manager import StorageManager
 from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
+from lmtier.protocol import SupportsAllocate
 from lmtier.transfer import PageLayout, describe_layout, offload, onload
 
 try:
@@ -743,20 +744,21 @@ class KVPrefixCache:
         (``put`` then adopts them without a copy), else in the staging pool. Runs on the loop,
         where the tier's bookkeeping lives."""
         hot = self._manager.tiers[0].backend
-        allocate = getattr(hot, "allocate", None)
+        allocate = hot.allocate if isinstance(hot, SupportsAllocate) else None
         out: list[HostBuffer] = []
-        own_memory = callable(allocate)
+        own_memory = allocate is not None
         for _ in range(count):
+            buf: HostBuffer | None
             if own_memory:
                 # When the tier's own memory is full, a staged copy would not fit there either:
                 # its put would evict the chunks we are storing. Store what fits.
                 try:
-                    buf = allocate(self.chunk_bytes)  # type: ignore[misc]
+                    assert allocate is not None
+                    buf = allocate(self.chunk_bytes)
                 except LmtierError:
                     break
-                if not isinstance(buf, HostBuffer) or (self._cuda and not buf.pinned):
-                    if isinstance(buf, HostBuffer):
-                        buf.release()
+                if self._cuda and not buf.pinned:
+                    buf.release()
                     own_memory = False  # an unpinned slab: stage in our pinned pool instead
                     buf = self._pool.try_allocate(self.chunk_bytes)
             else:
