@@ -33,8 +33,9 @@ __all__ = [
 
 #: Bumped whenever the hashing scheme changes, so old keys can never alias new ones.
 KEY_SCHEME_VERSION = 1
-_NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
-_KEY_RE = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{32})$")
+# fullmatch only: `$` also matches before a trailing newline
+_NAMESPACE_RE = re.compile(r"[0-9a-f]{16}")
+_KEY_RE = re.compile(r"([0-9a-f]{16})-([0-9a-f]{32})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ class ChunkKey:
     digest: bytes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
+        if not isinstance(self.namespace, str) or not _NAMESPACE_RE.fullmatch(self.namespace):
             raise InvalidArgumentError(
                 f"ChunkKey.namespace must be 16 lowercase hex characters, got {self.namespace!r}; "
                 "build it with lmtier.keys.make_namespace()"
@@ -65,7 +66,7 @@ class ChunkKey:
     @classmethod
     def parse(cls, text: str) -> ChunkKey:
         """Inverse of ``str(key)``; raises InvalidArgumentError on anything else."""
-        m = _KEY_RE.match(text) if isinstance(text, str) else None
+        m = _KEY_RE.fullmatch(text) if isinstance(text, str) else None
         if m is None:
             raise InvalidArgumentError(f"not a chunk key string: {text!r}")
         return cls(m.group(1), bytes.fromhex(m.group(2)))
@@ -145,7 +146,7 @@ def chunk_keys(
     A trailing partial chunk gets a key only with ``include_partial=True``; its digest differs
     from the full chunk it would grow into, so partial and full chunks never alias.
     """
-    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
         raise InvalidArgumentError(f"namespace must come from make_namespace(), got {namespace!r}")
     data = _token_bytes(tokens)
     n_tokens = len(data) // 8

@@ -57,8 +57,11 @@ def test_str_of_a_key_is_storage_safe_and_parses_back() -> None:
     text = str(key)
     assert set(text) <= set("0123456789abcdef-")
     assert ChunkKey.parse(text) == key
+    for near in ("../../etc/passwd", f"{text}\n", f"{text}\r", f" {text}", f"{text}.tmp-0a"):
+        with pytest.raises(InvalidArgumentError):  # the whole string, or it is not a key
+            ChunkKey.parse(near)
     with pytest.raises(InvalidArgumentError):
-        ChunkKey.parse("../../etc/passwd")
+        ChunkKey(NS + "\n", key.digest)
 
 
 def test_malformed_keys_and_tokens_are_typed_errors() -> None:
