@@ -3,8 +3,14 @@
 Every stored file is ``codec header (64 bytes) ‖ payload`` at ``Layout.path_of(key)``. Writes go
 to ``<final>.tmp-<random>`` in the same directory and are published by ``os.replace`` (atomic on
 POSIX), so a reader sees the old file, the new one, or none: never a partial one. Recency lives
-in the file's atime, which this module sets explicitly (ns resolution, monotonic stamps from the
-backend) so the LRU order survives a restart even on ``noatime`` / ``relatime`` mounts.
+in the backend's memory; it is also stamped on each file's atime (ns resolution, monotonic stamps
+from the backend) so the LRU order survives a restart even on ``noatime`` / ``relatime`` mounts.
+A read stamps only on a best-effort basis: reads never depend on being able to write.
+
+The root is the tier's own: a marker file (:data:`MARKER`) written at the first open claims it,
+and a non-empty directory without one is refused. Cleanup deletes only names this module creates,
+matched exactly: ``<key>.tmp-<12 hex>`` temp files in namespace directories, ``.probe.tmp-<12
+hex>`` probes at the top, and key-named files too short to hold a header.
 
 Functions raise ``OSError`` (mapped by the caller in one place) and
 :class:`~lmtier.errors.CorruptDataError`; a corrupt file is unlinked here before raising.
@@ -13,6 +19,7 @@ Functions raise ``OSError`` (mapped by the caller in one place) and
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import re
@@ -30,10 +37,14 @@ if TYPE_CHECKING:
     from lmtier_backends.disk._buffers import BufferRecycler
 
 __all__ = [
+    "MARKER",
+    "ForeignRootError",
     "Layout",
+    "RootGoneError",
     "ScanResult",
+    "check_root",
+    "claim_root",
     "evict_file",
-    "probe_root",
     "read_file",
     "read_file_into",
     "remove_file",
@@ -45,8 +56,13 @@ __all__ = [
 #: readahead is already fetching the next one, so hashing hides behind the device.
 PIECE_BYTES = 4 << 20
 TMP_MARK = ".tmp-"
-_NS_RE = re.compile(r"^[0-9a-f]{16}$")
-_FAN_RE = re.compile(r"^[0-9a-f]{2}$")
+#: The file that makes a directory a disk tier's root (written at the first open).
+MARKER = ".lmtier_disk_root"
+_MARKER_TEXT = b"lmtier disk tier root: every file below is the tier's own and may be deleted by it\n"
+_NS_RE = re.compile(r"[0-9a-f]{16}")
+_FAN_RE = re.compile(r"[0-9a-f]{2}")
+_TMP_RE = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}\.tmp-[0-9a-f]{12}")  # write_file's temp names
+_TOP_TMP_RE = re.compile(r"\.(probe|lmtier_disk_root)\.tmp-[0-9a-f]{12}")  # claim_root's temp names
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -76,48 +92,83 @@ class ScanResult:
     moved: int = 0
 
 
-def probe_root(root: Path) -> None:
-    """Create ``root`` and prove a file can be created and removed in it (raises OSError)."""
+class ForeignRootError(Exception):
+    """The root is a non-empty directory without the tier's marker: not ours to write or clean."""
+
+    def __init__(self, root: Path, names: list[str]) -> None:
+        super().__init__(root, names)
+        self.root, self.names = root, names
+
+
+class RootGoneError(FileNotFoundError):
+    """The root (or its marker) vanished while the tier was open: deleted, or unmounted."""
+
+
+def claim_root(root: Path) -> bool:
+    """Create or adopt ``root``; ``False`` when it is the tier's but on a read-only filesystem.
+
+    A new or empty directory gets the marker; a directory holding the marker is the tier's own;
+    anything else raises :class:`ForeignRootError`. Proves a file can be created in the root
+    (raises OSError, except EROFS on a root that holds the marker).
+    """
     os.makedirs(root, exist_ok=True)
-    probe = os.path.join(root, f".probe{TMP_MARK}{os.urandom(6).hex()}")
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+    marker = os.path.join(root, MARKER)
+    ours = os.path.isfile(marker)
+    if not ours:
+        with os.scandir(root) as it:  # another opener's probe or marker temp file is not foreign
+            names = sorted(e.name for e in it if not _TOP_TMP_RE.fullmatch(e.name))
+        if names:
+            raise ForeignRootError(root, names)
     try:
-        os.write(fd, b"lmtier")
-    finally:
-        os.close(fd)
-        os.unlink(probe)
+        _write_new(os.path.join(root, f".probe{TMP_MARK}{os.urandom(6).hex()}"), b"lmtier", keep=False)
+    except OSError as exc:
+        if ours and exc.errno == errno.EROFS:
+            return False
+        raise
+    if not ours:
+        tmp = os.path.join(root, f"{MARKER}{TMP_MARK}{os.urandom(6).hex()}")
+        _write_new(tmp, _MARKER_TEXT, keep=True)
+        os.replace(tmp, marker)
+    return True
 
 
-def scan(layout: Layout) -> ScanResult:
-    """Index every stored file under the root; delete stale temp files and headerless files.
+def check_root(root: Path) -> None:
+    """Raise :class:`RootGoneError` unless the root still holds its marker (OSError if unreadable)."""
+    if not os.path.isfile(os.path.join(root, MARKER)):
+        raise RootGoneError(errno.ENOENT, "the tier's root or its marker file is gone", os.fspath(root))
 
-    Files found at another fan-out depth than ``layout`` wants (the option changed) are moved to
-    their place. Names that are neither keys nor temp files are left alone.
+
+def scan(layout: Layout, *, clean: bool = True) -> ScanResult:
+    """Index every stored file under the root; with ``clean``, delete stale temp files and
+    headerless files, and move files found at another fan-out depth than ``layout`` wants (the
+    option changed) to their place. Without ``clean`` (a read-only root) such files are skipped.
+    Names the tier does not create are left alone.
     """
     result = ScanResult()
     with os.scandir(layout.root) as top:
         for entry in top:
-            if entry.is_dir(follow_symlinks=False) and _NS_RE.match(entry.name):
-                _scan_dir(layout, entry.path, entry.name, 0, result)
-            elif entry.is_file(follow_symlinks=False) and TMP_MARK in entry.name:
+            if entry.is_dir(follow_symlinks=False) and _NS_RE.fullmatch(entry.name):
+                _scan_dir(layout, entry.path, entry.name, 0, result, clean)
+            elif clean and entry.is_file(follow_symlinks=False) and _TOP_TMP_RE.fullmatch(entry.name):
                 _unlink_quietly(entry.path)
                 result.tmp_removed += 1
     return result
 
 
-def _scan_dir(layout: Layout, path: str, namespace: str, depth: int, result: ScanResult) -> None:
+def _scan_dir(layout: Layout, path: str, namespace: str, depth: int, result: ScanResult, clean: bool) -> None:
     with os.scandir(path) as it:
         entries = list(it)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            if depth < 4 and _FAN_RE.match(entry.name):
-                _scan_dir(layout, entry.path, namespace, depth + 1, result)
+            if depth < 4 and _FAN_RE.fullmatch(entry.name):
+                _scan_dir(layout, entry.path, namespace, depth + 1, result, clean)
             continue
         if not entry.is_file(follow_symlinks=False):
             continue
-        if TMP_MARK in entry.name:
-            _unlink_quietly(entry.path)
-            result.tmp_removed += 1
+        if _TMP_RE.fullmatch(entry.name):
+            if clean:
+                _unlink_quietly(entry.path)
+                result.tmp_removed += 1
             continue
         try:
             key = ChunkKey.parse(entry.name)
@@ -126,12 +177,14 @@ def _scan_dir(layout: Layout, path: str, namespace: str, depth: int, result: Sca
         if key.namespace != namespace:
             continue
         st = entry.stat(follow_symlinks=False)
-        if st.st_size < HEADER_BYTES:
-            _unlink_quietly(entry.path)
-            result.corrupt_removed += 1
-            continue
         want = layout.path_of(key)
-        if entry.path != want:
+        if st.st_size < HEADER_BYTES or entry.path != want:
+            if not clean:
+                continue
+            if st.st_size < HEADER_BYTES:
+                _unlink_quietly(entry.path)
+                result.corrupt_removed += 1
+                continue
             os.makedirs(os.path.dirname(want), exist_ok=True)
             os.replace(entry.path, want)
             result.moved += 1
@@ -147,7 +200,8 @@ def write_file(layout: Layout, key: ChunkKey, payload: memoryview, *, fsync: boo
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:  # first file of this fan-out directory (or the root was wiped)
+    except FileNotFoundError:  # first file of this fan-out directory, or the root is gone
+        check_root(layout.root)  # never recreate a deleted or unmounted root: it is no longer ours
         os.makedirs(directory, exist_ok=True)
         fd = os.open(tmp, flags, 0o644)
     try:
@@ -188,7 +242,7 @@ def read_file(path: str, key: ChunkKey, stamp: int, buffers: BufferRecycler) -> 
         except BaseException:
             buffers.give_back(out)
             raise
-        os.utime(fd, ns=(stamp, st.st_mtime_ns))
+        _stamp_quietly(fd, stamp, st)
     finally:
         os.close(fd)
     return buffers.lend(out)
@@ -206,7 +260,7 @@ def read_file_into(path: str, key: ChunkKey, out: memoryview, stamp: int) -> boo
         if length != out.nbytes:
             return False
         _read_payload(fd, path, key, out, csum)
-        os.utime(fd, ns=(stamp, st.st_mtime_ns))
+        _stamp_quietly(fd, stamp, st)
         return True
     finally:
         os.close(fd)
@@ -248,6 +302,24 @@ def remove_file(path: str) -> None:
 
 
 # -- machinery -------------------------------------------------------------------------------------
+def _write_new(path: str, data: bytes, *, keep: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+        if not keep:
+            os.unlink(path)
+
+
+def _stamp_quietly(fd: int, stamp: int, st: os.stat_result) -> None:
+    """Record a read's recency on the file for the next open's LRU order, if the filesystem lets
+    us: a read-only remount (EROFS) or a file owned by another user (EPERM) must not fail a read
+    whose bytes are fine. The order that counts while the tier is open lives in memory."""
+    with contextlib.suppress(OSError):
+        os.utime(fd, ns=(stamp, st.st_mtime_ns))
+
+
 def _write_all(fd: int, header: bytes, payload: memoryview) -> None:
     buffers: list[bytes | memoryview] = [header, payload] if payload.nbytes else [header]
     while buffers:

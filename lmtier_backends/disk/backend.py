@@ -11,6 +11,13 @@ writer are deleted), so the tier survives restarts (``persistent``). It is not s
 process owns a root at a time. All file I/O runs on a pool of ``max_concurrency`` threads; the
 index is touched only on the event loop, so it needs no lock.
 
+Faults, key by key: a file that cannot be read (EIO from a bad sector, a directory where the file
+should be) is a miss for that key only, counted in ``stats()["read_errors"]``, and after
+:data:`MAX_READ_FAILURES` failures in a row it leaves the index; the other keys of the batch are
+served. Only a tier-wide failure (the root or its marker gone) raises. A read-only filesystem
+serves reads and skips writes. A full filesystem (ENOSPC) evicts least recently used files and
+retries the write once.
+
 Concurrent operations on the *same* key are unordered (as the protocol allows): the worst a race
 can do is turn a later ``get`` into a miss; the key inside every header makes a wrong value
 impossible.
@@ -20,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +52,7 @@ from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.disk import _files
 from lmtier_backends.disk._buffers import BufferRecycler
-from lmtier_backends.disk._errors import map_os_error, root_config_error
+from lmtier_backends.disk._errors import foreign_root_error, map_os_error, root_config_error
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -54,9 +62,14 @@ if TYPE_CHECKING:
 __all__ = ["DiskBackend", "EvictionListener", "open_disk_backend"]
 
 log = logging.getLogger(__name__)
+#: Failed reads in a row after which a key leaves the index (its file stays for the next open).
+MAX_READ_FAILURES = 3
 EvictionListener = Callable[[ChunkKey, memoryview], None]
 #: ``(True, value)`` or ``(False, exception)`` of one call run on a worker thread.
 Outcome = tuple[bool, Any]
+#: Bytes evicted beyond a failed write's size when the filesystem is full: block rounding and
+#: the directory's own blocks mean freeing exactly the file's size may not be enough.
+_FS_SLACK_BYTES = 64 << 10
 
 
 async def open_disk_backend(config: DiskConfig) -> DiskBackend:
@@ -65,19 +78,21 @@ async def open_disk_backend(config: DiskConfig) -> DiskBackend:
 
 
 class _Entry:
-    __slots__ = ("gen", "size")
+    __slots__ = ("failures", "gen", "size")
 
     def __init__(self, size: int, gen: int) -> None:
         self.size = size
         self.gen = gen  # bumped by every put, so a late corrupt/missing report never drops a newer file
+        self.failures = 0  # failed reads in a row
 
 
 class DiskBackend:
     """Byte-bounded LRU store of one file per chunk under ``config.root``.
 
-    Construction is blocking (it creates and probes the root, then scans it); from async code use
-    :func:`open_disk_backend`. A root that cannot be created or written raises
-    :class:`~lmtier.errors.ConfigError` naming the path.
+    Construction is blocking (it claims the root, then scans it); from async code use
+    :func:`open_disk_backend`. A root that cannot be created or written, or a non-empty directory
+    that is not a disk tier's root, raises :class:`~lmtier.errors.ConfigError` naming the path.
+    A tier's root on a read-only filesystem opens read-only (reads served, writes skipped).
     """
 
     def __init__(self, config: DiskConfig) -> None:
@@ -86,11 +101,16 @@ class DiskBackend:
         self.max_bytes = int(config.max_bytes)
         self._layout = _files.Layout(self.root, config.fan_out)
         try:
-            _files.probe_root(self.root)
+            writable = _files.claim_root(self.root)
+        except _files.ForeignRootError as exc:
+            raise foreign_root_error(exc.root, exc.names) from None
         except OSError as exc:
             raise root_config_error(exc, self.root) from None
+        if not writable:
+            log.warning("disk tier: root %s is on a read-only filesystem: serving reads, skipping writes",
+                        self.root)
         try:
-            found = _files.scan(self._layout)
+            found = _files.scan(self._layout, clean=writable)
         except OSError as exc:
             raise map_os_error(exc, op="scan of the root", path=self.root) from None
         found.entries.sort(key=lambda e: (e[2], str(e[0])))  # least recently used first
@@ -103,10 +123,13 @@ class DiskBackend:
         self._corrupt = found.corrupt_removed
         self._tmp_removed = found.tmp_removed
         self._evictions = 0
+        self._read_errors = 0
+        self._full_evictions = 0
         self._listeners: list[EvictionListener] = []
         self._closed = False
+        _warn_if_the_filesystem_is_smaller(self.root, self.max_bytes, self._used)
         # over budget at open (max_bytes was lowered): trim now, while nobody listens yet
-        while self._used > self.max_bytes and self._index:
+        while writable and self._used > self.max_bytes and self._index:
             key, entry = self._index.popitem(last=False)
             self._used -= entry.size
             self._evictions += 1
@@ -153,15 +176,16 @@ class DiskBackend:
         calls = [partial(_files.read_file, self._layout.path_of(k), k, self._stamp(), self._buffers)
                  for k in wanted]
         outcomes, cancelled = await self._run(calls)
+        await self._check_root_after_failures(outcomes, cancelled)
         found: dict[ChunkKey, Buffer] = {}
-        errors: list[LmtierError] = []
         for key, gen, (ok, value) in zip(wanted, gens, outcomes, strict=True):
             if ok:
                 found[key] = value
                 self._touch(key, gen)
             else:
-                self._settle_failure(key, gen, value, "read", errors)
-        _raise_first(cancelled, errors)
+                self._settle_failure(key, gen, value)
+        if cancelled:
+            raise asyncio.CancelledError
         return [found.get(k) for k in keys]
 
     async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
@@ -182,16 +206,17 @@ class DiskBackend:
         calls = [partial(_files.read_file_into, self._layout.path_of(keys[i]), keys[i], views[i],
                          self._stamp()) for i in todo]
         outcomes, cancelled = await self._run(calls)
+        await self._check_root_after_failures(outcomes, cancelled)
         filled = [False] * len(keys)
-        errors: list[LmtierError] = []
         for i, gen, (ok, value) in zip(todo, gens, outcomes, strict=True):
             if ok:
                 filled[i] = bool(value)
                 if value:
                     self._touch(keys[i], gen)
             else:
-                self._settle_failure(keys[i], gen, value, "read", errors)
-        _raise_first(cancelled, errors)
+                self._settle_failure(keys[i], gen, value)
+        if cancelled:
+            raise asyncio.CancelledError
         return filled
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
@@ -204,22 +229,25 @@ class DiskBackend:
                     f"disk tier: {key} is {view.nbytes} bytes, more than max_bytes={self.max_bytes} "
                     f"minus the {HEADER_BYTES}-byte header; raise max_bytes"
                 )
-        calls = [partial(_files.write_file, self._layout, k, v, fsync=self.config.fsync, stamp=self._stamp())
-                 for k, v in latest.items()]
-        outcomes, cancelled = await self._run(calls)
-        errors: list[LmtierError] = []
-        for key, (ok, value) in zip(latest, outcomes, strict=True):
-            if ok:
-                self._gen += 1
-                old = self._index.pop(key, None)
-                if old is not None:
-                    self._used -= old.size
-                self._index[key] = _Entry(value, self._gen)
-                self._used += value
-            else:
-                errors.append(_as_lmtier_error(value, op="write", path=self._layout.path_of(key)))
+        outcomes, cancelled = await self._write(latest)
+        full = {k: latest[k] for k, (ok, value) in outcomes.items() if not ok and _is_full(value)}
+        if full and not cancelled:
+            # the filesystem filled before max_bytes did (it is smaller, or shared): make room by
+            # evicting least recently used files, then retry those writes once
+            need = sum(HEADER_BYTES + v.nbytes + _FS_SLACK_BYTES for v in full.values())
+            victims, freed = self._least_recent(need, keep=latest.keys())
+            await self._evict(victims)
+            self._full_evictions += 1
+            log.warning("disk tier: the filesystem of %s is full with %d bytes stored (max_bytes=%d); "
+                        "evicted %d bytes of least recently used files and retrying %d write(s)",
+                        self.root, self._used, self.max_bytes, freed, len(full))
+            retried, cancelled = await self._write(full)
+            outcomes.update(retried)
+        errors = [_as_lmtier_error(value, op="write", path=self._layout.path_of(k), root=self.root)
+                  for k, (ok, value) in outcomes.items() if not ok]
         if not cancelled:
-            await self._evict_over_budget()  # after the writes: a failed put never costs an entry
+            await self._evict(self._least_recent(self._used - self.max_bytes)[0])  # after the
+            # writes: a failed put never costs an entry
         _raise_first(cancelled, errors)
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
@@ -232,13 +260,14 @@ class DiskBackend:
                 self._used -= entry.size
         outcomes, cancelled = await self._run(
             [partial(_files.remove_file, self._layout.path_of(k)) for k in unique])
-        errors = [_as_lmtier_error(v, op="delete", path=self._layout.path_of(k))
+        errors = [_as_lmtier_error(v, op="delete", path=self._layout.path_of(k), root=self.root)
                   for k, (ok, v) in zip(unique, outcomes, strict=True) if not ok]
         _raise_first(cancelled, errors)
 
     def stats(self) -> dict[str, Any]:
         return {"objects": len(self._index), "bytes": self._used, "capacity_bytes": self.max_bytes,
-                "evictions": self._evictions, "corrupt": self._corrupt,
+                "evictions": self._evictions, "corrupt": self._corrupt, "read_errors": self._read_errors,
+                "full_filesystem_evictions": self._full_evictions,
                 "stale_tmp_removed": self._tmp_removed, "idle_get_buffer_bytes": self._buffers.idle_bytes}
 
     async def aclose(self) -> None:
@@ -270,6 +299,7 @@ class DiskBackend:
     def _touch(self, key: ChunkKey, gen: int) -> None:
         entry = self._index.get(key)
         if entry is not None and entry.gen == gen:
+            entry.failures = 0
             self._index.move_to_end(key)
 
     def _drop(self, key: ChunkKey, gen: int) -> None:
@@ -278,24 +308,75 @@ class DiskBackend:
             del self._index[key]
             self._used -= entry.size
 
-    def _settle_failure(self, key: ChunkKey, gen: int, exc: BaseException, op: str,
-                        errors: list[LmtierError]) -> None:
-        """A failed read: corrupt or vanished files are misses; other faults are errors."""
+    def _settle_failure(self, key: ChunkKey, gen: int, exc: BaseException) -> None:
+        """A failed read is a miss for its key alone: corrupt files are deleted (by the reader)
+        and counted, vanished ones forgotten; a file that cannot be read is counted, logged and
+        forgotten after MAX_READ_FAILURES failures in a row (kept on disk: the fault may pass)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return
         if isinstance(exc, CorruptDataError):
             self._corrupt += 1
             self._drop(key, gen)
             log.warning("disk tier: deleted a corrupt file: %s", exc)
-        elif isinstance(exc, FileNotFoundError):
+            return
+        if isinstance(exc, FileNotFoundError):
             self._drop(key, gen)
+            return
+        self._read_errors += 1
+        error = _as_lmtier_error(exc, op="read", path=self._layout.path_of(key), root=self.root)
+        entry = self._index.get(key)
+        if entry is None or entry.gen != gen:
+            return
+        entry.failures += 1
+        if entry.failures >= MAX_READ_FAILURES:
+            self._drop(key, gen)
+            log.warning("disk tier: %s failed %d reads in a row and left the index (the file stays "
+                        "until the next open): %s", key, entry.failures, error)
         else:
-            errors.append(_as_lmtier_error(exc, op=op, path=self._layout.path_of(key)))
+            log.warning("disk tier: a miss for %s: %s", key, error)
 
-    async def _evict_over_budget(self) -> None:
+    async def _check_root_after_failures(self, outcomes: list[Outcome], cancelled: bool) -> None:
+        """Raise BackendUnavailableError if reads failed because the whole root is gone."""
+        if cancelled or all(ok or isinstance(v, CorruptDataError) for ok, v in outcomes):
+            return
+        ((ok, value),), _ = await self._run([partial(_files.check_root, self.root)])
+        if not ok:
+            raise _as_lmtier_error(value, op="check of the root", path=self.root, root=self.root)
+
+    async def _write(self, items: dict[ChunkKey, memoryview]) -> tuple[dict[ChunkKey, Outcome], bool]:
+        """Write ``items`` on the worker threads and index each file written; their outcomes."""
+        calls = [partial(_files.write_file, self._layout, k, v, fsync=self.config.fsync, stamp=self._stamp())
+                 for k, v in items.items()]
+        outcomes, cancelled = await self._run(calls)
+        for key, (ok, value) in zip(items, outcomes, strict=True):
+            if ok:
+                self._gen += 1
+                old = self._index.pop(key, None)
+                if old is not None:
+                    self._used -= old.size
+                self._index[key] = _Entry(value, self._gen)
+                self._used += value
+        return dict(zip(items, outcomes, strict=True)), cancelled
+
+    def _least_recent(self, nbytes: int, keep: Collection[ChunkKey] = ()) -> tuple[list[ChunkKey], int]:
+        """Take least recently used keys holding at least ``nbytes`` out of the index (not
+        ``keep``); the caller evicts their files. Returns them and the bytes they hold."""
         victims: list[ChunkKey] = []
-        while self._used > self.max_bytes and self._index:
-            key, entry = self._index.popitem(last=False)
+        taken = 0
+        for key in list(self._index):
+            if taken >= nbytes:
+                break
+            if key in keep:
+                continue
+            entry = self._index.pop(key)
             self._used -= entry.size
+            taken += entry.size
             victims.append(key)
+        return victims, taken
+
+    async def _evict(self, victims: list[ChunkKey]) -> None:
+        """Remove the files of ``victims`` (already out of the index), offering each payload to
+        the eviction listeners."""
         if not victims:
             return
         self._evictions += len(victims)
@@ -312,7 +393,7 @@ class DiskBackend:
             elif not isinstance(value, FileNotFoundError):
                 # the file stays on disk unindexed until the next open's scan picks it up again
                 log.warning("disk tier: could not evict %s: %s", key,
-                            _as_lmtier_error(value, op="evict", path=self._layout.path_of(key)))
+                            _as_lmtier_error(value, op="evict", path=self._layout.path_of(key), root=self.root))
         if cancelled:
             raise asyncio.CancelledError
 
@@ -376,14 +457,37 @@ def _run_group(calls: list[Callable[[], Any]], stop: threading.Event) -> list[Ou
     return out
 
 
-def _as_lmtier_error(exc: BaseException, *, op: str, path: str) -> LmtierError:
+def _as_lmtier_error(exc: BaseException, *, op: str, path: str | os.PathLike[str], root: Path) -> LmtierError:
     if isinstance(exc, LmtierError):
         return exc
+    if isinstance(exc, _files.RootGoneError):
+        return BackendUnavailableError(
+            f"disk tier: root {root} is gone or lost its {_files.MARKER} marker (deleted or unmounted?) "
+            f"during {op}; remount it, or restart to begin a new tier there")
     if isinstance(exc, OSError):
         return map_os_error(exc, op=op, path=path)
     if isinstance(exc, asyncio.CancelledError):
         return BackendError(f"disk tier: {op} {path} was cancelled")
     return BackendError(f"disk tier: {op} {path} failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def _is_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _warn_if_the_filesystem_is_smaller(root: Path, max_bytes: int, held: int) -> None:
+    """Log when ``max_bytes`` exceeds what the root's filesystem can give the tier: its free space
+    plus what the tier already holds. The tier still works (a full filesystem evicts), but its
+    real capacity is the smaller figure."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return
+    room = st.f_bavail * st.f_frsize + held
+    if max_bytes > room:
+        log.warning("disk tier: max_bytes=%d is more than the filesystem of %s can hold for the tier "
+                    "(%d bytes free + %d held); it will evict when the disk fills: lower max_bytes to at "
+                    "most %d or free space", max_bytes, root, room - held, held, room)
 
 
 def _raise_first(cancelled: bool, errors: list[LmtierError]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
@@ -13,9 +14,11 @@ class DiskConfig(BaseModel):
     """Where and how the disk tier stores chunks.
 
     Attributes:
-        root: directory holding the tier (created if missing; ``~`` is expanded). One process owns
-            it at a time: the in-memory index is not shared, so two live processes on one root
-            would evict each other's files without knowing.
+        root: directory holding the tier (created if missing; ``~`` is expanded). It must be new,
+            empty, or a disk tier's root already: the first open writes a ``.lmtier_disk_root`` marker
+            file, and a non-empty directory without one is refused (the tier deletes files in its
+            root). One process owns it at a time: the in-memory index is not shared, so two live
+            processes on one root would evict each other's files without knowing.
         max_bytes: bytes of files (64-byte header + payload each) the tier keeps; least recently
             used files are evicted beyond it. Writes in flight may exceed it briefly by at most
             ``max_concurrency`` items.
@@ -46,9 +49,15 @@ class DiskConfig(BaseModel):
                                        description="idle memory kept to reuse get's result buffers")
     fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
 
+    @field_validator("root", mode="before")
+    @classmethod
+    def _not_empty(cls, root: object) -> object:
+        # before conversion: Path("") is Path("."), the current directory, which is never meant
+        if isinstance(root, (str, os.PathLike)) and not os.fspath(root).strip():
+            raise ValueError("root is empty; name the tier's own directory, e.g. ~/.cache/lmtier")
+        return root
+
     @field_validator("root")
     @classmethod
     def _expand_user(cls, root: Path) -> Path:
-        if not str(root).strip():
-            raise ValueError("root must name a directory")
         return root.expanduser()
