@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmtier.errors import ConfigError
 from lmtier.registry import format_validation_error
@@ -40,6 +49,18 @@ tiers:
 """
 
 
+#: Bounds of settings whose larger values are never meant (a typo, an extra zero, ``.inf``).
+MAX_COOLDOWN_S = 3600.0
+MAX_QUEUE_DEPTH = 1 << 16
+
+
+def _refuse_bool(cls: type, value: Any) -> Any:
+    """Before pydantic's lax conversion, which reads YAML's ``true`` as the number 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not the boolean {value!r}")
+    return value
+
+
 class BreakerConfig(BaseModel):
     """Circuit breaker for one tier: open after ``failures`` consecutive unavailable errors."""
 
@@ -47,6 +68,17 @@ class BreakerConfig(BaseModel):
     failures: int = Field(3, ge=1, description="consecutive failures that open the circuit")
     cooldown_s: float = Field(1.0, gt=0, description="first wait before a probe call")
     max_cooldown_s: float = Field(30.0, gt=0, description="cap of the doubling cooldown")
+
+    _no_bools = field_validator("failures", "cooldown_s", "max_cooldown_s", mode="before")(_refuse_bool)
+
+    @field_validator("cooldown_s", "max_cooldown_s")
+    @classmethod
+    def _closes_again(cls, seconds: float) -> float:
+        # an infinite or huge cooldown is a circuit that never closes: the tier is off for good
+        if not seconds <= MAX_COOLDOWN_S:
+            raise ValueError(f"must be at most {MAX_COOLDOWN_S:g} seconds (an hour), got {seconds!r}: "
+                             "a longer cooldown is a circuit that never closes; remove the tier instead")
+        return seconds
 
 
 class TierConfig(BaseModel):
@@ -64,6 +96,16 @@ class TierConfig(BaseModel):
     timeout_s: float | None = Field(None, gt=0, description="per-call deadline; exceeding it is a miss")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
+    _no_bools = field_validator("queue_depth", mode="before")(_refuse_bool)
+
+    @field_validator("queue_depth")
+    @classmethod
+    def _bounded_queue(cls, depth: int) -> int:
+        if depth > MAX_QUEUE_DEPTH:
+            raise ValueError(f"must be at most {MAX_QUEUE_DEPTH}, got {depth}: each queued write holds its "
+                             "value in memory until the tier takes it")
+        return depth
+
 
 class LmtierConfig(BaseModel):
     """The whole lmtier configuration (what the YAML file holds)."""
@@ -73,6 +115,18 @@ class LmtierConfig(BaseModel):
     tiers: list[TierConfig] = Field(min_length=1, description="storage tiers, hottest first")
     host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="pinned staging pool of the engine")
     log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
+    #: key path (``tiers[1].options.root``) -> the LMTIER_* variable that set it, for error messages
+    _env_keys: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    _no_bools = field_validator("chunk_tokens", "host_pool_bytes", mode="before")(_refuse_bool)
+
+    @field_validator("host_pool_bytes")
+    @classmethod
+    def _pool_fits_in_memory(cls, nbytes: ByteSize) -> ByteSize:
+        from lmtier.limits import check_fits_in_memory
+
+        check_fits_in_memory(nbytes)
+        return nbytes
 
     @field_validator("tiers")
     @classmethod
@@ -98,7 +152,10 @@ class LmtierConfig(BaseModel):
                 registry.spec(tier.backend)
             except ConfigError as exc:
                 raise ConfigError(f"tiers[{i}].backend: {exc}") from None
-            validated.append(registry.validate_options(tier.backend, tier.options, path=f"tiers[{i}].options"))
+            try:
+                validated.append(registry.validate_options(tier.backend, tier.options, path=f"tiers[{i}].options"))
+            except ConfigError as exc:
+                raise ConfigError(_name_the_variables(str(exc), self._env_keys)) from None
         return validated
 
 
@@ -127,9 +184,12 @@ def load_config(
     if isinstance(source, (str, os.PathLike)):
         where = str(source)
         try:
-            text = Path(source).expanduser().read_text()
+            text = Path(source).expanduser().read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read lmtier config {where}: {exc.strerror}; check LMTIER_CONFIG / the path") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start}); save the config as UTF-8") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -138,11 +198,14 @@ def load_config(
         data = dict(source)
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping with a 'tiers' list")
-    data = _apply_env(data, env)
+    data, applied = _apply_env(data, env)
     try:
-        return LmtierConfig.model_validate(data)
+        config = LmtierConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: " + format_validation_error(exc, model=LmtierConfig)) from None
+        message = format_validation_error(exc, model=LmtierConfig)
+        raise ConfigError(f"{where}: " + _name_the_variables(message, applied)) from None
+    config._env_keys = applied
+    return config
 
 
 def env_overrides(env: Mapping[str, str] | None = None) -> list[str]:
@@ -159,24 +222,64 @@ def env_overrides(env: Mapping[str, str] | None = None) -> list[str]:
     return sorted(out)
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``LMTIER_*`` scalars; values are parsed as YAML scalars ("512" -> 512)."""
-    data = {**data, "tiers": [dict(t) if isinstance(t, Mapping) else t for t in data.get("tiers", [])]}
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Overlay ``LMTIER_*`` scalars; values are parsed as YAML scalars ("512" -> 512). Returns the
+    data and, for each key set, its path as errors print it (``tiers[1].options.root``) -> the
+    variable that set it."""
+    tiers = data.get("tiers", [])
+    data = {**data, "tiers": [dict(t) if isinstance(t, Mapping) else t for t in tiers] if isinstance(tiers, list) else tiers}
+    applied: dict[str, str] = {}
     for var, raw in env.items():
         if not var.startswith("LMTIER_") or var in _NOT_OVERRIDES:
             continue
         path = var[len("LMTIER_"):].lower().split("__")
-        value = yaml.safe_load(raw) if raw.strip() else raw
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{var}: only scalar keys can be overridden from the environment")
-        if path[0] == "tiers" and len(path) >= 3:
-            tier = next((t for t in data["tiers"] if isinstance(t, dict) and t.get("name") == path[1]), None)
-            if tier is None:
+        if path[0] == "tiers" and len(path) < 3:
+            raise ConfigError(f"{var}: name a tier and a key below it, e.g. LMTIER_TIERS__HOT__WRITE=async or "
+                              "LMTIER_TIERS__HOT__OPTIONS__MAX_BYTES=4GiB; the tier list itself comes from the file")
+        if not ((path[0] == "tiers") or (len(path) == 1 and path[0] in LmtierConfig.model_fields)):
+            continue  # another component's variable (LMTIER_TRANSFER_MODE, ...)
+        if "" in path:
+            raise ConfigError(f"{var}: an empty key between '__' separators; name a tier and a key, e.g. "
+                              "LMTIER_TIERS__HOT__WRITE=async")
+        value = _env_scalar(var, raw)
+        if path[0] == "tiers":
+            if not isinstance(data["tiers"], list):
+                continue  # the file's own error (tiers is not a list) is reported by validation
+            index = next((i for i, t in enumerate(data["tiers"]) if isinstance(t, dict) and t.get("name") == path[1]),
+                         None)
+            if index is None:
                 raise ConfigError(f"{var}: no tier named {path[1]!r} in the configuration")
-            _set_nested(tier, path[2:], value)
-        elif len(path) == 1 and path[0] in LmtierConfig.model_fields and path[0] != "tiers":
+            _set_nested(data["tiers"][index], path[2:], value)
+            applied[f"tiers[{index}]." + ".".join(path[2:])] = var
+        else:
             data[path[0]] = value
-    return data
+            applied[path[0]] = var
+    return data, applied
+
+
+def _env_scalar(var: str, raw: str) -> Any:
+    """The YAML scalar ``raw`` of variable ``var`` (``"512"`` -> 512), or a ConfigError naming it."""
+    if not raw.strip():
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{var}={raw[:40]!r} is not a YAML scalar ({reason[:160]}); the value must be "
+                          "one number, word or path, or text in quotes") from None
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{var}={raw[:40]!r}: only scalar keys can be overridden from the environment")
+    return value
+
+
+def _name_the_variables(message: str, applied: Mapping[str, str]) -> str:
+    """Append to each line of a validation ``message`` the variable that set its key, if any."""
+    lines = message.splitlines()
+    for i, line in enumerate(lines):
+        where = line.strip().split(": ", 1)[0]
+        if where in applied:
+            lines[i] = f"{line} (set by {applied[where]})"
+    return "\n".join(lines)
 
 
 def _set_nested(obj: dict[str, Any], path: list[str], value: Any) -> None:

@@ -13,7 +13,9 @@ two layouts can never share a key, which is how lmtier never loads wrong KV.
 
 from __future__ import annotations
 
+import array
 import json
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -112,22 +114,44 @@ class KVNamespace:
 
 
 def _token_bytes(tokens: Any) -> memoryview:
-    """Canonical little-endian int64 bytes of a token sequence (list, numpy, torch)."""
+    """Canonical little-endian int64 bytes of a token sequence (list, numpy, torch).
+
+    Token ids must be integers that fit in int64: floats are refused, not truncated (``1.5``
+    would silently key as ``1``), and so are ids of 2**63 or more.
+    """
     import numpy as np
 
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch tensor, without importing torch
         tokens = tokens.detach().cpu().numpy()
-    try:
-        arr = np.ascontiguousarray(tokens, dtype="<i8")
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"token ids must be a 1-D sequence of ints: {exc}") from None
+    if isinstance(tokens, np.ndarray):
+        arr = tokens
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise InvalidArgumentError(
+                f"token ids must be integers, got an array of {arr.dtype}; pass ints "
+                "(a torch tensor: .long(); numpy: .astype(np.int64))")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 1 << 63:
+            raise InvalidArgumentError(f"token ids must be below 2**63, got {int(arr.max())}")
+    else:
+        # array('q') takes only true integers (it refuses 1.5 where numpy would truncate it) and
+        # converts a list faster than numpy's own type inference
+        try:
+            arr = np.frombuffer(array.array("q", tokens), dtype=np.int64)
+        except OverflowError:
+            raise InvalidArgumentError("token ids must fit in a signed 64-bit integer (below 2**63); "
+                                       "got a larger one") from None
+        except TypeError as exc:
+            raise InvalidArgumentError(f"token ids must be a 1-D sequence of ints (a float is refused, "
+                                       f"never truncated): {exc}") from None
     if arr.ndim != 1:
         raise InvalidArgumentError(f"token ids must be 1-D, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype="<i8")
     return memoryview(arr.data).cast("B")
 
 
 def chunk_spans(num_tokens: int, chunk_tokens: int, *, include_partial: bool = True) -> list[tuple[int, int]]:
     """``[start, end)`` token spans of each chunk; the last may be partial if allowed."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral):
+        raise InvalidArgumentError(f"chunk_tokens must be an integer, got {chunk_tokens!r}")
     if chunk_tokens <= 0:
         raise InvalidArgumentError(f"chunk_tokens must be positive, got {chunk_tokens}")
     end = num_tokens if include_partial else num_tokens - num_tokens % chunk_tokens

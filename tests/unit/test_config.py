@@ -97,3 +97,46 @@ def test_only_variables_that_name_config_keys_count_as_overrides(tmp_path: Path)
     assert env_overrides(env) == ["LMTIER_LOG_LEVEL", "LMTIER_TIERS__NVME__OPTIONS__ROOT"]
     cfg = load_config(write(tmp_path, GOOD), env=env)
     assert cfg.log_level == "DEBUG" and cfg.tiers[1].options["root"] == "/data/kv"
+
+
+@pytest.mark.parametrize("raw", ["{", "[1", "a: b: c", "!!python/name:os.system", "*x", "1\x002"])
+def test_an_environment_value_that_is_not_a_yaml_scalar_is_a_config_error_naming_the_variable(
+    tmp_path: Path, raw: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"^LMTIER_CHUNK_TOKENS=.* is not a YAML scalar .*; the value must be"):
+        load_config(write(tmp_path, GOOD), env={"LMTIER_CHUNK_TOKENS": raw})
+
+
+def test_a_validation_error_names_the_variable_that_set_the_key(tmp_path: Path) -> None:
+    env = {"LMTIER_TIERS__NVME__QUEUE_DEPTH": "0", "LMTIER_TIERS__HOT__OPTIONS__MAX_BYTES": "lots"}
+    with pytest.raises(ConfigError, match=r"tiers\[1\]\.queue_depth: .* \(set by LMTIER_TIERS__NVME__QUEUE_DEPTH\)"):
+        load_config(write(tmp_path, GOOD), env=env)
+    cfg = load_config(write(tmp_path, GOOD), env={"LMTIER_TIERS__HOT__OPTIONS__MAX_BYTES": "lots"})
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.options\.max_bytes: .* \(set by LMTIER_TIERS__HOT__OPTIONS__MAX_BYTES\)"):
+        cfg.validate_backends(BackendRegistry.discover())
+
+
+@pytest.mark.parametrize("var", ["LMTIER_TIERS__HOT", "LMTIER_TIERS", "LMTIER_TIERS__HOT__"])
+def test_a_tier_variable_without_a_key_is_refused_not_ignored(tmp_path: Path, var: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{var}: .*LMTIER_TIERS__HOT__WRITE=async"):
+        load_config(write(tmp_path, GOOD), env={var: "x"})
+
+
+def test_a_config_file_that_is_not_utf8_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.encode() + "# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml is not UTF-8 text \(byte 0xe9 at offset \d+\); save"):
+        load_config(path, env={})
+
+
+def test_sizes_beyond_the_machines_memory_are_refused_saying_how_much_there_is() -> None:
+    from lmtier.limits import memory_limit
+
+    limit = memory_limit()
+    too_big = limit.bytes + (1 << 30)
+    with pytest.raises(ConfigError, match=r"host_pool_bytes: .*more memory than there is: .*of RAM"):
+        load_config({"host_pool_bytes": too_big, "tiers": [{"name": "a", "backend": "cpu"}]}, env={})
+    cfg = load_config({"tiers": [{"name": "a", "backend": "cpu", "options": {"max_bytes": too_big}}]}, env={})
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.options\.max_bytes: .*more memory than there is"):
+        cfg.validate_backends(BackendRegistry.discover())
+    assert "RAM" in limit.described and limit.bytes > 0

@@ -77,6 +77,36 @@ def test_malformed_keys_and_tokens_are_typed_errors() -> None:
         chunk_keys([1, 2], NS, 0)
 
 
+@pytest.mark.parametrize(("tokens", "message"), [
+    ([1.5, 2.7], "float is refused"),  # numpy would truncate to [1, 2]: the key of other tokens
+    ([1, 2.0], "float is refused"),
+    (np.array([1.0, 2.0]), "integers, got an array of float64"),
+    (np.array([True, False]), "integers, got an array of bool"),
+    ([2**70, 1], "below 2"),
+    ([-(2**63) - 1], "below 2"),
+    (np.array([2**63], dtype=np.uint64), "below 2"),
+    (["1", "2"], "sequence of ints"),
+    ([None], "sequence of ints"),
+    (np.array([[1, 2]]), "1-D"),
+])
+def test_token_ids_that_are_not_int64_integers_are_refused_not_converted(tokens: object, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        chunk_keys(tokens, NS, 1)
+
+
+def test_every_integer_form_of_the_same_tokens_makes_the_same_keys() -> None:
+    import torch
+
+    want = chunk_keys(np.array([5, 6, 7, 8], dtype=np.int64), NS, 2)
+    for same in ([5, 6, 7, 8], (5, 6, 7, 8), iter([5, 6, 7, 8]), [np.int32(5), 6, np.int64(7), 8],
+                 np.array([5, 6, 7, 8], dtype=np.uint16), torch.tensor([5, 6, 7, 8], dtype=torch.int32)):
+        assert chunk_keys(same, NS, 2) == want
+    assert chunk_keys([], NS, 2) == [] and chunk_keys(np.array([], dtype=np.float32), NS, 2) == []
+    for bad in (True, 2.0, "2"):
+        with pytest.raises(InvalidArgumentError, match="chunk_tokens must be an integer"):
+            chunk_keys([1, 2], NS, bad)  # type: ignore[arg-type]
+
+
 def test_two_interpreters_with_different_hash_seeds_make_the_same_keys() -> None:
     script = (
         "from lmtier.keys import chunk_keys, make_namespace;"

@@ -22,7 +22,7 @@ HEAVY = ["torch", "numpy", "redis", "boto3", "botocore", "nixl", "nixl_cu12", "v
 #: integrations are owned and checked elsewhere).
 CORE_MODULES = [
     "lmtier", "lmtier.errors", "lmtier.protocol", "lmtier.keys", "lmtier.framing", "lmtier.buffers", "lmtier.memory",
-    "lmtier.config", "lmtier.hookspecs", "lmtier.registry", "lmtier.breaker", "lmtier.metrics",
+    "lmtier.config", "lmtier.limits", "lmtier.hookspecs", "lmtier.registry", "lmtier.breaker", "lmtier.metrics",
     "lmtier.manager", "lmtier.cli", "lmtier.cli.doctor", "lmtier.cli.backends", "lmtier.cli.config",
     "lmtier.cli.check_backend", "lmtier.cli.bench", "lmtier.cli.demo", "lmtier.cli.serve_metrics",
     "lmtier.testing", "lmtier.testing.conformance", "lmtier.testing.plugin",
