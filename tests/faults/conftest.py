@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.ledger import FaultRecord
+from tests.faults.remotes import Remote, remote_fixture
+
 
 class ScratchFS:
     """A tmpfs of ``size`` bytes mounted at ``path``; ``read_only()`` / ``read_write()`` remount it."""
@@ -78,3 +81,24 @@ def scratch_fs(tmp_path: Path) -> Iterator[Callable[[int], ScratchFS]]:
     finally:
         for fs in reversed(made):
             fs.unmount()
+
+
+@pytest.fixture
+def ledger(request: pytest.FixtureRequest) -> Iterator[Callable[[str], FaultRecord]]:
+    """``ledger(fault)`` -> a :class:`~tests.faults.ledger.FaultRecord` written out at teardown."""
+    records: list[FaultRecord] = []
+
+    def open_record(fault: str) -> FaultRecord:
+        record = FaultRecord(fault, test=request.node.name)
+        records.append(record)
+        return record
+
+    yield open_record
+    for record in records:
+        record.write()
+
+
+@pytest.fixture(params=["redis", "s3"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Remote]:
+    """A private real server of each kind (redis-server, SeaweedFS), stopped after the test."""
+    yield from remote_fixture(request.param, tmp_path / request.param)

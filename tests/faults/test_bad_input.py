@@ -5,6 +5,7 @@ traceback. Nothing stored is lost along the way."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from lmtier.cli import main
 from lmtier.errors import ConfigError, InvalidArgumentError
 from lmtier.keys import ChunkKey, chunk_keys, make_namespace
 from lmtier.limits import memory_limit
+from tests.faults.ledger import FaultRecord
 
 pytestmark = pytest.mark.faults
 NS = make_namespace(test="bad-input")
@@ -107,12 +109,34 @@ def test_a_key_string_must_be_exactly_a_key(text) -> None:
         ChunkKey.parse(text(key))
 
 
-def test_every_config_case_is_a_config_error_from_load_config_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_every_config_case_is_a_config_error_from_load_config_too(
+    tmp_path: Path, ledger: Callable[[str], FaultRecord]
+) -> None:
     from lmtier.config import load_config
     from lmtier.registry import BackendRegistry
 
+    rec = ledger(f"bad config: {len(CONFIG_CASES) + 1} classes (env YAML, booleans, infinities, sizes, encoding)")
     registry = BackendRegistry.discover()
     for case, overrides, env, says in CONFIG_CASES:
         with pytest.raises(ConfigError) as info:
             load_config(_write_case(tmp_path, overrides), env=env).validate_backends(registry)
+        rec.typed_error()
         assert says in " ".join(str(info.value).split()), case
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"tiers: [{name: hot, backend: cpu}]\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(latin1, env={})
+    rec.typed_error()
+
+
+def test_bad_token_ids_and_key_strings_are_typed_errors(ledger: Callable[[str], FaultRecord]) -> None:
+    rec = ledger("bad keys: float / huge / boolean token ids, near-key strings")
+    for tokens in ([1.5, 2.7], np.array([0.5]), [2**70], np.array([2**64 - 1], dtype=np.uint64), [True, None]):
+        with pytest.raises(InvalidArgumentError):
+            chunk_keys(tokens, NS, 1)
+        rec.typed_error()
+    key = ChunkKey(NS, os.urandom(16))
+    for text in (f"{key}\n", f"{key} ", str(key).upper(), f"{key}.tmp-0a"):
+        with pytest.raises(InvalidArgumentError):
+            ChunkKey.parse(text)
+        rec.typed_error()

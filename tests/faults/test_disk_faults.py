@@ -23,6 +23,7 @@ from lmtier_backends.disk import _files
 from lmtier_backends.disk.backend import MAX_READ_FAILURES, DiskBackend, open_disk_backend
 from lmtier_backends.disk.config import DiskConfig
 from tests.faults.conftest import ScratchFS
+from tests.faults.ledger import FaultRecord
 
 pytestmark = [pytest.mark.faults, pytest.mark.asyncio]
 KiB = 1 << 10
@@ -46,7 +47,10 @@ def _sample(mgr: StorageManager, name: str, **labels: str) -> float:
 
 
 # -- 1. one bad entry must not poison its batch ----------------------------------------------------
-async def test_an_unreadable_file_is_a_miss_for_its_key_alone_and_leaves_the_index(tmp_path: Path) -> None:
+async def test_an_unreadable_file_is_a_miss_for_its_key_alone_and_leaves_the_index(
+    tmp_path: Path, ledger: Callable[[str], FaultRecord]
+) -> None:
+    rec = ledger("disk: one unreadable file in a batch (EISDIR)")
     backend = await _open(tmp_path / "tier")
     keys, values = _keys(8), _values(8)
     await backend.put(list(zip(keys, values, strict=True)))
@@ -55,7 +59,8 @@ async def test_an_unreadable_file_is_a_miss_for_its_key_alone_and_leaves_the_ind
     bad.mkdir()  # a directory where the file was: every read of it fails (EISDIR), not corrupt
 
     for _ in range(MAX_READ_FAILURES):
-        got = await backend.get(keys)
+        got = await rec.call(backend.get(keys))
+        rec.values(got, values)
         assert [v is not None for v in got] == [i != 3 for i in range(8)]
         assert [bytes(v) for i, v in enumerate(got) if i != 3] == values[:3] + values[4:]
         del got
@@ -68,11 +73,12 @@ async def test_an_unreadable_file_is_a_miss_for_its_key_alone_and_leaves_the_ind
 
 
 async def test_an_io_error_on_one_file_is_a_miss_and_the_key_is_served_again_when_it_passes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ledger: Callable[[str], FaultRecord]
 ) -> None:
     backend = await _open(tmp_path / "tier")
     keys, values = _keys(4), _values(4)
     await backend.put(list(zip(keys, values, strict=True)))
+    rec = ledger("disk: EIO reading one file (bad sector, injected)")
     sick = str(backend.path_of(keys[1]))
     read_payload = _files._read_payload
 
@@ -82,10 +88,13 @@ async def test_an_io_error_on_one_file_is_a_miss_and_the_key_is_served_again_whe
         read_payload(fd, path, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_files, "_read_payload", bad_sector)
-    got = await backend.get(keys)
+    got = await rec.call(backend.get(keys))
+    rec.values(got, values)
     assert [v is not None for v in got] == [True, False, True, True]
     monkeypatch.undo()
-    assert [bytes(v) for v in await backend.get(keys)] == values  # one failure: still indexed
+    after = [bytes(v) for v in await backend.get(keys)]
+    rec.lost = sum(a != v for a, v in zip(after, values, strict=True))
+    assert after == values  # one failure: still indexed
     await backend.aclose()
 
 
@@ -122,8 +131,9 @@ async def test_under_the_manager_a_bad_file_costs_one_miss_and_never_opens_the_c
 
 # -- 2. a read-only filesystem serves reads ----------------------------------------------------------
 async def test_a_read_only_remount_serves_every_read_and_skips_writes(
-    scratch_fs: Callable[[int], ScratchFS]
+    scratch_fs: Callable[[int], ScratchFS], ledger: Callable[[str], FaultRecord]
 ) -> None:
+    rec = ledger("disk: filesystem remounted read-only")
     fs = scratch_fs(8 << 20)
     item = 10 * KiB + HEADER_BYTES
     backend = await _open(fs.path / "tier", max_bytes=3 * item)
@@ -131,7 +141,8 @@ async def test_a_read_only_remount_serves_every_read_and_skips_writes(
     await backend.put(list(zip(keys[:3], values[:3], strict=True)))
     fs.read_only()  # what ext4 errors=remount-ro does after a disk error
     for _ in range(3):
-        got = await backend.get(keys[:3])
+        got = await rec.call(backend.get(keys[:3]))
+        rec.values(got, values[:3])
         assert [bytes(v) for v in got] == values[:3]
         del got
     outs = [bytearray(10 * KiB) for _ in range(3)]
@@ -184,16 +195,19 @@ async def test_under_the_manager_a_read_only_disk_keeps_its_circuit_closed_and_h
 
 # -- 3. a full filesystem evicts instead of freezing ----------------------------------------------------
 async def test_a_full_filesystem_evicts_the_least_recently_used_and_stores_every_new_key(
-    scratch_fs: Callable[[int], ScratchFS], caplog: pytest.LogCaptureFixture
+    scratch_fs: Callable[[int], ScratchFS], caplog: pytest.LogCaptureFixture, ledger: Callable[[str], FaultRecord]
 ) -> None:
+    rec = ledger("disk: filesystem full before max_bytes (ENOSPC)")
+    rec.notes.append("LRU files evicted to make room, as at max_bytes")
     fs = scratch_fs(1 << 20)  # 1 MiB, and max_bytes keeps its 20 GiB default: the disk fills first
     with caplog.at_level(logging.WARNING, logger="lmtier_backends.disk.backend"):
         backend = await _open(fs.path / "tier")
     assert "max_bytes=21474836480 is more than the filesystem" in caplog.text
     keys, values = _keys(20), _values(20, 100 * KiB)
     for key, value in zip(keys, values, strict=True):
-        await backend.put([(key, value)])  # never raises: room is made
-        (got,) = await backend.get([key])
+        await rec.call(backend.put([(key, value)]))  # never raises: room is made
+        (got,) = await rec.call(backend.get([key]))
+        rec.values([got], [value])
         assert got is not None and bytes(got) == value
         del got
     stats = backend.stats()
@@ -224,7 +238,10 @@ async def test_an_empty_root_is_refused_before_anything_opens() -> None:
             DiskConfig(root=root)
 
 
-async def test_a_non_empty_directory_without_the_marker_is_refused_and_left_untouched(tmp_path: Path) -> None:
+async def test_a_non_empty_directory_without_the_marker_is_refused_and_left_untouched(
+    tmp_path: Path, ledger: Callable[[str], FaultRecord]
+) -> None:
+    rec = ledger("disk: root is a user's non-empty directory")
     home = tmp_path / "home"
     home.mkdir()
     report = home / "report.tmp-2024.txt"
@@ -235,7 +252,9 @@ async def test_a_non_empty_directory_without_the_marker_is_refused_and_left_unto
     short.write_bytes(b"mine")
     with pytest.raises(ConfigError, match=r"not empty .* has no \.lmtier_disk_root marker") as info:
         await _open(home)
+    rec.typed_error()
     assert "new or empty directory" in str(info.value) and "touch" in str(info.value)
+    rec.lost = (not report.exists()) + (not short.exists())
     assert report.read_text() == "quarterly figures" and short.read_bytes() == b"mine"
     assert sorted(p.name for p in home.iterdir()) == sorted([report.name, namespace_like.parent.name])
 
