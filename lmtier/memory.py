@@ -48,23 +48,41 @@ class HostMemoryPool:
         pin: page-lock the slab (needed for async DMA); ``None`` pins iff CUDA is available.
             CPU-only torch cannot pin, so ``pin=True`` there raises :class:`LmtierError`.
         name: shows up in errors and leak reports.
+        memory: carve the buffers out of this flat ``uint8`` CPU tensor (at least
+            ``capacity_bytes`` long) instead of allocating a slab, e.g. a shared-memory segment
+            mapped by the caller (``lmtier serve``'s slab). The caller keeps it alive and pins it
+            (or not) itself; ``pin`` must then be left ``None``.
 
     Thread-safe: the engine thread and the manager's loop allocate concurrently.
     """
 
-    def __init__(self, capacity_bytes: int, *, pin: bool | None = None, name: str = "host") -> None:
+    def __init__(self, capacity_bytes: int, *, pin: bool | None = None, name: str = "host",
+                 memory: torch.Tensor | None = None) -> None:
         import torch
 
         if capacity_bytes <= 0:
             raise InvalidArgumentError(f"pool capacity must be positive, got {capacity_bytes}")
-        if pin is None:
+        if memory is not None:
+            if pin is not None:
+                raise InvalidArgumentError("pin applies to a slab the pool allocates; leave it None with memory=")
+            if memory.dtype != torch.uint8 or memory.dim() != 1 or memory.device.type != "cpu":
+                raise InvalidArgumentError("memory must be a flat uint8 CPU tensor")
+            if memory.numel() < _round_up(capacity_bytes):
+                raise InvalidArgumentError(
+                    f"memory holds {memory.numel()} bytes, the pool needs {_round_up(capacity_bytes)}")
+            pin = False  # not ours to pin; pinned below reports what the caller did
+        elif pin is None:
             pin = torch.cuda.is_available()
         if pin and not torch.cuda.is_available():
             raise LmtierError("cannot pin host memory: this torch build has no CUDA; use pin=False")
         self.name = name
         self.capacity = _round_up(capacity_bytes)
-        self.pinned = bool(pin)
-        self._slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        if memory is not None:
+            self._slab = memory[: self.capacity]
+            self.pinned = bool(torch.cuda.is_available() and memory.is_pinned())
+        else:
+            self.pinned = bool(pin)
+            self._slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
         # numpy view and address of the slab, made once: slicing them costs ~0.2 us where a torch
         # slice costs ~2 us, which dominated small puts and gets
         self._slab_np = self._slab.numpy()

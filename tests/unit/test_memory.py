@@ -116,3 +116,28 @@ def test_with_cuda_the_pool_pins_by_default_and_lease_views_are_pinned_for_dma()
     del view, host
     gc.collect()
     assert pool.outstanding() == 0
+
+
+def test_a_pool_can_carve_its_buffers_out_of_memory_the_caller_provides() -> None:
+    import mmap
+
+    import torch
+
+    from lmtier.errors import InvalidArgumentError
+
+    region = mmap.mmap(-1, 1 << 16)
+    memory = torch.frombuffer(region, dtype=torch.uint8)
+    pool = HostMemoryPool(1 << 16, memory=memory, name="provided")
+    buf = pool.allocate(100)
+    buf.tensor.fill_(7)
+    assert region[buf.offset: buf.offset + 100] == b"\x07" * 100, "the buffer is a view of the caller's memory"
+    assert not pool.pinned
+    buf.release()
+    assert pool.outstanding() == 0
+    with pytest.raises(InvalidArgumentError, match="needs"):
+        HostMemoryPool(1 << 17, memory=memory)
+    with pytest.raises(InvalidArgumentError, match="pin"):
+        HostMemoryPool(1 << 16, memory=memory, pin=False)
+    del pool, buf, memory
+    gc.collect()
+    region.close()
