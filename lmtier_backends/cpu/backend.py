@@ -30,11 +30,16 @@ EvictionListener = Callable[[ChunkKey, memoryview], None]
 
 
 class CpuBackend:
-    """In-process, byte-bounded LRU store over a :class:`HostMemoryPool` slab."""
+    """In-process, byte-bounded LRU store over a :class:`HostMemoryPool` slab.
 
-    def __init__(self, config: CpuConfig) -> None:
+    ``pool``: keep the values in this pool instead of a slab of ``max_bytes`` allocated here
+    (``lmtier serve`` passes a pool over its shared-memory slab); the tier closes it with itself.
+    """
+
+    def __init__(self, config: CpuConfig, *, pool: HostMemoryPool | None = None) -> None:
         self.config = config
-        self.pool = HostMemoryPool(int(config.max_bytes), pin=config.pinned, name="cpu-tier")
+        self.pool = pool if pool is not None else HostMemoryPool(int(config.max_bytes), pin=config.pinned,
+                                                                 name="cpu-tier")
         self._entries: OrderedDict[ChunkKey, HostBuffer] = OrderedDict()
         self._listeners: list[EvictionListener] = []
         self._evictions = 0
@@ -92,6 +97,16 @@ class CpuBackend:
             buf = self._entries.pop(k, None)
             if buf is not None:
                 buf.release()
+
+    async def clear(self) -> int:
+        """Drop every entry (not offered to the eviction listener); returns how many there were.
+
+        Ranges still leased to readers are freed when their leases are released.
+        """
+        entries, self._entries = self._entries, OrderedDict()
+        for buf in entries.values():
+            buf.release()
+        return len(entries)
 
     def stats(self) -> dict[str, Any]:
         return {"objects": len(self._entries), "bytes": self.pool.used_bytes,

@@ -90,3 +90,24 @@ async def test_with_cuda_the_tier_slab_is_pinned_and_gets_copy_to_the_gpu_withou
     assert bytes(on_gpu.cpu().numpy()) == data
     del view, host
     await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_tier_can_live_in_a_pool_it_is_given_and_clear_drops_every_entry() -> None:
+    from lmtier.memory import HostMemoryPool
+
+    pool = HostMemoryPool(1 << 16, pin=False, name="given")
+    evicted: list[ChunkKey] = []
+    backend = CpuBackend(CpuConfig(max_bytes=1 << 16, pinned=False), pool=pool)
+    backend.add_eviction_listener(lambda k, v: evicted.append(k))
+    keys = _keys(3)
+    await backend.put([(k, b"x" * 100) for k in keys])
+    (view,) = await backend.get([keys[0]])
+    assert host_tensor_of(view).data_ptr() >= pool._slab.data_ptr()
+    assert await backend.clear() == 3
+    assert await backend.contains(keys) == [False, False, False] and not evicted
+    assert pool.outstanding() == 1, "a range still read stays until its reader lets go"
+    del view
+    gc.collect()
+    assert pool.outstanding() == 0
+    await backend.aclose()
