@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# nixl-cu12's metadata drags in both CUDA variants; it runs on CPU hosts without them
 	$(PIP) install -q --no-deps nixl-cu12==1.5.1
-	$(PIP) install -q -e ".[redis,s3,test]"
+	$(PIP) install -q -e ".[redis,s3,server,test]"
 	touch $(STAMP)
 
 test: setup

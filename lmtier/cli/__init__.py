@@ -8,6 +8,7 @@
     lmtier check-backend NAME --options F the conformance suite against an installed backend
     lmtier bench [--config F]             per-tier put/get throughput vs memcpy and raw files
     lmtier demo [...]                     lmtier.demo.run_demo if present, else the storage demo
+    lmtier serve --config F --socket P    the node's shared cache server (engines: server: unix://P)
     lmtier serve-metrics --port P         Prometheus endpoint on the default registry (loopback)
 
 Exit codes: 0 success; 1 the command ran and found problems (doctor, demo); 2 a user error. Every
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from lmtier import __version__
-from lmtier.cli import backends, bench, check_backend, config, demo, doctor, serve_metrics
+from lmtier.cli import backends, bench, check_backend, config, demo, doctor, serve, serve_metrics
 from lmtier.cli._common import EXIT_USAGE, QWEN3_8B_CHUNK_BYTES, one_line, parse_size, setup_logging
 from lmtier.cli.demo import demo_dir, storage_demo
 from lmtier.errors import LmtierError
@@ -34,7 +35,7 @@ from lmtier.errors import LmtierError
 __all__ = ["COMMANDS", "QWEN3_8B_CHUNK_BYTES", "demo_dir", "main", "parse_size", "storage_demo"]
 
 #: The command modules, in the order ``lmtier --help`` lists them.
-COMMANDS = (doctor, backends, config, check_backend, bench, demo, serve_metrics)
+COMMANDS = (doctor, backends, config, check_backend, bench, demo, serve, serve_metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

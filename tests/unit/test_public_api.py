@@ -24,7 +24,7 @@ CORE_MODULES = [
     "lmtier", "lmtier.errors", "lmtier.protocol", "lmtier.keys", "lmtier.framing", "lmtier.buffers", "lmtier.memory",
     "lmtier.config", "lmtier.limits", "lmtier.hookspecs", "lmtier.registry", "lmtier.breaker", "lmtier.metrics",
     "lmtier.manager", "lmtier.cli", "lmtier.cli.doctor", "lmtier.cli.backends", "lmtier.cli.config",
-    "lmtier.cli.check_backend", "lmtier.cli.bench", "lmtier.cli.demo", "lmtier.cli.serve_metrics",
+    "lmtier.cli.check_backend", "lmtier.cli.bench", "lmtier.cli.demo", "lmtier.cli.serve", "lmtier.cli.serve_metrics",
     "lmtier.testing", "lmtier.testing.conformance", "lmtier.testing.plugin",
     "lmtier_backends", "lmtier_backends.cpu", "lmtier_backends.cpu.plugin", "lmtier_backends.cpu.config",
     "lmtier_backends.cpu.backend", "lmtier_backends.disk", "lmtier_backends.disk.plugin",

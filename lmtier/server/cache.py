@@ -1,0 +1,223 @@
+"""The server's cache: one StorageManager whose hot tier lives in the shared slab, and its operations.
+
+:class:`SlabCache` is what every connection's requests act on (on the server's event loop):
+lookups and presence checks go to the manager; reservations and leases are ranges of the slab
+held by the requesting connection's :class:`~lmtier.server.holdings.Holdings`; commits hand
+reserved ranges to the hot tier without a copy (the cpu tier adopts buffers of its own pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from lmtier.buffers import as_bytes_view
+from lmtier.config import LmtierConfig, load_config
+from lmtier.errors import ConfigError, LmtierError
+from lmtier.keys import ChunkKey
+from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
+from lmtier.server.holdings import Holdings
+from lmtier.server.protocol import E_BAD_ARGUMENT, PROTOCOL_VERSION, ServerError, Slot, decode_key
+from lmtier.server.slab import Slab
+
+if TYPE_CHECKING:
+    import os as _os
+
+    from lmtier.manager import StorageManager
+    from lmtier.metrics import Metrics
+    from lmtier_backends.cpu.backend import CpuBackend
+
+__all__ = ["SlabCache"]
+
+log = logging.getLogger("lmtier.server")
+
+
+class SlabCache:
+    """The manager, its slab-backed hot tier, and the connections' holdings. Build with :meth:`open`."""
+
+    def __init__(self, manager: StorageManager, hot: CpuBackend, slab: Slab) -> None:
+        self.manager = manager
+        self.hot = hot
+        self.slab = slab
+        self.started = time.time()
+        self.holdings: dict[int, tuple[Holdings, dict[str, Any]]] = {}  # connection id -> (held, who)
+
+    @classmethod
+    async def open(cls, config: str | _os.PathLike[str] | LmtierConfig, *, metrics: Metrics) -> SlabCache:
+        """Validate ``config``, create the slab (the cpu tier's ``max_bytes``), open every tier."""
+        from lmtier.manager import StorageManager
+        from lmtier.registry import BackendRegistry
+        from lmtier_backends.cpu.backend import CpuBackend
+        from lmtier_backends.cpu.config import CpuConfig
+
+        cfg = load_config(config)
+        registry = BackendRegistry.discover()
+        options = cfg.validate_backends(registry)
+        first = cfg.tiers[0]
+        if first.backend != "cpu" or not isinstance(options[0], CpuConfig):
+            raise ConfigError(
+                f"tiers[0].backend: lmtier serve keeps its hottest tier in the shared slab clients map, so "
+                f"the first tier must be a cpu tier (got {first.backend!r}); add one, e.g. "
+                "{name: hot, backend: cpu, options: {max_bytes: 8GiB}}")
+        slab = Slab.create(int(options[0].max_bytes))
+        pool = HostMemoryPool(slab.size, memory=slab.tensor, name="server-slab")
+        opened: list[tuple[Any, Any]] = [(first, CpuBackend(options[0], pool=pool))]
+        try:
+            for i, (tcfg, opts) in enumerate(zip(cfg.tiers[1:], options[1:], strict=True), start=1):
+                opened.append((tcfg, await registry.create(tcfg.backend, opts, path=f"tiers[{i}].options")))
+        except BaseException:
+            for _, backend in opened:
+                await backend.aclose()
+            raise
+        manager = StorageManager(opened, config=cfg, metrics=metrics)
+        return cls(manager, opened[0][1], slab)
+
+    # -- connections ---------------------------------------------------------------------------
+    def connect(self, conn_id: int, who: dict[str, Any]) -> Holdings:
+        held = Holdings()
+        self.holdings[conn_id] = (held, who)
+        return held
+
+    def disconnect(self, conn_id: int) -> int:
+        """Release everything the connection held; returns how many slots that was."""
+        entry = self.holdings.pop(conn_id, None)
+        return entry[0].close() if entry is not None else 0
+
+    # -- operations ----------------------------------------------------------------------------
+    async def lookup(self, raw_keys: Sequence[bytes]) -> int:
+        return await self.manager.lookup(_keys(raw_keys))
+
+    async def contains(self, raw_keys: Sequence[bytes]) -> list[bool]:
+        return await self.manager.contains(_keys(raw_keys))
+
+    def reserve(self, sizes: Sequence[int], held: Holdings) -> list[Slot | None]:
+        self._check_sizes(sizes)
+        out: list[Slot | None] = []
+        for size in sizes:
+            buf = self._allocate(size)
+            slot = held.add_reservation(buf) if buf is not None else None
+            out.append(Slot(slot, buf.offset) if slot is not None and buf is not None else None)
+        return out
+
+    async def commit(self, items: Sequence[tuple[bytes, int]], held: Holdings) -> int:
+        keys = _keys([k for k, _ in items])
+        bufs = held.take_reservations([s for _, s in items])  # all or nothing; ours from here on
+        try:
+            present = await self.hot.contains(keys)
+            todo = [(k, b) for k, b, p in zip(keys, bufs, present, strict=True) if not p]
+            if todo:
+                await self.manager.put(todo)  # type: ignore[arg-type]  # the cpu tier adopts our buffers
+            return len(todo)
+        finally:
+            for b in bufs:
+                b.release()
+
+    async def fetch(self, raw_keys: Sequence[bytes], sizes: Sequence[int], held: Holdings) -> list[Slot | None]:
+        keys = _keys(raw_keys)
+        if len(sizes) != len(keys):
+            raise ServerError(E_BAD_ARGUMENT, f"fetch of {len(keys)} keys with {len(sizes)} sizes")
+        self._check_sizes(sizes)
+        values = await self.manager.get(keys)
+        out: list[Slot | None] = []
+        wrong: list[ChunkKey] = []
+        try:
+            for i, value in enumerate(values):
+                values[i] = None  # from here the value's reference is ours to hold or drop
+                out.append(self._lease(keys[i], value, sizes[i], held, wrong))
+        finally:
+            del values
+        if wrong:
+            await self.manager.delete(wrong)
+        return out
+
+    async def delete(self, raw_keys: Sequence[bytes]) -> None:
+        await self.manager.delete(_keys(raw_keys))
+
+    async def clear(self) -> int:
+        n = await self.hot.clear()
+        log.warning("lmtier serve: cleared the hot tier (%d chunks); colder tiers keep theirs", n)
+        return n
+
+    def status(self) -> dict[str, Any]:
+        """The ``/v1/status`` document."""
+        from lmtier import __version__
+
+        metrics = self.manager.metrics
+        tiers = []
+        all_stats = self.manager.stats()
+        for t in self.manager.tiers:
+            stats = all_stats.get(t.name, {})
+            tiers.append({
+                "name": t.name,
+                "backend": t.config.backend,
+                "bytes": int(stats.get("bytes", 0)),
+                "objects": int(stats.get("objects", 0)),
+                "hits": int(metrics.hits.labels(t.name)._value.get()),
+                "misses": int(metrics.misses.labels(t.name)._value.get()),
+                "evictions": int(metrics.evictions.labels(t.name)._value.get()),
+                "circuit": t.breaker.state,
+            })
+        conns = [{**who, "leases": h.leases, "reservations": h.reservations} for h, who in self.holdings.values()]
+        pool = self.hot.pool
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "uptime_s": round(time.time() - self.started, 3),
+            "clients": len(self.holdings),
+            "leases": sum(c["leases"] for c in conns),
+            "reservations": sum(c["reservations"] for c in conns),
+            "slab": {"id": self.slab.slab_id, "bytes": self.slab.size, "used_bytes": pool.used_bytes,
+                     "buffers": pool.outstanding()},
+            "tiers": tiers,
+            "connections": conns,
+        }
+
+    async def aclose(self) -> None:
+        """Release every connection's holdings, drain background writes, close the tiers."""
+        for conn_id in list(self.holdings):
+            self.disconnect(conn_id)
+        await self.manager.aclose()
+
+    # -- machinery -----------------------------------------------------------------------------
+    def _check_sizes(self, sizes: Sequence[int]) -> None:
+        for s in sizes:
+            if not 0 < s <= self.hot.pool.capacity:
+                raise ServerError(E_BAD_ARGUMENT, f"size {s} is outside [1, {self.hot.pool.capacity}] (the slab)")
+
+    def _allocate(self, size: int) -> HostBuffer | None:
+        try:
+            return self.hot.allocate(size)  # evicts least recently used chunks to make room
+        except LmtierError:
+            return None
+
+    def _lease(self, key: ChunkKey, value: Any, size: int, held: Holdings, wrong: list[ChunkKey]) -> Slot | None:
+        if value is None:
+            return None
+        view = as_bytes_view(value)
+        if view.nbytes != size:
+            log.warning("lmtier serve: %s holds %d bytes, a client expected %d; treated as a miss (and deleted)",
+                        key, view.nbytes, size)
+            wrong.append(key)
+            return None
+        tensor = host_tensor_of(value)
+        offset = -1 if tensor is None else int(tensor.data_ptr()) - self.slab.base_ptr
+        if 0 <= offset < self.slab.size and isinstance(value, memoryview):
+            slot = held.add_lease(value)  # a hot-tier hit: leased in place, no copy
+            return Slot(slot, offset) if slot is not None else None
+        buf = self._allocate(size)  # a colder tier's bytes: one copy into the slab
+        if buf is None:
+            return None
+        buf.view()[:] = view
+        slot = held.add_lease(buf)
+        return Slot(slot, buf.offset) if slot is not None else None
+
+
+def _keys(raw_keys: Sequence[bytes]) -> list[ChunkKey]:
+    try:
+        return [ChunkKey(*decode_key(raw)) for raw in raw_keys]
+    except (ValueError, LmtierError) as exc:
+        raise ServerError(E_BAD_ARGUMENT, f"bad key: {exc}") from None

@@ -1,0 +1,796 @@
+"""ServerStore: the :class:`~lmtier.store.KVStore` of an engine process whose tiers live in ``lmtier serve``.
+
+::
+
+    store = ServerStore("unix:///run/lmtier/lmtier.sock", namespace=ns)
+    hit = store.lookup(keys).result().hit_chunks
+    chunks = store.reserve(sizes)                 # slab slots; fill chunk.tensor, then
+    store.commit(list(zip(keys, chunks)))         # hand them over (returns at once)
+    leases = store.fetch(keys, sizes).result()    # slab slots holding the values; read, then
+    for c in leases: c and c.release()
+
+**Data plane.** At connect the server sends the slab's descriptor; the client maps it once. A
+:class:`SlabChunk` is a slot of that mapping: ``.tensor`` / ``.view()`` are views of the client's
+own mapping of the slab, so the engine copies KV pages straight between its cache and the slab
+(on CUDA the mapping is page-locked with ``cudaHostRegister`` first, in the background: until it
+is, the store answers misses). KV bytes never cross the socket.
+
+**Deadlines, faults, reconnects.** Every call has a deadline (the ``*_timeout_s`` arguments, or
+the call's ``timeout_s``). A server that is down, restarting or frozen is a miss — ``lookup`` 0
+hits, ``fetch`` ``None``, ``reserve`` ``None`` (the store is skipped), ``commit`` 0 — never an
+exception and never a wait past the deadline:
+
+* connection lost (server exit, crash, ``kill -9``): every call in flight is a miss at once; a
+  background task reconnects (backoff ``retry_min_s`` … ``retry_max_s``) and maps the new slab.
+  Chunks of the old slab stay readable (their mapping lives until they are released) and their
+  release is a no-op (the dead server released everything);
+* a call misses its deadline (server frozen, ``SIGSTOP``): the store treats the server as
+  unresponsive — later calls are misses at once instead of each waiting its deadline — and pings
+  it in the background; the first answer makes it usable again. Late replies that carry slots
+  are released at once.
+
+Metrics (the ``metrics`` registry): ``lmtier_server_client_connected``,
+``lmtier_server_client_reconnects_total``, ``lmtier_server_client_misses_total{op,reason}``.
+Log lines (logger ``lmtier.server.client``) mark each change of state, not each miss.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import socket
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lmtier.errors import InvalidArgumentError, LmtierError
+from lmtier.keys import ChunkKey
+from lmtier.server import protocol as p
+from lmtier.server.slab import Slab
+from lmtier.store import LookupResult
+
+if TYPE_CHECKING:
+    import torch
+    from prometheus_client.core import Metric
+
+    from lmtier.metrics import Metrics
+    from lmtier.protocol import Buffer
+
+__all__ = ["ServerStore", "SlabChunk", "parse_address"]
+
+log = logging.getLogger("lmtier.server.client")
+T = TypeVar("T")
+#: Bytes queued for a server that does not read before the connection is given up as broken.
+_MAX_OUTBOX = 8 << 20
+
+
+def parse_address(address: str) -> str:
+    """The socket path of ``unix:///abs/path.sock``; InvalidArgumentError for anything else."""
+    if not isinstance(address, str) or not address.startswith("unix://") or not address[7:].startswith("/"):
+        raise InvalidArgumentError(
+            f"server address {address!r}: expected unix:///absolute/path/to/lmtier.sock (the --socket of lmtier serve)")
+    return address[len("unix://"):]
+
+
+class SlabChunk:
+    """A slot of the server's slab, lent to this process: a lease (read-only) or a reservation.
+
+    Satisfies :class:`~lmtier.store.HostChunk`. ``tensor`` and ``view()`` are valid until
+    :meth:`release` (or, for a reservation, until it is committed).
+    """
+
+    __slots__ = ("_link", "_released", "_slab", "_store", "nbytes", "offset", "slot", "writable")
+
+    def __init__(self, store: ServerStore, link: _Link, slot: int, offset: int, nbytes: int, *,
+                 writable: bool) -> None:
+        self._store = store
+        self._link = link
+        self._slab = link.slab
+        self.slot = slot
+        self.offset = offset
+        self.nbytes = nbytes
+        self.writable = writable
+        self._released = False
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """A flat uint8 tensor over the slot (this process's mapping of the slab)."""
+        self._check()
+        return self._slab.tensor_of(self.offset, self.nbytes)
+
+    def view(self) -> memoryview:
+        """A memoryview of the slot; read-only for a lease (other processes may be reading it)."""
+        self._check()
+        return self._slab.view(self.offset, self.nbytes, readonly=not self.writable)
+
+    def release(self) -> None:
+        """Give the slot back (exactly once)."""
+        if self._released:
+            raise LmtierError("SlabChunk released twice (or released after commit)")
+        self._released = True
+        self._store._chunk_done()
+        self._store._send_release(self._link, [self.slot])
+
+    def _handed_over(self) -> None:
+        """A commit took the slot: no release message, the server owns it now."""
+        self._released = True
+        self._store._chunk_done()
+
+    def _check(self) -> None:
+        if self._released:
+            raise LmtierError("use of a SlabChunk after its release")
+
+    def __repr__(self) -> str:
+        kind = "reservation" if self.writable else "lease"
+        return f"SlabChunk({kind}, slot {self.slot}, {self.nbytes} bytes @ {self.offset})"
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection to the server and the slab it announced."""
+
+    sock: socket.socket
+    slab: Slab
+    server_pid: int
+    loop: asyncio.AbstractEventLoop
+    pending: dict[int, asyncio.Future[p.Reply]] = field(default_factory=dict)
+    outbox: bytearray = field(default_factory=bytearray)
+    usable: bool = False  # False until the slab is ready (CUDA registration) and while unresponsive
+    closed: bool = False
+    reader: asyncio.Task[None] | None = None
+    releases: list[int] = field(default_factory=list)
+
+    def write(self, data: bytes) -> None:
+        """Queue a whole frame; frames go out in order and are never cut by a cancellation."""
+        if self.closed:
+            raise ConnectionError("connection closed")
+        if not self.outbox:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.loop.add_writer(self.sock, self._flush)
+        self.outbox += data
+        if len(self.outbox) > _MAX_OUTBOX:
+            raise ConnectionError(f"the server has not read {len(self.outbox)} bytes of requests")
+
+    def _flush(self) -> None:
+        try:
+            sent = self.sock.send(self.outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.loop.remove_writer(self.sock)
+            return
+        del self.outbox[:sent]
+        if not self.outbox:
+            self.loop.remove_writer(self.sock)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.usable = False
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(self.sock)
+        self.sock.close()
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection to the lmtier server lost"))
+        self.pending.clear()
+
+
+class _Miss(Exception):
+    """A call that ends as a miss; ``reason`` labels the metric."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ServerStore:
+    """A :class:`~lmtier.store.KVStore` whose tiers live in ``lmtier serve`` (see the module doc).
+
+    Args:
+        address: ``unix:///path/to/lmtier.sock``.
+        metrics: where the engine's counters go (default: the process-wide metrics).
+        namespace, name: told to the server at hello, for its logs and ``/v1/status``.
+        lookup_timeout_s, fetch_timeout_s, reserve_timeout_s, commit_timeout_s, flush_timeout_s:
+            default deadlines of each kind of call (a call's ``timeout_s`` overrides).
+        connect_timeout_s: deadline of one connect + hello; the constructor waits for the first
+            connection at most this long, then keeps trying in the background.
+        register_cuda: page-lock the slab for the GPU (default: iff torch sees CUDA).
+    """
+
+    def __init__(self, address: str, *, metrics: Metrics | None = None, namespace: str = "", name: str = "",
+                 lookup_timeout_s: float = 0.5, fetch_timeout_s: float = 5.0, reserve_timeout_s: float = 0.5,
+                 commit_timeout_s: float = 30.0, flush_timeout_s: float = 60.0, connect_timeout_s: float = 2.0,
+                 retry_min_s: float = 0.05, retry_max_s: float = 2.0, register_cuda: bool | None = None) -> None:
+        self.address = address
+        self.path = parse_address(address)
+        for label, value in (("lookup_timeout_s", lookup_timeout_s), ("fetch_timeout_s", fetch_timeout_s),
+                             ("reserve_timeout_s", reserve_timeout_s), ("commit_timeout_s", commit_timeout_s),
+                             ("flush_timeout_s", flush_timeout_s), ("connect_timeout_s", connect_timeout_s),
+                             ("retry_min_s", retry_min_s), ("retry_max_s", retry_max_s)):
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise InvalidArgumentError(f"{label}={value!r} must be a positive, finite number of seconds")
+        self.timeouts = {"lookup": lookup_timeout_s, "contains": lookup_timeout_s, "fetch": fetch_timeout_s,
+                         "reserve": reserve_timeout_s, "commit": commit_timeout_s, "flush": flush_timeout_s,
+                         "delete": reserve_timeout_s, "release": reserve_timeout_s, "ping": connect_timeout_s,
+                         "stats": connect_timeout_s}
+        self.connect_timeout_s = connect_timeout_s
+        self.retry = (retry_min_s, retry_max_s)
+        self.namespace = namespace
+        self.name = name
+        if register_cuda is None:
+            import torch
+
+            register_cuda = bool(torch.cuda.is_available())
+        self.register_cuda = register_cuda
+        from lmtier.metrics import default_metrics
+
+        self._metrics = metrics or default_metrics()
+        self._ids = itertools.count(1)
+        self._link: _Link | None = None
+        self._keeper: asyncio.Task[None] | None = None  # reconnects / probes while not usable
+        self._closed = False
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self.reconnects = 0
+        self.misses: dict[tuple[str, str], int] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lmtier-server-client", daemon=True)
+        self._thread.start()
+        self._collector = _ClientCollector(self)
+        self._metrics.registry.register(self._collector)
+        # wait (bounded) for the first connection, so that a fresh engine hits at once
+        with contextlib.suppress(Exception):
+            self._run(self._first_connect(), connect_timeout_s + 1.0)
+
+    # -- KVStore -------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    @property
+    def connected(self) -> bool:
+        """Whether calls go to the server now (connected, slab ready, answering)."""
+        link = self._link
+        return link is not None and link.usable
+
+    def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
+               ) -> concurrent.futures.Future[LookupResult]:
+        raw = _wire_keys(keys)
+        return self._submit(self._lookup(raw, self._deadline("lookup", timeout_s)))
+
+    def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
+        raw = _wire_keys(keys)
+        return self._run(self._contains(raw, self._deadline("contains", timeout_s)))
+
+    def reserve(self, sizes: Sequence[int]) -> list[SlabChunk | None]:  # type: ignore[override]
+        sizes = _sizes(sizes)
+        return self._run(self._reserve(sizes, self._deadline("reserve", None)))
+
+    def commit(self, items: Sequence[tuple[ChunkKey, Any]], *, request_id: str | None = None
+               ) -> concurrent.futures.Future[int]:
+        keys = _wire_keys([k for k, _ in _pairs(items)])
+        chunks: list[SlabChunk] = []
+        for _, chunk in items:
+            if not isinstance(chunk, SlabChunk) or chunk._store is not self or not chunk.writable:
+                raise InvalidArgumentError(
+                    f"commit takes chunks reserved from this ServerStore, got {chunk!r:.80}; use put() for "
+                    "other buffers")
+            if chunk._released:
+                raise InvalidArgumentError(f"commit of {chunk!r}, which was released or committed already")
+        if len({id(c) for _, c in items}) != len(items):
+            raise InvalidArgumentError("commit names one chunk twice")
+        for _, chunk in items:
+            chunk._handed_over()
+            chunks.append(chunk)
+        return self._submit(self._commit(keys, chunks, request_id, self._deadline("commit", None)))
+
+    def put(self, items: Sequence[tuple[ChunkKey, Buffer]], *, request_id: str | None = None
+            ) -> concurrent.futures.Future[int]:
+        from lmtier.buffers import as_bytes_view
+
+        pairs = _pairs(items)
+        _wire_keys([k for k, _ in pairs])
+        views = [as_bytes_view(v) for _, v in pairs]
+        chunks = self.reserve([v.nbytes for v in views]) if views else []
+        filled: list[tuple[ChunkKey, SlabChunk]] = []
+        for (key, _), view, chunk in zip(pairs, views, chunks, strict=True):
+            if chunk is None:
+                continue
+            chunk.view()[:] = view
+            filled.append((key, chunk))
+        if not filled:
+            return _finished(0)
+        return self.commit(filled, request_id=request_id)
+
+    def fetch(self, keys: Sequence[ChunkKey], sizes: Sequence[int], *, timeout_s: float | None = None
+              ) -> concurrent.futures.Future[list[SlabChunk | None]]:
+        raw = _wire_keys(keys)
+        sizes = _sizes(sizes)
+        if len(sizes) != len(raw):
+            raise InvalidArgumentError(f"fetch of {len(raw)} keys with {len(sizes)} sizes")
+        return self._submit(self._fetch(raw, sizes, self._deadline("fetch", timeout_s)))
+
+    def fetch_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer], *,
+                   timeout_s: float | None = None) -> list[bool]:
+        from lmtier.buffers import as_bytes_view
+
+        views = [as_bytes_view(o) for o in outs]
+        if any(v.readonly for v in views):
+            raise InvalidArgumentError("fetch_into needs writable output buffers")
+        chunks = self.fetch(keys, [v.nbytes for v in views], timeout_s=timeout_s).result()
+        filled = []
+        for view, chunk in zip(views, chunks, strict=True):
+            if chunk is None:
+                filled.append(False)
+                continue
+            try:
+                view[:] = chunk.view()
+            finally:
+                chunk.release()
+            filled.append(True)
+        return filled
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        raw = _wire_keys(keys)
+        if raw:
+            self._run(self._call("delete", lambda rid: p.Delete(id=rid, keys=raw), self._deadline("delete", None),
+                                 quiet=True))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._run(self._call("flush", lambda rid: p.Flush(id=rid), self._deadline("flush", timeout_s), quiet=True))
+
+    def server_status(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """The server's ``/v1/status`` document over the socket, or None when it does not answer."""
+        reply = self._run(self._call("stats", lambda rid: p.Stats(id=rid), self._deadline("stats", timeout_s),
+                                     quiet=True))
+        return reply.status if isinstance(reply, p.StatsReply) else None
+
+    def outstanding(self) -> int:
+        """Chunks handed out by this store and not yet released or committed (leak checks)."""
+        return self._outstanding
+
+    def stats(self) -> dict[str, Any]:
+        link = self._link
+        return {"connected": self.connected, "server_pid": link.server_pid if link else None,
+                "slab_id": link.slab.slab_id if link else None, "slab_bytes": link.slab.size if link else None,
+                "reconnects": self.reconnects, "outstanding": self._outstanding,
+                "misses": {f"{op}:{reason}": n for (op, reason), n in sorted(self.misses.items())}}
+
+    def close(self) -> None:
+        """Close the connection (the server releases what it held), stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5.0)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+        with contextlib.suppress(KeyError):
+            self._metrics.registry.unregister(self._collector)
+
+    def __enter__(self) -> ServerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ServerStore({self.address}, connected={self.connected})"
+
+    # -- calls (on the loop) -------------------------------------------------------------------
+    async def _lookup(self, raw: list[bytes], deadline: float) -> LookupResult:
+        if not raw:
+            return LookupResult(0)
+        reply = await self._call("lookup", lambda rid: p.Lookup(id=rid, keys=raw), deadline)
+        if not isinstance(reply, p.LookupReply):
+            return LookupResult(0)
+        tiers = tuple(reply.tiers) if len(reply.tiers) == reply.hit_chunks else ()
+        return LookupResult(min(reply.hit_chunks, len(raw)), tiers)
+
+    async def _contains(self, raw: list[bytes], deadline: float) -> list[bool]:
+        if not raw:
+            return []
+        reply = await self._call("contains", lambda rid: p.Contains(id=rid, keys=raw), deadline)
+        if not isinstance(reply, p.ContainsReply) or len(reply.present) != len(raw):
+            return [False] * len(raw)
+        return list(reply.present)
+
+    async def _reserve(self, sizes: list[int], deadline: float) -> list[SlabChunk | None]:
+        if not sizes:
+            return []
+        link = self._link
+        reply = await self._call("reserve", lambda rid: p.Reserve(id=rid, sizes=sizes), deadline)
+        if not isinstance(reply, p.ReserveReply) or link is None:
+            return [None] * len(sizes)
+        return self._chunks(link, reply.slots, sizes, writable=True)
+
+    async def _commit(self, raw: list[bytes], chunks: list[SlabChunk], request_id: str | None,
+                      deadline: float) -> int:
+        link = self._link
+        live = [(k, c) for k, c in zip(raw, chunks, strict=True) if c._link is link]
+        if len(live) < len(chunks):  # reserved from a connection that is gone: the server freed them
+            self._count("commit", "stale", len(chunks) - len(live))
+        if not live or link is None:
+            return 0
+        reply = await self._call("commit", lambda rid: p.Commit(id=rid, items=[(k, c.slot) for k, c in live],
+                                                                 request_id=request_id), deadline,
+                                 link=link, even_if_unusable=True)
+        return reply.written if isinstance(reply, p.CommitReply) else 0
+
+    async def _fetch(self, raw: list[bytes], sizes: list[int], deadline: float) -> list[SlabChunk | None]:
+        if not raw:
+            return []
+        link = self._link
+        reply = await self._call("fetch", lambda rid: p.Fetch(id=rid, keys=raw, sizes=sizes), deadline)
+        if not isinstance(reply, p.FetchReply) or link is None:
+            return [None] * len(raw)
+        return self._chunks(link, reply.slots, sizes, writable=False)
+
+    def _chunks(self, link: _Link, slots: list[p.Slot | None], sizes: list[int], *, writable: bool
+                ) -> list[SlabChunk | None]:
+        if len(slots) != len(sizes):
+            self._send_release(link, [s.slot for s in slots if s is not None])
+            return [None] * len(sizes)
+        out: list[SlabChunk | None] = []
+        for s, size in zip(slots, sizes, strict=True):
+            if s is None or not 0 <= s.offset <= link.slab.size - size:
+                if s is not None:
+                    self._send_release(link, [s.slot])
+                out.append(None)
+                continue
+            out.append(SlabChunk(self, link, s.slot, s.offset, size, writable=writable))
+        with self._lock:
+            self._outstanding += sum(c is not None for c in out)
+        return out
+
+    async def _call(self, op: str, make: Any, deadline: float, *, link: _Link | None = None,
+                    even_if_unusable: bool = False, quiet: bool = False) -> p.Reply | None:
+        """Send one request and wait for its reply until ``deadline``; None is a miss (counted)."""
+        link = link or self._link
+        if link is None or link.closed or not (link.usable or even_if_unusable):
+            self._count(op, "unavailable")
+            return None
+        rid = next(self._ids)
+        fut: asyncio.Future[p.Reply] = self._loop.create_future()
+        link.pending[rid] = fut
+        try:
+            link.write(p.encode(make(rid)))
+            reply = await asyncio.wait_for(fut, max(0.0, deadline - self._loop.time()))
+        except TimeoutError:
+            self._count(op, "deadline")
+            self._unresponsive(link, op)
+            return None
+        except (ConnectionError, OSError) as exc:
+            self._count(op, "disconnected")
+            self._lost(link, exc)
+            return None
+        finally:
+            link.pending.pop(rid, None)
+        if isinstance(reply, p.Error):
+            self._count(op, reply.code)
+            level = logging.DEBUG if quiet else logging.ERROR
+            log.log(level, "lmtier: the server refused %s: %s [%s]", op, reply.message, reply.code)
+            return None
+        return reply
+
+    # -- releases ------------------------------------------------------------------------------
+    def _send_release(self, link: _Link, slots: list[int]) -> None:
+        """Release ``slots`` (any thread); batched per loop turn; a dead connection freed them already."""
+        if link.closed or self._loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: the connection goes with it
+            self._loop.call_soon_threadsafe(self._queue_release, link, slots)
+
+    def _chunk_done(self, n: int = 1) -> None:
+        with self._lock:
+            self._outstanding -= n
+
+    def _queue_release(self, link: _Link, slots: list[int]) -> None:
+        if link.closed:
+            return
+        if not link.releases:
+            self._loop.call_soon(self._send_releases, link)
+        link.releases.extend(slots)
+
+    def _send_releases(self, link: _Link) -> None:
+        slots, link.releases = link.releases, []
+        if link.closed or not slots:
+            return
+        rid = next(self._ids)
+        fut: asyncio.Future[p.Reply] = self._loop.create_future()
+        link.pending[rid] = fut  # answered later; an error here is our bug: log it
+        fut.add_done_callback(functools.partial(self._released, link, rid))
+        try:
+            link.write(p.encode(p.Release(id=rid, slots=slots)))
+        except (ConnectionError, OSError) as exc:
+            self._lost(link, exc)
+
+    def _released(self, link: _Link, rid: int, fut: asyncio.Future[p.Reply]) -> None:
+        link.pending.pop(rid, None)
+        if not fut.cancelled() and fut.exception() is None and isinstance(fut.result(), p.Error):
+            reply = fut.result()
+            assert isinstance(reply, p.Error)
+            log.error("lmtier: the server refused a release: %s [%s]", reply.message, reply.code)
+
+    # -- connection ----------------------------------------------------------------------------
+    async def _first_connect(self) -> None:
+        try:
+            await self._connect()
+        except Exception as exc:
+            log.warning("lmtier: lmtier serve at %s is not reachable (%s); lookups are misses until it is, "
+                        "retrying in the background", self.address, _why(exc))
+            self._keep()
+
+    async def _connect(self) -> None:
+        """Connect, hello, map the slab (and register it for CUDA); installs the link when usable."""
+        loop = self._loop
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await loop.sock_connect(sock, self.path)
+                rid = next(self._ids)
+                await loop.sock_sendall(sock, p.encode(p.Hello(id=rid, version=p.PROTOCOL_VERSION, pid=os.getpid(),
+                                                               namespace=self.namespace, name=self.name)))
+                body, fds = await _recv_frame_with_fds(loop, sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            reply = p.decode_reply(body)
+            if isinstance(reply, p.Error):
+                raise p.ServerError(reply.code, reply.message)
+            if not isinstance(reply, p.HelloReply) or len(fds) != 1:
+                raise p.ServerError(p.E_BAD_MESSAGE, "the server's hello reply carries no slab descriptor")
+            old = self._link
+            if old is not None and old.slab.slab_id == reply.slab_id:
+                slab = old.slab  # same server, same mapping (and CUDA registration)
+                os.close(fds.pop())
+            else:
+                slab = Slab.from_fd(fds.pop(), reply.slab_bytes, reply.slab_id)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            sock.close()
+            raise
+        link = _Link(sock, slab, reply.server_pid, loop)
+        link.reader = loop.create_task(self._read(link))
+        if self._link is not None:
+            self._link.close()
+        self._link = link
+        if self.register_cuda and not slab.cuda_registered:
+            try:
+                await asyncio.to_thread(slab.register_cuda)  # the store answers misses meanwhile
+            except LmtierError as exc:  # still correct, only slower: copies go through the torch path
+                log.error("lmtier: %s; GPU copies to and from the slab will not use the native kernel", exc)
+        if link.closed:
+            raise ConnectionError("the connection closed while the slab was being registered")
+        link.usable = True
+        log.info("lmtier: connected to lmtier serve pid %d at %s (slab %s, %d MiB%s)", reply.server_pid,
+                 self.address, reply.slab_id, slab.size >> 20, ", CUDA-registered" if slab.cuda_registered else "")
+
+    async def _read(self, link: _Link) -> None:
+        buf = bytearray()
+        hdr = p.FRAME_HEADER.size
+        try:
+            while True:
+                data = await self._loop.sock_recv(link.sock, 1 << 16)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                buf += data
+                while len(buf) >= hdr:
+                    (n,) = p.FRAME_HEADER.unpack_from(buf)
+                    if len(buf) < hdr + n:
+                        break
+                    body = bytes(buf[hdr: hdr + n])
+                    del buf[: hdr + n]
+                    self._deliver(link, p.decode_reply(body))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._lost(link, exc)
+
+    def _deliver(self, link: _Link, reply: p.Reply) -> None:
+        fut = link.pending.get(reply.id)
+        if fut is not None and not fut.done():
+            fut.set_result(reply)
+            return
+        # a reply nobody waits for any more (its call missed its deadline): give back its slots
+        if isinstance(reply, (p.FetchReply, p.ReserveReply)):
+            slots = [s.slot for s in reply.slots if s is not None]
+            if slots:
+                self._send_release(link, slots)
+
+    def _lost(self, link: _Link, exc: BaseException) -> None:
+        if link.closed:
+            return
+        link.close()
+        if self._link is link and not self._closed:
+            log.warning("lmtier: lost the connection to lmtier serve at %s (%s); requests are misses until it "
+                        "is back, reconnecting", self.address, _why(exc))
+            self._keep()
+
+    def _unresponsive(self, link: _Link, op: str) -> None:
+        if self._link is not link or not link.usable or self._closed:
+            return
+        link.usable = False
+        log.warning("lmtier: lmtier serve at %s did not answer %s within its deadline; requests are misses "
+                    "until it answers a ping", self.address, op)
+        self._keep()
+
+    def _keep(self) -> None:
+        """Start the background task that brings the store back (reconnect or probe), once."""
+        if self._keeper is None or self._keeper.done():
+            self._keeper = self._loop.create_task(self._bring_back())
+
+    async def _bring_back(self) -> None:
+        delay = self.retry[0]
+        while not self._closed:
+            link = self._link
+            if link is not None and link.usable:
+                return
+            if link is not None and not link.closed:
+                # connected but unresponsive: probe it; a frozen server answers when it thaws
+                reply = await self._call("ping", lambda rid: p.Ping(id=rid), self._loop.time() + delay + 0.5,
+                                         link=link, even_if_unusable=True, quiet=True)
+                if isinstance(reply, p.PingReply) and not link.closed:
+                    link.usable = True
+                    log.warning("lmtier: lmtier serve at %s answers again", self.address)
+                    return
+            else:
+                try:
+                    await self._connect()
+                    self.reconnects += 1
+                    return
+                except Exception as exc:
+                    log.debug("lmtier: reconnect to %s failed: %s", self.address, _why(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.retry[1])
+
+    async def _shutdown(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._keeper
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+            if link.reader is not None:
+                link.reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await link.reader
+
+    # -- machinery -----------------------------------------------------------------------------
+    def _deadline(self, kind: str, timeout_s: float | None) -> float:
+        t = self.timeouts[kind] if timeout_s is None else timeout_s
+        if not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
+            raise InvalidArgumentError(f"timeout_s={timeout_s!r} must be a positive, finite number of seconds")
+        return self._loop.time() + t
+
+    def _count(self, op: str, reason: str, n: int = 1) -> None:
+        self.misses[(op, reason)] = self.misses.get((op, reason), 0) + n
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if self._closed:
+            coro.close()
+            raise LmtierError("this ServerStore is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self._submit(coro).result(timeout)
+
+
+class _ClientCollector:
+    """Prometheus series of one ServerStore, read at scrape time."""
+
+    def __init__(self, store: ServerStore) -> None:
+        self._store = store
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._store
+        yield GaugeMetricFamily("lmtier_server_client_connected", "1 while the lmtier server answers",
+                                value=float(s.connected))
+        yield CounterMetricFamily("lmtier_server_client_reconnects", "Reconnections to the lmtier server",
+                                  value=s.reconnects)
+        misses = CounterMetricFamily("lmtier_server_client_misses", "Calls that ended as misses, by reason",
+                                     labels=["op", "reason"])
+        for (op, reason), n in list(s.misses.items()):
+            misses.add_metric([op, reason], n)
+        yield misses
+
+
+async def _recv_frame_with_fds(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One frame and the descriptors attached to it (SCM_RIGHTS), from a non-blocking socket."""
+    buf = bytearray()
+    fds: list[int] = []
+    hdr = p.FRAME_HEADER.size
+    while True:
+        if len(buf) >= hdr:
+            (n,) = p.FRAME_HEADER.unpack_from(buf)
+            if not 0 < n <= p.MAX_FRAME_BYTES:
+                raise p.ServerError(p.E_BAD_FRAME, f"the server sent a frame of {n} bytes")
+            if len(buf) >= hdr + n:
+                return bytes(buf[hdr: hdr + n]), fds
+        ready = loop.create_future()
+        loop.add_reader(sock, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock)
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 4))
+        except BlockingIOError:
+            continue
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                fds.extend(got)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionError("the server closed the connection during hello")
+        buf += data
+
+
+def _wire_keys(keys: Sequence[ChunkKey]) -> list[bytes]:
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise InvalidArgumentError(f"keys must be a sequence of ChunkKey, got {type(keys).__name__}")
+    out = []
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r:.80}")
+        out.append(p.encode_key(k.namespace, k.digest))
+    return out
+
+
+def _sizes(sizes: Sequence[int]) -> list[int]:
+    out = []
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+            raise InvalidArgumentError(f"chunk sizes must be positive ints, got {s!r}")
+        out.append(int(s))
+    return out
+
+
+def _pairs(items: Sequence[tuple[ChunkKey, Any]]) -> list[tuple[ChunkKey, Any]]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise InvalidArgumentError(f"items must be a sequence of (ChunkKey, chunk) pairs, got {type(items).__name__}")
+    out = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidArgumentError(f"each item must be a (ChunkKey, chunk) pair, got {item!r:.80}")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _finished(value: T) -> concurrent.futures.Future[T]:
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

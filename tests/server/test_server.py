@@ -1,0 +1,382 @@
+"""``lmtier serve`` for real: a server process, ServerStore clients and raw protocol clients.
+
+Nothing is mocked: every test talks to a real server subprocess over its Unix socket and maps its
+shared slab. Faults are real signals (``kill -9``, ``SIGSTOP``) to real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.server import protocol as p
+from tests.server.serverproc import RawClient, ServerProc, serve_command, start_server, tiers_yaml, wait_until
+from tests.support.net import LOOPBACK_HEX, listening_addresses
+
+pytestmark = pytest.mark.server
+
+NS = make_namespace(test="server")
+#: A bound on how long past its deadline a call may take on this loaded 2-core machine: the
+#: behaviour checked is "answers by its deadline instead of hanging", not speed.
+SLACK_S = 1.5
+
+
+def keys(n: int, salt: int = 0) -> list[ChunkKey]:
+    return [ChunkKey(NS, (salt * 1_000_003 + i).to_bytes(16, "big")) for i in range(n)]
+
+
+def payload(i: int, size: int) -> bytes:
+    return bytes((i * 7 + j) % 251 for j in range(251)) * (size // 251) + b"\x05" * (size % 251)
+
+
+def store_chunks(store, ks: list[ChunkKey], size: int) -> int:
+    chunks = store.reserve([size] * len(ks))
+    assert all(c is not None for c in chunks)
+    for i, c in enumerate(chunks):
+        c.view()[:] = payload(i, size)
+    return store.commit(list(zip(ks, chunks, strict=True))).result(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    srv = start_server(tmp_path_factory.mktemp("serve"))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[ServerProc]:
+    srv = start_server(tmp_path)
+    yield srv
+    srv.close()
+
+
+# -- data plane ---------------------------------------------------------------------------------
+def test_a_client_stores_into_the_slab_and_another_client_reads_the_same_bytes_in_place(server: ServerProc) -> None:
+    a, b = server.store(name="a"), server.store(name="b")
+    ks = keys(4, salt=1)
+    assert store_chunks(a, ks, 10_000) == 4
+    assert a.lookup(ks).result().hit_chunks == 4
+    assert b.lookup([*ks, *keys(1, salt=99)]).result().hit_chunks == 4
+    leases = b.fetch(ks, [10_000] * 4).result()
+    assert all(lease is not None for lease in leases)
+    assert [bytes(lease.view()) for lease in leases] == [payload(i, 10_000) for i in range(4)]
+    assert bytes(leases[0].tensor[:5].numpy()) == payload(0, 10_000)[:5]
+    assert leases[0].view().readonly, "a lease is read-only: other processes read the same slot"
+    status = server.status()
+    assert status["leases"] == 4 and status["clients"] >= 2
+    for lease in leases:
+        lease.release()
+    wait_until(lambda: server.status()["leases"] == 0, what="leases released")
+    assert a.outstanding() == 0 and b.outstanding() == 0
+    with pytest.raises(Exception, match="released twice"):
+        leases[0].release()
+
+
+def test_put_and_fetch_into_copy_caller_buffers_and_a_wrong_size_is_a_miss_that_is_deleted(server: ServerProc) -> None:
+    store = server.store()
+    (k1, k2) = keys(2, salt=2)
+    assert store.put([(k1, payload(1, 5000)), (k2, payload(2, 300))]).result(timeout=30) == 2
+    out1, out2 = bytearray(5000), bytearray(300)
+    assert store.fetch_into([k1, k2], [out1, out2]) == [True, True]
+    assert bytes(out1) == payload(1, 5000) and bytes(out2) == payload(2, 300)
+    assert store.fetch_into([k1], [bytearray(4999)]) == [False]
+    assert store.contains([k1, k2]) == [False, True], "the wrong-size value was deleted"
+    assert store.outstanding() == 0
+
+
+def test_a_chunk_only_in_a_colder_tier_is_copied_once_into_the_slab_and_leased(server: ServerProc) -> None:
+    store = server.store()
+    ks = keys(3, salt=3)
+    assert store_chunks(store, ks, 4096) == 3
+    store.flush()
+    assert server.clear()["cleared"] >= 3  # the hot tier forgets them; the disk tier keeps them
+    assert store.lookup(ks).result().hit_chunks == 3
+    leases = store.fetch(ks, [4096] * 3).result()
+    assert [bytes(lease.view()) for lease in leases] == [payload(i, 4096) for i in range(3)]
+    for lease in leases:
+        lease.release()
+    tiers = {t["name"]: t for t in server.status()["tiers"]}
+    assert tiers["local"]["hits"] >= 3
+
+
+def test_a_full_slab_answers_none_for_a_reservation_it_cannot_fit(server: ServerProc) -> None:
+    store = server.store()
+    slab = server.status()["slab"]["bytes"]
+    big = store.reserve([slab // 2, slab // 2, slab // 2])
+    assert big[0] is not None and big[2] is None
+    for c in big:
+        if c is not None:
+            c.release()
+
+
+# -- liveness -----------------------------------------------------------------------------------
+HOLDER = textwrap.dedent("""
+    import sys
+    from lmtier.server.client import ServerStore
+    from lmtier.keys import ChunkKey
+    ns, n = sys.argv[2], int(sys.argv[3])
+    store = ServerStore(sys.argv[1], register_cuda=False, name="holder")
+    ks = [ChunkKey(ns, (5_000_000 + i).to_bytes(16, "big")) for i in range(n)]
+    print(store.put([(k, b"h" * 2048) for k in ks]).result(), flush=True)
+    leases = store.fetch(ks, [2048] * n).result()
+    reserved = store.reserve([1024, 1024])
+    print("HELD", sum(x is not None for x in leases + reserved), flush=True)
+    sys.stdin.read()  # hold until killed
+""")
+
+
+def test_kill_9_of_a_client_holding_leases_and_reservations_releases_everything(server: ServerProc) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, server.address, NS, "5"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None
+        lines = [child.stdout.readline().strip(), child.stdout.readline().strip()]
+        assert lines[1] == "HELD 7", lines
+        held = {c["pid"]: c for c in server.status()["connections"]}[child.pid]
+        assert held["leases"] == 5 and held["reservations"] == 2
+        child.kill()
+        child.wait(30)
+        wait_until(lambda: all(c["pid"] != child.pid for c in server.status()["connections"]),
+                   what="the killed client's connection to close")
+        status = server.status()
+        assert status["leases"] == 0 and status["reservations"] == 0
+        assert f"client pid {child.pid} (holder) disconnected; released 7 slot(s)" in server.log()
+    finally:
+        child.kill()
+        child.wait(30)
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_a_killed_server_is_a_miss_within_the_deadline_and_a_restarted_one_hits_again(tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    store = srv.store(lookup_timeout_s=0.5, fetch_timeout_s=0.5, retry_max_s=0.2)
+    try:
+        ks = keys(3, salt=4)
+        assert store_chunks(store, ks, 4096) == 3
+        store.flush()
+        held = store.fetch(ks[:1], [4096]).result()[0]
+        srv.kill()
+        for call in (lambda: store.lookup(ks).result(), lambda: store.fetch(ks, [4096] * 3).result(),
+                     lambda: store.reserve([4096]), lambda: store.contains(ks)):
+            start = time.monotonic()
+            answer = call()
+            assert time.monotonic() - start < 0.5 + SLACK_S
+            assert answer in (p.LookupResult(0) if False else None, [None] * 3, [None], [False] * 3) or \
+                getattr(answer, "hit_chunks", None) == 0
+        assert bytes(held.view()[:4]) == payload(0, 4096)[:4], "a lease of the dead server's slab stays readable"
+        held.release()  # a no-op: the dead server released everything
+        srv2 = start_server(tmp_path, name="restarted")  # same socket path, same disk tier
+        try:
+            wait_until(lambda: store.connected, what="the client to reconnect")
+            assert store.stats()["reconnects"] >= 1 and store.stats()["server_pid"] == srv2.pid
+            assert store.lookup(ks).result().hit_chunks == 3, "the disk tier survived the restart"
+            leases = store.fetch(ks, [4096] * 3).result()
+            assert [bytes(x.view()) for x in leases] == [payload(i, 4096) for i in range(3)]
+            for x in leases:
+                x.release()
+            assert store.outstanding() == 0
+        finally:
+            srv2.close()
+    finally:
+        store.close()
+        srv.close()
+
+
+def test_a_frozen_server_is_a_miss_within_the_deadline_and_usable_again_once_it_thaws(own_server: ServerProc) -> None:
+    store = own_server.store(lookup_timeout_s=0.4, reserve_timeout_s=0.4, retry_max_s=0.2)
+    ks = keys(2, salt=5)
+    assert store_chunks(store, ks, 2048) == 2
+    own_server.signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert store.lookup(ks).result().hit_chunks == 0
+        assert time.monotonic() - start < 0.4 + SLACK_S
+        start = time.monotonic()
+        assert store.lookup(ks).result().hit_chunks == 0 and store.reserve([2048]) == [None]
+        assert time.monotonic() - start < SLACK_S, "while frozen, later calls are misses at once"
+        assert not store.connected
+    finally:
+        own_server.signal(signal.SIGCONT)
+    wait_until(lambda: store.connected, what="the thawed server to answer a ping")
+    assert store.lookup(ks).result().hit_chunks == 2
+    wait_until(lambda: own_server.status()["reservations"] == 0, what="late reservations to be released")
+    assert store.stats()["misses"].get("lookup:deadline", 0) >= 1
+
+
+# -- bad input ----------------------------------------------------------------------------------
+def test_a_client_of_another_protocol_version_is_refused_naming_both_versions(server: ServerProc) -> None:
+    raw = RawClient(server.socket_path, hello=False)
+    try:
+        reply = raw.call(p.Hello(id=1, version=p.PROTOCOL_VERSION + 1, pid=os.getpid()))
+        assert isinstance(reply, p.Error) and reply.code == p.E_VERSION
+        assert f"version {p.PROTOCOL_VERSION + 1}" in reply.message and f"version {p.PROTOCOL_VERSION}" in reply.message
+        assert raw.closed_by_server() and not raw.fds
+    finally:
+        raw.close()
+
+
+def test_bad_requests_get_typed_errors_logged_with_the_pid_and_nothing_else_changes(server: ServerProc) -> None:
+    import msgspec
+
+    good = server.store(name="bystander")
+    ks = keys(2, salt=6)
+    assert store_chunks(good, ks, 1000) == 2
+    raw = RawClient(server.socket_path)
+    try:
+        assert isinstance(raw.hello_reply, p.HelloReply) and len(raw.fds) == 1
+        cases = [
+            (p.frame(b"\xc1\xc1"), p.E_BAD_MESSAGE),
+            (p.frame(msgspec.msgpack.encode({"op": "teleport", "id": 2})), p.E_UNKNOWN_OP),
+            (p.encode(p.Commit(id=3, items=[(p.encode_key(NS, b"\x00" * 16), 999)])), p.E_NOT_HELD),
+            (p.encode(p.Hello(id=4, version=p.PROTOCOL_VERSION, pid=1)), p.E_BAD_MESSAGE),
+            (p.encode(p.Reserve(id=5, sizes=[1 << 40])), p.E_BAD_ARGUMENT),
+        ]
+        for data, code in cases:
+            raw.send_raw(data)
+            reply = raw.recv()
+            assert isinstance(reply, p.Error) and reply.code == code, (code, reply)
+        reply = raw.call(p.Fetch(id=6, keys=[p.encode_key(k.namespace, k.digest) for k in ks], sizes=[1000, 1000]))
+        assert isinstance(reply, p.FetchReply)
+        slot = reply.slots[0].slot
+        assert isinstance(raw.call(p.Release(id=7, slots=[slot])), p.ReleaseReply)
+        again = raw.call(p.Release(id=8, slots=[slot, reply.slots[1].slot]))
+        assert isinstance(again, p.Error) and again.code == p.E_NOT_HELD, "a release twice is refused whole"
+        assert isinstance(raw.call(p.Release(id=9, slots=[reply.slots[1].slot])), p.ReleaseReply)
+        assert isinstance(raw.call(p.Ping(id=10)), p.PingReply), "the connection is still usable"
+    finally:
+        raw.close()
+    assert good.lookup(ks).result().hit_chunks == 2, "nothing stored was lost; other clients unaffected"
+    log = server.log()
+    assert f"client pid {os.getpid()} (raw): refused request 2: unknown op 'teleport'" in log
+    assert "[not_held]" in log
+
+
+def test_an_impossible_frame_length_is_refused_and_only_that_connection_closes(server: ServerProc) -> None:
+    raw = RawClient(server.socket_path)
+    try:
+        raw.send_raw(p.FRAME_HEADER.pack(p.MAX_FRAME_BYTES + 1))
+        reply = raw.recv()
+        assert isinstance(reply, p.Error) and reply.code == p.E_BAD_FRAME
+        assert raw.closed_by_server()
+    finally:
+        raw.close()
+    assert server.get("/healthz")[0] == 200
+
+
+def test_a_request_before_hello_is_refused(server: ServerProc) -> None:
+    raw = RawClient(server.socket_path, hello=False)
+    try:
+        reply = raw.call(p.Ping(id=1))
+        assert isinstance(reply, p.Error) and reply.code == p.E_HELLO_FIRST
+    finally:
+        raw.close()
+
+
+# -- the socket path ----------------------------------------------------------------------------
+def test_the_socket_is_owner_only_by_default_and_socket_mode_widens_it(server: ServerProc, tmp_path: Path) -> None:
+    assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o600
+    other = start_server(tmp_path, extra=("--socket-mode", "0660"))
+    try:
+        assert stat.S_IMODE(other.socket_path.stat().st_mode) == 0o660
+    finally:
+        other.close()
+
+
+def test_a_live_socket_path_is_refused_naming_the_pid_that_holds_it(server: ServerProc, tmp_path: Path) -> None:
+    done = subprocess.run(serve_command("--config", str(tiers_yaml(tmp_path, disk=False)), "--socket",
+                                        str(server.socket_path), "--http", "127.0.0.1:0"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"already served by lmtier serve pid {server.pid}" in done.stderr
+    assert server.socket_path.exists() and server.get("/healthz")[0] == 200
+
+    path = tmp_path / "someone-else.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        done = subprocess.run(serve_command("--config", str(tiers_yaml(tmp_path, disk=False)), "--socket", str(path),
+                                            "--http", "127.0.0.1:0"), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"process {os.getpid()} is listening on it" in done.stderr
+    finally:
+        listener.close()
+
+
+def test_a_stale_socket_file_is_replaced_and_a_file_that_is_not_a_socket_is_never_touched(tmp_path: Path) -> None:
+    stale = tmp_path / "lmtier.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens: what a killed server leaves
+    srv = start_server(tmp_path, config=tiers_yaml(tmp_path, disk=False))
+    try:
+        assert "replacing the stale socket" in srv.log()
+        assert srv.store().connected
+    finally:
+        srv.close()
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    done = subprocess.run(serve_command("--config", str(tiers_yaml(tmp_path, disk=False)), "--socket",
+                                        str(precious), "--http", "127.0.0.1:0"), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "is not a socket; not touching it" in done.stderr
+    assert precious.read_text() == "mine"
+
+
+# -- lifecycle and HTTP -------------------------------------------------------------------------
+def test_sigterm_drains_background_writes_and_exits_0(tmp_path: Path) -> None:
+    config = tiers_yaml(tmp_path, disk_write="async")
+    srv = start_server(tmp_path, config=config)
+    store = srv.store()
+    ks = keys(20, salt=7)
+    try:
+        assert store_chunks(store, ks, 8192) == 20  # in the slab now; the disk tier is written behind
+        assert srv.stop() == 0
+        assert "lmtier serve: stopped; background writes drained" in srv.log()
+        assert not srv.socket_path.exists()
+        srv2 = start_server(tmp_path, config=config, name="after")
+        try:
+            wait_until(lambda: store.connected, what="reconnect")
+            assert store.lookup(ks).result().hit_chunks == 20, "every async write reached the disk tier"
+        finally:
+            srv2.close()
+    finally:
+        store.close()
+        srv.close()
+
+
+def test_http_serves_health_metrics_status_and_clear_on_loopback_only(server: ServerProc) -> None:
+    store = server.store()
+    ks = keys(2, salt=8)
+    store_chunks(store, ks, 512)
+    assert server.get("/healthz") == (200, b"ok\n")
+    code, body = server.get("/metrics")
+    text = body.decode()
+    assert code == 200
+    for name in ("lmtier_server_clients", "lmtier_server_leases", "lmtier_server_slab_used_bytes",
+                 'lmtier_tier_hits_total{tier="hot"}', 'lmtier_backend_bytes{tier="hot"}',
+                 'lmtier_server_requests_total{op="commit"}'):
+        assert name in text, name
+    status = server.status()
+    assert isinstance(status["clients"], int) and isinstance(status["leases"], int)
+    assert [t["name"] for t in status["tiers"]] == ["hot", "local"]
+    assert all(isinstance(t[f], int) for t in status["tiers"] for f in ("bytes", "hits"))
+    assert {t["backend"] for t in status["tiers"]} == {"cpu", "disk"}
+    cleared = server.clear()
+    assert cleared["cleared"] >= 2 and cleared["kept"] == [{"tier": "local", "backend": "disk"}]
+    assert {t["name"]: t["objects"] for t in server.status()["tiers"]}["hot"] == 0
+    assert set(listening_addresses([server.pid])) <= LOOPBACK_HEX
