@@ -1,7 +1,12 @@
 """A per-tier circuit breaker: stop calling a tier that keeps failing, probe it now and then.
 
-closed --(``failures`` consecutive unavailable errors)--> open --(cooldown passes)--> half_open
+closed --(``failures`` consecutive unavailable errors, or one missed deadline)--> open
+open --(cooldown passes)--> half_open
 half_open --(probe succeeds)--> closed;  half_open --(probe fails)--> open, cooldown doubled (capped)
+
+Why one missed deadline is enough: a tier that does not answer at all (a stopped process, a
+partition) costs every caller its whole deadline, so waiting for three of them would cost three
+requests a deadline each; a refused connection costs microseconds and may be a blip.
 
 While open, the manager skips the tier: reads are misses, writes are skipped (and counted), and
 nothing waits on a dead server. Exactly one call is let through as the probe.
@@ -56,13 +61,13 @@ class CircuitBreaker:
                 self.state = "open"
                 self.opened_at = self._clock() - self.cooldown  # probe again on the next call
 
-    def record_failure(self) -> bool:
-        """Returns True when this failure opened the circuit."""
+    def record_failure(self, *, at_once: bool = False) -> bool:
+        """Returns True when this failure opened the circuit (``at_once``: whatever the count)."""
         with self._lock:
             self.failures += 1
             if self.state == "half_open":
                 self.cooldown = min(self.cooldown * 2, self.max_cooldown)
-            elif self.state == "open" or self.failures < self.threshold:
+            elif self.state == "open" or (self.failures < self.threshold and not at_once):
                 return False
             self.state = "open"
             self.opened_at = self._clock()

@@ -13,6 +13,7 @@ tier called NAME (``LMTIER_TIERS__HOT__WRITE=async``, ``LMTIER_TIERS__NVME__OPTI
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,7 +39,15 @@ if TYPE_CHECKING:
 
     from lmtier.registry import BackendRegistry
 
-__all__ = ["DEFAULT_CONFIG_YAML", "BreakerConfig", "LmtierConfig", "TierConfig", "env_overrides", "load_config"]
+__all__ = [
+    "DEFAULT_CONFIG_YAML",
+    "BreakerConfig",
+    "Deadlines",
+    "LmtierConfig",
+    "TierConfig",
+    "env_overrides",
+    "load_config",
+]
 
 #: The embedded default: a pinned-RAM tier over a local disk tier.
 DEFAULT_CONFIG_YAML = """\
@@ -81,6 +90,28 @@ class BreakerConfig(BaseModel):
         return seconds
 
 
+class Deadlines(BaseModel):
+    """How long the manager waits for one call to a tier, per kind of call, in seconds.
+
+    A call that has not answered by its deadline is a miss (reads) or a skipped write for its
+    caller, is counted (``lmtier_tier_deadline_misses_total``) and opens the tier's circuit at
+    once; the call itself is left to finish in the background (its buffers stay out of use until
+    it does). Large ``get_into`` and ``put`` batches are sent in slices of at most 64 MiB, each
+    with its own deadline, so a deadline bounds the wait for progress, not a whole transfer.
+
+    In YAML, ``timeout_s`` is either one number (every kind) or a mapping of some kinds, e.g.
+    ``timeout_s: {lookup: 0.1, get: 0.3}`` (the others keep their defaults).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    lookup: float = Field(0.25, gt=0, description="presence checks (lookup, contains)")
+    get: float = Field(0.5, gt=0, description="reads (get, get_into): per call or 64 MiB slice")
+    put: float = Field(5.0, gt=0, description="writes: per call or 64 MiB slice")
+    delete: float = Field(2.0, gt=0, description="deletes")
+
+    _no_bools = field_validator("*", mode="before")(_refuse_bool)
+
+
 class TierConfig(BaseModel):
     """One tier of the chain, hottest first in ``tiers``."""
 
@@ -93,7 +124,8 @@ class TierConfig(BaseModel):
     )
     promote: bool = Field(True, description="copy hits from colder tiers into this tier")
     queue_depth: int = Field(64, ge=1, description="async writes queued before new ones are dropped")
-    timeout_s: float | None = Field(None, gt=0, description="per-call deadline; exceeding it is a miss")
+    timeout_s: Deadlines = Field(default_factory=Deadlines,
+                                 description="per-call deadlines: one number, or {lookup, get, put, delete}")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     _no_bools = field_validator("queue_depth", mode="before")(_refuse_bool)
@@ -105,6 +137,24 @@ class TierConfig(BaseModel):
             raise ValueError(f"must be at most {MAX_QUEUE_DEPTH}, got {depth}: each queued write holds its "
                              "value in memory until the tier takes it")
         return depth
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _one_number_for_every_kind(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, bool):  # YAML's yes/no: not a number of seconds
+            raise ValueError("must be a number of seconds or a mapping of {lookup, get, put, delete}")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError("must be a number of seconds or a mapping of {lookup, get, put, delete}") from None
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError("a deadline must be a finite number of seconds > 0")
+            return dict.fromkeys(Deadlines.model_fields, value)
+        return value
 
 
 class LmtierConfig(BaseModel):

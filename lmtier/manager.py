@@ -17,6 +17,20 @@ raise :class:`~lmtier.errors.BackendUnavailableError` repeatedly trip their circ
 are skipped until a probe succeeds. Only bad input (:class:`~lmtier.errors.InvalidArgumentError`)
 reaches the caller.
 
+**Deadlines.** Every tier call has a deadline per kind of call (``timeout_s`` of the tier:
+:class:`~lmtier.config.Deadlines`), and read calls also take the caller's budget
+(``timeout_s=``). The manager enforces it itself, for every backend, whatever its client library
+does: at the deadline the caller gets its answer (a miss, a skipped write) and the call is
+*detached* — left to end in the background, counted (``lmtier_tier_deadline_misses_total``,
+``lmtier_tier_detached_calls``) and logged when it ends. A call that touches no caller memory
+(contains, get, delete) is also cancelled; one that does (put reads its values, get_into writes
+its buffers) is not, and every :class:`~lmtier.memory.HostBuffer` it was given stays referenced
+until it really ends, so no half-written buffer is ever reused or shown as a hit. A missed
+deadline of the tier's own opens its circuit at once (a frozen server costs one caller one
+deadline, not three); a tier with :data:`MAX_DETACHED` calls still stuck is skipped.
+``get_into`` and ``put`` batches go out in slices of at most :data:`SLICE_BYTES`, each with the
+full deadline, so a deadline bounds the wait for progress rather than a whole large transfer.
+
 All methods must be called from the event loop the manager was opened on.
 """
 
@@ -60,7 +74,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-__all__ = ["StorageManager", "Tier"]
+__all__ = ["MAX_DETACHED", "SLICE_BYTES", "StorageManager", "Tier"]
 
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
@@ -68,6 +82,15 @@ Item = tuple[ChunkKey, Buffer]
 #: What ``put`` accepts: a HostBuffer is not a buffer-protocol object before Python 3.12, but the
 #: engine stages chunks in them (and the cpu tier adopts those carved from its own slab).
 PutItem = tuple[ChunkKey, Buffer | HostBuffer]
+
+#: get_into and put batches are sent to a tier in slices of at most this many bytes (at least one
+#: item each), one after the other, each with the tier's whole deadline for its kind.
+SLICE_BYTES = 64 << 20
+#: A tier with this many calls still running past their deadlines gets no new ones until some end:
+#: each may hold a worker thread, a connection and buffers.
+MAX_DETACHED = 32
+#: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
+_DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
 
 
 class _Fault:
@@ -96,6 +119,8 @@ class Tier:
     breaker: CircuitBreaker
     queue: asyncio.Queue[_Job] = field(repr=False)
     writer: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: calls left running past their deadline (see the module doc), until they end
+    detached: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
 
     @property
     def name(self) -> str:
@@ -175,9 +200,14 @@ class StorageManager:
         raise InvalidArgumentError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")
 
     # -- public API ----------------------------------------------------------------------------
-    async def lookup(self, keys: Sequence[ChunkKey]) -> int:
-        """Number of leading ``keys`` present in at least one tier."""
+    async def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> int:
+        """Number of leading ``keys`` present in at least one tier.
+
+        Each tier answers within its ``lookup`` deadline; ``timeout_s`` bounds the whole call
+        (tiers not asked or not answered by then count as not holding the keys).
+        """
         _check_keys(keys)
+        until = self._until(timeout_s)
         n = len(keys)
         present = [False] * n
         first_missing = 0
@@ -185,7 +215,7 @@ class StorageManager:
             if first_missing == n:
                 break
             todo = [i for i in range(first_missing, n) if not present[i]]
-            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo])
+            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo], until=until)
             if found is FAULT:
                 continue
             for i, hit in zip(todo, found, strict=True):
@@ -197,29 +227,34 @@ class StorageManager:
         log.debug("lookup: hit %d of %d chunks", first_missing, n)
         return first_missing
 
-    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Whether each key is present in any tier."""
+    async def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
+        """Whether each key is present in any tier (``timeout_s``: as for :meth:`lookup`)."""
         _check_keys(keys)
+        until = self._until(timeout_s)
         present = [False] * len(keys)
         for tier in self.tiers:
             todo = [i for i, p in enumerate(present) if not p]
             if not todo:
                 break
-            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo])
+            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo], until=until)
             if found is not FAULT:
                 for i, hit in zip(todo, found, strict=True):
                     present[i] = bool(hit)
         return present
 
-    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        """Values of ``keys`` from the hottest tier holding each, ``None`` for misses."""
+    async def get(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[Buffer | None]:
+        """Values of ``keys`` from the hottest tier holding each, ``None`` for misses.
+
+        Each tier answers within its ``get`` deadline; ``timeout_s`` bounds the whole call.
+        """
         _check_keys(keys)
+        until = self._until(timeout_s)
         results: list[Buffer | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for tier in self.tiers:
             if not pending:
                 break
-            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending])
+            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
             if values is FAULT:
                 self.metrics.misses.labels(tier.name).inc(len(pending))
                 continue
@@ -276,8 +311,19 @@ class StorageManager:
         for tier in self.tiers:
             await tier.queue.join()
 
-    async def aclose(self) -> None:
-        """Drain background work, stop writers and close every backend. Idempotent."""
+    async def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``) until no detached call is running; True if none is left."""
+        stuck = [task for t in self.tiers for task in t.detached]
+        if stuck:
+            await asyncio.wait(stuck, timeout=timeout_s)
+        return not any(t.detached for t in self.tiers)
+
+    async def aclose(self, *, settle_s: float = 10.0) -> None:
+        """Drain background work, stop writers and close every backend. Idempotent.
+
+        Calls detached at a deadline get ``settle_s`` to end (their backends' own timeouts end
+        them); those still running then are cancelled before the backends close.
+        """
         if self._closed:
             return
         await self.flush()
@@ -286,6 +332,13 @@ class StorageManager:
             if tier.writer is not None:
                 tier.writer.cancel()
         await asyncio.gather(*(t.writer for t in self.tiers if t.writer is not None), return_exceptions=True)
+        if not await self.settle(settle_s):
+            stuck = [task for t in self.tiers for task in t.detached]
+            log.warning("lmtier: %d tier call(s) still stuck past their deadline at close; cancelling them",
+                        len(stuck))
+            for task in stuck:
+                task.cancel()
+            await asyncio.wait(stuck, timeout=1.0)
         for tier in self.tiers:
             if isinstance(tier.backend, SupportsStats):
                 self.metrics.remove_stats_source(tier.name, tier.backend.stats)
@@ -305,39 +358,53 @@ class StorageManager:
         out: dict[str, Any] = {}
         for t in self.tiers:
             entry: dict[str, Any] = {"backend": t.config.backend, "circuit": t.breaker.state,
-                                     "queued": t.queue.qsize()}
+                                     "queued": t.queue.qsize(), "detached": len(t.detached)}
             if isinstance(t.backend, SupportsStats):
                 entry.update(t.backend.stats())
             out[t.name] = entry
         return out
 
     # -- machinery -----------------------------------------------------------------------------
-    async def _call(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], arg: T,
-                    *, writes: int = 0) -> Any:
+    def _until(self, timeout_s: float | None) -> float | None:
+        """The loop time by which a call with budget ``timeout_s`` must answer (None: no budget)."""
+        if timeout_s is None:
+            return None
+        if not timeout_s > 0:
+            raise InvalidArgumentError(f"timeout_s must be > 0, got {timeout_s!r}")
+        return self._loop.time() + timeout_s
+
+    async def _call(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], arg: T, *,
+                    writes: int = 0, holds: Sequence[object] = (), until: float | None = None) -> Any:
         """Run one backend call with breaker, deadline and metrics; a fault returns FAULT.
 
-        ``writes`` is the number of items a put carries, counted as skipped writes on a fault.
+        ``writes``: items a put carries, counted as skipped writes on a fault. ``holds``: the
+        caller memory the call reads or writes (put values, get_into buffers); if the call is
+        detached at its deadline these stay referenced (HostBuffers retained) until it ends, and
+        the call is not cancelled. ``until``: the caller's own budget (loop time).
         """
+        limit = getattr(tier.config.timeout_s, _DEADLINE_OF[op])
+        wait = limit if until is None else min(limit, until - self._loop.time())
+        if wait <= 0:  # the caller's budget is spent: the tier is not asked (and not blamed)
+            return self._skip(tier, writes, "deadline")
+        if len(tier.detached) >= MAX_DETACHED:
+            return self._skip(tier, writes, "stuck")
         if not tier.breaker.allow():
-            if writes:
-                self.metrics.skipped_writes.labels(tier.name, "circuit_open").inc(writes)
-            return FAULT
+            return self._skip(tier, writes, "circuit_open")
         start = self._clock()
+        task = self._loop.create_task(_awaited(fn, arg), name=f"lmtier-{tier.name}-{op}")
         try:
-            if tier.config.timeout_s is None:
-                result = await fn(arg)
-            else:
-                try:
-                    result = await asyncio.wait_for(fn(arg), tier.config.timeout_s)
-                except TimeoutError:
-                    raise BackendTimeoutError(
-                        f"tier {tier.name}: {op} took longer than timeout_s={tier.config.timeout_s}"
-                    ) from None
-        except InvalidArgumentError:
-            tier.breaker.record_success()
-            raise
+            done, _ = await asyncio.wait((task,), timeout=wait)
         except asyncio.CancelledError:
             tier.breaker.abandon_probe()  # our own cancellation says nothing about the tier
+            self._detach(tier, op, task, holds)
+            raise
+        if not done:
+            self._missed(tier, op, task, holds, writes, own=wait >= limit, waited=wait)
+            return FAULT
+        try:
+            result = task.result()
+        except InvalidArgumentError:
+            tier.breaker.record_success()
             raise
         except Exception as exc:
             reason = self._fault(tier, op, exc)
@@ -349,6 +416,53 @@ class StorageManager:
             self.metrics.circuit_open.labels(tier.name).set(0)
             log.warning("lmtier tier %s: recovered, circuit closed", tier.name)
         return result
+
+    def _skip(self, tier: Tier, writes: int, reason: str) -> _Fault:
+        if writes:
+            self.metrics.skipped_writes.labels(tier.name, reason).inc(writes)
+        return FAULT
+
+    def _missed(self, tier: Tier, op: str, task: asyncio.Task[Any], holds: Sequence[object], writes: int,
+                *, own: bool, waited: float) -> None:
+        """A call passed its deadline: count it, feed the breaker, leave the call to end alone."""
+        self.metrics.deadline_misses.labels(tier.name, op).inc()
+        self.metrics.errors.labels(tier.name, op, "backendtimeout").inc()
+        if writes:
+            self.metrics.skipped_writes.labels(tier.name, "deadline").inc(writes)
+        log.warning("lmtier tier %s: %s did not answer within %.3gs (%s); treated as a miss/skipped write",
+                    tier.name, op, waited, "its deadline" if own else "the caller's budget")
+        if not own:  # only the caller's shorter budget ran out: no verdict on the tier
+            tier.breaker.abandon_probe()
+        elif tier.breaker.record_failure(at_once=True):
+            self.metrics.circuit_open.labels(tier.name).set(1)
+            log.warning("lmtier tier %s: circuit opened after a missed deadline; skipping it for %.1fs",
+                        tier.name, tier.breaker.cooldown)
+        self._detach(tier, op, task, holds)
+
+    def _detach(self, tier: Tier, op: str, task: asyncio.Task[Any], holds: Sequence[object]) -> None:
+        """Let ``task`` end in the background; keep ``holds`` out of circulation until it does."""
+        if task.done():
+            _consume(task)
+            return
+        retained = [h.retain() for h in holds if isinstance(h, HostBuffer)]
+        kept: list[object] = list(holds)  # lease views and the like: alive while referenced
+        tier.detached.add(task)
+        self.metrics.detached_calls.labels(tier.name).set(len(tier.detached))
+        started = self._loop.time()
+
+        def ended(t: asyncio.Task[Any]) -> None:
+            tier.detached.discard(t)
+            self.metrics.detached_calls.labels(tier.name).set(len(tier.detached))
+            for buf in retained:
+                buf.release()
+            kept.clear()
+            outcome = _consume(t)
+            log.info("lmtier tier %s: a %s call detached at its deadline ended after %.2fs (%s)",
+                     tier.name, op, self._loop.time() - started, outcome)
+
+        task.add_done_callback(ended)
+        if not holds:  # nothing of the caller's is in use: stop it if the backend can
+            task.cancel()
 
     def _fault(self, tier: Tier, op: str, exc: Exception) -> str:
         """Count and log a failed call, feed the breaker; returns the skipped-write reason."""
@@ -375,6 +489,7 @@ class StorageManager:
         return reason
 
     async def _write(self, tier: Tier, items: Sequence[PutItem]) -> bool:
+        """Put ``items`` into ``tier`` in slices; True if every slice landed."""
         # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
         # zero-copy memoryviews, except to a tier that hands out HostBuffers itself (the cpu tier's
         # `allocate`), which adopts those of its own slab and copies tensors with torch.
@@ -383,12 +498,17 @@ class StorageManager:
         else:
             batch = [(k, v if isinstance(v, (bytes, bytearray, memoryview)) else as_bytes_view(v))
                      for k, v in items]
-        if await self._call(tier, "put", tier.backend.put, batch, writes=len(batch)) is FAULT:
-            return False
-        nbytes = sum(as_bytes_view(v).nbytes for _, v in batch)
-        self.metrics.bytes_written.labels(tier.name).inc(nbytes)
-        self.metrics.objects_written.labels(tier.name).inc(len(items))
-        return True
+        sizes = [as_bytes_view(v).nbytes for _, v in batch]
+        ok = True
+        for lo, hi in _slices(sizes):
+            part = batch[lo:hi]
+            holds = [v for _, v in part] + [v for _, v in items[lo:hi] if isinstance(v, HostBuffer)]
+            if await self._call(tier, "put", tier.backend.put, part, writes=len(part), holds=holds) is FAULT:
+                ok = False
+                continue
+            self.metrics.bytes_written.labels(tier.name).inc(sum(sizes[lo:hi]))
+            self.metrics.objects_written.labels(tier.name).inc(hi - lo)
+        return ok
 
     def _enqueue(self, tier: Tier, job: _Job) -> None:
         try:
@@ -447,6 +567,32 @@ class StorageManager:
                 job = items = None  # type: ignore[assignment]
                 tier.queue.task_done()
                 self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
+
+
+async def _awaited(fn: Callable[[T], Awaitable[Any]], arg: T) -> Any:
+    return await fn(arg)  # a coroutine for create_task, whatever awaitable a backend returns
+
+
+def _consume(task: asyncio.Task[Any]) -> str:
+    """Retrieve a finished task's outcome (so asyncio never logs it as unretrieved); describe it."""
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return "ok" if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def _slices(sizes: Sequence[int], limit: int = SLICE_BYTES) -> list[tuple[int, int]]:
+    """``[lo, hi)`` runs of consecutive items of at most ``limit`` bytes (at least one item each)."""
+    out: list[tuple[int, int]] = []
+    lo, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > lo and total + size > limit:
+            out.append((lo, i))
+            lo, total = i, 0
+        total += size
+    if lo < len(sizes):
+        out.append((lo, len(sizes)))
+    return out
 
 
 def _stable(value: Buffer | HostBuffer) -> Buffer:

@@ -47,6 +47,12 @@ class Metrics:
         self.promotions = Counter("lmtier_tier_promotions", "Chunks copied into a hotter tier on a hit", ["tier"], registry=r)
         self.latency = Histogram("lmtier_tier_latency_seconds", "Latency of tier calls", ["tier", "op"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.deadline_misses = Counter("lmtier_tier_deadline_misses",
+                                       "Tier calls that had not answered by their deadline (a miss / skipped write)",
+                                       ["tier", "op"], registry=r)
+        self.detached_calls = Gauge("lmtier_tier_detached_calls",
+                                    "Tier calls past their deadline still running in the background", ["tier"],
+                                    registry=r)
         self.circuit_open = Gauge("lmtier_tier_circuit_open", "1 while a tier's circuit breaker is open",
                                   ["tier"], registry=r)
         self.queue_depth = Gauge("lmtier_tier_queue_depth", "Background writes queued for a tier", ["tier"], registry=r)

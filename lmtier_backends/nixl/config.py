@@ -184,7 +184,7 @@ class NixlConfig(BaseModel):
     pinned: bool | None = Field(None, description="page-lock staging slabs; default iff CUDA")
     io_threads: int = Field(4, ge=1, le=64, description="worker threads; a batch is split into this many pieces")
     batch_descriptors: int = Field(64, ge=1, le=4096, description="items per round of NIXL requests")
-    xfer_timeout_s: float = Field(120.0, gt=0, description="cancel a transfer running longer than this")
+    xfer_timeout_s: float = Field(30.0, gt=0, description="cancel a transfer running longer than this")
 
     @model_validator(mode="after")
     def _section_of_the_plugin(self) -> NixlConfig:

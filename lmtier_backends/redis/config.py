@@ -71,7 +71,10 @@ class RedisConfig(BaseModel):
             it with the client's cores; 1 (or a Cluster of 2+ nodes with the default) sends
             each node's share as one stream.
         connect_timeout_s / read_timeout_s: socket deadlines; exceeding one is a timeout
-            (a miss / skipped write for the manager).
+            (a miss / skipped write for the manager). The manager's own per-call deadlines
+            (``timeout_s`` of the tier, sub-second for reads) answer callers much sooner; these
+            bound how long a call it stopped waiting for keeps a worker thread and its buffers
+            (the connect handshake can be left only through them).
         recv_pool_bytes: a reusable host slab that large ``get`` results are received into
             (0 disables it). Reusing warm memory avoids a page fault per 4 KiB of every value:
             measured ~2x faster GETs of 37.7 MB values than freshly allocated buffers. Returned
@@ -98,7 +101,7 @@ class RedisConfig(BaseModel):
     max_connections: int = Field(8, ge=1, le=1024, description="connections per node = worker threads")
     put_streams: int = Field(2, ge=1, le=64, description="parallel streams a large put batch uses in all")
     connect_timeout_s: float = Field(2.0, gt=0, description="TCP/TLS connect deadline")
-    read_timeout_s: float = Field(10.0, gt=0, description="deadline of each socket read/write")
+    read_timeout_s: float = Field(5.0, gt=0, description="deadline of each socket read/write")
     recv_pool_bytes: ByteSize = Field(ByteSize(256 << 20), ge=0, description="warm slab for large gets; 0 = off")
     tls_ca_file: str | None = Field(None, description="CA bundle for rediss:// (default: system store)")
     tls_verify: bool = Field(True, description="verify the server certificate for rediss://")

@@ -66,9 +66,9 @@ class S3Config(BaseModel):
     multipart_part_size: ByteSize = Field(
         ByteSize(16 * MiB), ge=5 * MiB, le=5 * 1024 * MiB, description="size of each multipart part"
     )
-    connect_timeout_s: float = Field(5.0, gt=0, description="TCP connect timeout per attempt")
-    read_timeout_s: float = Field(30.0, gt=0, description="socket read timeout per attempt")
-    max_attempts: int = Field(3, ge=1, le=20, description="attempts per request, first one included")
+    connect_timeout_s: float = Field(2.0, gt=0, description="TCP connect timeout per attempt")
+    read_timeout_s: float = Field(10.0, gt=0, description="socket read timeout per attempt")
+    max_attempts: int = Field(2, ge=1, le=20, description="attempts per request, first one included")
     retry_mode: Literal["standard", "adaptive", "legacy"] = Field("standard", description="botocore retry mode")
     addressing_style: Literal["auto", "path", "virtual"] = Field(
         "path", description="path works with every S3-compatible server; AWS also takes virtual"

@@ -43,6 +43,9 @@ def _keys(n: int) -> list[ChunkKey]:
 
 
 def _config(options: dict[str, Any], **tier: Any) -> dict[str, Any]:
+    # generous deadlines: these tests are about faults the server reports, and a first call may
+    # pay for lazy imports (torch for the receive pool) on a busy machine
+    tier.setdefault("timeout_s", 30)
     return {"chunk_tokens": 256,
             "tiers": [{"name": "shared", "backend": "redis", "options": options, **tier}]}
 

@@ -1,0 +1,107 @@
+"""A remote tier that is frozen (SIGSTOP) or killed costs a caller its deadline, never more.
+
+Real servers (redis-server, SeaweedFS for s3 and NIXL's OBJ plugin). A frozen server keeps its
+sockets open and never answers — the case a client library's socket timeouts do not bound: the
+manager answers at the deadline, counts the miss, opens the circuit at once, and leaves the
+stuck call to end in the background (here: when the server is thawed). Nothing asserts a
+duration: benchmarks/frozen_tiers.py measures how long each call took.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.manager import StorageManager
+from tests.support.remote_tiers import RemoteTier, remote_available
+
+MARKS = {"redis": [pytest.mark.redis], "s3": [pytest.mark.s3], "nixl-obj": [pytest.mark.nixl, pytest.mark.s3]}
+KINDS = [pytest.param(kind, marks=marks) for kind, marks in MARKS.items()]
+DEADLINES = {"lookup": 0.2, "get": 0.3, "put": 1.0, "delete": 0.5}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=KINDS)
+def remote(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RemoteTier]:
+    why = remote_available(request.param)
+    if why:
+        pytest.skip(why)
+    # as in an engine process: the tiers' receive pools import torch on first use, which would
+    # otherwise cost the first large get its deadline here
+    import torch  # noqa: F401
+    with RemoteTier(request.param, tmp_path) as server:
+        yield server
+
+
+def _keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="frozen", run=os.urandom(4).hex())
+    return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
+
+
+def _value(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    return reg.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_frozen_server_is_a_miss_at_the_deadline_then_the_tier_recovers(remote: RemoteTier) -> None:
+    metrics, clock = CollectorRegistry(), Clock()
+    tier_cfg = remote.tier(timeout_s=DEADLINES, breaker={"cooldown_s": 5})
+    mgr = await StorageManager.from_config({"tiers": [tier_cfg]}, metrics_registry=metrics, clock=clock)
+    try:
+        ks = _keys(4)
+        items = [(k, os.urandom(256 << 10)) for k in ks[:3]]
+        await mgr.put(items)
+        assert await mgr.lookup(ks) == 3
+        tier = mgr.tier("remote")
+
+        remote.freeze()
+        assert await mgr.lookup(ks) == 0
+        assert tier.breaker.state == "open"  # after one missed deadline
+        assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="contains") == 1
+        clock.now += 5  # the next call is the probe: still frozen
+        assert await mgr.get(ks[:3]) == [None] * 3
+        assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="get") == 1
+        clock.now += 10
+        await mgr.put([(ks[3], b"late")])
+        assert _value(metrics, "lmtier_tier_skipped_writes_total", tier="remote", reason="deadline") == 1
+        assert tier.breaker.state == "open"
+
+        remote.thaw()
+        assert await mgr.settle(120)  # the stuck calls end once the server answers again
+        clock.now += 60
+        got = await mgr.get(ks[:3])
+        assert [None if g is None else bytes(g) for g in got] == [v for _, v in items]
+        assert tier.breaker.state == "closed"
+    finally:
+        remote.thaw()
+        await mgr.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_killed_server_is_a_miss_and_opens_the_circuit(remote: RemoteTier) -> None:
+    metrics = CollectorRegistry()
+    tier_cfg = remote.tier(timeout_s=DEADLINES, breaker={"failures": 3})
+    mgr = await StorageManager.from_config({"tiers": [tier_cfg]}, metrics_registry=metrics, clock=Clock())
+    try:
+        ks = _keys(2)
+        await mgr.put([(k, os.urandom(64 << 10)) for k in ks])
+        remote.kill()
+        for _ in range(3):  # refused connections (or deadlines, whichever comes first)
+            assert await mgr.lookup(ks) == 0
+            assert await mgr.get(ks) == [None, None]
+        assert mgr.tier("remote").breaker.state == "open"
+        assert _value(metrics, "lmtier_tier_circuit_open", tier="remote") == 1
+    finally:
+        await mgr.aclose()
