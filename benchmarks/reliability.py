@@ -49,6 +49,11 @@ that fills evicts its least recently used values, as at `max_bytes`: that is not
 **worst** is the slowest caller-facing call during the fault (a server stalled for one second costs
 at most the call's deadline). The remote tiers run under a `StorageManager` with default deadlines,
 as a RAM tier over a shared tier written in the background.
+
+To drill your own tiers the same way, in a scratch namespace (a value corrupted behind the tier, its
+connections cut, a stall past its deadline), run `lmtier doctor --faults tiers.yaml`: one line per
+check and tier, `ok`, `skipped` (with why) or `PROBLEM` (with what the caller saw), exit 1 on a
+problem.
 """
 
 

@@ -3,6 +3,7 @@
 ::
 
     lmtier doctor                         what works here: torch/CUDA, transfer path, config, backends
+    lmtier doctor --faults FILE           a fault drill against FILE's tiers, in a scratch namespace
     lmtier backends                       every registered backend, installed or not
     lmtier config validate FILE           both validation phases; exit 2 names the bad key
     lmtier check-backend NAME --options F the conformance suite against an installed backend

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from lmtier import __version__
 from lmtier.cli._common import (
@@ -20,6 +22,7 @@ from lmtier.cli._common import (
     redact,
 )
 from lmtier.errors import LmtierError
+from lmtier.limits import format_bytes
 
 __all__ = ["add_parser"]
 
@@ -30,12 +33,30 @@ _SERVICES = ("redis-server", "weed")  # binaries the redis / s3 tiers' tests and
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("doctor", help="check torch/CUDA, the transfer path, the config and the backends")
     d.add_argument("--config", metavar="FILE", help="config to check (default: $LMTIER_CONFIG, else the embedded one)")
+    d.add_argument("--faults", metavar="FILE", help="run a short fault drill against the tiers of FILE (a "
+                   "killed connection, a corrupted value, a timeout, in a scratch namespace)")
     d.set_defaults(run=_cmd_doctor)
 
 
 def _cmd_doctor(args: argparse.Namespace, _extra: list[str]) -> int:
     with plugin_warnings_shown_by_us():
+        if args.faults:
+            return _fault_drill(args.faults)
         return _doctor(args)
+
+
+def _fault_drill(source: str) -> int:
+    import asyncio
+
+    from lmtier.cli._fault_drill import run_drill
+
+    print(f"lmtier {__version__} doctor --faults {source}: a fault drill in a scratch namespace")
+    problems = asyncio.run(run_drill(source, lambda line: print(line, flush=True)))
+    if problems:
+        print(f"verdict: NOT OK - {problems} problem(s) above")
+        return EXIT_PROBLEMS
+    print("verdict: OK - every fault was a miss or a retry, within its deadline, with no wrong value")
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -80,6 +101,10 @@ def _doctor(args: argparse.Namespace) -> int:
         for tier, opts in zip(cfg.tiers, options, strict=True):
             shown = json.dumps(redact(opts.model_dump(mode="json")), separators=(", ", ": "))
             row(f"tier {tier.name}", f"{tier.backend}, write: {tier.write}, options: {shown}")
+            space = _space_note(opts)
+            if space:
+                row(f"tier {tier.name} disk", space)
+                notes.append(f"tier {tier.name}: {space}")
         row("validation", "ok (core schema and every tier's backend options)")
     except LmtierError as exc:
         row("validation", f"FAILED: {one_line(exc)}")
@@ -118,6 +143,39 @@ def _doctor(args: argparse.Namespace) -> int:
     extra = f" ({'; '.join(notes)})" if notes else ""
     print(f"verdict: OK - lmtier can run here with this config{extra}")
     return 0
+
+
+def _space_note(opts: object) -> str | None:
+    """For a tier with a ``root`` directory and ``max_bytes``: a warning when ``max_bytes`` is more
+    than its filesystem can give it (free space plus what is already under the root)."""
+    root, max_bytes = getattr(opts, "root", None), getattr(opts, "max_bytes", None)
+    if not isinstance(root, Path) or not isinstance(max_bytes, int):
+        return None
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        st = os.statvfs(existing)
+    except OSError:
+        return None
+    held = _bytes_under(root)
+    room = st.f_bavail * st.f_frsize + held
+    if max_bytes <= room:
+        return None
+    return (f"max_bytes {format_bytes(max_bytes)} is more than its filesystem can hold ({format_bytes(room - held)} "
+            f"free + {format_bytes(held)} held at {root}): it will evict when the disk fills; lower max_bytes "
+            f"to at most {format_bytes(room)}")
+
+
+def _bytes_under(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
 
 
 def _pinned_memory_status(cuda: bool) -> str:

@@ -292,3 +292,51 @@ def test_with_autoload_disabled_the_commands_say_why_no_backend_is_known(
     assert "discovery              off (LMTIER_DISABLE_PLUGIN_AUTOLOAD is set)" in capsys.readouterr().out
     monkeypatch.setenv("LMTIER_DISABLE_PLUGIN_AUTOLOAD", "0")  # a false value keeps autoload on
     assert main(["config", "validate", str(path)]) == 0
+
+
+# -- doctor: disk space, fault drill ------------------------------------------------------------
+def test_doctor_says_when_a_disk_tier_is_larger_than_its_filesystem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB", "pinned": False}},
+        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "disk"), "max_bytes": "1PiB"}},
+    ]}))
+    assert main(["doctor", "--config", str(path)]) == 0  # it still works: a full disk evicts
+    out = capsys.readouterr().out
+    assert re.search(r"tier nvme disk\s+max_bytes 1\.0 PiB is more than its filesystem can hold", out)
+    assert "lower max_bytes to at most" in out and "verdict: OK" in out
+
+
+def test_doctor_faults_drills_each_tier_and_says_what_it_did(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.support.redis_server import redis_available, start_redis
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = start_redis(tmp_path / "redis")
+    try:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"tiers": [
+            {"name": "hot", "backend": "cpu", "timeout_s": 0.5, "options": {"max_bytes": "64MiB", "pinned": False}},
+            {"name": "nvme", "backend": "disk", "timeout_s": 0.5,
+             "options": {"root": str(tmp_path / "disk"), "max_bytes": "1GiB"}},
+            {"name": "shared", "backend": "redis", "write": "async", "timeout_s": 0.5, "options": {"url": server.url}},
+        ]}))
+        assert main(["doctor", "--faults", str(path)]) == 0
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    tiers = {block.split("\n", 1)[0]: block for block in out.split("\ntier ")[1:]}
+    assert set(tiers) == {"hot (cpu)", "nvme (disk)", "shared (redis)"}
+    for block in tiers.values():
+        assert re.search(r"round trip\s+ok: 4 values", block)
+        assert re.search(r"timeout\s+ok: a tier stalled for 3\.5 s cost the caller a miss", block)
+    assert re.search(r"corrupted value\s+ok: a flipped payload bit was a miss", tiers["nvme (disk)"])
+    assert re.search(r"killed connection\s+ok: [1-9]\d* connection\(s\) to 127\.0\.0\.1:\d+ cut: the next calls "
+                     r"served \d then 4 of 4 values", tiers["shared (redis)"])
+    assert re.search(r"killed connection\s+skipped: the tier talks to no TCP server", tiers["nvme (disk)"])
+    assert "verdict: OK" in out
+    assert list((tmp_path / "disk").rglob("*-*")) == [], "the drill left its scratch values behind"
