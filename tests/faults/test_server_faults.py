@@ -102,6 +102,23 @@ async def _calls_while_down(mgr: StorageManager, items: list[tuple[ChunkKey, byt
         assert await _bounded(rec, mgr.contains([k for k, _ in fresh])) == [True] * len(fresh)
 
 
+async def test_a_frozen_server_costs_each_call_at_most_its_deadline_and_loses_nothing(
+    remote: Remote, ledger: Callable[[str], FaultRecord]
+) -> None:
+    rec = ledger(f"{remote.name}: server frozen (SIGSTOP)")
+    items = _items(16)
+    await _stored_by_a_first_engine(remote, items)
+    async with await _open(remote) as mgr:  # a second engine: its RAM tier is empty
+        remote.freeze()
+        try:
+            await _calls_while_down(mgr, items, rec, rounds=3)
+            assert _sample(mgr, "lmtier_tier_circuit_open", tier="shared") == 1  # taken out at the first miss
+        finally:
+            remote.thaw()
+        await _served_again(mgr, items, rec)
+    assert rec.raised == 0 and rec.wrong == 0
+
+
 async def test_a_server_stalled_for_a_second_costs_calls_their_deadline_then_serves_again(
     remote: Remote, ledger: Callable[[str], FaultRecord]
 ) -> None:
