@@ -5,9 +5,29 @@ Data flow (hottest tier first, as listed in the config):
 * ``lookup(keys)`` — how many *leading* keys are present in any tier (prefix semantics).
 * ``get(keys)`` — asks each tier in turn for the keys still missing; hits found in a colder tier
   are promoted into hotter tiers (``promote: true``) in the background.
+* ``get_into(keys, outs)`` — the same into caller buffers; ``fetch(keys, sizes)`` — into host
+  buffers the manager lends (:class:`~lmtier.memory.HostBuffer`, released by the caller). Both
+  read a tier that implements :class:`~lmtier.protocol.SupportsGetInto` straight into the
+  destination (one host copy per hit). ``fetch`` is the zero/one-copy path: a hit in a tier that
+  lends its memory (the cpu tier) is that memory, retained; a colder tier's hit is written once,
+  into a buffer carved from the hot tier's memory (:class:`~lmtier.protocol.SupportsAllocate`),
+  which the hot tier then adopts as its promotion — no second copy.
+* ``reserve(sizes)`` — writable buffers for chunks about to be put (the hot tier's memory, so its
+  ``put`` adopts them, else the process's host pool).
 * ``put(items)`` — lands in the hottest tier, then in every ``write: through`` tier (awaited) and
   every ``write: async`` tier (bounded background queue: when it is full the write is dropped,
-  counted and logged — a slow tier never blocks the caller).
+  counted and logged — a slow tier never blocks the caller). ``skip_present=True`` first asks
+  each tier which keys it holds already and writes only the others.
+
+**The host pool.** Buffers the manager lends that are not carved from the hot tier (the hot tier
+cannot allocate, is full, or is not pinned where CUDA is) come from one
+:class:`~lmtier.memory.HostMemoryPool` per manager (:attr:`host_pool`, ``host_pool_bytes``),
+created on first use and pinned where CUDA is available.
+
+**In-memory tiers are called inline.** A tier that implements
+:class:`~lmtier.protocol.SupportsAllocate` lives in this process's memory and never waits on I/O:
+its calls run inline on the loop, without a deadline, so a put there is visible to the very next
+call (no other coroutine runs in between).
 * Eviction — backends that evict (:class:`~lmtier.protocol.SupportsEvictionListener`) hand the
   evicted chunk to the manager, which demotes it into the next tier if that tier lacks the key.
 
@@ -45,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from lmtier.breaker import CircuitBreaker
-from lmtier.buffers import as_bytes_view
+from lmtier.buffers import as_bytes_view, writable_bytes_view
 from lmtier.config import LmtierConfig, TierConfig, load_config
 from lmtier.errors import (
     BackendError,
@@ -57,13 +77,14 @@ from lmtier.errors import (
     LmtierError,
 )
 from lmtier.keys import ChunkKey
-from lmtier.memory import HostBuffer
+from lmtier.memory import HostBuffer, HostMemoryPool, lent_buffer
 from lmtier.metrics import Metrics, default_metrics
 from lmtier.protocol import (
     Buffer,
     StorageBackend,
     SupportsAllocate,
     SupportsEvictionListener,
+    SupportsGetInto,
     SupportsStats,
     optional_capabilities,
 )
@@ -107,6 +128,7 @@ FAULT = _Fault()
 class _Job:
     kind: Literal["write", "promote", "demote"]
     items: list[Item]
+    check: bool = False  # ask the tier which keys it holds first, write only the others
 
 
 @dataclass
@@ -125,6 +147,11 @@ class Tier:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def lends_memory(self) -> bool:
+        """An in-process tier that hands out its own memory (allocate, lease views): called inline."""
+        return isinstance(self.backend, SupportsAllocate)
 
 
 class StorageManager:
@@ -146,6 +173,8 @@ class StorageManager:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._closed = False
+        self._host_pool: HostMemoryPool | None = None
+        self._pinned: bool | None = None
         self.tiers: list[Tier] = []
         for i, (tcfg, backend) in enumerate(tiers):
             b = tcfg.breaker
@@ -278,27 +307,132 @@ class StorageManager:
         log.debug("get: hit %d of %d chunks", hits, len(keys))
         return results
 
-    async def put(self, items: Sequence[PutItem]) -> None:
+    async def put(self, items: Sequence[PutItem], *, skip_present: bool = False) -> int:
         """Store ``items`` in the hottest tier and flow them to colder tiers per write mode.
 
         Each item is a ``(ChunkKey, value)`` pair; a value is any C-contiguous host buffer, a
         :class:`~lmtier.memory.HostBuffer` or a CPU torch tensor. The whole batch is checked before
         anything is written: a malformed item raises :class:`~lmtier.errors.InvalidArgumentError`.
+        With ``skip_present``, each tier is first asked which keys it holds (within its lookup
+        deadline) and gets only the others. Returns how many items the hottest tier newly took
+        (0 when its write failed).
         """
         _check_items(items)
         if not items:
-            return
+            return 0
         items = list(items)
         hottest, colder = self.tiers[0], self.tiers[1:]
-        await self._write(hottest, items)
+        landed = await self._write(hottest, items, skip_present=skip_present)
         through = [t for t in colder if t.config.write == "through"]
         background = [t for t in colder if t.config.write == "async"]
         if background:
             stable = [(k, _stable(v)) for k, v in items]
             for tier in background:
-                self._enqueue(tier, _Job("write", stable))
+                self._enqueue(tier, _Job("write", stable, check=skip_present))
         if through:
-            await asyncio.gather(*(self._write(t, items) for t in through))
+            await asyncio.gather(*(self._write(t, items, skip_present=skip_present) for t in through))
+        return max(landed, 0)
+
+    def reserve(self, sizes: Sequence[int]) -> list[HostBuffer | None]:
+        """Writable host buffers of exactly ``sizes[i]`` bytes for chunks about to be put.
+
+        Carved from the hot tier's memory where it can (:class:`~lmtier.protocol.SupportsAllocate`:
+        its ``put`` then adopts them without a copy; allocating may evict its least recently used
+        entries), else from :attr:`host_pool`; ``None`` where neither has room. Never waits on a
+        tier. The caller fills them, puts them, and releases its reference either way.
+        """
+        sizes = _check_sizes(sizes)
+        out: list[HostBuffer | None] = []
+        try:
+            for size in sizes:
+                out.append(self._buffer(size))
+        except BaseException:
+            _release_all(out)
+            raise
+        return out
+
+    async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[object], *,
+                       timeout_s: float | None = None) -> list[bool]:
+        """Fill ``outs[i]`` with ``keys[i]``'s value from the hottest tier holding it.
+
+        ``outs[i]`` is a writable host buffer (bytearray, numpy array, CPU tensor,
+        :class:`~lmtier.memory.HostBuffer`) of exactly the stored size; a value of another size
+        is a miss. Tiers are asked hottest first, each within its ``get`` deadline (``timeout_s``
+        bounds the whole call); a tier implementing ``get_into`` writes in place, others are
+        copied from. Hits are promoted into hotter tiers (``promote: true``): by adoption where
+        ``outs[i]`` is a buffer of the hot tier's own memory, else by a copy.
+
+        A tier that misses its deadline is a miss for its keys; it may still be writing into the
+        buffers it was given. HostBuffers are given to it directly and kept out of circulation
+        (retained) until it ends; other buffers are never handed to a tier that may outlive the
+        call — it writes into a host-pool buffer, copied into ``outs[i]`` only on success (one
+        more copy). So after a ``False`` nothing writes ``outs[i]`` any more.
+        """
+        _check_keys(keys)
+        if len(keys) != len(outs):
+            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
+        views = [writable_bytes_view(o) for o in outs]
+        until = self._until(timeout_s)
+        filled = [False] * len(keys)
+        pending = list(range(len(keys)))
+        for tier in self.tiers:
+            if not pending:
+                break
+            got = await self._tier_into(tier, keys, pending, outs, views, until)
+            pending = [i for i in pending if i not in got]
+            for i in got:
+                filled[i] = True
+            if got and tier.index > 0:
+                await self._promote_filled(tier.index, [(keys[i], outs[i]) for i in sorted(got)])
+        log.debug("get_into: hit %d of %d chunks", sum(filled), len(keys))
+        return filled
+
+    async def fetch(self, keys: Sequence[ChunkKey], sizes: Sequence[int], *,
+                    timeout_s: float | None = None) -> list[HostBuffer | None]:
+        """Host buffers holding ``keys[i]``'s value (exactly ``sizes[i]`` bytes), ``None`` for a miss.
+
+        The caller owns one reference to each buffer returned and releases it. A hit in a tier that
+        lends its memory (the cpu tier) is that memory (zero copy); a colder tier's hit is written
+        once, into a buffer :meth:`reserve` would give (preferably the hot tier's memory, which then
+        adopts it as the promotion). A stored value of another size is a miss and is deleted.
+        Deadlines as for :meth:`get_into`: a buffer a late tier may still write is never returned.
+        """
+        _check_keys(keys)
+        sizes = _check_sizes(sizes)
+        if len(sizes) != len(keys):
+            raise InvalidArgumentError(f"fetch of {len(keys)} keys with {len(sizes)} sizes")
+        until = self._until(timeout_s)
+        out: list[HostBuffer | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        wrong: list[ChunkKey] = []
+        try:
+            for tier in self.tiers:
+                if not pending:
+                    break
+                if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto):
+                    got = await self._fetch_get(tier, keys, sizes, pending, out, wrong, until)
+                else:
+                    got = await self._fetch_into(tier, keys, sizes, pending, out, until)
+                pending = [i for i in pending if i not in got and keys[i] not in wrong]
+                if got and tier.index > 0:
+                    await self._promote_filled(tier.index, [(keys[i], out[i]) for i in sorted(got)])
+        except BaseException:
+            _release_all(out)
+            raise
+        if wrong:
+            log.warning("lmtier: %d stored value(s) had another size than asked; treated as misses and deleted",
+                        len(wrong))
+            await self.delete(list(dict.fromkeys(wrong)))
+        log.debug("fetch: hit %d of %d chunks", sum(b is not None for b in out), len(keys))
+        return out
+
+    @property
+    def host_pool(self) -> HostMemoryPool:
+        """The manager's host pool (``host_pool_bytes``; pinned where CUDA is), made on first use."""
+        if self._host_pool is None:
+            size = int(self.config.host_pool_bytes) if self.config is not None else 256 << 20
+            self._host_pool = HostMemoryPool(size, pin=self._want_pinned(), name="lmtier-host")
+        return self._host_pool
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Remove ``keys`` from every tier (faults are logged and counted)."""
@@ -346,6 +480,8 @@ class StorageManager:
                 await tier.backend.aclose()
             except Exception as exc:  # closing one tier must not leave the others open
                 log.warning("lmtier tier %s: error while closing: %s", tier.name, exc)
+        if self._host_pool is not None:
+            self._host_pool.close()
 
     async def __aenter__(self) -> StorageManager:
         return self
@@ -391,6 +527,8 @@ class StorageManager:
         if not tier.breaker.allow():
             return self._skip(tier, writes, "circuit_open")
         start = self._clock()
+        if tier.lends_memory:  # in-process, never waits on I/O: inline, so its writes are seen at once
+            return await self._inline(tier, op, fn, arg, writes, start)
         task = self._loop.create_task(_awaited(fn, arg), name=f"lmtier-{tier.name}-{op}")
         try:
             done, _ = await asyncio.wait((task,), timeout=wait)
@@ -415,6 +553,20 @@ class StorageManager:
         if tier.breaker.record_success():
             self.metrics.circuit_open.labels(tier.name).set(0)
             log.warning("lmtier tier %s: recovered, circuit closed", tier.name)
+        return result
+
+    async def _inline(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], arg: T, writes: int,
+                      start: float) -> Any:
+        try:
+            result = await fn(arg)
+        except InvalidArgumentError:
+            raise
+        except Exception as exc:
+            reason = self._fault(tier, op, exc)
+            return self._skip(tier, writes, reason)
+        self.metrics.latency.labels(tier.name, op).observe(self._clock() - start)
+        if tier.breaker.record_success():
+            self.metrics.circuit_open.labels(tier.name).set(0)
         return result
 
     def _skip(self, tier: Tier, writes: int, reason: str) -> _Fault:
@@ -488,27 +640,195 @@ class StorageManager:
                         tier.name, tier.breaker.failures, tier.breaker.cooldown)
         return reason
 
-    async def _write(self, tier: Tier, items: Sequence[PutItem]) -> bool:
-        """Put ``items`` into ``tier`` in slices; True if every slice landed."""
+    async def _write(self, tier: Tier, items: Sequence[PutItem], *, skip_present: bool = False) -> int:
+        """Put ``items`` into ``tier`` in slices; how many it took, or -1 if a slice failed."""
+        if skip_present:
+            present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items])
+            if present is not FAULT:  # a failed check just writes everything
+                items = [it for it, p in zip(items, present, strict=True) if not p]
+            if not items:
+                return 0
         # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
         # zero-copy memoryviews, except to a tier that hands out HostBuffers itself (the cpu tier's
         # `allocate`), which adopts those of its own slab and copies tensors with torch.
-        if isinstance(tier.backend, SupportsAllocate):
+        if tier.lends_memory:
             batch = cast("list[Item]", list(items))
         else:
             batch = [(k, v if isinstance(v, (bytes, bytearray, memoryview)) else as_bytes_view(v))
                      for k, v in items]
         sizes = [as_bytes_view(v).nbytes for _, v in batch]
-        ok = True
+        written, failed = 0, False
         for lo, hi in _slices(sizes):
             part = batch[lo:hi]
             holds = [v for _, v in part] + [v for _, v in items[lo:hi] if isinstance(v, HostBuffer)]
             if await self._call(tier, "put", tier.backend.put, part, writes=len(part), holds=holds) is FAULT:
-                ok = False
+                failed = True
                 continue
+            written += hi - lo
             self.metrics.bytes_written.labels(tier.name).inc(sum(sizes[lo:hi]))
             self.metrics.objects_written.labels(tier.name).inc(hi - lo)
-        return ok
+        return -1 if failed and not written else written
+
+    # -- reads into buffers --------------------------------------------------------------------
+    def _want_pinned(self) -> bool:
+        if self._pinned is None:
+            import torch
+
+            self._pinned = bool(torch.cuda.is_available())
+        return self._pinned
+
+    def _buffer(self, size: int, *, from_hot: bool = True) -> HostBuffer | None:
+        """A writable buffer of ``size`` bytes: the hot tier's memory if it can, else the pool's."""
+        hot = self.tiers[0].backend
+        if from_hot and isinstance(hot, SupportsAllocate) and self.tiers[0].config.promote:
+            try:
+                buf = hot.allocate(size)
+            except LmtierError:
+                buf = None
+            if buf is not None:
+                if buf.pinned or not self._want_pinned():
+                    return buf
+                buf.release()  # an unpinned slab where CUDA copies want pinned memory
+        return self.host_pool.try_allocate(size)
+
+    async def _fetch_get(self, tier: Tier, keys: Sequence[ChunkKey], sizes: list[int], pending: list[int],
+                         out: list[HostBuffer | None], wrong: list[ChunkKey], until: float | None) -> set[int]:
+        """fetch from a tier by ``get``: its lent memory where usable, else one copy each."""
+        values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
+        if values is FAULT:
+            self.metrics.misses.labels(tier.name).inc(len(pending))
+            return set()
+        got: set[int] = set()
+        nbytes = 0
+        try:
+            for j, i in enumerate(pending):
+                value, values[j] = values[j], None  # our reference from here: kept or dropped
+                if value is None:
+                    continue
+                view = as_bytes_view(value)
+                if view.nbytes != sizes[i]:
+                    wrong.append(keys[i])
+                    continue
+                buf = lent_buffer(value)  # the tier's own memory: retained, no copy
+                if buf is not None and (buf.pinned or not self._want_pinned()):
+                    out[i] = buf
+                else:
+                    if buf is not None:
+                        buf.release()
+                    buf = self._buffer(sizes[i], from_hot=tier.index > 0)
+                    if buf is None:
+                        log.warning("lmtier: no host memory to fetch a %d-byte chunk into; a miss", sizes[i])
+                        continue
+                    buf.view()[:] = view
+                    out[i] = buf
+                got.add(i)
+                nbytes += sizes[i]
+        finally:
+            del values
+        self._count_reads(tier, len(got), len(pending) - len(got), nbytes)
+        return got
+
+    async def _fetch_into(self, tier: Tier, keys: Sequence[ChunkKey], sizes: list[int], pending: list[int],
+                          out: list[HostBuffer | None], until: float | None) -> set[int]:
+        """fetch from a tier with get_into: straight into buffers for the caller (one copy)."""
+        targets: list[int] = []
+        bufs: list[HostBuffer] = []
+        for i in pending:
+            buf = self._buffer(sizes[i])
+            if buf is None:
+                log.warning("lmtier: no host memory to fetch a %d-byte chunk into; a miss", sizes[i])
+                continue
+            targets.append(i)
+            bufs.append(buf)
+        try:
+            filled = await self._sliced_into(tier, [keys[i] for i in targets], bufs, until)
+        except BaseException:
+            _release_all(bufs)
+            raise
+        got: set[int] = set()
+        for i, buf, ok in zip(targets, bufs, filled, strict=True):
+            if ok:
+                out[i] = buf
+                got.add(i)
+            else:
+                buf.release()  # a late writer (detached call) still holds its own reference
+        self._count_reads(tier, len(got), len(pending) - len(got), sum(sizes[i] for i in got))
+        return got
+
+    async def _tier_into(self, tier: Tier, keys: Sequence[ChunkKey], pending: list[int], outs: Sequence[object],
+                         views: list[memoryview], until: float | None) -> set[int]:
+        """get_into from one tier into caller buffers; the indices filled."""
+        got: set[int] = set()
+        if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto):
+            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
+            if values is FAULT:
+                self.metrics.misses.labels(tier.name).inc(len(pending))
+                return got
+            for j, i in enumerate(pending):
+                value, values[j] = values[j], None
+                if value is not None and as_bytes_view(value).nbytes == views[i].nbytes:
+                    views[i][:] = as_bytes_view(value)
+                    got.add(i)
+            del values
+        else:
+            direct = [i for i in pending if isinstance(outs[i], HostBuffer)]
+            staged = [i for i in pending if not isinstance(outs[i], HostBuffer)]
+            bufs = [cast("HostBuffer", outs[i]) for i in direct]
+            stage: list[HostBuffer] = []
+            for i in staged:  # a foreign buffer must not be handed to a call that may outlive us
+                buf = self.host_pool.try_allocate(views[i].nbytes)
+                if buf is None:
+                    break
+                stage.append(buf)
+            staged = staged[: len(stage)]
+            try:
+                filled = await self._sliced_into(tier, [keys[i] for i in direct + staged], bufs + stage, until)
+                for i, ok in zip(direct, filled, strict=False):
+                    if ok:
+                        got.add(i)
+                for i, buf, ok in zip(staged, stage, filled[len(direct):], strict=True):
+                    if ok:
+                        views[i][:] = buf.view()
+                        got.add(i)
+            finally:
+                _release_all(stage)
+        self._count_reads(tier, len(got), len(pending) - len(got), sum(views[i].nbytes for i in got))
+        return got
+
+    async def _sliced_into(self, tier: Tier, keys: list[ChunkKey], bufs: list[HostBuffer],
+                           until: float | None) -> list[bool]:
+        """``tier.get_into`` of ``keys`` into ``bufs``, in slices with a deadline each."""
+        backend = cast("SupportsGetInto", tier.backend)
+        filled = [False] * len(keys)
+        for lo, hi in _slices([b.nbytes for b in bufs]):
+            part = bufs[lo:hi]
+            arg = (keys[lo:hi], [b.view() for b in part])
+            got = await self._call(tier, "get_into", _get_into_call(backend), arg, holds=part, until=until)
+            if got is not FAULT:
+                filled[lo:hi] = [bool(x) for x in got]
+        return filled
+
+    def _count_reads(self, tier: Tier, hits: int, misses: int, nbytes: int) -> None:
+        self.metrics.hits.labels(tier.name).inc(hits)
+        self.metrics.misses.labels(tier.name).inc(misses)
+        self.metrics.bytes_read.labels(tier.name).inc(nbytes)
+
+    async def _promote_filled(self, found_in: int, items: list[tuple[ChunkKey, Any]]) -> None:
+        """Promote hits that landed in ``items``' buffers into hotter tiers (``promote: true``).
+
+        The hot tier takes them now: by adoption when the buffer is its own memory (fetch carves
+        it so), else by a copy, before the caller's buffer can change. Other hotter tiers get a
+        stable value in the background (the hot tier's lease when it took one, else a copy).
+        """
+        hot = self.tiers[0]
+        stable: list[Item] = []
+        if found_in > 0 and hot.config.promote and await self._write(hot, items) > 0:
+            self.metrics.promotions.labels(hot.name).inc(len(items))
+        for tier in self.tiers[1:found_in]:
+            if tier.config.promote:
+                if not stable:
+                    stable = [(k, _stable(v)) for k, v in items]
+                self._enqueue(tier, _Job("promote", stable))
 
     def _enqueue(self, tier: Tier, job: _Job) -> None:
         try:
@@ -549,12 +869,12 @@ class StorageManager:
             job = await tier.queue.get()
             try:
                 items = job.items
-                if job.kind == "demote":
+                if job.kind == "demote" or job.check:
                     present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items])
                     if present is FAULT:
                         continue
                     items = [it for it, p in zip(items, present, strict=True) if not p]
-                if items and await self._write(tier, items):
+                if items and await self._write(tier, items) > 0:
                     counter = {"demote": self.metrics.demotions, "promote": self.metrics.promotions}.get(job.kind)
                     if counter is not None:
                         counter.labels(tier.name).inc(len(items))
@@ -571,6 +891,30 @@ class StorageManager:
 
 async def _awaited(fn: Callable[[T], Awaitable[Any]], arg: T) -> Any:
     return await fn(arg)  # a coroutine for create_task, whatever awaitable a backend returns
+
+
+def _get_into_call(backend: SupportsGetInto) -> Callable[[tuple[list[ChunkKey], list[memoryview]]], Awaitable[list[bool]]]:
+    async def call(arg: tuple[list[ChunkKey], list[memoryview]]) -> list[bool]:
+        return await backend.get_into(*arg)
+
+    return call
+
+
+def _release_all(bufs: Sequence[HostBuffer | None]) -> None:
+    for buf in bufs:
+        if buf is not None:
+            buf.release()
+
+
+def _check_sizes(sizes: Sequence[object]) -> list[int]:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise InvalidArgumentError(f"sizes must be a sequence of ints, got {type(sizes).__name__}")
+    out = []
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidArgumentError(f"sizes must be positive ints, got {size!r}")
+        out.append(size)
+    return out
 
 
 def _consume(task: asyncio.Task[Any]) -> str:

@@ -26,7 +26,7 @@ from lmtier.errors import CapacityError, InvalidArgumentError, LmtierError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["HostBuffer", "HostMemoryPool", "host_tensor_of", "live_pools"]
+__all__ = ["HostBuffer", "HostMemoryPool", "host_tensor_of", "lent_buffer", "live_pools"]
 
 _ALIGN = 256  # 16-byte vector access needs 16; 256 keeps every buffer on its own cache lines
 # Why a WeakSet at module level: the leak checker must find pools created anywhere in a test
@@ -276,6 +276,23 @@ def host_tensor_of(value: object) -> torch.Tensor | None:
     base = getattr(obj, "base", None)
     if isinstance(base, _Lease):
         return base.buffer.tensor
+    return None
+
+
+def lent_buffer(value: object) -> HostBuffer | None:
+    """The :class:`HostBuffer` behind ``value`` (a lease view or a HostBuffer), with one more
+    reference for the caller to release; ``None`` for any other buffer.
+
+    Turns a tier's zero-copy read (a lease view, whose reference dies with the view) into an
+    explicit reference that outlives the view: how the manager lends the cpu tier's hits as they are.
+    """
+    if isinstance(value, HostBuffer):
+        return value.retain()
+    if not isinstance(value, memoryview):
+        return None
+    base = getattr(value.obj, "base", None)
+    if isinstance(base, _Lease) and value.nbytes == base.buffer.nbytes:  # the whole range, not a slice
+        return base.buffer.retain()
     return None
 
 

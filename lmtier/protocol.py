@@ -196,6 +196,8 @@ class SupportsAllocate(Protocol):
     * It may evict least-recently-used entries to make room (telling eviction listeners), and
       raises :class:`~lmtier.errors.CapacityError` when nothing more can be freed. It never
       waits on I/O. Call it from the event loop the backend's other methods run on.
+    * Such a tier lives in this process's memory, and none of its calls waits on I/O: the
+      manager calls them inline (no task, no deadline), so a put is visible to the next call.
     * ``get`` of an adopted (or copied-in) value returns read-only lease views of the tier's
       memory (:meth:`~lmtier.memory.HostBuffer.lease_view`), so hits are zero-copy too.
     """
