@@ -971,7 +971,9 @@ def _check_items(items: object) -> None:
         key, value = item
         if not isinstance(key, ChunkKey):
             raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(key).__name__}: {key!r:.80}")
-        as_bytes_view(value)  # InvalidArgumentError for non-buffers, before anything is written
+        if as_bytes_view(value).nbytes == 0:  # InvalidArgumentError for non-buffers, before anything is written
+            raise InvalidArgumentError(f"{key}: empty values are refused (0 bytes); a chunk's KV is never empty, "
+                                       "so this is a bug upstream: skip the put")
 
 
 def _check_keys(keys: Sequence[object]) -> None:

@@ -140,3 +140,26 @@ def test_bad_token_ids_and_key_strings_are_typed_errors(ledger: Callable[[str], 
         with pytest.raises(InvalidArgumentError):
             ChunkKey.parse(text)
         rec.typed_error()
+
+
+@pytest.mark.asyncio
+async def test_an_empty_value_is_refused_by_put_before_anything_is_written(
+    tmp_path: Path, ledger: Callable[[str], FaultRecord]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from lmtier.manager import StorageManager
+
+    rec = ledger("bad put: an empty (0-byte) value in a batch")
+    config = {"tiers": [HOT, {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "tier")}}]}
+    async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as mgr:
+        kept, fresh, empty = (ChunkKey(NS, os.urandom(16)) for _ in range(3))
+        await mgr.put([(kept, b"stored before")])
+        for value in (b"", bytearray(), np.empty(0, dtype=np.uint8), memoryview(b"")):
+            with pytest.raises(InvalidArgumentError, match="empty values are refused"):
+                await mgr.put([(fresh, b"x" * 100), (empty, value)])
+            rec.typed_error()
+        assert await mgr.contains([kept, fresh, empty]) == [True, False, False]  # the batch wrote nothing
+        (got,) = await mgr.get([kept])
+        rec.lost += got is None or bytes(got) != b"stored before"
+        assert got is not None and bytes(got) == b"stored before"
