@@ -51,7 +51,7 @@ class HostMemoryPool:
         memory: carve the buffers out of this flat ``uint8`` CPU tensor (at least
             ``capacity_bytes`` long) instead of allocating a slab, e.g. a shared-memory segment
             mapped by the caller (``lmtier serve``'s slab). The caller keeps it alive and pins it
-            (or not) itself; ``pin`` must then be left ``None``.
+            (or not) itself; ``pin`` must then be left ``None``, and :attr:`pinned` is False.
 
     Thread-safe: the engine thread and the manager's loop allocate concurrently.
     """
@@ -70,7 +70,6 @@ class HostMemoryPool:
             if memory.numel() < _round_up(capacity_bytes):
                 raise InvalidArgumentError(
                     f"memory holds {memory.numel()} bytes, the pool needs {_round_up(capacity_bytes)}")
-            pin = False  # not ours to pin; pinned below reports what the caller did
         elif pin is None:
             pin = torch.cuda.is_available()
         if pin and not torch.cuda.is_available():
@@ -79,7 +78,9 @@ class HostMemoryPool:
         self.capacity = _round_up(capacity_bytes)
         if memory is not None:
             self._slab = memory[: self.capacity]
-            self.pinned = bool(torch.cuda.is_available() and memory.is_pinned())
+            # not ours: its provider pins it, if at all, in the processes that copy to a GPU (asking
+            # torch here could start a CUDA context in a process that must never touch the GPU)
+            self.pinned = False
         else:
             self.pinned = bool(pin)
             self._slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
