@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lmtier.buffers import as_bytes_view
 from lmtier.config import LmtierConfig, load_config
 from lmtier.errors import ConfigError, LmtierError
 from lmtier.keys import ChunkKey
-from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
+from lmtier.memory import HostBuffer, HostMemoryPool
 from lmtier.server.holdings import Holdings
 from lmtier.server.protocol import E_BAD_ARGUMENT, PROTOCOL_VERSION, ServerError, Slot, decode_key
 from lmtier.server.slab import Slab
@@ -73,6 +72,10 @@ class SlabCache:
                 await backend.aclose()
             raise
         manager = StorageManager(opened, config=cfg, metrics=metrics)
+        # Buffers the server hands out are slab ranges, never pinned here: clients pin their own
+        # mapping. Without this the manager would prefer a pinned host pool on a CUDA machine (and
+        # pinning would start a CUDA context in a process that must never touch the GPU).
+        manager._pinned = False
         return cls(manager, opened[0][1], slab)
 
     # -- connections ---------------------------------------------------------------------------
@@ -95,22 +98,14 @@ class SlabCache:
 
     def reserve(self, sizes: Sequence[int], held: Holdings) -> list[Slot | None]:
         self._check_sizes(sizes)
-        out: list[Slot | None] = []
-        for size in sizes:
-            buf = self._allocate(size)
-            slot = held.add_reservation(buf) if buf is not None else None
-            out.append(Slot(slot, buf.offset) if slot is not None and buf is not None else None)
-        return out
+        return [self._hold(buf, held.add_reservation) for buf in self.manager.reserve(sizes)]
 
     async def commit(self, items: Sequence[tuple[bytes, int]], held: Holdings) -> int:
         keys = _keys([k for k, _ in items])
         bufs = held.take_reservations([s for _, s in items])  # all or nothing; ours from here on
         try:
-            present = await self.hot.contains(keys)
-            todo = [(k, b) for k, b, p in zip(keys, bufs, present, strict=True) if not p]
-            if todo:
-                await self.manager.put(todo)  # type: ignore[arg-type]  # the cpu tier adopts our buffers
-            return len(todo)
+            # the hot tier adopts our slab ranges (no copy); keys a tier holds already are skipped
+            return await self.manager.put(list(zip(keys, bufs, strict=True)), skip_present=True)
         finally:
             for b in bufs:
                 b.release()
@@ -120,18 +115,9 @@ class SlabCache:
         if len(sizes) != len(keys):
             raise ServerError(E_BAD_ARGUMENT, f"fetch of {len(keys)} keys with {len(sizes)} sizes")
         self._check_sizes(sizes)
-        values = await self.manager.get(keys)
-        out: list[Slot | None] = []
-        wrong: list[ChunkKey] = []
-        try:
-            for i, value in enumerate(values):
-                values[i] = None  # from here the value's reference is ours to hold or drop
-                out.append(self._lease(keys[i], value, sizes[i], held, wrong))
-        finally:
-            del values
-        if wrong:
-            await self.manager.delete(wrong)
-        return out
+        # hot hits are the slab's own ranges (no copy); colder hits are read once into slab ranges,
+        # which the hot tier adopts as their promotion; a value of another size is a miss (deleted)
+        return [self._hold(buf, held.add_lease) for buf in await self.manager.fetch(keys, sizes)]
 
     async def delete(self, raw_keys: Sequence[bytes]) -> None:
         await self.manager.delete(_keys(raw_keys))
@@ -188,31 +174,14 @@ class SlabCache:
             if not 0 < s <= self.hot.pool.capacity:
                 raise ServerError(E_BAD_ARGUMENT, f"size {s} is outside [1, {self.hot.pool.capacity}] (the slab)")
 
-    def _allocate(self, size: int) -> HostBuffer | None:
-        try:
-            return self.hot.allocate(size)  # evicts least recently used chunks to make room
-        except LmtierError:
-            return None
-
-    def _lease(self, key: ChunkKey, value: Any, size: int, held: Holdings, wrong: list[ChunkKey]) -> Slot | None:
-        if value is None:
-            return None
-        view = as_bytes_view(value)
-        if view.nbytes != size:
-            log.warning("lmtier serve: %s holds %d bytes, a client expected %d; treated as a miss (and deleted)",
-                        key, view.nbytes, size)
-            wrong.append(key)
-            return None
-        tensor = host_tensor_of(value)
-        offset = -1 if tensor is None else int(tensor.data_ptr()) - self.slab.base_ptr
-        if 0 <= offset < self.slab.size and isinstance(value, memoryview):
-            slot = held.add_lease(value)  # a hot-tier hit: leased in place, no copy
-            return Slot(slot, offset) if slot is not None else None
-        buf = self._allocate(size)  # a colder tier's bytes: one copy into the slab
+    def _hold(self, buf: HostBuffer | None, add: Callable[[HostBuffer], int | None]) -> Slot | None:
+        """``buf`` as a slot of the connection, if it lies in the slab (else released: a miss)."""
         if buf is None:
             return None
-        buf.view()[:] = view
-        slot = held.add_lease(buf)
+        if buf.pool is not self.hot.pool:  # the manager's host pool: the clients cannot see it
+            buf.release()
+            return None
+        slot = add(buf)
         return Slot(slot, buf.offset) if slot is not None else None
 
 

@@ -22,14 +22,14 @@ __all__ = ["Holdings"]
 class Holdings:
     """Slot id → held range, for one connection. Not thread-safe: the server's loop owns it.
 
-    A held range is a :class:`~lmtier.memory.HostBuffer` reference (a reservation, or a lease on a
-    range filled from a colder tier) or a cpu-tier lease view (a memoryview holding its range
-    until it is released); both give their range back with ``release()``.
+    A held range is one reference on a :class:`~lmtier.memory.HostBuffer` of the slab: a
+    reservation, or a lease (the hot tier's own range, retained, or a range a colder tier's hit was
+    read into); ``release()`` gives it back.
     """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._leases: dict[int, HostBuffer | memoryview] = {}
+        self._leases: dict[int, HostBuffer] = {}
         self._reservations: dict[int, HostBuffer] = {}
         self.closed = False
 
@@ -41,7 +41,7 @@ class Holdings:
     def reservations(self) -> int:
         return len(self._reservations)
 
-    def add_lease(self, held: HostBuffer | memoryview) -> int | None:
+    def add_lease(self, held: HostBuffer) -> int | None:
         """Hold ``held`` as a lease; its slot id, or None (released at once) when closed."""
         if self.closed:
             _release(held)
@@ -102,6 +102,5 @@ def _check_distinct(slots: Sequence[int]) -> None:
         raise ServerError(E_NOT_HELD, "a slot is named twice in one request; nothing was done")
 
 
-def _release(held: HostBuffer | memoryview) -> None:
-    # a lease view's range goes back when its last export dies: releasing the view drops it now
+def _release(held: HostBuffer) -> None:
     held.release()
