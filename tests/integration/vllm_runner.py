@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vllm import LLM
 
-__all__ = ["ENGINE_ENV", "Result", "generate", "lmtier_transfer_config", "make_llm", "same_outputs", "shutdown"]
+__all__ = ["ENGINE_ENV", "Result", "generate", "lmtier_transfer_config", "main", "make_llm", "same_outputs", "shutdown"]
 
 #: Environment every test engine runs with (the server test overrides VLLM_ENABLE_V1_MULTIPROCESSING).
 ENGINE_ENV = {
@@ -30,32 +30,43 @@ class Result:
     num_cached_tokens: int
 
 
-def lmtier_transfer_config(extra: dict[str, Any]) -> Any:
+def lmtier_transfer_config(extra: dict[str, Any], role: str = "kv_both") -> Any:
     from vllm.config import KVTransferConfig
 
     return KVTransferConfig(kv_connector="LMTierConnector", kv_connector_module_path="lmtier.integrations.vllm",
-                            kv_role="kv_both", kv_load_failure_policy="recompute",
+                            kv_role=role, kv_load_failure_policy="recompute",
                             kv_connector_extra_config=extra)
 
 
-def make_llm(model: str, lmtier: dict[str, Any] | None = None) -> LLM:
-    """An engine over the tiny model; ``lmtier`` is the connector's extra config (None: no connector)."""
+def make_llm(model: str, lmtier: dict[str, Any] | None = None, *, role: str = "kv_both", **engine: Any) -> LLM:
+    """An engine over the tiny model; ``lmtier`` is the connector's extra config (None: no connector).
+
+    ``engine`` adds ``LLM`` arguments (``kv_events_config``, ``enable_lora``, ...).
+    """
     from vllm import LLM
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(engine)
     if lmtier is not None:
-        kwargs["kv_transfer_config"] = lmtier_transfer_config(lmtier)
+        kwargs["kv_transfer_config"] = lmtier_transfer_config(lmtier, role)
     # no local prefix cache: every reuse must come through lmtier; eager: no compile time
     return LLM(model=model, dtype="bfloat16", max_model_len=4096, enable_prefix_caching=False, seed=0,
                enforce_eager=True, disable_log_stats=True, **kwargs)
 
 
-def generate(llm: LLM, prompts: list[list[int]]) -> list[Result]:
+def generate(llm: LLM, prompts: list[list[int]], *, max_tokens: int = MAX_TOKENS, cache_salt: str | None = None,
+             lora_request: Any = None) -> list[Result]:
+    """Greedy outputs of ``prompts`` in one batch, all with the same salt and LoRA adapter (or none)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1)
+    inputs = []
+    for p in prompts:
+        prompt = TokensPrompt(prompt_token_ids=p)
+        if cache_salt is not None:
+            prompt["cache_salt"] = cache_salt
+        inputs.append(prompt)
+    outs = llm.generate(inputs, params, use_tqdm=False, lora_request=lora_request)
     results = []
     for out in outs:
         comp = out.outputs[0]
@@ -82,3 +93,43 @@ def same_outputs(got: Result, want: Result) -> str | None:
     if worst > LOGPROB_ATOL:
         return f"logprobs differ by {worst:.4f} > {LOGPROB_ATOL}: {got.logprobs} vs {want.logprobs}"
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one engine in this process over prompts from a JSON file, write the results as JSON.
+
+    ``python -m tests.integration.vllm_runner --model M --extra '{...}' --role kv_producer
+    --prompts in.json --out out.json``: the other process of a prefill/decode test. The engine is
+    shut down before the results are written, so its stores have reached the tiers by then.
+    """
+    import argparse
+    import json
+    import os
+    from dataclasses import asdict
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--extra", required=True, help="the connector's kv_connector_extra_config, JSON")
+    p.add_argument("--role", default="kv_both")
+    p.add_argument("--prompts", required=True, help="JSON file: a list of token-id lists")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    with open(args.prompts) as f:
+        prompts = json.load(f)
+    llm = make_llm(args.model, json.loads(args.extra), role=args.role)
+    try:
+        results = generate(llm, prompts, max_tokens=args.max_tokens)
+    finally:
+        shutdown(llm)
+    with open(args.out, "w") as f:
+        json.dump([asdict(r) for r in results], f)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

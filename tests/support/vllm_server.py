@@ -1,4 +1,4 @@
-"""Start and stop vLLM's OpenAI-compatible server (the documented ``api_server`` form) for tests.
+"""Start and stop vLLM's OpenAI-compatible server (``vllm serve``, as the docs write it) for tests.
 
 The server binds 127.0.0.1 on a free port, runs in its own process group (API server, engine
 core and worker are three processes on CPU) and is stopped by that group's id. Readiness is
@@ -29,7 +29,7 @@ from typing import Any
 
 from tests.support.redis_server import free_port
 
-__all__ = ["VllmServer", "start_vllm_server"]
+__all__ = ["VllmServer", "start_vllm_server", "vllm_command"]
 
 HOST = "127.0.0.1"
 
@@ -83,13 +83,21 @@ class VllmServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def vllm_command() -> str:
+    """The ``vllm`` console script of this interpreter's environment (what a user types)."""
+    script = Path(sys.executable).parent / "vllm"
+    if not script.exists():
+        raise RuntimeError(f"no vllm console script next to {sys.executable}; install vLLM (make setup)")
+    return str(script)
+
+
 def start_vllm_server(model: str, log_path: Path, *, kv_transfer_config: Mapping[str, Any] | None = None,
                       args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                       model_name: str = "tiny", ready_timeout: float = 300.0) -> VllmServer:
-    """Start ``python -m vllm.entrypoints.openai.api_server`` over ``model`` and wait until it serves."""
+    """Start ``vllm serve MODEL`` and wait until it serves."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--served-model-name", model_name, "--host", HOST, "--port", str(port), *args]
+    cmd = [vllm_command(), "serve", model, "--served-model-name", model_name, "--host", HOST,
+           "--port", str(port), *args]
     if kv_transfer_config is not None:
         cmd += ["--kv-transfer-config", json.dumps(dict(kv_transfer_config))]
     log_path.parent.mkdir(parents=True, exist_ok=True)

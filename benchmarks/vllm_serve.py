@@ -1,0 +1,177 @@
+"""`vllm bench serve` against vLLM's OpenAI server (CPU): lmtier vs vLLM's own prefix cache, TTFT.
+
+Three servers of the tiny Llama (preset ``demo``), one at a time, each started with ``vllm serve``
+exactly as docs/vllm.md writes it, the same ``VLLM_CPU_OMP_THREADS_BIND`` for all (see "CPU thread
+binding" there), ``--enforce-eager``:
+
+* ``baseline``: no connector, vLLM's prefix cache off (every prompt prefilled);
+* ``vllm-prefix-cache``: no connector, vLLM's prefix cache on — the ceiling for any external
+  cache (it copies nothing);
+* ``lmtier``: the lmtier connector (cpu -> disk tiers), vLLM's prefix cache off.
+
+Each server gets ``vllm bench serve --dataset-name prefix_repetition`` (``--num-prompts`` prompts
+over ``--prefixes`` shared prefixes of ``--prefix`` tokens, a ``--suffix``-token suffix each,
+``--max-concurrency`` at a time) twice: a warm-up run with other prefixes (untimed: kernels,
+files, the first stores), then the measured run. Rounds alternate the three servers; the table
+gives medians over rounds of vLLM's own TTFT statistics, the speedup of each against the
+baseline, and lmtier's share of the prefix cache's speedup (the issue's goal: >= 95%). Nothing
+is asserted.
+
+    python benchmarks/vllm_serve.py [--rounds 3] [--num-prompts 64] [--max-concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _common import fmt_ratio, machine_line, median, print_table
+
+_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _vllm() -> str:
+    return str(Path(sys.executable).parent / "vllm")
+
+
+class Server:
+    """``vllm serve`` in its own process group, stopped by that group's id."""
+
+    def __init__(self, model: str, log: Path, env: dict[str, str], extra_args: list[str]) -> None:
+        self.port = _free_port()
+        cmd = [_vllm(), "serve", model, "--served-model-name", "tiny", "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager", "--seed", "0", *extra_args]
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **env}, start_new_session=True)
+        self.log = log
+        deadline = time.monotonic() + 600
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited: {log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=5).read()
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"vllm serve not ready: {log.read_text()[-3000:]}")
+            time.sleep(0.5)  # readiness poll interval
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _bench(port: int, model: str, args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
+    cmd = [_vllm(), "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--model", "tiny",
+           "--tokenizer", model, "--dataset-name", "prefix_repetition",
+           "--prefix-repetition-prefix-len", str(args.prefix), "--prefix-repetition-suffix-len", str(args.suffix),
+           "--prefix-repetition-num-prefixes", str(args.prefixes), "--prefix-repetition-output-len", str(args.output),
+           "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
+           "--seed", str(seed), "--ignore-eos", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,e2el",
+           "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(out.parent),
+           "--result-filename", out.name]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--prefix", type=int, default=1536, help="shared prefix tokens (default 1536)")
+    p.add_argument("--suffix", type=int, default=128, help="unique suffix tokens per prompt (default 128)")
+    p.add_argument("--prefixes", type=int, default=4, help="distinct prefixes (default 4)")
+    p.add_argument("--output", type=int, default=8, help="tokens generated per request (default 8)")
+    p.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND for every server (default 0-1)")
+    p.add_argument("--preset", default="demo")
+    args = p.parse_args(argv)
+    from lmtier.demo import TINY_PRESETS, build_tiny_llama
+
+    model = str(build_tiny_llama(TINY_PRESETS[args.preset]))
+    max_len = str(args.prefix + args.suffix + args.output + 256)
+    env = {**_ENV, "VLLM_CPU_OMP_THREADS_BIND": args.bind, "VLLM_LOGGING_LEVEL": "WARNING"}
+    import vllm
+
+    print(f"# vllm serve {vllm.__version__} (CPU) + vllm bench serve; {machine_line()}")
+    print(f"# tiny Llama preset {args.preset!r}; prefix_repetition: {args.num_prompts} prompts, {args.prefixes} "
+          f"prefixes of {args.prefix} tokens + {args.suffix}-token suffixes, {args.output} tokens out, "
+          f"max concurrency {args.max_concurrency}; VLLM_CPU_OMP_THREADS_BIND={args.bind}; {args.rounds} rounds")
+    results: dict[str, list[dict[str, Any]]] = {"baseline": [], "vllm-prefix-cache": [], "lmtier": []}
+    with tempfile.TemporaryDirectory(prefix="lmtier-vllm-serve-") as tmp:
+        root = Path(tmp)
+        for r in range(args.rounds):
+            for name in results:
+                extra = ["--max-model-len", max_len]
+                if name == "vllm-prefix-cache":
+                    extra.append("--enable-prefix-caching")
+                else:
+                    extra.append("--no-enable-prefix-caching")
+                if name == "lmtier":
+                    tiers = {"chunk_tokens": 256, "tiers": [
+                        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "2GiB"}},
+                        {"name": "local", "backend": "disk", "options": {"root": str(root / f"disk{r}")}}]}
+                    extra += ["--kv-transfer-config", json.dumps({
+                        "kv_connector": "LMTierConnector", "kv_connector_module_path": "lmtier.integrations.vllm",
+                        "kv_role": "kv_both", "kv_connector_extra_config": tiers})]
+                t0 = time.perf_counter()
+                server = Server(model, root / f"{name}-{r}.log", env, extra)
+                try:
+                    _bench(server.port, model, args, 1000 + r, root / f"warm-{name}-{r}.json")
+                    results[name].append(_bench(server.port, model, args, r, root / f"{name}-{r}.json"))
+                finally:
+                    server.stop()
+                res = results[name][-1]
+                print(f"-- round {r + 1} {name}: TTFT mean {res['mean_ttft_ms']:.1f} ms, p50 "
+                      f"{res['median_ttft_ms']:.1f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = []
+    stats = {}
+    for name, runs in results.items():
+        stats[name] = {k: median([run[k] for run in runs]) for k in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms")}
+    base = stats["baseline"]
+    for name, s in stats.items():
+        rows.append([name, f"{s['mean_ttft_ms']:.1f}", f"{s['median_ttft_ms']:.1f}", f"{s['p99_ttft_ms']:.1f}",
+                     fmt_ratio(base["mean_ttft_ms"] / s["mean_ttft_ms"]),
+                     fmt_ratio(base["median_ttft_ms"] / s["median_ttft_ms"])])
+    print()
+    print_table(["server", "TTFT mean ms", "TTFT p50 ms", "TTFT p99 ms", "speedup (mean)", "speedup (p50)"], rows,
+                title="vllm bench serve, medians over rounds")
+    pc, lm = stats["vllm-prefix-cache"], stats["lmtier"]
+    for key, label in (("mean_ttft_ms", "mean"), ("median_ttft_ms", "p50")):
+        share = (base[key] / lm[key]) / (base[key] / pc[key])
+        print(f"lmtier's share of vLLM's prefix-cache speedup ({label}): {share:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""What the connector caches beyond plain prompts, on a real vLLM engine (CPU, tiny random Llama).
+
+Tenants (``cache_salt``) keep their KV apart; a chat's reply is stored at the request's end so the
+next turn hits through it; stored blocks are published as vLLM KV events in vLLM's own block
+hashes. Every output is compared with vLLM without a connector (token ids equal, logprobs within
+bf16 noise). One engine serves the module (KV events on, published over ZMQ to this test).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration import vllm_runner as runner
+from tests.integration.conftest import CHAT_REPLY_TOKENS, PROMPTS, EngineSlot, chat_turn2, tier_config
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.timeout(600),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+class EventSubscriber:
+    """A ZMQ SUB socket connected to the engine's KV event publisher over a Unix socket (ipc://).
+
+    The publisher binds the socket file (vLLM binds ipc:// endpoints and connects tcp:// ones; a
+    SUB that binds and a PUB that connects exchanged nothing on this machine, and a tcp bind
+    would listen beyond loopback). Connecting before the engine exists is fine: ZMQ reconnects.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import zmq
+
+        self.endpoint = f"ipc://{path}"
+        self._ctx = zmq.Context()
+        self.sock = self._ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(self.endpoint)
+
+    def drain(self, until: Any, timeout_s: float = 30.0) -> list[Any]:
+        """Events received until ``until(events)`` holds or ``timeout_s`` passes (a deadline, not a sleep)."""
+        import time
+
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        events: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while not until(events) and time.monotonic() < deadline:
+            if self.sock.poll(100, zmq.POLLIN):
+                _topic, _seq, payload = self.sock.recv_multipart()
+                events.extend(decoder.decode(payload).events)
+        return events
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self._ctx.term()
+
+
+@pytest.fixture(scope="module")
+def subscriber(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EventSubscriber]:
+    pytest.importorskip("zmq")
+    sub = EventSubscriber(tmp_path_factory.mktemp("events") / "kv-events.sock")
+    yield sub
+    sub.close()
+
+
+@pytest.fixture(scope="module")
+def engine(engines: EngineSlot, subscriber: EventSubscriber, tmp_path_factory: pytest.TempPathFactory) -> EngineSlot:
+    from vllm.config import KVEventsConfig
+
+    events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=subscriber.endpoint, topic="")
+    engines.open("requests", tier_config(tmp_path_factory.mktemp("lmtier-disk")), kv_events_config=events)
+    return engines
+
+
+def stored(engines: EngineSlot) -> None:
+    """Wait until every store has landed, then overwrite vLLM's cache: hits must come from lmtier.
+
+    A finished request's last save runs in the engine's next step (its blocks wait for it); the
+    offline ``LLM`` steps only inside ``generate``, so step it here until nothing is pending.
+    """
+    llm = engines.llm.llm_engine
+    scheduler = llm.engine_core.engine_core.scheduler
+    for _ in range(10):
+        if not scheduler.has_requests():
+            break
+        llm.step()
+    assert not scheduler.has_requests()
+    engines.worker_engine().flush()
+    engines.overwrite_kv_cache()
+
+
+def test_each_tenant_hits_only_its_own_salted_kv(engine: EngineSlot, baseline: dict[str, runner.Result],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lmtier")
+    got = []
+    for salt in ("tenant-a", "tenant-a", "tenant-b", None, None):
+        (result,) = runner.generate(engine.llm, [PROMPTS["salted"]], cache_salt=salt)
+        got.append(result)
+        stored(engine)
+    # 700 tokens: 2 chunks + a 1-block tail stored, 640 loadable. B and the unsalted request never
+    # see A's chunks; the second unsalted request hits what the first one stored
+    assert [r.num_cached_tokens for r in got] == [0, 640, 0, 0, 640]
+    for r in got:
+        assert runner.same_outputs(r, baseline["salted"]) is None
+    assert "tenant-a" not in caplog.text  # the salt never reaches a log line
+
+
+def test_the_next_chat_turn_hits_through_the_stored_reply(engine: EngineSlot, baseline: dict[str, runner.Result],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lmtier")
+    (turn1,) = runner.generate(engine.llm, [PROMPTS["chat1"]], max_tokens=CHAT_REPLY_TOKENS)
+    assert runner.same_outputs(turn1, baseline["chat_turn1"]) is None
+    stored(engine)
+    (turn2,) = runner.generate(engine.llm, [chat_turn2(turn1.token_ids)])
+    # turn 1 computed 600 + 99 tokens (the last generated one is never fed back): 2 chunks and a
+    # 1-block tail reaching into the reply are stored at its end; the prompt alone would give 512
+    assert turn2.num_cached_tokens == 640
+    assert runner.same_outputs(turn2, baseline["chat_turn2"]) is None
+    assert "Stored 128 of 640 tokens for request" in caplog.text  # the reply's block, at the end
+
+
+def test_stored_blocks_are_published_as_kv_events_in_vllms_block_hashes(
+        engine: EngineSlot, subscriber: EventSubscriber) -> None:
+    from vllm.distributed.kv_events import BlockStored
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    prompt = PROMPTS["events"]
+    runner.generate(engine.llm, [prompt])
+    engine.worker_engine().flush()
+    runner.generate(engine.llm, [PROMPTS["short"]])  # a step after the store landed carries its report
+
+    def ours(events: list[Any]) -> list[Any]:
+        return [e for e in events if isinstance(e, BlockStored) and (e.ownership or "").startswith("lmtier:")
+                and e.token_ids and e.token_ids[:128] == prompt[:128]]
+
+    events = ours(subscriber.drain(lambda evs: sum(len(e.block_hashes) for e in ours(evs)) >= 7))
+    # 1000 tokens: 3 chunks + a 1-block tail = 7 blocks of 128, in the order vLLM hashes them
+    hashes = [h for e in events for h in e.block_hashes]
+    config = engine.llm.llm_engine.vllm_config.cache_config
+    hash_fn = get_hash_fn_by_name(config.prefix_caching_hash_algo)
+    want, parent = [], None
+    for i in range(7):
+        parent = kcu.hash_block_tokens(hash_fn, parent, prompt[i * 128:(i + 1) * 128], None)
+        want.append(kcu.maybe_convert_block_hash(parent))
+    assert hashes == want
+    assert [t for e in events for t in e.token_ids] == prompt[:896]
+    assert {(e.medium, e.ownership, e.block_size) for e in events} == {("CPU", "lmtier:hot", 128)}
+
+
+def test_bad_tenant_and_adapter_identities_are_served_without_lmtier(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from lmtier.integrations.vllm import lora_identity
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert lora_identity("a", str(adapter)) is None  # no adapter files: cannot be identified
+    assert lora_identity("a", str(tmp_path / "missing")) is None
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    first = lora_identity("a", str(adapter))
+    assert first is not None and first != lora_identity("b", str(adapter))  # the name counts
+    (adapter / "adapter_model.safetensors").write_bytes(b"y" * 11)  # rebuilt in place
+    assert lora_identity("a", str(adapter)) not in (None, first)
+
+
+def test_lora_requests_are_cached_per_adapter(engines: EngineSlot, tiny_model: str,
+                                              baseline: dict[str, runner.Result],
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    """vLLM's CPU LoRA path with two adapters built here: each hits only its own KV."""
+    from vllm.lora.request import LoRARequest
+
+    from tests.support.tiny_model import tiny_lora
+
+    root = tmp_path_factory.mktemp("lora")
+    a = LoRARequest("a", 1, str(tiny_lora(tiny_model, root / "a", seed=1)))
+    b = LoRARequest("b", 2, str(tiny_lora(tiny_model, root / "b", seed=2)))
+    engines.open("lora", tier_config(root / "disk"), enable_lora=True, max_lora_rank=8, max_loras=2)
+    got = {}
+    for name, lora in (("a1", a), ("a2", a), ("b", b), ("none", None)):
+        (got[name],) = runner.generate(engines.llm, [PROMPTS["salted"]], lora_request=lora)
+        stored(engines)
+    assert [got[n].num_cached_tokens for n in ("a1", "a2", "b", "none")] == [0, 640, 0, 0]
+    assert runner.same_outputs(got["a2"], got["a1"]) is None  # loaded KV of adapter a = computed
+    assert got["a1"].token_ids != got["b"].token_ids  # the adapters do change the KV and outputs
+    assert runner.same_outputs(got["none"], baseline["salted"]) is None
+    engines.close()
