@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_PRESETS", "TinyLlamaSpec", "build_tiny_llama", "main", "run_demo"]
+__all__ = ["TINY_PRESETS", "TinyLlamaSpec", "build_tiny_llama", "main", "make_prompts", "run_demo"]
 
 _TINY_FORMAT = 2  # bump when the builder's output changes, so cached models are rebuilt
 
@@ -265,8 +265,8 @@ def run_demo(argv_or_options: Sequence[str] | argparse.Namespace | None = None) 
     _step(1, total_steps, f"building the tiny model (preset {opts.preset!r}; cached after the first time)")
     t0 = time.perf_counter()
     model = str(build_tiny_llama(opts.preset, opts.model_dir))
-    prompts = _make_prompts(model, opts.prompts, opts.tokens)
-    warmup = _make_prompts(model, opts.prompts, opts.tokens, seed=2000)
+    prompts = make_prompts(model, opts.prompts, opts.tokens)
+    warmup = make_prompts(model, opts.prompts, opts.tokens, seed=2000)
     _say(f"      model {model} ({time.perf_counter() - t0:.1f} s); {len(prompts)} prompts of "
          f"{opts.tokens} tokens, {opts.max_tokens} generated each")
 
@@ -330,7 +330,7 @@ def _tier_config(root: Path) -> dict[str, Any]:
         {"name": t["name"], "backend": t["backend"], "options": t["options"]} for t in cfg["tiers"]]}
 
 
-def _make_prompts(model: str, n: int, tokens: int, seed: int = 1000) -> list[list[int]]:
+def make_prompts(model: str, n: int, tokens: int, seed: int = 1000) -> list[list[int]]:
     """``n`` distinct documents of exactly ``tokens`` token ids (text in the model's own vocabulary)."""
     from transformers import AutoTokenizer
 
