@@ -96,9 +96,19 @@ class SlabCache:
     async def contains(self, raw_keys: Sequence[bytes]) -> list[bool]:
         return await self.manager.contains(_keys(raw_keys))
 
-    def reserve(self, sizes: Sequence[int], held: Holdings) -> list[Slot | None]:
+    async def reserve(self, sizes: Sequence[int], held: Holdings, raw_keys: Sequence[bytes] | None = None
+                      ) -> list[Slot | None]:
         self._check_sizes(sizes)
-        return [self._hold(buf, held.add_reservation) for buf in self.manager.reserve(sizes)]
+        todo = list(range(len(sizes)))
+        if raw_keys is not None:
+            if len(raw_keys) != len(sizes):
+                raise ServerError(E_BAD_ARGUMENT, f"reserve of {len(sizes)} sizes with {len(raw_keys)} keys")
+            present = await self.hot.contains(_keys(raw_keys))  # in memory: answered inline
+            todo = [i for i in todo if not present[i]]
+        out: list[Slot | None] = [None] * len(sizes)
+        for i, buf in zip(todo, self.manager.reserve([sizes[i] for i in todo]), strict=True):
+            out[i] = self._hold(buf, held.add_reservation)
+        return out
 
     async def commit(self, items: Sequence[tuple[bytes, int]], held: Holdings) -> int:
         keys = _keys([k for k, _ in items])

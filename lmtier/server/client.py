@@ -277,9 +277,15 @@ class ServerStore:
         raw = _wire_keys(keys)
         return self._run(self._contains(raw, self._deadline("contains", timeout_s)))
 
-    def reserve(self, sizes: Sequence[int]) -> list[SlabChunk | None]:  # type: ignore[override]
+    def reserve(self, sizes: Sequence[int], *, keys: Sequence[ChunkKey] | None = None
+                ) -> list[SlabChunk | None]:
         sizes = _sizes(sizes)
-        return self._run(self._reserve(sizes, self._deadline("reserve", None)))
+        raw = None
+        if keys is not None:
+            raw = _wire_keys(keys)
+            if len(raw) != len(sizes):
+                raise InvalidArgumentError(f"reserve of {len(sizes)} sizes with {len(raw)} keys")
+        return self._run(self._reserve(sizes, raw, self._deadline("reserve", None)))
 
     def commit(self, items: Sequence[tuple[ChunkKey, Any]], *, request_id: str | None = None
                ) -> concurrent.futures.Future[int]:
@@ -412,11 +418,11 @@ class ServerStore:
             return [False] * len(raw)
         return list(reply.present)
 
-    async def _reserve(self, sizes: list[int], deadline: float) -> list[SlabChunk | None]:
+    async def _reserve(self, sizes: list[int], raw: list[bytes] | None, deadline: float) -> list[SlabChunk | None]:
         if not sizes:
             return []
         link = self._link
-        reply = await self._call("reserve", lambda rid: p.Reserve(id=rid, sizes=sizes), deadline)
+        reply = await self._call("reserve", lambda rid: p.Reserve(id=rid, sizes=sizes, keys=raw), deadline)
         if not isinstance(reply, p.ReserveReply) or link is None:
             return [None] * len(sizes)
         return self._chunks(link, reply.slots, sizes, writable=True)

@@ -333,7 +333,7 @@ class Server:
             case p.Contains():
                 return p.ContainsReply(id=req.id, present=await cache.contains(req.keys))
             case p.Reserve():
-                return p.ReserveReply(id=req.id, slots=cache.reserve(req.sizes, held))
+                return p.ReserveReply(id=req.id, slots=await cache.reserve(req.sizes, held, req.keys))
             case p.Commit():
                 written = await cache.commit(req.items, held)
                 log.debug("lmtier serve: %s committed %d chunk(s) (%d new) for request %s", conn.who(),

@@ -203,11 +203,15 @@ class Reserve(_Request, tag="reserve"):
     """Writable slots of exactly ``sizes[i]`` bytes for chunks about to be stored.
 
     Reply :class:`ReserveReply`: ``None`` where the slab has no room now (it evicts least recently
-    used chunks first; leased ranges cannot be reclaimed). Never waits on a tier. Each size must be
+    used chunks first; leased ranges cannot be reclaimed) or, with ``keys``, where the hot tier
+    already holds the chunk. Never waits on a tier. Each size must be
     in ``[1, slab bytes]``. The client fills the slots and then commits or releases each one.
     """
 
     sizes: list[Size]
+    keys: list[Key] | None = None
+    """Optional, one per size: the chunks' keys. A slot is then ``None`` also where the hot tier
+    holds ``keys[i]`` already (nothing to copy)."""
 
 
 class Commit(_Request, tag="commit"):

@@ -380,3 +380,13 @@ def test_http_serves_health_metrics_status_and_clear_on_loopback_only(server: Se
     assert cleared["cleared"] >= 2 and cleared["kept"] == [{"tier": "local", "backend": "disk"}]
     assert {t["name"]: t["objects"] for t in server.status()["tiers"]}["hot"] == 0
     assert set(listening_addresses([server.pid])) <= LOOPBACK_HEX
+
+
+def test_reserve_with_keys_skips_the_chunks_the_hot_tier_holds(server: ServerProc) -> None:
+    store = server.store()
+    ks = keys(3, salt=9)
+    assert store_chunks(store, ks[:2], 700) == 2
+    slots = store.reserve([700, 700, 700], keys=ks)
+    assert slots[0] is None and slots[1] is None and slots[2] is not None, "only the new chunk needs a copy"
+    slots[2].release()
+    assert store.outstanding() == 0
