@@ -110,9 +110,19 @@ class SlabCache:
             out[i] = self._hold(buf, held.add_reservation)
         return out
 
-    async def commit(self, items: Sequence[tuple[bytes, int]], held: Holdings) -> int:
+    def take_commit(self, items: Sequence[tuple[bytes, int]], held: Holdings) -> list[tuple[ChunkKey, HostBuffer]]:
+        """Check a commit whole and take its reservations from the connection (all or nothing).
+
+        Synchronous on purpose: called as the frame is read, so a commit that arrived before the
+        connection closed is honoured even though the close releases everything else at once.
+        """
         keys = _keys([k for k, _ in items])
-        bufs = held.take_reservations([s for _, s in items])  # all or nothing; ours from here on
+        return list(zip(keys, held.take_reservations([s for _, s in items]), strict=True))
+
+    async def commit(self, taken: list[tuple[ChunkKey, HostBuffer]]) -> int:
+        """Store what :meth:`take_commit` took; returns how many chunks the hot tier newly holds."""
+        bufs = [b for _, b in taken]
+        keys = [k for k, _ in taken]
         try:
             # the hot tier adopts our slab ranges (no copy); keys a tier holds already are skipped
             return await self.manager.put(list(zip(keys, bufs, strict=True)), skip_present=True)

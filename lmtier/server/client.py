@@ -206,7 +206,7 @@ class ServerStore:
         metrics: where the engine's counters go (default: the process-wide metrics).
         namespace, name: told to the server at hello, for its logs and ``/v1/status``.
         lookup_timeout_s, fetch_timeout_s, reserve_timeout_s, commit_timeout_s, flush_timeout_s:
-            default deadlines of each kind of call (a call's ``timeout_s`` overrides).
+            the deadline of each kind of call (a call's ``timeout_s`` may shorten it, not lengthen it).
         connect_timeout_s: deadline of one connect + hello; the constructor waits for the first
             connection at most this long, then keeps trying in the background.
         register_cuda: page-lock the slab for the GPU (default: iff torch sees CUDA).
@@ -246,6 +246,7 @@ class ServerStore:
         self._closed = False
         self._outstanding = 0
         self._lock = threading.Lock()
+        self._commits: set[concurrent.futures.Future[int]] = set()
         self.reconnects = 0
         self.misses: dict[tuple[str, str], int] = {}
         self._loop = asyncio.new_event_loop()
@@ -303,7 +304,15 @@ class ServerStore:
         for _, chunk in items:
             chunk._handed_over()
             chunks.append(chunk)
-        return self._submit(self._commit(keys, chunks, request_id, self._deadline("commit", None)))
+        fut = self._submit(self._commit(keys, chunks, request_id, self._deadline("commit", None)))
+        with self._lock:
+            self._commits.add(fut)
+        fut.add_done_callback(self._commit_done)
+        return fut
+
+    def _commit_done(self, fut: concurrent.futures.Future[int]) -> None:
+        with self._lock:
+            self._commits.discard(fut)
 
     def put(self, items: Sequence[tuple[ChunkKey, Buffer]], *, request_id: str | None = None
             ) -> concurrent.futures.Future[int]:
@@ -378,9 +387,13 @@ class ServerStore:
                 "misses": {f"{op}:{reason}": n for (op, reason), n in sorted(self.misses.items())}}
 
     def close(self) -> None:
-        """Close the connection (the server releases what it held), stop the thread. Idempotent."""
+        """Wait (bounded by the commit deadline) for commits in flight, close the connection (the
+        server releases what it still held), stop the thread. Idempotent."""
         if self._closed:
             return
+        with self._lock:
+            commits = list(self._commits)
+        concurrent.futures.wait(commits, timeout=self.timeouts["commit"])
         self._closed = True
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5.0)
@@ -685,9 +698,13 @@ class ServerStore:
 
     # -- machinery -----------------------------------------------------------------------------
     def _deadline(self, kind: str, timeout_s: float | None) -> float:
-        t = self.timeouts[kind] if timeout_s is None else timeout_s
-        if not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
-            raise InvalidArgumentError(f"timeout_s={timeout_s!r} must be a positive, finite number of seconds")
+        """Loop time by which a ``kind`` call answers: a call's ``timeout_s`` may shorten the store's
+        deadline for that kind, never lengthen it (a server on this node that needs longer is unwell)."""
+        t = self.timeouts[kind]
+        if timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+                raise InvalidArgumentError(f"timeout_s={timeout_s!r} must be a positive, finite number of seconds")
+            t = min(t, timeout_s)
         return self._loop.time() + t
 
     def _count(self, op: str, reason: str, n: int = 1) -> None:

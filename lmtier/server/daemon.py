@@ -251,14 +251,19 @@ class Server:
                 body = await reader.read()
                 if body is None:
                     break
+                taken, req = None, None
                 try:
                     req = p.decode_request(body)
                     if isinstance(req, p.Hello):
                         raise ServerError(p.E_BAD_MESSAGE, "a second hello on one connection", request_id=req.id)
+                    if isinstance(req, p.Commit):  # taken now: a close right after must not undo it
+                        assert conn.held is not None
+                        taken = self.cache.take_commit(req.items, conn.held)
                 except ServerError as exc:
-                    await self._refuse(conn, exc, exc.request_id)
+                    await self._refuse(conn, exc, exc.request_id or (req.id if req is not None else 0))
                     continue
-                task = loop.create_task(self._dispatch(conn, req))
+                assert req is not None
+                task = loop.create_task(self._dispatch(conn, req, taken))
                 conn.tasks.add(task)
                 task.add_done_callback(conn.tasks.discard)
         except _BadFrame as exc:
@@ -310,9 +315,9 @@ class Server:
         return True
 
     # -- requests ------------------------------------------------------------------------------
-    async def _dispatch(self, conn: _Conn, req: p.Request) -> None:
+    async def _dispatch(self, conn: _Conn, req: p.Request, taken: Any = None) -> None:
         try:
-            reply = await self._execute(conn, req)
+            reply = await self._execute(conn, req, taken)
             self.metrics.requests.labels(type(req).__name__.lower()).inc()
         except ServerError as exc:
             await self._refuse(conn, exc, req.id)
@@ -324,7 +329,7 @@ class Server:
         with contextlib.suppress(OSError):
             await conn.send(p.encode(reply))
 
-    async def _execute(self, conn: _Conn, req: p.Request) -> p.Reply:
+    async def _execute(self, conn: _Conn, req: p.Request, taken: Any) -> p.Reply:
         cache, held = self.cache, conn.held
         assert held is not None
         match req:
@@ -335,7 +340,7 @@ class Server:
             case p.Reserve():
                 return p.ReserveReply(id=req.id, slots=await cache.reserve(req.sizes, held, req.keys))
             case p.Commit():
-                written = await cache.commit(req.items, held)
+                written = await cache.commit(taken)
                 log.debug("lmtier serve: %s committed %d chunk(s) (%d new) for request %s", conn.who(),
                           len(req.items), written, req.request_id or "-")
                 return p.CommitReply(id=req.id, written=written)

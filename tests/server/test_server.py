@@ -390,3 +390,15 @@ def test_reserve_with_keys_skips_the_chunks_the_hot_tier_holds(server: ServerPro
     assert slots[0] is None and slots[1] is None and slots[2] is not None, "only the new chunk needs a copy"
     slots[2].release()
     assert store.outstanding() == 0
+
+
+def test_a_commit_sent_just_before_close_is_stored(server: ServerProc) -> None:
+    store = server.store()
+    ks = keys(3, salt=10)
+    slots = store.reserve([900] * 3)
+    for i, c in enumerate(slots):
+        c.view()[:] = payload(i, 900)
+    store.commit(list(zip(ks, slots, strict=True)))  # not waited on
+    store.close()
+    other = server.store()
+    assert other.lookup(ks).result().hit_chunks == 3
