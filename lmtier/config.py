@@ -127,8 +127,12 @@ class TierConfig(BaseModel):
     timeout_s: Deadlines = Field(default_factory=Deadlines,
                                  description="per-call deadlines: one number, or {lookup, get, put, delete}")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    read_bytes_per_s: ByteSize | None = Field(
+        None, gt=0, description="seed of the learned read bandwidth (bytes/s, e.g. 2GB) for load decisions")
+    read_latency_s: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="seed of the learned per-call read latency (seconds)")
 
-    _no_bools = field_validator("queue_depth", mode="before")(_refuse_bool)
+    _no_bools = field_validator("queue_depth", "read_bytes_per_s", "read_latency_s", mode="before")(_refuse_bool)
 
     @field_validator("queue_depth")
     @classmethod
@@ -165,10 +169,19 @@ class LmtierConfig(BaseModel):
     tiers: list[TierConfig] = Field(min_length=1, description="storage tiers, hottest first")
     host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="pinned staging pool of the engine")
     log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
+    load_policy: Literal["always", "cost"] = Field(
+        "cost", description="always: load every hit; cost: load a hit only where loading is expected to "
+                            "beat recomputing it (lmtier.cost)")
+    load_margin: float = Field(0.1, ge=0, le=100, allow_inf_nan=False,
+                               description="cost policy: loading must be expected this much faster "
+                                           "than recomputing (0.1: 10%)")
+    recompute_tokens_per_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="seed of the learned prefill speed (tokens/s)")
     #: key path (``tiers[1].options.root``) -> the LMTIER_* variable that set it, for error messages
     _env_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
-    _no_bools = field_validator("chunk_tokens", "host_pool_bytes", mode="before")(_refuse_bool)
+    _no_bools = field_validator("chunk_tokens", "host_pool_bytes", "load_margin", "recompute_tokens_per_s",
+                                mode="before")(_refuse_bool)
 
     @field_validator("host_pool_bytes")
     @classmethod
