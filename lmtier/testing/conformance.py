@@ -1,4 +1,4 @@
-"""The backend conformance suite: one test per sentence of the StorageBackend contract.
+"""The backend conformance suite: the StorageBackend contract, and what faults must do to it.
 
 Subclass it in your backend's tests and override one fixture::
 
@@ -16,6 +16,15 @@ The callable may return the backend or an awaitable of it. The suite owns the as
 shared stores (Redis, S3) need no cleanup between tests, and verifies every declared capability:
 ``persistent`` means a value survives ``aclose()`` and a new handle; ``shared`` means two handles
 see each other's writes. Only :class:`~lmtier.errors.LmtierError` may escape a backend.
+
+Arguments reach a backend already checked (by the manager, or by :mod:`lmtier.kit` helpers the
+backend may call): the suite calls backends with well-formed keys and buffers only.
+
+Two optional fixtures turn on the fault and corruption scenarios (see
+:mod:`lmtier.testing.backdoors`): ``raw_store`` (read and replace stored bytes behind the
+backend's back: truncation, flipped bits in payload and header, swapped values, values of a newer
+format) and ``service`` (stop and restart the store the backend talks to). Each scenario is a test
+that is skipped where its fixture is missing.
 """
 
 from __future__ import annotations
@@ -32,10 +41,21 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from lmtier.errors import CapacityError, InvalidArgumentError, LmtierError
+from lmtier.errors import BackendUnavailableError, CapacityError, LmtierError
+from lmtier.framing import HEADER_BYTES, MAGIC
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.memory import HostMemoryPool, live_pools
 from lmtier.protocol import Capabilities, StorageBackend, SupportsGetInto, SupportsStats
+from lmtier.testing.backdoors import (
+    HEADER_FIELDS,
+    RawStore,
+    Service,
+    flip_bit,
+    maybe_await,
+    newer_format,
+    unknown_codec,
+    version_1,
+)
 
 __all__ = ["BackendConformance", "leaked_host_pools", "open_backend"]
 
@@ -62,6 +82,24 @@ def leaked_host_pools(before: set[HostMemoryPool]) -> list[HostMemoryPool]:
 def _bytes_of(value: Any) -> bytes:
     assert value is not None, "expected a hit, got a miss (None)"
     return bytes(memoryview(value).cast("B"))
+
+
+def _corrupt_count(backend: StorageBackend) -> int | None:
+    """``stats()["corrupt"]`` where the backend reports it."""
+    if not isinstance(backend, SupportsStats):
+        return None
+    value = backend.stats().get("corrupt")
+    return int(value) if value is not None else None
+
+
+async def _answer(call: Callable[[], Any]) -> str:
+    """What a call did, in words comparable between two handles: the error class it raised, or
+    whether it answered a hit or a miss."""
+    try:
+        (value,) = await call()
+    except LmtierError as exc:
+        return f"raises {type(exc).__name__}"
+    return "a miss" if value is None else "a hit"
 
 
 class BackendConformance:
@@ -269,44 +307,57 @@ class BackendConformance:
             for value in seen:
                 assert value is None or value in values, "a get observed a partially written value"
 
-    # -- errors ----------------------------------------------------------------------------------
+    # -- closing ---------------------------------------------------------------------------------
     @pytest.mark.asyncio
-    async def test_a_key_that_is_not_a_chunk_key_is_a_typed_error(self, backend: StorageBackend) -> None:
-        for call in (backend.get(["not-a-key"]), backend.contains([b"\x00" * 16]),  # type: ignore[list-item]
-                     backend.delete([42])):  # type: ignore[list-item]
-            with pytest.raises(InvalidArgumentError) as info:
-                await call
-            assert isinstance(info.value, TypeError) and isinstance(info.value, LmtierError)
-
-    @pytest.mark.asyncio
-    async def test_a_value_without_the_buffer_protocol_is_a_typed_error(
-        self, backend: StorageBackend, namespace: str
+    async def test_a_closed_backend_refuses_or_forgets_and_aclose_is_idempotent(
+        self, backend: StorageBackend, backend_factory: Callable[[], Any], namespace: str
     ) -> None:
-        good, bad = self.keys(namespace, 2)
-        with pytest.raises(InvalidArgumentError):
-            await backend.put([(good, b"fine"), (bad, "a str is not bytes")])  # type: ignore[list-item]
-        with pytest.raises(InvalidArgumentError):
-            await backend.put([(bad, 12345)])  # type: ignore[list-item]
-
-    @pytest.mark.asyncio
-    async def test_aclose_is_idempotent_and_later_calls_raise_only_lmtier_errors(
-        self, backend: StorageBackend, namespace: str
-    ) -> None:
+        kept, late = self.keys(namespace, 2)
+        await backend.put([(kept, b"stored before close")])
         await backend.aclose()
         await backend.aclose()
-        (key,) = self.keys(namespace, 1)
-        for call in (backend.get([key]), backend.put([(key, b"x")]), backend.contains([key]), backend.delete([key])):
-            with contextlib.suppress(LmtierError):  # refusing is fine; any other type fails the test
-                await call
+        calls: dict[str, Callable[[], Any]] = {  # made one at a time: none is left un-awaited
+            "get": lambda: backend.get([kept]),
+            "contains": lambda: backend.contains([kept]),
+            "put": lambda: backend.put([(late, b"stored after close")]),
+            "delete": lambda: backend.delete([kept]),
+        }
+        for name, call in calls.items():
+            try:
+                answer = await call()
+            except LmtierError:
+                continue  # refusing is fine; any other exception fails the test
+            if name in ("get", "contains"):
+                assert isinstance(answer, list) and len(answer) == 1, f"{name} after aclose() answered {answer!r}"
+        if backend.capabilities.persistent:  # a closed handle stores and deletes nothing
+            reopened = await open_backend(backend_factory)
+            try:
+                assert await reopened.get([late]) == [None], "a put after aclose() still stored its value"
+                assert _bytes_of((await reopened.get([kept]))[0]) == b"stored before close", \
+                    "a delete after aclose() still deleted"
+            finally:
+                await reopened.aclose()
 
     @pytest.mark.asyncio
     async def test_async_with_closes_the_backend(self, backend_factory: Callable[[], Any], namespace: str) -> None:
+        # a handle left by `async with` must behave exactly like one closed with aclose()
+        closed_key, with_key = self.keys(namespace, 2)
+        closed = await open_backend(backend_factory)
+        await closed.put([(closed_key, b"ctx")])
+        await closed.aclose()
+        expected = await _answer(lambda: closed.get([closed_key]))
         b = await open_backend(backend_factory)
-        async with b as entered:
-            assert entered is b
-            (key,) = self.keys(namespace, 1)
-            await b.put([(key, b"ctx")])
-        await b.aclose()  # already closed by the context manager; idempotent
+        try:
+            async with b as entered:
+                assert entered is b
+                await b.put([(with_key, b"ctx")])
+            got = await _answer(lambda: b.get([with_key]))
+        finally:
+            await b.aclose()  # idempotent: a no-op when async with closed it
+        assert got == expected, (
+            f"after `async with` the backend answers get with {got}, but a backend closed with aclose() "
+            f"answers {expected}: __aexit__ must close it"
+        )
 
     # -- declared capabilities -------------------------------------------------------------------
     @pytest.mark.asyncio
@@ -364,3 +415,212 @@ class BackendConformance:
         stats = backend.stats()
         assert isinstance(stats, dict)
         assert all(isinstance(v, (int, float)) for v in stats.values()), stats
+
+    @pytest.mark.asyncio
+    async def test_a_cancelled_get_into_writes_nothing_after_it_has_unwound(
+        self, backend: StorageBackend, namespace: str
+    ) -> None:
+        if not isinstance(backend, SupportsGetInto):
+            pytest.skip("backend does not implement get_into")
+        (key,) = self.keys(namespace, 1)
+        size = min(8 * MiB, self.big_item_bytes)
+        await backend.put([(key, self.value(size, seed=9))])
+        sentinel = b"\xa5" * size
+        outs: list[bytearray] = []
+        for spins in range(10):  # cancel at ten different points of the call
+            out = bytearray(size)
+            task = asyncio.ensure_future(backend.get_into([key], [out]))
+            for _ in range(spins):
+                await asyncio.sleep(0)  # let the call get further before it is cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # it may also have finished before the cancellation reached it
+            out[:] = sentinel  # from here on, nothing may write into `out`
+            outs.append(out)
+        await backend.aclose()  # every worker has stopped once this returns
+        for i, out in enumerate(outs):
+            assert out == sentinel, f"get_into cancelled after {i} loop turns wrote into the buffer after unwinding"
+
+    # -- fault and corruption scenarios (optional back doors: lmtier.testing.backdoors) ----------
+    @pytest.fixture
+    def raw_store(self) -> RawStore | None:
+        """Override to return a :class:`~lmtier.testing.backdoors.RawStore` over the same storage
+        as ``backend_factory``: the corruption scenarios run only then."""
+        return None
+
+    @pytest.fixture
+    def service(self) -> Service | None:
+        """Override to return a :class:`~lmtier.testing.backdoors.Service` controlling the store
+        ``backend_factory``'s backends talk to: the outage scenarios run only then."""
+        return None
+
+    @staticmethod
+    def _need(fixture: Any, what: str) -> Any:
+        if fixture is None:
+            pytest.skip(f"no `{what}` fixture: this scenario needs it")
+        return fixture
+
+    async def _stored(self, backend: StorageBackend, raw: RawStore, key: ChunkKey, data: bytes) -> bytes:
+        """Put ``data`` through the backend and return the bytes the back door finds stored."""
+        await backend.put([(key, data)])
+        stored = await maybe_await(raw.read(key))
+        assert isinstance(stored, bytes), f"raw_store.read found nothing stored for a key just put ({stored!r:.60})"
+        assert stored[:4] == MAGIC and stored[HEADER_BYTES:] == data, \
+            "raw_store.read must return the stored header and payload exactly"
+        return stored
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("damage", ["truncated", "payload bit", "emptied", "header only",
+                                        *(f"header {field}" for field in HEADER_FIELDS)])
+    async def test_a_damaged_value_is_a_miss_and_is_deleted(
+        self, backend: StorageBackend, raw_store: RawStore | None, namespace: str, damage: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        (key,) = self.keys(namespace, 1)
+        # large enough that tiers receive it into their slabs: a refused value must give its range back
+        stored = await self._stored(backend, raw, key, self.value(300_000, seed=11))
+        whole = {"truncated": stored[:-1], "payload bit": flip_bit(stored, HEADER_BYTES + 4321, 6),
+                 "emptied": b"", "header only": stored[:HEADER_BYTES]}
+        damaged = whole[damage] if damage in whole else \
+            flip_bit(stored, HEADER_FIELDS[damage.removeprefix("header ")], 1)
+        await maybe_await(raw.write(key, damaged))
+        counted = _corrupt_count(backend)
+        assert await backend.get([key]) == [None], f"a value with its {damage} damaged was served"
+        assert await maybe_await(raw.read(key)) is None, f"a value with its {damage} damaged was not deleted"
+        assert await backend.contains([key]) == [False]
+        if counted is not None:
+            assert _corrupt_count(backend) == counted + 1, "stats()['corrupt'] must count the damaged value"
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("damage", ["payload length", "payload bit", "header check"])
+    async def test_a_damaged_value_is_a_get_into_miss_and_is_deleted(
+        self, backend: StorageBackend, raw_store: RawStore | None, namespace: str, damage: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        if not isinstance(backend, SupportsGetInto):
+            pytest.skip("backend does not implement get_into")
+        (key,) = self.keys(namespace, 1)
+        data = self.value(300_000, seed=12)
+        stored = await self._stored(backend, raw, key, data)
+        damaged = {  # the size the caller's buffer expects, so that only the check can refuse it
+            "payload length": flip_bit(stored, HEADER_FIELDS["payload length"], 0),
+            "payload bit": flip_bit(stored, HEADER_BYTES + 7, 0),
+            "header check": flip_bit(stored, HEADER_FIELDS["header check"], 3),
+        }[damage]
+        await maybe_await(raw.write(key, damaged))
+        assert await backend.get_into([key], [bytearray(len(data))]) == [False]
+        assert await maybe_await(raw.read(key)) is None, f"a value with its {damage} damaged was not deleted"
+
+    @pytest.mark.asyncio
+    async def test_two_swapped_values_are_misses_and_are_deleted(
+        self, backend: StorageBackend, raw_store: RawStore | None, namespace: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        a, b = self.keys(namespace, 2)
+        stored_a = await self._stored(backend, raw, a, self.value(3000, seed=13))
+        stored_b = await self._stored(backend, raw, b, self.value(3000, seed=14))
+        await maybe_await(raw.write(a, stored_b))
+        await maybe_await(raw.write(b, stored_a))
+        assert await backend.get([a, b]) == [None, None], "a value was served under another key"
+        assert [await maybe_await(raw.read(k)) for k in (a, b)] == [None, None]
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("newer", ["format version", "codec"])
+    async def test_a_value_of_a_newer_format_is_a_miss_left_in_place(
+        self, backend: StorageBackend, raw_store: RawStore | None, namespace: str, newer: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        (key,) = self.keys(namespace, 1)
+        data = self.value(4000, seed=15)
+        stored = await self._stored(backend, raw, key, data)
+        written = newer_format(stored) if newer == "format version" else unknown_codec(stored)
+        await maybe_await(raw.write(key, written))
+        if backend.capabilities.shared:  # a newer writer's value, seen by an older reader
+            assert await backend.contains([key]) == [False], "contains counts a value get will refuse"
+        assert await backend.get([key]) == [None]
+        if isinstance(backend, SupportsGetInto):
+            assert await backend.get_into([key], [bytearray(len(data))]) == [False]
+        assert await backend.contains([key]) == [False], "contains counts a value get refused"
+        assert await maybe_await(raw.read(key)) == written, \
+            f"a value of a newer {newer} was deleted or changed: newer readers sharing the store lose it"
+
+    @pytest.mark.asyncio
+    async def test_a_newer_format_value_a_new_handle_finds_is_not_counted(
+        self, backend: StorageBackend, backend_factory: Callable[[], Any], raw_store: RawStore | None,
+        namespace: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        if not backend.capabilities.persistent:
+            pytest.skip("backend does not claim persistence")
+        (key,) = self.keys(namespace, 1)
+        written = newer_format(await self._stored(backend, raw, key, self.value(4000, seed=16)))
+        await maybe_await(raw.write(key, written))
+        await backend.aclose()
+        reopened = await open_backend(backend_factory)
+        try:
+            assert await reopened.contains([key]) == [False], "contains counts a value get will refuse"
+            assert await reopened.get([key]) == [None]
+        finally:
+            await reopened.aclose()
+        assert await maybe_await(raw.read(key)) == written
+
+    @pytest.mark.asyncio
+    async def test_a_value_stored_in_format_version_1_is_still_read(
+        self, backend: StorageBackend, raw_store: RawStore | None, namespace: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        (key,) = self.keys(namespace, 1)
+        data = self.value(6000, seed=17)
+        await self._stored(backend, raw, key, data)
+        await maybe_await(raw.write(key, version_1(key, data)))  # what lmtier 0.1 wrote
+        assert await backend.contains([key]) == [True]
+        assert _bytes_of((await backend.get([key]))[0]) == data
+
+    @pytest.mark.asyncio
+    async def test_a_stopped_service_fails_fast_and_typed_then_works_again(
+        self, backend: StorageBackend, service: Service | None, namespace: str
+    ) -> None:
+        svc = self._need(service, "service")
+        kept, fresh = self.keys(namespace, 2)
+        data = self.value(100_000, seed=18)
+        await backend.put([(kept, data)])
+        reads: dict[str, tuple[Callable[[], Any], Any]] = {
+            "get": (lambda: backend.get([kept]), [None]),
+            "contains": (lambda: backend.contains([kept]), [False]),
+        }
+        if isinstance(backend, SupportsGetInto):
+            reads["get_into"] = (lambda: backend.get_into([kept], [bytearray(len(data))]), [False])
+        writes: dict[str, Callable[[], Any]] = {
+            "put": lambda: backend.put([(fresh, data)]),
+            "delete": lambda: backend.delete([kept]),
+        }
+        await maybe_await(svc.stop())
+        try:
+            for name, (read, miss) in reads.items():
+                try:
+                    answer = await asyncio.wait_for(read(), svc.deadline_s)
+                except BackendUnavailableError:
+                    continue
+                except TimeoutError:
+                    pytest.fail(f"{name} hung for {svc.deadline_s}s on a stopped service")
+                assert answer == miss, f"{name} on a stopped service answered {answer!r}, not an error or a miss"
+            for name, write in writes.items():
+                with pytest.raises(BackendUnavailableError):
+                    try:
+                        await asyncio.wait_for(write(), svc.deadline_s)
+                    except TimeoutError:
+                        pytest.fail(f"{name} hung for {svc.deadline_s}s on a stopped service")
+        finally:
+            await maybe_await(svc.start())
+        # back: the same handle works again (a call or two may still meet connections made before)
+        failures: list[BaseException] = []
+        for _ in range(3):
+            try:
+                await asyncio.wait_for(backend.put([(fresh, data)]), svc.deadline_s)
+                (got,) = await asyncio.wait_for(backend.get([fresh]), svc.deadline_s)
+            except BackendUnavailableError as exc:
+                failures.append(exc)
+                continue
+            assert _bytes_of(got) == data
+            return
+        pytest.fail(f"the backend did not work again after the service came back: {failures}")

@@ -13,9 +13,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lmtier.buffers import as_bytes_view
-from lmtier.errors import CapacityError, InvalidArgumentError
+from lmtier.errors import CapacityError
 from lmtier.keys import ChunkKey
+from lmtier.kit import put_items
 from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
 from lmtier.protocol import Buffer, Capabilities
 
@@ -58,11 +58,9 @@ class CpuBackend:
         return self._reserve(nbytes)
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        _check_keys(keys)
         return [k in self._entries for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        _check_keys(keys)
         out: list[Buffer | None] = []
         for k in keys:
             buf = self._entries.get(k)
@@ -74,9 +72,9 @@ class CpuBackend:
         return out
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
-        _check_keys([k for k, _ in items])
-        views = [(k, v, as_bytes_view(v)) for k, v in items]  # validate the whole batch first
-        for key, value, view in views:
+        # the whole batch checked first; a key given twice is stored once, with its last value
+        for item in put_items(items, tier="cpu tier (max_bytes)", max_item_bytes=self.pool.capacity):
+            value, view = item.value, item.view
             if isinstance(value, HostBuffer) and value.pool is self.pool:
                 buf = value.retain()  # adopt: the caller keeps its own reference
             else:
@@ -86,13 +84,12 @@ class CpuBackend:
                     buf.tensor.copy_(source)
                 else:
                     buf.view()[:] = view
-            old = self._entries.pop(key, None)
-            self._entries[key] = buf
+            old = self._entries.pop(item.key, None)
+            self._entries[item.key] = buf
             if old is not None:
                 old.release()
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
-        _check_keys(keys)
         for k in keys:
             buf = self._entries.pop(k, None)
             if buf is not None:
@@ -167,9 +164,3 @@ def _torch_source(value: object, view: memoryview) -> Any:
     import torch
 
     return torch.frombuffer(view, dtype=torch.uint8)
-
-
-def _check_keys(keys: Sequence[object]) -> None:
-    for k in keys:
-        if not isinstance(k, ChunkKey):
-            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

@@ -336,7 +336,8 @@ def _read_header(fd: int, path: str, key: ChunkKey, st: os.stat_result) -> tuple
     try:
         if st.st_size < HEADER_BYTES:
             raise CorruptDataError(f"{key}: file is {st.st_size} bytes, shorter than its header")
-        length, csum = decode_header(key, os.pread(fd, HEADER_BYTES, 0))
+        header = decode_header(key, os.pread(fd, HEADER_BYTES, 0))
+        length, csum = header.payload_length, header.checksum
         if st.st_size != HEADER_BYTES + length:
             raise CorruptDataError(
                 f"{key}: file is {st.st_size} bytes, header says {HEADER_BYTES + length} (truncated?)"

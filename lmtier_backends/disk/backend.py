@@ -47,7 +47,7 @@ from lmtier.errors import (
     InvalidArgumentError,
     LmtierError,
 )
-from lmtier.framing import HEADER_BYTES
+from lmtier.framing import HEADER_BYTES, NewerFormatError
 from lmtier.keys import ChunkKey
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.disk import _files
@@ -318,6 +318,10 @@ class DiskBackend:
             self._corrupt += 1
             self._drop(key, gen)
             log.warning("disk tier: deleted a corrupt file: %s", exc)
+            return
+        if isinstance(exc, NewerFormatError):  # a newer lmtier's file: a miss, left on disk
+            self._drop(key, gen)
+            log.info("disk tier: %s", exc)
             return
         if isinstance(exc, FileNotFoundError):
             self._drop(key, gen)

@@ -25,8 +25,8 @@ class Batched:
         self.store = store
         self.size = size
 
-    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        return self._gather(keys, lambda lo, hi: self.store.exists(keys[lo:hi]))
+    def usable(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        return self._gather(keys, lambda lo, hi: self.store.usable(keys[lo:hi]))
 
     def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
         return self._gather(keys, lambda lo, hi: self.store.read(keys[lo:hi]))

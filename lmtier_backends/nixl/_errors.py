@@ -7,35 +7,22 @@ breaker on :class:`BackendUnavailableError`, so this mapping decides how a fault
   was reset, an I/O failed), a disconnected peer, a refused connection
   -> :class:`BackendUnavailableError`
 * a transfer past ``xfer_timeout_s`` -> :class:`BackendTimeoutError`
-* disk full / quota -> :class:`CapacityError`
+* disk full / quota -> :class:`CapacityError`, and the rest of :data:`lmtier.kit.OS_ERROR_RULES`
 * anything else NIXL raises (invalid parameters, not supported, ...) -> :class:`BackendError`
 
 NIXL's exceptions are recognised by class name: the same classes live in ``nixl_cu12`` and
-``nixl_cu13``, and this module must not import either.
+``nixl_cu13``, and this module must not import either. Built on :class:`lmtier.kit.ErrorMap`.
 """
 
 from __future__ import annotations
 
-import errno
 import http.client
-import os
 
-from lmtier.errors import (
-    BackendError,
-    BackendTimeoutError,
-    BackendUnavailableError,
-    CapacityError,
-    LmtierError,
-)
+from lmtier.errors import BackendTimeoutError, BackendUnavailableError, LmtierError
+from lmtier.kit import OS_ERROR_RULES, ErrorMap, Rule
 
 __all__ = ["TransferFailed", "TransferTimeout", "map_error"]
 
-_CAPACITY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_UNAVAILABLE_OS = {
-    errno.EIO, errno.EROFS, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ENOTCONN,
-    errno.EACCES, errno.EPERM, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH,
-    errno.ENETUNREACH, errno.EPIPE,
-}
 # NIXL binding exceptions that mean "the storage (or peer) could not do it now".
 _UNAVAILABLE_NIXL = {"nixlBackendError", "nixlRemoteDisconnectError", "nixlCancelledError"}
 
@@ -48,28 +35,15 @@ class TransferTimeout(Exception):
     """A NIXL transfer ran past its deadline and was cancelled (internal)."""
 
 
+_RULES = (
+    Rule(TransferTimeout, BackendTimeoutError, "raise xfer_timeout_s if the store is just slow"),
+    Rule(lambda e: isinstance(e, TransferFailed) or type(e).__name__ in _UNAVAILABLE_NIXL,
+         BackendUnavailableError, "NIXL reported a failed transfer: is the store reachable?"),
+    *OS_ERROR_RULES,
+    Rule(http.client.HTTPException, BackendUnavailableError, "the S3 endpoint answered badly: is it up?"),
+)
+
+
 def map_error(exc: BaseException, *, tier: str, op: str) -> LmtierError:
     """The lmtier error for ``exc`` raised while doing ``op`` (``get``, ``put`` ...) on ``tier``."""
-    if isinstance(exc, LmtierError):
-        return exc
-    what = f"{tier}: {op} failed"
-    name = type(exc).__name__
-    if isinstance(exc, TransferTimeout):
-        return BackendTimeoutError(f"{what}: {exc}; raise xfer_timeout_s if the store is just slow")
-    if isinstance(exc, TransferFailed) or name in _UNAVAILABLE_NIXL:
-        return BackendUnavailableError(f"{what}: NIXL reported {exc or name}; is the store reachable?")
-    if isinstance(exc, TimeoutError):
-        return BackendTimeoutError(f"{what}: timed out ({exc})")
-    if isinstance(exc, OSError):
-        detail = f"{exc.strerror or exc} [{errno.errorcode.get(exc.errno or 0, '?')}]"
-        where = f" {os.fspath(exc.filename)}" if exc.filename else ""
-        if exc.errno in _CAPACITY:
-            return CapacityError(f"{what}{where}: {detail}; free space or lower max_bytes")
-        if exc.errno in _UNAVAILABLE_OS or isinstance(exc, ConnectionError):
-            return BackendUnavailableError(f"{what}{where}: {detail}")
-        return BackendError(f"{what}{where}: {detail}")
-    if isinstance(exc, http.client.HTTPException):
-        return BackendUnavailableError(f"{what}: HTTP {name}: {exc}")
-    if name.startswith("nixl"):
-        return BackendError(f"{what}: NIXL raised {name} {exc}")
-    return BackendError(f"{what}: unexpected {name}: {exc}")
+    return ErrorMap(tier, _RULES)(exc, op=op)

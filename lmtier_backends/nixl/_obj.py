@@ -1,7 +1,9 @@
 """Chunks as S3 objects, moved by NIXL's OBJ plugin between staging memory and OBJ_SEG descriptors.
 
-Object key: ``<prefix><namespace>/<str(key)>``; each object is the codec header followed by the
-payload. An OBJ_SEG descriptor names its object through ``metaInfo`` at registration and is
+Object key: :func:`lmtier.kit.object_name` (``<prefix>/<str(key)>``, the ``s3`` tier's names, so
+either tier reads the other's objects); each object is the :mod:`lmtier.framing` header followed
+by the payload. Before version 2 of the header this plugin named objects
+``<prefix><namespace>/<str(key)>``: :func:`lmtier.kit.migrate_object_names` renames them. An OBJ_SEG descriptor names its object through ``metaInfo`` at registration and is
 addressed by a device id unique within this store; registering one is a map insertion, so it is
 done per call (the DRAM side is the expensive registration, done once per staging slab).
 
@@ -9,6 +11,13 @@ Reads need a size before the object is fetched, and NIXL's HEAD does not return 
 uses the size this handle last saw for the key, else the last size it saw for any key, else
 ``expected_item_bytes``; a ranged GET past the end returns the whole object. When the header
 says the object is bigger than what was read, the object is read again at its exact size.
+
+A ranged GET past the end also says nothing of how many bytes came: a truncated object would
+leave the end of the buffer as it was. So each read of ``n`` bytes goes with a *probe*, a 1-byte
+GET of byte ``n - 1``, which fails exactly when the object is shorter than ``n``; a read is
+trusted only at the size its header announces, with the probe passed. An object the probe
+finds shorter than its header says, or longer, is returned cut to its header (which the tier
+then refuses as corrupt).
 
 A present key whose GET fails is re-checked: gone meanwhile is a miss, still there is a fault.
 Deletes go through :class:`~lmtier_backends.nixl._s3rest.S3Rest` (NIXL has no delete).
@@ -25,8 +34,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmtier.errors import CorruptDataError
-from lmtier.framing import HEADER_BYTES, decode_header
+from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
+from lmtier.kit import object_name
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._s3rest import S3Rest
@@ -61,7 +71,7 @@ class ObjStore:
         self.rereads = 0
 
     def name(self, key: ChunkKey) -> str:
-        return f"{self._opts.prefix}{key.namespace}/{key}"
+        return object_name(self._opts.prefix, key)
 
     # -- queries ---------------------------------------------------------------------------------
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
@@ -71,28 +81,66 @@ class ObjStore:
         answers = self._agent.query_memory([(0, 0, 0, self.name(k)) for k in keys], PLUGIN, "OBJ")
         return [a is not None for a in answers]
 
-    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | None]:
-        """Each object's bytes (at least header + payload) in a staging buffer; ``None`` if absent."""
+    def usable(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each object holds a header this reader accepts: a HEAD, then 64 bytes read per
+        present object."""
+        present = [i for i, p in enumerate(self.exists(keys)) if p]
+        out = [False] * len(keys)
+        if not present:
+            return out
+        headers = [self._staging.allocate(HEADER_BYTES) for _ in present]
+        try:
+            for buf in headers:
+                buf.tensor.zero_()
+            outcome = self._transfer("READ", [(self.name(keys[i]), buf.data_ptr, HEADER_BYTES, 0, buf)
+                                              for i, buf in zip(present, headers, strict=True)])
+            for i, buf, error in zip(present, headers, outcome.errors, strict=True):
+                if error is not None:
+                    continue  # gone since the HEAD, or shorter than a header: not usable either way
+                try:
+                    decode_header(keys[i], buf.tensor.numpy().data)
+                    out[i] = True
+                except (CorruptDataError, NewerFormatError):
+                    pass
+        finally:
+            for buf in headers:
+                buf.release()
+        return out
+
+    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
+        """Each object's bytes (exactly header + payload, when its size matches its header) in a
+        staging buffer; ``None`` if absent; ``bytes`` (the header alone, or less) for an object
+        whose size contradicts its header: the caller's check refuses it as corrupt."""
         present = self.exists(keys)
         want = [i for i, p in enumerate(present) if p]
-        out: list[HostBuffer | None] = [None] * len(keys)
+        out: list[HostBuffer | bytes | None] = [None] * len(keys)
         try:
-            self._fetch(keys, want, out, exact=False)
-            # a header announcing more bytes than were read: read that object again, exactly
-            again = [i for i in want if self._announced(keys[i], out[i]) > _nbytes(out[i])]
+            short = self._fetch(keys, want, out, exact=False)
+            # read again, at the size the header announces, what was not read at exactly that size
+            again = [i for i in want if isinstance(out[i], HostBuffer)
+                     and self._announced(keys[i], out[i]) not in (0, _nbytes(out[i]))
+                     and (i in short or self._announced(keys[i], out[i]) > _nbytes(out[i]))]
             if again:
                 self.rereads += len(again)
-                self._fetch(keys, again, out, exact=True)
+                short = (short - set(again)) | self._fetch(keys, again, out, exact=True)
             for i in want:
-                self._shrink(keys[i], out, i)
+                buf = out[i]
+                if not isinstance(buf, HostBuffer):
+                    continue
+                announced = self._announced(keys[i], buf)
+                if i in short or (announced and announced < buf.nbytes):
+                    out[i] = bytes(buf.tensor[:HEADER_BYTES].numpy())  # its size contradicts its header
+                    buf.release()
+                else:
+                    self._shrink(keys[i], out, i)
             return out
         except BaseException:
             for buf in out:
-                if buf is not None:
+                if isinstance(buf, HostBuffer):
                     buf.release()
             raise
 
-    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | None]:
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | bytes | None]:
         """Read each object's payload straight into ``outs[i]`` (a ranged GET from byte 64) and its
         header into a 64-byte staging buffer, both at once. Returns the header buffer (payload in
         ``outs[i]``), or - where a GET failed and the cause is unclear (a short object, a failing
@@ -100,16 +148,20 @@ class ObjStore:
         Caller memory is never abandoned: this returns only once NIXL is done writing it."""
         present = self.exists(keys)
         todo = [i for i, p in enumerate(present) if p]
-        out: list[HostBuffer | None] = [None] * len(keys)
+        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        probes = self._staging.allocate(max(1, len(todo)))
         try:
             jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
             owners: list[int] = []
-            for i in todo:
+            for j, i in enumerate(todo):
                 out[i] = header = self._staging.allocate(HEADER_BYTES)
                 header.tensor.zero_()
-                jobs.append((self.name(keys[i]), header.data_ptr, HEADER_BYTES, 0, header))
+                name = self.name(keys[i])
+                jobs.append((name, header.data_ptr, HEADER_BYTES, 0, header))
                 if outs[i].nbytes:
-                    jobs.append((self.name(keys[i]), outs[i].address, outs[i].nbytes, HEADER_BYTES, None))
+                    jobs.append((name, outs[i].address, outs[i].nbytes, HEADER_BYTES, None))
+                    # the probe: fails if the object ends before the payload the caller expects
+                    jobs.append((name, probes.data_ptr + j, 1, HEADER_BYTES + outs[i].nbytes - 1, probes))
                 owners.extend([i] * (len(jobs) - len(owners)))
             if jobs:
                 with outs_registered(self._agent, PLUGIN, [outs[i] for i in todo]):
@@ -117,18 +169,20 @@ class ObjStore:
                 unclear = sorted({owners[j] for j, e in enumerate(outcome.errors) if e is not None})
                 for i in unclear:
                     buf, out[i] = out[i], None
-                    if buf is not None:
+                    if isinstance(buf, HostBuffer):
                         buf.release()
-                if unclear:
+                if unclear:  # gone, short, or a failing store: read() tells them apart
                     whole = self.read([keys[i] for i in unclear])
                     for i, got in zip(unclear, whole, strict=True):
                         out[i] = got
             return out
         except BaseException:
             for buf in out:
-                if buf is not None:
+                if isinstance(buf, HostBuffer):
                     buf.release()
             raise
+        finally:
+            probes.release()
 
     # -- updates ---------------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[ChunkKey, HostBuffer, CallerBuffer | None]]) -> None:
@@ -160,33 +214,55 @@ class ObjStore:
         return {"rereads": self.rereads}
 
     # -- machinery -------------------------------------------------------------------------------
-    def _fetch(self, keys: Sequence[ChunkKey], which: Sequence[int], out: list[HostBuffer | None], *,
-               exact: bool) -> None:
-        """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones)."""
+    def _fetch(self, keys: Sequence[ChunkKey], which: Sequence[int], out: list[HostBuffer | bytes | None], *,
+               exact: bool) -> set[int]:
+        """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones),
+        each with its probe; returns the ``i`` whose object is shorter than the bytes read."""
         if not which:
-            return
+            return set()
         jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
-        for i in which:
-            size = self._announced(keys[i], out[i]) if exact else self._guess(keys[i])
-            old, out[i] = out[i], None
-            if old is not None:
-                old.release()
-            out[i] = buf = self._staging.allocate(size)
-            # a short object leaves the rest of the buffer as it was: never let an old header stand
-            buf.tensor[:HEADER_BYTES].zero_()
-            jobs.append((self.name(keys[i]), buf.data_ptr, buf.nbytes, 0, buf))
-        outcome = self._transfer("READ", jobs)
-        failed = [i for i, e in zip(which, outcome.errors, strict=True) if e is not None]
+        probes = self._staging.allocate(len(which))
+        try:
+            for j, i in enumerate(which):
+                old = out[i]
+                size = self._announced(keys[i], old) if exact and isinstance(old, HostBuffer) else self._guess(keys[i])
+                out[i] = None
+                if isinstance(old, HostBuffer):
+                    old.release()
+                out[i] = buf = self._staging.allocate(size)
+                # a short object leaves the rest of the buffer as it was: never let an old header stand
+                buf.tensor[:HEADER_BYTES].zero_()
+                name = self.name(keys[i])
+                jobs.append((name, buf.data_ptr, buf.nbytes, 0, buf))
+                jobs.append((name, probes.data_ptr + j, 1, buf.nbytes - 1, probes))
+            outcome = self._transfer("READ", jobs)
+        finally:
+            probes.release()
+        failed = [i for j, i in enumerate(which) if outcome.errors[2 * j] is not None]
+        short = {i for j, i in enumerate(which) if outcome.errors[2 * j + 1] is not None}
         for i in failed:
             failed_buf, out[i] = out[i], None
-            if failed_buf is not None:
+            if isinstance(failed_buf, HostBuffer):
                 failed_buf.release()
         if failed:
-            # gone since the HEAD (deleted, expired) is a miss; still there means the store failed
-            still = self.exists([keys[i] for i in failed])
-            if any(still):
+            self._settle_failed_reads(keys, failed, out, outcome)
+        return short - set(failed)
+
+    def _settle_failed_reads(self, keys: Sequence[ChunkKey], failed: list[int], out: list[HostBuffer | bytes | None],
+                             outcome: Outcome) -> None:
+        """A GET from byte 0 failed: the object is gone (a miss), empty (corrupt: ``b""``), or the
+        store failed (raised). Asked of the server directly (a HEAD that gives the size)."""
+        for i in failed:
+            try:
+                size = self._rest.object_size(self.name(keys[i]))
+            except Exception:
                 errors = [e for e in outcome.errors if e is not None]
-                raise errors[0]
+                raise errors[0] from None
+            if size is not None:
+                if size >= HEADER_BYTES:  # there, and long enough to read: the store failed
+                    errors = [e for e in outcome.errors if e is not None]
+                    raise errors[0]
+                out[i] = b""  # there but shorter than a header: the caller refuses it
 
     def _transfer(self, op: str, jobs: Sequence[tuple[str, int, int, int, HostBuffer | None]], *,
                   timeout_s: float | None = None) -> Outcome:
@@ -213,27 +289,26 @@ class ObjStore:
                 self._staging.quarantine(buf)
         return outcome
 
-    def _shrink(self, key: ChunkKey, out: list[HostBuffer | None], i: int) -> None:
+    def _shrink(self, key: ChunkKey, out: list[HostBuffer | bytes | None], i: int) -> None:
         """Move a small object read into a big guessed buffer to a buffer of its size: callers
         may keep the returned view (and so the buffer) for long."""
         buf = out[i]
         size = self._announced(key, buf)
-        if buf is None or not size or buf.nbytes - size < _SHRINK_SLACK or size > buf.nbytes // 2:
+        if not isinstance(buf, HostBuffer) or not size or buf.nbytes - size < _SHRINK_SLACK or size > buf.nbytes // 2:
             return
         small = self._staging.allocate(size)
         small.tensor.copy_(buf.tensor[:size])
         out[i] = small
         buf.release()
 
-    def _announced(self, key: ChunkKey, buf: HostBuffer | None) -> int:
+    def _announced(self, key: ChunkKey, buf: HostBuffer | bytes | None) -> int:
         """Header + payload bytes the stored header announces (0 if the header is bad)."""
-        if buf is None:
+        if not isinstance(buf, HostBuffer):
             return 0
         try:
-            length, _ = decode_header(key, buf.tensor[:HEADER_BYTES].numpy().data)
-        except CorruptDataError:
+            size = HEADER_BYTES + decode_header(key, buf.tensor[:HEADER_BYTES].numpy().data).payload_length
+        except (CorruptDataError, NewerFormatError):
             return 0
-        size = HEADER_BYTES + length
         self._remember(key, size)
         return size
 
@@ -250,5 +325,5 @@ class ObjStore:
                 self._sizes.popitem(last=False)
 
 
-def _nbytes(buf: HostBuffer | None) -> int:
-    return 0 if buf is None else buf.nbytes
+def _nbytes(buf: HostBuffer | bytes | None) -> int:
+    return buf.nbytes if isinstance(buf, HostBuffer) else 0

@@ -1,13 +1,17 @@
 """Chunks as files, moved by NIXL's POSIX plugin between staging memory and FILE_SEG descriptors.
 
-Layout: ``root/<namespace>/<first 2 hex of the digest>/<str(key)>``, each file the codec header
-followed by the payload. A put writes ``.<key>.<random>.tmp`` beside the final name through NIXL
-and publishes it with an atomic rename, so readers see the old file, the new one, or none. A
-reader's open fd keeps the file it opened even if it is replaced meanwhile.
+Layout: :class:`lmtier.kit.FileLayout`, the ``disk`` tier's (``root/<namespace>/<d0d1>/<d2d3>/
+<str(key)>`` at the default ``fan_out`` of 2), each file the :mod:`lmtier.framing` header
+followed by the payload, so either tier reads the other's files. A put writes a temp file
+(``<final>.tmp-<random>``) beside the final name through NIXL and publishes it with an atomic
+rename, so readers see the old file, the new one, or none. A reader's open fd keeps the file it
+opened even if it is replaced meanwhile.
 
-The index (key -> file size, oldest first) is rebuilt at open by scanning ``root`` (stale temp
-files of a crashed writer are deleted) and bounds the tier at ``max_bytes``. ``exists`` asks NIXL
-(``query_memory`` stats each path), not the index, so files written by another process count.
+The index (key -> file size, oldest first) is rebuilt at open by :func:`lmtier.kit.scan_files`
+(stale temp files of a crashed writer are deleted; files of an older layout, such as this
+plugin's one-level fan-out before version 2 of the header, are moved into place) and bounds the
+tier at ``max_bytes``. :meth:`PosixStore.usable` reads each file's header, not the index, so files
+written by another process count, and damaged or newer-format ones do not.
 
 All methods block; the tier calls them on worker threads.
 """
@@ -24,9 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmtier.errors import CapacityError, ConfigError, InvalidArgumentError
-from lmtier.framing import HEADER_BYTES
+from lmtier.errors import CapacityError, ConfigError, CorruptDataError
+from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
+from lmtier.kit import FileLayout, scan_files
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._staging import StagingPool
@@ -37,7 +42,6 @@ __all__ = ["PosixStore"]
 
 log = logging.getLogger(__name__)
 PLUGIN = "POSIX"
-_TMP_SUFFIX = ".tmp"
 
 
 class PosixStore:
@@ -53,13 +57,14 @@ class PosixStore:
         self._staging = staging
         self._timeout_s = timeout_s
         self.root = options.root
+        self._layout = FileLayout(options.root, options.fan_out)
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.evictions = 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe-{os.getpid()}{_TMP_SUFFIX}"
+            probe = self.root / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
@@ -74,14 +79,26 @@ class PosixStore:
         return None if self._opts.max_bytes is None else int(self._opts.max_bytes)
 
     def path(self, key: ChunkKey) -> Path:
-        return self.root / key.namespace / key.digest.hex()[:2] / str(key)
+        return Path(self._layout.path_of(key))
 
     # -- queries ---------------------------------------------------------------------------------
-    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        answers = self._agent.query_memory(
-            [(0, 0, 0, os.fspath(self.path(k))) for k in keys], PLUGIN, "FILE"
-        )
-        return [a is not None for a in answers]
+    def usable(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether each key's file holds a header this reader accepts (64 bytes read per key)."""
+        out: list[bool] = []
+        for key in keys:
+            try:
+                fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                out.append(False)
+                continue
+            try:
+                decode_header(key, os.pread(fd, HEADER_BYTES, 0))
+                out.append(True)
+            except (CorruptDataError, NewerFormatError):
+                out.append(False)
+            finally:
+                os.close(fd)
+        return out
 
     def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
         """Each file's bytes in a staging buffer; ``None`` if absent; ``bytes`` if too short to hold
@@ -192,7 +209,7 @@ class PosixStore:
             for key, buf, payload in items:
                 final = self.path(key)
                 final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.with_name(f".{final.name}.{os.urandom(4).hex()}{_TMP_SUFFIX}")
+                tmp = Path(FileLayout.temp_path(os.fspath(final)))
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 size = buf.nbytes + (payload.nbytes if payload is not None else 0)
                 opened.append((key, size, fd, tmp))
@@ -303,29 +320,14 @@ class PosixStore:
                 os.unlink(self.path(key))
 
     def _rebuild_index(self) -> None:
-        found: list[tuple[float, ChunkKey, int]] = []
-        for ns_dir in self.root.iterdir():
-            if not ns_dir.is_dir():
-                continue
-            for fan in ns_dir.iterdir():
-                if not fan.is_dir():
-                    continue
-                for entry in os.scandir(fan):
-                    if entry.name.endswith(_TMP_SUFFIX):  # a crashed writer's leftover
-                        with contextlib.suppress(OSError):
-                            os.unlink(entry.path)
-                        continue
-                    try:
-                        key = ChunkKey.parse(entry.name)
-                        st = entry.stat()
-                    except (InvalidArgumentError, OSError):
-                        continue
-                    found.append((st.st_mtime, key, st.st_size))
-        found.sort(key=lambda t: t[0])
+        found = scan_files(self._layout, min_bytes=HEADER_BYTES)
+        found.entries.sort(key=lambda e: e[2])  # least recently used first
         with self._lock:
-            for _, key, size in found:
+            for key, size, _ in found.entries:
                 self._index[key] = size
                 self._bytes += size
+        if found.moved:
+            log.info("nixl posix: moved %d files of another layout into place under %s", found.moved, self.root)
         self._evict()
 
 

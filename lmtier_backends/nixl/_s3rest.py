@@ -79,6 +79,22 @@ class S3Rest:
         finally:
             conn.close()
 
+    def object_size(self, key: str) -> int | None:
+        """HEAD an object: its size, or None if it does not exist; OSError-like for other statuses."""
+        conn = self._connect()
+        try:
+            path = self.target.path(key)
+            conn.request("HEAD", path, headers=self._sign("HEAD", path))
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 404:
+                return None
+            if resp.status != 200:
+                raise http.client.HTTPException(f"HEAD {key} answered HTTP {resp.status}")
+            return int(resp.getheader("Content-Length", "0"))
+        finally:
+            conn.close()
+
     def delete(self, keys: Iterable[str]) -> list[int]:
         """DELETE each object (absent ones answer 204 or 404); the statuses, in order."""
         conn = self._connect()

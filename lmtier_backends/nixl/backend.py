@@ -13,42 +13,39 @@ payload straight from the caller's buffer behind it, while small payloads and ob
 copied behind the header into staging (an object is one PUT). A get has NIXL read into staging,
 checks header and checksum, and returns a read-only zero-copy view of the payload that holds its
 staging range until the view is garbage collected.
-A value that fails the check is a miss: deleted and counted (``stats()["corrupt"]``).
+A value that fails the check is a miss: deleted and counted (``stats()["corrupt"]``); a value of
+a newer format is a miss left in place (``stats()["newer_format"]``). ``contains`` reads headers
+(64 bytes per key), so it counts neither.
 
-Concurrency: every NIXL call runs on a pool of ``io_threads`` worker threads, which post the
-requests and poll them (:mod:`._xfer`); the event loop only awaits those threads. A batch is
-split into up to ``io_threads`` pieces, so checksums run on several cores. Cancelling a
-call never frees memory a transfer still uses: the worker finishes, releases handles, fds and
-buffers itself, and :meth:`NixlBackend.aclose` waits for every worker before deregistering the
-slabs. Failures are mapped to the lmtier error tree in one place (:mod:`._errors`).
+Names follow :mod:`lmtier.kit.naming`: posix files are laid out as the ``disk`` tier's, and obj
+objects named as the ``s3`` tier's, so a store written by one transport is read by the other.
+
+Concurrency: every NIXL call runs on a :class:`lmtier.kit.WorkerPool` of ``io_threads`` worker
+threads, which post the requests and poll them (:mod:`._xfer`); the event loop only awaits
+those threads. A batch is split into up to ``io_threads`` pieces, so checksums run on several
+cores. Cancelling a call never frees memory a transfer still uses: the worker finishes, releases
+handles, fds and buffers itself (a cancelled ``put`` or ``get_into`` returns once nothing uses
+the caller's buffers), and :meth:`NixlBackend.aclose` waits for every worker before
+deregistering the slabs. Failures are mapped to the lmtier error tree in one place
+(:mod:`._errors`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
+import functools
 import itertools
 import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from lmtier.buffers import as_bytes_view
-from lmtier.errors import (
-    BackendError,
-    BackendUnavailableError,
-    CapacityError,
-    ConfigError,
-    CorruptDataError,
-    InvalidArgumentError,
-    LmtierError,
-)
-from lmtier.framing import HEADER_BYTES, checksum, decode, decode_header, encode_header
+from lmtier.errors import BackendError, BackendUnavailableError, ConfigError, CorruptDataError
+from lmtier.framing import HEADER_BYTES, NewerFormatError, checksum, decode, decode_header
 from lmtier.keys import ChunkKey
+from lmtier.kit import CancelToken, Rejections, StoreItem, WorkerPool, check_stored, into_views, put_items
 from lmtier.memory import HostBuffer
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.nixl import _nixl
@@ -84,7 +81,7 @@ async def open_nixl_backend(config: NixlConfig) -> NixlBackend:
     """
     backend = NixlBackend(config)
     try:
-        await backend._run("open", backend._open_sync)
+        await backend._run("open", lambda _token: backend._open_sync())
     except BaseException:
         await backend.aclose()
         raise
@@ -97,16 +94,14 @@ class NixlBackend:
     def __init__(self, config: NixlConfig) -> None:
         self.config = config
         self.tier = f"nixl/{config.plugin}"
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.io_threads, thread_name_prefix=f"lmtier-{config.plugin}"
-        )
-        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        self._workers = WorkerPool(config.io_threads, f"nixl-{config.plugin}")
+        self._rejects = Rejections(self.tier)
         self._agent: Any = None
         self._staging: StagingPool | None = None
         self._store: Batched | None = None
         self._opened = False
         self._closed = False
-        self._counts = {"corrupt": 0, "gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0,
+        self._counts = {"gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0,
                         "get_into_direct": 0}
         self._counts_lock = threading.Lock()
 
@@ -122,16 +117,16 @@ class NixlBackend:
                             max_item_bytes=limit)
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        _check_keys(keys)
+        """Whether a ``get`` would serve each key: headers are read and checked (64 bytes per
+        key), so a damaged or newer-format value is not counted."""
         if not keys:
             self._check_open()
             return []
         unique = list(dict.fromkeys(keys))
-        found = dict(zip(unique, await self._run("contains", self._exists_sync, unique), strict=True))
+        found = dict(zip(unique, await self._run("contains", self._usable_sync, unique), strict=True))
         return [found[k] for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        _check_keys(keys)
         if not keys:
             self._check_open()
             return []
@@ -143,12 +138,7 @@ class NixlBackend:
     async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
         """Fill ``outs[i]`` with ``keys[i]``'s payload (one copy out of staging); False on a miss,
         a size mismatch or corrupt data."""
-        _check_keys(keys)
-        if len(outs) != len(keys):
-            raise InvalidArgumentError(f"get_into needs one buffer per key ({len(keys)} keys, {len(outs)} buffers)")
-        views = [as_bytes_view(o) for o in outs]
-        if any(v.readonly for v in views):
-            raise InvalidArgumentError("get_into needs writable buffers")
+        views = into_views(keys, outs)
         if not keys:
             self._check_open()
             return []
@@ -156,30 +146,19 @@ class NixlBackend:
         # fail each other's check), so they must not be split across workers either
         whole = _overlapping([CallerBuffer.of(v) for v in views])
         pieces = await self._run_pieces("get", self._get_into_sync, len(keys),
-                                        lambda lo, hi: (list(keys[lo:hi]), views[lo:hi]), signalled=True,
-                                        split=not whole)
+                                        lambda lo, hi: (list(keys[lo:hi]), views[lo:hi]), split=not whole)
         return list(itertools.chain.from_iterable(pieces))
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
-        _check_keys([k for k, _ in items])
-        latest: dict[ChunkKey, memoryview] = {}
-        for key, value in items:  # validate the whole batch first; the last value of a key wins
-            latest[key] = as_bytes_view(value)
-        limit = self.capabilities.max_item_bytes
-        for key, view in latest.items():
-            if limit is not None and view.nbytes > limit:
-                raise CapacityError(
-                    f"{self.tier}: a {view.nbytes}-byte value for {key} exceeds max_item_bytes={limit}; "
-                    "raise max_staging_bytes"
-                )
-        if not latest:
+        # the whole batch is checked first; the last value of a key wins
+        batch = put_items(items, tier=f"{self.tier} (max_staging_bytes)",
+                          max_item_bytes=self.capabilities.max_item_bytes)
+        if not batch:
             self._check_open()
             return
-        batch = list(latest.items())
-        await self._run_pieces("put", self._put_sync, len(batch), lambda lo, hi: (batch[lo:hi],), signalled=True)
+        await self._run_pieces("put", self._put_sync, len(batch), lambda lo, hi: (batch[lo:hi],))
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
-        _check_keys(keys)
         if not keys:
             self._check_open()
             return
@@ -188,6 +167,7 @@ class NixlBackend:
     def stats(self) -> dict[str, Any]:
         with self._counts_lock:
             out: dict[str, Any] = dict(self._counts)
+        out.update(self._rejects.stats())
         if self._store is not None:
             out.update(self._store.stats())
         if self._staging is not None:
@@ -202,17 +182,8 @@ class NixlBackend:
         if self._closed:
             return
         self._closed = True
-        running = [asyncio.wrap_future(f) for f in list(self._inflight)]
-        if running:  # workers may hold NIXL handles and staging: never tear down under them
-            _, late = await asyncio.wait(running, timeout=self.config.xfer_timeout_s + 10)
-            if late:
-                log.warning("%s: aclose still waiting for %d transfers", self.tier, len(late))
-                await asyncio.wait(late)
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._teardown_sync)
-        finally:
-            self._executor.shutdown(wait=False)
+        # workers may hold NIXL handles and staging: never tear down under them
+        await self._workers.aclose(warn_after_s=self.config.xfer_timeout_s + 10, last=self._teardown_sync)
 
     async def __aenter__(self) -> NixlBackend:
         return self
@@ -226,38 +197,16 @@ class NixlBackend:
         if self._closed:
             raise BackendError(f"{self.tier}: the tier is closed")
 
-    async def _run(self, op: str, fn: Callable[..., T], *args: Any,
-                   copied: asyncio.Future[None] | None = None) -> T:
-        """Run ``fn(*args)`` on a worker thread; map its failures to lmtier errors.
-
-        If the caller is cancelled while ``fn`` runs, ``fn`` still finishes (and frees what it
-        holds) on its thread; ``copied`` (put, get_into) is first awaited: until it resolves the
-        worker or NIXL may still read or write the caller's buffers.
-        """
-        self._check_open()
-        box = _Box[T]()
-        future = self._executor.submit(box.fill, fn, *args)
-        self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
-        try:
-            await asyncio.wrap_future(future)
-            return box.take()
-        except asyncio.CancelledError:
-            # cancel() fails once the worker runs: then wait until it lets go of caller memory
-            if copied is not None and not future.cancel():
-                await asyncio.shield(copied)
-            raise
-        except LmtierError:
-            raise
-        except Exception as exc:
-            raise map_error(exc, tier=self.tier, op=op) from exc
+    async def _run(self, op: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(token, *args)`` on a worker thread; map its failures to lmtier errors."""
+        (value,) = await self._run_calls(op, [functools.partial(_call, fn, args)])
+        return value  # type: ignore[no-any-return]
 
     async def _run_pieces(self, op: str, fn: Callable[..., T], n: int,
-                          args: Callable[[int, int], tuple[Any, ...]], *, signalled: bool = False,
-                          split: bool = True) -> list[T]:
+                          args: Callable[[int, int], tuple[Any, ...]], *, split: bool = True) -> list[T]:
         """Split a batch of ``n`` items into up to ``io_threads`` contiguous pieces (one unless
-        ``split``), each run as ``fn(*args(lo, hi)[, signal])`` by :meth:`_run` on its own worker;
-        their results in order.
+        ``split``), each run as ``fn(token, *args(lo, hi))`` on its own worker; their results in
+        order.
 
         Why: NIXL serialises calls on the agent, but checksums (xxh3 releases the GIL) and header
         encoding then run on several cores, overlapping the next piece's transfer (puts of 37.7
@@ -267,27 +216,17 @@ class NixlBackend:
         """
         k = max(1, min(self.config.io_threads, n)) if split else 1
         bounds = [n * i // k for i in range(k + 1)]
-        loop = asyncio.get_running_loop()
-        # results go through slots, not task results: the gathering future and its tasks stay
-        # referenced by the loop's running callback until the caller yields, and would keep the
-        # staging views a get returns alive with them (see _Box)
-        slots: list[Any] = [None] * k
+        return await self._run_calls(op, [functools.partial(_call, fn, args(lo, hi))
+                                          for lo, hi in itertools.pairwise(bounds)])
 
-        async def piece(i: int, lo: int, hi: int) -> None:
-            if not signalled:
-                slots[i] = await self._run(op, fn, *args(lo, hi))
-                return
-            done = loop.create_future()
-            slots[i] = await self._run(op, fn, *args(lo, hi), _Signal(done), copied=done)
-
-        outcomes = await asyncio.gather(
-            *(piece(i, lo, hi) for i, (lo, hi) in enumerate(itertools.pairwise(bounds))), return_exceptions=True
-        )
-        for r in outcomes:
-            if isinstance(r, BaseException):
-                slots.clear()  # the views of pieces that did finish go back now, not with the traceback
-                raise r
-        return slots
+    async def _run_calls(self, op: str, calls: list[Callable[[CancelToken], T]]) -> list[T]:
+        self._check_open()
+        outcomes = await self._workers.run(calls)
+        failed = next((o.error for o in outcomes if not o.ok), None)
+        if failed is not None:
+            outcomes.clear()  # the views of pieces that did finish go back now, not with the traceback
+            raise map_error(failed, tier=self.tier, op=op) from failed
+        return [o.value for o in outcomes]  # type: ignore[misc]
 
     # -- the worker side -------------------------------------------------------------------------
     def _open_sync(self) -> None:
@@ -359,10 +298,10 @@ class NixlBackend:
             raise BackendError(f"{self.tier}: the tier is closed")
         return store
 
-    def _exists_sync(self, keys: list[ChunkKey]) -> list[bool]:
-        return self._live_store().exists(keys)
+    def _usable_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[bool]:
+        return self._live_store().usable(keys)
 
-    def _get_sync(self, keys: list[ChunkKey]) -> list[memoryview | None]:
+    def _get_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[memoryview | None]:
         raw = self._live_store().read(keys)
         out: list[memoryview | None] = []
         corrupt: list[ChunkKey] = []
@@ -373,9 +312,9 @@ class NixlBackend:
                     continue
                 try:
                     out.append(_payload_view(key, got))
-                except CorruptDataError as exc:
-                    log.warning("%s: %s; deleting it (a miss)", self.tier, exc)
-                    corrupt.append(key)
+                except (CorruptDataError, NewerFormatError) as exc:
+                    if self._rejects.note(key, exc) == "corrupt":
+                        corrupt.append(key)
                     out.append(None)
         finally:
             for got in raw:
@@ -386,10 +325,10 @@ class NixlBackend:
         self._drop_corrupt(corrupt)
         return out
 
-    def _get_into_sync(self, keys: list[ChunkKey], outs: list[memoryview], done: _Signal) -> list[bool]:
+    def _get_into_sync(self, token: CancelToken, keys: list[ChunkKey], outs: list[memoryview]) -> list[bool]:
         """NIXL reads payloads straight into the caller's buffers (registered for the call) and
         headers into staging; the checksum is then verified in place."""
-        try:
+        with token.touching_caller_memory():  # until NIXL and this thread are done with ``outs``
             store = self._live_store()
             callers = [CallerBuffer.of(o) for o in outs]
             raw: list[HostBuffer | bytes | None]
@@ -412,8 +351,6 @@ class NixlBackend:
                         bytes_read=sum(o.nbytes for o, f in zip(outs, filled, strict=True) if f))
             self._drop_corrupt(corrupt)
             return filled
-        finally:
-            done.set()  # NIXL and this thread are done with the caller's buffers
 
     def _read_shared(self, store: Batched, keys: list[ChunkKey]) -> list[HostBuffer | bytes | None]:
         """Whole values through staging, one read per distinct key (a repeated key shares it)."""
@@ -435,9 +372,8 @@ class NixlBackend:
                 except _Recheck:
                     recheck.append(i)
                     filled.append(False)
-                except CorruptDataError as exc:
-                    log.warning("%s: %s; deleting it (a miss)", self.tier, exc)
-                    if key not in corrupt:
+                except (CorruptDataError, NewerFormatError) as exc:
+                    if self._rejects.note(key, exc) == "corrupt" and key not in corrupt:
                         corrupt.append(key)
                     filled.append(False)
         finally:
@@ -445,56 +381,59 @@ class NixlBackend:
                 buf.release()
         return filled, corrupt, recheck
 
-    def _put_sync(self, items: list[tuple[ChunkKey, memoryview]], copied: _Signal) -> None:
-        """Write the batch; ``copied`` resolves once the caller's buffers are no longer read."""
+    def _put_sync(self, token: CancelToken, items: list[StoreItem]) -> None:
+        """Write the batch; returns (or is let go of when cancelled) once the caller's buffers
+        are no longer read."""
         try:
-            try:
-                self._write(items, copied, direct=self.config.plugin == "posix")
-            except RegistrationRefused as exc:  # NIXL would not take the caller's memory: copy it
-                log.debug("%s: put through staging (%s)", self.tier, exc)
-                self._write(items, copied, direct=False)
-            self._count(puts=len(items), bytes_written=sum(v.nbytes for _, v in items))
-        finally:
-            copied.set()
+            self._write(token, items, direct=self.config.plugin == "posix")
+        except RegistrationRefused as exc:  # NIXL would not take the caller's memory: copy it
+            log.debug("%s: put through staging (%s)", self.tier, exc)
+            self._write(token, items, direct=False)
+        self._count(puts=len(items), bytes_written=sum(it.nbytes for it in items))
 
-    def _write(self, items: list[tuple[ChunkKey, memoryview]], copied: _Signal, *, direct: bool) -> None:
+    def _write(self, token: CancelToken, items: list[StoreItem], *, direct: bool) -> None:
         """posix (``direct``): a payload of at least ``_DIRECT_PUT_MIN_BYTES`` is written by NIXL
         from the caller's buffer in place, behind a header staged on its own. Otherwise header and
         payload are copied into one staging buffer (obj: an object is one PUT, whole)."""
         staged: list[tuple[ChunkKey, HostBuffer, CallerBuffer | None]] = []
         in_place = False
         try:
-            try:
-                for key, view in items:
+            with token.touching_caller_memory():  # a cancelled put waits until the caller's bytes are copied
+                for item in items:
+                    view = item.view
                     if direct and view.nbytes >= _DIRECT_PUT_MIN_BYTES:
                         buf = self._staging_pool().allocate(HEADER_BYTES)
-                        staged.append((key, buf, CallerBuffer.of(view)))
+                        staged.append((item.key, buf, CallerBuffer.of(view)))
                         in_place = True
-                        # summed over the caller's bytes: the caller must not change them until put returns
-                        buf.tensor.numpy()[:] = np.frombuffer(encode_header(key, view), dtype=np.uint8)
+                        # summed over the caller's bytes (or carried): the caller must not change
+                        # them until put returns
+                        buf.tensor.numpy()[:] = np.frombuffer(item.header(), dtype=np.uint8)
                         continue
                     buf = self._staging_pool().allocate(HEADER_BYTES + view.nbytes)
-                    staged.append((key, buf, None))
+                    staged.append((item.key, buf, None))
                     arr = buf.tensor.numpy()
                     payload = arr[HEADER_BYTES:]
                     payload[:] = np.frombuffer(view, dtype=np.uint8)
-                    # the checksum covers the staged copy: what is stored is what was summed
-                    arr[:HEADER_BYTES] = np.frombuffer(encode_header(key, payload.data), dtype=np.uint8)
-            finally:
-                if not in_place:
-                    copied.set()  # everything is in staging: the caller's buffers are free
-            self._live_store().write(staged)
+                    # without a carried checksum, the staged copy is summed: what is stored is what was summed
+                    csum = item.known_checksum
+                    if csum is None:
+                        csum = checksum(payload.data)
+                        item.remember_checksum(csum)
+                    arr[:HEADER_BYTES] = np.frombuffer(item.header(csum), dtype=np.uint8)
+                if in_place:  # NIXL reads the caller's buffers: still inside
+                    self._live_store().write(staged)
+            if not in_place:
+                self._live_store().write(staged)
         finally:
             for _, buf, _ in staged:
                 buf.release()
 
-    def _remove_sync(self, keys: list[ChunkKey]) -> None:
+    def _remove_sync(self, token: CancelToken, keys: list[ChunkKey]) -> None:
         self._live_store().remove(keys)
 
     def _drop_corrupt(self, keys: list[ChunkKey]) -> None:
         if not keys:
             return
-        self._count(corrupt=len(keys))
         try:
             self._live_store().remove(keys)
         except Exception as exc:  # the miss stands; the entry is retried next time it is read
@@ -525,43 +464,8 @@ class NixlBackend:
                 self._counts[name] += delta
 
 
-class _Box(Generic[T]):
-    """Carries a worker's result past the futures.
-
-    The futures would keep the result alive until the awaiting task next yields (the loop's
-    running callback holds the future), and with it the staging views a get returns.
-    """
-
-    __slots__ = ("_value",)
-
-    def fill(self, fn: Callable[..., T], *args: Any) -> None:
-        self._value = fn(*args)
-
-    def take(self) -> T:
-        value = self._value
-        del self._value
-        return value
-
-
-class _Signal:
-    """Resolves an asyncio future from a worker thread (once)."""
-
-    def __init__(self, future: asyncio.Future[None]) -> None:
-        self._future = future
-        self._loop = future.get_loop()
-        self._done = False
-
-    def set(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self._loop.call_soon_threadsafe(_resolve, self._future)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], token: CancelToken) -> Any:
+    return fn(token, *args)
 
 
 _POSIX_QUEUE_KEYS = frozenset({"use_uring", "use_aio", "use_posix_aio"})
@@ -622,11 +526,13 @@ def _fill(key: ChunkKey, got: HostBuffer | bytes, dest: memoryview) -> bool:
     or the whole stored value (copied into ``dest``). False on a size mismatch; CorruptDataError
     when the stored bytes fail validation."""
     if isinstance(got, HostBuffer) and got.nbytes == HEADER_BYTES:
-        length, csum = decode_header(key, got.tensor.numpy().data)
-        if length != dest.nbytes:
+        header = got.tensor.numpy().data
+        if decode_header(key, header).payload_length != dest.nbytes:
             return False
-        if checksum(dest) != csum:
-            raise _Recheck  # real corruption, or the caller wrote its buffer meanwhile
+        try:
+            check_stored(key, header, dest)
+        except CorruptDataError:
+            raise _Recheck from None  # real corruption, or the caller wrote its buffer meanwhile
         return True
     payload = _checked_payload(key, got)
     if payload.nbytes != dest.nbytes:
@@ -638,7 +544,7 @@ def _fill(key: ChunkKey, got: HostBuffer | bytes, dest: memoryview) -> bool:
 def _checked_payload(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
     """The validated payload of a stored value (a view of ``got``); CorruptDataError otherwise."""
     data = got.tensor.numpy().data if isinstance(got, HostBuffer) else memoryview(got)
-    length, _ = decode_header(key, data)
+    length = decode_header(key, data).payload_length
     if HEADER_BYTES + length > data.nbytes:
         raise CorruptDataError(f"{key}: value is {data.nbytes} bytes, its header announces {HEADER_BYTES + length}")
     return decode(key, data[: HEADER_BYTES + length])
@@ -656,9 +562,3 @@ def _payload_view(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
         return memoryview(bytes(payload))
     lease = got.lease_view()
     return np.frombuffer(lease, dtype=np.uint8, count=payload.nbytes, offset=HEADER_BYTES).data
-
-
-def _check_keys(keys: Sequence[object]) -> None:
-    for k in keys:
-        if not isinstance(k, ChunkKey):
-            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

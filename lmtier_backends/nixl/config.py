@@ -34,8 +34,13 @@ class PosixOptions(BaseModel):
     """Chunks as files under ``root``, written and read by NIXL's POSIX plugin (FILE_SEG).
 
     Attributes:
-        root: directory of the tier (created if missing; ``~`` expanded). Files are
-            ``root/<namespace>/<2 hex>/<key>``; the index is rebuilt from them at open.
+        root: directory of the tier (created if missing; ``~`` expanded). Files are laid out as
+            the ``disk`` tier's (:class:`lmtier.kit.FileLayout`), so either tier reads a root the
+            other wrote; the index is rebuilt from them at open.
+        fan_out: directory levels between ``root/<namespace>/`` and the files, each named by two
+            hex characters of the key digest (the ``disk`` tier's option, same default). Files
+            found at another depth (a changed option, or this plugin's one-level layout before
+            version 2 of the header) are moved into place when the tier opens.
         max_bytes: bytes of files kept; the oldest files are deleted beyond it (``None``: no bound,
             the tier then never evicts).
         fsync: fsync each file before the rename that publishes it (durable, slower).
@@ -49,6 +54,7 @@ class PosixOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(description="directory of the tier (~ expanded)")
+    fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
     max_bytes: ByteSize | None = Field(None, gt=0, description="delete the oldest files beyond this")
     fsync: bool = Field(False, description="fsync each file before publishing it")
     params: dict[str, str] = Field(default_factory=dict, description="extra NIXL POSIX plugin params")
@@ -78,7 +84,10 @@ class ObjOptions(BaseModel):
         region: signing region.
         scheme: ``http`` or ``https``; default: the endpoint URL's scheme, else ``https``.
         use_virtual_addressing: bucket in the host name (AWS) instead of the path (most others).
-        prefix: prepended to every object key (``<prefix><namespace>/<key>``).
+        prefix: objects are named ``<prefix>/<key>`` (:func:`lmtier.kit.object_name`, the ``s3``
+            tier's names: either tier reads the other's objects). Objects named
+            ``<prefix><namespace>/<key>`` (this plugin before version 2 of the header) are not
+            read: rename them once with :func:`lmtier.kit.migrate_object_names`.
         max_attempts: attempts per S3 request inside NIXL's AWS SDK client. The SDK's default is
             11 attempts with backoff, which turns an unreachable server into a 25 s stall per
             request; a cache tier should fail fast and let the circuit breaker act.

@@ -14,7 +14,7 @@ breaker on :class:`BackendUnavailableError`, so this mapping decides how a fault
 * anything else -> :class:`BackendError`
 
 Messages name the server by its credential-free URL; redis-py's own messages carry host and
-port only, never the password.
+port only, never the password. Built on :class:`lmtier.kit.ErrorMap`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import ssl
 from redis import exceptions as rex
 
 from lmtier.errors import (
-    BackendError,
     BackendTimeoutError,
     BackendUnavailableError,
     CapacityError,
     ConfigError,
     LmtierError,
 )
+from lmtier.kit import OS_ERROR_RULES, ErrorMap, Rule
 
 __all__ = ["map_error"]
 
@@ -48,40 +48,10 @@ _UNAVAILABLE = (
     rex.RedisClusterException,
     rex.InvalidResponse,  # a desynchronised stream: the connection was dropped
     ssl.SSLError,
-    OSError,
 )
 
 
-def map_error(exc: BaseException, *, op: str, where: str, at_open: bool = False) -> LmtierError:
-    """The lmtier error for ``exc`` raised while doing ``op`` against the server at ``where``."""
-    if isinstance(exc, LmtierError):
-        return exc
-    what = f"redis tier {where}: {op} failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, _AUTH):
-        if at_open:
-            return ConfigError(
-                f"redis tier {where}: the server refused our credentials ({exc}); check username "
-                "and the password (password_env / the url) and the user's ACL permissions"
-            )
-        return BackendUnavailableError(f"{what}; the server refused our credentials (rotated password?)")
-    if at_open and _is_untrusted_certificate(exc):
-        return ConfigError(
-            f"redis tier {where}: the server's TLS certificate was not trusted ({exc}); set "
-            "tls_ca_file to the CA that signed it (or tls_verify: false for a test setup)"
-        )
-    if isinstance(exc, (rex.TimeoutError, socket.timeout, TimeoutError)):
-        return BackendTimeoutError(f"{what}; raise read_timeout_s / connect_timeout_s or check the server load")
-    if isinstance(exc, rex.OutOfMemoryError) or _is_too_big(exc):
-        return CapacityError(
-            f"{what}; the server is at maxmemory (with a noeviction policy) or the value exceeds "
-            "proto-max-bulk-len: free memory, raise maxmemory, or use an evicting maxmemory-policy"
-        )
-    if isinstance(exc, _UNAVAILABLE):
-        return BackendUnavailableError(f"{what}; is the server up and reachable?")
-    return BackendError(what)
-
-
-def _is_untrusted_certificate(exc: BaseException) -> bool:
+def _untrusted_certificate(exc: BaseException) -> bool:
     """redis-py wraps the ssl error in a ConnectionError; look along the chain."""
     seen: BaseException | None = exc
     for _ in range(5):
@@ -93,9 +63,36 @@ def _is_untrusted_certificate(exc: BaseException) -> bool:
     return False
 
 
-def _is_too_big(exc: BaseException) -> bool:
+def _too_big(exc: BaseException) -> bool:
     """A value larger than the server accepts (proto-max-bulk-len, query buffer limit)."""
     if not isinstance(exc, rex.ResponseError):
         return False
     text = str(exc).lower()
     return "string exceeds maximum allowed size" in text or "invalid bulk length" in text
+
+
+_RULES = (
+    Rule(_AUTH, BackendUnavailableError, "the server refused our credentials (rotated password?)"),
+    Rule((rex.TimeoutError, socket.timeout, TimeoutError), BackendTimeoutError,
+         "raise read_timeout_s / connect_timeout_s or check the server load"),
+    Rule(lambda e: isinstance(e, rex.OutOfMemoryError) or _too_big(e), CapacityError,
+         "the server is at maxmemory (with a noeviction policy) or the value exceeds proto-max-bulk-len: "
+         "free memory, raise maxmemory, or use an evicting maxmemory-policy"),
+    Rule(_UNAVAILABLE, BackendUnavailableError, "is the server up and reachable?"),
+    *OS_ERROR_RULES,
+    Rule(OSError, BackendUnavailableError, "is the server up and reachable?"),
+)
+_AT_OPEN = (
+    Rule(_AUTH, ConfigError, "the server refused our credentials: check username and the password "
+         "(password_env / the url) and the user's ACL permissions"),
+    Rule(_untrusted_certificate, ConfigError, "the server's TLS certificate was not trusted: set "
+         "tls_ca_file to the CA that signed it (or tls_verify: false for a test setup)"),
+)
+
+
+def map_error(exc: BaseException, *, op: str, where: str, at_open: bool = False) -> LmtierError:
+    """The lmtier error for ``exc`` raised while doing ``op`` against the server at ``where``."""
+    errors = ErrorMap(f"redis tier {where}", _RULES)
+    if at_open:
+        errors = errors.with_rules(_AT_OPEN)
+    return errors(exc, op=op)

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rex
 from redis.connection import ConnectionPool
 
-from lmtier.framing import checksum, checksum_stream
+from lmtier.framing import HEADER_BYTES, checksum_stream
 
 if TYPE_CHECKING:
+    from lmtier.kit import CancelToken, StoreItem
     from lmtier.protocol import Buffer
 
 __all__ = [
     "FILLED",
-    "Abort",
     "Alloc",
     "DirectReadParser",
     "Node",
@@ -47,6 +47,7 @@ __all__ = [
 Alloc = Callable[[int], Sequence[memoryview] | None]
 
 _CRLF = b"\r\n"
+_GETRANGE_HEADER = b"$1\r\n0\r\n$%d\r\n%d\r\n" % (len(str(HEADER_BYTES - 1)), HEADER_BYTES - 1)
 _SMALL = 16 << 10  # payloads below this are joined into the command (one write beats two)
 # large payloads are written in pieces of this size, a piece of the next one hashed between two
 # writes (measured: 1 MiB pieces cost ~25 us of client CPU each in syscalls and wake-ups)
@@ -204,76 +205,47 @@ def _make_parser_class() -> Any:
 DirectReadParser: Any = _make_parser_class()
 
 
-class Abort:
-    """Cancellation token of one worker-thread job: :meth:`abort` drops its connection.
-
-    Why: a cancelled ``get_into`` must not keep writing into the caller's buffers after the
-    caller moved on, so the awaiting side aborts (the blocked ``recv`` fails at once) and then
-    waits for the thread to finish.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.aborted = False
-        self._conn: Any = None
-
-    def attach(self, conn: Any) -> None:
-        with self._lock:
-            if self.aborted:
-                raise rex.ConnectionError("operation cancelled")
-            self._conn = conn
-
-    def detach(self) -> None:
-        with self._lock:
-            self._conn = None
-
-    def abort(self) -> None:
-        with self._lock:
-            self.aborted = True
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # the worker sees its socket gone either way
-                conn.disconnect()
-
-
 def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
-def _set_commands(names: Sequence[bytes], payloads: Sequence[memoryview],
-                  header_of: Callable[[int, int], bytes], px: int | None) -> Iterator[Buffer]:
+def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | None) -> Iterator[Buffer]:
     """The byte pieces of a pipeline of ``SET``s, each payload sent as is (never copied or joined).
 
-    A header needs its payload's checksum, one pass over every payload byte. Hashing a payload
-    whole just before sending it stalls the stream whenever the socket buffers drain before the
-    hash is done (a fast link, small buffers: 4 MiB drain in ~1.3 ms at 25 Gb/s; 37.7 MB hash in
-    ~3 ms). So while a large payload goes out in ``_PIECE``-byte writes, the next large payload
-    is hashed a piece after each write, always with a full buffer to overlap with; only the
-    first large payload of a batch is hashed before anything is sent. (On loopback with
-    autotuned buffers both orders measured the same.) Payloads under ``_SMALL`` bytes are joined
-    with their commands instead: one write beats two.
+    A header needs its payload's checksum: one pass over every payload byte, unless the item
+    carries it from a tier that already hashed it. Hashing a payload whole just before sending
+    it stalls the stream whenever the socket buffers drain before the hash is done (a fast link,
+    small buffers: 4 MiB drain in ~1.3 ms at 25 Gb/s; 37.7 MB hash in ~3 ms). So while a large
+    payload goes out in ``_PIECE``-byte writes, the next large payload is hashed a piece after
+    each write, always with a full buffer to overlap with; only the first large payload of a
+    batch is hashed before anything is sent. (On loopback with autotuned buffers both orders
+    measured the same.) Payloads under ``_SMALL`` bytes are joined with their commands instead:
+    one write beats two. Checksums computed here are remembered by the items, for the next tier.
     """
     suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
     nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
     small: list[Any] = []  # parts of small items, joined into one write
     ahead: tuple[int, Any, int] | None = None  # (item, its partial hash, bytes hashed so far)
-    count = len(payloads)
-    for i, (name, payload) in enumerate(zip(names, payloads, strict=True)):
+    count = len(items)
+    for i, (name, item) in enumerate(zip(names, items, strict=True)):
+        payload = item.view
         if ahead is not None and ahead[0] == i:
             _, hasher, done = ahead
             if done < payload.nbytes:
                 hasher.update(payload[done:])
             csum = hasher.intdigest()
+            item.remember_checksum(csum)
         else:
-            csum = checksum(payload)
-        header = header_of(i, csum)
-        small += (nargs, _bulk(name), b"$%d\r\n" % (len(header) + payload.nbytes), header)
+            csum = item.checksum()  # carried, or computed (and remembered) now
+        header = item.header(csum)
+        small += (nargs, _bulk(name), b"$%d\r\n" % (HEADER_BYTES + payload.nbytes), header)
         if payload.nbytes < _SMALL:
             small += (payload, suffix)
             continue
         yield b"".join(small)
         small = [suffix]
-        following = payloads[i + 1] if i + 1 < count and payloads[i + 1].nbytes >= _SMALL else None
+        nxt = items[i + 1] if i + 1 < count else None
+        following = nxt.view if nxt is not None and nxt.nbytes >= _SMALL and nxt.known_checksum is None else None
         hasher = checksum_stream() if following is not None else None
         done = 0
         for start in range(0, payload.nbytes, _PIECE):
@@ -299,20 +271,23 @@ class Node:
         self.pool = pool
         self.name = name
 
-    def _checkout(self, token: Abort | None) -> Any:
+    @contextlib.contextmanager
+    def _connection(self, token: CancelToken | None, *, caller_memory: bool = False) -> Iterator[Any]:
+        """A pooled connection; a cancellation of ``token`` drops it (a blocked read ends at once).
+        ``caller_memory``: replies are received into the caller's buffers, so a cancelled batch
+        waits until this connection is given back."""
         conn = self.pool.get_connection()
-        if token is not None:
-            try:
-                token.attach(conn)
-            except BaseException:
-                self.pool.release(conn)
-                raise
-        return conn
-
-    def _checkin(self, conn: Any, token: Abort | None) -> None:
-        if token is not None:
-            token.detach()
-        self.pool.release(conn)
+        try:
+            if token is None:
+                yield conn
+            elif caller_memory:
+                with token.touching_caller_memory(abort=conn.disconnect):
+                    yield conn
+            else:
+                with token.on_cancel(conn.disconnect):
+                    yield conn
+        finally:
+            self.pool.release(conn)
 
     def _replies(self, conn: Any, n: int) -> list[Any]:
         out: list[Any] = []
@@ -323,62 +298,53 @@ class Node:
                 out.append(exc)
         return out
 
-    def command(self, *args: Any, token: Abort | None = None) -> Any:
+    def command(self, *args: Any, token: CancelToken | None = None) -> Any:
         """One command through the normal redis-py path (PING, CONFIG GET, ...)."""
-        conn = self._checkout(token)
-        try:
+        with self._connection(token) as conn:
             conn.send_command(*args)
             return conn.read_response()
-        finally:
-            self._checkin(conn, token)
 
-    def set_many(self, names: Sequence[bytes], payloads: Sequence[memoryview],
-                 header_of: Callable[[int, int], bytes], px: int | None,
-                 token: Abort | None = None) -> list[Any]:
+    def set_many(self, names: Sequence[bytes], items: Sequence[StoreItem], px: int | None,
+                 token: CancelToken | None = None) -> list[Any]:
         """``SET name header‖payload [PX px]`` for each name, pipelined; replies read at the end.
 
-        ``header_of(i, checksum)`` makes item ``i``'s header from its payload's checksum, which
-        is computed here (see :func:`_set_commands`).
+        Headers are made here, from each item's carried checksum or one computed while the batch
+        goes out (see :func:`_set_commands`).
         """
-        conn = self._checkout(token)
-        try:
+        with self._connection(token) as conn:
             # Why one call fed by a generator: redis-py connects only at the start of a call, so a
-            # connection dropped mid-batch (a fault, or Abort) ends the batch with an error
-            # instead of the rest of a command going out on a fresh connection
-            conn.send_packed_command(_set_commands(names, payloads, header_of, px), check_health=False)
+            # connection dropped mid-batch (a fault, or a cancellation) ends the batch with an
+            # error instead of the rest of a command going out on a fresh connection
+            conn.send_packed_command(_set_commands(names, items, px), check_health=False)
             return self._replies(conn, len(names))
-        finally:
-            self._checkin(conn, token)
 
-    def _simple_many(self, verb: bytes, keys: Sequence[bytes], token: Abort | None) -> list[Any]:
-        head = b"*2\r\n" + _bulk(verb)
-        conn = self._checkout(token)
-        try:
-            conn.send_packed_command([b"".join(head + _bulk(k) for k in keys)], check_health=False)
+    def _simple_many(self, head: bytes, keys: Sequence[bytes], tail: bytes, token: CancelToken | None) -> list[Any]:
+        with self._connection(token) as conn:
+            conn.send_packed_command([b"".join(head + _bulk(k) + tail for k in keys)], check_health=False)
             return self._replies(conn, len(keys))
-        finally:
-            self._checkin(conn, token)
 
-    def exists_many(self, keys: Sequence[bytes], token: Abort | None = None) -> list[Any]:
-        """``EXISTS key`` for each key: 1 / 0 (or the key's error)."""
-        return self._simple_many(b"EXISTS", keys, token)
+    def headers_many(self, keys: Sequence[bytes], token: CancelToken | None = None) -> list[Any]:
+        """``GETRANGE key 0 63`` for each key: the stored header (``b""`` if absent, shorter if the
+        value is), or the key's error. What ``contains`` checks, so it never counts a value a
+        ``get`` would refuse."""
+        return self._simple_many(b"*4\r\n$8\r\nGETRANGE\r\n", keys, _GETRANGE_HEADER, token)
 
-    def unlink_many(self, keys: Sequence[bytes], token: Abort | None = None) -> list[Any]:
+    def unlink_many(self, keys: Sequence[bytes], token: CancelToken | None = None) -> list[Any]:
         """``UNLINK key`` for each key (frees large values off the server's main thread)."""
-        return self._simple_many(b"UNLINK", keys, token)
+        return self._simple_many(b"*2\r\n$6\r\nUNLINK\r\n", keys, b"", token)
 
     def get_many(self, keys: Sequence[bytes], allocs: Sequence[Alloc],
-                 token: Abort | None = None) -> list[Any]:
+                 token: CancelToken | None = None, *, caller_memory: bool = False) -> list[Any]:
         """``GET key`` for each key, reply ``i`` received into ``allocs[i]``'s buffers.
 
         Outcomes: :data:`FILLED`, ``None`` (absent) or the key's ``ResponseError``. Requests go
         out in windows sized from the largest value seen so far, so that about
         ``_GET_WINDOW_BYTES`` of replies wait at a time (at most 8 requests while no value has
-        been seen: the first ones may be huge).
+        been seen: the first ones may be huge). ``caller_memory``: the buffers belong to the
+        caller (``get_into``), see :meth:`_connection`.
         """
         out: list[Any] = []
-        conn = self._checkout(token)
-        try:
+        with self._connection(token, caller_memory=caller_memory) as conn:
             window = 1
             largest = 0
             start = 0
@@ -396,8 +362,6 @@ class Node:
                 else:  # only misses so far: no size known yet
                     window = min(window * 2, 8)
             return out
-        finally:
-            self._checkin(conn, token)
 
     @staticmethod
     def _read_into(conn: Any, alloc: Alloc) -> tuple[Any, int]:

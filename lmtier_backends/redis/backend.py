@@ -1,9 +1,11 @@
 """The ``redis`` tier: chunks as Redis strings on a standalone server or a Redis Cluster.
 
-Each chunk is one string ``<key_prefix><str(key)>`` holding ``codec header ‖ payload``. Reads
-validate header and checksum; a value that fails is a miss, deleted and counted
-(``stats()["corrupt"]``). A concurrent overwrite racing that delete may lose the fresh value:
-that costs a recompute, never wrong data.
+Each chunk is one string ``<key_prefix><str(key)>`` holding ``header ‖ payload``
+(:mod:`lmtier.framing`). Reads validate header and checksum; a value that fails is a miss,
+deleted and counted (``stats()["corrupt"]``); a value of a newer format is a miss left in place
+(``stats()["newer_format"]``), and ``contains`` reads headers (``GETRANGE``) so it counts neither.
+A concurrent overwrite racing a delete may lose the fresh value: that costs a recompute, never
+wrong data.
 
 How the bytes move (measured; see :mod:`lmtier_backends.redis._wire` and
 ``benchmarks/redis_tier.py``): every batch is split by node (one node when standalone) and each
@@ -12,16 +14,19 @@ nodes in parallel. Payloads are sent without being copied or joined to their hea
 GET replies land directly in their final buffer: the caller's for :meth:`get_into`, else a
 warm receive slab (``recv_pool_bytes``) handed out as read-only lease views.
 
+The blocking work runs on a :class:`lmtier.kit.WorkerPool` (``max_connections`` threads): a
+cancelled call drops the connections its jobs use, so it returns at once, and a cancelled
+``get_into`` returns only after nothing writes into the caller's buffers any more.
+
 Faults: every redis-py/socket error is mapped in :mod:`lmtier_backends.redis._errors`; the
-manager turns them into misses and skipped writes. In a Cluster, a ``MOVED`` reply refreshes the
-slot map and the affected keys are retried once; an ``ASK`` (a slot being migrated) is a miss or
-a skipped write.
+manager turns them into misses and skipped writes. A node that fails fails the batch; an error
+the server answers for one key (``ASK`` during a slot migration, ...) is a miss for that key on
+reads. In a Cluster, a ``MOVED`` reply refreshes the slot map and the affected keys are retried
+once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -33,20 +38,13 @@ from redis.backoff import NoBackoff
 from redis.connection import ConnectionPool, parse_url
 from redis.retry import Retry
 
-from lmtier.buffers import as_bytes_view
-from lmtier.errors import (
-    BackendUnavailableError,
-    CapacityError,
-    ConfigError,
-    CorruptDataError,
-    InvalidArgumentError,
-    LmtierError,
-)
-from lmtier.framing import HEADER_BYTES, checksum, decode_header, encode_header
+from lmtier.errors import BackendUnavailableError, ConfigError, CorruptDataError, LmtierError
+from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
+from lmtier.kit import CancelToken, Rejections, StoreItem, WorkerPool, check_stored, into_views, put_items
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.redis._errors import map_error
-from lmtier_backends.redis._wire import FILLED, Abort, DirectReadParser, Node
+from lmtier_backends.redis._wire import FILLED, DirectReadParser, Node
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -60,8 +58,6 @@ __all__ = ["RedisBackend", "open_redis_backend"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: ``(True, value)`` or ``(False, exception)`` of one job run on a worker thread.
-Outcome = tuple[bool, Any]
 
 _DEFAULT_MAX_BULK = 512 << 20  # Redis' default proto-max-bulk-len
 _POOLED_MIN = 256 << 10  # payloads from this size are received into the warm slab
@@ -97,10 +93,10 @@ class RedisBackend:
         self.where = config.display_url()  # credential-free, safe in messages and logs
         self._prefix = config.key_prefix.encode()
         self._px = max(1, round(config.ttl_s * 1000)) if config.ttl_s is not None else None
+        self.tier = f"redis tier {self.where}"  # how messages and logs name the tier
         self._conn_kwargs, self._address = _connection_kwargs(config, config.resolve_password())
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.max_connections, thread_name_prefix="lmtier-redis"
-        )
+        self._workers = WorkerPool(config.max_connections, "redis")
+        self._rejects = Rejections(self.tier)
         self._nodes: dict[str, Node] = {}
         self._nodes_lock = threading.Lock()
         self._cluster: RedisCluster | None = None
@@ -110,22 +106,21 @@ class RedisBackend:
         self._max_value = _DEFAULT_MAX_BULK
         self._evicts = True
         self._closed = False
-        self._running = 0  # jobs executing on worker threads now
-        self._running_lock = threading.Lock()
         self._counters = dict.fromkeys(
-            ("gets", "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written", "corrupt",
-             "errors", "moved_retries", "recv_pool_fallbacks"), 0)
+            ("gets", "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written", "errors",
+             "key_errors", "moved_retries", "recv_pool_fallbacks"), 0)
 
     # -- opening -------------------------------------------------------------------------------
     async def connect(self) -> None:
         """Discover the topology (Cluster), PING every primary, read eviction policy and limits."""
         if not self.config.connect_at_open:
             return
-        (ok, value), = await self._run([self._connect_blocking])
-        if not ok:
-            raise map_error(value, op="connect", where=self.where, at_open=True)
+        (outcome,) = await self._workers.run([self._connect_blocking])
+        if not outcome.ok:
+            assert outcome.error is not None
+            raise map_error(outcome.error, op="connect", where=self.where, at_open=True)
 
-    def _connect_blocking(self, token: Abort) -> None:
+    def _connect_blocking(self, token: CancelToken) -> None:
         nodes = self._topology_blocking() if self.config.cluster else [self._standalone_node()]
         policies: list[str | None] = []
         limits: list[int] = []
@@ -185,18 +180,17 @@ class RedisBackend:
                             max_item_bytes=self._max_value - HEADER_BYTES)
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        _check_keys(keys)
+        """Whether a ``get`` would find a value this reader can use: the stored header is read
+        (``GETRANGE``, 64 bytes) and checked, so a damaged or newer-format value is not counted."""
         self._check_open()
         if not keys:
             return []
         names = [self._name(k) for k in keys]
-        outcomes = await self._per_node("contains", names, lambda node, idx, tok: node.exists_many(
+        outcomes = await self._per_node("contains", names, lambda node, idx, tok: node.headers_many(
             [names[i] for i in idx], tok))
-        self._raise_first("contains", outcomes)
-        return [bool(o) for o in outcomes]
+        return [self._usable(k, o) for k, o in zip(keys, outcomes, strict=True)]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        _check_keys(keys)
         self._check_open()
         if not keys:
             return []
@@ -207,11 +201,8 @@ class RedisBackend:
         corrupt: list[ChunkKey] = []
         error: LmtierError | None = None
         for key, outcome in zip(unique, outcomes, strict=True):
-            if isinstance(outcome, CorruptDataError):
-                corrupt.append(key)
-                log.warning("redis tier %s: deleting a corrupt value: %s", self.where, outcome)
-            elif isinstance(outcome, BaseException):
-                error = error or self._mapped("get", outcome)
+            if isinstance(outcome, BaseException):
+                error = error or self._settle(key, outcome, corrupt)
             elif outcome is not None:
                 found[key] = outcome
         await self._forget_corrupt(corrupt)
@@ -232,10 +223,7 @@ class RedisBackend:
         corrupt data (deleted and counted), and the buffer's content is then unspecified. If the
         call is cancelled, it returns only after its worker stopped writing into ``outs``.
         """
-        _check_keys(keys)
-        if len(keys) != len(outs):
-            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
-        views = [_writable_view(o) for o in outs]
+        views = into_views(keys, outs)
         self._check_open()
         if not keys:
             return []
@@ -245,11 +233,8 @@ class RedisBackend:
         error: LmtierError | None = None
         filled = [False] * len(keys)
         for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, CorruptDataError):
-                corrupt.append(keys[i])
-                log.warning("redis tier %s: deleting a corrupt value: %s", self.where, outcome)
-            elif isinstance(outcome, BaseException):
-                error = error or self._mapped("get", outcome)
+            if isinstance(outcome, BaseException):
+                error = error or self._settle(keys[i], outcome, corrupt)
             else:
                 filled[i] = bool(outcome)
         await self._forget_corrupt(list(dict.fromkeys(corrupt)))
@@ -262,32 +247,21 @@ class RedisBackend:
         return filled
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
-        _check_keys([k for k, _ in items])
-        views = [(k, as_bytes_view(v)) for k, v in items]  # validate the whole batch first
-        self._check_open()
-        if not views:
-            return
-        limit = self._max_value - HEADER_BYTES
-        for key, view in views:
-            if view.nbytes > limit:
-                raise CapacityError(
-                    f"redis tier {self.where}: {key} is {view.nbytes} bytes, more than the server "
-                    f"accepts ({limit} = proto-max-bulk-len minus the {HEADER_BYTES}-byte header); "
-                    "raise proto-max-bulk-len or use smaller chunks"
-                )
         # a key given twice is stored once, with its last value (as if stored one by one): the
         # parts of a batch go out on parallel connections, in no order between them
-        last = {self._name(k): i for i, (k, _) in enumerate(views)}
-        unique = [views[i] for i in last.values()] if len(last) < len(views) else views
-        names = list(last)
+        unique = put_items(items, tier=f"{self.tier} (proto-max-bulk-len)",
+                           max_item_bytes=self._max_value - HEADER_BYTES)
+        self._check_open()
+        if not unique:
+            return
+        names = [self._name(it.key) for it in unique]
         outcomes = await self._per_node("put", names, partial(self._put_blocking, unique, names),
-                                        sizes=[v.nbytes for _, v in unique])
+                                        sizes=[it.nbytes for it in unique])
         self._raise_first("put", outcomes)
-        self._counters["puts"] += len(views)
-        self._counters["bytes_written"] += sum(v.nbytes for _, v in views)
+        self._counters["puts"] += len(items)
+        self._counters["bytes_written"] += sum(it.nbytes for it in unique)
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
-        _check_keys(keys)
         self._check_open()
         if not keys:
             return
@@ -299,8 +273,9 @@ class RedisBackend:
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._counters)
+        out.update(self._rejects.stats())
         out["nodes"] = len(self._nodes)
-        out["jobs_running"] = self._running
+        out["jobs_running"] = self._workers.running
         pool = self._recv_pool
         out["recv_pool_used_bytes"] = pool.used_bytes if pool is not None else 0
         return out
@@ -310,8 +285,8 @@ class RedisBackend:
             return
         self._closed = True
         # wait for jobs in flight: they may still read caller buffers (put) or fill them (get_into)
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        await asyncio.to_thread(self._close_clients)
+        await self._workers.aclose()
+        self._close_clients()
 
     async def __aenter__(self) -> RedisBackend:
         return self
@@ -321,19 +296,14 @@ class RedisBackend:
         await self.aclose()
 
     # -- worker-thread bodies ------------------------------------------------------------------
-    def _put_blocking(self, views: list[tuple[ChunkKey, memoryview]], names: list[bytes],
-                      node: Node, idx: list[int], token: Abort) -> list[Any]:
+    def _put_blocking(self, items: list[StoreItem], names: list[bytes],
+                      node: Node, idx: list[int], token: CancelToken) -> list[Any]:
         # headers are made here, not on the event loop: the checksum reads every payload byte
-        def header_of(j: int, csum: int) -> bytes:
-            key, view = views[idx[j]]
-            return encode_header(key, view, payload_checksum=csum)
-
-        replies = node.set_many([names[i] for i in idx], [views[i][1] for i in idx], header_of,
-                                self._px, token)
+        replies = node.set_many([names[i] for i in idx], [items[i] for i in idx], self._px, token)
         return [r if isinstance(r, BaseException) else None for r in replies]
 
     def _get_blocking(self, keys: list[ChunkKey], names: list[bytes],
-                      node: Node, idx: list[int], token: Abort) -> list[Any]:
+                      node: Node, idx: list[int], token: CancelToken) -> list[Any]:
         receivers = [_Receiver(self._recv_buffer) for _ in idx]
         try:
             replies = node.get_many([names[i] for i in idx], receivers, token)
@@ -343,9 +313,9 @@ class RedisBackend:
                 rcv.release()
 
     def _get_into_blocking(self, keys: list[ChunkKey], names: list[bytes], views: list[memoryview],
-                           node: Node, idx: list[int], token: Abort) -> list[Any]:
+                           node: Node, idx: list[int], token: CancelToken) -> list[Any]:
         receivers = [_IntoReceiver(views[i]) for i in idx]
-        replies = node.get_many([names[i] for i in idx], receivers, token)
+        replies = node.get_many([names[i] for i in idx], receivers, token, caller_memory=True)
         return [rcv.result(keys[i], reply) for i, rcv, reply in zip(idx, receivers, replies, strict=True)]
 
     def _recv_buffer(self, nbytes: int) -> tuple[memoryview, HostBuffer | None]:
@@ -378,6 +348,34 @@ class RedisBackend:
         self._counters["errors"] += 1
         return map_error(exc, op=op, where=self.where)
 
+    def _settle(self, key: ChunkKey, exc: BaseException, corrupt: list[ChunkKey]) -> LmtierError | None:
+        """A read of ``key`` that failed: a refused value or one key's error is a miss (a corrupt
+        value goes on ``corrupt``, to be deleted); a node's failure is returned, to be raised."""
+        kind = self._rejects.note(key, exc)
+        if kind == "corrupt":
+            if key not in corrupt:
+                corrupt.append(key)
+        elif kind is None:
+            if not isinstance(exc, rex.ResponseError):
+                return self._mapped("get", exc)
+            self._counters["key_errors"] += 1  # e.g. ASK while a slot migrates
+            log.info("%s: get %s answered %s; a miss", self.tier, key, exc)
+        return None
+
+    def _usable(self, key: ChunkKey, reply: Any) -> bool:
+        """Whether a ``GETRANGE 0 63`` reply is the header of a value a ``get`` would serve."""
+        if isinstance(reply, BaseException):
+            if isinstance(reply, rex.ResponseError):
+                return False  # WRONGTYPE, ASK, ...: a get would not serve it either
+            raise self._mapped("contains", reply)
+        if not reply:
+            return False
+        try:
+            decode_header(key, reply)
+        except (CorruptDataError, NewerFormatError):
+            return False
+        return True
+
     def _raise_first(self, op: str, outcomes: list[Any]) -> None:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -387,7 +385,6 @@ class RedisBackend:
         """Delete values that failed validation (best effort: a failure here is only logged)."""
         if not keys:
             return
-        self._counters["corrupt"] += len(keys)
         names = [self._name(k) for k in keys]
         outcomes = await self._per_node("delete", names, lambda node, idx, tok: node.unlink_many(
             [names[i] for i in idx], tok))
@@ -398,7 +395,7 @@ class RedisBackend:
                 break
 
     async def _per_node(self, op: str, names: list[bytes],
-                        work: Callable[[Node, list[int], Abort], list[Any]],
+                        work: Callable[[Node, list[int], CancelToken], list[Any]],
                         sizes: list[int] | None = None) -> list[Any]:
         """Run ``work(node, indices, token)`` for each node's share of ``names``, in parallel.
 
@@ -416,18 +413,18 @@ class RedisBackend:
             if sizes is not None and streams > 1:
                 groups = [(node, part) for node, idx in groups for part in _stripes(idx, sizes, streams)]
             jobs = [partial(work, node, idx) for node, idx in groups]
-            results = await self._run(jobs)
+            results = await self._workers.run(jobs)
             moved: list[int] = []
-            for (_, idx), (ok, value) in zip(groups, results, strict=True):
+            for (_, idx), result in zip(groups, results, strict=True):
                 for j, i in enumerate(idx):
-                    outcomes[i] = value[j] if ok else value
-                    if ok and type(value[j]) is rex.MovedError:
+                    outcomes[i] = result.value[j] if result.ok else result.error  # type: ignore[index]
+                    if result.ok and type(result.value[j]) is rex.MovedError:  # type: ignore[index]
                         moved.append(i)
             if not moved or attempt or not self.config.cluster:
                 break
             self._counters["moved_retries"] += len(moved)
-            (ok, value), = await self._run([lambda _token: self._topology_blocking()])
-            if not ok:
+            (refreshed,) = await self._workers.run([lambda _token: self._topology_blocking()])
+            if not refreshed.ok:
                 break
             todo = moved
         return outcomes
@@ -437,9 +434,10 @@ class RedisBackend:
             node = self._nodes.get("") or self._standalone_node()
             return [(node, idx)]
         if self._cluster is None:  # connect_at_open was off: discover the slots now
-            (ok, value), = await self._run([lambda _token: self._topology_blocking()])
-            if not ok:
-                raise self._mapped("cluster discovery", value)
+            (found,) = await self._workers.run([lambda _token: self._topology_blocking()])
+            if not found.ok:
+                assert found.error is not None
+                raise self._mapped("cluster discovery", found.error)
         cluster = self._cluster
         assert cluster is not None
         by_name: dict[str, tuple[Node, list[int]]] = {}
@@ -453,55 +451,6 @@ class RedisBackend:
                 entry = by_name[cnode.name] = (self._cluster_node(cnode), [])
             entry[1].append(i)
         return list(by_name.values())
-
-    async def _run(self, jobs: Sequence[Callable[[Abort], T]]) -> list[Outcome]:
-        """Run each ``job(token)`` on a worker thread; return their outcomes in order.
-
-        On cancellation, every job is aborted (its connection dropped, so a blocked read ends at
-        once) and awaited before CancelledError propagates: no worker touches caller buffers
-        after this returns.
-        """
-        tokens = [Abort() for _ in jobs]
-        # Why slots (emptied below) and not future results: a finished future and the worker's
-        # work item stay referenced for a moment after the job, and would keep the results'
-        # lease views (slab ranges) alive after the caller dropped them
-        slots: list[Outcome] = [(False, asyncio.CancelledError()) for _ in jobs]
-        try:
-            futures = [self._executor.submit(self._outcome, job, tok, slots, i)
-                       for i, (job, tok) in enumerate(zip(jobs, tokens, strict=True))]
-        except RuntimeError:  # shut down by a concurrent aclose()
-            raise BackendUnavailableError(f"redis tier {self.where} is closed") from None
-        waiting = {asyncio.wrap_future(f) for f in futures}
-        cancelled = False
-        while True:
-            try:
-                await asyncio.wait(waiting)
-                break
-            except asyncio.CancelledError:
-                cancelled = True
-                for tok in tokens:
-                    tok.abort()
-                for f in futures:
-                    f.cancel()
-        if cancelled:
-            raise asyncio.CancelledError
-        outcomes = list(slots)
-        slots.clear()
-        return outcomes
-
-    def _outcome(self, job: Callable[[Abort], Any], token: Abort, slots: list[Outcome], i: int) -> None:
-        """Run one job on a worker thread; its result or exception goes to ``slots[i]``."""
-        if token.aborted:
-            return
-        with self._running_lock:
-            self._running += 1
-        try:
-            slots[i] = (True, job(token))
-        except Exception as exc:  # reported per job; the loop side maps it
-            slots[i] = (False, exc)
-        finally:
-            with self._running_lock:
-                self._running -= 1
 
     def _close_clients(self) -> None:
         for node in list(self._nodes.values()):
@@ -538,12 +487,8 @@ class _Receiver:
         if reply is not FILLED or self.payload is None:
             return CorruptDataError(f"{key}: value shorter than the {HEADER_BYTES}-byte header")
         try:
-            length, csum = decode_header(key, self.header)
-            if length != self.payload.nbytes:
-                raise CorruptDataError(f"{key}: payload is {self.payload.nbytes} bytes, header says {length}")
-            if checksum(self.payload) != csum:
-                raise CorruptDataError(f"{key}: checksum mismatch")
-        except CorruptDataError as exc:
+            check_stored(key, self.header, self.payload)
+        except (CorruptDataError, NewerFormatError) as exc:
             return exc
         if self.host is not None:
             view = self.host.lease_view()  # holds the slab range until the caller drops it
@@ -578,10 +523,8 @@ class _IntoReceiver:
         if not self.took:
             return False
         try:
-            length, csum = decode_header(key, self.header)
-            if length != self.out.nbytes or checksum(self.out) != csum:
-                raise CorruptDataError(f"{key}: checksum or length mismatch")
-        except CorruptDataError as exc:
+            check_stored(key, self.header, self.out)
+        except (CorruptDataError, NewerFormatError) as exc:
             return exc
         return True
 
@@ -615,7 +558,7 @@ def _corrupt_if_wrong_type(key: ChunkKey, reply: Any) -> Any:
     return reply
 
 
-def _config_get(node: Node, name: str, token: Abort) -> str | None:
+def _config_get(node: Node, name: str, token: CancelToken) -> str | None:
     """``CONFIG GET name`` or None where CONFIG is disabled/renamed (managed services)."""
     try:
         reply = node.command("CONFIG", "GET", name, token=token)
@@ -658,24 +601,3 @@ def _connection_kwargs(config: RedisConfig, password: str | None) -> tuple[dict[
     if parsed:
         raise ConfigError(f"redis tier {config.display_url()}: unsupported url options {sorted(parsed)}")
     return common, address
-
-
-def _writable_view(out: object) -> memoryview:
-    if hasattr(out, "data_ptr") and hasattr(out, "numpy"):  # a CPU torch tensor, without importing torch
-        try:
-            out = out.detach().numpy()  # type: ignore[attr-defined]
-        except (RuntimeError, TypeError) as exc:
-            raise InvalidArgumentError(f"get_into needs CPU buffers: {exc}") from None
-    view = as_bytes_view(out)
-    if view.readonly:
-        raise InvalidArgumentError("get_into needs writable buffers, got a read-only one")
-    return view
-
-
-def _check_keys(keys: Sequence[object]) -> None:
-    if isinstance(keys, (str, bytes)):
-        raise InvalidArgumentError(f"keys must be a sequence of ChunkKey, got {type(keys).__name__}")
-    for k in keys:
-        if not isinstance(k, ChunkKey):
-            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")
-

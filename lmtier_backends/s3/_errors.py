@@ -37,6 +37,7 @@ from lmtier.errors import (
     ConfigError,
     LmtierError,
 )
+from lmtier.kit import ErrorMap, Rule, describe
 
 __all__ = [
     "error_code",
@@ -91,39 +92,47 @@ def is_not_implemented(exc: BaseException) -> bool:
     return error_status(exc) == 501 or error_code(exc) == "NotImplemented"
 
 
+def _client_detail(exc: BaseException) -> str:
+    """``<code or status> <message>`` of a ClientError."""
+    assert isinstance(exc, bce.ClientError)
+    message = exc.response.get("Error", {}).get("Message", "")
+    return f"{error_code(exc) or error_status(exc)} {message}".rstrip()
+
+
+def _client(test: Any) -> Any:
+    """A rule matcher over ClientErrors: ``test(code, status)``."""
+    return lambda e: isinstance(e, bce.ClientError) and test(error_code(e), error_status(e))
+
+
+_RULES = (
+    Rule(_client(lambda c, s: c == "RequestTimeout" or s == 408), BackendTimeoutError, "the server timed out the request"),
+    Rule(_client(lambda c, s: c in _CAPACITY_CODES or s == 507), CapacityError, "the store or quota is full"),
+    Rule(_client(lambda c, s: c in _THROTTLE_CODES or s >= 500 or s == 429), BackendUnavailableError,
+         "the server is overloaded or failing, retry later"),
+    Rule(_client(lambda c, s: c in _AUTH_CODES or s == 403), BackendUnavailableError,
+         "the credentials were rejected (rotated or expired keys?)"),
+    Rule(_client(lambda c, s: c == "NoSuchBucket"), BackendUnavailableError, "the bucket was deleted while the tier was open"),
+    Rule(bce.ClientError, BackendError),
+    Rule((bce.ConnectTimeoutError, bce.ReadTimeoutError, u3e.TimeoutError, socket.timeout), BackendTimeoutError,
+         "the request timed out: raise connect/read_timeout_s if the store is slow"),
+    Rule((bce.NoCredentialsError, bce.PartialCredentialsError, bce.ProfileNotFound, bce.NoRegionError,
+          bce.CredentialRetrievalError), ConfigError,
+         "configure credentials (access_key_env/secret_key_env, AWS_* variables or a profile) and the region"),
+    Rule((bce.ConnectionError, bce.HTTPClientError, u3e.HTTPError, http.client.HTTPException, OSError),
+         BackendUnavailableError, "cannot talk to the server"),
+)
+
+
+def _describe(exc: BaseException) -> str:
+    return _client_detail(exc) if isinstance(exc, bce.ClientError) else describe(exc)
+
+
+_ERRORS = ErrorMap("s3", _RULES, describer=_describe)
+
+
 def translate(exc: BaseException, *, op: str, where: str) -> LmtierError:
     """Map any client exception raised during ``op`` on ``where`` (bucket/key) to LmtierError."""
-    if isinstance(exc, LmtierError):
-        return exc
-    what = f"s3 {op} {where}"
-    if isinstance(exc, bce.ClientError):
-        code, status = error_code(exc), error_status(exc)
-        detail = f"{what}: {code or status} {exc.response.get('Error', {}).get('Message', '')}".rstrip()
-        if code == "RequestTimeout" or status == 408:
-            return BackendTimeoutError(f"{detail}; the server timed out the request")
-        if code in _CAPACITY_CODES or status == 507:
-            return CapacityError(f"{detail}; the store or quota is full")
-        if code in _THROTTLE_CODES or status >= 500 or status == 429:
-            return BackendUnavailableError(f"{detail}; the server is overloaded or failing, retry later")
-        if code in _AUTH_CODES or status == 403:
-            return BackendUnavailableError(
-                f"{detail}; the credentials were rejected (rotated or expired keys?)"
-            )
-        if code == "NoSuchBucket":
-            return BackendUnavailableError(f"{detail}; the bucket was deleted while the tier was open")
-        return BackendError(detail)
-    if isinstance(exc, (bce.ConnectTimeoutError, bce.ReadTimeoutError, u3e.TimeoutError, socket.timeout)):
-        return BackendTimeoutError(f"{what}: timed out ({exc}); raise connect/read_timeout_s if the store is slow")
-    if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.ProfileNotFound,
-                        bce.NoRegionError, bce.CredentialRetrievalError)):
-        return ConfigError(f"{what}: {exc}; configure credentials (access_key_env/secret_key_env, "
-                           "AWS_* variables or a profile) and the region")
-    if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, u3e.HTTPError,
-                        http.client.HTTPException, OSError)):
-        return BackendUnavailableError(f"{what}: cannot talk to the server ({type(exc).__name__}: {exc})")
-    if isinstance(exc, bce.BotoCoreError):
-        return BackendError(f"{what}: {type(exc).__name__}: {exc}")
-    return BackendError(f"{what}: unexpected {type(exc).__name__}: {exc}")
+    return _ERRORS(exc, op=op, where=where)
 
 
 def translate_open(exc: BaseException, *, bucket: str, endpoint: str, config: Any) -> LmtierError:

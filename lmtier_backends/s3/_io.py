@@ -7,76 +7,23 @@ botocore understands (it reads it for the SigV4 hash, seeks back, and http.clien
 block by block). Reads go the other way: :func:`read_exact_into` lets the socket write straight
 into the destination buffer instead of through urllib3's intermediate ``bytes``.
 
-Both take a :class:`CallGuard`, shared by the worker thread and the coroutine awaiting it, so a
-cancelled call never leaves a thread touching the caller's buffer (see ``S3Backend._run``).
+Both take the call's :class:`lmtier.kit.CancelToken` and check it between blocks, so a cancelled
+call stops streaming at the next block (a download into the caller's buffer also has its socket
+shut, see ``S3Backend._get_into_one``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import socket
-import threading
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Aborted", "CallGuard", "HeaderedBody", "finish_response", "read_exact_into", "response_socket"]
+if TYPE_CHECKING:
+    from lmtier.kit import CancelToken
+
+__all__ = ["HeaderedBody", "finish_response", "read_exact_into", "response_socket"]
 
 _READ_BLOCK = 4 << 20  # response bytes per readinto: large enough to be cheap, small to abort fast
-
-
-class Aborted(Exception):
-    """The call was cancelled; the worker stopped streaming. Deliberately not an OSError, so
-    neither botocore nor urllib3 retries it."""
-
-
-class CallGuard:
-    """Cancellation handshake between one worker thread and the coroutine awaiting it.
-
-    * Uploads read the caller's buffer block by block and check :attr:`aborted` before each
-      block: after an abort the request fails mid-body, so nothing read after it is ever stored
-      (and a block torn by a late change fails the stored checksum: a miss, never wrong data).
-    * Downloads write into the caller's buffer only inside :meth:`writing_caller_buffer`. An
-      abort while inside shuts the socket down (the blocked ``recv_into`` returns at once) and
-      tells the coroutine to wait for the worker to leave; an abort before it makes the worker
-      refuse to enter. So once a cancelled ``get_into`` has unwound, no thread writes to ``out``.
-    """
-
-    __slots__ = ("_lock", "_sock", "_writing", "aborted")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.aborted = False
-        self._writing = False
-        self._sock: socket.socket | None = None
-
-    def check(self) -> None:
-        if self.aborted:
-            raise Aborted("call cancelled")
-
-    @contextlib.contextmanager
-    def writing_caller_buffer(self, sock: socket.socket | None) -> Iterator[None]:
-        with self._lock:
-            self.check()
-            self._writing, self._sock = True, sock
-        try:
-            yield
-        except Exception as exc:
-            if self.aborted:  # the socket was shut under us: report the cancellation, not EOF
-                raise Aborted("download cancelled") from exc
-            raise
-        finally:
-            with self._lock:
-                self._writing, self._sock = False, None
-
-    def abort(self) -> bool:
-        """Stop the worker; True when it is writing a caller buffer and must be waited for."""
-        with self._lock:
-            self.aborted = True
-            if self._writing and self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-            return self._writing
 
 
 class HeaderedBody:
@@ -86,11 +33,11 @@ class HeaderedBody:
     them as they are. ``len()`` gives botocore the Content-Length.
     """
 
-    def __init__(self, header: bytes, payload: memoryview, guard: CallGuard,
+    def __init__(self, header: bytes, payload: memoryview, token: CancelToken,
                  start: int = 0, end: int | None = None) -> None:
         self._header = memoryview(header)
         self._payload = payload
-        self._guard = guard
+        self._token = token
         total = len(header) + payload.nbytes
         self._start = start
         self._end = total if end is None else end
@@ -100,7 +47,7 @@ class HeaderedBody:
         return self._end - self._start
 
     def read(self, n: int | None = -1) -> memoryview | bytes:
-        self._guard.check()
+        self._token.check()  # after a cancellation the request fails mid-body: nothing later is stored
         remaining = self._end - self._pos
         if n is None or n < 0 or n > remaining:
             n = remaining
@@ -140,7 +87,7 @@ def response_socket(body: Any) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
-def read_exact_into(body: Any, out: memoryview, guard: CallGuard) -> None:
+def read_exact_into(body: Any, out: memoryview, token: CancelToken) -> None:
     """Fill ``out`` from a botocore StreamingBody; ConnectionError if the stream ends early.
 
     Uses http.client's ``readinto`` on the response under urllib3 when present (the socket
@@ -151,7 +98,7 @@ def read_exact_into(body: Any, out: memoryview, guard: CallGuard) -> None:
     target: Any = fp if isinstance(fp, http.client.HTTPResponse) else body
     pos, total = 0, out.nbytes
     while pos < total:
-        guard.check()
+        token.check()
         got = target.readinto(out[pos : min(pos + _READ_BLOCK, total)])
         if not got:
             raise ConnectionError(f"the response ended after {pos} of {total} bytes")

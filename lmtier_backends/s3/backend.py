@@ -1,11 +1,15 @@
 """The ``s3`` tier: one object per chunk, ``<prefix>/<str(key)>``, in an S3 bucket.
 
-Each object is the 64-byte :mod:`lmtier.framing` header (key, length, xxh3 checksum) followed by
-the payload; a read that fails the check is a miss, the object is deleted and counted
-(``stats()["corrupt"]``).
+Object names follow :func:`lmtier.kit.object_name`, the scheme NIXL's ``obj`` plugin shares, so
+either transport reads what the other wrote. Each object is the 64-byte :mod:`lmtier.framing`
+header (key, length, xxh3 checksum, codec) followed by the payload; a read that fails the check is
+a miss, the object is deleted and counted (``stats()["corrupt"]``). An object of a newer format
+is a miss left in place (``stats()["newer_format"]``), and ``contains`` reads the header (a
+ranged GET of 64 bytes) so it counts neither.
 
-boto3 is blocking, so every request runs on a bounded thread pool (``max_concurrency`` workers,
-as many pooled HTTP connections) and a batch's requests run concurrently on it. Objects from
+boto3 is blocking, so every request runs on a :class:`lmtier.kit.WorkerPool`
+(``max_concurrency`` workers, as many pooled HTTP connections) and a batch's requests run
+concurrently on it. Objects from
 ``multipart_threshold`` up are uploaded in parts, concurrently, from the event loop (no worker
 ever waits on another, so the pool cannot deadlock). Bodies stream the header then the caller's
 buffer without concatenating them, and reads land in the destination buffer directly
@@ -21,7 +25,8 @@ unconditionally. With ``Expect: 100-continue`` the server refuses before the bod
 
 Cancellation (e.g. the manager's ``timeout_s``) returns at once, except that a ``get_into``
 caught while writing the caller's buffer first shuts its socket and waits for the worker to
-stop, so no thread writes caller memory after the call has unwound (:class:`._io.CallGuard`).
+stop, so no thread writes caller memory after the call has unwound
+(:meth:`lmtier.kit.CancelToken.touching_caller_memory`).
 
 Errors are translated in one place, :mod:`._errors`.
 """
@@ -34,24 +39,27 @@ import functools
 import logging
 import os
 import re
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import SecretStr
 
-from lmtier.buffers import as_bytes_view
-from lmtier.errors import (
-    BackendError,
-    CapacityError,
-    ConfigError,
-    CorruptDataError,
-    InvalidArgumentError,
-)
-from lmtier.framing import HEADER_BYTES, checksum, decode, decode_header, encode_header
+from lmtier.errors import BackendError, ConfigError, CorruptDataError
+from lmtier.framing import HEADER_BYTES, NewerFormatError, decode, decode_header
 from lmtier.keys import ChunkKey
+from lmtier.kit import (
+    CancelToken,
+    Rejections,
+    StoreItem,
+    WorkerPool,
+    check_stored,
+    into_views,
+    object_name,
+    put_items,
+)
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.s3._errors import (
     error_status,
@@ -61,7 +69,7 @@ from lmtier_backends.s3._errors import (
     translate,
     translate_open,
 )
-from lmtier_backends.s3._io import CallGuard, HeaderedBody, finish_response, read_exact_into, response_socket
+from lmtier_backends.s3._io import HeaderedBody, finish_response, read_exact_into, response_socket
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -166,7 +174,7 @@ async def open_s3_backend(config: S3Config) -> S3Backend:
     client = await asyncio.to_thread(_make_client, config)
     backend = S3Backend(config, client)
     try:
-        await backend._run(backend._check_bucket, op="open", where=f"bucket {config.bucket!r}")
+        await backend._run_one(backend._check_bucket, op="open", where=f"bucket {config.bucket!r}")
         if config.recv_pool_bytes:  # now, not on the first get: it imports torch (seconds, once)
             await asyncio.to_thread(backend._receive_pool)
     except BaseException:
@@ -185,13 +193,13 @@ class S3Backend:
         self.config = config
         self._client = client
         self._bucket = config.bucket
-        self._prefix = f"{config.prefix}/" if config.prefix else ""
-        self._pool = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="lmtier-s3")
+        self._workers = WorkerPool(config.max_concurrency, "s3")
+        self._rejects = Rejections(f"s3 tier (bucket {config.bucket!r})")
         self._conditional_puts = config.skip_identical_puts
         self._max_item_bytes = int(config.multipart_part_size) * _MAX_PARTS - HEADER_BYTES
         self._lock = threading.Lock()
         self._counts: dict[str, int] = dict.fromkeys(
-            ("gets", "hits", "misses", "corrupt", "puts", "skipped_identical", "multipart_puts",
+            ("gets", "hits", "misses", "puts", "skipped_identical", "multipart_puts",
              "deletes", "bytes_read", "bytes_written", "errors", "writing_caller_buffers",
              "recv_pool_fallbacks"), 0)
         self._closed = False
@@ -204,20 +212,20 @@ class S3Backend:
         return Capabilities(persistent=True, shared=True, evicts=False, max_item_bytes=self._max_item_bytes)
 
     def object_name(self, key: ChunkKey) -> str:
-        """The S3 key under which ``key`` is stored."""
-        return f"{self._prefix}{key}"
+        """The S3 key under which ``key`` is stored (:func:`lmtier.kit.object_name`)."""
+        return object_name(self.config.prefix, key)
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether a ``get`` would serve each key: the object's header is read (a 64-byte ranged
+        GET) and checked, so a damaged or newer-format object is not counted."""
         self._check_open()
-        _check_keys(keys)
         unique = list(dict.fromkeys(keys))
-        found = await self._run_many("head", [(self._head, (k,), self.object_name(k)) for k in unique])
+        found = await self._run_many("head", [(self._has_usable_header, (k,), self.object_name(k)) for k in unique])
         answer = dict(zip(unique, found, strict=True))
         return [answer[k] for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
         self._check_open()
-        _check_keys(keys)
         unique = list(dict.fromkeys(keys))
         values = await self._run_many("get", [(self._get_one, (k,), self.object_name(k)) for k in unique])
         answer = dict(zip(unique, values, strict=True))
@@ -226,33 +234,20 @@ class S3Backend:
     async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
         """Stream each object straight into ``outs[i]`` (writable, exactly the payload size)."""
         self._check_open()
-        _check_keys(keys)
-        if len(keys) != len(outs):
-            raise InvalidArgumentError(f"get_into: {len(keys)} keys but {len(outs)} output buffers")
-        views = [as_bytes_view(o) for o in outs]
-        for v in views:
-            if v.readonly:
-                raise InvalidArgumentError("get_into: output buffers must be writable")
+        views = into_views(keys, outs)
         return await self._run_many(
             "get", [(self._get_into_one, (k, v), self.object_name(k)) for k, v in zip(keys, views, strict=True)]
         )
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
         self._check_open()
-        _check_keys([k for k, _ in items])
-        latest: dict[ChunkKey, memoryview] = {}
-        for key, value in items:  # validate the whole batch before any I/O; the last duplicate wins
-            view = as_bytes_view(value)
-            if view.nbytes > self._max_item_bytes:
-                raise CapacityError(
-                    f"s3 tier: a {view.nbytes}-byte value needs more than {_MAX_PARTS} parts of "
-                    f"{int(self.config.multipart_part_size)} bytes; raise multipart_part_size"
-                )
-            latest[key] = view
+        # every value checked before any I/O; a key given twice is stored once, with its last value
+        latest = put_items(items, max_item_bytes=self._max_item_bytes,
+                           tier=f"s3 tier ({_MAX_PARTS} parts of multipart_part_size at most)")
         threshold = int(self.config.multipart_threshold)
-        small = [(self._put_single, (k, v), self.object_name(k))
-                 for k, v in latest.items() if HEADER_BYTES + v.nbytes < threshold]
-        big = [self._put_multipart(k, v) for k, v in latest.items() if HEADER_BYTES + v.nbytes >= threshold]
+        small = [(self._put_single, (it,), self.object_name(it.key))
+                 for it in latest if HEADER_BYTES + it.nbytes < threshold]
+        big = [self._put_multipart(it) for it in latest if HEADER_BYTES + it.nbytes >= threshold]
         if not big:
             await self._run_many("put", small)
             return
@@ -260,7 +255,6 @@ class S3Backend:
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         self._check_open()
-        _check_keys(keys)
         names = list(dict.fromkeys(self.object_name(k) for k in keys))
         batches = [names[i : i + _DELETE_BATCH] for i in range(0, len(names), _DELETE_BATCH)]
         await self._run_many("delete", [(self._delete_batch, (b,), f"{len(b)} objects") for b in batches])
@@ -268,14 +262,16 @@ class S3Backend:
     def stats(self) -> dict[str, Any]:
         """Counters since open: gets/hits/misses, puts/skipped_identical, corrupt, errors, bytes."""
         with self._lock:
-            return dict(self._counts)
+            out = dict(self._counts)
+        out.update(self._rejects.stats())
+        return out
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         # in-flight workers finish (or time out) before the client's connections are closed
-        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        await self._workers.aclose()
         with contextlib.suppress(Exception):
             self._client.close()
         if self._recv_pool is not None:
@@ -292,96 +288,33 @@ class S3Backend:
         return f"S3Backend(bucket={self._bucket!r}, prefix={self.config.prefix!r}, endpoint={self.config.endpoint_url!r})"
 
     # -- running blocking calls ------------------------------------------------------------------
-    async def _run(self, fn: Callable[..., T], *args: Any, op: str, where: str,
-                   guard: CallGuard | None = None) -> T:
+    async def _run_one(self, fn: Callable[..., T], *args: Any, op: str, where: str) -> T:
         """One blocking call on the pool (see :meth:`_run_many`)."""
-        (result,) = await self._run_many(op, [(fn, args, where)], [guard or CallGuard()])
+        (result,) = await self._run_many(op, [(fn, args, where)])
         return result  # type: ignore[no-any-return]
 
-    async def _run_many(self, op: str, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], str]],
-                        guards: Sequence[CallGuard] | None = None) -> list[Any]:
-        """Run each ``fn(guard, *args)`` on the pool; results in order, or the first error.
+    async def _run_many(self, op: str, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], str]]) -> list[Any]:
+        """Run each ``fn(token, *args)`` on the pool; results in order, or the first error.
 
         Every call finishes before this returns or raises (so no worker still holds a caller's
-        buffer), and errors are translated here, in one place. The event loop is woken once per
-        batch, not once per item: with small objects, per-item wake-ups cost as much CPU (and
-        GIL) as the requests themselves.
-
-        On cancellation every guard stops its worker; workers writing into a caller's buffer are
-        waited for (promptly: their socket is shut down), the others are left to finish alone
-        (they touch no caller memory; their outcome is dropped).
+        buffer), and errors are translated here, in one place. A cancellation returns once the
+        calls writing into a caller's buffer have stopped (:class:`lmtier.kit.WorkerPool`).
         """
         if not calls:
             return []
-        loop = asyncio.get_running_loop()
-        batch_done: asyncio.Future[None] = loop.create_future()
-        guards = list(guards) if guards is not None else [CallGuard() for _ in calls]
-        lock = threading.Lock()
-        finished, submitted = 0, -1  # submitted stays -1 until every call is on the pool
-
-        def on_done(_: Future[Any]) -> None:
-            nonlocal finished
-            with lock:
-                finished += 1
-                last = finished == submitted
-            if last:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                    loop.call_soon_threadsafe(_resolve, batch_done)
-
-        futures: list[Future[Any]] = []
-        # Why results travel through `slots`, not the futures: a worker thread still holds its
-        # future (and the result) for a moment after the batch has resolved, so a returned view
-        # of the receive slab would outlive the caller's last reference to it.
-        slots: dict[int, Any] = {}
-        for i, ((fn, args, _), guard) in enumerate(zip(calls, guards, strict=True)):
-            try:
-                cf = self._pool.submit(_into_slot, slots, i, fn, guard, *args)
-            except RuntimeError:  # aclose() shut the pool down meanwhile
-                break
-            futures.append(cf)
-            cf.add_done_callback(on_done)
-        with lock:
-            submitted = len(futures)
-            last = finished == submitted
-        if last:
-            _resolve(batch_done)
-        try:
-            await batch_done
-        except asyncio.CancelledError:
-            await self._abandon(futures, guards)
-            raise
+        outcomes = await self._workers.run([functools.partial(_call, fn, args) for fn, args, _ in calls])
         results: list[Any] = []
         first: BaseException | None = None
-        finished_slots = dict(slots)
-        slots.clear()  # every worker has finished; their work items may still hold the dict
-        for i, (_, _, where) in enumerate(calls):
-            cf_or_none = futures[i] if i < len(futures) else None
-            if cf_or_none is None or cf_or_none.cancelled():  # never started: aclose() dropped it
-                error: BaseException | None = BackendError(f"s3 {op} {where}: the tier was closed")
-            else:
-                exc = cf_or_none.exception()
-                error = None if exc is None else translate(exc, op=op, where=f"s3://{self._bucket}/{where}")
-                if error is not None and error is not exc:
-                    error.__cause__ = exc
-            if error is None:
-                results.append(finished_slots.pop(i))
-            else:
-                self._count(errors=1)
-                first = first or error
+        for outcome, (_, _, where) in zip(outcomes, calls, strict=True):
+            if outcome.ok:
+                results.append(outcome.value)
+                continue
+            assert outcome.error is not None
+            self._count(errors=1)
+            first = first or translate(outcome.error, op=op, where=f"s3://{self._bucket}/{where}")
         if first is not None:
             raise first
         return results
-
-    @staticmethod
-    async def _abandon(futures: Sequence[Future[Any]], guards: Sequence[CallGuard]) -> None:
-        """Stop the workers of a cancelled batch; wait for those writing caller buffers."""
-        waits = []
-        for cf, guard in zip(futures, guards, strict=False):
-            must_wait = guard.abort()
-            if not cf.cancel() and must_wait:
-                waits.append(asyncio.wrap_future(cf))
-        for fut in waits:
-            await _wait_uninterrupted(fut)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -392,8 +325,8 @@ class S3Backend:
         if self._closed:
             raise BackendError(f"s3 tier (bucket {self._bucket!r}) is closed")
 
-    # -- worker functions (run on the pool; the first argument is the call's CallGuard) -----------
-    def _check_bucket(self, guard: CallGuard) -> None:
+    # -- worker functions (run on the pool; the first argument is the call's CancelToken) ---------
+    def _check_bucket(self, token: CancelToken) -> None:
         import botocore.exceptions as bce
 
         endpoint = self.config.endpoint_url or "AWS"
@@ -414,14 +347,31 @@ class S3Backend:
             if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise translate_open(exc, bucket=self._bucket, endpoint=endpoint, config=self.config) from exc
 
-    def _head(self, guard: CallGuard, key: ChunkKey) -> bool:
+    def _has_usable_header(self, token: CancelToken, key: ChunkKey) -> bool:
+        header = self._read_header(self.object_name(key))
+        if header is None:
+            return False
         try:
-            self._client.head_object(Bucket=self._bucket, Key=self.object_name(key))
-            return True
+            decode_header(key, header)
+        except (CorruptDataError, NewerFormatError):
+            return False
+        return True
+
+    def _read_header(self, name: str) -> bytes | None:
+        """The first 64 bytes of an object (fewer if it is shorter), or None if it is absent."""
+        try:
+            resp = self._get_object(name, Range=f"bytes=0-{HEADER_BYTES - 1}")
         except Exception as exc:
-            if is_not_found(exc):
-                return False
+            if error_status(exc) == 416:  # an empty object: no header at all
+                return b""
             raise
+        if resp is None:
+            return None
+        body = resp["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
 
     def _get_object(self, name: str, **kwargs: Any) -> dict[str, Any] | None:
         """GetObject, or None if the object does not exist."""
@@ -432,7 +382,7 @@ class S3Backend:
                 return None
             raise
 
-    def _get_one(self, guard: CallGuard, key: ChunkKey) -> memoryview | None:
+    def _get_one(self, token: CancelToken, key: ChunkKey) -> memoryview | None:
         name = self.object_name(key)
         self._count(gets=1)
         resp = self._get_object(name)
@@ -441,24 +391,24 @@ class S3Backend:
             return None
         body, size = resp["Body"], int(resp["ContentLength"])
         if size - HEADER_BYTES >= _POOLED_MIN and self.config.recv_pool_bytes:
-            return self._get_pooled(guard, key, name, body, size)
+            return self._get_pooled(token, key, name, body, size)
         # numpy: an uninitialised buffer (bytearray would zero it first)
         buf = memoryview(np.empty(size, dtype=np.uint8))  # type: ignore[arg-type]
         consumed = False
         try:
-            read_exact_into(body, buf, guard)
+            read_exact_into(body, buf, token)
             consumed = True
         finally:
             finish_response(body, consumed=consumed)
         try:
             payload = decode(key, buf, verify=self.config.verify_checksum)
-        except CorruptDataError as exc:
-            self._discard_corrupt(name, exc)
+        except (CorruptDataError, NewerFormatError) as exc:
+            self._refused(key, name, exc)
             return None
         self._count(hits=1, bytes_read=size)
         return payload.toreadonly()
 
-    def _get_pooled(self, guard: CallGuard, key: ChunkKey, name: str, body: Any, size: int) -> memoryview | None:
+    def _get_pooled(self, token: CancelToken, key: ChunkKey, name: str, body: Any, size: int) -> memoryview | None:
         """Header into a small buffer, payload into a range of the warm slab (or a fresh buffer
         when the slab is full); returns a read-only lease view of exactly the payload."""
         header = bytearray(HEADER_BYTES)
@@ -467,8 +417,8 @@ class S3Backend:
         try:
             consumed = False
             try:
-                read_exact_into(body, memoryview(header), guard)
-                read_exact_into(body, payload, guard)
+                read_exact_into(body, memoryview(header), token)
+                read_exact_into(body, payload, token)
                 consumed = True
             finally:
                 finish_response(body, consumed=consumed)
@@ -498,7 +448,7 @@ class S3Backend:
                     self._recv_pool = HostMemoryPool(int(self.config.recv_pool_bytes), pin=False, name="s3-recv")
         return self._recv_pool
 
-    def _get_into_one(self, guard: CallGuard, key: ChunkKey, out: memoryview) -> bool:
+    def _get_into_one(self, token: CancelToken, key: ChunkKey, out: memoryview) -> bool:
         name = self.object_name(key)
         self._count(gets=1)
         resp = self._get_object(name)
@@ -512,12 +462,15 @@ class S3Backend:
             return False
         header = bytearray(HEADER_BYTES)
         consumed = False
+        sock = response_socket(body)
+        # a cancellation shuts the socket (the blocked read ends at once) and waits for this block
+        shut = (lambda: sock.shutdown(socket.SHUT_RDWR)) if sock is not None else None
         try:
-            with guard.writing_caller_buffer(response_socket(body)):
+            with token.touching_caller_memory(abort=shut):
                 self._count(writing_caller_buffers=1)
                 try:
-                    read_exact_into(body, memoryview(header), guard)
-                    read_exact_into(body, out, guard)
+                    read_exact_into(body, memoryview(header), token)
+                    read_exact_into(body, out, token)
                 finally:
                     self._count(writing_caller_buffers=-1)
             consumed = True
@@ -531,32 +484,30 @@ class S3Backend:
     def _intact(self, key: ChunkKey, name: str, header: bytearray, payload: memoryview) -> bool:
         """Whether a received object's header matches its payload; a corrupt one is discarded."""
         try:
-            length, csum = decode_header(key, header)
-            if length != payload.nbytes:
-                raise CorruptDataError(f"{key}: header says {length} bytes, object holds {payload.nbytes}")
-            if self.config.verify_checksum and checksum(payload) != csum:
-                raise CorruptDataError(f"{key}: checksum mismatch")
-        except CorruptDataError as exc:
-            self._discard_corrupt(name, exc)
+            check_stored(key, header, payload, verify=self.config.verify_checksum)
+        except (CorruptDataError, NewerFormatError) as exc:
+            self._refused(key, name, exc)
             return False
         return True
 
-    def _discard_corrupt(self, name: str, exc: CorruptDataError) -> None:
-        """A bad object is a miss: count it, delete it (best effort), say so once in the log."""
-        self._count(corrupt=1, misses=1)
-        log.warning("s3 tier: deleting corrupt object s3://%s/%s (%s)", self._bucket, name, exc)
+    def _refused(self, key: ChunkKey, name: str, exc: CorruptDataError | NewerFormatError) -> None:
+        """A refused object is a miss: counted and logged; a corrupt one is deleted (best
+        effort), a newer-format one left for the readers that understand it."""
+        self._count(misses=1)
+        if self._rejects.note(key, exc) != "corrupt":
+            return
         try:
             self._client.delete_object(Bucket=self._bucket, Key=name)
         except Exception as del_exc:  # the miss stands either way; the next read retries the delete
             log.warning("s3 tier: could not delete corrupt object %s: %s", name, del_exc)
 
-    def _put_single(self, guard: CallGuard, key: ChunkKey, view: memoryview) -> None:
-        name = self.object_name(key)
-        header = encode_header(key, view)
+    def _put_single(self, token: CancelToken, item: StoreItem) -> None:
+        name, view = self.object_name(item.key), item.view
+        header = item.header()
         if self._conditional_puts:
             try:
                 self._client.put_object(Bucket=self._bucket, Key=name, IfNoneMatch="*",
-                                        Body=HeaderedBody(header, view, guard))
+                                        Body=HeaderedBody(header, view, token))
                 self._count(puts=1, bytes_written=len(header) + view.nbytes)
                 return
             except Exception as exc:
@@ -568,7 +519,7 @@ class S3Backend:
                 elif self._stored_header_matches(name, header, view.nbytes):
                     self._count(skipped_identical=1)
                     return
-        self._client.put_object(Bucket=self._bucket, Key=name, Body=HeaderedBody(header, view, guard))
+        self._client.put_object(Bucket=self._bucket, Key=name, Body=HeaderedBody(header, view, token))
         self._count(puts=1, bytes_written=len(header) + view.nbytes)
 
     def _stored_header_matches(self, name: str, header: bytes, payload_bytes: int) -> bool:
@@ -587,9 +538,9 @@ class S3Backend:
         finally:
             body.close()
         total = _CONTENT_RANGE_TOTAL.search(str(resp.get("ContentRange", "")))
-        return stored == header and total is not None and int(total.group(1)) == HEADER_BYTES + payload_bytes
+        return bool(stored == header and total is not None and int(total.group(1)) == HEADER_BYTES + payload_bytes)
 
-    def _delete_batch(self, guard: CallGuard, names: list[str]) -> None:
+    def _delete_batch(self, token: CancelToken, names: list[str]) -> None:
         resp = self._client.delete_objects(
             Bucket=self._bucket, Delete={"Objects": [{"Key": n} for n in names], "Quiet": True}
         )
@@ -601,18 +552,17 @@ class S3Backend:
         self._count(deletes=len(names))
 
     # -- multipart (orchestrated on the loop: workers never wait on each other) --------------------
-    async def _put_multipart(self, key: ChunkKey, view: memoryview) -> None:
-        name = self.object_name(key)
-        guard = CallGuard()
-        run = lambda fn, *a: self._run(fn, *a, op="put", where=name, guard=guard)  # noqa: E731
-        header: bytes = await run(lambda _guard: encode_header(key, view))
+    async def _put_multipart(self, item: StoreItem) -> None:
+        name, view = self.object_name(item.key), item.view
+        run = lambda fn, *a: self._run_one(fn, *a, op="put", where=name)  # noqa: E731
+        header: bytes = await run(lambda _token: item.header())  # the checksum pass, off the loop
         if self._conditional_puts:
-            same = await run(lambda _guard: self._stored_header_matches(name, header, view.nbytes))
+            same = await run(lambda _token: self._stored_header_matches(name, header, view.nbytes))
             if same:
                 self._count(skipped_identical=1)
                 return
         upload_id: str = await run(
-            lambda _guard: self._client.create_multipart_upload(Bucket=self._bucket, Key=name)["UploadId"]
+            lambda _token: self._client.create_multipart_upload(Bucket=self._bucket, Key=name)["UploadId"]
         )
         total, part = HEADER_BYTES + view.nbytes, int(self.config.multipart_part_size)
         spans = [(s, min(s + part, total)) for s in range(0, total, part)]
@@ -620,20 +570,20 @@ class S3Backend:
             etags = await self._run_many("put", [
                 (self._upload_part, (name, upload_id, i + 1, header, view, s, e), f"{name} part {i + 1}")
                 for i, (s, e) in enumerate(spans)
-            ], [guard] * len(spans))
+            ])
             parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(etags)]
-            await run(lambda _guard: self._client.complete_multipart_upload(
+            await run(lambda _token: self._client.complete_multipart_upload(
                 Bucket=self._bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": parts}))
         except BaseException:
             self._abort_upload_later(name, upload_id)
             raise
         self._count(puts=1, multipart_puts=1, bytes_written=total)
 
-    def _upload_part(self, guard: CallGuard, name: str, upload_id: str, number: int,
+    def _upload_part(self, token: CancelToken, name: str, upload_id: str, number: int,
                      header: bytes, view: memoryview, start: int, end: int) -> str:
         resp = self._client.upload_part(
             Bucket=self._bucket, Key=name, UploadId=upload_id, PartNumber=number,
-            Body=HeaderedBody(header, view, guard, start, end),
+            Body=HeaderedBody(header, view, token, start, end),
         )
         return str(resp["ETag"])
 
@@ -645,17 +595,11 @@ class S3Backend:
             except Exception as exc:  # a leftover upload costs storage only; lifecycle rules clean it
                 log.warning("s3 tier: could not abort multipart upload of %s: %s", name, exc)
 
-        with contextlib.suppress(RuntimeError):  # pool already shut down
-            self._pool.submit(abort_upload)
+        self._workers.spawn(abort_upload)
 
 
-def _into_slot(slots: dict[int, Any], i: int, fn: Callable[..., Any], *args: Any) -> None:
-    slots[i] = fn(*args)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], token: CancelToken) -> Any:
+    return fn(token, *args)
 
 
 async def _gather_all(calls: Sequence[Awaitable[Any]]) -> list[Any]:
@@ -665,21 +609,3 @@ async def _gather_all(calls: Sequence[Awaitable[Any]]) -> list[Any]:
         if isinstance(r, BaseException):
             raise r
     return results
-
-
-async def _wait_uninterrupted(fut: asyncio.Future[Any]) -> None:
-    """Wait for ``fut`` even if this task is cancelled again meanwhile; ignore its outcome."""
-    while not fut.done():
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            continue
-        except BaseException:
-            break
-
-
-def _check_keys(keys: Sequence[object]) -> None:
-    for k in keys:
-        if not isinstance(k, ChunkKey):
-            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")
-

@@ -23,6 +23,7 @@ import pytest
 import torch  # noqa: F401  (see below)
 from prometheus_client import CollectorRegistry
 
+import lmtier.kit.values  # (see below)
 import lmtier.testing.conformance  # noqa: F401  (see below)
 from lmtier.cli import main
 from lmtier.errors import ConfigError, PluginError
@@ -33,7 +34,8 @@ from lmtier.registry import BackendRegistry, BackendSpec, hookimpl
 pytest_plugins = ["pytester"]
 # pytester's in-process runs restore sys.modules afterwards: a module first imported inside a run
 # would be imported a second time by a later test: numpy warns about that and torch fails outright
-# (the cpu tier imports it). Hence the imports of numpy, torch and the suite above, before any run.
+# (the cpu tier imports it). Hence the imports of numpy, torch, the kit and the suite above, before any
+# run.
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "lmtier-memdict"
@@ -75,8 +77,15 @@ def test_the_example_package_passes_its_own_conformance_test(pytester: pytest.Py
     assert {"test_results_follow_the_order_of_the_keys", "test_get_into_fills_caller_buffers",
             "test_stats_are_a_flat_dict_of_numbers",
             "test_least_recently_used_values_are_evicted_beyond_max_bytes"} <= passed
-    assert skipped == {"test_persistent_backends_keep_data_across_close_and_reopen",
-                       "test_shared_backends_see_each_others_writes"}  # memdict claims neither
+    claims = {"test_persistent_backends_keep_data_across_close_and_reopen",
+              "test_shared_backends_see_each_others_writes"}  # memdict claims neither
+    scenarios = {name.split("[")[0] for name in skipped - claims}
+    assert claims <= skipped and scenarios == {  # no back doors: memdict stores no bytes outside the process
+        "test_a_damaged_value_is_a_miss_and_is_deleted", "test_a_damaged_value_is_a_get_into_miss_and_is_deleted",
+        "test_two_swapped_values_are_misses_and_are_deleted", "test_a_value_of_a_newer_format_is_a_miss_left_in_place",
+        "test_a_newer_format_value_a_new_handle_finds_is_not_counted",
+        "test_a_value_stored_in_format_version_1_is_still_read",
+        "test_a_stopped_service_fails_fast_and_typed_then_works_again"}
 
 
 # Each variant is the example with one subtle bug; the conformance tests named must catch it.
@@ -129,17 +138,6 @@ BROKEN = {
         """,
         {"test_persistent_backends_keep_data_across_close_and_reopen"},
     ),
-    "accepts_keys_that_are_not_chunk_keys": (
-        """
-        from lmtier.errors import BackendUnavailableError
-
-        class Broken(MemDictBackend):
-            def _check(self, keys):  # only the closed check: a str key is simply a miss
-                if self._closed:
-                    raise BackendUnavailableError("closed")
-        """,
-        {"test_a_key_that_is_not_a_chunk_key_is_a_typed_error"},
-    ),
     "a_second_aclose_raises": (
         """
         class Broken(MemDictBackend):
@@ -148,23 +146,86 @@ BROKEN = {
                     raise RuntimeError("already closed")
                 await super().aclose()
         """,
-        {"test_aclose_is_idempotent_and_later_calls_raise_only_lmtier_errors",
+        {"test_a_closed_backend_refuses_or_forgets_and_aclose_is_idempotent",
          "test_async_with_closes_the_backend"},
     ),
-    "get_into_ignores_the_size": (
+    "async_with_does_not_close": (
         """
         class Broken(MemDictBackend):
-            async def get_into(self, keys, outs):  # fills what fits and reports success
-                filled = []
-                for k, out in zip(keys, outs, strict=True):
-                    value, view = self._data.get(k), as_bytes_view(out)
-                    if value is not None:
-                        n = min(len(value), view.nbytes)
-                        view[:n] = value[:n]
-                    filled.append(value is not None)
-                return filled
+            async def __aexit__(self, *exc_info):  # forgets to close
+                pass
         """,
-        {"test_get_into_fills_caller_buffers"},
+        {"test_async_with_closes_the_backend"},
+    ),
+    "a_closed_backend_raises_other_errors": (
+        """
+        class Broken(MemDictBackend):
+            def _check_open(self):
+                if self._closed:
+                    raise RuntimeError("closed")  # not an LmtierError: the manager cannot degrade it
+        """,
+        {"test_a_closed_backend_refuses_or_forgets_and_aclose_is_idempotent"},
+    ),
+    "keeps_deleted_keys": (
+        """
+        class Broken(MemDictBackend):
+            async def delete(self, keys):  # forgets to delete
+                self._check_open()
+        """,
+        {"test_delete_removes_and_absent_keys_are_fine"},
+    ),
+    "exposes_half_written_values": (
+        """
+        import asyncio
+
+        class Broken(MemDictBackend):
+            async def put(self, items):  # writes in two halves, yielding to other tasks between
+                for key, value in items:
+                    data = bytearray(as_bytes_view(value))
+                    half = bytearray(len(data))
+                    half[: len(data) // 2] = data[: len(data) // 2]
+                    self._data[key] = half
+                    await asyncio.sleep(0)
+                    half[len(data) // 2 :] = data[len(data) // 2 :]
+        """,
+        {"test_concurrent_put_and_get_never_see_a_partial_value"},
+    ),
+    "get_into_writes_after_a_cancellation": (
+        """
+        import asyncio
+        import threading
+
+        class Broken(MemDictBackend):
+            def __init__(self, config):
+                super().__init__(config)
+                self._pending = []
+
+            async def get_into(self, keys, outs):
+                views = [as_bytes_view(o) for o in outs]
+                values = [self._data.get(k) for k in keys]
+                gate = threading.Event()
+
+                def transfer():  # the copy a worker thread makes once released
+                    gate.wait()
+                    for view, value in zip(views, values):
+                        if value is not None and len(value) == view.nbytes:
+                            view[:] = value
+
+                worker = threading.Thread(target=transfer)
+                worker.start()
+                self._pending.append((gate, worker))
+                await asyncio.sleep(0)  # a cancellation here leaves the transfer pending
+                gate.set()
+                await asyncio.to_thread(worker.join)
+                return [v is not None and len(v) == o.nbytes for v, o in zip(values, views)]
+
+            async def aclose(self):
+                for gate, worker in self._pending:  # pending transfers finish now, writing as they go
+                    gate.set()
+                    worker.join()
+                await super().aclose()
+        """,
+        {"test_a_cancelled_get_into_writes_nothing_after_it_has_unwound"},
     ),
 }
 
@@ -318,17 +379,36 @@ def test_lmtier_check_backend_runs_the_suite_against_the_installed_package(
             "-k", "round_trip or order or buffer or persistent"]  # the full suite runs in the first test
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\b7 passed, 1 skipped, 19 deselected", out), out
+    assert re.search(r"\b6 passed, 1 skipped, 43 deselected", out), out
 
 
 def test_the_guide_shows_the_example_files_verbatim() -> None:
     guide = (REPO / "docs" / "writing-a-backend.md").read_text()
-    shown = re.findall(r"\*\*`examples/lmtier-memdict/([^`]+)`\*\*\n\n```[a-z]*\n(.*?)```", guide, re.DOTALL)
-    assert {path for path, _ in shown} >= {"pyproject.toml", "lmtier_memdict/plugin.py",
-                                           "lmtier_memdict/config.py", "lmtier_memdict/backend.py",
-                                           "tests/test_conformance.py"}
+    shown = re.findall(r"\*\*`examples/(lmtier-[a-z]+/[^`]+)`\*\*\n\n```[a-z]*\n(.*?)```", guide, re.DOTALL)
+    assert {path for path, _ in shown} >= {
+        "lmtier-memdict/pyproject.toml", "lmtier-memdict/lmtier_memdict/plugin.py",
+        "lmtier-memdict/lmtier_memdict/config.py", "lmtier-memdict/lmtier_memdict/backend.py",
+        "lmtier-memdict/tests/test_conformance.py", "lmtier-filedir/lmtier_filedir/backend.py",
+        "lmtier-filedir/tests/test_conformance.py"}
     for path, text in shown:
-        assert text == (EXAMPLE / path).read_text(), f"docs/writing-a-backend.md is out of date for {path}"
+        assert text == (REPO / "examples" / path).read_text(), f"docs/writing-a-backend.md is out of date for {path}"
+
+
+def test_the_kit_example_passes_the_suite_with_its_corruption_scenarios(pytester: pytest.Pytester) -> None:
+    filedir = REPO / "examples" / "lmtier-filedir"
+    pytester.syspathinsert(filedir)
+    pytester.makeini(INI)
+    pytester.makepyfile(test_filedir=(filedir / "tests" / "test_conformance.py").read_text())
+    reprec = pytester.inline_run("-p", "no:cacheprovider")
+    passed, _, failed = reprec.listoutcomes()
+    assert failed == []
+    names = {r.nodeid.rsplit("::", 1)[-1].split("[")[0] for r in passed}
+    assert {"test_a_damaged_value_is_a_miss_and_is_deleted", "test_two_swapped_values_are_misses_and_are_deleted",
+            "test_a_value_of_a_newer_format_is_a_miss_left_in_place",
+            "test_a_newer_format_value_a_new_handle_finds_is_not_counted",
+            "test_a_value_stored_in_format_version_1_is_still_read"} <= names
+    for name in [m for m in sys.modules if m == "lmtier_filedir" or m.startswith("lmtier_filedir.")]:
+        del sys.modules[name]
 
 
 # -- a real `pip install` of the package, used from fresh processes --------------------------------
@@ -359,26 +439,38 @@ def pip_installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return sites
 
 
-def suite_size() -> int:
-    """How many tests one BackendConformance subclass runs (parametrized cases counted)."""
+def suite_size() -> tuple[int, int]:
+    """How many tests one BackendConformance subclass runs (parametrized cases counted), and how
+    many of them are fault scenarios (they need the ``raw_store`` or ``service`` back door)."""
+    import inspect
+
     from lmtier.testing import BackendConformance
 
-    n = 0
+    n = scenarios = 0
     for name, fn in vars(BackendConformance).items():
         if name.startswith("test_"):
             params = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
-            n += len(params[0].args[1]) if params else 1
-    return n
+            cases = len(params[0].args[1]) if params else 1
+            n += cases
+            if {"raw_store", "service"} & set(inspect.signature(fn).parameters):
+                scenarios += cases
+    return n, scenarios
 
 
-def assert_all_passed(output: str, expected: int) -> None:
-    """``expected`` tests ran, none failed; memdict claims neither persistence nor sharing (2 skips)."""
-    match = re.search(r"\b(\d+) passed, 2 skipped in", output)
-    assert match and int(match.group(1)) + 2 == expected and "failed" not in output, output
+def assert_all_passed(output: str, expected: tuple[int, int], *, skipped: int) -> None:
+    """The whole suite ran and nothing failed: every scenario skipped (no back doors), and
+    ``skipped`` more (capabilities the backend does not claim)."""
+    total, scenarios = expected
+    # (a PytestAssertRewriteWarning is possible: lmtier comes from this checkout, not the venv's install)
+    match = re.search(r"\b(\d+) passed, (\d+) skipped(?:, \d+ warnings?)? in", output)
+    assert match and "failed" not in output, output
+    assert (int(match.group(1)), int(match.group(2))) == (total - scenarios - skipped, scenarios + skipped), output
 
 
 def run_installed(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    # the package from `site`, and lmtier from this checkout (the venv's editable install may
+    # point at another one)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("LMTIER_DISABLE_PLUGIN_AUTOLOAD", None)
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
@@ -395,7 +487,7 @@ def test_a_pip_installed_package_passes_the_whole_suite_through_lmtier_check_bac
     done = run_installed(pip_installed["good"], tmp_path, lmtier, "check-backend", "memdict", "--options",
                          str(options), "-q")  # the whole suite, 64 MiB item included
     assert done.returncode == 0, done.stdout + done.stderr
-    assert_all_passed(done.stdout, suite_size())
+    assert_all_passed(done.stdout, suite_size(), skipped=2)  # memdict is neither persistent nor shared
 
 
 def test_the_installed_packages_own_tests_pass_against_the_installed_copy(
@@ -409,7 +501,77 @@ def test_the_installed_packages_own_tests_pass_against_the_installed_copy(
     done = run_installed(pip_installed["good"], tmp_path, sys.executable, "-m", "pytest", "-q",
                          "-p", "no:cacheprovider", "test_conformance.py")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert_all_passed(done.stdout, suite_size() + 1)  # + its own LRU test
+    total, scenarios = suite_size()
+    assert_all_passed(done.stdout, (total + 1, scenarios), skipped=2)  # + its own LRU test
+
+
+# -- the plain dict backend an outside author writes from docs/writing-a-backend.md ----------------
+DICTSTORE = REPO / "tests" / "support" / "lmtier-dictstore"
+#: One-line bugs in the dict backend, and the conformance tests that must catch each.
+DICTSTORE_BUGS = {
+    "answers_in_reverse_order": (
+        "return [self._data.get(key) for key in keys]",
+        "return [self._data.get(key) for key in reversed(keys)]",
+        {"test_results_follow_the_order_of_the_keys", "test_a_batch_of_many_small_items_round_trips",
+         "test_keys_with_the_same_digest_in_other_namespaces_are_distinct"},
+    ),
+    "keeps_deleted_keys": (
+        "self._data.pop(key, None)",
+        "pass",
+        {"test_delete_removes_and_absent_keys_are_fine"},
+    ),
+    "exposes_half_written_values": (
+        'self._data[key] = bytes(memoryview(value).cast("B"))  # a copy: the caller may reuse value',
+        'data = bytes(memoryview(value).cast("B")); self._data[key] = data[: len(data) // 2]; '
+        'await __import__("asyncio").sleep(0); self._data[key] = data',
+        {"test_concurrent_put_and_get_never_see_a_partial_value"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def dictstore_sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The dict backend pip-installed as written, and once per bug in DICTSTORE_BUGS."""
+    root = tmp_path_factory.mktemp("dictstore")
+    sites = {}
+    for variant in ["as written", *DICTSTORE_BUGS]:
+        source = root / f"src-{variant.replace(' ', '-')}"
+        shutil.copytree(DICTSTORE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        if variant in DICTSTORE_BUGS:
+            old, new, _ = DICTSTORE_BUGS[variant]
+            backend = source / "lmtier_dictstore" / "backend.py"
+            assert backend.read_text().count(old) == 1, variant
+            backend.write_text(backend.read_text().replace(old, new))
+        sites[variant] = root / f"site-{variant.replace(' ', '-')}"
+        pip_install(source, sites[variant])
+    return sites
+
+
+def test_a_plain_dict_backend_without_argument_checks_passes_lmtier_check_backend(
+    dictstore_sites: dict[str, Path], tmp_path: Path
+) -> None:
+    backend = (DICTSTORE / "lmtier_dictstore" / "backend.py").read_text()
+    assert len(backend.splitlines()) <= 40 and "isinstance" not in backend  # plain, and trusts its callers
+    lmtier = str(Path(sys.executable).parent / "lmtier")
+    done = run_installed(dictstore_sites["as written"], tmp_path, lmtier, "check-backend", "dictstore", "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "never awaited" not in done.stdout + done.stderr  # the suite leaves no coroutine behind
+    # neither persistent nor shared, no get_into (2 tests) or stats, and no back doors
+    assert_all_passed(done.stdout, suite_size(), skipped=2 + 2 + 1)
+
+
+@pytest.mark.parametrize("bug", sorted(DICTSTORE_BUGS))
+def test_a_dict_backend_with_one_bug_fails_lmtier_check_backend_where_it_should(
+    dictstore_sites: dict[str, Path], tmp_path: Path, bug: str
+) -> None:
+    must_fail = DICTSTORE_BUGS[bug][2]
+    controls = {"test_empty_batches_return_empty_lists", "test_overwrite_replaces_the_value"}
+    lmtier = str(Path(sys.executable).parent / "lmtier")
+    done = run_installed(dictstore_sites[bug], tmp_path, lmtier, "check-backend", "dictstore", "-q",
+                         "-k", " or ".join(sorted(must_fail | controls)))
+    assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout + done.stderr
+    failed = set(re.findall(r"^FAILED \S+::(test_\w+)", done.stdout, re.MULTILINE))
+    assert failed == must_fail, done.stdout
 
 
 def test_a_pip_installed_subtly_broken_package_fails_lmtier_check_backend(

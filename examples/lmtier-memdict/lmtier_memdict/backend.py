@@ -3,6 +3,10 @@
 Why ``bytes``: ``put`` must not keep the caller's buffer (the caller may reuse it), and a value
 returned by ``get`` must not change when the key is overwritten later. An immutable copy gives
 both for free, and makes every put atomic: the dict slot switches from the old object to the new.
+
+Arguments arrive checked by lmtier's manager; the :mod:`lmtier.kit` helpers used here
+(``put_items``, ``into_views``) turn values into byte views and refuse what is not a host buffer
+or is too big with the same typed errors, for callers that use the backend directly.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmtier.buffers import as_bytes_view
-from lmtier.errors import BackendUnavailableError, CapacityError, InvalidArgumentError
+from lmtier.errors import BackendUnavailableError
 from lmtier.keys import ChunkKey
+from lmtier.kit import into_views, put_items
 from lmtier.protocol import Buffer, Capabilities
 
 if TYPE_CHECKING:
@@ -39,11 +44,11 @@ class MemDictBackend:
         return Capabilities(persistent=False, shared=False, evicts=True, max_item_bytes=self.max_bytes)
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        self._check(keys)
+        self._check_open()
         return [k in self._data for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        self._check(keys)
+        self._check_open()
         out: list[Buffer | None] = []
         for k in keys:
             value = self._data.get(k)
@@ -54,14 +59,9 @@ class MemDictBackend:
 
     async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
         """Optional zero-copy protocol (SupportsGetInto): fill caller buffers of the exact size."""
-        self._check(keys)
-        if len(outs) != len(keys):
-            raise InvalidArgumentError(f"get_into needs one buffer per key, got {len(outs)} for {len(keys)}")
+        self._check_open()
         filled = []
-        for k, out in zip(keys, outs, strict=True):
-            view = as_bytes_view(out)
-            if view.readonly:
-                raise InvalidArgumentError("get_into needs writable buffers")
+        for k, view in zip(keys, into_views(keys, outs), strict=True):  # writable byte views
             value = self._data.get(k)
             if value is None or len(value) != view.nbytes:
                 filled.append(False)
@@ -72,11 +72,10 @@ class MemDictBackend:
         return filled
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
-        self._check([k for k, _ in items])
-        frozen = [(k, self._freeze(v)) for k, v in items]  # validate the whole batch before writing
-        for _, value in frozen:
-            if len(value) > self.max_bytes:
-                raise CapacityError(f"memdict: a {len(value)}-byte value exceeds max_bytes={self.max_bytes}")
+        self._check_open()
+        # every value checked (a host buffer, at most max_bytes) before anything is written
+        checked = put_items(items, tier="memdict (max_bytes)", max_item_bytes=self.max_bytes)
+        frozen = [(item.key, self._freeze(item.view)) for item in checked]
         for key, value in frozen:
             old = self._data.pop(key, None)
             self._used -= 0 if old is None else len(old)
@@ -88,7 +87,7 @@ class MemDictBackend:
             self._used += len(value)
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
-        self._check(keys)
+        self._check_open()
         for k in keys:
             old = self._data.pop(k, None)
             self._used -= 0 if old is None else len(old)
@@ -109,15 +108,12 @@ class MemDictBackend:
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
-    # -- the one place where bad input and a closed handle become lmtier errors -----------------
+    # -- machinery -------------------------------------------------------------------------------
     @staticmethod
     def _freeze(value: object) -> bytes:
-        """An immutable copy of any C-contiguous buffer; InvalidArgumentError for anything else."""
+        """An immutable copy of any C-contiguous buffer."""
         return bytes(as_bytes_view(value))
 
-    def _check(self, keys: Sequence[object]) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise BackendUnavailableError("memdict tier is closed")
-        for k in keys:
-            if not isinstance(k, ChunkKey):
-                raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

@@ -17,11 +17,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from lmtier.errors import BackendUnavailableError
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.manager import StorageManager
-from lmtier_backends.nixl.backend import open_nixl_backend
-from lmtier_backends.nixl.config import NixlConfig
 from tests.backends.nixl._helpers import needs_nixl, obj_options
 from tests.support.seaweedfs import SeaweedFS, create_bucket, find_weed
 
@@ -156,20 +153,3 @@ async def test_the_tier_recovers_after_the_server_restarts(
     assert _sample(registry, "lmtier_tier_circuit_open", tier="shared") == 0
     (kept,) = await reader.get([old])  # data written before the crash survived it
     assert kept is not None and bytes(kept) == b"written before the crash"
-
-
-@pytest.mark.asyncio
-async def test_each_call_on_a_stopped_server_fails_fast_as_unavailable(own_seaweed: SeaweedFS) -> None:
-    config = NixlConfig(plugin="obj", obj=obj_options(own_seaweed, BUCKET, max_attempts=1),
-                        staging_slab_bytes=4 * MiB)
-    tier = await open_nixl_backend(config)
-    try:
-        keys = _keys(2)
-        await tier.put([(keys[0], b"before")])
-        own_seaweed.stop()
-        for call in (tier.get(keys), tier.contains(keys), tier.put([(keys[1], b"x")]), tier.delete(keys)):
-            with pytest.raises(BackendUnavailableError):
-                await call
-        assert tier.stats()["staging_outstanding"] == 0
-    finally:
-        await tier.aclose()

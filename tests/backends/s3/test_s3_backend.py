@@ -76,57 +76,6 @@ async def test_an_empty_prefix_stores_objects_at_the_bucket_root(s3_options: Cal
         await backend.delete([key])
 
 
-# -- corruption ---------------------------------------------------------------------------------------
-@pytest.mark.asyncio
-@pytest.mark.parametrize("size", [10_000, MiB], ids=["fresh-buffer", "received-into-the-slab"])
-async def test_a_corrupt_object_is_a_miss_is_deleted_and_is_counted(
-    s3_config: S3Config, s3_endpoint: S3Endpoint, size: int
-) -> None:
-    s3 = s3_endpoint.client()
-    garbage, flipped, foreign, short = _keys(4)
-    async with await open_s3_backend(s3_config) as backend:
-        good = os.urandom(size)
-        await backend.put([(flipped, good), (foreign, good)])
-        # random bytes with no header at all
-        s3.put_object(Bucket=BUCKET, Key=backend.object_name(garbage), Body=os.urandom(size))
-        # a valid object with one payload byte flipped: the checksum catches it
-        raw = bytearray(_raw(s3, backend.object_name(flipped)))
-        raw[HEADER_BYTES + 123] ^= 0xFF
-        s3.put_object(Bucket=BUCKET, Key=backend.object_name(flipped), Body=bytes(raw))
-        # another key's (valid) object under this key's name: the header names the other key
-        other = _keys(1)[0]
-        s3.put_object(Bucket=BUCKET, Key=backend.object_name(foreign),
-                      Body=encode_header(other, good) + good)
-        # shorter than a header
-        s3.put_object(Bucket=BUCKET, Key=backend.object_name(short), Body=b"LMTR")
-
-        assert await backend.get([garbage, flipped, foreign, short]) == [None, None, None, None]
-        assert backend.stats()["corrupt"] == 4
-        for key in (garbage, flipped, foreign, short):
-            assert not _exists(s3, backend.object_name(key)), f"corrupt object {key} was not deleted"
-        assert await backend.contains([garbage, flipped, foreign, short]) == [False] * 4
-        pool = backend._recv_pool
-        assert pool is None or pool.outstanding() == 0  # a rejected payload gives its range back
-
-
-@pytest.mark.asyncio
-async def test_get_into_treats_a_corrupt_object_as_a_miss_and_deletes_it(
-    s3_config: S3Config, s3_endpoint: S3Endpoint
-) -> None:
-    s3 = s3_endpoint.client()
-    (key,) = _keys(1)
-    data = os.urandom(300_000)
-    async with await open_s3_backend(s3_config) as backend:
-        await backend.put([(key, data)])
-        raw = bytearray(_raw(s3, backend.object_name(key)))
-        raw[-1] ^= 0x01
-        s3.put_object(Bucket=BUCKET, Key=backend.object_name(key), Body=bytes(raw))
-        out = bytearray(len(data))
-        assert await backend.get_into([key], [out]) == [False]
-        assert backend.stats()["corrupt"] == 1
-        assert not _exists(s3, backend.object_name(key))
-
-
 # -- conditional puts ----------------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_putting_identical_bytes_again_skips_the_upload_but_new_bytes_overwrite(

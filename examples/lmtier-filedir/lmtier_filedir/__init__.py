@@ -1,0 +1,1 @@
+"""Example third-party lmtier backend built on :mod:`lmtier.kit`."""

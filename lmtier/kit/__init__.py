@@ -1,0 +1,93 @@
+"""The backend kit: what every storage backend needs, written once (built-in and third-party alike).
+
+=============================  ===========================================================
+:class:`WorkerPool`            bounded worker threads for blocking clients; cancel-safe
+                               (:class:`CancelToken`: abort actions, caller-memory spans)
+:func:`put_items`              a ``put`` batch as :class:`StoreItem` (view, header, checksum
+                               carried by a :class:`Payload` from tier to tier), sizes checked
+:func:`check_stored`           header + payload (held in different buffers) validated;
+                               :class:`Rejections` counts and logs corrupt / newer-format values
+:func:`check_keys`,            argument checks with errors that say what to pass, for a backend
+:func:`check_items`,           also called without a manager; :func:`into_views` for
+:func:`into_views`             ``get_into``'s buffers
+:class:`ErrorMap`, :class:`Rule`  client exceptions -> the lmtier error tree, with advice;
+                               :data:`OS_ERROR_RULES` for files and sockets
+:class:`FileLayout`,           the storage names shared by every transport over files
+:func:`scan_files`,            (disk, NIXL posix) and objects (s3, NIXL obj)
+:func:`object_name`
+=============================  ===========================================================
+
+``docs/writing-a-backend.md`` builds a backend with it. Importing this package is cheap: each
+name loads its module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmtier.kit.checks import check_items, check_keys, into_views
+    from lmtier.kit.errors import OS_ERROR_RULES, ErrorMap, Rule, describe, errno_in
+    from lmtier.kit.naming import (
+        FileLayout,
+        ScanResult,
+        legacy_object_name,
+        migrate_object_names,
+        normalize_prefix,
+        object_name,
+        scan_files,
+    )
+    from lmtier.kit.runner import Cancelled, CancelToken, Outcome, WorkerPool
+    from lmtier.kit.stored import Rejections, check_stored, stored_size
+    from lmtier.kit.values import Payload, StoreItem, checksum_of, put_items
+
+__all__ = [
+    "OS_ERROR_RULES",
+    "CancelToken",
+    "Cancelled",
+    "ErrorMap",
+    "FileLayout",
+    "Outcome",
+    "Payload",
+    "Rejections",
+    "Rule",
+    "ScanResult",
+    "StoreItem",
+    "WorkerPool",
+    "check_items",
+    "check_keys",
+    "check_stored",
+    "checksum_of",
+    "describe",
+    "errno_in",
+    "into_views",
+    "legacy_object_name",
+    "migrate_object_names",
+    "normalize_prefix",
+    "object_name",
+    "put_items",
+    "scan_files",
+    "stored_size",
+]
+
+_HOME = {
+    **dict.fromkeys(("check_items", "check_keys", "into_views"), "checks"),
+    **dict.fromkeys(("OS_ERROR_RULES", "ErrorMap", "Rule", "describe", "errno_in"), "errors"),
+    **dict.fromkeys(("FileLayout", "ScanResult", "legacy_object_name", "migrate_object_names",
+                     "normalize_prefix", "object_name", "scan_files"), "naming"),
+    **dict.fromkeys(("CancelToken", "Cancelled", "Outcome", "WorkerPool"), "runner"),
+    **dict.fromkeys(("Rejections", "check_stored", "stored_size"), "stored"),
+    **dict.fromkeys(("Payload", "StoreItem", "checksum_of", "put_items"), "values"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'lmtier.kit' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lmtier.kit.{home}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
