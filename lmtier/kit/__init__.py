@@ -13,7 +13,8 @@
 :class:`ErrorMap`, :class:`Rule`  client exceptions -> the lmtier error tree, with advice;
                                :data:`OS_ERROR_RULES` for files and sockets
 :class:`FileLayout`,           the storage names shared by every transport over files
-:func:`scan_files`,            (disk, NIXL posix) and objects (s3, NIXL obj)
+:func:`claim_root`,            (disk, NIXL posix: a claimed root, exact temp names, a scan
+:func:`scan_files`,            that cleans only names a tier makes) and objects (s3, NIXL obj)
 :func:`object_name`
 =============================  ===========================================================
 
@@ -30,8 +31,14 @@ if TYPE_CHECKING:
     from lmtier.kit.checks import check_items, check_keys, into_views
     from lmtier.kit.errors import OS_ERROR_RULES, ErrorMap, Rule, describe, errno_in
     from lmtier.kit.naming import (
+        MARKER,
+        TEMP_MARK,
         FileLayout,
+        ForeignRootError,
+        RootGoneError,
         ScanResult,
+        check_root,
+        claim_root,
         legacy_object_name,
         migrate_object_names,
         normalize_prefix,
@@ -43,22 +50,28 @@ if TYPE_CHECKING:
     from lmtier.kit.values import Payload, StoreItem, checksum_of, put_items
 
 __all__ = [
+    "MARKER",
     "OS_ERROR_RULES",
+    "TEMP_MARK",
     "CancelToken",
     "Cancelled",
     "ErrorMap",
     "FileLayout",
+    "ForeignRootError",
     "Outcome",
     "Payload",
     "Rejections",
+    "RootGoneError",
     "Rule",
     "ScanResult",
     "StoreItem",
     "WorkerPool",
     "check_items",
     "check_keys",
+    "check_root",
     "check_stored",
     "checksum_of",
+    "claim_root",
     "describe",
     "errno_in",
     "into_views",
@@ -74,8 +87,9 @@ __all__ = [
 _HOME = {
     **dict.fromkeys(("check_items", "check_keys", "into_views"), "checks"),
     **dict.fromkeys(("OS_ERROR_RULES", "ErrorMap", "Rule", "describe", "errno_in"), "errors"),
-    **dict.fromkeys(("FileLayout", "ScanResult", "legacy_object_name", "migrate_object_names",
-                     "normalize_prefix", "object_name", "scan_files"), "naming"),
+    **dict.fromkeys(("MARKER", "TEMP_MARK", "FileLayout", "ForeignRootError", "RootGoneError", "ScanResult", "check_root",
+                     "claim_root", "legacy_object_name", "migrate_object_names", "normalize_prefix",
+                     "object_name", "scan_files"), "naming"),
     **dict.fromkeys(("CancelToken", "Cancelled", "Outcome", "WorkerPool"), "runner"),
     **dict.fromkeys(("Rejections", "check_stored", "stored_size"), "stored"),
     **dict.fromkeys(("Payload", "StoreItem", "checksum_of", "put_items"), "values"),

@@ -68,7 +68,10 @@ OS_ERROR_RULES: tuple[Rule, ...] = (
     Rule(errno_in(errno.ENOSPC, errno.EDQUOT, errno.EFBIG), CapacityError,
          "free space on that filesystem or lower the tier's max_bytes"),
     Rule(errno_in(errno.ETIMEDOUT), BackendTimeoutError, "the filesystem or peer did not answer (network mount?)"),
-    Rule(errno_in(errno.EIO, errno.EROFS, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ENOTCONN,
+    # read-only: writes fail, reads go on (not a reason to take the tier out)
+    Rule(errno_in(errno.EROFS), BackendError, "the filesystem is read-only: writes are skipped, reads go on; "
+         "remount it read-write to store again"),
+    Rule(errno_in(errno.EIO, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ENOTCONN,
                   errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EHOSTDOWN, errno.ESHUTDOWN,
                   errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH,
                   errno.EPIPE), BackendUnavailableError,

@@ -6,8 +6,12 @@ plugin use :class:`FileLayout`, the ``s3`` tier and NIXL's ``obj`` plugin use
 
 Files (``fan_out=2``, the default)::
 
-    <root>/<namespace>/<d0d1>/<d2d3>/<str(key)>          d0d1: the digest's first two hex digits
+    <root>/.lmtier_disk_root                              the marker: this root is a tier's own
+    <root>/<namespace>/<d0d1>/<d2d3>/<str(key)>           d0d1: the digest's first two hex digits
     <root>/<namespace>/<d0d1>/<d2d3>/<str(key)>.tmp-<12 hex>   a write in progress (renamed over)
+
+A root is claimed by :func:`claim_root` (the marker written at the first open; a non-empty
+directory without it is refused), and a tier only ever deletes names it makes, matched exactly.
 
 Objects::
 
@@ -15,29 +19,36 @@ Objects::
 
 Since ``str(key)`` starts with the namespace, ``<prefix>/<namespace>-`` lists one model's chunks.
 
-Older names: NIXL's ``posix`` plugin fanned out one level (``<root>/<ns>/<d0d1>/<key>``);
-:func:`scan_files` moves files found at another depth into place when a tier opens, so those
-stores stay warm. NIXL's ``obj`` plugin stored ``<prefix><namespace>/<str(key)>``;
-:func:`migrate_object_names` renames such objects once (docs/backends/nixl.md says how).
+Older names: NIXL's ``posix`` plugin fanned out one level (``<root>/<ns>/<d0d1>/<key>``) and wrote
+no marker; :func:`scan_files` moves files found at another depth into place when a tier opens,
+and docs/backends/nixl.md says how to claim such a root. NIXL's ``obj`` plugin stored
+``<prefix><namespace>/<str(key)>``; :func:`migrate_object_names` renames such objects once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmtier.errors import InvalidArgumentError
+from lmtier.errors import CorruptDataError, InvalidArgumentError
+from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 
 __all__ = [
+    "MARKER",
     "TEMP_MARK",
     "FileLayout",
+    "ForeignRootError",
+    "RootGoneError",
     "ScanResult",
+    "check_root",
+    "claim_root",
     "legacy_object_name",
     "migrate_object_names",
     "normalize_prefix",
@@ -47,11 +58,15 @@ __all__ = [
 
 #: What a temp file's name adds to its final name, before 12 random hex digits.
 TEMP_MARK = ".tmp-"
-_KEY = r"[0-9a-f]{16}-[0-9a-f]{32}"
-_TEMP_RE = re.compile(rf"^({_KEY}){re.escape(TEMP_MARK)}[0-9a-f]{{12}}$")
-_NS_RE = re.compile(r"^[0-9a-f]{16}$")
-_FAN_RE = re.compile(r"^[0-9a-f]{2}$")
+#: The file that makes a directory a tier's root (written at the first open).
+MARKER = ".lmtier_disk_root"
+_MARKER_TEXT = b"lmtier tier root: every file below is the tier's own and may be deleted by it\n"
+_NS_RE = re.compile(r"[0-9a-f]{16}")
+_FAN_RE = re.compile(r"[0-9a-f]{2}")
+_TEMP_RE = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}\.tmp-[0-9a-f]{12}")  # temp_path's names
+_TOP_TEMP_RE = re.compile(r"\.(probe|lmtier_disk_root)\.tmp-[0-9a-f]{12}")  # claim_root's names
 _MAX_FAN_OUT = 4
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -80,73 +95,175 @@ class FileLayout:
     @staticmethod
     def is_temp_name(name: str) -> bool:
         """Whether ``name`` is exactly a temp name :meth:`temp_path` makes."""
-        return _TEMP_RE.match(name) is not None
+        return _TEMP_RE.fullmatch(name) is not None
+
+
+class ForeignRootError(Exception):
+    """The root is a non-empty directory without the marker: not a tier's, so not ours to write
+    or clean. The message says what to do."""
+
+    def __init__(self, root: Path, names: list[str]) -> None:
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        super().__init__(
+            f"root {os.fspath(root)!r} is not empty ({shown}) and has no {MARKER} marker, so it is not a "
+            "tier's directory; a tier deletes files in its root and never adopts a directory it did not "
+            f"create. Use a new or empty directory (e.g. {os.fspath(root / 'lmtier')!r}); if this is a "
+            f"tier's root made by an older lmtier, create the marker: touch {os.fspath(root / MARKER)!r}"
+        )
+        self.root, self.names = root, names
+
+
+class RootGoneError(FileNotFoundError):
+    """The root (or its marker) vanished while the tier was open: deleted, or unmounted."""
+
+
+def claim_root(root: Path) -> bool:
+    """Create or adopt ``root``; ``False`` when it is a tier's but on a read-only filesystem.
+
+    A new or empty directory gets the marker; a directory holding the marker is a tier's own;
+    anything else raises :class:`ForeignRootError`. Proves a file can be created in the root
+    (raises OSError, except EROFS on a root that holds the marker). Blocking.
+    """
+    os.makedirs(root, exist_ok=True)
+    marker = os.path.join(root, MARKER)
+    ours = os.path.isfile(marker)
+    if not ours:
+        with os.scandir(root) as it:  # another opener's probe or marker temp file is not foreign
+            names = sorted(e.name for e in it if not _TOP_TEMP_RE.fullmatch(e.name))
+        if names:
+            raise ForeignRootError(root, names)
+    try:
+        _write_new(os.path.join(root, f".probe{TEMP_MARK}{os.urandom(6).hex()}"), b"lmtier", keep=False)
+    except OSError as exc:
+        if ours and exc.errno == errno.EROFS:
+            return False
+        raise
+    if not ours:
+        tmp = os.path.join(root, f"{MARKER}{TEMP_MARK}{os.urandom(6).hex()}")
+        _write_new(tmp, _MARKER_TEXT, keep=True)
+        os.replace(tmp, marker)
+    return True
+
+
+def check_root(root: Path) -> None:
+    """Raise :class:`RootGoneError` unless the root still holds its marker (OSError if unreadable)."""
+    if not os.path.isfile(os.path.join(root, MARKER)):
+        raise RootGoneError(errno.ENOENT, "the tier's root or its marker file is gone", os.fspath(root))
 
 
 @dataclass
 class ScanResult:
-    """What :func:`scan_files` found: ``(key, file bytes, atime ns)`` per file, and what it did."""
+    """What :func:`scan_files` found: ``(key, file bytes, atime ns)`` per file, and what it did.
+
+    ``newer`` holds the keys (among ``entries``) whose header is of a newer format: a tier keeps
+    those files (and counts their bytes) but must not serve or count them as present."""
 
     entries: list[tuple[ChunkKey, int, int]] = field(default_factory=list)
+    newer: set[ChunkKey] = field(default_factory=set)
     temp_removed: int = 0
     short_removed: int = 0
+    corrupt_removed: int = 0
     moved: int = 0
 
 
-def scan_files(layout: FileLayout, *, min_bytes: int = 0) -> ScanResult:
+def scan_files(layout: FileLayout, *, clean: bool = True, read_headers: bool = False) -> ScanResult:
     """Index the chunk files under ``layout.root``; blocking (run it on a thread).
 
-    Deletes only names a tier makes: leftover temp files of a crashed writer (matched exactly) and
-    key files shorter than ``min_bytes`` (a header at least). Files found at another fan-out
-    depth than ``layout``'s (the option changed, or another transport wrote them) are moved into
-    place. Anything else is left alone.
+    With ``clean``: delete leftover temp files of a crashed writer and key files shorter than a
+    header, and move files found at another fan-out depth than ``layout``'s (the option changed,
+    or another transport wrote them) into place. Without ``clean`` (a read-only root) such files
+    are skipped. Names a tier does not make are left alone. With ``read_headers``, each file's
+    header is read (64 bytes): a damaged one is deleted (with ``clean``) and not indexed, one of a
+    newer format is indexed and listed in ``newer``.
     """
     result = ScanResult()
     with os.scandir(layout.root) as top:
-        namespaces = [e for e in top if e.is_dir(follow_symlinks=False) and _NS_RE.match(e.name)]
-    for ns in namespaces:
-        for entry in _walk(ns.path, 0):
-            _scan_entry(layout, ns.name, entry, min_bytes, result)
+        for entry in top:
+            if entry.is_dir(follow_symlinks=False) and _NS_RE.fullmatch(entry.name):
+                _scan_dir(layout, entry.path, entry.name, 0, result, clean, read_headers)
+            elif clean and entry.is_file(follow_symlinks=False) and _TOP_TEMP_RE.fullmatch(entry.name):
+                _unlink_quietly(entry.path)
+                result.temp_removed += 1
     return result
 
 
-def _walk(path: str, depth: int) -> Iterator[os.DirEntry[str]]:
+def _scan_dir(layout: FileLayout, path: str, namespace: str, depth: int, result: ScanResult, clean: bool,
+              read_headers: bool) -> None:
     with os.scandir(path) as it:
         entries = list(it)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            if depth < _MAX_FAN_OUT and _FAN_RE.match(entry.name):
-                yield from _walk(entry.path, depth + 1)
-        elif entry.is_file(follow_symlinks=False):
-            yield entry
+            if depth < _MAX_FAN_OUT and _FAN_RE.fullmatch(entry.name):
+                _scan_dir(layout, entry.path, namespace, depth + 1, result, clean, read_headers)
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if _TEMP_RE.fullmatch(entry.name):
+            if clean:
+                _unlink_quietly(entry.path)
+                result.temp_removed += 1
+            continue
+        try:
+            key = ChunkKey.parse(entry.name)
+        except InvalidArgumentError:
+            continue
+        if key.namespace != namespace:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+        want = layout.path_of(key)
+        if st.st_size < HEADER_BYTES or entry.path != want:
+            if not clean:
+                continue
+            if st.st_size < HEADER_BYTES:
+                _unlink_quietly(entry.path)
+                result.short_removed += 1
+                continue
+            os.makedirs(os.path.dirname(want), exist_ok=True)
+            os.replace(entry.path, want)
+            result.moved += 1
+        if read_headers:
+            verdict = _header_verdict(want, key)
+            if verdict == "corrupt":
+                if clean:
+                    _unlink_quietly(want)
+                    result.corrupt_removed += 1
+                continue
+            if verdict == "newer":
+                result.newer.add(key)
+        result.entries.append((key, st.st_size, st.st_atime_ns))
 
 
-def _scan_entry(layout: FileLayout, namespace: str, entry: os.DirEntry[str], min_bytes: int,
-                result: ScanResult) -> None:
-    if FileLayout.is_temp_name(entry.name):
-        _unlink_quietly(entry.path)
-        result.temp_removed += 1
-        return
+def _header_verdict(path: str, key: ChunkKey) -> str:
+    """``"ok"``, ``"newer"`` (a newer format) or ``"corrupt"`` for the header of ``path``'s file
+    (``"ok"`` as well when it cannot be read now: reads will tell)."""
     try:
-        key = ChunkKey.parse(entry.name)
-    except InvalidArgumentError:
-        return
-    if key.namespace != namespace:
-        return
+        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    except OSError:
+        return "ok"
     try:
-        st = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:  # removed meanwhile
-        return
-    if st.st_size < min_bytes:
-        _unlink_quietly(entry.path)
-        result.short_removed += 1
-        return
-    want = layout.path_of(key)
-    if entry.path != want:
-        os.makedirs(os.path.dirname(want), exist_ok=True)
-        os.replace(entry.path, want)
-        result.moved += 1
-    result.entries.append((key, st.st_size, st.st_atime_ns))
+        decode_header(key, os.pread(fd, HEADER_BYTES, 0))
+    except NewerFormatError:
+        return "newer"
+    except CorruptDataError:
+        return "corrupt"
+    except OSError:
+        return "ok"
+    finally:
+        os.close(fd)
+    return "ok"
+
+
+def _write_new(path: str, data: bytes, *, keep: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+        if not keep:
+            os.unlink(path)
 
 
 def _unlink_quietly(path: str) -> None:

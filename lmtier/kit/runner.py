@@ -217,8 +217,23 @@ class WorkerPool:
         Raises :class:`~lmtier.errors.BackendUnavailableError` if the pool is closed, and
         ``CancelledError`` (after the hand-shake above) if the awaiting task is cancelled.
         """
+        outcomes, cancelled = await self._run(calls, workers, settle=False)
+        if cancelled:
+            raise asyncio.CancelledError
+        return outcomes
+
+    async def run_settled(self, calls: Sequence[Callable[[CancelToken], T]], *,
+                          workers: int | None = None) -> tuple[list[Outcome[T]], bool]:
+        """Like :meth:`run`, but a cancellation waits for *every* call already running (calls
+        not started are skipped, with a ``CancelledError`` outcome) and returns the outcomes with
+        ``True``: for backends that must account for what was done (an index of written files)
+        before re-raising ``CancelledError`` themselves. For calls that end quickly (local I/O)."""
+        return await self._run(calls, workers, settle=True)
+
+    async def _run(self, calls: Sequence[Callable[[CancelToken], T]], workers: int | None, *,
+                   settle: bool) -> tuple[list[Outcome[T]], bool]:
         if not calls:
-            return []
+            return [], False
         if self.closed:
             raise BackendUnavailableError(f"{self.name}: the tier is closed")
         n = max(1, min(len(calls), self.max_workers, workers or self.max_workers))
@@ -234,15 +249,24 @@ class WorkerPool:
                 batch.stopped = True
                 batch.left -= n - len(futures)
             raise BackendUnavailableError(f"{self.name}: the tier is closed") from None
+        cancelled = False
         try:
             await batch.done
         except asyncio.CancelledError:
-            await self._abandon(batch, futures)
-            raise
-        closed = BackendUnavailableError(f"{self.name}: the tier was closed before this call ran")
-        outcomes = [s if s is not None else Outcome(False, error=closed) for s in batch.slots]
+            if not settle:
+                await self._abandon(batch, futures)
+                raise
+            cancelled = True
+            with batch.lock:
+                batch.stopped = True
+            for future in futures:
+                future.cancel()
+                await _wait_uninterrupted(asyncio.wrap_future(future))
+        missing: BaseException = asyncio.CancelledError() if cancelled else \
+            BackendUnavailableError(f"{self.name}: the tier was closed before this call ran")
+        outcomes = [s if s is not None else Outcome(False, error=missing) for s in batch.slots]
         batch.slots.clear()
-        return outcomes  # type: ignore[return-value]
+        return outcomes, cancelled  # type: ignore[return-value]
 
     async def call(self, fn: Callable[[CancelToken], T]) -> T:
         """Run one call; its value, or the exception it raised."""

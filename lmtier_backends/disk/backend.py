@@ -1,15 +1,21 @@
 """The ``disk`` tier: one checksummed file per chunk on a local filesystem, byte-bounded LRU.
 
-Layout: ``root/<namespace>/<d0d1>/<d2d3>/<str(key)>`` (``fan_out`` levels of two digest hex
-characters), each file ``codec header ‖ payload``. Puts write a temp file in the same directory
-and publish it with an atomic rename; reads validate header and checksum, and a file that fails
-is a miss: deleted and counted (``stats()["corrupt"]``).
+Layout: :class:`lmtier.kit.FileLayout`, ``root/<namespace>/<d0d1>/<d2d3>/<str(key)>`` (``fan_out``
+levels of two digest hex characters), each file ``header ‖ payload`` (:mod:`lmtier.framing`); the
+nixl tier's posix plugin shares it, root marker included, so either tier opens what the other
+wrote. Puts write a temp file in the same directory and publish it with an atomic rename; reads
+validate header and checksum, and a file that fails is a miss: deleted and counted
+(``stats()["corrupt"]``). A file of a newer format is a miss left on disk
+(``stats()["newer_format"]``), not counted by ``contains`` once seen (the scan at open reads no
+headers; a ``get`` that meets one takes it out of the index).
 
 The index (key -> file size, in LRU order) lives in this process: it is rebuilt at open by
 scanning the root (recency comes from atimes the tier sets itself; stale temp files of a crashed
 writer are deleted), so the tier survives restarts (``persistent``). It is not shared: one
-process owns a root at a time. All file I/O runs on a pool of ``max_concurrency`` threads; the
-index is touched only on the event loop, so it needs no lock.
+process owns a root at a time. All file I/O runs on a :class:`lmtier.kit.WorkerPool` of
+``max_concurrency`` threads (a cancelled call returns once its running file operations are done:
+they read or fill caller buffers); the index is touched only on the event loop, so it needs no
+lock.
 
 Faults, key by key: a file that cannot be read (EIO from a bad sector, a directory where the file
 should be) is a miss for that key only, counted in ``stats()["read_errors"]``, and after
@@ -26,11 +32,9 @@ impossible.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import logging
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
@@ -38,17 +42,24 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtier.buffers import as_bytes_view
-from lmtier.errors import (
-    BackendError,
-    BackendUnavailableError,
-    CapacityError,
-    CorruptDataError,
-    InvalidArgumentError,
-    LmtierError,
-)
+from lmtier.errors import BackendError, BackendUnavailableError, CorruptDataError, LmtierError
 from lmtier.framing import HEADER_BYTES, NewerFormatError
 from lmtier.keys import ChunkKey
+from lmtier.kit import (
+    MARKER,
+    CancelToken,
+    FileLayout,
+    ForeignRootError,
+    Rejections,
+    RootGoneError,
+    StoreItem,
+    WorkerPool,
+    check_root,
+    claim_root,
+    into_views,
+    put_items,
+    scan_files,
+)
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.disk import _files
 from lmtier_backends.disk._buffers import BufferRecycler
@@ -65,7 +76,7 @@ log = logging.getLogger(__name__)
 #: Failed reads in a row after which a key leaves the index (its file stays for the next open).
 MAX_READ_FAILURES = 3
 EvictionListener = Callable[[ChunkKey, memoryview], None]
-#: ``(True, value)`` or ``(False, exception)`` of one call run on a worker thread.
+#: ``(True, value)`` or ``(False, exception)`` of one file operation.
 Outcome = tuple[bool, Any]
 #: Bytes evicted beyond a failed write's size when the filesystem is full: block rounding and
 #: the directory's own blocks mean freeing exactly the file's size may not be enough.
@@ -78,12 +89,14 @@ async def open_disk_backend(config: DiskConfig) -> DiskBackend:
 
 
 class _Entry:
-    __slots__ = ("failures", "gen", "size")
+    __slots__ = ("failures", "gen", "newer", "size")
 
-    def __init__(self, size: int, gen: int) -> None:
+    def __init__(self, size: int, gen: int, *, newer: bool = False) -> None:
         self.size = size
         self.gen = gen  # bumped by every put, so a late corrupt/missing report never drops a newer file
         self.failures = 0  # failed reads in a row
+        # a newer lmtier's file: kept (its bytes count, it can be evicted) but never served or counted
+        self.newer = newer
 
 
 class DiskBackend:
@@ -99,29 +112,30 @@ class DiskBackend:
         self.config = config
         self.root = Path(os.path.abspath(config.root))
         self.max_bytes = int(config.max_bytes)
-        self._layout = _files.Layout(self.root, config.fan_out)
+        self._layout = FileLayout(self.root, config.fan_out)
         try:
-            writable = _files.claim_root(self.root)
-        except _files.ForeignRootError as exc:
-            raise foreign_root_error(exc.root, exc.names) from None
+            writable = claim_root(self.root)
+        except ForeignRootError as exc:
+            raise foreign_root_error(exc) from None
         except OSError as exc:
             raise root_config_error(exc, self.root) from None
         if not writable:
             log.warning("disk tier: root %s is on a read-only filesystem: serving reads, skipping writes",
                         self.root)
         try:
-            found = _files.scan(self._layout, clean=writable)
+            found = scan_files(self._layout, clean=writable, read_headers=True)
         except OSError as exc:
             raise map_os_error(exc, op="scan of the root", path=self.root) from None
         found.entries.sort(key=lambda e: (e[2], str(e[0])))  # least recently used first
         self._index: OrderedDict[ChunkKey, _Entry] = OrderedDict(
-            (key, _Entry(size, 0)) for key, size, _ in found.entries
+            (key, _Entry(size, 0, newer=key in found.newer)) for key, size, _ in found.entries
         )
         self._used = sum(e.size for e in self._index.values())
         self._last_stamp = max((e[2] for e in found.entries), default=0)
         self._gen = 0
-        self._corrupt = found.corrupt_removed
-        self._tmp_removed = found.tmp_removed
+        self._short_removed = found.short_removed + found.corrupt_removed
+        self._tmp_removed = found.temp_removed
+        self._rejects = Rejections(f"disk tier {self.root}")
         self._evictions = 0
         self._read_errors = 0
         self._full_evictions = 0
@@ -138,9 +152,7 @@ class DiskBackend:
             except OSError as exc:
                 raise map_os_error(exc, op="trim at open", path=self._layout.path_of(key)) from None
         self._buffers = BufferRecycler(int(config.get_buffer_bytes))
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.max_concurrency, thread_name_prefix="lmtier-disk"
-        )
+        self._workers = WorkerPool(config.max_concurrency, "disk")
 
     # -- the StorageBackend protocol -----------------------------------------------------------
     @property
@@ -164,14 +176,13 @@ class DiskBackend:
         self._listeners.append(listener)
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        _check_keys(keys)
         self._check_open()
-        return [k in self._index for k in keys]
+        index = self._index
+        return [k in index and not index[k].newer for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
-        _check_keys(keys)
         self._check_open()
-        wanted = [k for k in dict.fromkeys(keys) if k in self._index]  # a key twice is read once
+        wanted = [k for k in dict.fromkeys(keys) if self._servable(k)]  # a key twice is read once
         gens = [self._index[k].gen for k in wanted]
         calls = [partial(_files.read_file, self._layout.path_of(k), k, self._stamp(), self._buffers)
                  for k in wanted]
@@ -196,16 +207,13 @@ class DiskBackend:
         checksum is verified on the filled buffer. ``False`` means a miss, a size mismatch or
         corrupt data (deleted and counted), and the buffer's content is then unspecified.
         """
-        _check_keys(keys)
-        if len(keys) != len(outs):
-            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
-        views = [_writable_view(o) for o in outs]
+        views = into_views(keys, outs)
         self._check_open()
-        todo = [i for i, k in enumerate(keys) if k in self._index]
+        todo = [i for i, k in enumerate(keys) if self._servable(k)]
         gens = [self._index[keys[i]].gen for i in todo]
         calls = [partial(_files.read_file_into, self._layout.path_of(keys[i]), keys[i], views[i],
                          self._stamp()) for i in todo]
-        outcomes, cancelled = await self._run(calls)
+        outcomes, cancelled = await self._run(calls, caller_memory=True)
         await self._check_root_after_failures(outcomes, cancelled)
         filled = [False] * len(keys)
         for i, gen, (ok, value) in zip(todo, gens, outcomes, strict=True):
@@ -220,21 +228,16 @@ class DiskBackend:
         return filled
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
-        _check_keys([k for k, _ in items])
-        latest = {k: as_bytes_view(v) for k, v in items}  # validate all first; the last value of a key wins
+        # all checked first (max_bytes included); the last value of a key wins
+        latest = {it.key: it for it in put_items(items, tier=f"disk tier {self.root} (max_bytes)",
+                                                  max_item_bytes=self.max_bytes - HEADER_BYTES)}
         self._check_open()
-        for key, view in latest.items():
-            if HEADER_BYTES + view.nbytes > self.max_bytes:
-                raise CapacityError(
-                    f"disk tier: {key} is {view.nbytes} bytes, more than max_bytes={self.max_bytes} "
-                    f"minus the {HEADER_BYTES}-byte header; raise max_bytes"
-                )
         outcomes, cancelled = await self._write(latest)
         full = {k: latest[k] for k, (ok, value) in outcomes.items() if not ok and _is_full(value)}
         if full and not cancelled:
             # the filesystem filled before max_bytes did (it is smaller, or shared): make room by
             # evicting least recently used files, then retry those writes once
-            need = sum(HEADER_BYTES + v.nbytes + _FS_SLACK_BYTES for v in full.values())
+            need = sum(HEADER_BYTES + it.nbytes + _FS_SLACK_BYTES for it in full.values())
             victims, freed = self._least_recent(need, keep=latest.keys())
             await self._evict(victims)
             self._full_evictions += 1
@@ -251,7 +254,6 @@ class DiskBackend:
         _raise_first(cancelled, errors)
 
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
-        _check_keys(keys)
         self._check_open()
         unique = list(dict.fromkeys(keys))
         for key in unique:
@@ -266,7 +268,8 @@ class DiskBackend:
 
     def stats(self) -> dict[str, Any]:
         return {"objects": len(self._index), "bytes": self._used, "capacity_bytes": self.max_bytes,
-                "evictions": self._evictions, "corrupt": self._corrupt, "read_errors": self._read_errors,
+                "evictions": self._evictions, "corrupt": self._rejects.corrupt + self._short_removed,
+                "newer_format": self._rejects.newer, "read_errors": self._read_errors,
                 "full_filesystem_evictions": self._full_evictions,
                 "stale_tmp_removed": self._tmp_removed, "idle_get_buffer_bytes": self._buffers.idle_bytes}
 
@@ -276,7 +279,7 @@ class DiskBackend:
         self._closed = True
         self._listeners.clear()
         # wait for writes in flight, so a handle opened next on this root sees finished files only
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await self._workers.aclose()
         self._buffers.close()
 
     async def __aenter__(self) -> DiskBackend:
@@ -296,6 +299,10 @@ class DiskBackend:
         self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
         return self._last_stamp
 
+    def _servable(self, key: ChunkKey) -> bool:
+        entry = self._index.get(key)
+        return entry is not None and not entry.newer
+
     def _touch(self, key: ChunkKey, gen: int) -> None:
         entry = self._index.get(key)
         if entry is not None and entry.gen == gen:
@@ -314,14 +321,15 @@ class DiskBackend:
         forgotten after MAX_READ_FAILURES failures in a row (kept on disk: the fault may pass)."""
         if isinstance(exc, asyncio.CancelledError):
             return
-        if isinstance(exc, CorruptDataError):
-            self._corrupt += 1
+        if isinstance(exc, CorruptDataError):  # the reader deleted it
+            self._rejects.note(key, exc)
             self._drop(key, gen)
-            log.warning("disk tier: deleted a corrupt file: %s", exc)
             return
-        if isinstance(exc, NewerFormatError):  # a newer lmtier's file: a miss, left on disk
-            self._drop(key, gen)
-            log.info("disk tier: %s", exc)
+        if isinstance(exc, NewerFormatError):  # a miss left on disk for newer readers
+            self._rejects.note(key, exc)
+            entry = self._index.get(key)
+            if entry is not None and entry.gen == gen:
+                entry.newer = True
             return
         if isinstance(exc, FileNotFoundError):
             self._drop(key, gen)
@@ -343,15 +351,15 @@ class DiskBackend:
         """Raise BackendUnavailableError if reads failed because the whole root is gone."""
         if cancelled or all(ok or isinstance(v, CorruptDataError) for ok, v in outcomes):
             return
-        ((ok, value),), _ = await self._run([partial(_files.check_root, self.root)])
+        ((ok, value),), _ = await self._run([partial(check_root, self.root)])
         if not ok:
             raise _as_lmtier_error(value, op="check of the root", path=self.root, root=self.root)
 
-    async def _write(self, items: dict[ChunkKey, memoryview]) -> tuple[dict[ChunkKey, Outcome], bool]:
+    async def _write(self, items: dict[ChunkKey, StoreItem]) -> tuple[dict[ChunkKey, Outcome], bool]:
         """Write ``items`` on the worker threads and index each file written; their outcomes."""
-        calls = [partial(_files.write_file, self._layout, k, v, fsync=self.config.fsync, stamp=self._stamp())
-                 for k, v in items.items()]
-        outcomes, cancelled = await self._run(calls)
+        calls = [partial(_files.write_file, self._layout, it, fsync=self.config.fsync, stamp=self._stamp())
+                 for it in items.values()]
+        outcomes, cancelled = await self._run(calls, caller_memory=True)
         for key, (ok, value) in zip(items, outcomes, strict=True):
             if ok:
                 self._gen += 1
@@ -391,9 +399,9 @@ class DiskBackend:
             if ok:
                 if value is not None:
                     self._notify(key, value)
-            elif isinstance(value, CorruptDataError):
-                self._corrupt += 1
-                log.warning("disk tier: an evicted file was corrupt and not demoted: %s", value)
+            elif isinstance(value, (CorruptDataError, NewerFormatError)):
+                self._rejects.note(key, value)
+                log.warning("disk tier: an evicted file was refused and not demoted: %s", value)
             elif not isinstance(value, FileNotFoundError):
                 # the file stays on disk unindexed until the next open's scan picks it up again
                 log.warning("disk tier: could not evict %s: %s", key,
@@ -408,65 +416,37 @@ class DiskBackend:
             except Exception:
                 log.exception("disk tier: eviction listener %r failed for %s", listener, key)
 
-    async def _run(self, calls: Sequence[Callable[[], Any]]) -> tuple[list[Outcome], bool]:
+    async def _run(self, calls: Sequence[Callable[[], Any]], *,
+                   caller_memory: bool = False) -> tuple[list[Outcome], bool]:
         """Run ``calls`` on the worker threads; return their outcomes in order and whether the
-        awaiting task was cancelled meanwhile.
+        awaiting task was cancelled meanwhile (the caller then raises CancelledError, after
+        accounting for what was done).
 
-        Calls are dealt round-robin into at most ``max_concurrency`` jobs, so a batch of many small
-        files costs a few thread hand-offs, not one per file. On cancellation, calls not started
-        are skipped, but those already running are awaited: they read from or write into caller
-        buffers, which must not be touched once this method returns.
+        A batch of many small files costs a few thread hand-offs, not one per file
+        (:class:`lmtier.kit.WorkerPool`). On cancellation, calls not started are skipped, but
+        those already running are awaited: ``caller_memory`` ones read from or write into caller
+        buffers, which must not be touched once this method returns, and the others end quickly.
         """
-        if not calls:
-            return [], False
-        n = min(len(calls), self.config.max_concurrency)
-        groups = [list(calls[i::n]) for i in range(n)]
-        stop = threading.Event()
-        try:
-            futures = [self._executor.submit(_run_group, g, stop) for g in groups]
-        except RuntimeError:  # shut down by a concurrent aclose()
-            raise BackendUnavailableError(f"disk tier at {self.root} is closed") from None
-        waiting = {asyncio.wrap_future(f) for f in futures}
-        cancelled = False
-        while True:
-            try:
-                await asyncio.wait(waiting)
-                break
-            except asyncio.CancelledError:
-                cancelled = True
-                stop.set()
-                for f in futures:
-                    f.cancel()
-        outcomes: list[Outcome] = [(False, None)] * len(calls)
-        for i, fut in enumerate(futures):
-            if fut.cancelled():
-                for j in range(i, len(calls), n):
-                    outcomes[j] = (False, asyncio.CancelledError())
-            else:
-                for j, outcome in zip(range(i, len(calls), n), fut.result(), strict=True):
-                    outcomes[j] = outcome
-        return outcomes, cancelled
+        wrap = _touching if caller_memory else _plain
+        results, cancelled = await self._workers.run_settled([partial(wrap, call) for call in calls])
+        return [(r.ok, r.value if r.ok else r.error) for r in results], cancelled
 
 
-def _run_group(calls: list[Callable[[], Any]], stop: threading.Event) -> list[Outcome]:
-    out: list[Outcome] = []
-    for call in calls:
-        if stop.is_set():  # the caller was cancelled: leave the rest of its buffers alone
-            out.append((False, asyncio.CancelledError()))
-            continue
-        try:
-            out.append((True, call()))
-        except Exception as exc:  # reported per call; the loop side decides what it means
-            out.append((False, exc))
-    return out
+def _plain(call: Callable[[], Any], token: CancelToken) -> Any:
+    return call()
+
+
+def _touching(call: Callable[[], Any], token: CancelToken) -> Any:
+    with token.touching_caller_memory():
+        return call()
 
 
 def _as_lmtier_error(exc: BaseException, *, op: str, path: str | os.PathLike[str], root: Path) -> LmtierError:
     if isinstance(exc, LmtierError):
         return exc
-    if isinstance(exc, _files.RootGoneError):
+    if isinstance(exc, RootGoneError):
         return BackendUnavailableError(
-            f"disk tier: root {root} is gone or lost its {_files.MARKER} marker (deleted or unmounted?) "
+            f"disk tier: root {root} is gone or lost its {MARKER} marker (deleted or unmounted?) "
             f"during {op}; remount it, or restart to begin a new tier there")
     if isinstance(exc, OSError):
         return map_os_error(exc, op=op, path=path)
@@ -499,16 +479,3 @@ def _raise_first(cancelled: bool, errors: list[LmtierError]) -> None:
         raise asyncio.CancelledError
     if errors:
         raise errors[0]
-
-
-def _writable_view(out: object) -> memoryview:
-    view = as_bytes_view(out)  # also HostBuffers and CPU torch tensors of any dtype
-    if view.readonly:
-        raise InvalidArgumentError("get_into needs writable buffers, got a read-only one")
-    return view
-
-
-def _check_keys(keys: Sequence[object]) -> None:
-    for k in keys:
-        if not isinstance(k, ChunkKey):
-            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")

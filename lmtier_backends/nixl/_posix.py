@@ -31,7 +31,7 @@ from typing import Any
 from lmtier.errors import CapacityError, ConfigError, CorruptDataError
 from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import FileLayout, scan_files
+from lmtier.kit import FileLayout, ForeignRootError, claim_root, scan_files
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._staging import StagingPool
@@ -63,10 +63,9 @@ class PosixStore:
         self._lock = threading.Lock()
         self.evictions = 0
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            claim_root(self.root)  # the disk tier's marker: a root either tier made is the other's too
+        except ForeignRootError as exc:
+            raise ConfigError(f"nixl tier: posix.root: {exc}") from None
         except OSError as exc:
             raise ConfigError(
                 f"nixl tier: posix.root {os.fspath(self.root)!r} is not a writable directory "
@@ -320,7 +319,7 @@ class PosixStore:
                 os.unlink(self.path(key))
 
     def _rebuild_index(self) -> None:
-        found = scan_files(self._layout, min_bytes=HEADER_BYTES)
+        found = scan_files(self._layout)
         found.entries.sort(key=lambda e: e[2])  # least recently used first
         with self._lock:
             for key, size, _ in found.entries:

@@ -6,13 +6,15 @@ are moved into place at open, objects are renamed by lmtier.kit.migrate_object_n
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lmtier.errors import ConfigError
 from lmtier.keys import ChunkKey, make_namespace
-from lmtier.kit import FileLayout, legacy_object_name, migrate_object_names
+from lmtier.kit import MARKER, FileLayout, legacy_object_name, migrate_object_names
 from lmtier.testing.backdoors import version_1
 from lmtier_backends.disk.backend import open_disk_backend
 from lmtier_backends.disk.config import DiskConfig
@@ -73,6 +75,9 @@ async def test_files_in_the_nixl_tiers_older_one_level_layout_are_moved_into_pla
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(version_1(key, value))
         old_paths.append(path)
+    with pytest.raises(ConfigError, match=re.escape(f"touch '{root / MARKER}'")):
+        await _posix(root)  # no marker: not adopted until the operator says it is a tier's root
+    (root / MARKER).touch()  # the one migration step (docs/backends/nixl.md)
     tier = await _posix(root)
     try:
         assert [bytes(v) for v in await tier.get(keys)] == values
