@@ -110,6 +110,9 @@ class ServerProc:
     def store(self, **kwargs: Any) -> Any:
         from lmtier.server.client import ServerStore
 
+        # generous deadlines (this 2-core machine is shared): tests about deadlines pass their own
+        for kind in ("lookup", "fetch", "reserve", "commit"):
+            kwargs.setdefault(f"{kind}_timeout_s", 30.0)
         store = ServerStore(self.address, register_cuda=False, **kwargs)
         self.stores.append(store)
         return store

@@ -127,7 +127,8 @@ HOLDER = textwrap.dedent("""
     from lmtier.server.client import ServerStore
     from lmtier.keys import ChunkKey
     ns, n = sys.argv[2], int(sys.argv[3])
-    store = ServerStore(sys.argv[1], register_cuda=False, name="holder")
+    store = ServerStore(sys.argv[1], register_cuda=False, name="holder", lookup_timeout_s=30,
+                        fetch_timeout_s=30, reserve_timeout_s=30, commit_timeout_s=30)
     ks = [ChunkKey(ns, (5_000_000 + i).to_bytes(16, "big")) for i in range(n)]
     print(store.put([(k, b"h" * 2048) for k in ks]).result(), flush=True)
     leases = store.fetch(ks, [2048] * n).result()
@@ -164,20 +165,21 @@ def test_kill_9_of_a_client_holding_leases_and_reservations_releases_everything(
 
 def test_a_killed_server_is_a_miss_within_the_deadline_and_a_restarted_one_hits_again(tmp_path: Path) -> None:
     srv = start_server(tmp_path)
-    store = srv.store(lookup_timeout_s=0.5, fetch_timeout_s=0.5, retry_max_s=0.2)
+    store = srv.store(lookup_timeout_s=2.0, fetch_timeout_s=2.0, retry_max_s=0.2)
     try:
         ks = keys(3, salt=4)
         assert store_chunks(store, ks, 4096) == 3
         store.flush()
         held = store.fetch(ks[:1], [4096]).result()[0]
         srv.kill()
-        for call in (lambda: store.lookup(ks).result(), lambda: store.fetch(ks, [4096] * 3).result(),
-                     lambda: store.reserve([4096]), lambda: store.contains(ks)):
+        calls = {"lookup": (lambda: store.lookup(ks).result().hit_chunks, 0),
+                 "fetch": (lambda: store.fetch(ks, [4096] * 3).result(), [None] * 3),
+                 "reserve": (lambda: store.reserve([4096]), [None]),
+                 "contains": (lambda: store.contains(ks), [False] * 3)}
+        for name, (call, miss) in calls.items():
             start = time.monotonic()
-            answer = call()
-            assert time.monotonic() - start < 0.5 + SLACK_S
-            assert answer in (p.LookupResult(0) if False else None, [None] * 3, [None], [False] * 3) or \
-                getattr(answer, "hit_chunks", None) == 0
+            assert call() == miss, name
+            assert time.monotonic() - start < 2.0 + SLACK_S, f"{name} waited past its deadline"
         assert bytes(held.view()[:4]) == payload(0, 4096)[:4], "a lease of the dead server's slab stays readable"
         held.release()  # a no-op: the dead server released everything
         srv2 = start_server(tmp_path, name="restarted")  # same socket path, same disk tier
@@ -198,14 +200,14 @@ def test_a_killed_server_is_a_miss_within_the_deadline_and_a_restarted_one_hits_
 
 
 def test_a_frozen_server_is_a_miss_within_the_deadline_and_usable_again_once_it_thaws(own_server: ServerProc) -> None:
-    store = own_server.store(lookup_timeout_s=0.4, reserve_timeout_s=0.4, retry_max_s=0.2)
+    store = own_server.store(lookup_timeout_s=1.0, retry_max_s=0.2)
     ks = keys(2, salt=5)
     assert store_chunks(store, ks, 2048) == 2
     own_server.signal(signal.SIGSTOP)
     try:
         start = time.monotonic()
         assert store.lookup(ks).result().hit_chunks == 0
-        assert time.monotonic() - start < 0.4 + SLACK_S
+        assert time.monotonic() - start < 1.0 + SLACK_S
         start = time.monotonic()
         assert store.lookup(ks).result().hit_chunks == 0 and store.reserve([2048]) == [None]
         assert time.monotonic() - start < SLACK_S, "while frozen, later calls are misses at once"
