@@ -174,6 +174,32 @@ def test_bad_tenant_and_adapter_identities_are_served_without_lmtier(tmp_path: P
     (adapter / "adapter_model.safetensors").write_bytes(b"y" * 11)  # rebuilt in place
     assert lora_identity("a", str(adapter)) not in (None, first)
 
+    # the scheduler's identity of real vLLM requests (a connector without an engine: only the
+    # scheduler-side state the identity needs)
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.request import Request
+
+    from lmtier.integrations.vllm import LMTierConnector
+
+    conn = object.__new__(LMTierConnector)
+    conn._disabled, conn._identities, conn._lora_ids = None, {}, {}
+
+    def identity(rid: str, **kw: Any) -> Any:
+        return conn._identity(Request(rid, [1, 2, 3], SamplingParams(), None, **kw))
+
+    caplog.set_level(logging.WARNING, logger="lmtier")
+    assert identity("plain") == ()
+    salted = identity("salted", cache_salt="tenant-a")
+    assert salted is not None and salted[0][0] == "cache_salt" and "tenant-a" not in repr(salted)
+    assert identity("bad-salt", cache_salt=123) is None  # not a string: served without lmtier
+    assert "request bad-salt: cache_salt must be a string" in caplog.text
+    hub = LoRARequest("hub", 3, "some-org/some-adapter")  # not a local directory
+    assert identity("hub-lora", lora_request=hub) is None
+    assert "request hub-lora: LoRA adapter 'hub'" in caplog.text
+    both = identity("both", lora_request=LoRARequest("a", 1, str(adapter)), cache_salt="tenant-a")
+    assert both is not None and [k for k, _ in both] == ["lora", "cache_salt"]
+
 
 def test_lora_requests_are_cached_per_adapter(engines: EngineSlot, tiny_model: str,
                                               baseline: dict[str, runner.Result],
