@@ -167,7 +167,7 @@ class LmtierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="tokens per stored chunk")
     tiers: list[TierConfig] = Field(min_length=1, description="storage tiers, hottest first")
-    host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="pinned staging pool of the engine")
+    host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="the manager's host pool (pinned where CUDA is)")
     log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
     load_policy: Literal["always", "cost"] = Field(
         "cost", description="always: load every hit; cost: load a hit only where loading is expected to "

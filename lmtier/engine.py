@@ -20,43 +20,53 @@ could grow into). A lookup counts the leading whole chunks present and then prob
 lengths after them, so a repeated prompt finds its tail too. A retrieve may load a prefix of a
 chunk (only the pages it needs), so a hit is usable down to block granularity.
 
-**Threads.** The engine owns the :class:`~lmtier.manager.StorageManager` and runs its asyncio loop
-on a background thread; the synchronous methods exchange futures with it. ``store`` copies the
-pages out of the cache before it returns (CPU caches) or enqueues the copy on the current CUDA
-stream (so later kernels that reuse the blocks are ordered after it); writing the tiers happens
-on the loop, off the caller's critical path. :meth:`start_retrieve` starts the fetch and returns a
-:class:`RetrieveHandle` whose :meth:`~RetrieveHandle.wait_layer` onloads one layer at a time, so
-an engine can overlap loading layer ``l+1`` with computing layer ``l``.
+**Storage.** Everything below the engine is one :class:`~lmtier.store.KVStore`: a
+:class:`~lmtier.store.LocalStore` (the tiers of ``config``, in this process) or one passed in
+(``kvstore=``, e.g. a ``ServerStore`` of ``lmtier serve``). The engine never touches a tier.
+
+**The critical path.** ``store`` asks the store for host buffers (never waiting on a tier; chunks
+the hot tier holds already are skipped), copies the pages into them — synchronously for CPU
+caches, enqueued on a CUDA stream otherwise — and returns; the commit (presence checks of the
+other tiers, every tier write) happens behind it, after the copy completed. ``lookup`` and
+``retrieve`` wait on tiers only within their deadlines (the store's per-tier deadlines;
+``load_timeout_s`` bounds a whole load).
+
+**Retrieval.** :meth:`start_retrieve` starts the fetch and returns a :class:`RetrieveHandle`.
+The store lends host chunks holding the pages: a RAM hit is the hot tier's own memory, a colder
+hit was read once into it; the onload reads them in place (pinned where CUDA is). Only the first
+or last chunk of a load, when just part of its pages is wanted, is copied once more (the
+transfer layer reads whole ``[layers x pages]`` chunks). On CUDA, the onload runs on a side
+stream, one layer at a time, each followed by an event: :meth:`RetrieveHandle.wait_layer` makes
+the current stream wait for that layer's event only, so loading layer ``l+1`` overlaps computing
+layer ``l``; the host chunks are returned once the last copy completed, by a background thread
+(no caller waits for it). On CPU, ``wait_layer`` copies the layers up to ``l`` in place.
 
 **Faults are misses.** A tier fault, a chunk that is missing when fetched, or a value of the wrong
 size ends the loaded prefix there; the caller recomputes the rest. Only bad arguments raise
-(:class:`~lmtier.errors.InvalidArgumentError`). Every host buffer borrowed along the way (tier
-leases, staging buffers) is returned on every path, errors and cancellation included.
+(:class:`~lmtier.errors.InvalidArgumentError`). Every host buffer borrowed along the way is
+returned on every path, errors and cancellation included.
 
 Log lines (logger ``lmtier.engine``): ``Stored N of M tokens for request R (K already present)``
 after a store reaches the tiers, ``Request R: total N tokens, hit M`` per recorded lookup.
-Metrics (the manager's registry): ``lmtier_requested_tokens``, ``lmtier_hit_tokens``,
+Metrics (the store's registry): ``lmtier_requested_tokens``, ``lmtier_hit_tokens``,
 ``lmtier_hit_ratio``, ``lmtier_loaded_tokens``, ``lmtier_stored_tokens``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import math
 import re
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lmtier.buffers import as_bytes_view
 from lmtier.config import LmtierConfig, load_config
-from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError
+from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
-from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
-from lmtier.protocol import SupportsAllocate
+from lmtier.store import HostChunk, KVStore, LocalStore
 
 if TYPE_CHECKING:
     import os
@@ -74,33 +84,10 @@ __all__ = ["KVCacheEngine", "RetrieveHandle", "StoreHandle"]
 
 log = logging.getLogger("lmtier.engine")
 _NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
+#: How much longer than its own budget the engine waits for a fetch future (the store promises
+#: to answer by the budget; this only covers a store that does not).
+_FETCH_GRACE_S = 1.0
 T = TypeVar("T")
-
-
-class _LoopThread:
-    """An asyncio loop running forever on a daemon thread; coroutines are submitted to it."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return self.submit(coro).result(timeout)
-
-    def stop(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
 
 
 @dataclass
@@ -116,14 +103,19 @@ class _Chunk:
 
 
 class StoreHandle:
-    """A store in flight: ``copied`` once the pages are out of the cache, ``done`` once in the tiers."""
+    """A store in flight: ``copied`` once the pages are out of the cache, ``done`` once in the tiers.
+
+    ``copy_event`` (CUDA caches) is the event after the offload on its stream: order a kernel
+    that overwrites the stored blocks after it (``stream.wait_event``), or wait for ``copied``.
+    """
 
     def __init__(self, request_id: str | None, offered: int, copied: concurrent.futures.Future[None],
-                 done: concurrent.futures.Future[int]) -> None:
+                 done: concurrent.futures.Future[int], copy_event: Any = None) -> None:
         self.request_id = request_id
         self.offered_tokens = offered
         self.copied = copied
         self.done = done
+        self.copy_event = copy_event
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the tiers have it; returns the tokens written (0 after a fault)."""
@@ -142,10 +134,11 @@ class RetrieveHandle:
     :attr:`loaded_tokens` (after the first wait) counts the tokens from ``start`` whose pages were
     (or are being) written in every layer; blocks past ``start + loaded_tokens`` were not touched
     except when :attr:`failed` is set, in which case nothing in ``[start, end)`` may be trusted.
+    :attr:`staged_chunks` counts chunks copied once more on the host (partial chunks).
     """
 
     def __init__(self, engine: KVCacheEngine, kv_caches: Sequence[torch.Tensor], layout: PageLayout,
-                 chunks: list[_Chunk], fetch: concurrent.futures.Future[list[Any]], start: int,
+                 chunks: list[_Chunk], fetch: concurrent.futures.Future[list[HostChunk | None]], start: int,
                  end: int, request_id: str | None) -> None:
         self._engine = engine
         self._kv = list(kv_caches)
@@ -157,72 +150,167 @@ class RetrieveHandle:
         self.request_id = request_id
         self._hosts: list[torch.Tensor] | None = None
         self._ids: list[list[int]] = []
-        self._held: list[Any] = []  # leases and staging buffers, released by _release()
+        self._held: list[HostChunk] = []  # lent and staging chunks, returned by close()
         self._done_layers: set[int] = set()
+        self._events: list[Any] | None = None  # CUDA: one event per layer after its onload
         self._closed = False
         self.loaded_tokens = 0
+        self.staged_chunks = 0
         self.failed = False
+        self.load_start: Any = None  # CUDA timing events around the onload (enqueue(timing=True))
+        self.load_end: Any = None
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self._kv and self._kv[0].is_cuda)
 
     def _resolve(self) -> None:
         if self._hosts is not None:
             return
         self._hosts = []
-        try:
-            values = self._fetch.result(self._engine.load_timeout_s)
-        except Exception as exc:  # a fault (or timeout) of the fetch is a miss of everything
-            self._fetch.cancel()
-            log.warning("lmtier: fetch of %d chunk(s) failed (%s: %s); treated as a miss",
-                        len(self._chunks), type(exc).__name__, exc)
-            values = [None] * len(self._chunks)
+        engine = self._engine
+        values = engine._fetched(self._fetch, len(self._chunks))
+        last = self._chunks[-1] if self._chunks else None
+        if last is not None and values[-1] is None and last.alt_key is not None:
+            # the full chunk is absent: its tail, stored under a key of its own, covers exactly these pages
+            pages = last.first_page + len(last.block_ids)
+            size = len(self._kv) * pages * self._layout.page_bytes
+            (alt,) = engine._fetched(engine.kvstore.fetch([last.alt_key], [size], timeout_s=engine.load_timeout_s), 1)
+            if alt is not None:
+                last.key, last.alt_key, last.stored_pages = last.alt_key, None, pages
+                last.tokens = (last.tokens[0], last.tokens[0] + pages * engine.block_size)
+                values[-1] = alt
+        self._held.extend(v for v in values if v is not None)
         loaded_end = self.start
-        try:
-            for chunk, value in zip(self._chunks, values, strict=True):
-                host = self._engine._host_pages(chunk, value, self._layout, len(self._kv), self._held)
-                if host is None:
-                    break
-                self._hosts.append(host)
-                self._ids.append(chunk.block_ids)
-                loaded_end = chunk.tokens[0] + (chunk.first_page + len(chunk.block_ids)) * self._engine.block_size
-        finally:
-            del values  # references to leases not kept in _held die here
+        for chunk, value in zip(self._chunks, values, strict=True):
+            host = self._host_pages(chunk, value)
+            if host is None:
+                break
+            self._hosts.append(host)
+            self._ids.append(chunk.block_ids)
+            loaded_end = chunk.tokens[0] + (chunk.first_page + len(chunk.block_ids)) * engine.block_size
         self.loaded_tokens = max(0, loaded_end - self.start)
 
+    def _host_pages(self, chunk: _Chunk, value: HostChunk | None) -> torch.Tensor | None:
+        """A contiguous ``[layers x pages x page_bytes]`` tensor of the chunk's pages in play, or None."""
+        if value is None:
+            return None
+        layers, page = len(self._kv), self._layout.page_bytes
+        pages = len(chunk.block_ids)
+        if chunk.first_page == 0 and pages == chunk.stored_pages:
+            return value.tensor  # the lent chunk itself: read in place
+        (buf,) = self._engine.kvstore.reserve([layers * pages * page])  # the pages in play, copied once more
+        if buf is None:
+            log.warning("lmtier: no host memory to stage part of %s; the load stops there", chunk.key)
+            return None
+        self._held.append(buf)
+        self.staged_chunks += 1
+        src = value.tensor.view(layers, chunk.stored_pages, page)
+        buf.tensor.view(layers, pages, page).copy_(src[:, chunk.first_page: chunk.first_page + pages])
+        return buf.tensor
+
+    def enqueue(self, *, timing: bool = False) -> list[Any] | None:
+        """CUDA: wait for the host chunks, then enqueue every layer's onload on the engine's load
+        stream; returns one event per layer (None on CPU, where every layer is copied now).
+
+        The load stream first waits for the current stream (its earlier kernels may still use the
+        blocks). Order a consumer of layer ``l`` after ``events[l]``; :meth:`wait_layer` does.
+        """
+        if self._closed:
+            return self._events
+        self._resolve()
+        if not self.cuda:
+            self._onload([i for i in range(len(self._kv)) if i not in self._done_layers])
+            return None
+        if self._events is None:
+            self._events = self._enqueue_cuda(timing)
+        return self._events
+
+    def _enqueue_cuda(self, timing: bool) -> list[Any]:
+        import torch
+
+        device = self._kv[0].device
+        stream = self._engine._load_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        events: list[Any] = []
+        layers = len(self._kv)
+        if timing:
+            self.load_start = torch.cuda.Event(enable_timing=True)
+            self.load_start.record(stream)
+        if not self._hosts or self.failed:
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            events = [ev] * layers
+        else:
+            from lmtier.transfer import onload
+
+            try:
+                if self._engine.layerwise:
+                    for layer in range(layers):
+                        onload(self._kv, self._layout, self._ids, self._hosts, layers=[layer], stream=stream)
+                        ev = torch.cuda.Event()
+                        ev.record(stream)
+                        events.append(ev)
+                else:
+                    onload(self._kv, self._layout, self._ids, self._hosts, stream=stream)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    events = [ev] * layers
+            except LmtierError as exc:
+                stream.synchronize()  # what was enqueued still reads the host chunks
+                self._fail(exc)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                events = [ev] * layers
+        if timing:
+            self.load_end = torch.cuda.Event(enable_timing=True)
+            self.load_end.record(stream)
+        self._done_layers.update(range(layers))
+        return events
+
     def wait_layer(self, layer: int) -> int:
-        """Onload ``layer`` (and any lower layer not yet loaded); returns :attr:`loaded_tokens`."""
+        """Layer ``layer`` (and every lower one) is loaded for the caller: on CPU copied now, on
+        CUDA ordered before the current stream's next kernels. Returns :attr:`loaded_tokens`."""
         if self._closed:
             return self.loaded_tokens
+        if self.cuda:
+            import torch
+
+            events = self.enqueue()
+            assert events is not None
+            torch.cuda.current_stream(self._kv[0].device).wait_event(events[layer])
+            return self.loaded_tokens
         self._resolve()
-        todo = [i for i in range(layer + 1) if i not in self._done_layers]
-        self._onload(todo)
+        self._onload([i for i in range(layer + 1) if i not in self._done_layers])
         return self.loaded_tokens
 
     def wait(self) -> int:
-        """Onload every remaining layer, return the borrowed buffers; returns :attr:`loaded_tokens`."""
+        """Every layer, then :meth:`close`; returns :attr:`loaded_tokens`."""
         if self._closed:
             return self.loaded_tokens
         try:
-            self._resolve()
-            self._onload([i for i in range(len(self._kv)) if i not in self._done_layers])
+            self.wait_layer(len(self._kv) - 1)
         finally:
             self.close()
         return self.loaded_tokens
 
     def close(self) -> None:
-        """Release everything without loading more (idempotent). Cancels a fetch still running."""
+        """Load no more and return the borrowed chunks (idempotent); cancels a fetch still running.
+
+        On CUDA, chunks whose copies are enqueued go back once the last copy completed (a
+        background thread waits for it); the caller never blocks here.
+        """
         if self._closed:
             return
         self._closed = True
-        self._fetch.cancel()
-        if self._hosts and self._kv and self._kv[0].is_cuda:
-            import torch
-
-            torch.cuda.current_stream(self._kv[0].device).synchronize()  # copies read the host chunks
-        self._hosts = []
+        if self._hosts is None:  # never resolved: the fetch's chunks (if any arrive) go back unused
+            self._engine._drop_fetch(self._fetch)
         held, self._held = self._held, []
-        for item in held:
-            if isinstance(item, HostBuffer):
-                item.release()
-        del held
+        self._hosts = []
+        if held and self._events:
+            self._engine._after(self._events[-1], lambda: _release_all(held))
+        else:
+            _release_all(held)
         if not self.failed:
             self._engine._count_loaded(self.loaded_tokens)
 
@@ -235,12 +323,14 @@ class RetrieveHandle:
             try:
                 onload(self._kv, self._layout, self._ids, self._hosts, layers=layers)
             except LmtierError as exc:
-                self.failed = True
-                self.loaded_tokens = 0
-                log.error("lmtier: onload failed (%s); the %d-token range is reported unloaded",
-                          exc, self.end - self.start)
+                self._fail(exc)
                 return
         self._done_layers.update(layers)
+
+    def _fail(self, exc: LmtierError) -> None:
+        self.failed = True
+        self.loaded_tokens = 0
+        log.error("lmtier: onload failed (%s); the %d-token range is reported unloaded", exc, self.end - self.start)
 
     def __enter__(self) -> RetrieveHandle:
         return self
@@ -250,18 +340,21 @@ class RetrieveHandle:
 
 
 class KVCacheEngine:
-    """Token-level lookup/store/retrieve of paged KV over lmtier's tiers (see the module doc).
+    """Token-level lookup/store/retrieve of paged KV over a :class:`~lmtier.store.KVStore`.
 
     Args:
         config: tier configuration (YAML path, mapping, :class:`LmtierConfig`, or ``None`` for
-            ``LMTIER_CONFIG`` / the embedded default). Its ``chunk_tokens`` must equal the
-            namespace's.
+            ``LMTIER_CONFIG`` / the embedded default), opened as a :class:`LocalStore` this
+            engine owns; with ``kvstore`` it is only checked (``None`` then skips the check). Its
+            ``chunk_tokens`` must equal the namespace's.
         kv: what makes the stored bytes interpretable; ``kv.namespace`` prefixes every key.
             ``kv.kv_layout`` is a :data:`lmtier.transfer.LAYOUT_KINDS` kind, ``kv.page_bytes`` one
             layer's block in bytes.
         save_tail: also store (and look up) the block-aligned tail after the last whole chunk.
         load_timeout_s: longest wait for a fetch; past it the load is a miss.
-        registry, metrics_registry: passed to :meth:`StorageManager.from_config`.
+        layerwise: on CUDA, one onload and one event per layer (else one onload for all layers).
+        kvstore: an open store to use instead of opening ``config`` (not closed by the engine).
+        registry, metrics_registry, name: for the :class:`LocalStore` opened from ``config``.
     """
 
     def __init__(
@@ -271,19 +364,23 @@ class KVCacheEngine:
         *,
         save_tail: bool = True,
         load_timeout_s: float = 60.0,
+        layerwise: bool = True,
+        kvstore: KVStore | None = None,
         registry: BackendRegistry | None = None,
         metrics_registry: CollectorRegistry | None = None,
         name: str = "lmtier-engine",
     ) -> None:
-        cfg = load_config(config)
+        cfg = load_config(config) if config is not None or kvstore is None else None
         if kv.block_size <= 0 or kv.chunk_tokens <= 0 or kv.chunk_tokens % kv.block_size:
             raise ConfigError(
                 f"chunk_tokens ({kv.chunk_tokens}) must be a positive multiple of the engine's block "
                 f"size ({kv.block_size}); set chunk_tokens in the lmtier config accordingly"
             )
-        if cfg.chunk_tokens != kv.chunk_tokens:
+        if cfg is not None and cfg.chunk_tokens != kv.chunk_tokens:
             raise ConfigError(f"the config's chunk_tokens ({cfg.chunk_tokens}) differs from the KV "
                               f"namespace's ({kv.chunk_tokens}); build the namespace from the config")
+        if not load_timeout_s > 0:
+            raise InvalidArgumentError(f"load_timeout_s must be > 0, got {load_timeout_s!r}")
         self.kv = kv
         self.config = cfg
         self.namespace = kv.namespace
@@ -292,30 +389,40 @@ class KVCacheEngine:
         self.pages_per_chunk = kv.chunk_tokens // kv.block_size
         self.save_tail = save_tail
         self.load_timeout_s = load_timeout_s
-        self._pool: HostMemoryPool | None = None
-        self._pool_lock = threading.Lock()
+        self.layerwise = layerwise
         self._layouts: dict[tuple[Any, ...], PageLayout] = {}
         self._pending: set[concurrent.futures.Future[int]] = set()
         self._pending_lock = threading.Lock()
+        self._streams: dict[Any, Any] = {}
         self._closed = False
-        from lmtier.manager import StorageManager
-
-        self._loop = _LoopThread(name)
-        try:
-            self.manager: StorageManager = self._loop.call(StorageManager.from_config(
-                cfg, registry=registry, metrics_registry=metrics_registry))
-        except BaseException:
-            self._loop.stop()
-            raise
+        self._owns_store = kvstore is None
+        self.kvstore: KVStore = kvstore if kvstore is not None else LocalStore.open(
+            cfg, registry=registry, metrics_registry=metrics_registry, name=name)
+        # lookups wait on the store (and probe tails after the chunk lookup): off the caller's thread
+        self._lookups = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"{name}-lookup")
+        # waits for CUDA copies: commits after offloads, returns of host chunks after onloads
+        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-copies")
 
     # -- properties ----------------------------------------------------------------------------
     @property
     def metrics(self) -> Metrics:
-        return self.manager.metrics
+        return self.kvstore.metrics
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def manager(self) -> StorageManager:
+        """The StorageManager of a :class:`LocalStore` (for tests and tools; the engine uses none)."""
+        if not isinstance(self.kvstore, LocalStore):
+            raise NotSupportedError(f"this engine stores through {type(self.kvstore).__name__}, not a local manager")
+        return self.kvstore.manager
+
+    @property
+    def tier_names(self) -> list[str]:
+        """Names of the store's tiers, hottest first (empty when the store does not say)."""
+        return list(getattr(self.kvstore, "tier_names", []))
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
@@ -341,10 +448,10 @@ class KVCacheEngine:
         if limit is not None and limit < 0:
             raise InvalidArgumentError(f"limit={limit} must be >= 0")
         ns = self._namespace(namespace)
-        return self._loop.submit(self._lookup(tokens, request_id, record, limit, ns))
+        return self._lookups.submit(self._lookup, tokens, request_id, record, limit, ns)
 
-    async def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
-                      limit: int | None, ns: str) -> int:
+    def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
+                limit: int | None, ns: str) -> int:
         total, c, b = len(tokens), self.chunk_tokens, self.block_size
         cap = total if limit is None else min(total, limit // b * b)
         # only the chunks reaching into [0, cap) are asked for, each under its whole-chunk key when
@@ -352,7 +459,7 @@ class KVCacheEngine:
         tokens = tokens[: min(total, -(-cap // c) * c)]
         try:
             full = chunk_keys(tokens, ns, c)
-            hits = await self.manager.lookup(full) if full else 0
+            hits = self.kvstore.lookup(full).result().hit_chunks if full else 0
             hit = hits * c
             if self.save_tail:
                 base = hits * c
@@ -360,14 +467,12 @@ class KVCacheEngine:
                 if longest > 0:
                     cands = [chunk_keys(tokens[: base + k * b], ns, c, include_partial=True)[-1]
                              for k in range(longest, 0, -1)]
-                    present = await self.manager.contains(cands)
+                    present = self.kvstore.contains(cands)
                     for k, p in zip(range(longest, 0, -1), present, strict=True):
                         if p:
                             hit = base + k * b
                             break
-        except InvalidArgumentError:
-            raise
-        except Exception as exc:  # the manager degrades tier faults; anything else is still a miss
+        except Exception as exc:  # the store degrades tier faults; anything else is still a miss
             log.warning("lmtier: lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
             hit = 0
         hit = min(hit, cap)
@@ -381,11 +486,15 @@ class KVCacheEngine:
 
     # -- store ---------------------------------------------------------------------------------
     def store(self, token_ids: Any, kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], *,
-              end: int | None = None, request_id: str | None = None, namespace: str | None = None) -> StoreHandle:
+              end: int | None = None, request_id: str | None = None, namespace: str | None = None,
+              stream: Any = None) -> StoreHandle:
         """Store the chunks of ``token_ids[:end]`` not yet present; returns once the pages are copied.
 
         ``end`` (default: all tokens) must have its pages in ``block_ids``. Whole chunks are stored,
-        plus the block-aligned tail with ``save_tail``. The tier writes continue in the background
+        plus the block-aligned tail with ``save_tail``. Chunks the store's hot tier holds already
+        are skipped without a copy. CUDA caches: the copy is enqueued on ``stream`` (default: the
+        current stream, so later kernels reusing the blocks are ordered after it) and
+        :attr:`StoreHandle.copy_event` follows it. The tier writes continue in the background
         (:attr:`StoreHandle.done`); :meth:`flush` waits for all of them.
         """
         tokens = _tokens(token_ids)
@@ -405,91 +514,73 @@ class KVCacheEngine:
         spans = [(i * c, min((i + 1) * c, stop)) for i in range(len(keys))]
         sizes = [len(kv_caches) * ((e - s) // b) * layout.page_bytes for s, e in spans]
         try:
-            todo = self._loop.call(self._prepare_store(keys, sizes))
-        except Exception as exc:
+            bufs = self.kvstore.reserve(sizes, keys=keys)
+        except InvalidArgumentError:
+            raise
+        except LmtierError as exc:
             log.warning("lmtier: store of request %s skipped (%s: %s)", request_id, type(exc).__name__, exc)
             return StoreHandle(request_id, stop, _finished(None), _finished(0))
+        todo = [(i, buf) for i, buf in enumerate(bufs) if buf is not None]
         if not todo:
             log.info("Stored 0 of %d tokens for request %s (%d already present)", stop, request_id or "-", stop)
             return StoreHandle(request_id, stop, _finished(None), _finished(0))
-        bufs = [buf for _, buf in todo]
+        event = None
         try:
             from lmtier.transfer import offload
 
             ids = [blocks[spans[i][0] // b: spans[i][1] // b] for i, _ in todo]
-            offload(kv_caches, layout, ids, [buf.tensor for buf in bufs])
-            event = None
+            offload(kv_caches, layout, ids, [buf.tensor for _, buf in todo], stream=stream)
             if kv_caches[0].is_cuda:
                 import torch
 
                 event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(kv_caches[0].device))
+                event.record(stream if stream is not None else torch.cuda.current_stream(kv_caches[0].device))
         except BaseException:
-            for buf in bufs:
-                buf.release()
+            _release_all([buf for _, buf in todo])
             raise
         items = [(keys[i], buf) for i, buf in todo]
-        new_tokens = sum(spans[i][1] - spans[i][0] for i, _ in todo)
+        new_tokens = [spans[i][1] - spans[i][0] for i, _ in todo]
         copied: concurrent.futures.Future[None] = concurrent.futures.Future()
-        if event is None:
-            copied.set_result(None)
-        done = self._loop.submit(self._put(items, event, copied, request_id, new_tokens, stop))
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._pending_lock:
             self._pending.add(done)
         done.add_done_callback(self._forget)
-        return StoreHandle(request_id, stop, copied, done)
 
-    async def _prepare_store(self, keys: list[ChunkKey], sizes: list[int]) -> list[tuple[int, HostBuffer]]:
-        """Which chunks are missing, each with a host buffer to copy it into (on the loop thread)."""
-        present = await self.manager.contains(keys)
-        hottest = self.manager.tiers[0].backend
-        allocate = hottest.allocate if isinstance(hottest, SupportsAllocate) else None
-        out: list[tuple[int, HostBuffer]] = []
-        try:
-            for i, (p, size) in enumerate(zip(present, sizes, strict=True)):
-                if p:
-                    continue
-                buf = None
-                if allocate is not None:  # a buffer inside the hot tier's slab: its put adopts it
-                    try:
-                        buf = allocate(size)
-                    except LmtierError:
-                        buf = None
-                if buf is None:
-                    buf = self._staging(size)
-                if buf is None:
-                    log.warning("lmtier: no host memory for a %d-byte chunk; storing %d of %d chunks",
-                                size, len(out), len(keys))
-                    break
-                out.append((i, buf))
-        except BaseException:
-            for _, buf in out:
-                buf.release()
-            raise
-        return out
+        def commit() -> None:
+            try:
+                fut = self.kvstore.commit(items, request_id=request_id)  # the store owns the chunks now
+            except BaseException as exc:
+                _release_all([buf for _, buf in items])
+                log.warning("lmtier: store of request %s failed (%s: %s)", request_id, type(exc).__name__, exc)
+                done.set_result(0)
+                return
+            fut.add_done_callback(lambda f: self._stored(f, done, new_tokens, stop, request_id))
 
-    async def _put(self, items: list[tuple[ChunkKey, HostBuffer]], event: Any,
-                   copied: concurrent.futures.Future[None], request_id: str | None,
-                   new_tokens: int, offered: int) -> int:
-        try:
-            if event is not None:
-                await asyncio.get_running_loop().run_in_executor(None, event.synchronize)
+        if event is None:
+            copied.set_result(None)
+            commit()
+        else:
+            def after_copy() -> None:
                 copied.set_result(None)
-            # HostBuffers expose their bytes through as_bytes_view (the cpu tier adopts them), not
-            # through a static __buffer__, so they are not a typing Buffer
-            await self.manager.put(items)  # type: ignore[arg-type]
-        except Exception as exc:
-            log.warning("lmtier: store of request %s failed (%s: %s)", request_id, type(exc).__name__, exc)
-            return 0
-        finally:
-            if not copied.done():
+                commit()
+
+            def failed_copy() -> None:
+                _release_all([buf for _, buf in items])
                 copied.set_result(None)
-            for _, buf in items:
-                buf.release()
-        self.metrics.stored_tokens.inc(new_tokens)
+                done.set_result(0)
+
+            self._after(event, after_copy, on_error=failed_copy)
+        return StoreHandle(request_id, stop, copied, done, copy_event=event)
+
+    def _stored(self, fut: concurrent.futures.Future[int], done: concurrent.futures.Future[int],
+                spans: list[int], offered: int, request_id: str | None) -> None:
+        written = 0 if fut.cancelled() or fut.exception() is not None else fut.result()
+        tokens = sum(spans[:written])  # the store says how many, not which: the leading ones, as a rule
+        if tokens:
+            self.metrics.stored_tokens.inc(tokens)
         log.info("Stored %d of %d tokens for request %s (%d already present)",
-                 new_tokens, offered, request_id or "-", offered - new_tokens)
-        return new_tokens
+                 tokens, offered, request_id or "-", offered - sum(spans))
+        done.set_result(tokens)
 
     def _forget(self, fut: concurrent.futures.Future[int]) -> None:
         with self._pending_lock:
@@ -541,57 +632,32 @@ class KVCacheEngine:
                 else:
                     assert tail_key is not None
                     chunks.append(_Chunk(tail_key, (cs, ce), (ce - cs) // b, first, ids))
-        fetch = self._loop.submit(self._fetch(chunks)) if chunks else _finished([])
+        if chunks:
+            sizes = [len(kv_caches) * ch.stored_pages * layout.page_bytes for ch in chunks]
+            fetch = self.kvstore.fetch([ch.key for ch in chunks], sizes, timeout_s=self.load_timeout_s)
+        else:
+            fetch = _finished([])
         return RetrieveHandle(self, kv_caches, layout, chunks, fetch, start, end, request_id)
 
-    async def _fetch(self, chunks: list[_Chunk]) -> list[Any]:
-        values = await self.manager.get([ch.key for ch in chunks])
-        last = chunks[-1]
-        if values[-1] is None and last.alt_key is not None:  # the full chunk is absent: its tail?
-            (alt,) = await self.manager.get([last.alt_key])
-            if alt is not None:
-                last.key, last.alt_key = last.alt_key, None
-                pages = last.first_page + len(last.block_ids)  # the tail key covers exactly these
-                last.stored_pages = pages
-                last.tokens = (last.tokens[0], last.tokens[0] + pages * self.block_size)
-                values[-1] = alt
-        return values
+    def _fetched(self, fut: concurrent.futures.Future[list[HostChunk | None]], n: int) -> list[HostChunk | None]:
+        """The fetch's chunks, or all misses when it failed or outlived its budget."""
+        try:
+            return fut.result(self.load_timeout_s + _FETCH_GRACE_S)
+        except Exception as exc:
+            self._drop_fetch(fut)
+            log.warning("lmtier: fetch of %d chunk(s) failed (%s: %s); treated as a miss", n, type(exc).__name__, exc)
+            return [None] * n
 
-    def _host_pages(self, chunk: _Chunk, value: Any, layout: PageLayout, num_layers: int,
-                    held: list[Any]) -> torch.Tensor | None:
-        """A contiguous ``[layers x pages x page_bytes]`` tensor of the chunk's pages in play, or None."""
-        if value is None:
-            return None
-        expected = num_layers * chunk.stored_pages * layout.page_bytes
-        view = as_bytes_view(value)
-        if view.nbytes != expected:
-            log.warning("lmtier: %s holds %d bytes, expected %d; treated as a miss (and deleted)",
-                        chunk.key, view.nbytes, expected)
-            self._loop.submit(self.manager.delete([chunk.key]))
-            return None
-        src = host_tensor_of(value)
-        pinned_ok = src is not None and (src.is_pinned() or not self._cuda_pool())
-        pages = len(chunk.block_ids)
-        whole = chunk.first_page == 0 and pages == chunk.stored_pages
-        if src is not None and pinned_ok and whole:
-            held.append(value)  # keep the lease alive until the onload completed
-            return src
-        buf = self._staging(num_layers * pages * layout.page_bytes)
-        if buf is None:
-            log.warning("lmtier: no staging memory for %s; the load stops there", chunk.key)
-            return None
-        held.append(buf)
-        import numpy as np
+    def _drop_fetch(self, fut: concurrent.futures.Future[list[HostChunk | None]]) -> None:
+        """Cancel a fetch nobody will read; chunks it delivers anyway go back at once."""
+        if fut.cancel():
+            return
 
-        if src is None:  # a foreign read-only buffer: copy the pages in play through numpy
-            arr = np.frombuffer(view, dtype=np.uint8).reshape(num_layers, chunk.stored_pages, layout.page_bytes)
-            dst = buf.tensor.numpy().reshape(num_layers, pages, layout.page_bytes)
-            np.copyto(dst, arr[:, chunk.first_page: chunk.first_page + pages])
-        else:
-            part = src.view(num_layers, chunk.stored_pages, layout.page_bytes)
-            buf.tensor.view(num_layers, pages, layout.page_bytes).copy_(
-                part[:, chunk.first_page: chunk.first_page + pages])
-        return buf.tensor
+        def release(f: concurrent.futures.Future[list[HostChunk | None]]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                _release_all(f.result())
+
+        fut.add_done_callback(release)
 
     def _count_loaded(self, tokens: int) -> None:
         if tokens:
@@ -605,10 +671,10 @@ class KVCacheEngine:
         with self._pending_lock:
             pending = list(self._pending)
         concurrent.futures.wait(pending, timeout)
-        self._loop.call(self.manager.flush(), timeout)
+        self.kvstore.flush(timeout)
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Flush, close the tiers, stop the loop thread. Idempotent."""
+        """Flush, stop the engine's threads, close the store if the engine opened it. Idempotent."""
         if self._closed:
             return
         try:
@@ -616,12 +682,10 @@ class KVCacheEngine:
         except Exception as exc:  # closing must go on: the tiers hold files and connections
             log.warning("lmtier: flush at close failed (%s: %s)", type(exc).__name__, exc)
         self._closed = True
-        try:
-            self._loop.call(self.manager.aclose(), timeout)
-        finally:
-            self._loop.stop()
-            if self._pool is not None:
-                self._pool.close()
+        self._lookups.shutdown(wait=True)
+        self._waiter.shutdown(wait=True)  # deferred returns of host chunks run first
+        if self._owns_store:
+            self.kvstore.close()
 
     def __enter__(self) -> KVCacheEngine:
         return self
@@ -631,7 +695,7 @@ class KVCacheEngine:
 
     def __repr__(self) -> str:
         return (f"KVCacheEngine(namespace={self.namespace}, chunk_tokens={self.chunk_tokens}, "
-                f"block_size={self.block_size}, tiers={[t.name for t in self.manager.tiers]})")
+                f"block_size={self.block_size}, store={self.kvstore!r})")
 
     # -- namespaces ----------------------------------------------------------------------------
     def derive_namespace(self, *extra: tuple[str, str]) -> str:
@@ -658,18 +722,32 @@ class KVCacheEngine:
         if self._closed:
             raise LmtierError("this KVCacheEngine is closed")
 
-    def _cuda_pool(self) -> bool:
-        import torch
+    def _load_stream(self, device: Any) -> Any:
+        """The side stream onloads run on (one per device, made on first use)."""
+        stream = self._streams.get(device)
+        if stream is None:
+            import torch
 
-        return bool(torch.cuda.is_available())
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
 
-    def _staging(self, nbytes: int) -> HostBuffer | None:
-        """A buffer from the engine's own host pool (pinned where CUDA exists), or None when full."""
-        if self._pool is None:
-            with self._pool_lock:
-                if self._pool is None:
-                    self._pool = HostMemoryPool(int(self.config.host_pool_bytes), name="engine-staging")
-        return self._pool.try_allocate(nbytes)
+    def _after(self, event: Any, job: Callable[[], None], *, on_error: Callable[[], object] | None = None) -> None:
+        """Run ``job`` on the waiter thread once the CUDA ``event`` completed."""
+
+        def run() -> None:
+            try:
+                event.synchronize()
+            except Exception as exc:  # a failed copy: nothing it wrote may be stored or trusted
+                log.error("lmtier: a CUDA copy failed (%s: %s)", type(exc).__name__, exc)
+                if on_error is not None:
+                    on_error()
+                return
+            job()
+
+        try:
+            self._waiter.submit(run)
+        except RuntimeError:  # shut down (closing): wait here instead
+            run()
 
     def _layout_of(self, kv_caches: Sequence[torch.Tensor]) -> PageLayout:
         """The layers' PageLayout, checked against the namespace (cached per cache geometry)."""
@@ -692,6 +770,12 @@ class KVCacheEngine:
         return layout
 
 
+def _release_all(chunks: Sequence[HostChunk | None]) -> None:
+    for chunk in chunks:
+        if chunk is not None:
+            chunk.release()
+
+
 def _tokens(token_ids: Any) -> np.ndarray[Any, Any]:
     import numpy as np
 
@@ -710,4 +794,3 @@ def _block_list(block_ids: Sequence[int]) -> list[int]:
     if hasattr(block_ids, "tolist"):
         return [int(x) for x in block_ids.tolist()]  # type: ignore[attr-defined]
     return [int(x) for x in block_ids]
-

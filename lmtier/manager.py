@@ -235,26 +235,31 @@ class StorageManager:
         Each tier answers within its ``lookup`` deadline; ``timeout_s`` bounds the whole call
         (tiers not asked or not answered by then count as not holding the keys).
         """
+        return len(await self.locate(keys, timeout_s=timeout_s))
+
+    async def locate(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[str]:
+        """:meth:`lookup`, naming for each leading key present the hottest tier that holds it."""
         _check_keys(keys)
         until = self._until(timeout_s)
         n = len(keys)
-        present = [False] * n
+        where: list[str | None] = [None] * n
         first_missing = 0
         for tier in self.tiers:
             if first_missing == n:
                 break
-            todo = [i for i in range(first_missing, n) if not present[i]]
+            todo = [i for i in range(first_missing, n) if where[i] is None]
             found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo], until=until)
             if found is FAULT:
                 continue
             for i, hit in zip(todo, found, strict=True):
-                present[i] = present[i] or bool(hit)
-            while first_missing < n and present[first_missing]:
+                if hit:
+                    where[i] = tier.name
+            while first_missing < n and where[first_missing] is not None:
                 first_missing += 1
         self.metrics.lookup_chunks.inc(n)
         self.metrics.lookup_hit_chunks.inc(first_missing)
         log.debug("lookup: hit %d of %d chunks", first_missing, n)
-        return first_missing
+        return cast("list[str]", where[:first_missing])
 
     async def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
         """Whether each key is present in any tier (``timeout_s``: as for :meth:`lookup`)."""

@@ -19,6 +19,13 @@ engine needs from storage is here, in host-buffer terms (the GPU side is the eng
 * :meth:`~KVStore.fetch_into` / :meth:`~KVStore.put` — the same through caller-owned buffers, for
   integrations whose host memory is not ours (SGLang's host pool).
 
+:class:`LocalStore` implements it over a :class:`~lmtier.manager.StorageManager` running on its
+own event-loop thread in this process (``lmtier.server``'s ``ServerStore`` is the other one).
+
+Changes since the first version of this protocol: ``reserve`` takes ``keys=`` (optional), so a
+store can answer "already stored" without a round trip of its own: the engine's store path then
+never copies a chunk the hot tier holds (vLLM saves a request's whole prefix each step).
+
 **Threads and time.** Every method is synchronous and thread-safe; it may be called from any
 engine thread. Calls that can wait on a tier take a ``timeout_s`` deadline (``None``: the store's
 configured default for that kind of call, always finite) and answer when it expires — a tier that
@@ -34,19 +41,33 @@ available, so the engine's GPU copies can read and write them without staging.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from lmtier.errors import InvalidArgumentError, LmtierError
 
 if TYPE_CHECKING:
-    import torch
+    import os
 
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from lmtier.config import LmtierConfig
     from lmtier.keys import ChunkKey
+    from lmtier.manager import StorageManager
     from lmtier.metrics import Metrics
     from lmtier.protocol import Buffer
+    from lmtier.registry import BackendRegistry
 
-__all__ = ["HostChunk", "KVStore", "LookupResult"]
+log = logging.getLogger("lmtier.store")
+T = TypeVar("T")
+
+__all__ = ["HostChunk", "KVStore", "LocalStore", "LookupResult"]
 
 
 @runtime_checkable
@@ -109,12 +130,16 @@ class KVStore(Protocol):
         """Whether each key is stored in some tier (not a prefix answer); faults are ``False``."""
         ...
 
-    def reserve(self, sizes: Sequence[int]) -> list[HostChunk | None]:
+    def reserve(self, sizes: Sequence[int], *, keys: Sequence[ChunkKey] | None = None
+                ) -> list[HostChunk | None]:
         """Writable host buffers of exactly ``sizes[i]`` bytes, for chunks about to be stored.
 
-        ``None`` where there is no room now (the caller stores fewer chunks). Never waits on a
-        tier: the buffers come from the hot tier's memory or the process's host pool. The caller
-        fills them and passes them to :meth:`commit`, or releases them.
+        ``None`` where there is no room now (the caller stores fewer chunks) and, when ``keys``
+        are given (one per size), where the store already holds ``keys[i]`` in its hot tier:
+        nothing to copy (a store that cannot tell cheaply may ignore ``keys``; :meth:`commit`
+        skips present keys anyway). Never waits on a tier: the buffers come from the hot tier's
+        memory or the process's host pool. The caller fills them and passes them to
+        :meth:`commit`, or releases them.
         """
         ...
 
@@ -165,3 +190,321 @@ class KVStore(Protocol):
     def close(self) -> None:
         """Flush (bounded), release everything, stop threads. Idempotent."""
         ...
+
+
+class LocalStore:
+    """:class:`KVStore` over a :class:`~lmtier.manager.StorageManager` in this process.
+
+    The manager lives on an asyncio loop: :meth:`open` starts one on a daemon thread and owns it
+    (and the manager); :meth:`attach` wraps a manager already running on a loop in another
+    thread, which stays the caller's to close. Methods may be called from any thread except that
+    loop's own (they would wait on themselves); futures complete on the loop thread, so their
+    callbacks must not block.
+
+    How the seam maps onto the manager: ``lookup`` is :meth:`StorageManager.locate`; ``reserve``
+    is :meth:`StorageManager.reserve` after a look at the hot tier (in memory, inline);
+    ``commit`` is ``put(..., skip_present=True)`` behind the call; ``fetch`` is
+    :meth:`StorageManager.fetch` (hot hits lent in place, colder hits read once into hot-tier
+    memory and adopted); ``fetch_into`` is :meth:`StorageManager.get_into`. Buffers are pinned
+    where CUDA is available (the manager's host pool is; hot-tier memory that is not is not used).
+    """
+
+    def __init__(self, manager: StorageManager, loop: asyncio.AbstractEventLoop, *,
+                 thread: threading.Thread | None = None, owns: bool = False) -> None:
+        self.manager = manager
+        self.loop = loop
+        self._thread = thread
+        self._owns = owns
+        self._closed = False
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._pending_lock = threading.Lock()
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, config: str | os.PathLike[str] | Mapping[str, Any] | LmtierConfig | None = None, *,
+             registry: BackendRegistry | None = None, metrics_registry: CollectorRegistry | None = None,
+             name: str = "lmtier-store") -> LocalStore:
+        """Open the tiers of ``config`` (see :meth:`StorageManager.from_config`) on a new loop thread."""
+        from lmtier.manager import StorageManager
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=name, daemon=True)
+        thread.start()
+        try:
+            manager = asyncio.run_coroutine_threadsafe(StorageManager.from_config(
+                config, registry=registry, metrics_registry=metrics_registry), loop).result()
+        except BaseException:
+            _stop_loop(loop, thread)
+            raise
+        return cls(manager, loop, thread=thread, owns=True)
+
+    @classmethod
+    def attach(cls, manager: StorageManager, loop: asyncio.AbstractEventLoop) -> LocalStore:
+        """Wrap an open manager running on ``loop`` (in another thread); closing leaves both open."""
+        if not loop.is_running():
+            raise InvalidArgumentError("attach needs the running event loop the StorageManager lives on")
+        return cls(manager, loop)
+
+    # -- the KVStore protocol --------------------------------------------------------------------
+    @property
+    def metrics(self) -> Metrics:
+        return self.manager.metrics
+
+    @property
+    def tier_names(self) -> list[str]:
+        return [t.name for t in self.manager.tiers]
+
+    def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
+               ) -> concurrent.futures.Future[LookupResult]:
+        keys = _keys(keys)
+        _check_timeout(timeout_s)
+
+        async def run() -> LookupResult:
+            tiers = await self.manager.locate(keys, timeout_s=timeout_s)
+            return LookupResult(len(tiers), tuple(tiers))
+
+        return self._submit(run(), "lookup", fallback=LookupResult(0))
+
+    def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
+        keys = _keys(keys)
+        _check_timeout(timeout_s)
+        return self._submit(self.manager.contains(keys, timeout_s=timeout_s), "contains",
+                            fallback=[False] * len(keys)).result()
+
+    def reserve(self, sizes: Sequence[int], *, keys: Sequence[ChunkKey] | None = None) -> list[HostChunk | None]:
+        sizes = _sizes(sizes)
+        if keys is not None:
+            keys = _keys(keys)
+            if len(keys) != len(sizes):
+                raise InvalidArgumentError(f"reserve of {len(sizes)} sizes with {len(keys)} keys")
+
+        async def run() -> list[HostChunk | None]:
+            todo = list(range(len(sizes)))
+            if keys is not None:  # the hot tier is in memory and called inline: no tier is waited on
+                hot = self.manager.tiers[0]
+                if hot.lends_memory:
+                    held = await hot.backend.contains(keys)
+                    todo = [i for i in todo if not held[i]]
+            out: list[HostChunk | None] = [None] * len(sizes)
+            for i, buf in zip(todo, self.manager.reserve([sizes[i] for i in todo]), strict=True):
+                out[i] = buf
+            return out
+
+        none: list[HostChunk | None] = [None] * len(sizes)
+        return self._submit(run(), "reserve", fallback=none, release=_release_all).result()
+
+    def commit(self, items: Sequence[tuple[ChunkKey, HostChunk]], *, request_id: str | None = None
+               ) -> concurrent.futures.Future[int]:
+        from lmtier.memory import HostBuffer
+
+        pairs = _pairs(items)
+        for _, chunk in pairs:
+            if not isinstance(chunk, HostBuffer):
+                raise InvalidArgumentError(f"commit takes chunks from this store's reserve, got {type(chunk).__name__}; "
+                                           "use put() for other buffers")
+        bufs = [c for _, c in pairs]
+
+        async def run() -> int:
+            try:
+                return await self.manager.put(pairs, skip_present=True)  # type: ignore[arg-type]
+            finally:
+                _release_all(bufs)
+
+        return self._submit(run(), "commit", fallback=0, request_id=request_id, on_cancel=lambda: _release_all(bufs))
+
+    def put(self, items: Sequence[tuple[ChunkKey, Buffer]], *, request_id: str | None = None
+            ) -> concurrent.futures.Future[int]:
+        from lmtier.buffers import as_bytes_view
+
+        pairs = _pairs(items)
+        views = [as_bytes_view(v) for _, v in pairs]
+        bufs = self.reserve([max(v.nbytes, 1) for v in views])
+        chunks: list[tuple[ChunkKey, HostChunk]] = []
+        for (key, _), view, buf in zip(pairs, views, bufs, strict=True):
+            if buf is None:
+                continue
+            buf.view()[: view.nbytes] = view  # copied before put returns: the caller's buffer is free
+            chunks.append((key, buf))
+        if len(chunks) < len(pairs):
+            log.warning("lmtier: no host memory to store %d of %d chunks", len(pairs) - len(chunks), len(pairs))
+        return self.commit(chunks, request_id=request_id)
+
+    def fetch(self, keys: Sequence[ChunkKey], sizes: Sequence[int], *, timeout_s: float | None = None
+              ) -> concurrent.futures.Future[list[HostChunk | None]]:
+        keys = _keys(keys)
+        sizes = _sizes(sizes)
+        if len(keys) != len(sizes):
+            raise InvalidArgumentError(f"fetch of {len(keys)} keys with {len(sizes)} sizes")
+        _check_timeout(timeout_s)
+
+        async def run() -> list[HostChunk | None]:
+            return list(await self.manager.fetch(keys, sizes, timeout_s=timeout_s))
+
+        none: list[HostChunk | None] = [None] * len(keys)
+        return self._submit(run(), "fetch", fallback=none, release=_release_all)
+
+    def fetch_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer], *,
+                   timeout_s: float | None = None) -> list[bool]:
+        from lmtier.buffers import writable_bytes_view
+
+        keys = _keys(keys)
+        if len(keys) != len(outs):
+            raise InvalidArgumentError(f"fetch_into of {len(keys)} keys with {len(outs)} buffers")
+        for out in outs:
+            writable_bytes_view(out, what="fetch_into")
+        _check_timeout(timeout_s)
+        return self._submit(self.manager.get_into(keys, outs, timeout_s=timeout_s), "fetch_into",
+                            fallback=[False] * len(keys)).result()
+
+    def delete(self, keys: Sequence[ChunkKey]) -> None:
+        keys = _keys(keys)
+        self._submit(self.manager.delete(keys), "delete", fallback=None).result()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self._closed:
+            return
+        with self._pending_lock:
+            pending = list(self._pending)
+        concurrent.futures.wait(pending, timeout_s)
+        self._submit(self.manager.flush(), "flush", fallback=None).result(timeout_s)
+
+    def close(self, timeout_s: float | None = 60.0) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush(timeout_s)
+        except Exception as exc:  # closing must go on: the tiers hold files and connections
+            log.warning("lmtier: flush at close failed (%s: %s)", type(exc).__name__, exc)
+        self._closed = True
+        if not self._owns:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.manager.aclose(), self.loop).result(timeout_s)
+        finally:
+            if self._thread is not None:
+                _stop_loop(self.loop, self._thread)
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalStore(tiers={self.tier_names})"
+
+    # -- machinery -----------------------------------------------------------------------------
+    def _submit(self, coro: Coroutine[Any, Any, T], op: str, *, fallback: T,
+                release: Callable[[T], None] | None = None, request_id: str | None = None,
+                on_cancel: Callable[[], None] | None = None) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the loop; a future that never raises (a fault gives ``fallback``).
+
+        Why our own future rather than run_coroutine_threadsafe's: a result that arrives after
+        the caller cancelled must not be dropped on the floor when it holds buffers — ``release``
+        gives them back — and the caller's cancel must reach the coroutine.
+        """
+        if self._closed:
+            coro.close()
+            raise LmtierError("this LocalStore is closed")
+        if threading.get_ident() == getattr(self._thread, "ident", None):
+            coro.close()
+            raise LmtierError("LocalStore methods wait on its loop; call them from another thread")
+        out: concurrent.futures.Future[T] = concurrent.futures.Future()
+        task_box: list[asyncio.Task[T]] = []
+
+        def deliver(task: asyncio.Task[T]) -> None:
+            if task.cancelled():
+                value = fallback
+            else:
+                exc = task.exception()
+                if exc is None:
+                    value = task.result()
+                elif isinstance(exc, InvalidArgumentError):
+                    if not out.done():
+                        out.set_exception(exc)
+                    return
+                else:
+                    log.warning("lmtier: %s failed (%s: %s); treated as a miss%s", op, type(exc).__name__, exc,
+                                f" (request {request_id})" if request_id else "")
+                    value = fallback
+            try:
+                out.set_result(value)
+            except concurrent.futures.InvalidStateError:  # the caller cancelled meanwhile
+                if release is not None and value is not fallback:
+                    release(value)
+
+        def start() -> None:
+            if out.cancelled():
+                coro.close()
+                if on_cancel is not None:
+                    on_cancel()
+                return
+            task = self.loop.create_task(coro)
+            task_box.append(task)
+            task.add_done_callback(deliver)
+
+        def cancelled(f: concurrent.futures.Future[T]) -> None:
+            if f.cancelled() and task_box:
+                self.loop.call_soon_threadsafe(task_box[0].cancel)
+
+        out.add_done_callback(cancelled)
+        with self._pending_lock:
+            self._pending.add(out)
+        out.add_done_callback(self._forget)
+        self.loop.call_soon_threadsafe(start)
+        return out
+
+    def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._pending_lock:
+            self._pending.discard(fut)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if loop.is_closed():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+def _release_all(bufs: Sequence[Any] | None) -> None:
+    for buf in bufs or ():
+        if buf is not None:
+            buf.release()
+
+
+def _keys(keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+    from lmtier.keys import ChunkKey
+
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise InvalidArgumentError(f"keys must be a sequence of ChunkKey, got {type(keys).__name__}")
+    for k in keys:
+        if not isinstance(k, ChunkKey):
+            raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r:.80}")
+    return list(keys)
+
+
+def _sizes(sizes: Sequence[int]) -> list[int]:
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise InvalidArgumentError(f"sizes must be a sequence of ints, got {type(sizes).__name__}")
+    out = []
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidArgumentError(f"sizes must be positive ints, got {size!r}")
+        out.append(size)
+    return out
+
+
+def _pairs(items: Sequence[tuple[ChunkKey, Any]]) -> list[tuple[ChunkKey, Any]]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise InvalidArgumentError(f"items must be a sequence of (ChunkKey, buffer) pairs, got {type(items).__name__}")
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidArgumentError(f"each item must be a (ChunkKey, buffer) pair, got {item!r:.80}")
+    _keys([k for k, _ in items])
+    return [(k, v) for k, v in items]
+
+
+def _check_timeout(timeout_s: float | None) -> None:
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+        raise InvalidArgumentError(f"timeout_s must be > 0 or None, got {timeout_s!r}")

@@ -105,3 +105,37 @@ async def test_a_killed_server_is_a_miss_and_opens_the_circuit(remote: RemoteTie
         assert _value(metrics, "lmtier_tier_circuit_open", tier="remote") == 1
     finally:
         await mgr.aclose()
+
+
+def test_through_the_engine_a_frozen_tier_costs_store_nothing_and_lookup_retrieve_a_deadline(
+        remote: RemoteTier) -> None:
+    import torch
+
+    from lmtier.engine import KVCacheEngine
+    from lmtier.keys import KVNamespace
+
+    layers, heads, block, head = 2, 2, 16, 32
+    kv = KVNamespace(model="frozen", kv_layout="vllm_blocks_first", dtype="bfloat16", num_layers=layers,
+                     block_size=block, num_kv_heads=heads, head_size=head, page_bytes=heads * block * 2 * head * 2,
+                     chunk_tokens=64)
+    cache = list(torch.randn(layers, 64, heads, block, 2 * head).to(torch.bfloat16).unbind(0))
+    config = {"chunk_tokens": 64, "tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB"}},
+                                            remote.tier(timeout_s=DEADLINES)]}
+    rng = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 30000, (256,), generator=rng).tolist() for _ in range(3)]
+    with KVCacheEngine(config, kv, metrics_registry=CollectorRegistry()) as seeder:
+        seeder.store(prompts[0], cache, list(range(16))).wait()  # in the remote tier for the next engine
+    metrics = CollectorRegistry()
+    with KVCacheEngine(config, kv, metrics_registry=metrics) as engine:
+        remote.freeze()
+        try:
+            handle = engine.store(prompts[1], cache, list(range(16)))
+            assert handle.copied.done()  # returned at once: no tier was asked
+            assert engine.lookup(prompts[0]) == 0  # held by the frozen tier only: a miss
+            assert engine.retrieve(prompts[0], cache, list(range(16, 32))) == 0
+            assert handle.wait() == 256  # the hot tier took it; the frozen tier's write was skipped
+            assert engine.lookup(prompts[1]) == 256
+            assert _value(metrics, "lmtier_tier_circuit_open", tier="remote") == 1
+            assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="contains") >= 1
+        finally:
+            remote.thaw()

@@ -144,7 +144,7 @@ def test_a_missing_chunk_ends_the_loaded_prefix(engine: KVCacheEngine) -> None:
     toks = tokens(48)
     engine.store(toks, src, list(range(12))).wait()
     middle = chunk_keys(toks, engine.namespace, CHUNK)[1]
-    engine._loop.call(engine.manager.delete([middle]))
+    engine.kvstore.delete([middle])
     assert engine.lookup(toks) == 16
     # a caller that trusted an older lookup asks for everything: only chunk 0 arrives
     assert engine.retrieve(toks, dst, list(range(20, 32))) == 16
@@ -155,7 +155,7 @@ def test_a_missing_chunk_ends_the_loaded_prefix(engine: KVCacheEngine) -> None:
 def test_a_value_of_the_wrong_size_is_a_miss_and_is_deleted(engine: KVCacheEngine) -> None:
     toks = tokens(16)
     key = chunk_keys(toks, engine.namespace, CHUNK)[0]
-    engine._loop.call(engine.manager.put([(key, b"\x00" * 100)]))
+    engine.kvstore.put([(key, b"\x00" * 100)]).result()
     assert engine.retrieve(toks, make_cache(fill=False), list(range(4))) == 0
     engine.flush()
     assert engine.lookup(toks) == 0
@@ -266,3 +266,92 @@ def test_a_closed_engine_refuses_work(tmp_path: Path) -> None:
     eng.close()
     with pytest.raises(Exception, match="closed"):
         eng.lookup(tokens(16))
+
+
+# -- the critical path never waits on a tier; one copy per hit ------------------------------------
+def _stuck_config(tmp_path: Path) -> dict[str, Any]:
+    cfg = config(tmp_path)
+    cfg["tiers"].append({"name": "cold", "backend": "stuck_cpu", "options": {"pinned": False},
+                         "timeout_s": {"lookup": 0.05, "get": 0.05, "put": 0.05}})
+    return cfg
+
+
+@pytest.fixture
+def stuck_registry() -> Any:
+    from lmtier.registry import BackendRegistry, BackendSpec
+
+    reg = BackendRegistry.discover()
+    reg.register(BackendSpec("stuck_cpu", "tests.unit.test_deadlines:_stuck_cpu", "lmtier_backends.cpu.config:CpuConfig"))
+    return reg
+
+
+def test_store_returns_without_asking_a_stuck_tier_and_writes_it_behind(tmp_path: Path, stuck_registry: Any) -> None:
+    from tests.unit.test_deadlines import STUCK
+
+    reg = CollectorRegistry()
+    with KVCacheEngine(_stuck_config(tmp_path), namespace(), registry=stuck_registry, metrics_registry=reg) as eng:
+        stuck = STUCK["cpu"]
+        stuck.hold("contains", "thread")
+        stuck.hold("put", "thread")
+        toks = tokens(32)
+        handle = eng.store(toks, make_cache(), list(range(8)))
+        assert handle.copied.done()  # returned with the pages copied; no tier was asked yet
+        assert handle.wait() == 32  # the hot tier has them; the stuck tier's check/write is skipped
+        assert reg.get_sample_value("lmtier_tier_deadline_misses_total", {"tier": "cold", "op": "contains"}) == 1
+        assert eng.lookup(toks) == 32  # every chunk hot: the open circuit is not even consulted
+        stuck.free()
+
+
+def test_a_store_of_chunks_the_hot_tier_holds_copies_nothing(engine: KVCacheEngine) -> None:
+    toks = tokens(32)
+    engine.store(toks, make_cache(), list(range(8))).wait()
+    handle = engine.store(toks, make_cache(seed=7), list(range(8)))  # other bytes: must not be taken
+    assert handle.wait() == 0
+    dst = make_cache(fill=False)
+    assert engine.retrieve(toks, dst, list(range(8))) == 32
+    assert blocks_equal(make_cache(), list(range(8)), dst, list(range(8)))
+
+
+def test_a_colder_hit_is_loaded_in_place_and_promoted(tmp_path: Path) -> None:
+    src, dst = make_cache(), make_cache(fill=False)
+    toks = tokens(32)
+    with KVCacheEngine(config(tmp_path, disk=True), namespace(), metrics_registry=CollectorRegistry()) as eng:
+        eng.store(toks, src, list(range(8))).wait()
+    reg = CollectorRegistry()
+    with KVCacheEngine(config(tmp_path, disk=True), namespace(), metrics_registry=reg) as eng:
+        with eng.start_retrieve(toks, dst, list(range(8, 16))) as handle:
+            assert handle.wait() == 32
+            assert handle.staged_chunks == 0  # whole chunks: the onload read the fetched memory itself
+        assert reg.get_sample_value("lmtier_tier_promotions_total", {"tier": "hot"}) == 2
+        assert reg.get_sample_value("lmtier_tier_hits_total", {"tier": "local"}) == 2
+        assert eng.retrieve(toks, make_cache(fill=False), list(range(8))) == 32
+        assert reg.get_sample_value("lmtier_tier_hits_total", {"tier": "hot"}) == 2  # now from RAM
+    assert blocks_equal(src, list(range(8)), dst, list(range(8, 16)))
+
+
+def test_a_part_of_a_chunk_is_staged_once(engine: KVCacheEngine) -> None:
+    toks = tokens(32)
+    engine.store(toks, make_cache(), list(range(8))).wait()
+    with engine.start_retrieve(toks, make_cache(fill=False), list(range(8)), start=8, end=28) as handle:
+        assert handle.wait() == 20
+        assert handle.staged_chunks == 2  # chunk 0 from its third page, chunk 1 up to its third
+
+
+def test_a_handle_closed_before_any_wait_returns_every_chunk(engine: KVCacheEngine) -> None:
+    toks = tokens(32)
+    engine.store(toks, make_cache(), list(range(8))).wait()
+    handle = engine.start_retrieve(toks, make_cache(fill=False), list(range(8)))
+    handle.close()  # the autouse leak check fails the test if a lent chunk is not returned
+    assert handle.wait() == 0
+    assert engine.retrieve(toks, make_cache(fill=False), list(range(8))) == 32
+
+
+def test_an_engine_over_a_store_it_did_not_open_leaves_it_open(tmp_path: Path) -> None:
+    from lmtier.store import LocalStore
+
+    with LocalStore.open(config(tmp_path), metrics_registry=CollectorRegistry()) as store:
+        toks = tokens(32)
+        with KVCacheEngine(None, namespace(), kvstore=store) as eng:
+            eng.store(toks, make_cache(), list(range(8))).wait()
+        with KVCacheEngine(None, namespace(), kvstore=store) as eng:
+            assert eng.lookup(toks) == 32

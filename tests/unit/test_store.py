@@ -1,0 +1,153 @@
+"""LocalStore: the KVStore seam over a StorageManager on its loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lmtier.errors import InvalidArgumentError, LmtierError
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.manager import StorageManager
+from lmtier.store import KVStore, LocalStore, LookupResult
+
+
+def config(tmp_path: Path) -> dict[str, Any]:
+    return {"chunk_tokens": 16, "host_pool_bytes": 1 << 20, "tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "1MiB", "pinned": False}},
+        {"name": "local", "backend": "disk", "options": {"root": str(tmp_path / "disk")}}]}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalStore]:
+    with LocalStore.open(config(tmp_path), metrics_registry=CollectorRegistry()) as s:
+        yield s
+
+
+def keys(n: int) -> list[ChunkKey]:
+    ns = make_namespace(test="store")
+    return [ChunkKey(ns, i.to_bytes(16, "big")) for i in range(n)]
+
+
+def test_a_local_store_is_a_kvstore(store: LocalStore) -> None:
+    assert isinstance(store, KVStore)
+
+
+def test_put_then_lookup_names_the_tier_of_each_leading_chunk(store: LocalStore, tmp_path: Path) -> None:
+    ks = keys(3)
+    assert store.put([(k, b"v" * 100) for k in ks[:2]]).result() == 2
+    store.flush()
+    assert store.lookup(ks).result() == LookupResult(2, ("hot", "hot"))
+    assert store.contains(ks) == [True, True, False]
+    with LocalStore.open(config(tmp_path), metrics_registry=CollectorRegistry()) as fresh:  # RAM is empty
+        assert fresh.lookup(ks).result() == LookupResult(2, ("local", "local"))
+
+
+def test_put_copies_the_callers_buffer_before_it_returns(store: LocalStore) -> None:
+    (k,) = keys(1)
+    value = bytearray(b"a" * 4096)
+    fut = store.put([(k, value)])
+    value[:] = b"b" * 4096
+    assert fut.result() == 1
+    (chunk,) = store.fetch([k], [4096]).result()
+    assert chunk is not None and bytes(chunk.view()) == b"a" * 4096
+    chunk.release()
+
+
+def test_reserve_skips_keys_the_hot_tier_holds_and_commit_takes_the_chunks_over(store: LocalStore) -> None:
+    ks = keys(2)
+    store.put([(ks[0], b"x" * 64)]).result()
+    held, fresh = store.reserve([64, 64], keys=ks)
+    assert held is None and fresh is not None and fresh.nbytes == 64
+    fresh.view()[:] = b"y" * 64
+    assert store.commit([(ks[1], fresh)]).result() == 1  # the store releases it: the caller must not
+    out = np.zeros(64, dtype=np.uint8)
+    assert store.fetch_into([ks[1]], [out]) == [True] and out.tobytes() == b"y" * 64
+    with pytest.raises(InvalidArgumentError, match="reserve"):
+        store.commit([(ks[0], bytearray(64))])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("when", ["before it starts", "right away", "after it completed"])
+def test_a_cancelled_fetch_leaks_no_chunk(store: LocalStore, when: str) -> None:
+    """Whenever the caller cancels, every chunk the fetch took is returned (the autouse leak check)."""
+    ks = keys(4)
+    store.put([(k, b"z" * 256) for k in ks]).result()
+    gate = threading.Event()
+    if when == "before it starts":  # the loop is busy: the fetch has not begun when it is cancelled
+        store.loop.call_soon_threadsafe(gate.wait)
+    fut = store.fetch(ks, [256] * 4)
+    if when == "after it completed":
+        concurrent.futures.wait([fut])
+    cancelled = fut.cancel()
+    gate.set()
+    if when == "before it starts":
+        assert cancelled
+    if not cancelled:  # it had completed: the chunks are the caller's to return
+        for chunk in fut.result():
+            assert chunk is not None
+            chunk.release()
+    store.flush()  # the loop has run whatever the cancellation left to do
+
+
+def test_bad_arguments_raise_and_faults_do_not(store: LocalStore) -> None:
+    with pytest.raises(InvalidArgumentError):
+        store.fetch(keys(1), [0])
+    with pytest.raises(InvalidArgumentError):
+        store.fetch(keys(2), [8])
+    with pytest.raises(InvalidArgumentError):
+        store.lookup(["not a key"])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgumentError):
+        store.lookup(keys(1), timeout_s=0)
+    with pytest.raises(InvalidArgumentError):
+        store.fetch_into(keys(1), [b"read-only"])
+    assert store.fetch(keys(1), [8]).result() == [None]
+
+
+def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    s = LocalStore.open(config(tmp_path), metrics_registry=CollectorRegistry())
+    s.close()
+    s.close()
+    with pytest.raises(LmtierError, match="closed"):
+        s.lookup(keys(1))
+
+
+def test_attach_wraps_a_running_manager_and_leaves_it_open(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        mgr = asyncio.run_coroutine_threadsafe(
+            StorageManager.from_config(config(tmp_path), metrics_registry=CollectorRegistry()), loop).result()
+        with LocalStore.attach(mgr, loop) as s:
+            s.put([(keys(1)[0], b"kept")]).result()
+        assert asyncio.run_coroutine_threadsafe(mgr.contains(keys(1)), loop).result() == [True]
+        asyncio.run_coroutine_threadsafe(mgr.aclose(), loop).result()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+def test_methods_called_on_the_loop_thread_are_refused(store: LocalStore) -> None:
+    def on_loop() -> None:
+        store.lookup(keys(1))
+
+    fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            on_loop()
+            fut.set_result(None)
+        except LmtierError as exc:
+            fut.set_exception(exc)
+
+    store.loop.call_soon_threadsafe(run)
+    with pytest.raises(LmtierError, match="another thread"):
+        fut.result(30)
