@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from lmtier.registry import BackendRegistry
     from lmtier.transfer import PageLayout
 
-__all__ = ["KVCacheEngine", "RetrieveHandle", "StoreHandle"]
+__all__ = ["KVCacheEngine", "Located", "RetrieveHandle", "StoreHandle"]
 
 log = logging.getLogger("lmtier.engine")
 _NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -100,6 +100,21 @@ class _Chunk:
     first_page: int  # first page of the value to move
     block_ids: list[int]  # destination/source blocks of pages [first_page, first_page + len)
     alt_key: ChunkKey | None = None  # a tail key to try when the full key misses
+
+
+@dataclass(frozen=True)
+class Located:
+    """A lookup's answer with where it lives (:meth:`KVCacheEngine.locate_async`).
+
+    Attributes:
+        tokens: the hit, as :meth:`KVCacheEngine.lookup` gives it.
+        runs: ``(tier, tokens)`` runs in prefix order, summing to ``tokens``: the hottest tier
+            holding each chunk (what a load would read now). A store that does not say which
+            tier names it ``""``.
+    """
+
+    tokens: int
+    runs: tuple[tuple[str, int], ...] = ()
 
 
 class StoreHandle:
@@ -448,18 +463,32 @@ class KVCacheEngine:
         if limit is not None and limit < 0:
             raise InvalidArgumentError(f"limit={limit} must be >= 0")
         ns = self._namespace(namespace)
+        return self._lookups.submit(lambda: self._lookup(tokens, request_id, record, limit, ns).tokens)
+
+    def locate_async(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
+                     limit: int | None = None, namespace: str | None = None) -> concurrent.futures.Future[Located]:
+        """:meth:`lookup_async` that also says which tier holds each part of the hit."""
+        tokens = _tokens(token_ids)
+        self._check_open()
+        if limit is not None and limit < 0:
+            raise InvalidArgumentError(f"limit={limit} must be >= 0")
+        ns = self._namespace(namespace)
         return self._lookups.submit(self._lookup, tokens, request_id, record, limit, ns)
 
     def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
-                limit: int | None, ns: str) -> int:
+                limit: int | None, ns: str) -> Located:
         total, c, b = len(tokens), self.chunk_tokens, self.block_size
         cap = total if limit is None else min(total, limit // b * b)
         # only the chunks reaching into [0, cap) are asked for, each under its whole-chunk key when
         # the tokens complete it: a chunk stored whole serves its leading blocks too
         tokens = tokens[: min(total, -(-cap // c) * c)]
+        where: list[tuple[str, int]] = []  # (tier, tokens) per chunk or tail found
         try:
             full = chunk_keys(tokens, ns, c)
-            hits = self.kvstore.lookup(full).result().hit_chunks if full else 0
+            found = self.kvstore.lookup(full).result() if full else None
+            hits = found.hit_chunks if found is not None else 0
+            tiers = list(found.tiers) if found is not None else []
+            where = [(tiers[i] if i < len(tiers) else "", c) for i in range(hits)]
             hit = hits * c
             if self.save_tail:
                 base = hits * c
@@ -468,13 +497,15 @@ class KVCacheEngine:
                     cands = [chunk_keys(tokens[: base + k * b], ns, c, include_partial=True)[-1]
                              for k in range(longest, 0, -1)]
                     present = self.kvstore.contains(cands)
-                    for k, p in zip(range(longest, 0, -1), present, strict=True):
+                    for k, cand, p in zip(range(longest, 0, -1), cands, present, strict=True):
                         if p:
                             hit = base + k * b
+                            tail = self.kvstore.lookup([cand]).result().tiers
+                            where.append((tail[0] if tail else "", k * b))
                             break
         except Exception as exc:  # the store degrades tier faults; anything else is still a miss
             log.warning("lmtier: lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
-            hit = 0
+            hit, where = 0, []
         hit = min(hit, cap)
         if record:
             m = self.metrics
@@ -482,7 +513,7 @@ class KVCacheEngine:
             m.hit_tokens.inc(hit)
             m.observe_hit_ratio()
             log.info("Request %s: total %d tokens, hit %d", request_id or "-", total, hit)
-        return hit
+        return Located(hit, _runs(where, hit))
 
     # -- store ---------------------------------------------------------------------------------
     def store(self, token_ids: Any, kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], *,
@@ -768,6 +799,22 @@ class KVCacheEngine:
                     f"the namespace ({self.kv.num_layers} layers, {self.kv.page_bytes}-byte pages)")
             self._layouts[sig] = layout
         return layout
+
+
+def _runs(where: list[tuple[str, int]], limit: int) -> tuple[tuple[str, int], ...]:
+    """Consecutive parts in one tier merged, cut at ``limit`` tokens."""
+    runs: list[tuple[str, int]] = []
+    left = limit
+    for tier, n in where:
+        n = min(n, left)
+        if n <= 0:
+            break
+        left -= n
+        if runs and runs[-1][0] == tier:
+            runs[-1] = (tier, runs[-1][1] + n)
+        else:
+            runs.append((tier, n))
+    return tuple(runs)
 
 
 def _release_all(chunks: Sequence[HostChunk | None]) -> None:

@@ -355,3 +355,16 @@ def test_an_engine_over_a_store_it_did_not_open_leaves_it_open(tmp_path: Path) -
             eng.store(toks, make_cache(), list(range(8))).wait()
         with KVCacheEngine(None, namespace(), kvstore=store) as eng:
             assert eng.lookup(toks) == 32
+
+
+def test_locate_says_which_tier_holds_each_part_of_the_hit(tmp_path: Path) -> None:
+    toks = tokens(40)  # 2 chunks + a 2-block tail
+    with KVCacheEngine(config(tmp_path, disk=True), namespace(), metrics_registry=CollectorRegistry()) as eng:
+        eng.store(toks, make_cache(), list(range(10))).wait()
+    with KVCacheEngine(config(tmp_path, disk=True), namespace(), metrics_registry=CollectorRegistry()) as eng:
+        assert eng.retrieve(toks, make_cache(fill=False), list(range(4)), end=16) == 16  # chunk 0 -> RAM
+        found = eng.locate_async(toks).result()
+        assert found.tokens == 40
+        assert found.runs == (("hot", 16), ("local", 24))  # chunk 1 and the tail on disk
+        assert eng.locate_async(toks, limit=20).result().runs == (("hot", 16), ("local", 4))
+        assert eng.locate_async(tokens(8, seed=4)).result().runs == ()
