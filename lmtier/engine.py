@@ -245,7 +245,7 @@ class RetrieveHandle:
         import torch
 
         device = self._kv[0].device
-        stream = self._engine._load_stream(device)
+        stream = self._engine.load_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         events: list[Any] = []
         layers = len(self._kv)
@@ -753,8 +753,8 @@ class KVCacheEngine:
         if self._closed:
             raise LmtierError("this KVCacheEngine is closed")
 
-    def _load_stream(self, device: Any) -> Any:
-        """The side stream onloads run on (one per device, made on first use)."""
+    def load_stream(self, device: Any) -> Any:
+        """The CUDA side stream onloads run on (one per device, made on first use)."""
         stream = self._streams.get(device)
         if stream is None:
             import torch

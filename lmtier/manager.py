@@ -343,14 +343,15 @@ class StorageManager:
 
         Carved from the hot tier's memory where it can (:class:`~lmtier.protocol.SupportsAllocate`:
         its ``put`` then adopts them without a copy; allocating may evict its least recently used
-        entries), else from :attr:`host_pool`; ``None`` where neither has room. Never waits on a
-        tier. The caller fills them, puts them, and releases its reference either way.
+        entries; ``None`` when it is full of memory still in use: a copy would not fit either),
+        else (no such hot tier, or unpinned where CUDA is) from :attr:`host_pool`. Never waits on
+        a tier. The caller fills them, puts them, and releases its reference either way.
         """
         sizes = _check_sizes(sizes)
         out: list[HostBuffer | None] = []
         try:
             for size in sizes:
-                out.append(self._buffer(size))
+                out.append(self._buffer(size, "store"))
         except BaseException:
             _release_all(out)
             raise
@@ -682,18 +683,27 @@ class StorageManager:
             self._pinned = bool(torch.cuda.is_available())
         return self._pinned
 
-    def _buffer(self, size: int, *, from_hot: bool = True) -> HostBuffer | None:
-        """A writable buffer of ``size`` bytes: the hot tier's memory if it can, else the pool's."""
-        hot = self.tiers[0].backend
-        if from_hot and isinstance(hot, SupportsAllocate) and self.tiers[0].config.promote:
+    def _buffer(self, size: int, purpose: Literal["store", "fetch", "stage"]) -> HostBuffer | None:
+        """A writable buffer of ``size`` bytes for a chunk to ``store`` or ``fetch``, or to ``stage``.
+
+        ``store``: the hot tier's memory (its put adopts it); when the hot tier is full, None — a
+        copy would not fit there either: its put would evict the very chunks being stored.
+        ``fetch``: the hot tier's memory where it promotes (it adopts the hit), else the pool.
+        ``stage``: the pool. Hot memory that is not pinned where CUDA is counts as unusable.
+        """
+        hot = self.tiers[0]
+        if purpose != "stage" and isinstance(hot.backend, SupportsAllocate) and (
+                purpose == "store" or hot.config.promote):
             try:
-                buf = hot.allocate(size)
+                buf: HostBuffer | None = hot.backend.allocate(size)
             except LmtierError:
                 buf = None
+            if buf is not None and (buf.pinned or not self._want_pinned()):
+                return buf
             if buf is not None:
-                if buf.pinned or not self._want_pinned():
-                    return buf
-                buf.release()  # an unpinned slab where CUDA copies want pinned memory
+                buf.release()  # an unpinned slab where CUDA copies want pinned memory: the pool's
+            elif purpose == "store":
+                return None
         return self.host_pool.try_allocate(size)
 
     async def _fetch_get(self, tier: Tier, keys: Sequence[ChunkKey], sizes: list[int], pending: list[int],
@@ -720,7 +730,7 @@ class StorageManager:
                 else:
                     if buf is not None:
                         buf.release()
-                    buf = self._buffer(sizes[i], from_hot=tier.index > 0)
+                    buf = self._buffer(sizes[i], "fetch" if tier.index > 0 else "stage")
                     if buf is None:
                         log.warning("lmtier: no host memory to fetch a %d-byte chunk into; a miss", sizes[i])
                         continue
@@ -739,7 +749,7 @@ class StorageManager:
         targets: list[int] = []
         bufs: list[HostBuffer] = []
         for i in pending:
-            buf = self._buffer(sizes[i])
+            buf = self._buffer(sizes[i], "fetch")
             if buf is None:
                 log.warning("lmtier: no host memory to fetch a %d-byte chunk into; a miss", sizes[i])
                 continue

@@ -7,12 +7,14 @@
     logits, cache, hit_tokens = kv.prefill(input_ids)        # one forward, last-position logits
     kv.flush(); kv.close()
 
-Before the forward, the prompt's full chunks (``chunk_tokens`` each) are hashed into chunk keys
-(:mod:`lmtier.keys`) and looked up; the hit prefix's KV is fetched from the tiers and copied into
-the model's cache on the GPU by :mod:`lmtier.transfer` (the native kernel when the cache is on
-CUDA and the host chunks are pinned), and only the suffix is computed. The new full chunks are
-copied back to host and stored by a background thread after the prompt's last layer wrote them,
-off the critical path.
+This module is glue: the cache class and ``generate``/``prefill``. Everything else — keys, lookup,
+fetch, the layer-wise onload, the copy-out and the store — is one
+:class:`~lmtier.engine.KVCacheEngine` (:attr:`KVPrefixCache.engine`), the same façade the vLLM
+connector uses. Before the forward, the prompt is looked up (capped so that one token is left to
+compute); the hit prefix's chunks are fetched (a RAM hit is read in place, a colder hit lands
+once in pinned host memory) and copied into the model's cache by :mod:`lmtier.transfer` (the
+native kernel on CUDA), and only the suffix is computed. The new full chunks are copied out and
+stored by a background thread after the prompt's last layer wrote them, off the critical path.
 
 **The cache.** :class:`PagedKVCache` is a ``transformers`` :class:`~transformers.Cache` for one
 sequence whose storage per layer is ``(2, num_blocks, block_size, kv_heads, head_dim)`` (layout
@@ -22,14 +24,14 @@ Attention sees K and V as views ``[1, kv_heads, seq, head_dim]`` (the transpose 
 is then exactly two contiguous byte runs per layer: the transfer kernel moves it at link speed,
 where ``DynamicCache``'s ``[B, H, S, D]`` tensors would scatter it into ``2*H`` strided runs.
 
-**Layer-wise overlap (CUDA).** The prefix is onloaded on a side stream one layer at a time, each
-followed by an event; the cache's ``update`` for layer ``l`` (called inside attention, after the
-Q/K/V projections) makes the compute stream wait for event ``l`` before attention reads the
-prefix. Loading layer ``l+1`` thus overlaps computing layer ``l``, for any model that calls the
+**Layer-wise overlap (CUDA).** The engine onloads the prefix on a side stream one layer at a
+time, each followed by an event (:meth:`~lmtier.engine.RetrieveHandle.enqueue`); the cache's
+``update`` for layer ``l`` (called inside attention, after the Q/K/V projections) makes the
+compute stream wait for event ``l`` before attention reads the prefix. Loading layer ``l+1`` thus overlaps computing layer ``l``, for any model that calls the
 standard ``Cache.update`` — no model hooks needed.
 
-**Faults are misses.** Tier faults come back from the :class:`~lmtier.manager.StorageManager` as
-misses; a chunk of the wrong size is a miss; a hit that cannot be staged is truncated. The
+**Faults are misses.** Tier faults come back from the store as misses, within the tiers'
+deadlines; a chunk of the wrong size is a miss; a hit that cannot be loaded is truncated. The
 result is always the model's own computation for whatever was not loaded.
 
 Limits: batch size 1 (no beams); every layer must be full attention (no sliding windows,
@@ -39,27 +41,24 @@ no linear-attention layers); ``transformers >= 4.56`` (the layered ``Cache`` API
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import hashlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
-from lmtier.buffers import as_bytes_view
+from lmtier.config import LmtierConfig, load_config
+from lmtier.engine import KVCacheEngine
 from lmtier.errors import InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
-from lmtier.manager import StorageManager
-from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
-from lmtier.protocol import SupportsAllocate
-from lmtier.transfer import PageLayout, describe_layout, offload, onload
+from lmtier.store import KVStore, LocalStore
+from lmtier.transfer import PageLayout, describe_layout
 
 try:
     from transformers.cache_utils import Cache, DynamicLayer
@@ -72,14 +71,12 @@ except ImportError as _exc:  # pragma: no cover - exercised only without transfo
 if TYPE_CHECKING:
     import os
 
-    from lmtier.config import LmtierConfig
-    from lmtier.protocol import Buffer
+    from lmtier.manager import StorageManager
     from lmtier.registry import BackendRegistry
 
 __all__ = ["KVPrefixCache", "LoadInfo", "PagedKVCache", "PrefillResult"]
 
 log = logging.getLogger("lmtier.transformers")
-T = TypeVar("T")
 
 #: Layout kind of :class:`PagedKVCache` storage (see :data:`lmtier.transfer.LAYOUT_KINDS`).
 LAYOUT_KIND = "vllm_kv_first"
@@ -295,28 +292,6 @@ class PagedKVCache(Cache):  # type: ignore[misc]
 
 
 # -- background machinery -----------------------------------------------------------------------
-class _LoopThread:
-    """An asyncio loop in a daemon thread (the manager's home); ``run`` blocks on a coroutine."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.owned = loop is None
-        self.loop = loop or asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
-        if self.owned:
-            self._thread = threading.Thread(target=self.loop.run_forever, name="lmtier-hf-loop", daemon=True)
-            self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def stop(self) -> None:
-        if self.owned and self._thread is not None:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join()
-            self.loop.close()
-            self._thread = None
-
-
 class _Worker:
     """One background thread running jobs in submission order; a failing job is logged only."""
 
@@ -366,8 +341,8 @@ class LoadInfo:
     hit_tokens: int
     hit_chunks: int
     bytes_loaded: int
-    staged_chunks: int  # chunks copied into pinned staging first (not zero-copy from the tier)
-    fetch_ms: float = 0.0  # wall time of lookup + get (+ staging copies), before the onload
+    staged_chunks: int  # chunks copied once more on the host (a part of a chunk), not read in place
+    fetch_ms: float = 0.0  # wall time of lookup + fetch (+ staging copies), before the onload
     load_start: Any = None  # CUDA timing events on the load stream (with timing=True)
     load_end: Any = None
 
@@ -379,22 +354,20 @@ class LoadInfo:
         return float(self.load_start.elapsed_time(self.load_end))
 
 
-@dataclass
-class _Fetched:
-    chunks: int
-    host: list[torch.Tensor]
-    holds: list[Any]  # lease views / staging HostBuffers that keep ``host`` alive
-    staged: int
-
-
 class KVPrefixCache:
     """Reuse cached prompt prefixes of a HF decoder model from lmtier's tiers.
 
+    Everything below the model's cache goes through one :class:`~lmtier.engine.KVCacheEngine`
+    (lookup, fetch and layer-wise onload on a side stream, copy-out and store behind the call);
+    this class adds only :class:`PagedKVCache` and the ``transformers`` glue.
+
     Args:
         model: a ``transformers`` causal LM (batch size 1, all layers full attention).
-        storage: a config for a new :class:`~lmtier.manager.StorageManager` (YAML path, mapping,
-            :class:`~lmtier.config.LmtierConfig`) that this object opens and closes, or an open
-            manager together with ``loop``, the running event loop it lives on.
+        storage: a config for a new :class:`~lmtier.store.LocalStore` (YAML path, mapping,
+            :class:`~lmtier.config.LmtierConfig`) that this object opens and closes; an open
+            :class:`~lmtier.store.KVStore` (e.g. another cache's :attr:`store`, a ``ServerStore``);
+            or an open :class:`~lmtier.manager.StorageManager` together with ``loop``, the running
+            event loop it lives on. The last two stay open when this object closes.
         model_id: names the weights in the key namespace (default: ``config._name_or_path``;
             required when that is empty, e.g. a randomly initialised model). Two models must
             never share a ``model_id``: that is what keeps their KV apart.
@@ -402,8 +375,8 @@ class KVPrefixCache:
         block_size: tokens per page of :class:`PagedKVCache` (default ``chunk_tokens``; must
             divide it). Part of the namespace.
         registry: backend registry for opening ``storage`` (default: entry points).
-        host_pool_bytes: pinned staging for chunks a tier hands out unpinned (disk, redis) and for
-            stores when the hottest tier cannot allocate them itself (default: the config's).
+        host_pool_bytes: the store's host pool (pinned), for chunks the hot tier cannot hold
+            (default: the config's ``host_pool_bytes``; only with a config).
         layerwise: on CUDA, overlap loading layer ``l+1`` with computing layer ``l``.
         timing: record CUDA timing events around each onload (:attr:`last`).
     """
@@ -411,7 +384,7 @@ class KVPrefixCache:
     def __init__(
         self,
         model: Any,
-        storage: str | os.PathLike[str] | Mapping[str, Any] | LmtierConfig | StorageManager,
+        storage: str | os.PathLike[str] | Mapping[str, Any] | LmtierConfig | StorageManager | KVStore,
         *,
         model_id: str | None = None,
         chunk_tokens: int | None = None,
@@ -422,6 +395,8 @@ class KVPrefixCache:
         layerwise: bool = True,
         timing: bool = False,
     ) -> None:
+        from lmtier.manager import StorageManager
+
         self.model = model
         self.layerwise = layerwise
         self.timing = timing
@@ -435,39 +410,23 @@ class KVPrefixCache:
                 "the model has no name_or_path; pass model_id= naming its weights (KV of different "
                 "weights must never share a namespace)")
         self._closed = True  # until everything below is open
+        kvstore: KVStore | None = None
+        config: LmtierConfig | None = None
         if isinstance(storage, StorageManager):
             if loop is None:
                 raise InvalidArgumentError("pass loop= (the running event loop the StorageManager lives on)")
-            self._loop = _LoopThread(loop)
-            self._manager, self._owns_manager = storage, False
+            kvstore = LocalStore.attach(storage, loop)
+            config = storage.config
+        elif isinstance(storage, KVStore):
+            if loop is not None:
+                raise InvalidArgumentError("loop= goes with an open StorageManager, not with a KVStore")
+            kvstore = storage
+            config = getattr(getattr(storage, "manager", None), "config", None)
         else:
             if loop is not None:
                 raise InvalidArgumentError("loop= goes with an open StorageManager, not with a config")
-            self._loop = _LoopThread()
-            try:
-                self._manager = self._loop.run(StorageManager.from_config(storage, registry=registry))
-            except BaseException:
-                self._loop.stop()
-                raise
-            self._owns_manager = True
-        try:
-            self._setup(cfg, ident, chunk_tokens, block_size, host_pool_bytes)
-        except BaseException:
-            if self._owns_manager:
-                self._loop.run(self._manager.aclose())
-            self._loop.stop()
-            raise
-        self._worker = _Worker()
-        self._copiers = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="lmtier-hf-copy")
-        self._load_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._store_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._closed = False
-        self.last: LoadInfo | None = None
-
-    def _setup(self, cfg: Any, ident: str, chunk_tokens: int | None, block_size: int | None,
-               host_pool_bytes: int | None) -> None:
-        mcfg = self._manager.config
-        self.chunk_tokens = int(chunk_tokens or (mcfg.chunk_tokens if mcfg is not None else 256))
+            config = load_config(storage)
+        self.chunk_tokens = int(chunk_tokens or (config.chunk_tokens if config is not None else 256))
         self.block_size = int(block_size or self.chunk_tokens)
         if self.block_size < 1 or self.chunk_tokens % self.block_size:
             raise InvalidArgumentError(f"block_size {self.block_size} must divide chunk_tokens {self.chunk_tokens}")
@@ -476,26 +435,46 @@ class KVPrefixCache:
         page_bytes = 2 * self.block_size * self.kv_heads * self.head_dim * esize
         self.chunk_bytes = self.num_layers * self.pages_per_chunk * page_bytes
         cfg_digest = hashlib.sha256(cfg.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-        self.namespace = KVNamespace(
-            model=ident, kv_layout=f"hf_{LAYOUT_KIND}", dtype=str(self.dtype).removeprefix("torch."),
+        self.kv = KVNamespace(
+            model=ident, kv_layout=LAYOUT_KIND, dtype=str(self.dtype).removeprefix("torch."),
             num_layers=self.num_layers, block_size=self.block_size, num_kv_heads=self.kv_heads,
             head_size=self.head_dim, page_bytes=page_bytes, chunk_tokens=self.chunk_tokens,
             engine="transformers", extra=(("config", cfg_digest),),
-        ).namespace
-        pool_bytes = host_pool_bytes or (int(mcfg.host_pool_bytes) if mcfg is not None else 256 << 20)
+        )
+        self.namespace = self.kv.namespace
         self._cuda = self.device.type == "cuda"
-        self._pool = HostMemoryPool(pool_bytes, pin=self._cuda, name="hf-staging")
+        if kvstore is None:
+            assert config is not None
+            update: dict[str, Any] = {"chunk_tokens": self.chunk_tokens}
+            if host_pool_bytes:
+                update["host_pool_bytes"] = host_pool_bytes
+            config = config.model_copy(update=update)
+        self.engine = KVCacheEngine(config if kvstore is None else None, self.kv, save_tail=False,
+                                    layerwise=layerwise, kvstore=kvstore, registry=registry,
+                                    name="lmtier-hf")
+        self._worker = _Worker()
+        self._store_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._closed = False
+        self.last: LoadInfo | None = None
 
     # -- public API ----------------------------------------------------------------------------
     @property
+    def store(self) -> KVStore:
+        """The KV store below the engine (pass it to another KVPrefixCache to share it)."""
+        return self.engine.kvstore
+
+    @property
     def manager(self) -> StorageManager:
-        """The storage manager (call its coroutines on :attr:`loop`)."""
-        return self._manager
+        """The StorageManager of a local store (call its coroutines on :attr:`loop`)."""
+        return self.engine.manager
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop the manager lives on (running in a background thread)."""
-        return self._loop.loop
+        """The event loop a local store's manager lives on (running in a background thread)."""
+        store = self.engine.kvstore
+        if not isinstance(store, LocalStore):
+            raise NotSupportedError(f"this cache stores through {type(store).__name__}, which has no local loop")
+        return store.loop
 
     def keys(self, input_ids: Any) -> list[ChunkKey]:
         """Chunk keys of the prompt's full chunks."""
@@ -514,19 +493,38 @@ class KVPrefixCache:
         n = int(ids.numel())
         if n == 0:
             raise InvalidArgumentError("the prompt is empty")
-        keys = chunk_keys(ids.numpy(), self.namespace, self.chunk_tokens)
+        tokens = ids.numpy()
         cache = PagedKVCache(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              block_size=self.block_size, capacity_tokens=n + max(extra_tokens, 0),
                              dtype=self.dtype, device=self.device)
         t0 = time.perf_counter()
-        fetched = self._fetch(keys[: (n - 1) // self.chunk_tokens])
-        info = LoadInfo(n, fetched.chunks * self.chunk_tokens, fetched.chunks,
-                        fetched.chunks * self.chunk_bytes, fetched.staged, (time.perf_counter() - t0) * 1e3)
-        if fetched.chunks:
-            self._onload(cache, fetched, info)
+        hit = self.engine.lookup(tokens, limit=n - 1)
+        loaded, staged, start_ev, end_ev = 0, 0, None, None
+        fetch_ms = 0.0
+        if hit:
+            layers = cache.storage_layers
+            blocks = list(range(-(-hit // self.block_size)))
+            if self._cuda:  # the fresh storage may be freed while the load stream still writes it
+                cache._storage.buf.record_stream(self.engine.load_stream(self.device))
+            handle = self.engine.start_retrieve(tokens, layers, blocks, start=0, end=hit)
+            try:
+                events = handle.enqueue(timing=self.timing)  # CUDA: enqueued per layer; CPU: copied
+                fetch_ms = (time.perf_counter() - t0) * 1e3
+                loaded, staged = handle.loaded_tokens, handle.staged_chunks
+                start_ev, end_ev = handle.load_start, handle.load_end
+                if handle.failed:
+                    loaded = 0
+            finally:
+                handle.close()  # CUDA: the host chunks go back once the last copy completed
+            cache._set_prefix(loaded, events if loaded else None)
+        else:
+            fetch_ms = (time.perf_counter() - t0) * 1e3
+        page = self.chunk_bytes // self.pages_per_chunk // self.num_layers
+        info = LoadInfo(n, loaded, -(-loaded // self.chunk_tokens), loaded // self.block_size * page * self.num_layers,
+                        staged, fetch_ms, start_ev, end_ev)
         self.last = info
-        cache._arm(n, lambda c: self._schedule_store(c, keys, fetched.chunks))
-        return cache, info.hit_tokens
+        cache._arm(n, lambda c: self._schedule_store(c, tokens))
+        return cache, loaded
 
     def prefill(self, input_ids: Any, *, max_new_tokens: int = 0, all_logits: bool = False,
                 **forward_kwargs: Any) -> PrefillResult:
@@ -569,22 +567,18 @@ class KVPrefixCache:
         """Wait until every scheduled store reached the tiers (including async tiers' queues)."""
         self._check_open()
         self._worker.join()
-        self._loop.run(self._manager.flush())
+        self.engine.flush()
 
     def close(self) -> None:
-        """Finish background stores, close the manager if this object opened it. Idempotent."""
+        """Finish background stores and close the engine (and the store it opened). Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             self._worker.join()
             self._worker.stop()
-            self._copiers.shutdown(wait=True)
-            if self._owns_manager:
-                self._loop.run(self._manager.aclose())
         finally:
-            self._loop.stop()
-            self._pool.close()
+            self.engine.close()
 
     def __enter__(self) -> KVPrefixCache:
         return self
@@ -592,101 +586,16 @@ class KVPrefixCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- retrieval -----------------------------------------------------------------------------
-    def _fetch(self, keys: Sequence[ChunkKey]) -> _Fetched:
-        """The leading stored chunks of ``keys`` as host tensors the transfer layer can read."""
-        if not keys:
-            return _Fetched(0, [], [], 0)
-        hit = self._loop.run(self._manager.lookup(keys))
-        if not hit:
-            return _Fetched(0, [], [], 0)
-        values = self._loop.run(self._manager.get(keys[:hit]))
-        host: list[torch.Tensor] = []
-        holds: list[Any] = []
-        staging: list[tuple[HostBuffer, Any]] = []
-        for key, value in zip(keys, values, strict=False):
-            if value is None:  # evicted since lookup, or the tier faulted: a miss from here on
-                break
-            size = as_bytes_view(value).nbytes
-            if size != self.chunk_bytes:
-                log.warning("lmtier transformers: %s holds %d bytes, expected %d; treated as a miss",
-                            key, size, self.chunk_bytes)
-                break
-            tensor = host_tensor_of(value)
-            if tensor is not None and tensor.numel() == size and (tensor.is_pinned() or not self._cuda):
-                host.append(tensor)  # zero copy: the transfer reads the tier's own memory
-                holds.append(value)
-                continue
-            buf = self._pool.try_allocate(size)
-            if buf is None:
-                log.info("lmtier transformers: staging pool full; loading %d of %d hit chunks",
-                         len(host), len(values))
-                break
-            staging.append((buf, value))
-            host.append(buf.tensor)
-            holds.append(buf)
-        del values
-        if staging:
-            try:
-                list(self._copiers.map(_copy_into, staging))
-            except BaseException:
-                _release(holds)
-                raise
-        return _Fetched(len(host), host, holds, len(staging))
-
-    def _onload(self, cache: PagedKVCache, fetched: _Fetched, info: LoadInfo) -> None:
-        ppc = self.pages_per_chunk
-        block_ids = [list(range(c * ppc, (c + 1) * ppc)) for c in range(fetched.chunks)]
-        layers = cache.storage_layers
-        layout = cache.layout
-        if not self._cuda:
-            try:
-                onload(layers, layout, block_ids, fetched.host)
-            finally:
-                _release(fetched.holds)
-            cache._set_prefix(info.hit_tokens, None)
-            return
-        stream = self._load_stream
-        assert stream is not None
-        # the fresh buffer may reuse memory the compute stream just freed: start after its work
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        cache._storage.buf.record_stream(stream)
-        if self.timing:
-            info.load_start = torch.cuda.Event(enable_timing=True)
-            info.load_end = torch.cuda.Event(enable_timing=True)
-            info.load_start.record(stream)
-        events: list[Any] = []
-        try:
-            if self.layerwise:
-                for layer in range(self.num_layers):
-                    onload(layers, layout, block_ids, fetched.host, layers=[layer], stream=stream)
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                    events.append(ev)
-            else:
-                onload(layers, layout, block_ids, fetched.host, stream=stream)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-                events = [ev] * self.num_layers
-        except BaseException:
-            stream.synchronize()
-            _release(fetched.holds)
-            raise
-        if info.load_end is not None:
-            info.load_end.record(stream)
-        cache._set_prefix(info.hit_tokens, events)
-        last, holds = events[-1], fetched.holds
-
-        def release_after_load() -> None:
-            last.synchronize()
-            _release(holds)
-
-        self._worker.submit(release_after_load)
-
     # -- storing -------------------------------------------------------------------------------
-    def _schedule_store(self, cache: PagedKVCache, keys: Sequence[ChunkKey], first: int) -> None:
-        """Called from the prompt's last layer update: store chunks ``first..`` in the background."""
-        if first >= len(keys):
+    def _schedule_store(self, cache: PagedKVCache, tokens: Any) -> None:
+        """Called from the prompt's last layer update: store its full chunks in the background.
+
+        The engine skips the chunks its hot tier holds (the loaded prefix) without copying them.
+        On CUDA the copy runs on a store stream ordered after the compute stream's position now;
+        the cache's fence makes a later rewrite of these positions wait for it.
+        """
+        n = len(tokens)
+        if n < self.chunk_tokens:
             return
         storage = cache._storage
         ready = None
@@ -695,78 +604,19 @@ class KVPrefixCache:
             ready.record(torch.cuda.current_stream(self.device))
         fence = _Fence(threading.Event())
         cache._add_fence(fence)
-        todo_keys = list(keys[first:])
+        blocks = list(range(-(-n // self.block_size)))
 
         def job() -> None:
             try:
-                self._store(storage, todo_keys, first, ready, fence)
+                stream = self._store_stream
+                if stream is not None and ready is not None:
+                    stream.wait_event(ready)
+                handle = self.engine.store(tokens, storage.layers, blocks, end=n, stream=stream)
+                fence.done = handle.copy_event
             finally:
                 fence.enqueued.set()
 
         self._worker.submit(job)
-
-    def _store(self, storage: _KVStorage, keys: list[ChunkKey], first: int, ready: Any, fence: _Fence) -> None:
-        present = self._loop.run(self._manager.contains(keys))
-        todo = [(first + i, k) for i, (k, p) in enumerate(zip(keys, present, strict=True)) if not p]
-        if not todo:
-            return
-        bufs = self._loop.run(self._allocate(len(todo)))
-        try:
-            if len(bufs) < len(todo):
-                log.info("lmtier transformers: room to store %d of %d new chunks", len(bufs), len(todo))
-            todo = todo[: len(bufs)]
-            if not todo:
-                return
-            ppc = self.pages_per_chunk
-            ids = [list(range(c * ppc, (c + 1) * ppc)) for c, _ in todo]
-            host = [b.tensor for b in bufs]
-            if self._cuda:
-                stream = self._store_stream
-                assert stream is not None
-                stream.wait_event(ready)
-                offload(storage.layers, storage.layout, ids, host, stream=stream)
-                done = torch.cuda.Event()
-                done.record(stream)
-                fence.done = done
-                fence.enqueued.set()
-                done.synchronize()
-            else:
-                offload(storage.layers, storage.layout, ids, host)
-                fence.enqueued.set()
-            # HostBuffer has no buffer protocol before Python 3.12; the manager and tiers accept it
-            items = cast("list[tuple[ChunkKey, Buffer]]", [(k, b) for (_, k), b in zip(todo, bufs, strict=False)])
-            self._loop.run(self._manager.put(items))
-        finally:
-            _release(bufs)
-
-    async def _allocate(self, count: int) -> list[HostBuffer]:
-        """Host buffers for new chunks: in the hottest tier's own memory when it offers that
-        (``put`` then adopts them without a copy), else in the staging pool. Runs on the loop,
-        where the tier's bookkeeping lives."""
-        hot = self._manager.tiers[0].backend
-        allocate = hot.allocate if isinstance(hot, SupportsAllocate) else None
-        out: list[HostBuffer] = []
-        own_memory = allocate is not None
-        for _ in range(count):
-            buf: HostBuffer | None
-            if own_memory:
-                # When the tier's own memory is full, a staged copy would not fit there either:
-                # its put would evict the chunks we are storing. Store what fits.
-                try:
-                    assert allocate is not None
-                    buf = allocate(self.chunk_bytes)
-                except LmtierError:
-                    break
-                if self._cuda and not buf.pinned:
-                    buf.release()
-                    own_memory = False  # an unpinned slab: stage in our pinned pool instead
-                    buf = self._pool.try_allocate(self.chunk_bytes)
-            else:
-                buf = self._pool.try_allocate(self.chunk_bytes)
-            if buf is None:
-                break
-            out.append(buf)
-        return out
 
     def _check_open(self) -> None:
         if self._closed:
@@ -803,17 +653,3 @@ def _flat_ids(input_ids: Any) -> torch.Tensor:
     if t.dim() != 1:
         raise InvalidArgumentError(f"input_ids must be 1-D or [1, n], got shape {tuple(t.shape)}")
     return t.detach().to("cpu", torch.int64)
-
-
-def _copy_into(item: tuple[HostBuffer, Any]) -> None:
-    # numpy releases the GIL for the copy, so chunks are copied in parallel
-    buf, value = item
-    np.copyto(buf.tensor.numpy(), np.frombuffer(as_bytes_view(value), dtype=np.uint8))
-
-
-def _release(holds: Sequence[Any]) -> None:
-    for h in holds:
-        if isinstance(h, HostBuffer):
-            with contextlib.suppress(LmtierError):  # already released on another path
-                h.release()
-

@@ -147,7 +147,7 @@ def test_different_model_ids_never_share_chunks(model: Any) -> None:
     ids = _ids(3 * CHUNK + 1, seed=7)
     cfg = _cpu_config()
     with KVPrefixCache(model, cfg, model_id="weights-a") as a:
-        b = KVPrefixCache(model, a.manager, model_id="weights-b", loop=a.loop)
+        b = KVPrefixCache(model, a.store, model_id="weights-b")  # one store, two models
         try:
             a.prefill(ids)
             a.flush()
@@ -169,17 +169,25 @@ def test_full_hottest_tier_stores_what_fits(model: Any, kv: KVPrefixCache) -> No
         torch.testing.assert_close(logits[:, -1], _full_logits(model, ids), atol=ATOL, rtol=0)
 
 
-def test_disk_tier_hits_are_staged_and_correct(model: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_ram", [False, True], ids=["disk-only", "ram-over-disk"])
+def test_disk_tier_hits_are_read_once_and_correct(model: Any, tmp_path: Path, with_ram: bool) -> None:
     ids = _ids(3 * CHUNK + 9, seed=9)
-    cfg = {"chunk_tokens": CHUNK, "tiers": [{"name": "nvme", "backend": "disk",
-                                             "options": {"root": str(tmp_path), "max_bytes": 1 << 24}}]}
+    tiers = [{"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path), "max_bytes": 1 << 24}}]
+    if with_ram:
+        tiers.insert(0, {"name": "hot", "backend": "cpu", "options": {"max_bytes": 16 << 20}})
+    cfg = {"chunk_tokens": CHUNK, "tiers": tiers}
     with KVPrefixCache(model, cfg, model_id="tiny-test") as kv:
         kv.prefill(ids)
         kv.flush()
     with KVPrefixCache(model, cfg, model_id="tiny-test") as kv:  # a new process would see the same
         logits, _, hit = kv.prefill(ids)
-        assert hit == 3 * CHUNK and kv.last is not None and kv.last.staged_chunks == 3
+        # read by the disk tier straight into the memory the onload reads: no second host copy
+        assert hit == 3 * CHUNK and kv.last is not None and kv.last.staged_chunks == 0
         torch.testing.assert_close(logits[:, -1], _full_logits(model, ids), atol=ATOL, rtol=0)
+        if with_ram:  # promoted into RAM by adoption: the repeat is a RAM hit
+            kv.flush()
+            assert kv.manager.stats()["hot"]["objects"] == 3
+            assert kv.prefill(ids).hit_tokens == 3 * CHUNK
 
 
 # -- faults are misses ---------------------------------------------------------------------------
@@ -217,6 +225,28 @@ def test_tier_fault_on_get_is_a_miss(model: Any) -> None:
         assert hit == 0
         torch.testing.assert_close(logits[:, -1], _full_logits(model, ids), atol=ATOL, rtol=0)
         assert kv.prefill(ids).hit_tokens == 3 * CHUNK  # the tier is back
+
+
+def test_a_frozen_redis_tier_is_a_miss_within_its_deadline(model: Any, tmp_path: Path) -> None:
+    pytest.importorskip("lmtier_backends.redis.backend")
+    from tests.support.remote_tiers import RemoteTier, remote_available
+
+    if remote_available("redis"):
+        pytest.skip("redis-server is not installed")
+    ids = _ids(3 * CHUNK + 4, seed=14)
+    want = _reference_generate(model, ids, 5)
+    with RemoteTier("redis", tmp_path) as remote:
+        cfg = {"chunk_tokens": CHUNK, "tiers": [remote.tier("shared", timeout_s={"lookup": 0.1, "get": 0.2})]}
+        with KVPrefixCache(model, cfg, model_id="tiny-test") as kv:
+            kv.prefill(ids)
+            kv.flush()
+            remote.freeze()
+            try:
+                assert kv.generate(ids, max_new_tokens=5, do_sample=False)[0].tolist() == want
+                assert kv.last is not None and kv.last.hit_tokens == 0
+                assert kv.manager.tier("shared").breaker.state == "open"
+            finally:
+                remote.thaw()
 
 
 def test_redis_tier_at_a_closed_port_is_a_miss(model: Any) -> None:
