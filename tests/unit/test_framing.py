@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 
 from lmtier.errors import CorruptDataError, InvalidArgumentError
-from lmtier.framing import HEADER_BYTES, checksum, checksum_stream, decode, encode_header
+from lmtier.framing import (
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    NewerFormatError,
+    checksum,
+    checksum_stream,
+    decode,
+    decode_header,
+    encode_header,
+)
 from lmtier.keys import ChunkKey, make_namespace
+from lmtier.testing.backdoors import HEADER_FIELDS, flip_bit, newer_format, unknown_codec, version_1
 
 KEY = ChunkKey(make_namespace(t="codec"), bytes(range(16)))
 OTHER = ChunkKey(make_namespace(t="codec"), bytes(range(1, 17)))
@@ -59,3 +69,43 @@ def test_a_checksum_streamed_piece_by_piece_equals_the_whole_payloads(size: int)
     header = encode_header(KEY, payload, payload_checksum=stream.intdigest())
     assert header == encode_header(KEY, payload)  # the same stored format either way
     assert bytes(decode(KEY, header + payload)) == payload
+
+
+# -- format version 2: the header checks itself; newer formats are not corruption --------------------
+
+
+@pytest.mark.parametrize("field", sorted(HEADER_FIELDS))
+def test_a_flipped_bit_in_any_header_field_is_corrupt(field: str) -> None:
+    value = bytes(stored(b"y" * 300))
+    for bit in range(8):
+        with pytest.raises(CorruptDataError):
+            decode(KEY, flip_bit(value, HEADER_FIELDS[field], bit))
+
+
+def test_an_intact_header_of_a_newer_version_or_unknown_codec_is_newer_not_corrupt() -> None:
+    value = bytes(stored(b"z" * 300))
+    for newer in (newer_format(value), unknown_codec(value)):
+        with pytest.raises(NewerFormatError, match="left in place"):
+            decode(KEY, newer)
+        assert not isinstance(NewerFormatError("x"), CorruptDataError)  # deleting code never sees it
+    with pytest.raises(CorruptDataError):  # a newer version with a damaged header is just damaged
+        decode(KEY, flip_bit(newer_format(value), 20))
+
+
+def test_codec_and_raw_length_round_trip_for_readers_that_know_the_codec() -> None:
+    payload = b"encoded" * 10
+    header = encode_header(KEY, payload, codec=7, raw_length=1000)
+    head = decode_header(KEY, header, codecs=(0, 7))
+    assert (head.codec, head.raw_length, head.payload_length, head.version) == (7, 1000, 70, FORMAT_VERSION)
+    with pytest.raises(NewerFormatError, match="codec 7"):
+        decode_header(KEY, header)
+
+
+def test_values_stored_in_format_version_1_are_still_read() -> None:
+    payload = b"written by lmtier 0.1"
+    assert bytes(decode(KEY, version_1(KEY, payload))) == payload
+    assert decode_header(KEY, version_1(KEY, payload)).version == 1
+    damaged = bytearray(version_1(KEY, payload))
+    damaged[50] = 1  # version 1 had only zeros there
+    with pytest.raises(CorruptDataError):
+        decode(KEY, bytes(damaged))
