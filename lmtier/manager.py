@@ -326,16 +326,22 @@ class StorageManager:
         if not items:
             return 0
         items = list(items)
+        # each value once as a kit Payload: the first tier that needs its checksum computes it, the
+        # others (through, background) reuse it
+        carried = None if all(t.lends_memory for t in self.tiers) else _carried(items)
         hottest, colder = self.tiers[0], self.tiers[1:]
-        landed = await self._write(hottest, items, skip_present=skip_present)
+        landed = await self._write(hottest, items, skip_present=skip_present, carried=carried)
         through = [t for t in colder if t.config.write == "through"]
         background = [t for t in colder if t.config.write == "async"]
         if background:
             stable = [(k, _stable(v)) for k, v in items]
+            if carried is not None:
+                stable = _carried(stable, like=carried)
             for tier in background:
                 self._enqueue(tier, _Job("write", stable, check=skip_present))
         if through:
-            await asyncio.gather(*(self._write(t, items, skip_present=skip_present) for t in through))
+            await asyncio.gather(*(self._write(t, items, skip_present=skip_present, carried=carried)
+                                   for t in through))
         return max(landed, 0)
 
     def reserve(self, sizes: Sequence[int]) -> list[HostBuffer | None]:
@@ -646,22 +652,27 @@ class StorageManager:
                         tier.name, tier.breaker.failures, tier.breaker.cooldown)
         return reason
 
-    async def _write(self, tier: Tier, items: Sequence[PutItem], *, skip_present: bool = False) -> int:
-        """Put ``items`` into ``tier`` in slices; how many it took, or -1 if a slice failed."""
+    async def _write(self, tier: Tier, items: Sequence[PutItem], *, skip_present: bool = False,
+                     carried: Sequence[Item] | None = None) -> int:
+        """Put ``items`` into ``tier`` in slices; how many it took, or -1 if a slice failed.
+        ``carried``: the same values as kit Payloads (shared checksum), for tiers that take buffers."""
         if skip_present:
             present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items])
             if present is not FAULT:  # a failed check just writes everything
-                items = [it for it, p in zip(items, present, strict=True) if not p]
+                absent = [not p for p in present]
+                items = [it for it, a in zip(items, absent, strict=True) if a]
+                if carried is not None:
+                    carried = [it for it, a in zip(carried, absent, strict=True) if a]
             if not items:
                 return 0
         # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
-        # zero-copy memoryviews, except to a tier that hands out HostBuffers itself (the cpu tier's
-        # `allocate`), which adopts those of its own slab and copies tensors with torch.
+        # zero-copy byte arrays (kit Payloads, which carry the checksum from tier to tier), except to
+        # a tier that hands out HostBuffers itself (the cpu tier's `allocate`), which adopts those of
+        # its own slab and copies tensors with torch.
         if tier.lends_memory:
             batch = cast("list[Item]", list(items))
         else:
-            batch = [(k, v if isinstance(v, (bytes, bytearray, memoryview)) else as_bytes_view(v))
-                     for k, v in items]
+            batch = list(carried) if carried is not None else _carried(items)
         sizes = [as_bytes_view(v).nbytes for _, v in batch]
         written, failed = 0, False
         for lo, hi in _slices(sizes):
@@ -870,7 +881,7 @@ class StorageManager:
                 return
             # Copy out of the evicting tier: holding its memory until the demotion lands would make
             # it evict even more entries to make room for the put that triggered this eviction.
-            job = _Job("demote", [(key, bytes(as_bytes_view(value)))])
+            job = _Job("demote", [(key, _copy_carried(value))])
             if threading.get_ident() == self._loop_thread:
                 self._enqueue(nxt, job)
             else:  # backends may evict from their I/O threads
@@ -952,6 +963,23 @@ def _slices(sizes: Sequence[int], limit: int = SLICE_BYTES) -> list[tuple[int, i
     if lo < len(sizes):
         out.append((lo, len(sizes)))
     return out
+
+
+def _carried(items: Sequence[PutItem], like: Sequence[Item] | None = None) -> list[Item]:
+    """``items``' values as kit Payloads: each value's checksum is computed at most once for all
+    the tiers it reaches (``like``: the same values already carried, whose checksums to share)."""
+    from lmtier.kit.values import Payload  # numpy: imported with the first put, not with lmtier
+
+    shared = [cast("Payload", p) for _, p in like] if like is not None else [None] * len(items)
+    return [(k, cast("Buffer", Payload.of(v, like=s))) for (k, v), s in zip(items, shared, strict=True)]
+
+
+def _copy_carried(value: Buffer) -> Buffer:
+    """A private copy of an evicted value (the evicting tier reuses its memory next), keeping the
+    checksum it carries (the disk tier verified it)."""
+    from lmtier.kit.values import Payload
+
+    return cast("Buffer", Payload.copy_of(value))
 
 
 def _stable(value: Buffer | HostBuffer) -> Buffer:

@@ -109,6 +109,14 @@ class Payload(np.ndarray):  # type: ignore[type-arg]
         """A private copy of the bytes that keeps the checksum (known now or computed later)."""
         return Payload.of(self.tobytes(), like=self)
 
+    @classmethod
+    def copy_of(cls, value: object) -> Payload:
+        """A private copy of any host buffer's bytes, keeping the checksum a Payload carries (an
+        evicted value on its way to the next tier: the evicting tier's memory is reused next)."""
+        if isinstance(value, Payload):
+            return value.copy_bytes()
+        return cls.of(bytes(as_bytes_view(value)))
+
 
 def checksum_of(value: object) -> int:
     """The checksum of any host buffer; a :class:`Payload` computes it at most once."""
