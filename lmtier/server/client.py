@@ -248,6 +248,7 @@ class ServerStore:
         self._lock = threading.Lock()
         self._commits: set[concurrent.futures.Future[int]] = set()
         self.reconnects = 0
+        self._tier_names: list[str] = []
         self.misses: dict[tuple[str, str], int] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lmtier-server-client", daemon=True)
@@ -262,6 +263,11 @@ class ServerStore:
     @property
     def metrics(self) -> Metrics:
         return self._metrics
+
+    @property
+    def tier_names(self) -> list[str]:
+        """The server's tiers, hottest first, as of the last hello (empty before the first)."""
+        return list(self._tier_names)
 
     @property
     def connected(self) -> bool:
@@ -590,6 +596,7 @@ class ServerStore:
             sock.close()
             raise
         link = _Link(sock, slab, reply.server_pid, loop)
+        self._tier_names = list(reply.tiers)
         link.reader = loop.create_task(self._read(link))
         if self._link is not None:
             self._link.close()

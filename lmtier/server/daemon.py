@@ -308,7 +308,8 @@ class Server:
         conn.held = self.cache.connect(conn.id, who)
         slab = self.cache.slab
         reply = p.encode(p.HelloReply(id=rid, version=p.PROTOCOL_VERSION, server_pid=os.getpid(),
-                                      slab_bytes=slab.size, slab_id=slab.slab_id))
+                                      slab_bytes=slab.size, slab_id=slab.slab_id,
+                                      tiers=[t.name for t in self.cache.manager.tiers]))
         await _send_with_fd(conn, reply, slab.fileno())
         self.metrics.requests.labels("hello").inc()
         log.info("lmtier serve: %s connected (namespace %s)", conn.who(), hello.namespace or "-")

@@ -304,6 +304,8 @@ class HelloReply(_Reply, tag="hello"):
     slab_bytes: int
     slab_id: str
     """Differs between server starts: a client that reconnects knows its old mapping is stale."""
+    tiers: list[str] = []
+    """The server's tier names, hottest first (for the client's logs and ``tier_names``)."""
 
 
 class LookupReply(_Reply, tag="lookup"):
