@@ -90,8 +90,9 @@ class SlabCache:
         return entry[0].close() if entry is not None else 0
 
     # -- operations ----------------------------------------------------------------------------
-    async def lookup(self, raw_keys: Sequence[bytes]) -> int:
-        return await self.manager.lookup(_keys(raw_keys))
+    async def lookup(self, raw_keys: Sequence[bytes]) -> list[str]:
+        """For each leading key present, the hottest tier holding it (prefix semantics)."""
+        return await self.manager.locate(_keys(raw_keys))
 
     async def contains(self, raw_keys: Sequence[bytes]) -> list[bool]:
         return await self.manager.contains(_keys(raw_keys))

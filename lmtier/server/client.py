@@ -54,7 +54,7 @@ from lmtier.errors import InvalidArgumentError, LmtierError
 from lmtier.keys import ChunkKey
 from lmtier.server import protocol as p
 from lmtier.server.slab import Slab
-from lmtier.store import LookupResult
+from lmtier.store import HostChunk, LookupResult
 
 if TYPE_CHECKING:
     import torch
@@ -285,7 +285,7 @@ class ServerStore:
         return self._run(self._contains(raw, self._deadline("contains", timeout_s)))
 
     def reserve(self, sizes: Sequence[int], *, keys: Sequence[ChunkKey] | None = None
-                ) -> list[SlabChunk | None]:
+                ) -> list[HostChunk | None]:
         sizes = _sizes(sizes)
         raw = None
         if keys is not None:
@@ -328,7 +328,7 @@ class ServerStore:
         _wire_keys([k for k, _ in pairs])
         views = [as_bytes_view(v) for _, v in pairs]
         chunks = self.reserve([v.nbytes for v in views]) if views else []
-        filled: list[tuple[ChunkKey, SlabChunk]] = []
+        filled: list[tuple[ChunkKey, HostChunk]] = []
         for (key, _), view, chunk in zip(pairs, views, chunks, strict=True):
             if chunk is None:
                 continue
@@ -339,7 +339,7 @@ class ServerStore:
         return self.commit(filled, request_id=request_id)
 
     def fetch(self, keys: Sequence[ChunkKey], sizes: Sequence[int], *, timeout_s: float | None = None
-              ) -> concurrent.futures.Future[list[SlabChunk | None]]:
+              ) -> concurrent.futures.Future[list[HostChunk | None]]:
         raw = _wire_keys(keys)
         sizes = _sizes(sizes)
         if len(sizes) != len(raw):
@@ -437,7 +437,7 @@ class ServerStore:
             return [False] * len(raw)
         return list(reply.present)
 
-    async def _reserve(self, sizes: list[int], raw: list[bytes] | None, deadline: float) -> list[SlabChunk | None]:
+    async def _reserve(self, sizes: list[int], raw: list[bytes] | None, deadline: float) -> list[HostChunk | None]:
         if not sizes:
             return []
         link = self._link
@@ -459,7 +459,7 @@ class ServerStore:
                                  link=link, even_if_unusable=True)
         return reply.written if isinstance(reply, p.CommitReply) else 0
 
-    async def _fetch(self, raw: list[bytes], sizes: list[int], deadline: float) -> list[SlabChunk | None]:
+    async def _fetch(self, raw: list[bytes], sizes: list[int], deadline: float) -> list[HostChunk | None]:
         if not raw:
             return []
         link = self._link
@@ -469,11 +469,11 @@ class ServerStore:
         return self._chunks(link, reply.slots, sizes, writable=False)
 
     def _chunks(self, link: _Link, slots: list[p.Slot | None], sizes: list[int], *, writable: bool
-                ) -> list[SlabChunk | None]:
+                ) -> list[HostChunk | None]:
         if len(slots) != len(sizes):
             self._send_release(link, [s.slot for s in slots if s is not None])
             return [None] * len(sizes)
-        out: list[SlabChunk | None] = []
+        out: list[HostChunk | None] = []
         for s, size in zip(slots, sizes, strict=True):
             if s is None or not 0 <= s.offset <= link.slab.size - size:
                 if s is not None:

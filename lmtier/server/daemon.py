@@ -335,7 +335,8 @@ class Server:
         assert held is not None
         match req:
             case p.Lookup():
-                return p.LookupReply(id=req.id, hit_chunks=await cache.lookup(req.keys))
+                tiers = await cache.lookup(req.keys)
+                return p.LookupReply(id=req.id, hit_chunks=len(tiers), tiers=tiers)
             case p.Contains():
                 return p.ContainsReply(id=req.id, present=await cache.contains(req.keys))
             case p.Reserve():

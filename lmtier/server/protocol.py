@@ -311,7 +311,7 @@ class HelloReply(_Reply, tag="hello"):
 class LookupReply(_Reply, tag="lookup"):
     hit_chunks: int
     tiers: list[str] = []
-    """Hottest tier holding each of the leading chunks, where the server knows it (else empty)."""
+    """The hottest tier holding each of the leading chunks (``len(tiers) == hit_chunks``)."""
 
 
 class ContainsReply(_Reply, tag="contains"):

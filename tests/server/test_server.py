@@ -69,6 +69,7 @@ def test_a_client_stores_into_the_slab_and_another_client_reads_the_same_bytes_i
     assert store_chunks(a, ks, 10_000) == 4
     assert a.lookup(ks).result().hit_chunks == 4
     assert a.tier_names == ["hot", "local"]
+    assert a.lookup(ks).result().tiers == ("hot",) * 4
     assert b.lookup([*ks, *keys(1, salt=99)]).result().hit_chunks == 4
     leases = b.fetch(ks, [10_000] * 4).result()
     assert all(lease is not None for lease in leases)
