@@ -166,7 +166,10 @@ class LmtierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="tokens per stored chunk")
-    tiers: list[TierConfig] = Field(min_length=1, description="storage tiers, hottest first")
+    tiers: list[TierConfig] = Field(default_factory=list, description="storage tiers, hottest first (or server)")
+    server: str | None = Field(None, pattern=r"^unix:///\S+$",
+                               description="unix:///path/lmtier.sock of `lmtier serve`: the tiers live there "
+                                           "(no tiers here); LMTIER_SERVER sets it and drops the file's tiers")
     host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="the manager's host pool (pinned where CUDA is)")
     log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
     load_policy: Literal["always", "cost"] = Field(
@@ -203,6 +206,10 @@ class LmtierConfig(BaseModel):
 
     @model_validator(mode="after")
     def _hottest_is_through(self) -> LmtierConfig:
+        if self.server is not None and self.tiers:
+            raise ValueError("give either tiers (in this process) or server (lmtier serve holds the tiers), not both")
+        if self.server is None and not self.tiers:
+            raise ValueError("tiers: at least one tier is needed, or server: unix:///path/lmtier.sock")
         if self.tiers and self.tiers[0].write != "through":
             raise ValueError("the first (hottest) tier must use write: through; puts land there first")
         return self
@@ -317,6 +324,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, 
         else:
             data[path[0]] = value
             applied[path[0]] = var
+    if applied.get("server") == "LMTIER_SERVER" and data.get("server"):
+        data["tiers"] = []  # the server holds the tiers: the file's (or the default's) are not used here
     return data, applied
 
 

@@ -894,7 +894,7 @@ class LMTierConnector(KVConnectorBase_V1):
         cfg = _per_rank(self._cfg, rank, self._world)
         self._engine = KVCacheEngine(cfg, self._kv, save_tail=self._opts["save_tail"], name=f"lmtier-tp{rank}")
         log.info("lmtier connector (worker, rank %d): namespace %s, tiers %s", rank, self._kv.namespace,
-                 [t.name for t in self._engine.manager.tiers])
+                 self._engine.tier_names)
 
     @property
     def engine(self) -> KVCacheEngine | None:

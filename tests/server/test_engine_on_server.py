@@ -1,0 +1,63 @@
+"""KVCacheEngine picks ServerStore from ``server:`` / ``LMTIER_SERVER``, and its pages round-trip.
+
+Two engines (two ServerStore clients of one real ``lmtier serve``) on CPU paged caches: what one
+stores, the other loads, page for page; and the configuration's rules for ``server``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lmtier.config import load_config
+from lmtier.engine import KVCacheEngine
+from lmtier.errors import ConfigError
+from lmtier.server.client import ServerStore
+from tests.server.serverproc import ServerProc, start_server, tiers_yaml
+from tests.unit.test_engine import BLOCKS, CHUNK, blocks_equal, make_cache, namespace, tokens
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    root = tmp_path_factory.mktemp("engine-server")
+    srv = start_server(root, config=tiers_yaml(root, slab="32MiB"))
+    yield srv
+    srv.close()
+
+
+def test_a_config_with_server_and_no_tiers_is_valid_and_both_or_neither_is_refused() -> None:
+    cfg = load_config({"chunk_tokens": 256, "server": "unix:///run/lmtier/lmtier.sock"}, env={})
+    assert cfg.server == "unix:///run/lmtier/lmtier.sock" and cfg.tiers == []
+    with pytest.raises(ConfigError, match="either tiers"):
+        load_config({"server": "unix:///x.sock", "tiers": [{"name": "hot", "backend": "cpu"}]}, env={})
+    with pytest.raises(ConfigError, match="at least one tier is needed, or server"):
+        load_config({"chunk_tokens": 256}, env={})
+    with pytest.raises(ConfigError, match="server"):
+        load_config({"server": "tcp://10.0.0.1:9"}, env={})
+
+
+def test_lmtier_server_points_any_config_at_the_server_instead_of_its_tiers() -> None:
+    cfg = load_config(None, env={"LMTIER_SERVER": "unix:///run/lmtier/lmtier.sock"})  # the embedded default
+    assert cfg.server == "unix:///run/lmtier/lmtier.sock" and cfg.tiers == []
+
+
+def test_two_engines_on_one_server_load_each_others_pages(server: ServerProc) -> None:
+    cfg = {"chunk_tokens": CHUNK, "server": server.address}
+    src, dst = make_cache(), make_cache(fill=False)
+    toks = tokens(40)  # 2 whole chunks + a 2-block tail
+    with KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-a") as a, \
+            KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-b") as b:
+        assert isinstance(a.kvstore, ServerStore) and a.tier_names == ["hot", "local"]
+        assert a.store(toks, src, list(range(10, 20)), request_id="r1").wait() == 40
+        assert b.lookup(toks) == 40, "engine B sees what engine A stored"
+        assert b.retrieve(toks, dst, list(range(30, 40))) == 40
+        assert blocks_equal(src, list(range(10, 20)), dst, list(range(30, 40)))
+        untouched = [blk for blk in range(BLOCKS) if blk not in range(30, 40)]
+        assert all(int(layer[untouched].abs().sum()) == 0 for layer in dst)
+        assert a.kvstore.outstanding() == 0 and b.kvstore.outstanding() == 0
+    status = server.status()
+    assert status["leases"] == 0 and status["reservations"] == 0
