@@ -22,10 +22,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     # add_help=False: `lmtier demo --help` reaches the demo's own parser with the other arguments
     m = sub.add_parser("demo", add_help=False, help="run the demo (try `lmtier demo --help`)")
     m.add_argument("--storage", action="store_true", help="run the storage-level demo even if lmtier.demo exists")
+    m.add_argument("--server", action="store_true",
+                   help="run the workload through one lmtier serve and two engine processes (lmtier.server.demo)")
     m.set_defaults(run=_cmd_demo, passes_extra=True)
 
 
 def _cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.server:
+        from lmtier.server.demo import run_server_demo
+
+        return run_server_demo(extra)
     # lmtier.demo (the engine-level demo) takes over when it exists; it parses its own arguments
     if not args.storage and importlib.util.find_spec("lmtier.demo") is not None:
         from lmtier.demo import run_demo  # type: ignore[import-not-found,unused-ignore]
