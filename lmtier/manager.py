@@ -48,8 +48,9 @@ its buffers) is not, and every :class:`~lmtier.memory.HostBuffer` it was given s
 until it really ends, so no half-written buffer is ever reused or shown as a hit. A missed
 deadline of the tier's own opens its circuit at once (a frozen server costs one caller one
 deadline, not three); a tier with :data:`MAX_DETACHED` calls still stuck is skipped.
-``get_into`` and ``put`` batches go out in slices of at most :data:`SLICE_BYTES`, each with the
-full deadline, so a deadline bounds the wait for progress rather than a whole large transfer.
+``get_into`` and ``put`` batches go out in slices of at most :data:`SLICE_BYTES`, up to
+:data:`MAX_IN_FLIGHT` at once, and the deadline bounds the wait for progress (some slice
+completing) rather than a whole large transfer.
 
 All methods must be called from the event loop the manager was opened on.
 """
@@ -62,7 +63,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 from lmtier.breaker import CircuitBreaker
 from lmtier.buffers import as_bytes_view, writable_bytes_view
@@ -95,7 +96,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-__all__ = ["MAX_DETACHED", "SLICE_BYTES", "StorageManager", "Tier"]
+__all__ = ["MAX_DETACHED", "MAX_IN_FLIGHT", "SLICE_BYTES", "StorageManager", "Tier"]
 
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
@@ -110,6 +111,8 @@ SLICE_BYTES = 64 << 20
 #: A tier with this many calls still running past their deadlines gets no new ones until some end:
 #: each may hold a worker thread, a connection and buffers.
 MAX_DETACHED = 32
+#: Slices of one get_into or put batch in flight at once (each a backend call of its own).
+MAX_IN_FLIGHT = 4
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
 _DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
 
@@ -122,6 +125,15 @@ class _Fault:
 
 
 FAULT = _Fault()
+
+
+@dataclass
+class _Part(Generic[T]):
+    """One backend call of an operation: its argument, the items it writes, the memory it uses."""
+
+    arg: T
+    writes: int = 0
+    holds: Sequence[object] = ()
 
 
 @dataclass
@@ -530,27 +542,84 @@ class StorageManager:
         detached at its deadline these stay referenced (HostBuffers retained) until it ends, and
         the call is not cancelled. ``until``: the caller's own budget (loop time).
         """
+        (result,) = await self._calls(tier, op, fn, [_Part(arg, writes, holds)], until=until)
+        return result
+
+    async def _calls(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], parts: Sequence[_Part[T]], *,
+                     until: float | None = None) -> list[Any]:
+        """:meth:`_call` for several parts of one operation (slices of a batch), up to
+        :data:`MAX_IN_FLIGHT` at once; one result (or FAULT) per part.
+
+        The deadline bounds the wait for *progress*: the parts in flight are detached (FAULT) when
+        none of them has completed for the tier's deadline — so a working tier streams a large
+        batch at full parallelism, and a frozen one costs its caller one deadline.
+        """
+        results: list[Any] = [FAULT] * len(parts)
         limit = getattr(tier.config.timeout_s, _DEADLINE_OF[op])
-        wait = limit if until is None else min(limit, until - self._loop.time())
-        if wait <= 0:  # the caller's budget is spent: the tier is not asked (and not blamed)
-            return self._skip(tier, writes, "deadline")
-        if len(tier.detached) >= MAX_DETACHED:
-            return self._skip(tier, writes, "stuck")
-        if not tier.breaker.allow():
-            return self._skip(tier, writes, "circuit_open")
-        start = self._clock()
         if tier.lends_memory:  # in-process, never waits on I/O: inline, so its writes are seen at once
-            return await self._inline(tier, op, fn, arg, writes, start)
-        task = self._loop.create_task(_awaited(fn, arg), name=f"lmtier-{tier.name}-{op}")
+            for i, part in enumerate(parts):
+                if tier.breaker.allow():
+                    results[i] = await self._inline(tier, op, fn, part.arg, part.writes, self._clock())
+                else:
+                    results[i] = self._skip(tier, part.writes, "circuit_open")
+            return results
+        running: dict[asyncio.Task[Any], int] = {}
+        started: dict[int, float] = {}
+        nxt = 0
+        progress = self._loop.time()
         try:
-            done, _ = await asyncio.wait((task,), timeout=wait)
+            while nxt < len(parts) or running:
+                now = self._loop.time()
+                while nxt < len(parts) and len(running) < MAX_IN_FLIGHT:
+                    i, part = nxt, parts[nxt]
+                    nxt += 1
+                    reason = self._gate(tier, until, now)
+                    if reason is not None:
+                        results[i] = self._skip(tier, part.writes, reason)
+                        continue
+                    task = self._loop.create_task(_awaited(fn, part.arg), name=f"lmtier-{tier.name}-{op}")
+                    running[task] = i
+                    started[i] = self._clock()
+                if not running:
+                    break
+                wait = limit - (now - progress)
+                own = until is None or now + wait <= until
+                if not own:
+                    wait = until - now  # type: ignore[operator]
+                done: set[asyncio.Task[Any]] = set()
+                if wait > 0:
+                    done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # no progress for a whole deadline (or the caller's budget is spent)
+                    verdict = own
+                    for task, i in running.items():
+                        self._missed(tier, op, task, parts[i].holds, parts[i].writes, own=own,
+                                     waited=limit if own else max(wait, 0.0), verdict=verdict)
+                        verdict = False  # one verdict on the tier per stall
+                    running.clear()
+                    continue
+                progress = self._loop.time()
+                for task in done:
+                    i = running.pop(task)
+                    results[i] = self._finished(tier, op, task, parts[i].writes, started[i])
         except asyncio.CancelledError:
             tier.breaker.abandon_probe()  # our own cancellation says nothing about the tier
-            self._detach(tier, op, task, holds)
+            for task, i in running.items():
+                self._detach(tier, op, task, parts[i].holds)
             raise
-        if not done:
-            self._missed(tier, op, task, holds, writes, own=wait >= limit, waited=wait)
-            return FAULT
+        return results
+
+    def _gate(self, tier: Tier, until: float | None, now: float) -> str | None:
+        """Why a call to ``tier`` must not start now (a skipped-write reason), or None."""
+        if until is not None and until <= now:  # the caller's budget is spent: not asked, not blamed
+            return "deadline"
+        if len(tier.detached) >= MAX_DETACHED:
+            return "stuck"
+        if not tier.breaker.allow():
+            return "circuit_open"
+        return None
+
+    def _finished(self, tier: Tier, op: str, task: asyncio.Task[Any], writes: int, start: float) -> Any:
+        """The outcome of a call that ended in time: its result, or FAULT (counted, logged)."""
         try:
             result = task.result()
         except InvalidArgumentError:
@@ -587,8 +656,8 @@ class StorageManager:
         return FAULT
 
     def _missed(self, tier: Tier, op: str, task: asyncio.Task[Any], holds: Sequence[object], writes: int,
-                *, own: bool, waited: float) -> None:
-        """A call passed its deadline: count it, feed the breaker, leave the call to end alone."""
+                *, own: bool, waited: float, verdict: bool = True) -> None:
+        """A call passed its deadline: count it, feed the breaker (``verdict``), leave it to end alone."""
         self.metrics.deadline_misses.labels(tier.name, op).inc()
         self.metrics.errors.labels(tier.name, op, "backendtimeout").inc()
         if writes:
@@ -597,6 +666,8 @@ class StorageManager:
                     tier.name, op, waited, "its deadline" if own else "the caller's budget")
         if not own:  # only the caller's shorter budget ran out: no verdict on the tier
             tier.breaker.abandon_probe()
+        elif not verdict:
+            pass
         elif tier.breaker.record_failure(at_once=True):
             self.metrics.circuit_open.labels(tier.name).set(1)
             log.warning("lmtier tier %s: circuit opened after a missed deadline; skipping it for %.1fs",
@@ -674,11 +745,13 @@ class StorageManager:
         else:
             batch = list(carried) if carried is not None else _carried(items)
         sizes = [as_bytes_view(v).nbytes for _, v in batch]
+        cuts = _slices(sizes)
+        parts = [_Part(batch[lo:hi], hi - lo, [v for _, v in batch[lo:hi]] +
+                       [v for _, v in items[lo:hi] if isinstance(v, HostBuffer)]) for lo, hi in cuts]
+        outcomes = await self._calls(tier, "put", tier.backend.put, parts)
         written, failed = 0, False
-        for lo, hi in _slices(sizes):
-            part = batch[lo:hi]
-            holds = [v for _, v in part] + [v for _, v in items[lo:hi] if isinstance(v, HostBuffer)]
-            if await self._call(tier, "put", tier.backend.put, part, writes=len(part), holds=holds) is FAULT:
+        for (lo, hi), outcome in zip(cuts, outcomes, strict=True):
+            if outcome is FAULT:
                 failed = True
                 continue
             written += hi - lo
@@ -825,11 +898,11 @@ class StorageManager:
                            until: float | None) -> list[bool]:
         """``tier.get_into`` of ``keys`` into ``bufs``, in slices with a deadline each."""
         backend = cast("SupportsGetInto", tier.backend)
+        cuts = _slices([b.nbytes for b in bufs])
+        parts = [_Part((keys[lo:hi], [b.view() for b in bufs[lo:hi]]), 0, bufs[lo:hi]) for lo, hi in cuts]
+        outcomes = await self._calls(tier, "get_into", _get_into_call(backend), parts, until=until)
         filled = [False] * len(keys)
-        for lo, hi in _slices([b.nbytes for b in bufs]):
-            part = bufs[lo:hi]
-            arg = (keys[lo:hi], [b.view() for b in part])
-            got = await self._call(tier, "get_into", _get_into_call(backend), arg, holds=part, until=until)
+        for (lo, hi), got in zip(cuts, outcomes, strict=True):
             if got is not FAULT:
                 filled[lo:hi] = [bool(x) for x in got]
         return filled
