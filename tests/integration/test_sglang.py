@@ -1,0 +1,471 @@
+"""lmtier as SGLang's HiCache L3 storage, against SGLang 0.5.23's real classes on CPU.
+
+SGLang's backend factory builds the backend from the extra-config JSON a user passes; SGLang's
+own host pools (MHA and MLA, every layout they offer) are the memory the zero-copy v1 calls read
+and write; keys come from SGLang's page hashing. Not run here: the SGLang engine end to end (its
+scheduler, cache controller threads and GPU<->host kernels need CUDA and sgl-kernel; see
+docs/sglang.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from prometheus_client import CollectorRegistry
+
+from lmtier.errors import ConfigError, InvalidArgumentError, NotSupportedError
+from tests.integration.sglang_env import EXTRA, fill_random, mha_pool, mla_pool, storage_config
+
+pytestmark = [pytest.mark.sglang, pytest.mark.timeout(300)]
+
+#: The extra config of the issue, as a user passes it on SGLang's command line.
+ISSUE_JSON = ('{"backend_name": "lmtier", "module_path": "lmtier.integrations.sglang", '
+              '"class_name": "LMTierHiCacheStorage", "interface_v1": 1}')
+MHA_LAYOUTS = ["page_first", "page_first_direct", "page_head", "layer_first"]
+MLA_LAYOUTS = ["page_first", "page_first_direct", "layer_first"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def sglang_installed() -> None:
+    # imported when the first test runs, not at collection: importing sglang patches transformers
+    # process-wide, and tests/integration/conftest.py runs these tests after every other one
+    pytest.importorskip("sglang.srt.mem_cache.hicache_storage",
+                        reason="needs SGLang: pip install --no-deps sglang==0.5.23 orjson IPython gguf")
+
+
+def page_keys(tokens: list[int], page_size: int = 4) -> list[str]:
+    """SGLang's own storage keys for ``tokens`` (chained SHA-256 per page)."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    keys = get_hash_str(tokens, None, page_size=page_size)
+    assert isinstance(keys, list)
+    return keys
+
+
+def pages_of(pool: Any, indices: torch.Tensor) -> list[torch.Tensor]:
+    """Each page's bytes, through SGLang's own accessor (independent of get_page_buffer_meta)."""
+    ps = pool.page_size
+    return [pool.get_data_page(int(indices[i]), flat=True).view(torch.uint8).clone()
+            for i in range(0, len(indices), ps)]
+
+
+def write_config(path: Path, *tiers: dict[str, Any]) -> Path:
+    tiers = tiers or ({"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}},)
+    path.write_text(yaml.safe_dump({"chunk_tokens": 256, "tiers": list(tiers)}))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "lmtier.yaml")
+
+
+def make_backend(config: Path, extra: dict[str, Any] | None = None, **fields: Any) -> Any:
+    from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+    return LMTierHiCacheStorage(storage_config({**EXTRA, "lmtier_config": str(config), **(extra or {})},
+                                               **fields), {})
+
+
+@pytest.fixture
+def backend(config_file: Path) -> Iterator[Any]:
+    b = make_backend(config_file)
+    yield b
+    b.close()
+
+
+def shared_store(config: Path) -> Any:
+    """One store for several backends (ranks of one process in these tests)."""
+    from lmtier.config import load_config
+    from lmtier.integrations.sglang import _open_store
+
+    return _open_store(load_config(config), storage_config())
+
+
+# -- SGLang's factory and bad input -----------------------------------------------------------
+def test_sglang_factory_builds_the_backend_from_the_issue_json(config_file: Path) -> None:
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+    extra = {**json.loads(ISSUE_JSON), "lmtier_config": str(config_file)}
+    backend = StorageBackendFactory.create_backend("dynamic", storage_config(extra), None)
+    try:
+        assert isinstance(backend, LMTierHiCacheStorage)
+        assert backend.interface_v1 is True
+        pool = mha_pool()
+        backend.register_mem_pool_host(pool)
+        indices = pool.alloc(8)
+        fill_random(pool, 1)
+        keys = page_keys(list(range(8)))
+        assert backend.batch_set_v1(keys, indices) == [True, True]
+        backend.store.flush()
+        assert backend.batch_exists(keys) == 2
+    finally:
+        backend.close()
+
+
+def test_lmtier_config_env_is_the_fallback(config_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    monkeypatch.setenv("LMTIER_CONFIG", str(config_file))
+    with caplog.at_level(logging.INFO, logger="lmtier.sglang"):
+        backend = StorageBackendFactory.create_backend("dynamic", storage_config(json.loads(ISSUE_JSON)), None)
+    backend.close()
+    assert f"config LMTIER_CONFIG={config_file}" in caplog.text
+
+
+def test_an_unknown_extra_config_key_fails_startup_naming_it(config_file: Path) -> None:
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    extra = {**json.loads(ISSUE_JSON), "lmtier_confg": str(config_file)}
+    with pytest.raises(ConfigError) as err:
+        StorageBackendFactory.create_backend("dynamic", storage_config(extra), None)
+    msg = str(err.value)
+    assert "'lmtier_confg'" in msg and "lmtier_config" in msg and "lmtier_namespace_salt" in msg
+
+
+def test_a_missing_config_file_fails_startup_naming_the_key(tmp_path: Path) -> None:
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    missing = tmp_path / "nope.yaml"
+    extra = {**json.loads(ISSUE_JSON), "lmtier_config": str(missing)}
+    with pytest.raises(ConfigError, match=rf"lmtier_config={missing}.*cannot read"):
+        StorageBackendFactory.create_backend("dynamic", storage_config(extra), None)
+
+
+def test_an_invalid_config_file_fails_startup_naming_the_tier_key(tmp_path: Path) -> None:
+    bad = write_config(tmp_path / "bad.yaml", {"name": "hot", "backend": "cpu", "write": "sometimes"})
+    with pytest.raises(ConfigError, match=r"lmtier_config=.*tiers\.0\.write|tiers\[0\]\.write"):
+        make_backend(bad)
+
+
+def test_head_splitting_across_tp_sizes_is_refused(config_file: Path) -> None:
+    with pytest.raises(NotSupportedError, match="tp_lcm_size"):
+        make_backend(config_file, tp_lcm_size=4, should_split_heads=True)
+
+
+def test_a_layout_sglang_cannot_describe_for_zero_copy_fails_at_registration(backend: Any) -> None:
+    pool = mha_pool("page_unified")
+    with pytest.raises(NotSupportedError, match=r"page_unified.*--hicache-mem-layout page_first"):
+        backend.register_mem_pool_host(pool)
+
+
+def test_a_hybrid_side_pool_fails_at_registration(backend: Any) -> None:
+    pool = mha_pool()
+    backend.register_mem_pool_host(pool)
+    backend.register_mem_host_pool_v2(pool, "kv")  # the KV pool under its v2 name is fine
+    with pytest.raises(NotSupportedError, match="'mamba' pool"):
+        backend.register_mem_host_pool_v2(mla_pool(), "mamba")
+
+
+def test_v1_calls_before_a_pool_is_registered_are_invalid(backend: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="registered host pool"):
+        backend.batch_get_v1(page_keys(list(range(4))), torch.arange(4))
+
+
+# -- zero-copy v1 round trips through SGLang's host pools --------------------------------------
+@pytest.mark.parametrize("kind,layout", [*(("mha", lay) for lay in MHA_LAYOUTS),
+                                         *(("mla", lay) for lay in MLA_LAYOUTS)])
+def test_v1_round_trip_restores_pages_in_place(config_file: Path, kind: str, layout: str) -> None:
+    backend = make_backend(config_file, is_mla_model=kind == "mla")
+    try:
+        pool = (mha_pool if kind == "mha" else mla_pool)(layout)
+        backend.register_mem_pool_host(pool)
+        written = pool.alloc(5 * pool.page_size)
+        fill_random(pool, 7)
+        expected = pages_of(pool, written)
+        keys = page_keys(list(range(100, 120)))
+        assert backend.batch_set_v1(keys, written) == [True] * 5
+        backend.store.flush()
+        # read into other slots of a wiped pool: every byte must come from lmtier
+        pool.kv_buffer.zero_()
+        target = pool.alloc(5 * pool.page_size)
+        assert not set(target.tolist()) & set(written.tolist())
+        assert backend.batch_exists(keys) == 5
+        assert backend.batch_get_v1(keys, target) == [True] * 5
+        got = pages_of(pool, target)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+        assert all(not p.any() for p in pages_of(pool, written))  # the source slots stayed wiped
+    finally:
+        backend.close()
+
+
+def test_v1_get_reports_each_missing_page(backend: Any) -> None:
+    pool = mha_pool()
+    backend.register_mem_pool_host(pool)
+    idx = pool.alloc(12)
+    fill_random(pool, 3)
+    keys = page_keys(list(range(12)))
+    assert backend.batch_set_v1([keys[0], keys[2]], torch.cat([idx[0:4], idx[8:12]])) == [True, True]
+    backend.store.flush()
+    assert backend.batch_get_v1(keys, idx) == [True, False, True]
+
+
+def test_batch_exists_counts_the_leading_stored_pages(backend: Any) -> None:
+    pool = mha_pool()
+    backend.register_mem_pool_host(pool)
+    idx = pool.alloc(20)
+    fill_random(pool, 5)
+    keys = page_keys(list(range(20)))
+    stored = [0, 1, 3, 4]
+    rows = torch.cat([idx[i * 4:(i + 1) * 4] for i in stored])
+    backend.batch_set_v1([keys[i] for i in stored], rows)
+    backend.store.flush()
+    assert backend.batch_exists(keys) == 2
+    assert backend.batch_exists(keys[3:]) == 2
+    assert backend.batch_exists(keys[2:]) == 0
+    assert backend.exists(keys[4]) and not backend.exists(keys[2])
+    assert backend.batch_exists([]) == 0
+
+
+def test_v1_and_flat_pages_and_layouts_are_kept_apart(config_file: Path) -> None:
+    store = shared_store(config_file)
+    try:
+        from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+        def backend(layout: str, **extra: Any) -> Any:
+            b = LMTierHiCacheStorage(storage_config({**EXTRA, **extra}), {}, store=store)
+            b.register_mem_pool_host(mha_pool(layout))
+            return b
+
+        writer = backend("page_first")
+        idx = writer.mem_pool_host.alloc(8)
+        keys = page_keys(list(range(8)))
+        writer.batch_set_v1(keys, idx)
+        store.flush()
+        assert writer.batch_exists(keys) == 2
+        assert backend("page_head").batch_exists(keys) == 0  # other byte order
+        assert backend("page_first", interface_v1=0).batch_exists(keys) == 0  # flat interface
+        assert backend("page_first", lmtier_namespace_salt="v2-weights").batch_exists(keys) == 0
+    finally:
+        store.close()
+
+
+# -- ranks: TP shards apart, MLA shared with one writer -----------------------------------------
+def test_tp_ranks_of_an_mha_model_never_see_each_others_pages(config_file: Path) -> None:
+    from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+    store = shared_store(config_file)
+    try:
+        ranks = [LMTierHiCacheStorage(storage_config(tp_rank=r, tp_size=2), {}, store=store) for r in (0, 1)]
+        for r in ranks:
+            r.register_mem_pool_host(mha_pool())
+        idx = ranks[0].mem_pool_host.alloc(8)
+        keys = page_keys(list(range(8)))
+        assert ranks[0].batch_set_v1(keys, idx) == [True, True]
+        store.flush()
+        assert ranks[0].batch_exists(keys) == 2
+        assert ranks[1].batch_exists(keys) == 0
+        assert ranks[0].namespace != ranks[1].namespace
+    finally:
+        store.close()
+
+
+def test_mla_ranks_share_pages_and_only_the_writer_stores(config_file: Path) -> None:
+    from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+    store = shared_store(config_file)
+    try:
+        ranks = [LMTierHiCacheStorage(storage_config(tp_rank=r, tp_size=2, is_mla_model=True), {}, store=store)
+                 for r in (0, 1)]
+        assert [r.is_writer for r in ranks] == [True, False]
+        for r in ranks:
+            r.register_mem_pool_host(mla_pool())
+        reader_pool = ranks[1].mem_pool_host
+        keys = page_keys(list(range(8)))
+        idx = reader_pool.alloc(8)
+        # the reader rank is asked to store (SGLang would not ask): it stores nothing
+        assert ranks[1].batch_set_v1(keys, idx) == [True, True]
+        store.flush()
+        assert ranks[1].batch_exists(keys) == 0
+        writer_pool = ranks[0].mem_pool_host
+        widx = writer_pool.alloc(8)
+        fill_random(writer_pool, 11)
+        expected = pages_of(writer_pool, widx)
+        assert ranks[0].batch_set_v1(keys, widx) == [True, True]
+        store.flush()
+        assert ranks[1].batch_exists(keys) == 2
+        assert ranks[1].batch_get_v1(keys, idx) == [True, True]
+        assert all(torch.equal(g, e) for g, e in zip(pages_of(reader_pool, idx), expected, strict=True))
+    finally:
+        store.close()
+
+
+def test_each_rank_process_gets_its_own_disk_root(tmp_path: Path) -> None:
+    disk = {"name": "local", "backend": "disk", "options": {"root": str(tmp_path / "kv"), "max_bytes": 1 << 26}}
+    config = write_config(tmp_path / "disk.yaml", disk)
+    ranks = [make_backend(config, tp_rank=r, tp_size=2) for r in (0, 1)]  # a disk root has one owner
+    try:
+        assert sorted(p.name for p in (tmp_path / "kv").iterdir()) == ["tp0", "tp1"]
+    finally:
+        for b in ranks:
+            b.close()
+
+
+# -- plain interface ---------------------------------------------------------------------------
+def test_plain_batch_set_and_get_with_cpu_tensors(config_file: Path) -> None:
+    backend = make_backend(config_file, extra={"interface_v1": 0})
+    try:
+        pool = mha_pool()
+        backend.register_mem_pool_host(pool)
+        idx = pool.alloc(8)
+        fill_random(pool, 9)
+        keys = page_keys(list(range(8)))
+        pages = [pool.get_data_page(int(i)) for i in idx[::4]]  # SGLang's generic path hands these
+        assert backend.batch_set(keys, pages) is True
+        backend.store.flush()
+        assert backend.batch_exists(keys) == 2
+        targets = [pool.get_dummy_flat_data_page() for _ in keys]
+        got = backend.batch_get(keys, targets)
+        assert all(g is t for g, t in zip(got, targets, strict=True))
+        assert all(torch.equal(g.view(torch.int16), p.view(torch.int16)) for g, p in zip(got, pages, strict=True))
+        assert backend.get(keys[0]) is not None  # target from the registered pool
+        assert backend.get("f" * 64, pool.get_dummy_flat_data_page()) is None
+        assert backend.set(keys[0], pages[0]) is True and backend.exists(keys[0])
+        wrong = torch.zeros(10, dtype=torch.uint8)
+        assert backend.batch_get([keys[0]], [wrong]) == [None]  # a size mismatch is a miss
+    finally:
+        backend.close()
+
+
+def test_plain_calls_reject_bad_values(backend: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match="one value"):
+        backend.batch_set(["a" * 64], None)
+    with pytest.raises(InvalidArgumentError, match="strings"):
+        backend.batch_exists([b"raw"])
+    with pytest.raises(InvalidArgumentError, match="target_locations"):
+        backend.batch_get(["a" * 64])
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def test_get_stats_gives_sglang_storage_metrics_and_feeds_lmtier_metrics(config_file: Path) -> None:
+    from lmtier.config import load_config
+    from lmtier.integrations.sglang import LMTierHiCacheStorage, _open_store
+
+    store = _open_store(load_config(config_file), storage_config(), metrics_registry=CollectorRegistry())
+    try:
+        backend = LMTierHiCacheStorage(storage_config(), {}, store=store)
+        pool = mha_pool()
+        backend.register_mem_pool_host(pool)
+        idx = pool.alloc(12)
+        keys = page_keys(list(range(12)))
+        backend.batch_set_v1(keys[:2], idx[:8])
+        store.flush()
+        assert backend.batch_exists(keys) == 2
+        assert backend.batch_get_v1(keys, idx) == [True, True, False]
+        stats = backend.get_stats()
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+
+        assert isinstance(stats, StorageMetrics)
+        assert list(stats.backup_pgs) == [2] and list(stats.prefetch_pgs) == [2]
+        assert stats.backup_bandwidth[0] > 0 and stats.prefetch_bandwidth[0] > 0
+        assert list(backend.get_stats().prefetch_pgs) == []  # drained
+        r = store.metrics.registry
+        assert r.get_sample_value("lmtier_requested_tokens_total") == 12
+        assert r.get_sample_value("lmtier_hit_tokens_total") == 8
+        assert r.get_sample_value("lmtier_loaded_tokens_total") == 8
+        assert r.get_sample_value("lmtier_stored_tokens_total") == 8
+    finally:
+        store.close()
+
+
+@pytest.mark.server
+def test_ranks_share_pages_through_lmtier_serve_and_return_every_lease(tmp_path: Path) -> None:
+    from lmtier.integrations.sglang import LMTierHiCacheStorage
+    from tests.server.serverproc import start_server, wait_until
+
+    server = start_server(tmp_path)
+    try:
+        # two MLA ranks, each its own client of the node's server (as two SGLang processes are)
+        ranks = [LMTierHiCacheStorage(storage_config(tp_rank=r, tp_size=2, is_mla_model=True), {},
+                                      store=server.store()) for r in (0, 1)]
+        pools = [mla_pool(), mla_pool()]
+        for rank, pool in zip(ranks, pools, strict=True):
+            rank.register_mem_pool_host(pool)
+        idx = pools[0].alloc(12)
+        fill_random(pools[0], 13)
+        expected = pages_of(pools[0], idx)
+        keys = page_keys(list(range(300, 312)))
+        assert ranks[0].batch_set_v1(keys, idx) == [True] * 3
+        ranks[0].store.flush()
+        target = pools[1].alloc(12)
+        assert ranks[1].batch_exists(keys) == 3
+        assert ranks[1].batch_get_v1(keys, target) == [True] * 3
+        assert all(torch.equal(g, e) for g, e in zip(pages_of(pools[1], target), expected, strict=True))
+        # releases travel to the server behind the calls: every lease and reservation comes back
+        wait_until(lambda: (lambda st: st["leases"] == 0 and st["reservations"] == 0)(server.status()),
+                   timeout=30, what="the server to see every lease and reservation returned")
+    finally:
+        server.close()
+
+
+# -- faults and sharing -------------------------------------------------------------------------
+@pytest.mark.redis
+def test_a_tier_that_is_down_is_a_miss(tmp_path: Path) -> None:
+    pytest.importorskip("redis", reason="the redis tier needs `pip install 'lmtier[redis]'`")
+    from tests.support.redis_server import free_port
+
+    dead = {"name": "shared", "backend": "redis", "timeout_s": 0.5,
+            "options": {"url": f"redis://127.0.0.1:{free_port()}/0", "connect_at_open": False}}
+    backend = make_backend(write_config(tmp_path / "dead.yaml", dead))
+    try:
+        pool = mha_pool()
+        backend.register_mem_pool_host(pool)
+        idx = pool.alloc(8)
+        keys = page_keys(list(range(8)))
+        assert backend.batch_exists(keys) == 0
+        assert backend.batch_get_v1(keys, idx) == [False, False]
+        backend.batch_set_v1(keys, idx)  # a skipped write, not an exception
+        backend.store.flush()
+        assert backend.batch_exists(keys) == 0
+    finally:
+        backend.close()
+
+
+@pytest.mark.redis
+@pytest.mark.slow  # the writer process imports SGLang's host pools again (10-25 s here)
+def test_two_processes_share_pages_through_redis(tmp_path: Path) -> None:
+    pytest.importorskip("redis", reason="the redis tier needs `pip install 'lmtier[redis]'`")
+    from tests.support.redis_server import redis_available, start_redis
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = start_redis(tmp_path / "redis")
+    try:
+        hot = {"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}}
+        shared = {"name": "shared", "backend": "redis", "options": {"url": server.url}}
+        config = write_config(tmp_path / "shared.yaml", hot, shared)
+        keys = page_keys(list(range(500, 524)))
+        writer = subprocess.run(
+            [sys.executable, "-m", "tests.integration.sglang_env", "write", str(config), "21", *keys],
+            capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            cwd=Path(__file__).resolve().parents[2])
+        assert writer.returncode == 0, writer.stderr[-3000:]
+        assert writer.stdout.split()[-1] == "stored=6"
+        backend = make_backend(config)
+        try:
+            pool = mha_pool()
+            backend.register_mem_pool_host(pool)
+            fill_random(pool, 21)  # the writer's pool content: same seed, same geometry
+            expected = pages_of(pool, torch.arange(24))
+            pool.kv_buffer.zero_()
+            target = pool.alloc(48)[24:]
+            assert backend.batch_exists(keys) == 6
+            assert backend.batch_get_v1(keys, target) == [True] * 6
+            assert all(torch.equal(g, e) for g, e in zip(pages_of(pool, target), expected, strict=True))
+        finally:
+            backend.close()
+    finally:
+        server.stop()
