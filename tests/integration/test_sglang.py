@@ -435,6 +435,45 @@ def test_a_tier_that_is_down_is_a_miss(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
+def test_a_frozen_tier_is_a_miss_within_its_deadline(tmp_path: Path) -> None:
+    pytest.importorskip("redis", reason="the redis tier needs `pip install 'lmtier[redis]'`")
+    import signal
+
+    from tests.support.redis_server import redis_available, start_redis
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = start_redis(tmp_path / "redis")
+    try:
+        hot = {"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}}
+        shared = {"name": "shared", "backend": "redis", "timeout_s": 0.5, "options": {"url": server.url}}
+        config = write_config(tmp_path / "frozen.yaml", hot, shared)
+        keys = page_keys(list(range(700, 708)))
+        writer, reader = make_backend(config), make_backend(config)
+        try:
+            for b in (writer, reader):
+                b.register_mem_pool_host(mha_pool())
+            idx = writer.mem_pool_host.alloc(8)
+            assert writer.batch_set_v1(keys, idx) == [True, True]
+            writer.store.flush()
+            assert reader.batch_exists(keys) == 2  # from Redis: the reader's RAM tier is empty
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                more = page_keys(list(range(800, 808)))
+                assert reader.batch_exists(more) == 0
+                assert reader.batch_get_v1(more, reader.mem_pool_host.alloc(8)) == [False, False]
+                assert writer.batch_exists(keys) == 2  # its RAM tier still answers
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+        finally:
+            writer.close()
+            reader.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.redis
 @pytest.mark.slow  # the writer process imports SGLang's host pools again (10-25 s here)
 def test_two_processes_share_pages_through_redis(tmp_path: Path) -> None:
     pytest.importorskip("redis", reason="the redis tier needs `pip install 'lmtier[redis]'`")
