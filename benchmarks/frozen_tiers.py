@@ -4,8 +4,10 @@ For each remote tier kind (``redis``: redis-server; ``s3``: SeaweedFS; ``nixl-ob
 plugin on SeaweedFS) behind a cpu tier, an engine on a vLLM-CPU paged layout is timed in three
 states of the remote server: **running**, **frozen** (``SIGSTOP``: the TCP connection stays open
 and nothing answers — a fork/save pause, a partition, an overloaded server) and **killed**
-(``SIGKILL``: connections refused). Each state gets a fresh engine (empty cpu tier, closed
-circuits) over a remote tier seeded beforehand, and ``--rounds`` rounds of:
+(``SIGKILL``: connections refused). Each round of a state gets a fresh engine (empty cpu tier,
+closed circuits, opened while the server runs) over a remote tier seeded beforehand, and calls,
+in round ``r`` starting with the ``r % 3``-th (so each kind of call is once the first to meet the
+fault, before any circuit opened):
 
 * ``store``: ``engine.store`` of a new prompt, until it returns (the engine's critical path);
 * ``lookup``: ``engine.lookup`` of a prompt held by the remote tier only;
@@ -94,28 +96,35 @@ def run_kind(kind: str, args: argparse.Namespace, rng: random.Random) -> dict[st
     out: dict[str, dict[str, list[float]]] = {}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="frozen-bench")
     with tempfile.TemporaryDirectory(prefix=f"frozen-{kind}-") as tmp, RemoteTier(kind, tmp) as remote:
-        seeded = [prompt(rng) for _ in range(2 * args.rounds)]
+        seeded = [prompt(rng) for _ in range(3 * args.rounds)]
         seeder = engine_for(remote, args.cap)
         for p in seeded:
             seeder.store(p, cache, blocks)
         seeder.flush()
         seeder.close()
-        for state in ("running", "frozen", "killed"):
-            engine = engine_for(remote, args.cap)
-            todo = list(seeded[: args.rounds] if state == "running" else seeded[args.rounds:])
+        ops = ("store", "lookup", "retrieve")
+        for s, state in enumerate(("running", "frozen", "killed")):
+            # one engine per round, opened while the server runs (a tier that is down at open is a
+            # different case); in round r the fault meets op r % 3 first, so each op gets to be
+            # the call that finds a frozen tier with its circuit still closed
+            engines = [engine_for(remote, args.cap) for _ in range(args.rounds)]
             if state == "frozen":
                 remote.freeze()
             elif state == "killed":
                 remote.kill()
-            times: dict[str, list[float]] = {"store": [], "lookup": [], "retrieve": []}
+            times: dict[str, list[float]] = {op: [] for op in ops}
             try:
-                for p in todo:
-                    times["store"].append(timed(pool, partial(engine.store, prompt(rng), cache, blocks), args.cap))
-                    times["lookup"].append(timed(pool, partial(engine.lookup, p), args.cap))
-                    times["retrieve"].append(timed(pool, partial(engine.retrieve, p, cache, blocks), args.cap))
+                for r, engine in enumerate(engines):
+                    p = seeded[s * args.rounds + r]
+                    calls = {"store": partial(engine.store, prompt(rng), cache, blocks),
+                             "lookup": partial(engine.lookup, p),
+                             "retrieve": partial(engine.retrieve, p, cache, blocks)}
+                    for op in ops[r % 3:] + ops[: r % 3]:
+                        times[op].append(timed(pool, calls[op], args.cap))
             finally:
                 remote.thaw()
-                pool.submit(engine.close).result()
+                for engine in engines:
+                    pool.submit(engine.close).result()
             out[state] = times
             print(f"{kind:9s} {state:8s} " + "  ".join(
                 f"{op} worst {fmt_seconds(max(v))} median {fmt_seconds(median(v))}" for op, v in times.items()),
@@ -137,7 +146,7 @@ def deadlines() -> dict[str, float] | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="redis,s3,nixl-obj")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per state (3: each call first once)")
     ap.add_argument("--cap", type=float, default=180.0, help="stop waiting for one call after this long")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = ap.parse_args()

@@ -104,7 +104,7 @@ class Deadlines(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    lookup: float = Field(0.25, gt=0, description="presence checks (lookup, contains)")
+    lookup: float = Field(0.5, gt=0, description="presence checks (lookup, contains)")
     get: float = Field(0.5, gt=0, description="reads (get, get_into): per call or 64 MiB slice")
     put: float = Field(5.0, gt=0, description="writes: per call or 64 MiB slice")
     delete: float = Field(2.0, gt=0, description="deletes")

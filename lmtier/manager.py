@@ -176,7 +176,11 @@ class StorageManager:
         config: LmtierConfig | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        pin_host_memory: bool | None = None,
     ) -> None:
+        """``pin_host_memory``: whether buffers the manager lends must be pinned (page-locked) —
+        its host pool, and hot-tier memory it hands out; ``None``: where CUDA is available. A
+        process that must never touch the GPU (``lmtier serve``) passes ``False``."""
         if not tiers:
             raise InvalidArgumentError("a StorageManager needs at least one tier")
         self.config = config
@@ -186,7 +190,7 @@ class StorageManager:
         self._loop_thread = threading.get_ident()
         self._closed = False
         self._host_pool: HostMemoryPool | None = None
-        self._pinned: bool | None = None
+        self._pinned: bool | None = pin_host_memory
         self.tiers: list[Tier] = []
         for i, (tcfg, backend) in enumerate(tiers):
             b = tcfg.breaker
