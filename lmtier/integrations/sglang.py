@@ -217,7 +217,8 @@ class LMTierHiCacheStorage(HiCacheStorage):
         self._samples = _Samples()
         self._lock = threading.Lock()  # registration vs calls: the geometry changes as one
         self._owns_store = store is None
-        self.store: KVStore = store if store is not None else _open_store(opts.config, storage_config)
+        self.store: KVStore = (store if store is not None
+                               else _open_store(opts.config, storage_config, namespace=self.namespace))
         if self._owns_store:
             self._warn_if_private(opts.config)
         log.info("lmtier HiCache storage: namespace %s (model %s, %s), config %s, %s interface%s",
@@ -507,7 +508,8 @@ class LMTierHiCacheStorage(HiCacheStorage):
 
     def _warn_if_private(self, cfg: LmtierConfig) -> None:
         c = self.storage_config
-        if c.is_mla_model and c.tp_size > 1 and all(t.backend in ("cpu", "disk") for t in cfg.tiers):
+        if (c.is_mla_model and c.tp_size > 1 and cfg.server is None
+                and all(t.backend in ("cpu", "disk") for t in cfg.tiers)):
             log.warning("lmtier HiCache storage: an MLA model with TP %d stores its KV from one rank only, "
                         "but every tier here is private to a process (cpu, disk): the other ranks will "
                         "never hit. Add a shared tier (redis, s3) or use lmtier serve (server: ...).",
@@ -597,20 +599,17 @@ def _pool_fields(pool: Any, geometry: _PageGeometry | None) -> dict[str, Any]:
     }
 
 
-def _open_store(cfg: LmtierConfig, storage_config: HiCacheStorageConfig, *,
+def _open_store(cfg: LmtierConfig, storage_config: HiCacheStorageConfig, *, namespace: str = "",
                 metrics_registry: Any = None) -> KVStore:
     """The KVStore the configuration names: ``lmtier serve`` (``server:``) or this rank's own tiers."""
     tag = _rank_tag(storage_config)
     name = f"lmtier-sglang-{tag}" if tag else "lmtier-sglang"
-    # DESIGN §3's `server: unix:///...` (no tiers: they live in the server); read by name because
-    # the config model does not declare it yet
-    server = getattr(cfg, "server", None)
-    if server:
+    if cfg.server is not None:  # lmtier serve holds the tiers; `namespace` and `name` show in its status
         from lmtier.metrics import Metrics
         from lmtier.server.client import ServerStore
 
         metrics = Metrics(metrics_registry) if metrics_registry is not None else None
-        return cast("KVStore", ServerStore(server, metrics=metrics, name=name))
+        return cast("KVStore", ServerStore(cfg.server, metrics=metrics, namespace=namespace, name=name))
     from lmtier.store import LocalStore
 
     return LocalStore.open(_per_process(cfg, tag), metrics_registry=metrics_registry, name=name)

@@ -383,14 +383,16 @@ def test_get_stats_gives_sglang_storage_metrics_and_feeds_lmtier_metrics(config_
 
 @pytest.mark.server
 def test_ranks_share_pages_through_lmtier_serve_and_return_every_lease(tmp_path: Path) -> None:
-    from lmtier.integrations.sglang import LMTierHiCacheStorage
     from tests.server.serverproc import start_server, wait_until
 
     server = start_server(tmp_path)
+    config = tmp_path / "client.yaml"
+    config.write_text(f"server: {server.address}\n")
+    ranks: list[Any] = []
     try:
         # two MLA ranks, each its own client of the node's server (as two SGLang processes are)
-        ranks = [LMTierHiCacheStorage(storage_config(tp_rank=r, tp_size=2, is_mla_model=True), {},
-                                      store=server.store()) for r in (0, 1)]
+        ranks = [make_backend(config, tp_rank=r, tp_size=2, is_mla_model=True) for r in (0, 1)]
+        assert all(type(r.store).__name__ == "ServerStore" for r in ranks)
         pools = [mla_pool(), mla_pool()]
         for rank, pool in zip(ranks, pools, strict=True):
             rank.register_mem_pool_host(pool)
@@ -407,7 +409,10 @@ def test_ranks_share_pages_through_lmtier_serve_and_return_every_lease(tmp_path:
         # releases travel to the server behind the calls: every lease and reservation comes back
         wait_until(lambda: (lambda st: st["leases"] == 0 and st["reservations"] == 0)(server.status()),
                    timeout=30, what="the server to see every lease and reservation returned")
+        assert server.status()["clients"] == 2
     finally:
+        for r in ranks:
+            r.close()
         server.close()
 
 
