@@ -186,10 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             llm = _engine(model, max_len, extra)
             try:
-                for mode in modes:
-                    _run(llm, _conversation(tok, 99, args.doc, args.turns, mode), args.turns, args.reply)  # warm-up
+                for m, mode in enumerate(modes):  # each mode its own conversations: no hits across modes
+                    seed = 1000 * (m + 1)
+                    _run(llm, _conversation(tok, seed - 1, args.doc, args.turns, mode), args.turns, args.reply)  # warm-up
                     results[(name, mode)] = [
-                        _run(llm, _conversation(tok, 100 + r, args.doc, args.turns, mode), args.turns, args.reply)
+                        _run(llm, _conversation(tok, seed + r, args.doc, args.turns, mode), args.turns, args.reply)
                         for r in range(args.repeats)]
             finally:
                 llm.llm_engine.engine_core.shutdown()

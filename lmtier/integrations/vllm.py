@@ -39,7 +39,8 @@ never touches storage. It asks the workers instead:
 3. ``update_connector_output`` records the answer, and the next scheduling pass returns it.
 
 A request thus waits one engine step (milliseconds when idle) before it is scheduled, and the answer
-is exact for every tier, whatever the process layout. An answer can go stale before the load
+is exact for every tier, whatever the process layout. A partial answer that then waited in the
+queue while stores landed is asked once more (the request ahead may have stored the prefix). An answer can go stale before the load
 (eviction); then the load fails for those blocks, ``get_block_ids_with_load_errors`` reports them
 and vLLM recomputes them — never serves them. This needs ``kv_load_failure_policy="recompute"``,
 which the connector sets (with a warning) when it finds vLLM's default ``"fail"``.
@@ -545,6 +546,13 @@ class LMTierConnector(KVConnectorBase_V1):
         self._finish_queue: list[_Save] = []  # saves of finished requests whose blocks wait for them
         self._lora_ids: dict[tuple[str, int, str], str | None] = {}
         self._save_seq = 0
+        # Freshness of lookup answers: a request that waited in the queue after its answer came
+        # (no room to schedule it) asks once more if stores landed meanwhile — under load, the
+        # prefix it missed is often stored by the request ahead of it by the time it runs.
+        self._step = 0  # scheduling passes (build_connector_meta calls)
+        self._landed_saves = 0  # saves reported landed
+        self._asked: dict[str, tuple[int, int]] = {}  # req -> (landed at the ask, step of the answer)
+        self._reasked: set[str] = set()
         kec = getattr(self._vllm_config, "kv_events_config", None)
         self._events_on = bool(kec is not None and getattr(kec, "enable_kv_cache_events", False))
         self._pending_events: dict[int, _PendingEvent] = {}
@@ -611,9 +619,14 @@ class LMTierConnector(KVConnectorBase_V1):
             return 0, False
         self._local[rid] = num_computed_tokens
         hit = self._lookups.get(rid)
+        if hit is not None and hit != _IN_FLIGHT and hit < limit and self._stale(rid):
+            self._reasked.add(rid)
+            hit = None
         if hit is None:  # ask the workers; answer on a later pass
             self._lookups[rid] = _IN_FLIGHT
             self._lookup_started[rid] = time.monotonic()
+            self._asked[rid] = (self._landed_saves, -1)
+            self._tier_runs.pop(rid, None)
             self._lookup_queue.append(_Lookup(rid, list(prompt), limit, identity))
             return None, False
         if hit == _IN_FLIGHT:
@@ -625,8 +638,16 @@ class LMTierConnector(KVConnectorBase_V1):
             return None, False
         return max(0, min(hit, limit) - num_computed_tokens), False
 
+    def _stale(self, rid: str) -> bool:
+        """Whether a partial answer is worth one more step: it waited a pass and stores landed since."""
+        landed_at, answered_at = self._asked.get(rid, (0, -1))
+        return (rid not in self._reasked and answered_at >= 0 and self._step - answered_at > 1
+                and self._landed_saves > landed_at)
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
+        self._asked.pop(rid, None)
+        self._reasked.discard(rid)
         hit = self._lookups.pop(rid, 0)
         self._lookup_started.pop(rid, None)
         local = self._local.pop(rid, 0)
@@ -678,6 +699,7 @@ class LMTierConnector(KVConnectorBase_V1):
 
     # -- per-step metadata ---------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        self._step += 1
         meta = LMTierConnectorMetadata(lookups=self._lookup_queue, saves=self._finish_queue)
         self._lookup_queue, self._finish_queue = [], []
         scheduled = scheduler_output.num_scheduled_tokens
@@ -784,12 +806,15 @@ class LMTierConnector(KVConnectorBase_V1):
                 self._tier_runs.setdefault(rid, list(report.tiers[rid]))
             if n >= self._world:
                 self._lookups[rid] = hit
+                if rid in self._asked:
+                    self._asked[rid] = (self._asked[rid][0], self._step)
             else:
                 self._partial[rid] = (hit, n)
         for rid in report.load_failed:  # recomputed pages will be correct: store them again
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.saved_upto = 0
+        self._landed_saves += sum(1 for ok, _ in report.saved.values() if ok)
         for seq, (ok, n) in report.saved.items():
             pending = self._pending_events.get(seq)
             if pending is None:
@@ -825,8 +850,9 @@ class LMTierConnector(KVConnectorBase_V1):
         rid = request.request_id
         tracked = self._tracked.get(rid)
         for table in (self._lookups, self._lookup_started, self._partial, self._local, self._tracked,
-                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources):
+                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources, self._asked):
             table.pop(rid, None)  # type: ignore[attr-defined]
+        self._reasked.discard(rid)
         if tracked is None or not self._saves() or not self._opts["save_replies"]:
             return False, None  # pages are copied out in wait_for_save: the blocks may be freed now
         # tokens whose KV is in the blocks: computed, minus any still in flight (async scheduling);
