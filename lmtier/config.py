@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONFIG_YAML",
     "BreakerConfig",
+    "CodecConfig",
     "Deadlines",
     "LmtierConfig",
     "TierConfig",
@@ -112,6 +113,26 @@ class Deadlines(BaseModel):
     _no_bools = field_validator("*", mode="before")(_refuse_bool)
 
 
+class CodecConfig(BaseModel):
+    """A tier's value codec: ``codec: zstd`` or ``codec: {name: zstd, level: 3}`` in YAML.
+
+    ``name`` is ``none`` or a registered codec (``lz4``, ``zstd``, ``fp8``, ``int8``, or a
+    plugin's: ``lmtier backends`` lists them); the other keys are the codec's options, validated
+    by its own model when the tiers open (phase two, like a backend's ``options``).
+    """
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("none", pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="none, or a codec name")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def enabled(self) -> bool:
+        return self.name != "none"
+
+
 class TierConfig(BaseModel):
     """One tier of the chain, hottest first in ``tiers``."""
 
@@ -127,6 +148,8 @@ class TierConfig(BaseModel):
     timeout_s: Deadlines = Field(default_factory=Deadlines,
                                  description="per-call deadlines: one number, or {lookup, get, put, delete}")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig,
+                               description="value codec: none | lz4 | zstd | fp8 | int8, or {name: ..., options}")
     read_bytes_per_s: ByteSize | None = Field(
         None, gt=0, description="seed of the learned read bandwidth (bytes/s, e.g. 2GB) for load decisions")
     read_latency_s: float | None = Field(
@@ -141,6 +164,15 @@ class TierConfig(BaseModel):
             raise ValueError(f"must be at most {MAX_QUEUE_DEPTH}, got {depth}: each queued write holds its "
                              "value in memory until the tier takes it")
         return depth
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec_by_name(cls, value: Any) -> Any:
+        if value is None or value is False:  # YAML `codec: null` / `codec: no`
+            return {"name": "none"}
+        if isinstance(value, str):
+            return {"name": value.strip().lower()}
+        return value
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -226,7 +258,24 @@ class LmtierConfig(BaseModel):
                 validated.append(registry.validate_options(tier.backend, tier.options, path=f"tiers[{i}].options"))
             except ConfigError as exc:
                 raise ConfigError(_name_the_variables(str(exc), self._env_keys)) from None
+            self.validate_codec(i, registry)
         return validated
+
+    def validate_codec(self, i: int, registry: BackendRegistry) -> None:
+        """Phase two for tier ``i``'s codec: a known name (ConfigError listing the known ones) and
+        options its model accepts."""
+        codec = self.tiers[i].codec
+        if not codec.enabled:
+            if codec.options:
+                raise ConfigError(f"tiers[{i}].codec: options {sorted(codec.options)} given with codec none")
+            return
+        try:
+            registry.codec_spec(codec.name)
+            registry.validate_codec_options(codec.name, codec.options, path=f"tiers[{i}].codec")
+        except ConfigError as exc:
+            msg = str(exc)
+            raise ConfigError(_name_the_variables(msg if msg.startswith("invalid") else f"tiers[{i}].codec: {msg}",
+                                                  self._env_keys)) from None
 
 
 def load_config(

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CODEC_NONE",
     "FORMAT_VERSION",
+    "LMTIER_CODEC_IDS",
+    "READABLE_CODECS",
     "HEADER_BYTES",
     "MAGIC",
     "Header",
@@ -66,6 +68,26 @@ FORMAT_VERSION = 2
 HEADER_BYTES = 64
 #: Codec id 0: the payload is the value's bytes as given (no encoding).
 CODEC_NONE = 0
+#: lmtier's own codec ids (below 0x8000), by codec name: assigned here, like format versions.
+LMTIER_CODEC_IDS: dict[int, str] = {1: "lz4", 2: "zstd", 3: "fp8", 4: "int8"}
+
+
+class _Readable:
+    """Codec ids a backend that carries codecs passes on (see :data:`READABLE_CODECS`)."""
+
+    def __contains__(self, codec: object) -> bool:
+        return isinstance(codec, int) and (codec == CODEC_NONE or codec in LMTIER_CODEC_IDS or 0x8000 <= codec <= 0xFFFF)
+
+    def __repr__(self) -> str:
+        return "READABLE_CODECS"
+
+
+#: What a backend that carries codec ids (:class:`~lmtier.protocol.SupportsCodecs`) passes as
+#: ``codecs=`` to :func:`decode_header`: none, lmtier's own ids this build knows, and the
+#: third-party range ``0x8000..0xFFFF`` (the manager decodes those whose plugin is installed and
+#: leaves the others in place). An lmtier id this build does not know is a newer writer's value:
+#: NewerFormatError, left in place, not counted by ``contains``.
+READABLE_CODECS = _Readable()
 _CHECKED = 60  # header bytes covered by the header check (the check fills the last 4)
 _PREFIX = struct.Struct("<4sHH")  # magic, version, header length: the same in every version
 _V2 = struct.Struct("<4sHHQQ8s16sHHQI")
@@ -182,15 +204,17 @@ def _decode_v1(key: ChunkKey, view: memoryview) -> Header:
     return Header(length, csum, CODEC_NONE, length, 1)
 
 
-def decode(key: ChunkKey, value: Buffer, *, verify: bool = True) -> memoryview:
+def decode(key: ChunkKey, value: Buffer, *, verify: bool = True,
+           codecs: Container[int] = (CODEC_NONE,)) -> memoryview:
     """Validate ``header ‖ payload`` for ``key`` and return a zero-copy view of the payload.
 
     Raises CorruptDataError or NewerFormatError as :func:`decode_header` does, and
     CorruptDataError for a payload of the wrong length or checksum (``verify=False`` skips the
-    checksum, never the header).
+    checksum, never the header). ``codecs`` as for :func:`decode_header`; the payload's codec is
+    then the caller's to read (:func:`decode_header` of the first 64 bytes).
     """
     view = as_bytes_view(value)
-    header = decode_header(key, view)
+    header = decode_header(key, view, codecs=codecs)
     payload = view[HEADER_BYTES:]
     if payload.nbytes != header.payload_length:
         raise CorruptDataError(f"{key}: payload is {payload.nbytes} bytes, header says {header.payload_length}")

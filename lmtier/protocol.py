@@ -56,6 +56,7 @@ __all__ = [
     "EvictionListener",
     "StorageBackend",
     "SupportsAllocate",
+    "SupportsCodecs",
     "SupportsEvictionListener",
     "SupportsGetInto",
     "SupportsStats",
@@ -222,12 +223,34 @@ class SupportsEvictionListener(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsCodecs(Protocol):
+    """Optional (tiers storing lmtier's header): a value keeps its codec id and raw length.
+
+    A tier with a value codec (``codec:`` in YAML) stores what the manager encoded. Its backend
+    must (1) write the header of a ``put`` value from the :class:`lmtier.kit.Payload` facts
+    (``codec``, ``raw_length``: :meth:`lmtier.kit.StoreItem.header` does), (2) read headers with
+    ``codecs=lmtier.framing.READABLE_CODECS`` in ``get`` and ``contains``, and (3) return a value
+    whose codec is not 0 as a :class:`lmtier.kit.Payload` carrying them
+    (:func:`lmtier.kit.stored_value`), so the manager knows how to decode it. ``get_into`` serves
+    codec-0 values only (a coded value is a miss there). ``carries_codecs`` is ``True``.
+
+    The manager refuses a codec on a tier whose backend does not declare this (ConfigError at
+    open): a backend that dropped the facts would hand encoded bytes back as the value.
+    """
+
+    @property
+    def carries_codecs(self) -> bool:
+        ...
+
+
 #: The optional protocols, by the name :func:`optional_capabilities` reports.
 _OPTIONAL: tuple[tuple[str, type], ...] = (
     ("get_into", SupportsGetInto),
     ("stats", SupportsStats),
     ("allocate", SupportsAllocate),
     ("eviction_listener", SupportsEvictionListener),
+    ("codecs", SupportsCodecs),
 )
 
 

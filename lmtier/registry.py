@@ -27,6 +27,7 @@ from lmtier import hookspecs
 from lmtier.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
+    from lmtier.codecs.base import CodecSpec, ValueCodec
     from lmtier.protocol import StorageBackend
 
 __all__ = [
@@ -101,6 +102,8 @@ class BackendRegistry:
         self._pm.add_hookspecs(hookspecs)
         self._specs: dict[str, BackendSpec] = {}
         self._origins: dict[str, str] = {}
+        self._codecs: dict[str, CodecSpec] = {}
+        self._codec_origins: dict[str, str] = {}
         self.load_errors: dict[str, str] = {}
         #: False when discovery skipped the entry points (``LMTIER_DISABLE_PLUGIN_AUTOLOAD``).
         self.autoloaded = False
@@ -165,12 +168,57 @@ class BackendRegistry:
             for spec in specs:  # check every spec before registering any
                 self._check_new(spec, plugin_name, taken)
                 taken[spec.name] = plugin_name
+            codecs = self._plugin_codecs(plugin, plugin_name)
         except BaseException:
             self._pm.unregister(plugin)
             raise
         for spec in specs:
             self._specs[spec.name] = spec
             self._origins[spec.name] = plugin_name
+        for codec in codecs:
+            self._codecs[codec.name] = codec
+            self._codec_origins[codec.name] = plugin_name
+
+    def _plugin_codecs(self, plugin: object, plugin_name: str) -> list[CodecSpec]:
+        """The plugin's ``lmtier_value_codecs`` specs, all checked (PluginError otherwise)."""
+        out: list[CodecSpec] = []
+        for impl in self._pm.hook.lmtier_value_codecs.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            try:
+                result = impl.function()
+            except Exception as exc:
+                raise PluginError(f"{plugin_name}: lmtier_value_codecs() raised {type(exc).__name__}: {exc}") from exc
+            if result is not None and not isinstance(result, (list, tuple)):
+                raise PluginError(f"{plugin_name}: lmtier_value_codecs must return a list of CodecSpec objects, "
+                                  f"got {result!r}")
+            out.extend(result or [])
+        names = dict(self._codec_origins)
+        ids = {spec.codec_id: spec.name for spec in self._codecs.values()}
+        for spec in out:
+            self._check_new_codec(spec, plugin_name, names, ids)
+            names[spec.name] = plugin_name
+            ids[spec.codec_id] = spec.name
+        return out
+
+    @staticmethod
+    def _check_new_codec(spec: object, origin: str, names: Mapping[str, str], ids: Mapping[int, str]) -> None:
+        from lmtier.codecs.base import PLUGIN_CODEC_IDS, CodecSpec
+        from lmtier.framing import LMTIER_CODEC_IDS
+
+        if not isinstance(spec, CodecSpec):
+            raise PluginError(f"{origin}: lmtier_value_codecs must return CodecSpec objects, got {spec!r}")
+        if spec.name == "none" or not spec.name:
+            raise PluginError(f"{origin}: {spec.name!r} cannot name a codec ('none' means no codec)")
+        if spec.name in names:
+            raise _DuplicateName(f"codec name {spec.name!r} is provided twice: by {names[spec.name]} and by "
+                                 f"{origin}; uninstall one of them or rename it")
+        if spec.codec_id in ids:
+            raise _DuplicateName(f"codec id {spec.codec_id:#x} is claimed by codecs {ids[spec.codec_id]!r} and "
+                                 f"{spec.name!r} ({origin}); every codec needs an id of its own")
+        if spec.codec_id not in PLUGIN_CODEC_IDS and LMTIER_CODEC_IDS.get(spec.codec_id) != spec.name:
+            raise PluginError(f"{origin}: codec {spec.name!r} has id {spec.codec_id:#x}; ids below 0x8000 are "
+                              "lmtier's own (lmtier.framing.LMTIER_CODEC_IDS): pick one in 0x8000..0xFFFF")
 
     def register(self, spec: BackendSpec, *, origin: str = "programmatic") -> None:
         """Add one backend; a name already taken raises PluginError naming both origins."""
@@ -213,6 +261,64 @@ class BackendRegistry:
             msg += (f". To add a backend, pip-install the package that provides it: it registers an entry "
                     f"point in the {ENTRY_POINT_GROUP!r} group (`lmtier backends` lists what is installed)")
         return msg
+
+    # -- value codecs ---------------------------------------------------------------------------
+    def codec_names(self) -> list[str]:
+        """Registered codec names (``none`` is always accepted too)."""
+        return sorted(self._codecs)
+
+    def codec_specs(self) -> list[CodecSpec]:
+        return [self._codecs[n] for n in self.codec_names()]
+
+    def codec_spec(self, name: str) -> CodecSpec:
+        """The spec of codec ``name``; ConfigError listing the known ones."""
+        try:
+            return self._codecs[name]
+        except KeyError:
+            known = ["none", *self.codec_names()]
+            close = difflib.get_close_matches(str(name), known, n=1)
+            msg = f"unknown codec {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            msg += f"; known codecs: {', '.join(known)}"
+            if not self.autoloaded:
+                msg += f". Entry-point discovery is off ({AUTOLOAD_ENV} is set): register codec plugins by hand"
+            else:
+                msg += (". A codec from another package is installed with it (it registers an entry point in "
+                        f"the {ENTRY_POINT_GROUP!r} group; `lmtier backends` lists codecs too)")
+            raise ConfigError(msg) from None
+
+    def validate_codec_options(self, name: str, options: Mapping[str, Any], *, path: str = "codec") -> BaseModel:
+        """A codec's options against its model (phase two of config validation)."""
+        spec = self.codec_spec(name)
+        model = import_string(spec.config, hint=spec.install_hint)
+        if not (inspect.isclass(model) and issubclass(model, BaseModel)):
+            raise PluginError(f"codec {name!r}: config {spec.config!r} is not a pydantic model")
+        try:
+            return model.model_validate(dict(options))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, prefix=path, model=model)) from None
+
+    def create_codec(self, name: str, options: Mapping[str, Any] | BaseModel | None = None, *,
+                     path: str = "codec") -> ValueCodec:
+        """Build codec ``name`` with ``options`` (validated); ConfigError/PluginError naming what to fix."""
+        spec = self.codec_spec(name)
+        config = options if isinstance(options, BaseModel) else \
+            self.validate_codec_options(name, options or {}, path=path)
+        codec = import_string(spec.factory, hint=spec.install_hint)(config)
+        if getattr(codec, "codec_id", None) != spec.codec_id or bool(getattr(codec, "lossy", None)) != spec.lossy:
+            raise PluginError(f"codec {name!r}: the factory built {codec!r}, whose codec_id/lossy differ from its "
+                              f"spec ({spec.codec_id:#x}, lossy={spec.lossy})")
+        return codec  # type: ignore[no-any-return]
+
+    def decoders(self) -> dict[int, ValueCodec]:
+        """One instance (default options) of every registered codec, by id: what reads decode with.
+        A codec whose imports fail is left out (its values are then misses left in place), logged."""
+        out: dict[int, ValueCodec] = {}
+        for spec in self._codecs.values():
+            try:
+                out[spec.codec_id] = self.create_codec(spec.name)
+            except (PluginError, ConfigError) as exc:
+                log.warning("lmtier codec %r cannot decode in this process: %s", spec.name, exc)
+        return out
 
     def origin(self, name: str) -> str:
         return self._origins[name]

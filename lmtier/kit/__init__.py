@@ -6,6 +6,7 @@
 :func:`put_items`              a ``put`` batch as :class:`StoreItem` (view, header, checksum
                                carried by a :class:`Payload` from tier to tier), sizes checked
 :func:`check_stored`           header + payload (held in different buffers) validated;
+:func:`stored_value`           a coded value returned with its codec facts (Payload);
                                :class:`Rejections` counts and logs corrupt / newer-format values
 :func:`check_keys`,            argument checks with errors that say what to pass, for a backend
 :func:`check_items`,           also called without a manager; :func:`into_views` for
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
         scan_files,
     )
     from lmtier.kit.runner import Cancelled, CancelToken, Outcome, WorkerPool
-    from lmtier.kit.stored import Rejections, check_stored, stored_size
+    from lmtier.kit.stored import Rejections, check_stored, stored_size, stored_value
     from lmtier.kit.values import Payload, StoreItem, checksum_of, put_items
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "put_items",
     "scan_files",
     "stored_size",
+    "stored_value",
 ]
 
 _HOME = {
@@ -91,7 +93,7 @@ _HOME = {
                      "claim_root", "legacy_object_name", "migrate_object_names", "normalize_prefix",
                      "object_name", "scan_files"), "naming"),
     **dict.fromkeys(("CancelToken", "Cancelled", "Outcome", "WorkerPool"), "runner"),
-    **dict.fromkeys(("Rejections", "check_stored", "stored_size"), "stored"),
+    **dict.fromkeys(("Rejections", "check_stored", "stored_size", "stored_value"), "stored"),
     **dict.fromkeys(("Payload", "StoreItem", "checksum_of", "put_items"), "values"),
 }
 

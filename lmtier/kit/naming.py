@@ -31,13 +31,13 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmtier.errors import CorruptDataError, InvalidArgumentError
-from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
+from lmtier.framing import CODEC_NONE, HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 
 __all__ = [
@@ -166,7 +166,8 @@ class ScanResult:
     moved: int = 0
 
 
-def scan_files(layout: FileLayout, *, clean: bool = True, read_headers: bool = False) -> ScanResult:
+def scan_files(layout: FileLayout, *, clean: bool = True, read_headers: bool = False,
+               codecs: Container[int] = (CODEC_NONE,)) -> ScanResult:
     """Index the chunk files under ``layout.root``; blocking (run it on a thread).
 
     With ``clean``: delete leftover temp files of a crashed writer and key files shorter than a
@@ -174,13 +175,13 @@ def scan_files(layout: FileLayout, *, clean: bool = True, read_headers: bool = F
     or another transport wrote them) into place. Without ``clean`` (a read-only root) such files
     are skipped. Names a tier does not make are left alone. With ``read_headers``, each file's
     header is read (64 bytes): a damaged one is deleted (with ``clean``) and not indexed, one of a
-    newer format is indexed and listed in ``newer``.
+    newer format (or a codec not in ``codecs``) is indexed and listed in ``newer``.
     """
     result = ScanResult()
     with os.scandir(layout.root) as top:
         for entry in top:
             if entry.is_dir(follow_symlinks=False) and _NS_RE.fullmatch(entry.name):
-                _scan_dir(layout, entry.path, entry.name, 0, result, clean, read_headers)
+                _scan_dir(layout, entry.path, entry.name, 0, result, clean, read_headers, codecs)
             elif clean and entry.is_file(follow_symlinks=False) and _TOP_TEMP_RE.fullmatch(entry.name):
                 _unlink_quietly(entry.path)
                 result.temp_removed += 1
@@ -188,13 +189,13 @@ def scan_files(layout: FileLayout, *, clean: bool = True, read_headers: bool = F
 
 
 def _scan_dir(layout: FileLayout, path: str, namespace: str, depth: int, result: ScanResult, clean: bool,
-              read_headers: bool) -> None:
+              read_headers: bool, codecs: Container[int] = (CODEC_NONE,)) -> None:
     with os.scandir(path) as it:
         entries = list(it)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             if depth < _MAX_FAN_OUT and _FAN_RE.fullmatch(entry.name):
-                _scan_dir(layout, entry.path, namespace, depth + 1, result, clean, read_headers)
+                _scan_dir(layout, entry.path, namespace, depth + 1, result, clean, read_headers, codecs)
             continue
         if not entry.is_file(follow_symlinks=False):
             continue
@@ -225,7 +226,7 @@ def _scan_dir(layout: FileLayout, path: str, namespace: str, depth: int, result:
             os.replace(entry.path, want)
             result.moved += 1
         if read_headers:
-            verdict = _header_verdict(want, key)
+            verdict = _header_verdict(want, key, codecs)
             if verdict == "corrupt":
                 if clean:
                     _unlink_quietly(want)
@@ -236,7 +237,7 @@ def _scan_dir(layout: FileLayout, path: str, namespace: str, depth: int, result:
         result.entries.append((key, st.st_size, st.st_atime_ns))
 
 
-def _header_verdict(path: str, key: ChunkKey) -> str:
+def _header_verdict(path: str, key: ChunkKey, codecs: Container[int] = (CODEC_NONE,)) -> str:
     """``"ok"``, ``"newer"`` (a newer format) or ``"corrupt"`` for the header of ``path``'s file
     (``"ok"`` as well when it cannot be read now: reads will tell)."""
     try:
@@ -244,7 +245,7 @@ def _header_verdict(path: str, key: ChunkKey) -> str:
     except OSError:
         return "ok"
     try:
-        decode_header(key, os.pread(fd, HEADER_BYTES, 0))
+        decode_header(key, os.pread(fd, HEADER_BYTES, 0), codecs=codecs)
     except NewerFormatError:
         return "newer"
     except CorruptDataError:

@@ -15,31 +15,34 @@ import threading
 from typing import TYPE_CHECKING, Literal
 
 from lmtier.errors import CorruptDataError
-from lmtier.framing import HEADER_BYTES, Header, NewerFormatError, checksum, decode_header
+from lmtier.framing import CODEC_NONE, HEADER_BYTES, Header, NewerFormatError, checksum, decode_header
 
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     from lmtier.keys import ChunkKey
     from lmtier.protocol import Buffer
 
-__all__ = ["Rejections", "check_stored", "stored_size"]
+__all__ = ["Rejections", "check_stored", "stored_size", "stored_value"]
 
 log = logging.getLogger("lmtier.kit")
 
 
 def check_stored(key: ChunkKey, header: Buffer, payload: Buffer, *, verify: bool = True,
-                 payload_checksum: int | None = None) -> Header:
+                 payload_checksum: int | None = None, codecs: Container[int] = (CODEC_NONE,)) -> Header:
     """Validate a value read back as ``header`` (its first 64 bytes) and ``payload`` (the rest).
 
     ``payload_checksum``, when given, is the checksum the caller computed while reading (e.g.
     piece by piece); otherwise it is computed here unless ``verify`` is off (the header is
-    always checked).
+    always checked). ``codecs``: the codec ids the caller passes on (a backend that carries
+    codecs passes :data:`lmtier.framing.READABLE_CODECS` and returns :func:`stored_value`).
 
     Raises:
         CorruptDataError: damaged header, another key's value, wrong length or checksum: a miss
             the backend deletes.
         NewerFormatError: written by a newer lmtier: a miss the backend leaves in place.
     """
-    head = decode_header(key, header)
+    head = decode_header(key, header, codecs=codecs)
     got = memoryview(payload).nbytes
     if got != head.payload_length:
         raise CorruptDataError(f"{key}: payload is {got} bytes, header says {head.payload_length} (truncated?)")
@@ -48,6 +51,18 @@ def check_stored(key: ChunkKey, header: Buffer, payload: Buffer, *, verify: bool
         if csum != head.checksum:
             raise CorruptDataError(f"{key}: checksum mismatch (damaged payload)")
     return head
+
+
+def stored_value(value: Buffer, header: Header) -> Buffer:
+    """What a backend's ``get`` returns for a validated value: ``value`` itself when it is not
+    encoded, else a :class:`~lmtier.kit.Payload` over it (no copy) carrying the header's codec
+    id, raw length and checksum, which tell the manager how to decode it (and spare the next
+    tier a hash). See :class:`~lmtier.protocol.SupportsCodecs`."""
+    if header.codec == CODEC_NONE:
+        return value
+    from lmtier.kit.values import Payload
+
+    return Payload.of(value, checksum=header.checksum, codec=header.codec, raw_length=header.raw_length)  # type: ignore[return-value]
 
 
 def stored_size(key: ChunkKey, header: Buffer) -> int:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from lmtier.errors import CorruptDataError
-from lmtier.framing import HEADER_BYTES, decode, decode_header
+from lmtier.framing import CODEC_NONE, HEADER_BYTES, READABLE_CODECS, Header, decode, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import MARKER, FileLayout, Payload, StoreItem, check_root
+from lmtier.kit import MARKER, FileLayout, Payload, StoreItem, check_root, stored_value
 
 if TYPE_CHECKING:
     from lmtier_backends.disk._buffers import BufferRecycler
@@ -80,15 +80,17 @@ def write_file(layout: FileLayout, item: StoreItem, *, fsync: bool, stamp: int) 
     return HEADER_BYTES + payload.nbytes
 
 
-def read_file(path: str, key: ChunkKey, stamp: int, buffers: BufferRecycler) -> memoryview:
-    """The validated payload of ``key``'s file, as a read-only view of a private buffer.
+def read_file(path: str, key: ChunkKey, stamp: int, buffers: BufferRecycler) -> object:
+    """The validated payload of ``key``'s file, as a read-only view of a private buffer (a
+    :class:`~lmtier.kit.Payload` with its codec facts if it is encoded: :func:`lmtier.kit.stored_value`).
 
     Raises FileNotFoundError for a miss and CorruptDataError (after unlinking) for a bad file.
     """
     fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        length, csum = _read_header(fd, path, key, st)
+        head = _read_header(fd, path, key, st)
+        length, csum = head.payload_length, head.checksum
         out = buffers.take(length)
         try:
             view = out.data
@@ -100,7 +102,7 @@ def read_file(path: str, key: ChunkKey, stamp: int, buffers: BufferRecycler) -> 
         _stamp_quietly(fd, stamp, st)
     finally:
         os.close(fd)
-    return buffers.lend(out)
+    return stored_value(buffers.lend(out), head)
 
 
 def read_file_into(path: str, key: ChunkKey, out: memoryview, stamp: int) -> bool:
@@ -111,8 +113,9 @@ def read_file_into(path: str, key: ChunkKey, out: memoryview, stamp: int) -> boo
     fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        length, csum = _read_header(fd, path, key, st)
-        if length != out.nbytes:
+        head = _read_header(fd, path, key, st)
+        length, csum = head.payload_length, head.checksum
+        if length != out.nbytes or head.codec != CODEC_NONE:  # an encoded value is served by get only
             return False
         _read_payload(fd, path, key, out, csum)
         _stamp_quietly(fd, stamp, st)
@@ -144,12 +147,13 @@ def evict_file(path: str, key: ChunkKey, want_payload: bool) -> Payload | None:
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_SEQUENTIAL)
     try:
-        payload = decode(key, mapped)
+        payload = decode(key, mapped, codecs=READABLE_CODECS)
     except CorruptDataError:
         _discard(path, st)
         raise
     _discard(path, st)
-    return Payload.of(payload, checksum=decode_header(key, mapped).checksum)
+    head = decode_header(key, mapped, codecs=READABLE_CODECS)
+    return Payload.of(payload, checksum=head.checksum, codec=head.codec, raw_length=head.raw_length)
 
 
 def remove_file(path: str) -> None:
@@ -178,12 +182,12 @@ def _write_all(fd: int, header: bytes, payload: memoryview) -> None:
             buffers[0] = memoryview(buffers[0])[written:]
 
 
-def _read_header(fd: int, path: str, key: ChunkKey, st: os.stat_result) -> tuple[int, int]:
+def _read_header(fd: int, path: str, key: ChunkKey, st: os.stat_result) -> Header:
     try:
         if st.st_size < HEADER_BYTES:
             raise CorruptDataError(f"{key}: file is {st.st_size} bytes, shorter than its header")
-        header = decode_header(key, os.pread(fd, HEADER_BYTES, 0))
-        length, csum = header.payload_length, header.checksum
+        header = decode_header(key, os.pread(fd, HEADER_BYTES, 0), codecs=READABLE_CODECS)
+        length = header.payload_length
         if st.st_size != HEADER_BYTES + length:
             raise CorruptDataError(
                 f"{key}: file is {st.st_size} bytes, header says {HEADER_BYTES + length} (truncated?)"
@@ -191,7 +195,7 @@ def _read_header(fd: int, path: str, key: ChunkKey, st: os.stat_result) -> tuple
     except CorruptDataError:
         _discard(path, st)
         raise
-    return length, csum
+    return header
 
 
 def _read_payload(fd: int, path: str, key: ChunkKey, out: memoryview, csum: int) -> None:

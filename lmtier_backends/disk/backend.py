@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtier.errors import BackendError, BackendUnavailableError, CorruptDataError, LmtierError
-from lmtier.framing import HEADER_BYTES, NewerFormatError
+from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
     MARKER,
@@ -123,7 +123,7 @@ class DiskBackend:
             log.warning("disk tier: root %s is on a read-only filesystem: serving reads, skipping writes",
                         self.root)
         try:
-            found = scan_files(self._layout, clean=writable, read_headers=True)
+            found = scan_files(self._layout, clean=writable, read_headers=True, codecs=READABLE_CODECS)
         except OSError as exc:
             raise map_os_error(exc, op="scan of the root", path=self.root) from None
         found.entries.sort(key=lambda e: (e[2], str(e[0])))  # least recently used first
@@ -153,6 +153,9 @@ class DiskBackend:
                 raise map_os_error(exc, op="trim at open", path=self._layout.path_of(key)) from None
         self._buffers = BufferRecycler(int(config.get_buffer_bytes))
         self._workers = WorkerPool(config.max_concurrency, "disk")
+
+    #: values keep their codec id and raw length (lmtier.protocol.SupportsCodecs)
+    carries_codecs = True
 
     # -- the StorageBackend protocol -----------------------------------------------------------
     @property

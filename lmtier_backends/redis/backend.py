@@ -39,9 +39,18 @@ from redis.connection import ConnectionPool, parse_url
 from redis.retry import Retry
 
 from lmtier.errors import BackendUnavailableError, ConfigError, CorruptDataError, LmtierError
-from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
+from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import CancelToken, Rejections, StoreItem, WorkerPool, check_stored, into_views, put_items
+from lmtier.kit import (
+    CancelToken,
+    Rejections,
+    StoreItem,
+    WorkerPool,
+    check_stored,
+    into_views,
+    put_items,
+    stored_value,
+)
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.redis._errors import map_error
 from lmtier_backends.redis._wire import FILLED, DirectReadParser, Node
@@ -170,6 +179,9 @@ class RedisBackend:
                                       port=cnode.port, **self._conn_kwargs)
                 node = self._nodes[cnode.name] = Node(pool, cnode.name)
             return node
+
+    #: values keep their codec id and raw length (lmtier.protocol.SupportsCodecs)
+    carries_codecs = True
 
     # -- the StorageBackend protocol -----------------------------------------------------------
     @property
@@ -371,7 +383,7 @@ class RedisBackend:
         if not reply:
             return False
         try:
-            decode_header(key, reply)
+            decode_header(key, reply, codecs=READABLE_CODECS)
         except (CorruptDataError, NewerFormatError):
             return False
         return True
@@ -487,15 +499,15 @@ class _Receiver:
         if reply is not FILLED or self.payload is None:
             return CorruptDataError(f"{key}: value shorter than the {HEADER_BYTES}-byte header")
         try:
-            check_stored(key, self.header, self.payload)
+            head = check_stored(key, self.header, self.payload, codecs=READABLE_CODECS)
         except (CorruptDataError, NewerFormatError) as exc:
             return exc
         if self.host is not None:
             view = self.host.lease_view()  # holds the slab range until the caller drops it
             self.host.release()
             self.host = None
-            return view
-        return self.payload.toreadonly()
+            return stored_value(view, head)
+        return stored_value(self.payload.toreadonly(), head)
 
     def release(self) -> None:
         if self.host is not None:

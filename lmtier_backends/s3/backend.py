@@ -41,14 +41,14 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import SecretStr
 
 from lmtier.errors import BackendError, ConfigError, CorruptDataError
-from lmtier.framing import HEADER_BYTES, NewerFormatError, decode, decode_header
+from lmtier.framing import CODEC_NONE, HEADER_BYTES, READABLE_CODECS, Header, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
     CancelToken,
@@ -59,6 +59,7 @@ from lmtier.kit import (
     into_views,
     object_name,
     put_items,
+    stored_value,
 )
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.s3._errors import (
@@ -206,6 +207,9 @@ class S3Backend:
         self._recv_pool: HostMemoryPool | None = None  # made at open (imports torch)
         self._recv_pool_lock = threading.Lock()
 
+    #: values keep their codec id and raw length (lmtier.protocol.SupportsCodecs)
+    carries_codecs = True
+
     # -- contract ----------------------------------------------------------------------------------
     @property
     def capabilities(self) -> Capabilities:
@@ -352,7 +356,7 @@ class S3Backend:
         if header is None:
             return False
         try:
-            decode_header(key, header)
+            decode_header(key, header, codecs=READABLE_CODECS)
         except (CorruptDataError, NewerFormatError):
             return False
         return True
@@ -400,13 +404,11 @@ class S3Backend:
             consumed = True
         finally:
             finish_response(body, consumed=consumed)
-        try:
-            payload = decode(key, buf, verify=self.config.verify_checksum)
-        except (CorruptDataError, NewerFormatError) as exc:
-            self._refused(key, name, exc)
+        head = self._intact(key, name, buf[:HEADER_BYTES], buf[HEADER_BYTES:], codecs=READABLE_CODECS)
+        if head is None:
             return None
         self._count(hits=1, bytes_read=size)
-        return payload.toreadonly()
+        return stored_value(buf[HEADER_BYTES:].toreadonly(), head)  # type: ignore[return-value]
 
     def _get_pooled(self, token: CancelToken, key: ChunkKey, name: str, body: Any, size: int) -> memoryview | None:
         """Header into a small buffer, payload into a range of the warm slab (or a fresh buffer
@@ -422,10 +424,11 @@ class S3Backend:
                 consumed = True
             finally:
                 finish_response(body, consumed=consumed)
-            if not self._intact(key, name, header, payload):
+            head = self._intact(key, name, header, payload, codecs=READABLE_CODECS)
+            if head is None:
                 return None
             self._count(hits=1, bytes_read=size)
-            return payload.toreadonly() if host is None else host.lease_view()
+            return stored_value(payload.toreadonly() if host is None else host.lease_view(), head)  # type: ignore[return-value]
         finally:
             if host is not None:
                 host.release()  # a returned lease view holds its own reference
@@ -476,19 +479,20 @@ class S3Backend:
             consumed = True
         finally:
             finish_response(body, consumed=consumed)
-        if not self._intact(key, name, header, out):
+        if self._intact(key, name, header, out) is None:
             return False
         self._count(hits=1, bytes_read=size)
         return True
 
-    def _intact(self, key: ChunkKey, name: str, header: bytearray, payload: memoryview) -> bool:
-        """Whether a received object's header matches its payload; a corrupt one is discarded."""
+    def _intact(self, key: ChunkKey, name: str, header: Buffer, payload: memoryview,
+                codecs: Container[int] = (CODEC_NONE,)) -> Header | None:
+        """The header of a received object if it matches its payload; a corrupt one is discarded.
+        ``codecs``: the codec ids passed on (get: all readable; get_into: none, raw values only)."""
         try:
-            check_stored(key, header, payload, verify=self.config.verify_checksum)
+            return check_stored(key, header, payload, verify=self.config.verify_checksum, codecs=codecs)
         except (CorruptDataError, NewerFormatError) as exc:
             self._refused(key, name, exc)
-            return False
-        return True
+            return None
 
     def _refused(self, key: ChunkKey, name: str, exc: CorruptDataError | NewerFormatError) -> None:
         """A refused object is a miss: counted and logged; a corrupt one is deleted (best

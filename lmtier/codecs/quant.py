@@ -1,0 +1,269 @@
+"""Lossy KV codecs: ``fp8`` (e4m3) and ``int8``, one byte per element and a float32 scale per group.
+
+A group's scale is its largest magnitude over the format's largest value (448 for e4m3, 127 for
+int8); each element is stored as ``x / scale`` rounded to the format. Which elements share a
+scale (``scales:``):
+
+* ``vector`` (default): each run of ``head_size`` elements, i.e. one token's K or V of one head.
+  Needs nothing but the head size, so it fits every page layout. Overhead: 4 bytes per
+  ``head_size`` elements (3% at head size 128).
+* ``block_head``: one page (a block of tokens) of one head, K and V apart. Needs the page's
+  element order, known for the ``(2, block_size, heads, head_size)`` pages of
+  ``vllm_kv_first``, ``flashinfer`` and the transformers integration's ``hf_vllm_kv_first``.
+  Overhead: 4 bytes per ``block_size x head_size`` elements.
+* ``layer``: one scale per layer of the chunk (K and V together): no overhead to speak of, the
+  coarsest (an outlier channel costs the whole layer its precision).
+
+``docs/codecs.md`` has the measured error and quality of each.
+
+Encoded value: a 32-byte prefix (format, dtype, scales kind, the geometry used), the float32
+scales, then one byte per element. Decoding needs nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmtier.codecs.base import FLOAT_DTYPES, KVGeometry
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Fp8Codec", "Int8Codec", "QuantOptions", "make_fp8", "make_int8"]
+
+Scales = Literal["vector", "block_head", "layer"]
+#: Page layouts whose pages are ``(2, block_size, heads, head_size)`` (``block_head`` scales).
+KV_FIRST_PAGES = frozenset({"vllm_kv_first", "flashinfer", "hf_vllm_kv_first"})
+_PREFIX = struct.Struct("<BBBBIIIIIQ")  # version, dtype, scales, pad, layers, pages, block, heads, head, elems
+_VERSION = 1
+_DTYPES = {"bfloat16": 1, "float16": 2, "float32": 3}
+_SCALES = {"vector": 1, "block_head": 2, "layer": 3}
+#: elements quantized per step: the float32 temporaries of a step stay in a core's L2 cache
+_STEP = 1 << 16
+
+
+class QuantOptions(BaseModel):
+    """Options of ``codec: {name: fp8 | int8, ...}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    scales: Scales = Field("vector", description="elements sharing a scale: vector (per token and head), "
+                                                 "block_head (per page and head), layer (per layer)")
+
+
+class _Quant:
+    name: str
+    codec_id: int
+    lossy = True
+    _qmax: float
+    _decode_factor = 1.0
+
+    def __init__(self, options: QuantOptions | None = None) -> None:
+        self.scales: Scales = (options or QuantOptions()).scales
+
+    def tag(self) -> str:
+        return f"{self.name}/{self.scales}"
+
+    def check_kv(self, kv: KVGeometry) -> str | None:
+        if kv.dtype not in FLOAT_DTYPES:
+            return (f"codec {self.name} quantizes float KV ({', '.join(sorted(FLOAT_DTYPES))}); this KV is "
+                    f"{kv.dtype!r}: use a lossless codec (zstd, lz4) or none for this tier")
+        esize = kv.element_bytes
+        if kv.head_size <= 0 or kv.page_bytes % (esize * kv.head_size):
+            return (f"codec {self.name} needs pages made of head_size vectors; page_bytes {kv.page_bytes} is not a "
+                    f"multiple of head_size {kv.head_size} x {esize} bytes")
+        if self.scales == "block_head":
+            if kv.kv_layout not in KV_FIRST_PAGES:
+                return (f"scales: block_head needs pages of (2, block_size, heads, head_size); layout "
+                        f"{kv.kv_layout!r} does not say its page order: use scales: vector or layer")
+            if kv.page_bytes != 2 * kv.block_size * kv.num_kv_heads * kv.head_size * esize:
+                return (f"scales: block_head: page_bytes {kv.page_bytes} is not 2 x block_size x heads x "
+                        f"head_size x {esize}; use scales: vector or layer")
+        return None
+
+    def max_encoded_bytes(self, raw_nbytes: int, kv: KVGeometry | None) -> int:
+        if kv is None:
+            raise ValueError(f"codec {self.name} needs the KV's geometry (a registered namespace)")
+        elems = raw_nbytes // kv.element_bytes
+        return _PREFIX.size + 4 * self._groups(elems, kv, self._pages(raw_nbytes, kv)) + elems
+
+    # -- encode / decode -----------------------------------------------------------------------
+    def encode(self, src: memoryview, dst: memoryview, kv: KVGeometry | None) -> int:
+        import torch
+
+        if kv is None or self.check_kv(kv) is not None:
+            raise ValueError(f"codec {self.name} cannot encode this value: {kv and self.check_kv(kv)}")
+        esize = kv.element_bytes
+        if src.nbytes % (esize * kv.head_size) or src.nbytes % kv.num_layers:
+            raise ValueError(f"a {src.nbytes}-byte value is not whole head vectors of {kv.num_layers} layers")
+        pages = self._pages(src.nbytes, kv)
+        elems = src.nbytes // esize
+        groups = self._groups(elems, kv, pages)
+        x = _tensor_over(src, getattr(torch, kv.dtype))
+        _PREFIX.pack_into(dst, 0, _VERSION, _DTYPES[kv.dtype], _SCALES[self.scales], 0, kv.num_layers, pages,
+                          kv.block_size, kv.num_kv_heads, kv.head_size, elems)
+        out = torch.frombuffer(dst, dtype=torch.uint8)
+        scales = out[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
+        q = out[_PREFIX.size + 4 * groups: _PREFIX.size + 4 * groups + elems]
+        xg, sg, qg = self._grouped(x, scales, q, kv.num_layers, pages, kv)
+        for xs, ss, qs in _steps(xg, sg, qg):
+            amax = xs.abs().amax(dim=_reduce_dims(xs), keepdim=True).float()
+            if not bool(torch.isfinite(amax).all()):
+                raise ValueError("the value holds inf or NaN; stored raw")
+            scale = torch.where(amax > 0, amax / self._qmax, torch.ones_like(amax))
+            ss.copy_(scale.view(ss.shape))
+            self._quantize(xs.float().div_(scale), qs)
+        return _PREFIX.size + 4 * groups + elems
+
+    def decode(self, src: memoryview, dst: memoryview) -> None:
+        import torch
+
+        if src.nbytes < _PREFIX.size:
+            raise ValueError("encoded value shorter than its prefix")
+        version, dtype_code, scales_code, _, layers, pages, block, heads, head, elems = _PREFIX.unpack_from(src)
+        dtype = {v: k for k, v in _DTYPES.items()}.get(dtype_code)
+        scales_kind = {v: k for k, v in _SCALES.items()}.get(scales_code)
+        if version != _VERSION or dtype is None or scales_kind is None:
+            raise ValueError(f"unknown {self.name} format (version {version}, dtype {dtype_code}, scales {scales_code})")
+        kv = KVGeometry(dtype, "hf_vllm_kv_first" if scales_kind == "block_head" else "", layers, block, heads,
+                        head, 0)
+        if elems * kv.element_bytes != dst.nbytes:
+            raise ValueError(f"encoded {elems} elements of {dtype}, the header says {dst.nbytes} bytes")
+        groups = _groups_of(scales_kind, elems, kv, pages)
+        if src.nbytes != _PREFIX.size + 4 * groups + elems:
+            raise ValueError(f"encoded value is {src.nbytes} bytes, its prefix says {_PREFIX.size + 4 * groups + elems}")
+        if not elems:
+            return
+        data = _tensor_over(src, torch.uint8)
+        scales = data[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
+        q = data[_PREFIX.size + 4 * groups:]
+        y = torch.frombuffer(dst, dtype=getattr(torch, dtype))
+        qg, sg, yg = _grouped_as(scales_kind, q, scales, y, layers, pages, kv)
+        for qs, ss, ys in _steps(qg, sg, yg):
+            torch.mul(self._dequantize(qs), ss * self._decode_factor, out=ys)
+
+    # -- machinery -----------------------------------------------------------------------------
+    def _pages(self, nbytes: int, kv: KVGeometry) -> int:
+        per_layer = nbytes // kv.num_layers
+        return per_layer // kv.page_bytes if kv.page_bytes and per_layer % kv.page_bytes == 0 else 0
+
+    def _groups(self, elems: int, kv: KVGeometry, pages: int) -> int:
+        return _groups_of(self.scales, elems, kv, pages)
+
+    def _grouped(self, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor, layers: int, pages: int,
+                 kv: KVGeometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _grouped_as(self.scales, x, scales, q, layers, pages, kv)
+
+    def _quantize(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _groups_of(kind: str, elems: int, kv: KVGeometry, pages: int) -> int:
+    if kind == "vector":
+        return elems // kv.head_size
+    if kind == "layer":
+        return kv.num_layers
+    if pages <= 0:
+        raise ValueError("scales: block_head needs whole pages")
+    return kv.num_layers * pages * 2 * kv.num_kv_heads
+
+
+def _grouped_as(kind: str, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor, layers: int, pages: int,
+                kv: KVGeometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of the values, their scales and their codes with the group as dim 0 (steps cut dim 0)."""
+    if kind == "vector":
+        return x.view(-1, kv.head_size), scales.view(-1, 1), q.view(-1, kv.head_size)
+    if kind == "layer":
+        return x.view(layers, -1), scales.view(layers, 1), q.view(layers, -1)
+    shape = (layers * pages * 2, kv.block_size, kv.num_kv_heads, kv.head_size)
+    return x.view(shape), scales.view(shape[0], 1, kv.num_kv_heads, 1), q.view(shape)
+
+
+def _tensor_over(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over ``view``'s bytes without a copy, read-only memory included.
+
+    ``torch.frombuffer`` of read-only memory (a tier's lease view, ``bytes``) warns once per
+    process, which ``filterwarnings = error`` turns into a failure; a writable ctypes alias of the
+    same bytes does not. Nothing writes through it: it is only read (``view`` stays referenced by
+    the caller for the duration of the call).
+    """
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    if not view.nbytes:
+        return torch.empty(0, dtype=dtype)
+    if view.readonly:
+        address = np.frombuffer(view, np.uint8).ctypes.data
+        return torch.frombuffer((ctypes.c_uint8 * view.nbytes).from_address(address), dtype=dtype)
+    return torch.frombuffer(view, dtype=dtype)
+
+
+def _reduce_dims(xs: torch.Tensor) -> tuple[int, ...]:
+    return (1, 3) if xs.dim() == 4 else (1,)
+
+
+def _steps(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Any:
+    """Slices of dim 0 of about :data:`_STEP` elements each (at least one group)."""
+    n = a.shape[0]
+    if n == 0:
+        return
+    per = max(1, _STEP // max(1, a[0].numel()))
+    for lo in range(0, n, per):
+        yield a[lo: lo + per], b[lo: lo + per], c[lo: lo + per]
+
+
+class Fp8Codec(_Quant):
+    """float8 e4m3 (max 448, 3 mantissa bits): relative precision everywhere in a group's range."""
+
+    name = "fp8"
+    codec_id = 3
+    _qmax = 448.0
+    _decode_factor = 256.0  # see _dequantize
+
+    def _quantize(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+
+        out.view(torch.float8_e4m3fn).copy_(scaled.clamp_(-448.0, 448.0))
+
+    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        # torch's own fp8 -> float conversion runs at ~0.3 G elements/s per core on CPU. The bits
+        # of e4m3 (s eeee mmm, bias 7) moved into float16's (s eeeee mmmmmmmmmm, bias 15) give
+        # exactly the value / 256 for every finite code, subnormals included; the scales carry
+        # the 256 (see _scale_factor), so this is three integer passes.
+        import torch
+
+        t = q.to(torch.int16)
+        return ((t & 0x80) << 8).bitwise_or_((t & 0x7F) << 7).view(torch.float16)
+
+
+class Int8Codec(_Quant):
+    """int8 (-127..127, uniform steps of scale): exact steps near a group's maximum, coarse near 0."""
+
+    name = "int8"
+    codec_id = 4
+    _qmax = 127.0
+
+    def _quantize(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+        import torch
+
+        out.view(torch.int8).copy_(scaled.round_().clamp_(-127.0, 127.0))
+
+    def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return q.view(torch.int8).float()
+
+
+def make_fp8(options: QuantOptions) -> Fp8Codec:
+    return Fp8Codec(options)
+
+
+def make_int8(options: QuantOptions) -> Int8Codec:
+    return Int8Codec(options)
