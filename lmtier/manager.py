@@ -73,6 +73,7 @@ from lmtier.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
     CapacityError,
+    ConfigError,
     CorruptDataError,
     InvalidArgumentError,
     LmtierError,
@@ -84,6 +85,7 @@ from lmtier.protocol import (
     Buffer,
     StorageBackend,
     SupportsAllocate,
+    SupportsCodecs,
     SupportsEvictionListener,
     SupportsGetInto,
     SupportsStats,
@@ -96,7 +98,11 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-__all__ = ["MAX_DETACHED", "MAX_IN_FLIGHT", "SLICE_BYTES", "StorageManager", "Tier"]
+    from lmtier.codecs.base import KVGeometry, ValueCodec
+    from lmtier.keys import KVNamespace
+    from lmtier.kit.runner import WorkerPool
+
+__all__ = ["LOSSY_FIELD", "MAX_DETACHED", "MAX_IN_FLIGHT", "SLICE_BYTES", "StorageManager", "Tier"]
 
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
@@ -115,6 +121,9 @@ MAX_DETACHED = 32
 MAX_IN_FLIGHT = 4
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
 _DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
+#: The namespace field (``KVNamespace.extra``) naming the lossy codecs a namespace's KV may have
+#: been through (see :meth:`StorageManager.lossy_tags`).
+LOSSY_FIELD = "lossy_codecs"
 
 
 class _Fault:
@@ -155,6 +164,8 @@ class Tier:
     writer: asyncio.Task[None] | None = field(default=None, repr=False)
     #: calls left running past their deadline (see the module doc), until they end
     detached: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    #: the tier's value codec (``codec:`` in its config), None for raw
+    codec: ValueCodec | None = None
 
     @property
     def name(self) -> str:
@@ -177,12 +188,15 @@ class StorageManager:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         pin_host_memory: bool | None = None,
+        registry: BackendRegistry | None = None,
     ) -> None:
         """``pin_host_memory``: whether buffers the manager lends must be pinned (page-locked) —
         its host pool, and hot-tier memory it hands out; ``None``: where CUDA is available. A
         process that must never touch the GPU (``lmtier serve``) passes ``False``."""
         if not tiers:
             raise InvalidArgumentError("a StorageManager needs at least one tier")
+        self._registry = registry
+        codecs = self._tier_codecs(tiers)
         self.config = config
         self.metrics = metrics or default_metrics()
         self._clock = clock
@@ -191,11 +205,15 @@ class StorageManager:
         self._closed = False
         self._host_pool: HostMemoryPool | None = None
         self._pinned: bool | None = pin_host_memory
+        self._decoders: dict[int, ValueCodec] | None = None
+        self._codec_pool: WorkerPool | None = None
+        #: namespaces engines registered: what lossy codecs know of their KV, and what they declare
+        self._kv: dict[str, tuple[KVGeometry, frozenset[str]]] = {}
         self.tiers: list[Tier] = []
         for i, (tcfg, backend) in enumerate(tiers):
             b = tcfg.breaker
             tier = Tier(i, tcfg, backend, CircuitBreaker(b.failures, b.cooldown_s, b.max_cooldown_s, clock),
-                        asyncio.Queue(maxsize=tcfg.queue_depth))
+                        asyncio.Queue(maxsize=tcfg.queue_depth), codec=codecs[i])
             tier.writer = self._loop.create_task(self._drain(tier), name=f"lmtier-writer-{tcfg.name}")
             self.tiers.append(tier)
             if isinstance(backend, SupportsStats):
@@ -231,11 +249,16 @@ class StorageManager:
                 await backend.aclose()
             raise
         metrics = Metrics(metrics_registry) if metrics_registry is not None else None
-        manager = cls(opened, config=cfg, metrics=metrics, clock=clock)
+        try:
+            manager = cls(opened, config=cfg, metrics=metrics, clock=clock, registry=registry)
+        except BaseException:
+            for _, backend in opened:
+                await backend.aclose()
+            raise
         log.info("lmtier storage ready: %s", " -> ".join(f"{t.name}({t.config.backend})" for t in manager.tiers))
         for t in manager.tiers:  # a wrapper that drops a capability shows here
-            log.info("lmtier tier %s (%s): optional capabilities: %s", t.name, t.config.backend,
-                     ", ".join(optional_capabilities(t.backend)) or "none")
+            log.info("lmtier tier %s (%s): optional capabilities: %s; codec: %s", t.name, t.config.backend,
+                     ", ".join(optional_capabilities(t.backend)) or "none", t.config.codec.name)
         return manager
 
     def tier(self, name: str) -> Tier:
@@ -243,6 +266,50 @@ class StorageManager:
             if t.name == name:
                 return t
         raise InvalidArgumentError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")
+
+    # -- value codecs --------------------------------------------------------------------------
+    def lossy_tags(self) -> tuple[str, ...]:
+        """The tags (:meth:`~lmtier.codecs.ValueCodec.tag`) of the lossy codecs of this chain's
+        tiers, sorted; empty when every tier is exact.
+
+        Why the whole chain: a hit read from a lossy tier is promoted, decoded, into the hotter
+        tiers, so any chunk of the chain may hold lossy KV. An engine whose chain has lossy tiers
+        therefore keys all its chunks under a namespace that names them (:data:`LOSSY_FIELD` in
+        :attr:`~lmtier.keys.KVNamespace.extra`: :meth:`declare_lossy`), and an engine without
+        them never shares a key with it. See ``docs/codecs.md``.
+        """
+        return tuple(sorted({t.codec.tag() for t in self.tiers if t.codec is not None and t.codec.lossy}))
+
+    def declare_lossy(self, kv: KVNamespace) -> KVNamespace:
+        """``kv`` with this chain's lossy codecs named in its extra fields (itself when none, or
+        when it names them already)."""
+        from dataclasses import replace
+
+        tags = self.lossy_tags()
+        if not tags or (LOSSY_FIELD, ",".join(tags)) in kv.extra:
+            return kv
+        return replace(kv, extra=(*kv.extra, (LOSSY_FIELD, ",".join(tags))))
+
+    def register_namespace(self, kv: KVNamespace) -> str:
+        """Tell the tiers' codecs what the bytes of namespace ``kv.namespace`` are; returns it.
+
+        A lossy tier encodes only values whose namespace was registered *and* declares its codec
+        (:meth:`declare_lossy`); others it stores raw (``lmtier_codec_raw_values_total{reason=
+        "namespace"}``), so lossy KV is never stored under a namespace that does not say so.
+        Lossless codecs need no registration. Raises :class:`~lmtier.errors.ConfigError` when a
+        lossy tier cannot encode this KV (e.g. a non-float dtype), naming the tier.
+        """
+        from lmtier.codecs.base import KVGeometry
+
+        geometry = KVGeometry.of(kv)
+        for t in self.tiers:
+            if t.codec is not None and t.codec.lossy:
+                reason = t.codec.check_kv(geometry)
+                if reason is not None:
+                    raise ConfigError(f"tiers[{t.index}] ({t.name}).codec: {reason}")
+        declared = frozenset(v for k, v in kv.extra if k == LOSSY_FIELD for v in v.split(","))
+        self._kv[kv.namespace] = (geometry, declared)
+        return kv.namespace
 
     # -- public API ----------------------------------------------------------------------------
     async def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> int:
@@ -308,6 +375,8 @@ class StorageManager:
             if values is FAULT:
                 self.metrics.misses.labels(tier.name).inc(len(pending))
                 continue
+            if tier.codec is not None or isinstance(tier.backend, SupportsCodecs):
+                values = await self._decoded(tier, [keys[i] for i in pending], values)
             still: list[int] = []
             found: list[Item] = []
             nbytes = 0
@@ -437,7 +506,7 @@ class StorageManager:
             for tier in self.tiers:
                 if not pending:
                     break
-                if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto):
+                if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto) or tier.codec is not None:
                     got = await self._fetch_get(tier, keys, sizes, pending, out, wrong, until)
                 else:
                     got = await self._fetch_into(tier, keys, sizes, pending, out, until)
@@ -510,6 +579,8 @@ class StorageManager:
                 log.warning("lmtier tier %s: error while closing: %s", tier.name, exc)
         if self._host_pool is not None:
             self._host_pool.close()
+        if self._codec_pool is not None:
+            await self._codec_pool.aclose()
 
     async def __aenter__(self) -> StorageManager:
         return self
@@ -740,6 +811,12 @@ class StorageManager:
                     carried = [it for it, a in zip(carried, absent, strict=True) if a]
             if not items:
                 return 0
+        if tier.codec is not None:
+            items = await self._encoded(tier, items)
+            carried = None  # other bytes now, with checksums of their own
+        elif not isinstance(tier.backend, SupportsCodecs) and any(_codec_of(v) for _, v in items):
+            items = await self._raw_for(tier, items)  # a value still encoded (a demotion) goes raw
+            carried = None
         # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
         # zero-copy byte arrays (kit Payloads, which carry the checksum from tier to tier), except to
         # a tier that hands out HostBuffers itself (the cpu tier's `allocate`), which adopts those of
@@ -762,6 +839,181 @@ class StorageManager:
             self.metrics.bytes_written.labels(tier.name).inc(sum(sizes[lo:hi]))
             self.metrics.objects_written.labels(tier.name).inc(hi - lo)
         return -1 if failed and not written else written
+
+    # -- value codecs: machinery ----------------------------------------------------------------
+    def _tier_codecs(self, tiers: Sequence[tuple[TierConfig, StorageBackend]]) -> list[ValueCodec | None]:
+        """Each tier's codec, built and checked (ConfigError naming the tier and what to change)."""
+        out: list[ValueCodec | None] = []
+        for i, (tcfg, backend) in enumerate(tiers):
+            if not tcfg.codec.enabled:
+                out.append(None)
+                continue
+            where = f"tiers[{i}] ({tcfg.name})"
+            if isinstance(backend, SupportsAllocate):
+                raise ConfigError(f"{where}.codec: {tcfg.codec.name} on an in-memory tier that lends its memory to "
+                                  "the engine's copies is not supported (its chunks are read in place); put the "
+                                  "codec on a colder tier (disk, redis, s3) and keep this one raw")
+            if not isinstance(backend, SupportsCodecs):
+                raise ConfigError(f"{where}.codec: backend {tcfg.backend!r} does not keep codec ids with its values "
+                                  "(lmtier.protocol.SupportsCodecs); remove the codec from this tier, or use a "
+                                  "backend that supports codecs (disk, redis, s3)")
+            if self._registry is None:
+                self._registry = BackendRegistry.discover()
+            out.append(self._registry.create_codec(tcfg.codec.name, tcfg.codec.options, path=f"tiers[{i}].codec"))
+        return out
+
+    @property
+    def decoders(self) -> dict[int, ValueCodec]:
+        """Every codec this process can decode, by id (made on first use)."""
+        if self._decoders is None:
+            if self._registry is None:
+                self._registry = BackendRegistry.discover()
+            self._decoders = self._registry.decoders()
+            for t in self.tiers:  # a tier's own instance decodes as well as a default one
+                if t.codec is not None:
+                    self._decoders.setdefault(t.codec.codec_id, t.codec)
+        return self._decoders
+
+    @property
+    def codec_pool(self) -> WorkerPool:
+        """Worker threads for encoding and decoding (codecs release the GIL), made on first use."""
+        if self._codec_pool is None:
+            import os as _os
+
+            from lmtier.kit.runner import WorkerPool
+
+            self._codec_pool = WorkerPool(max(2, _os.cpu_count() or 2), "codec")
+        return self._codec_pool
+
+    async def _encoded(self, tier: Tier, items: Sequence[PutItem]) -> list[PutItem]:
+        """``items`` for a codec tier: each value encoded on the codec pool, or kept raw (counted)
+        where encoding is not allowed (lossy, namespace not declaring it) or does not pay."""
+        from lmtier.kit.values import Payload
+
+        codec = tier.codec
+        assert codec is not None
+        out: list[PutItem] = list(items)
+        todo: list[int] = []
+        geometry: list[KVGeometry | None] = []
+        for j, (key, value) in enumerate(items):
+            if _codec_of(value):
+                continue  # encoded already (a demotion from a codec tier): stored as it is
+            kv = self._kv.get(key.namespace)
+            if codec.lossy and (kv is None or codec.tag() not in kv[1]):
+                self.metrics.codec_raw_values.labels(tier.name, "namespace").inc()
+                continue
+            todo.append(j)
+            geometry.append(kv[0] if kv is not None else None)
+        if not todo:
+            return out
+        timer = self.metrics.codec_seconds.labels(tier.name, "encode")
+
+        def encode(value: object, kv: KVGeometry | None, token: Any) -> Payload | None:
+            started = time.perf_counter()
+            with token.touching_caller_memory():
+                src = as_bytes_view(value)
+                import numpy as np
+
+                dst = np.empty(codec.max_encoded_bytes(src.nbytes, kv), np.uint8)
+                n = codec.encode(src, memoryview(cast("Any", dst)), kv)
+            timer.observe(time.perf_counter() - started)
+            if not codec.lossy and n >= src.nbytes:
+                return None  # incompressible: raw costs less to store and nothing to read
+            return Payload.of(dst[:n], codec=codec.codec_id, raw_length=src.nbytes)
+
+        from functools import partial
+
+        outcomes = await self.codec_pool.run([partial(encode, items[j][1], kv) for j, kv in zip(todo, geometry,
+                                                                                                 strict=True)])
+        raw_bytes = stored = 0
+        for j, outcome in zip(todo, outcomes, strict=True):
+            if not outcome.ok:
+                self.metrics.codec_raw_values.labels(tier.name, "error").inc()
+                log.warning("lmtier tier %s: %s could not encode %s (%s); stored raw", tier.name, codec.name,
+                            items[j][0], outcome.error)
+                continue
+            if outcome.value is None:
+                self.metrics.codec_raw_values.labels(tier.name, "incompressible").inc()
+                continue
+            payload = outcome.value
+            out[j] = (items[j][0], cast("Any", payload))
+            raw_bytes += payload.raw_length
+            stored += payload.nbytes
+        self.metrics.codec_raw_bytes.labels(tier.name, codec.name).inc(raw_bytes)
+        self.metrics.codec_stored_bytes.labels(tier.name, codec.name).inc(stored)
+        return out
+
+    async def _raw_for(self, tier: Tier, items: Sequence[PutItem]) -> list[PutItem]:
+        """``items`` with every encoded value decoded, for a tier that stores no codec ids."""
+        coded = [j for j, (_, v) in enumerate(items) if _codec_of(v)]
+        if not coded:
+            return list(items)
+        import numpy as np
+
+        out: list[PutItem] = list(items)
+        bufs = {j: np.empty(cast("Any", items[j][1]).raw_length, np.uint8) for j in coded}
+        ok = await self._decode_jobs(tier, [(items[j][0], items[j][1], memoryview(cast("Any", bufs[j]))) for j in coded],
+                                     delete=False)
+        for j, filled in zip(coded, ok, strict=True):
+            out[j] = (items[j][0], cast("Any", bufs[j]) if filled else b"")
+        return [it for it in out if as_bytes_view(it[1]).nbytes]
+
+    async def _decoded(self, tier: Tier, keys: Sequence[ChunkKey], values: list[Any]) -> list[Any]:
+        """A tier's ``get`` answer with encoded values decoded (into new buffers); a value that
+        cannot be decoded is a miss."""
+        coded = [j for j, v in enumerate(values) if v is not None and _codec_of(v)]
+        if not coded:
+            return values
+        import numpy as np
+
+        bufs = {j: np.empty(values[j].raw_length, np.uint8) for j in coded}
+        ok = await self._decode_jobs(tier, [(keys[j], values[j], memoryview(cast("Any", bufs[j]))) for j in coded])
+        out = list(values)
+        for j, filled in zip(coded, ok, strict=True):
+            out[j] = memoryview(cast("Any", bufs[j])).toreadonly() if filled else None
+        return out
+
+    async def _decode_jobs(self, tier: Tier, jobs: Sequence[tuple[ChunkKey, Any, memoryview]], *,
+                           delete: bool = True) -> list[bool]:
+        """Decode each ``(key, encoded value, destination)`` on the codec pool; True where done.
+
+        A codec id this process does not know: a miss left in place, counted. A value its codec
+        refuses (it passed its checksum, so a writer's bug): a miss, deleted from ``tier``.
+        """
+        decoders = self.decoders
+        known: list[int] = []
+        for j, (key, value, _) in enumerate(jobs):
+            if value.codec in decoders:
+                known.append(j)
+            else:
+                self.metrics.codec_unknown.labels(tier.name).inc()
+                log.info("lmtier tier %s: %s is encoded with codec id %#x, which this process cannot decode "
+                         "(a newer writer, or a codec plugin not installed here); a miss, left in place",
+                         tier.name, key, value.codec)
+        timer = self.metrics.codec_seconds.labels(tier.name, "decode")
+
+        def decode(value: Any, dst: memoryview, token: Any) -> None:
+            started = time.perf_counter()
+            with token.touching_caller_memory():
+                decoders[value.codec].decode(as_bytes_view(value), dst)
+            timer.observe(time.perf_counter() - started)
+
+        from functools import partial
+
+        outcomes = await self.codec_pool.run([partial(decode, jobs[j][1], jobs[j][2]) for j in known])
+        done = [False] * len(jobs)
+        bad: list[ChunkKey] = []
+        for j, outcome in zip(known, outcomes, strict=True):
+            if outcome.ok:
+                done[j] = True
+            else:
+                bad.append(jobs[j][0])
+                self.metrics.errors.labels(tier.name, "decode", "corruptdata").inc()
+                log.warning("lmtier tier %s: %s does not decode (%s); a miss, deleted", tier.name, jobs[j][0],
+                            outcome.error)
+        if bad and delete:
+            await self._call(tier, "delete", tier.backend.delete, bad)
+        return done
 
     # -- reads into buffers --------------------------------------------------------------------
     def _want_pinned(self) -> bool:
@@ -803,10 +1055,14 @@ class StorageManager:
             return set()
         got: set[int] = set()
         nbytes = 0
+        coded: list[tuple[int, Any]] = []
         try:
             for j, i in enumerate(pending):
                 value, values[j] = values[j], None  # our reference from here: kept or dropped
                 if value is None:
+                    continue
+                if _codec_of(value):  # decoded straight into the buffer handed out: still one pass
+                    coded.append((i, value))
                     continue
                 view = as_bytes_view(value)
                 if view.nbytes != sizes[i]:
@@ -828,8 +1084,41 @@ class StorageManager:
                 nbytes += sizes[i]
         finally:
             del values
+        if coded:
+            nbytes += await self._fetch_decoded(tier, keys, sizes, coded, out, wrong, got)
         self._count_reads(tier, len(got), len(pending) - len(got), nbytes)
         return got
+
+    async def _fetch_decoded(self, tier: Tier, keys: Sequence[ChunkKey], sizes: list[int],
+                             coded: list[tuple[int, Any]], out: list[HostBuffer | None], wrong: list[ChunkKey],
+                             got: set[int]) -> int:
+        """fetch's encoded hits: each decoded into a buffer for the caller; bytes delivered."""
+        jobs: list[tuple[int, Any, HostBuffer]] = []
+        for i, value in coded:
+            if value.raw_length != sizes[i]:
+                if value.codec in self.decoders:
+                    wrong.append(keys[i])
+                continue
+            buf = self._buffer(sizes[i], "fetch" if tier.index > 0 else "stage")
+            if buf is None:
+                log.warning("lmtier: no host memory to fetch a %d-byte chunk into; a miss", sizes[i])
+                continue
+            jobs.append((i, value, buf))
+        coded.clear()
+        try:
+            ok = await self._decode_jobs(tier, [(keys[i], v, b.view()) for i, v, b in jobs])
+        except BaseException:
+            _release_all([b for _, _, b in jobs])
+            raise
+        nbytes = 0
+        for (i, _, buf), filled in zip(jobs, ok, strict=True):
+            if filled:
+                out[i] = buf
+                got.add(i)
+                nbytes += sizes[i]
+            else:
+                buf.release()
+        return nbytes
 
     async def _fetch_into(self, tier: Tier, keys: Sequence[ChunkKey], sizes: list[int], pending: list[int],
                           out: list[HostBuffer | None], until: float | None) -> set[int]:
@@ -862,17 +1151,25 @@ class StorageManager:
                          views: list[memoryview], until: float | None) -> set[int]:
         """get_into from one tier into caller buffers; the indices filled."""
         got: set[int] = set()
-        if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto):
+        if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto) or tier.codec is not None:
             values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
             if values is FAULT:
                 self.metrics.misses.labels(tier.name).inc(len(pending))
                 return got
+            coded: list[tuple[int, Any]] = []
             for j, i in enumerate(pending):
                 value, values[j] = values[j], None
-                if value is not None and as_bytes_view(value).nbytes == views[i].nbytes:
+                if value is not None and _codec_of(value):
+                    if value.raw_length == views[i].nbytes:
+                        coded.append((i, value))
+                elif value is not None and as_bytes_view(value).nbytes == views[i].nbytes:
                     views[i][:] = as_bytes_view(value)
                     got.add(i)
             del values
+            if coded:  # decoded straight into the caller's buffer (a worker writes it: waited for)
+                decoded = await self._decode_jobs(tier, [(keys[i], v, views[i]) for i, v in coded])
+                got.update(i for (i, _), filled in zip(coded, decoded, strict=True) if filled)
+                coded.clear()
         else:
             direct = [i for i in pending if isinstance(outs[i], HostBuffer)]
             staged = [i for i in pending if not isinstance(outs[i], HostBuffer)]
@@ -1001,6 +1298,11 @@ def _get_into_call(backend: SupportsGetInto) -> Callable[[tuple[list[ChunkKey], 
         return await backend.get_into(*arg)
 
     return call
+
+
+def _codec_of(value: object) -> int:
+    """The codec id a tier's value carries (0: raw): a :class:`~lmtier.kit.Payload`'s."""
+    return getattr(value, "codec", 0) if type(value).__name__ == "Payload" else 0
 
 
 def _release_all(bufs: Sequence[HostBuffer | None]) -> None:

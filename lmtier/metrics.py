@@ -56,6 +56,19 @@ class Metrics:
         self.circuit_open = Gauge("lmtier_tier_circuit_open", "1 while a tier's circuit breaker is open",
                                   ["tier"], registry=r)
         self.queue_depth = Gauge("lmtier_tier_queue_depth", "Background writes queued for a tier", ["tier"], registry=r)
+        self.codec_raw_bytes = Counter("lmtier_codec_raw_bytes", "Bytes of values a tier's codec encoded (before)",
+                                       ["tier", "codec"], registry=r)
+        self.codec_stored_bytes = Counter("lmtier_codec_stored_bytes", "Bytes a tier's codec produced (after)",
+                                          ["tier", "codec"], registry=r)
+        self.codec_raw_values = Counter("lmtier_codec_raw_values",
+                                        "Values a codec tier stored raw, by reason (namespace, incompressible, error)",
+                                        ["tier", "reason"], registry=r)
+        self.codec_seconds = Histogram("lmtier_codec_seconds", "Time to encode or decode one value (worker thread)",
+                                       ["tier", "op"], registry=r,
+                                       buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.codec_unknown = Counter("lmtier_codec_unknown_values",
+                                     "Values read with a codec id this process cannot decode (misses left in place)",
+                                     ["tier"], registry=r)
         self.lookup_chunks = Counter("lmtier_lookup_chunks", "Chunks asked of lookup", registry=r)
         self.lookup_hit_chunks = Counter("lmtier_lookup_hit_chunks", "Leading chunks found by lookup", registry=r)
         # engine-level (KVCacheEngine / connectors)
