@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lmtier.config import LmtierConfig, load_config
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
-from lmtier.store import HostChunk, KVStore, LocalStore
+from lmtier.store import HostChunk, KVStore, LocalStore, SupportsNamespaces
 
 if TYPE_CHECKING:
     import os
@@ -415,6 +415,14 @@ class KVCacheEngine:
             kvstore = _server_store(cfg.server, kv, metrics_registry, name)  # lmtier serve holds the tiers
         self.kvstore: KVStore = kvstore if kvstore is not None else LocalStore.open(
             cfg, registry=registry, metrics_registry=metrics_registry, name=name)
+        if isinstance(self.kvstore, SupportsNamespaces):  # a lossy tier's codec enters the namespace
+            try:
+                self.kv = self.kvstore.register_namespace(kv)
+            except BaseException:
+                if self._owns_store:
+                    self.kvstore.close()
+                raise
+            self.namespace = self.kv.namespace
         # lookups wait on the store (and probe tails after the chunk lookup): off the caller's thread
         self._lookups = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"{name}-lookup")
         # waits for CUDA copies: commits after offloads, returns of host chunks after onloads
@@ -740,7 +748,10 @@ class KVCacheEngine:
         """
         if not extra:
             return self.namespace
-        return replace(self.kv, extra=(*self.kv.extra, *extra)).namespace
+        derived = replace(self.kv, extra=(*self.kv.extra, *extra))
+        if isinstance(self.kvstore, SupportsNamespaces):  # its codecs learn it (lossy tags are in self.kv)
+            derived = self.kvstore.register_namespace(derived)
+        return derived.namespace
 
     def _namespace(self, namespace: str | None) -> str:
         if namespace is None:

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from lmtier.config import LmtierConfig
-    from lmtier.keys import ChunkKey
+    from lmtier.keys import ChunkKey, KVNamespace
     from lmtier.manager import StorageManager
     from lmtier.metrics import Metrics
     from lmtier.protocol import Buffer
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmtier.store")
 T = TypeVar("T")
 
-__all__ = ["HostChunk", "KVStore", "LocalStore", "LookupResult"]
+__all__ = ["HostChunk", "KVStore", "LocalStore", "LookupResult", "SupportsNamespaces"]
 
 
 @runtime_checkable
@@ -192,6 +192,23 @@ class KVStore(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsNamespaces(Protocol):
+    """Optional: a store whose tiers need to know what a namespace's bytes are (value codecs).
+
+    The engine registers its :class:`~lmtier.keys.KVNamespace` (and each one it derives) and
+    keys its chunks under the namespace returned: the same fields plus, when some tier of the
+    store quantizes (a lossy codec), the codecs' tags, so lossy KV is never served to an engine
+    configured without them (``docs/codecs.md``). A store without this protocol stores values
+    of any namespace as they are (no lossy encoding for them).
+    """
+
+    def register_namespace(self, kv: KVNamespace) -> KVNamespace:
+        """Register ``kv``; returns the namespace to key chunks under. Raises
+        :class:`~lmtier.errors.ConfigError` when a tier's codec cannot encode this KV."""
+        ...
+
+
 class LocalStore:
     """:class:`KVStore` over a :class:`~lmtier.manager.StorageManager` in this process.
 
@@ -249,6 +266,16 @@ class LocalStore:
     @property
     def metrics(self) -> Metrics:
         return self.manager.metrics
+
+    def register_namespace(self, kv: KVNamespace) -> KVNamespace:
+        """:class:`SupportsNamespaces`: the manager's :meth:`~lmtier.manager.StorageManager.declare_lossy`
+        of ``kv``, registered with its codecs."""
+        async def run() -> KVNamespace:
+            declared = self.manager.declare_lossy(kv)
+            self.manager.register_namespace(declared)
+            return declared
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result()
 
     @property
     def tier_names(self) -> list[str]:
