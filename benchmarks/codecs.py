@@ -177,7 +177,7 @@ def quality(model: Any, ids: Any, kv: Any, codecs: list[str], gen_tokens: int) -
     geo = geometry(kv)
     layers, _, t, heads, head = kv.shape
     chunk = 256 if t % 256 == 0 else BLOCK
-    prompt, last = ids[:, :-1], ids[:, -1:]
+    last = ids[:, -1:]  # the prompt's last token is computed over the (round-tripped) KV of the rest
     exact_kv = kv[:, :, : t - 1]
 
     def run(kv_prefix: Any) -> tuple[Any, list[int], list[float]]:
