@@ -11,17 +11,22 @@ path calls it. The pools themselves are SGLang's own, built on CPU tensors (``pi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import threading
 import types
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["EXTRA", "fill_random", "host_pool_classes", "main", "mha_pool", "mla_pool", "storage_config"]
+__all__ = ["EXTRA", "cache_controller", "fill_random", "host_pool_classes", "main", "mha_pool", "mla_pool",
+           "storage_config"]
 
 EXTRA = {"backend_name": "lmtier", "module_path": "lmtier.integrations.sglang",
          "class_name": "LMTierHiCacheStorage", "interface_v1": 1}
@@ -121,6 +126,42 @@ def storage_config(extra: dict[str, Any] | None = None, **fields: Any) -> Any:
                                 model_name="tiny-llama", extra_config=dict(EXTRA if extra is None else extra))
     base.update(fields)
     return HiCacheStorageConfig(**base)
+
+
+@contextlib.contextmanager
+def cache_controller(host_pool: Any, extra: dict[str, Any], workdir: Path) -> Iterator[Any]:
+    """SGLang's own ``HiCacheController`` of a one-rank deployment on CPU, storage attached.
+
+    What a scheduler process sets up before building one: a (one-process, gloo) torch.distributed
+    group for its TP group and the parallel widths in SGLang's runtime context; the device pool
+    is SGLang's ``MHATokenToKVPool`` on CPU. The controller starts its prefetch, transfer, sync and
+    backup threads; leaving the block detaches the storage (stopping them, closing the backend)
+    and undoes the process-wide setup.
+    """
+    import torch.distributed as dist
+    from sglang.srt.managers.cache_controller import HiCacheController
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.runtime_context import get_parallel
+
+    device_pool = MHATokenToKVPool(host_pool.device_capacity_tokens, host_pool.page_size, host_pool.dtype,
+                                   host_pool.head_num, host_pool.head_dim, host_pool.layer_num, "cpu", False)
+    allocator = TokenToKVPoolAllocator(host_pool.device_capacity_tokens, host_pool.dtype, "cpu", device_pool, False)
+    dist.init_process_group("gloo", init_method=f"file://{workdir / 'dist-init'}", rank=0, world_size=1)
+    get_parallel().override_permanently(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_dcp_size=1,
+                                        attn_dcp_rank=0)
+    controller = None
+    try:
+        controller = HiCacheController(
+            allocator, host_pool, host_pool.page_size, dist.group.WORLD, threading.Event(),
+            io_backend="direct", write_policy="write_through", storage_backend="dynamic",
+            model_name="tiny-llama", storage_backend_extra_config=dict(extra))
+        yield controller
+    finally:
+        if controller is not None:
+            controller.detach_storage_backend()
+        get_parallel().clear_stamp()
+        dist.destroy_process_group()
 
 
 def fill_random(pool: Any, seed: int) -> None:

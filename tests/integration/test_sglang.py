@@ -2,8 +2,9 @@
 
 SGLang's backend factory builds the backend from the extra-config JSON a user passes; SGLang's
 own host pools (MHA and MLA, every layout they offer) are the memory the zero-copy v1 calls read
-and write; keys come from SGLang's page hashing. Not run here: the SGLang engine end to end (its
-scheduler, cache controller threads and GPU<->host kernels need CUDA and sgl-kernel; see
+and write; keys come from SGLang's page hashing; SGLang's own HiCacheController, on CPU, drives a
+backup and a prefetch through its storage threads. Not run here: the SGLang engine end to end
+(its scheduler and model runner, and the GPU<->host kernels, need CUDA and sgl-kernel; see
 docs/sglang.md).
 """
 
@@ -24,7 +25,14 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from lmtier.errors import ConfigError, InvalidArgumentError, NotSupportedError
-from tests.integration.sglang_env import EXTRA, fill_random, mha_pool, mla_pool, storage_config
+from tests.integration.sglang_env import (
+    EXTRA,
+    cache_controller,
+    fill_random,
+    mha_pool,
+    mla_pool,
+    storage_config,
+)
 
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(300)]
 
@@ -173,6 +181,39 @@ def test_a_hybrid_side_pool_fails_at_registration(backend: Any) -> None:
 def test_v1_calls_before_a_pool_is_registered_are_invalid(backend: Any) -> None:
     with pytest.raises(InvalidArgumentError, match="registered host pool"):
         backend.batch_get_v1(page_keys(list(range(4))), torch.arange(4))
+
+
+# -- SGLang's own cache controller --------------------------------------------------------------
+def test_sglangs_cache_controller_backs_up_and_prefetches_pages_through_lmtier(
+        config_file: Path, tmp_path: Path) -> None:
+    """SGLang's HiCacheController threads make the calls: backup, hit query, transfer, acks."""
+    from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+    pool = mha_pool()
+    extra = {**json.loads(ISSUE_JSON), "lmtier_config": str(config_file)}
+    with cache_controller(pool, extra, tmp_path) as controller:
+        assert isinstance(controller.storage_backend, LMTierHiCacheStorage)
+        assert controller.page_get_func == controller._page_get_zero_copy  # "interface_v1": 1
+        tokens = list(range(1000, 1024))
+        src = pool.alloc(len(tokens))
+        fill_random(pool, 5)
+        expected = pages_of(pool, src)
+        # backup thread: batch_set_v1 of the pages, keyed by SGLang's own page hashes
+        controller.write_storage(src, tokens, hash_value=page_keys(tokens))
+        assert controller.ack_backup_queue.get(timeout=60).completed_tokens == 24
+        # prefetch thread: batch_exists; then, as the scheduler does, host slots for the hit
+        op = controller.prefetch("req-1", tokens)
+        assert controller.prefetch_hit_queue.get(timeout=60) is op
+        assert op.storage_hit_count == 24
+        pool.kv_buffer.zero_()
+        op.host_indices = controller.alloc_prefetch_host_buffers(op, op.storage_hit_count)
+        controller.prefetch_buffer.put(op)  # transfer thread: batch_get_v1, then the sync thread's acks
+        acks = [controller.ack_prefetch_queue.get(timeout=60)]
+        while not acks[-1].completed_req:
+            acks.append(controller.ack_prefetch_queue.get(timeout=60))
+        assert [a.completed_tokens for a in acks[:-1]] == [24]
+        got = pages_of(pool, op.host_indices)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
 
 
 # -- zero-copy v1 round trips through SGLang's host pools --------------------------------------
