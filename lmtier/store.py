@@ -345,12 +345,14 @@ class LocalStore:
 
         pairs = _pairs(items)
         views = [as_bytes_view(v) for _, v in pairs]
-        bufs = self.reserve([max(v.nbytes, 1) for v in views])
+        if any(v.nbytes == 0 for v in views):
+            raise InvalidArgumentError("put of an empty (0-byte) value: empty values are refused")
+        bufs = self.reserve([v.nbytes for v in views])
         chunks: list[tuple[ChunkKey, HostChunk]] = []
         for (key, _), view, buf in zip(pairs, views, bufs, strict=True):
             if buf is None:
                 continue
-            buf.view()[: view.nbytes] = view  # copied before put returns: the caller's buffer is free
+            buf.view()[:] = view  # copied before put returns: the caller's buffer is free
             chunks.append((key, buf))
         if len(chunks) < len(pairs):
             log.warning("lmtier: no host memory to store %d of %d chunks", len(pairs) - len(chunks), len(pairs))

@@ -107,6 +107,8 @@ def test_bad_arguments_raise_and_faults_do_not(store: LocalStore) -> None:
         store.lookup(keys(1), timeout_s=0)
     with pytest.raises(InvalidArgumentError):
         store.fetch_into(keys(1), [b"read-only"])
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        store.put([(keys(1)[0], b"")])
     assert store.fetch(keys(1), [8]).result() == [None]
 
 
