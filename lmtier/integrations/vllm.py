@@ -122,7 +122,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-    from lmtier.engine import KVCacheEngine, RetrieveHandle
+    from lmtier.engine import KVCacheEngine, Located, RetrieveHandle
 
 __all__ = ["LMTierConnector", "LMTierConnectorMetadata", "LMTierConnectorStats", "LMTierWorkerMetadata",
            "load_connector_config"]
@@ -876,7 +876,7 @@ class LMTierConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._failed_now: set[str] = set()
         self._failed_report: set[str] = set()
-        self._lookup_futs: dict[str, tuple[concurrent.futures.Future[int], _Lookup]] = {}
+        self._lookup_futs: dict[str, tuple[concurrent.futures.Future[Located], _Lookup]] = {}
         self._namespaces: dict[Identity, str] = {}
         self._finished_saving: set[str] = set()  # finished requests whose final save ran: free their blocks
         self._saved_lock = threading.Lock()  # saves land on the engine's loop thread
@@ -991,11 +991,13 @@ class LMTierConnector(KVConnectorBase_V1):
                 self._finished_saving.add(save.req_id)  # always: the blocks must be freed
         for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
             if self._engine is not None and not self._disabled:
-                fut = self._engine.lookup_async(op.token_ids, request_id=op.req_id, limit=op.limit,
+                fut = self._engine.locate_async(op.token_ids, request_id=op.req_id, limit=op.limit,
                                                 namespace=self._namespace(op.identity))
             else:
+                from lmtier.engine import Located
+
                 fut = concurrent.futures.Future()
-                fut.set_result(0)
+                fut.set_result(Located(0))  # a miss
             self._lookup_futs[op.req_id] = (fut, op)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -1110,7 +1112,10 @@ class LMTierConnector(KVConnectorBase_V1):
             if fut.done():
                 del self._lookup_futs[rid]
                 try:
-                    report.hits[rid] = (int(fut.result()), 1)
+                    found = fut.result()
+                    report.hits[rid] = (found.tokens, 1)
+                    if found.runs and all(tier for tier, _ in found.runs):
+                        report.tiers[rid] = list(found.runs)  # which tier holds each part of the hit
                 except Exception as exc:  # a lookup that failed is a miss
                     log.warning("lmtier: lookup for request %s failed (%s)", rid, exc)
                     report.hits[rid] = (0, 1)

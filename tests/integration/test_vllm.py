@@ -66,7 +66,7 @@ def test_the_same_prompt_twice_loads_from_lmtier_and_matches_vllm(
     assert metric("lmtier_loaded_tokens_total") - loaded_before == 896
     check([first, second], ["long", "long"], baseline)
     assert "Stored 896 of 896 tokens for request" in caplog.text
-    assert "total 1000 tokens, hit 896, need to load 896" in caplog.text
+    assert "total 1000 tokens, hit 896 (896 from hot), need to load 896" in caplog.text
 
 
 def test_chunk_and_block_alignment(cpu_disk: EngineSlot, baseline: dict[str, runner.Result]) -> None:
@@ -108,13 +108,16 @@ def disk_reader(engines: EngineSlot, tmp_path_factory: pytest.TempPathFactory,
 
 
 def test_a_fresh_engine_loads_from_the_disk_tier(disk_reader: Path, engines: EngineSlot,
-                                                 baseline: dict[str, runner.Result]) -> None:
+                                                 baseline: dict[str, runner.Result],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     assert engines.name == "disk-reader"
+    caplog.set_level(logging.INFO, logger="lmtier")
     hits_before = metric("lmtier_tier_hits_total", tier="local")
     (got,) = engines.run("long")
     assert got.num_cached_tokens == 896
     assert metric("lmtier_tier_hits_total", tier="local") - hits_before == 4  # 3 chunks + the tail
     check([got], ["long"], baseline)
+    assert "total 1000 tokens, hit 896 (896 from local), need to load 896" in caplog.text  # the tier named
 
 
 def test_corrupt_chunks_on_disk_are_recomputed(disk_reader: Path, engines: EngineSlot,
@@ -218,9 +221,11 @@ def _server_result(body: dict[str, Any]) -> tuple[runner.Result, int]:
     return runner.Result(ids, [float(x) for x in choice["logprobs"]["token_logprobs"]], int(cached)), int(cached)
 
 
-def _prom(text: str, name: str) -> float:
+def _prom(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in a /metrics text whose labels include ``labels``."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+               if (line.startswith(name + "{") or line.startswith(name + " ")) and all(w in line for w in want))
 
 
 def test_the_openai_server_with_roles_in_separate_processes(
@@ -264,11 +269,13 @@ def test_the_openai_server_with_roles_in_separate_processes(
     assert re.search(r"local_rank=0, core ids=\[0, 1\]", log)  # what the worker actually binds
     assert "setting kv_load_failure_policy='recompute'" in log
     assert re.search(r"\(Worker pid=\d+\).*lmtier storage ready: hot\(cpu\) -> local\(disk\)", log)
-    assert re.search(r"\(EngineCore pid=\d+\).*Request \S+: total 800 tokens, hit 768, need to load 768", log)
+    assert re.search(r"\(EngineCore pid=\d+\).*Request \S+: total 800 tokens, hit 768 \(768 from hot\), "
+                     r"need to load 768", log)
     # hit and requested tokens were counted when the second request was scheduled, steps before
     # its response: vLLM's frontend has them on /metrics by then
     assert _prom(metrics, "vllm:lmtier_requested_tokens_total") == 1600
     assert _prom(metrics, "vllm:lmtier_hit_tokens_total") == 768
+    assert _prom(metrics, "vllm:lmtier_tier_hit_tokens_total", tier="hot") == 768
     assert _prom(metrics, "vllm:lmtier_loaded_tokens_total") == 768
     assert _prom(metrics, "vllm:lmtier_hit_ratio") == pytest.approx(0.48)
     # vllm bench serve: every request served, some of them from lmtier, with preemptions
@@ -340,4 +347,4 @@ def test_the_demo_compares_three_runs_and_checks_the_outputs(
     assert "lmtier demo: OK: outputs identical to vLLM without lmtier" in out
     assert re.search(r"lmtier, second run .* 1280 .* identical", out)  # 2 x (2 chunks + 1-block tail)
     assert "Stored 640 of 640 tokens for request" in out
-    assert re.search(r"Request \S+: total 700 tokens, hit 640, need to load 640", out)
+    assert re.search(r"Request \S+: total 700 tokens, hit 640 \(640 from local\), need to load 640", out)

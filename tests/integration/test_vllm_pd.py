@@ -6,8 +6,8 @@ KV of its own (no RAM tier copy of those prompts, a fresh process-local cache), 
 shared tier. Outputs equal a single engine without lmtier; the producer never looks up, the
 consumer never stores.
 
-The shared tier is a fixture parameter: a real Redis today; `lmtier serve` (the shared server)
-joins as another parameter where it exists.
+The shared storage is a fixture parameter: the engines' own tiers with a real Redis behind their
+RAM tiers, or one `lmtier serve` holding the tiers for both (each engine a client of it).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ pytestmark = [
 ]
 
 
-def _redis_tier(tmp: Path) -> Iterator[dict[str, Any]]:
+def _redis(tmp: Path) -> Iterator[dict[str, Any]]:
     from tests.support.redis_server import redis_available, start_redis
 
     if not redis_available():
@@ -42,18 +42,33 @@ def _redis_tier(tmp: Path) -> Iterator[dict[str, Any]]:
     pytest.importorskip("redis", reason="the redis tier needs `pip install 'lmtier[redis]'`")
     server = start_redis(tmp)
     try:
-        yield {"name": "shared", "backend": "redis", "options": {"url": server.url}, "write": "through"}
+        yield {"chunk_tokens": 256, "tiers": [
+            {"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}},
+            {"name": "shared", "backend": "redis", "options": {"url": server.url}, "write": "through"}]}
     finally:
         server.stop()
 
 
-#: name -> generator of the shared tier's config (started for the test, stopped after it)
-SHARED_TIERS = {"redis": _redis_tier}
+def _lmtier_serve(tmp: Path) -> Iterator[dict[str, Any]]:
+    pytest.importorskip("aiohttp", reason="lmtier serve needs `pip install 'lmtier[server]'`")
+    from tests.server.serverproc import start_server
+
+    server = start_server(tmp)
+    try:
+        yield {"chunk_tokens": 256, "server": server.address}
+    finally:
+        server.close()
 
 
-@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis)])
-def shared_tier(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    yield from SHARED_TIERS[request.param](tmp_path_factory.mktemp(request.param))
+#: name -> generator of both engines' connector config over the shared storage (started for the
+#: test, stopped after it)
+SHARED = {"redis": _redis, "lmtier-serve": _lmtier_serve}
+
+
+@pytest.fixture(params=[pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("lmtier-serve", marks=pytest.mark.server)])
+def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from SHARED[request.param](tmp_path_factory.mktemp(request.param))
 
 
 def metric(name: str, **labels: str) -> float:
@@ -62,10 +77,9 @@ def metric(name: str, **labels: str) -> float:
 
 
 def test_a_consumer_loads_what_a_producer_in_another_process_prefilled(
-        shared_tier: dict[str, Any], engines: EngineSlot, tiny_model: str,
+        shared: dict[str, Any], engines: EngineSlot, tiny_model: str,
         baseline: dict[str, runner.Result], tmp_path: Path) -> None:
-    extra = {"chunk_tokens": 256, "tiers": [
-        {"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}}, shared_tier]}
+    extra = shared
     (tmp_path / "prompts.json").write_text(json.dumps([PROMPTS["pd"]]))
     done = subprocess.run(
         [sys.executable, "-m", "tests.integration.vllm_runner", "--model", tiny_model, "--extra", json.dumps(extra),
@@ -80,7 +94,7 @@ def test_a_consumer_loads_what_a_producer_in_another_process_prefilled(
     assert "Stored 896 of 896 tokens" in log  # 3 chunks + a 1-block tail, written through to the shared tier
     assert "total 1000 tokens, hit" not in log  # a producer never looks up
 
-    engines.open(f"consumer-{id(shared_tier)}", extra, role="kv_consumer")
+    engines.open(f"consumer-{id(shared)}", extra, role="kv_consumer")
     stored_before = metric("lmtier_stored_tokens_total")
     (got,) = engines.run("pd")
     engines.worker_engine().flush()
