@@ -42,7 +42,7 @@ _VERSION = 1
 _DTYPES = {"bfloat16": 1, "float16": 2, "float32": 3}
 _SCALES = {"vector": 1, "block_head": 2, "layer": 3}
 #: elements quantized per step: the float32 temporaries of a step stay in a core's L2 cache
-_STEP = 1 << 16
+_STEP = 1 << 17
 
 
 class QuantOptions(BaseModel):
@@ -107,15 +107,35 @@ class _Quant:
         out = torch.frombuffer(dst, dtype=torch.uint8)
         scales = out[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
         q = out[_PREFIX.size + 4 * groups: _PREFIX.size + 4 * groups + elems]
-        xg, sg, qg = self._grouped(x, scales, q, kv.num_layers, pages, kv)
-        for xs, ss, qs in _steps(xg, sg, qg):
-            amax = xs.abs().amax(dim=_reduce_dims(xs), keepdim=True).float()
-            if not bool(torch.isfinite(amax).all()):
-                raise ValueError("the value holds inf or NaN; stored raw")
-            scale = torch.where(amax > 0, amax / self._qmax, torch.ones_like(amax))
-            ss.copy_(scale.view(ss.shape))
-            self._quantize(xs.float().div_(scale), qs)
+        self.quantize(*self._grouped(x, scales, q, kv.num_layers, pages, kv))
         return _PREFIX.size + 4 * groups + elems
+
+    def quantize(self, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor, *, step: int | None = _STEP) -> None:
+        """Quantize ``x`` (float, groups along dim 0) into ``q`` (uint8, ``x``'s shape) and each
+        group's scale into ``scales`` (float32, ``x``'s shape reduced over the group's dims).
+
+        Plain torch ops on any device: the CPU codec runs it on a value's bytes in steps of
+        ``step`` elements (whose temporaries stay in a core's cache); the engine's GPU path runs
+        it on device tensors at once (``step=None``); both write the same bytes. Raises
+        ``ValueError`` if ``x`` holds inf or NaN.
+        """
+        import torch
+
+        dims = _reduce_dims(x)
+        amax = torch.empty(scales.shape, dtype=x.dtype, device=x.device)
+        for xs, ms in _steps(step, x, amax):
+            # on the integer view: a float's magnitude bits (sign cleared) order like the floats
+            # they encode, and integer ops are the fastest pass
+            torch.amax(_magnitude_bits(xs), dim=dims, keepdim=True, out=ms.view(_int_of(ms)))
+        amax32 = amax.float()
+        if not bool(torch.isfinite(amax32).all()):
+            raise ValueError("the value holds inf or NaN; stored raw")
+        # a scale below float32's smallest normal would make 1 / scale infinite (KV that small
+        # is all zeros to the format anyway)
+        scales.copy_(torch.where(amax32 > 0, (amax32 / self._qmax).clamp_min_(torch.finfo(torch.float32).tiny), 1.0))
+        inverse = scales.reciprocal()
+        for xs, inv, qs in _steps(step, x, inverse, q):
+            self._quantize(xs, inv, qs)
 
     def decode(self, src: memoryview, dst: memoryview) -> None:
         import torch
@@ -140,9 +160,17 @@ class _Quant:
         scales = data[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
         q = data[_PREFIX.size + 4 * groups:]
         y = torch.frombuffer(dst, dtype=getattr(torch, dtype))
-        qg, sg, yg = _grouped_as(scales_kind, q, scales, y, layers, pages, kv)
-        for qs, ss, ys in _steps(qg, sg, yg):
-            torch.mul(self._dequantize(qs), ss * self._decode_factor, out=ys)
+        self.dequantize(*_grouped_as(scales_kind, q, scales, y, layers, pages, kv))
+
+    def dequantize(self, q: torch.Tensor, scales: torch.Tensor, y: torch.Tensor, *,
+                   step: int | None = _STEP) -> None:
+        """The inverse of :meth:`quantize`: ``y`` (float, ``q``'s shape) from codes and scales,
+        on any device, in steps of ``step`` elements (None: at once)."""
+        import torch
+
+        factored = scales * self._decode_factor
+        for qs, ss, ys in _steps(step, q, factored, y):
+            torch.mul(self._dequantize(qs), ss, out=ys)
 
     # -- machinery -----------------------------------------------------------------------------
     def _pages(self, nbytes: int, kv: KVGeometry) -> int:
@@ -156,7 +184,7 @@ class _Quant:
                  kv: KVGeometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _grouped_as(self.scales, x, scales, q, layers, pages, kv)
 
-    def _quantize(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+    def _quantize(self, x: torch.Tensor, inverse_scale: torch.Tensor, out: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
@@ -205,18 +233,31 @@ def _tensor_over(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(view, dtype=dtype)
 
 
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """``|x|``'s bits as integers of ``x``'s width (sign bit cleared), a new tensor."""
+
+    return x.view(_int_of(x)) & (0x7FFF if x.element_size() == 2 else 0x7FFFFFFF)
+
+
 def _reduce_dims(xs: torch.Tensor) -> tuple[int, ...]:
     return (1, 3) if xs.dim() == 4 else (1,)
 
 
-def _steps(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> Any:
-    """Slices of dim 0 of about :data:`_STEP` elements each (at least one group)."""
-    n = a.shape[0]
+def _int_of(x: torch.Tensor) -> torch.dtype:
+    import torch
+
+    return torch.int16 if x.element_size() == 2 else torch.int32
+
+
+def _steps(step: int | None, first: torch.Tensor, *more: torch.Tensor) -> Any:
+    """Slices of dim 0 of ``first`` and ``more`` (same first dim) of about ``step`` elements of
+    ``first`` each, at least one group; all at once for ``step=None``."""
+    n = first.shape[0]
     if n == 0:
         return
-    per = max(1, _STEP // max(1, a[0].numel()))
+    per = n if step is None else max(1, step // max(1, first[0].numel()))
     for lo in range(0, n, per):
-        yield a[lo: lo + per], b[lo: lo + per], c[lo: lo + per]
+        yield (first[lo: lo + per], *(t[lo: lo + per] for t in more))
 
 
 class Fp8Codec(_Quant):
@@ -227,20 +268,24 @@ class Fp8Codec(_Quant):
     _qmax = 448.0
     _decode_factor = 256.0  # see _dequantize
 
-    def _quantize(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+    def _quantize(self, x: torch.Tensor, inverse_scale: torch.Tensor, out: torch.Tensor) -> None:
         import torch
 
-        out.view(torch.float8_e4m3fn).copy_(scaled.clamp_(-448.0, 448.0))
+        # one pass: the product in float32, rounded to e4m3 as it is written. |x| / scale is at
+        # most 448 up to float32 rounding, which rounds back to 448 (not past it): no clamp
+        torch.mul(x, inverse_scale, out=out.view(torch.float8_e4m3fn))
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
         # torch's own fp8 -> float conversion runs at ~0.3 G elements/s per core on CPU. The bits
         # of e4m3 (s eeee mmm, bias 7) moved into float16's (s eeeee mmmmmmmmmm, bias 15) give
         # exactly the value / 256 for every finite code, subnormals included; the scales carry
-        # the 256 (see _scale_factor), so this is three integer passes.
+        # the 256 (_decode_factor). In place on two temporaries: the codes sign-extended to
+        # int16 keep the sign in bit 15, and shifted left by 7 put exponent and mantissa in place.
         import torch
 
-        t = q.to(torch.int16)
-        return ((t & 0x80) << 8).bitwise_or_((t & 0x7F) << 7).view(torch.float16)
+        t = q.view(torch.int8).to(torch.int16)
+        bits = (t << 7).bitwise_and_(0x3F80)
+        return bits.bitwise_or_(t.bitwise_and_(-0x8000)).view(torch.float16)
 
 
 class Int8Codec(_Quant):
@@ -250,10 +295,11 @@ class Int8Codec(_Quant):
     codec_id = 4
     _qmax = 127.0
 
-    def _quantize(self, scaled: torch.Tensor, out: torch.Tensor) -> None:
+    def _quantize(self, x: torch.Tensor, inverse_scale: torch.Tensor, out: torch.Tensor) -> None:
         import torch
 
-        out.view(torch.int8).copy_(scaled.round_().clamp_(-127.0, 127.0))
+        # |x| / scale is at most 127 up to float32 rounding, which rounds to 127: no clamp
+        out.view(torch.int8).copy_(torch.mul(x, inverse_scale).round_())
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
         import torch
