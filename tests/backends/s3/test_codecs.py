@@ -1,0 +1,52 @@
+"""Value codecs on the s3 tier, through a StorageManager and a real SeaweedFS: each codec's values
+carry its id and raw length and read back exactly (lossless) or as the codec's own round trip
+(lossy); codec ids this process cannot decode are misses left in place; a broken encoding is
+deleted (the scenarios: tests/support/codec_tiers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.backends.s3.test_conformance import RawObjects
+from tests.support.codec_tiers import (
+    CODECS,
+    CodecCase,
+    check_a_broken_encoding_is_deleted,
+    check_codec_round_trip,
+    check_unknown_codec_ids_are_misses_left_in_place,
+)
+from tests.support.seaweedfs import S3Endpoint
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture
+def tier(s3_options: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    return {"name": "remote", "backend": "s3", "timeout_s": 30, "options": s3_options()}
+
+
+@pytest.fixture
+def raw_store(s3_endpoint: S3Endpoint, tier: dict[str, Any]) -> RawObjects:
+    return RawObjects(s3_endpoint.client(), tier["options"]["prefix"])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", CODECS, ids=str)
+async def test_each_codec_stores_fewer_bytes_and_reads_back_through_the_manager(
+        tier: dict[str, Any], raw_store: RawObjects, case: CodecCase) -> None:
+    await check_codec_round_trip(tier, raw_store, case)
+
+
+@pytest.mark.asyncio
+async def test_codec_ids_this_reader_lacks_are_misses_left_in_place(tier: dict[str, Any],
+                                                                    raw_store: RawObjects) -> None:
+    await check_unknown_codec_ids_are_misses_left_in_place(tier, raw_store)
+
+
+@pytest.mark.asyncio
+async def test_an_encoding_that_does_not_decode_is_a_miss_and_deleted(tier: dict[str, Any],
+                                                                      raw_store: RawObjects) -> None:
+    await check_a_broken_encoding_is_deleted(tier, raw_store)
