@@ -102,7 +102,7 @@ if TYPE_CHECKING:
     from lmtier.keys import KVNamespace
     from lmtier.kit.runner import WorkerPool
 
-__all__ = ["LOSSY_FIELD", "MAX_DETACHED", "MAX_IN_FLIGHT", "SLICE_BYTES", "StorageManager", "Tier"]
+__all__ = ["CODEC_SLICE_BYTES", "LOSSY_FIELD", "MAX_DETACHED", "MAX_IN_FLIGHT", "SLICE_BYTES", "StorageManager", "Tier"]
 
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
@@ -119,6 +119,10 @@ SLICE_BYTES = 64 << 20
 MAX_DETACHED = 32
 #: Slices of one get_into or put batch in flight at once (each a backend call of its own).
 MAX_IN_FLIGHT = 4
+#: A codec tier's batches are encoded and written (read and decoded) in slices of about this many
+#: raw bytes, up to MAX_IN_FLIGHT at once: one slice's encoding overlaps another's transfer, so a
+#: tier whose speed is its bytes gains the codec's ratio instead of adding its time.
+CODEC_SLICE_BYTES = 8 << 20
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
 _DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
 #: The namespace field (``KVNamespace.extra``) naming the lossy codecs a namespace's KV may have
@@ -812,9 +816,8 @@ class StorageManager:
             if not items:
                 return 0
         if tier.codec is not None:
-            items = await self._encoded(tier, items)
-            carried = None  # other bytes now, with checksums of their own
-        elif not isinstance(tier.backend, SupportsCodecs) and any(_codec_of(v) for _, v in items):
+            return await self._write_coded(tier, items)
+        if not isinstance(tier.backend, SupportsCodecs) and any(_codec_of(v) for _, v in items):
             items = await self._raw_for(tier, items)  # a value still encoded (a demotion) goes raw
             carried = None
         # The protocol promises backends buffer-protocol values: HostBuffers and torch tensors go as
@@ -839,6 +842,50 @@ class StorageManager:
             self.metrics.bytes_written.labels(tier.name).inc(sum(sizes[lo:hi]))
             self.metrics.objects_written.labels(tier.name).inc(hi - lo)
         return -1 if failed and not written else written
+
+    async def _write_coded(self, tier: Tier, items: Sequence[PutItem]) -> int:
+        """:meth:`_write` to a codec tier: slices of :data:`CODEC_SLICE_BYTES` raw bytes, each
+        encoded on the codec pool and then written, up to :data:`MAX_IN_FLIGHT` at once (the
+        deadline covers both: the encoding is this tier's work)."""
+        async def encode_and_put(part: list[PutItem]) -> int:
+            batch = _carried(await self._encoded(tier, part))  # other bytes, checksums of their own
+            await tier.backend.put(batch)
+            return sum(as_bytes_view(v).nbytes for _, v in batch)
+
+        cuts = _slices([as_bytes_view(v).nbytes for _, v in items], CODEC_SLICE_BYTES)
+        parts = [_Part(list(items[lo:hi]), hi - lo, [v for _, v in items[lo:hi]]) for lo, hi in cuts]
+        outcomes = await self._calls(tier, "put", encode_and_put, parts)
+        written, failed = 0, False
+        for (lo, hi), stored in zip(cuts, outcomes, strict=True):
+            if stored is FAULT:
+                failed = True
+                continue
+            written += hi - lo
+            self.metrics.bytes_written.labels(tier.name).inc(stored)
+            self.metrics.objects_written.labels(tier.name).inc(hi - lo)
+        return -1 if failed and not written else written
+
+    async def _read_coded(self, tier: Tier, keys: Sequence[ChunkKey], pending: list[int], sizes: Sequence[int],
+                          until: float | None, settle: Callable[[list[int], list[Any]], Awaitable[None]]) -> None:
+        """``get`` from a codec tier in slices of :data:`CODEC_SLICE_BYTES` (by ``sizes``, the
+        raw sizes), up to :data:`MAX_IN_FLIGHT` at once; each slice's answer goes to
+        ``settle(indices, values)`` (which decodes it) as it arrives, while later slices are
+        still read. A slice that fails is counted as misses."""
+        cuts = _slices([sizes[i] for i in pending], CODEC_SLICE_BYTES)
+        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def read(idx: list[int]) -> None:
+            async with gate:  # the decode runs outside: the next slice's read starts meanwhile
+                values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in idx], until=until)
+            if values is not FAULT:  # (a failed slice's keys are the caller's misses)
+                await settle(idx, values)
+
+        if len(cuts) == 1:
+            await read(pending)
+            return
+        async with asyncio.TaskGroup() as group:  # a failure or cancellation waits for every slice
+            for lo, hi in cuts:
+                group.create_task(read(pending[lo:hi]))
 
     # -- value codecs: machinery ----------------------------------------------------------------
     def _tier_codecs(self, tiers: Sequence[tuple[TierConfig, StorageBackend]]) -> list[ValueCodec | None]:
@@ -1048,16 +1095,15 @@ class StorageManager:
 
     async def _fetch_get(self, tier: Tier, keys: Sequence[ChunkKey], sizes: list[int], pending: list[int],
                          out: list[HostBuffer | None], wrong: list[ChunkKey], until: float | None) -> set[int]:
-        """fetch from a tier by ``get``: its lent memory where usable, else one copy each."""
-        values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
-        if values is FAULT:
-            self.metrics.misses.labels(tier.name).inc(len(pending))
-            return set()
+        """fetch from a tier by ``get``: its lent memory where usable, else one copy (or the
+        decode) each; a codec tier is read in slices (:meth:`_read_coded`)."""
         got: set[int] = set()
         nbytes = 0
-        coded: list[tuple[int, Any]] = []
-        try:
-            for j, i in enumerate(pending):
+
+        async def settle(idx: list[int], values: list[Any]) -> None:
+            nonlocal nbytes
+            coded: list[tuple[int, Any]] = []
+            for j, i in enumerate(idx):
                 value, values[j] = values[j], None  # our reference from here: kept or dropped
                 if value is None:
                     continue
@@ -1069,6 +1115,7 @@ class StorageManager:
                     wrong.append(keys[i])
                     continue
                 buf = lent_buffer(value)  # the tier's own memory: retained, no copy
+                del value
                 if buf is not None and (buf.pinned or not self._want_pinned()):
                     out[i] = buf
                 else:
@@ -1080,12 +1127,21 @@ class StorageManager:
                         continue
                     buf.view()[:] = view
                     out[i] = buf
+                del view
                 got.add(i)
                 nbytes += sizes[i]
-        finally:
+            if coded:
+                nbytes += await self._fetch_decoded(tier, keys, sizes, coded, out, wrong, got)
+
+        if tier.codec is not None:
+            await self._read_coded(tier, keys, pending, sizes, until, settle)
+        else:
+            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
+            if values is FAULT:
+                self.metrics.misses.labels(tier.name).inc(len(pending))
+                return set()
+            await settle(pending, values)
             del values
-        if coded:
-            nbytes += await self._fetch_decoded(tier, keys, sizes, coded, out, wrong, got)
         self._count_reads(tier, len(got), len(pending) - len(got), nbytes)
         return got
 
@@ -1151,13 +1207,10 @@ class StorageManager:
                          views: list[memoryview], until: float | None) -> set[int]:
         """get_into from one tier into caller buffers; the indices filled."""
         got: set[int] = set()
-        if tier.lends_memory or not isinstance(tier.backend, SupportsGetInto) or tier.codec is not None:
-            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
-            if values is FAULT:
-                self.metrics.misses.labels(tier.name).inc(len(pending))
-                return got
+
+        async def settle(idx: list[int], values: list[Any]) -> None:
             coded: list[tuple[int, Any]] = []
-            for j, i in enumerate(pending):
+            for j, i in enumerate(idx):
                 value, values[j] = values[j], None
                 if value is not None and _codec_of(value):
                     if value.raw_length == views[i].nbytes:
@@ -1165,11 +1218,21 @@ class StorageManager:
                 elif value is not None and as_bytes_view(value).nbytes == views[i].nbytes:
                     views[i][:] = as_bytes_view(value)
                     got.add(i)
-            del values
+                del value
             if coded:  # decoded straight into the caller's buffer (a worker writes it: waited for)
                 decoded = await self._decode_jobs(tier, [(keys[i], v, views[i]) for i, v in coded])
                 got.update(i for (i, _), filled in zip(coded, decoded, strict=True) if filled)
                 coded.clear()
+
+        if tier.codec is not None:
+            await self._read_coded(tier, keys, pending, [v.nbytes for v in views], until, settle)
+        elif tier.lends_memory or not isinstance(tier.backend, SupportsGetInto):
+            values = await self._call(tier, "get", tier.backend.get, [keys[i] for i in pending], until=until)
+            if values is FAULT:
+                self.metrics.misses.labels(tier.name).inc(len(pending))
+                return got
+            await settle(pending, values)
+            del values
         else:
             direct = [i for i in pending if isinstance(outs[i], HostBuffer)]
             staged = [i for i in pending if not isinstance(outs[i], HostBuffer)]
