@@ -197,3 +197,44 @@ async def check_a_broken_encoding_is_deleted(tier: dict[str, Any], raw_store: Ra
         for key in keys:
             assert await maybe_await(raw_store.read(key)) is None, f"{key}: a broken encoding was left stored"
 
+
+
+async def check_a_frozen_codec_tier_is_a_miss_at_its_deadline(remote: Any, slice_bytes: int) -> None:
+    """A frozen server (SIGSTOP) behind an fp8 tier whose batches go out in several slices
+    (``slice_bytes``, the test's :data:`~lmtier.manager.CODEC_SLICE_BYTES`): reads are misses and
+    the write is skipped at the deadline, nothing half-decoded is shown, and once the server
+    thaws and the stuck calls end, the values stored before read back as before."""
+    metrics = CollectorRegistry()
+    now = [1000.0]  # the breaker's clock: its cooldown passes when the test says so
+    deadlines = {"lookup": 0.5, "get": 0.5, "put": 1.0, "delete": 0.5}
+    tier = remote.tier(timeout_s=deadlines, codec={"name": "fp8", "scales": "vector"}, breaker={"cooldown_s": 60})
+    config = {"chunk_tokens": BLOCK * PAGES, "tiers": [tier]}
+    async with await StorageManager.from_config(config, metrics_registry=metrics, clock=lambda: now[0]) as manager:
+        kv = await _registered(manager)
+        keys = chunk_keys(list(range(BLOCK * PAGES * 6)), kv.namespace, BLOCK * PAGES)
+        values = [kv_value(10 + i) for i in range(6)]
+        assert len(values[0]) * 6 > 2 * slice_bytes, "the batch must take several slices"
+        await manager.put(list(zip(keys[:4], values[:4], strict=True)))
+        before = [bytes(o) for o in await _read_into(manager, keys[:4], values[:4])]
+
+        remote.freeze()
+        try:
+            outs = [bytearray(len(v)) for v in values[:4]]
+            assert await manager.get_into(keys[:4], outs) == [False] * 4
+            assert outs == [bytearray(len(v)) for v in values[:4]], "a miss wrote into the caller's buffers"
+            assert await manager.fetch(keys[:4], [len(v) for v in values[:4]]) == [None] * 4
+            await manager.put(list(zip(keys[4:], values[4:], strict=True)))
+            assert (metrics.get_sample_value("lmtier_tier_deadline_misses_total", {"tier": tier["name"], "op": "get"})
+                    or 0) >= 1
+        finally:
+            remote.thaw()
+        assert await manager.settle(120)
+        now[0] += 120
+        assert await manager.lookup(keys[:4]) == 4  # the breaker's probe: the circuit closes
+        assert [bytes(o) for o in await _read_into(manager, keys[:4], values[:4])] == before
+
+
+async def _read_into(manager: StorageManager, keys: list[Any], values: list[bytes]) -> list[bytearray]:
+    outs = [bytearray(len(v)) for v in values]
+    assert await manager.get_into(keys, outs) == [True] * len(keys)
+    return outs

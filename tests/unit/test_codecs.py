@@ -263,6 +263,31 @@ async def test_a_lossless_tier_stores_fewer_bytes_and_reads_back_exactly(tmp_pat
 
 
 @pytest.mark.asyncio
+async def test_a_codec_tier_batch_goes_out_and_comes_back_in_slices(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmtier.manager
+
+    monkeypatch.setattr(lmtier.manager, "CODEC_SLICE_BYTES", len(kv_bytes()) + 1)  # a slice per value
+    reg = CollectorRegistry()
+    async with await StorageManager.from_config(config(tmp_path, "zstd", hot=False), metrics_registry=reg) as m:
+        keys = chunk_keys(list(range(BLOCK * PAGES * 7)), kvns().namespace, BLOCK * PAGES)
+        values = [kv_bytes(20 + i) for i in range(7)]  # more slices than MAX_IN_FLIGHT
+        assert await m.put(list(zip(keys, values, strict=True))) == 7
+        assert all(decode_header(k, stored(tmp_path, m, k), codecs=READABLE_CODECS).codec == 2 for k in keys)
+        written = reg.get_sample_value("lmtier_tier_written_bytes_total", {"tier": "disk"})
+        assert written == reg.get_sample_value("lmtier_codec_stored_bytes_total", {"tier": "disk", "codec": "zstd"})
+        outs = [bytearray(len(v)) for v in values]
+        assert await m.get_into(keys, outs) == [True] * 7 and outs == values
+        fetched = await m.fetch(keys, [len(v) for v in values])
+        try:
+            assert [bytes(b.view()) for b in fetched if b is not None] == values
+        finally:
+            for b in fetched:
+                if b is not None:
+                    b.release()
+
+
+@pytest.mark.asyncio
 async def test_coded_values_demoted_and_promoted_stay_exact(tmp_path: Path) -> None:
     cfg = config(tmp_path, "zstd")
     cfg["tiers"][0]["options"]["max_bytes"] = len(kv_bytes()) * 2  # the hot tier evicts: demotions

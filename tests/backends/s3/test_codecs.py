@@ -6,18 +6,22 @@ deleted (the scenarios: tests/support/codec_tiers.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lmtier import manager as manager_module
 from tests.backends.s3.test_conformance import RawObjects
 from tests.support.codec_tiers import (
     CODECS,
     CodecCase,
     check_a_broken_encoding_is_deleted,
+    check_a_frozen_codec_tier_is_a_miss_at_its_deadline,
     check_codec_round_trip,
     check_unknown_codec_ids_are_misses_left_in_place,
 )
+from tests.support.remote_tiers import RemoteTier
 from tests.support.seaweedfs import S3Endpoint
 
 pytestmark = pytest.mark.s3
@@ -50,3 +54,12 @@ async def test_codec_ids_this_reader_lacks_are_misses_left_in_place(tier: dict[s
 async def test_an_encoding_that_does_not_decode_is_a_miss_and_deleted(tier: dict[str, Any],
                                                                       raw_store: RawObjects) -> None:
     await check_a_broken_encoding_is_deleted(tier, raw_store)
+
+
+@pytest.mark.asyncio
+async def test_a_frozen_server_behind_a_sliced_codec_tier_is_a_miss_at_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slice_bytes = 300 << 10  # one 256 KiB chunk per slice: a batch of 4 takes 4 slices
+    monkeypatch.setattr(manager_module, "CODEC_SLICE_BYTES", slice_bytes)
+    with RemoteTier("s3", tmp_path) as remote:
+        await check_a_frozen_codec_tier_is_a_miss_at_its_deadline(remote, slice_bytes)
