@@ -191,12 +191,13 @@ class WorkerPool:
     Args:
         max_workers: the bound on calls running at once.
         name: thread-name prefix, and the tier named in the error a closed pool raises.
+        initializer: called once in each worker thread as it starts (per-thread settings).
     """
 
-    def __init__(self, max_workers: int, name: str) -> None:
+    def __init__(self, max_workers: int, name: str, *, initializer: Callable[[], object] | None = None) -> None:
         self.name = name
         self.max_workers = max_workers
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers,
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, initializer=initializer,
                                                                thread_name_prefix=f"lmtier-{name}")
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._inflight_lock = threading.Lock()  # added on the loop, discarded on the workers
