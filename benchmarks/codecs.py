@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,54 +117,203 @@ def codec_table(chunks: list[bytes], geo: Any, repeats: int) -> dict[str, float]
     return ratios
 
 
-async def tier_table(chunks: list[bytes], kinds: list[str], codecs: list[str], repeats: int) -> None:
+TIER_CODECS: dict[str, dict[str, Any]] = {
+    "lz4": {"name": "lz4"}, "zstd": {"name": "zstd"}, "zstd-shuffle": {"name": "zstd", "shuffle": True},
+    "fp8": {"name": "fp8", "scales": "vector"}, "fp8-block_head": {"name": "fp8", "scales": "block_head"},
+    "int8": {"name": "int8", "scales": "vector"},
+}
+
+
+def stacked(chunks: list[bytes], per_value: int) -> list[bytes]:
+    """Values of ``per_value`` consecutive chunks each, stacked along layers: still real KV in
+    lmtier's host layout (``[layers x pages x page]``, ``per_value`` times the layers), as large
+    as a bigger model's chunk (a Qwen3-8B chunk is 37.7 MB)."""
+    out = []
+    for i in range(0, len(chunks) - per_value + 1, per_value):
+        out.append(b"".join(chunks[i: i + per_value]))
+    return out
+
+
+def pool_table(values: list[bytes], geo: Any, threads: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Encode and decode GB/s (of raw bytes) of a batch of ``values`` on ``threads`` threads at
+    once, as the manager's codec pool runs them: the ceiling a codec puts on a tier here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmtier.registry import BackendRegistry
+
+    reg = BackendRegistry.discover()
+    raw = sum(map(len, values))
+    rows, out = [], {}
+    import torch
+
+    # as the manager's codec pool: torch ops of each worker on that worker's thread only
+    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for label_, spec in TIER_CODECS.items():
+            codec = reg.create_codec(spec["name"], {k: v for k, v in spec.items() if k != "name"})
+            bufs = [bytearray(codec.max_encoded_bytes(len(v), geo)) for v in values]
+            outs = [bytearray(len(v)) for v in values]
+            enc, dec, sizes = [], [], []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                sizes = list(pool.map(lambda vb, c=codec: c.encode(memoryview(vb[0]), memoryview(vb[1]), geo),
+                                      zip(values, bufs, strict=True)))
+                enc.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                list(pool.map(lambda bno, c=codec: c.decode(memoryview(bno[0])[: bno[1]], memoryview(bno[2])),
+                              zip(bufs, sizes, outs, strict=True)))
+                dec.append(time.perf_counter() - t0)
+            out[label_] = (raw / median(enc[1:]), raw / median(dec[1:]))
+            rows.append([label_, f"{raw / sum(sizes):.3f}", f"{out[label_][0] / GB:.2f}", f"{out[label_][1] / GB:.2f}"])
+    print_table(["codec", "ratio", f"encode GB/s ({threads} threads)", f"decode GB/s ({threads} threads)"], rows,
+                title=f"the codec pool alone: {len(values)} values of {len(values[0]) / 1e6:.1f} MB at once, "
+                      f"median of {repeats}")
+    return out
+
+
+class LinkLimited:
+    """A backend behind an emulated network link of ``rate`` bytes/s shared by all its calls.
+
+    A call's bytes (sent or received, headers included) take the link from the moment the call
+    starts, after the bytes of the calls ahead of it: the call answers when the real backend has
+    answered *and* its bytes have crossed the link. The client's CPU is idle while it waits, as
+    it is while a NIC moves bytes. Everything else goes to the backend unchanged.
+    """
+
+    def __init__(self, backend: Any, rate: float) -> None:
+        self._backend = backend
+        self._rate = rate
+        self._free_at = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    async def _crossed(self, started: float, nbytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._free_at = max(started, self._free_at) + nbytes / self._rate
+        await asyncio.sleep(max(0.0, self._free_at - loop.time()))
+
+    async def put(self, items: Any) -> None:
+        started = asyncio.get_running_loop().time()
+        await self._backend.put(items)
+        await self._crossed(started, sum(memoryview(v).nbytes + 64 for _, v in items))
+
+    async def get(self, keys: Any) -> Any:
+        started = asyncio.get_running_loop().time()
+        values = await self._backend.get(keys)
+        await self._crossed(started, sum(memoryview(v).nbytes + 64 for v in values if v is not None))
+        return values
+
+    async def get_into(self, keys: Any, outs: Any) -> Any:
+        started = asyncio.get_running_loop().time()
+        filled = await self._backend.get_into(keys, outs)
+        await self._crossed(started, sum(memoryview(o).nbytes + 64 for o, f in zip(outs, filled, strict=True) if f))
+        return filled
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process, or of process ``pid``."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def tier_table(values: list[bytes], geo: Any, kinds: list[str], codecs: list[str], repeats: int,
+                     links: list[float]) -> None:
+    """put / get_into / fetch of one batch through a StorageManager whose only tier is ``kind``
+    with each codec and without, all in the same run: codecs take turns within each repeat (the
+    order rotates), the ratio to ``none`` is taken per repeat, and the medians are printed with
+    the CPU this process and the server used (cores busy = CPU seconds / wall seconds)."""
     from prometheus_client import CollectorRegistry
 
     from lmtier.keys import KVNamespace, chunk_keys
     from lmtier.manager import StorageManager
     from tests.support.remote_tiers import RemoteTier, remote_available
 
-    rows = []
+    raw = sum(map(len, values))
     for kind in kinds:
         why = remote_available(kind)
         if why is not None:
             print(f"skipped {kind}: {why}")
             continue
-        with tempfile.TemporaryDirectory() as tmp, RemoteTier(kind, tmp) as remote:
-            base: dict[str, tuple[float, float]] = {}
-            for codec in ["none", *codecs]:
-                name, _, scales = codec.partition("/")
-                spec: Any = {"name": name, **({"scales": scales} if scales else {})}
-                cfg = {"chunk_tokens": 256, "tiers": [remote.tier(codec=spec, timeout_s=60.0)]}
-                async with await StorageManager.from_config(cfg, metrics_registry=CollectorRegistry()) as m:
-                    kv = KVNamespace(model=f"bench-{codec}", kv_layout="hf_vllm_kv_first", dtype="bfloat16",
-                                     num_layers=GEO.num_layers, block_size=BLOCK, num_kv_heads=GEO.num_kv_heads,
-                                     head_size=GEO.head_size, page_bytes=GEO.page_bytes, chunk_tokens=256)
-                    kv = m.declare_lossy(kv)
-                    m.register_namespace(kv)
-                    raw = sum(map(len, chunks))
-                    puts, gets = [], []
-                    for r in range(repeats + 1):
-                        keys = chunk_keys(list(range(256 * len(chunks))), kv.namespace, 256)
-                        keys = [k.__class__(k.namespace, bytes([r]) + k.digest[1:]) for k in keys]
-                        t0 = time.perf_counter()
-                        await m.put(list(zip(keys, chunks, strict=True)))
-                        t1 = time.perf_counter()
-                        outs = [bytearray(len(c)) for c in chunks]
-                        ok = await m.get_into(keys, outs)
-                        t2 = time.perf_counter()
-                        if r and all(ok):
-                            puts.append(t1 - t0)
-                            gets.append(t2 - t1)
-                        await m.delete(keys)
-                    put_rate, get_rate = raw / median(puts) / GB, raw / median(gets) / GB
-                    if codec == "none":
-                        base[kind] = (put_rate, get_rate)
-                    bp, bg = base[kind]
-                    rows.append([kind, codec, f"{put_rate:.2f}", fmt_ratio(put_rate / bp), f"{get_rate:.2f}",
-                                 fmt_ratio(get_rate / bg)])
-    print_table(["tier", "codec", "put GB/s (raw KV)", "vs none", "get_into GB/s", "vs none"], rows,
-                title=f"remote tiers through a StorageManager, {len(chunks)} chunks per batch, median of {repeats}")
+        for link in links:
+            with tempfile.TemporaryDirectory() as tmp, RemoteTier(kind, tmp) as remote:
+                managers: dict[str, tuple[Any, Any, Any]] = {}
+                try:
+                    for codec in ["none", *codecs]:
+                        spec = TIER_CODECS.get(codec, {"name": codec})
+                        registry = CollectorRegistry()
+                        cfg = {"chunk_tokens": 256, "tiers": [remote.tier(codec=spec, timeout_s=120.0)]}
+                        m = await StorageManager.from_config(cfg, metrics_registry=registry)
+                        if link:
+                            m.tiers[0].backend = LinkLimited(m.tiers[0].backend, link)
+                        kv = KVNamespace(model=f"bench-{codec}", kv_layout="hf_vllm_kv_first", dtype="bfloat16",
+                                         num_layers=geo.num_layers, block_size=BLOCK, num_kv_heads=geo.num_kv_heads,
+                                         head_size=geo.head_size, page_bytes=geo.page_bytes, chunk_tokens=256)
+                        kv = m.declare_lossy(kv)
+                        m.register_namespace(kv)
+                        managers[codec] = (m, kv, registry)
+                    names = list(managers)
+                    runs: dict[tuple[str, str], list[float]] = {}
+                    cpu: dict[tuple[str, str], list[float]] = {}
+                    outs = [bytearray(len(v)) for v in values]
+                    for r in range(repeats + 1):  # round 0 warms up (connections, pools, first allocations)
+                        order = names[r % len(names):] + names[: r % len(names)]
+                        for codec in order:
+                            m, kv, _ = managers[codec]
+                            keys = chunk_keys(list(range(256 * len(values))), kv.namespace, 256)
+                            keys = [k.__class__(k.namespace, bytes([r]) + k.digest[1:]) for k in keys]
+
+                            async def put(m: Any = m, keys: Any = keys) -> bool:
+                                return bool(await m.put(list(zip(keys, values, strict=True))) == len(keys))
+
+                            async def get_into(m: Any = m, keys: Any = keys, outs: Any = outs) -> bool:
+                                return all(await m.get_into(keys, outs))
+
+                            async def fetch(m: Any = m, keys: Any = keys) -> bool:
+                                bufs = await m.fetch(keys, [len(v) for v in values])
+                                for b in bufs:
+                                    if b is not None:
+                                        b.release()
+                                return all(b is not None for b in bufs)
+
+                            for op, fn in (("put", put), ("get_into", get_into), ("fetch", fetch)):
+                                c0, s0, t0 = _cpu_seconds(), _cpu_seconds(remote.pid), time.perf_counter()
+                                ok = await fn()
+                                dt = time.perf_counter() - t0
+                                c1, s1 = _cpu_seconds(), _cpu_seconds(remote.pid)
+                                if not ok:
+                                    raise RuntimeError(f"{kind} {codec}: {op} missed (a deadline on this busy machine?)")
+                                if r:
+                                    runs.setdefault((codec, op), []).append(dt)
+                                    cpu.setdefault((codec, op), []).append((c1 - c0) / dt)
+                                    cpu.setdefault((codec, op + "/server"), []).append((s1 - s0) / dt)
+                            await m.delete(keys)
+                    rows = []
+                    for codec in names:
+                        _, _, registry = managers[codec]
+                        stored = registry.get_sample_value("lmtier_codec_stored_bytes_total",
+                                                           {"tier": "remote", "codec": TIER_CODECS.get(codec, {"name": codec})["name"]})
+                        raw_in = registry.get_sample_value("lmtier_codec_raw_bytes_total",
+                                                           {"tier": "remote", "codec": TIER_CODECS.get(codec, {"name": codec})["name"]})
+                        row = [codec, f"{raw_in / stored:.2f}" if stored else "1.00"]
+                        for op in ("put", "get_into", "fetch"):
+                            mine = runs[(codec, op)]
+                            vs = [raw / t / (raw / b) for t, b in zip(mine, runs[("none", op)], strict=True)]
+                            row += [f"{raw / median(mine) / GB:.2f}", fmt_ratio(median(vs)),
+                                    f"{median(cpu[(codec, op)]):.1f}/{median(cpu[(codec, op + '/server')]):.1f}"]
+                        rows.append(row)
+                    where = f"behind an emulated {link * 8 / 1e9:g} Gb/s link" if link else "local, no link emulation"
+                    print_table(["codec", "ratio", "put GB/s", "vs none", "cores c/s", "get_into GB/s", "vs none",
+                                 "cores c/s", "fetch GB/s", "vs none", "cores c/s"], rows,
+                                title=f"{kind} tier {where}: a batch of {len(values)} values of "
+                                      f"{len(values[0]) / 1e6:.1f} MB ({raw / 1e6:.0f} MB of raw KV), GB/s of raw KV, "
+                                      f"median of {repeats} (ratios per repeat); cores c/s: CPU cores busy in this "
+                                      f"process / the server")
+                finally:
+                    for m, _, _ in managers.values():
+                        await m.aclose()
 
 
 def quality(model: Any, ids: Any, kv: Any, codecs: list[str], gen_tokens: int) -> None:
@@ -283,11 +433,15 @@ def main(argv: list[str] | None = None) -> None:
     global GEO
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a transformers model directory (default: the tiny demo Llama)")
-    p.add_argument("--tokens", type=int, default=1536, help="prompt tokens whose KV is measured")
+    p.add_argument("--tokens", type=int, default=4096, help="prompt tokens whose KV is measured")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--chunks", type=int, default=32, help="chunks per batch in the tier section")
+    p.add_argument("--per-value", type=int, default=16,
+                   help="tier section: chunks stacked (along layers) into one value (16: 8.4 MB on the demo model)")
+    p.add_argument("--values", type=int, default=8, help="tier section: values per batch")
     p.add_argument("--tiers", default="redis,s3", help="remote tiers to measure ('' for none)")
-    p.add_argument("--tier-codecs", default="lz4,zstd,fp8,int8")
+    p.add_argument("--tier-codecs", default="lz4,zstd,zstd-shuffle,fp8,int8", help=f"of {', '.join(TIER_CODECS)}")
+    p.add_argument("--links", default="0,2.5",
+                   help="tier section: Gb/s of an emulated link in front of the tier (0: none), one table each")
     p.add_argument("--quality", action="store_true", help="measure lossy codecs' effect on the model")
     p.add_argument("--quality-codecs", default="fp8/vector,fp8/block_head,fp8/layer,int8/vector,int8/block_head,int8/layer")
     p.add_argument("--gen-tokens", type=int, default=64)
@@ -309,8 +463,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     kinds = [k for k in args.tiers.split(",") if k]
     if kinds:
-        asyncio.run(tier_table((chunks * math.ceil(args.chunks / len(chunks)))[: args.chunks],
-                               kinds, args.tier_codecs.split(","), args.repeats))
+        per_value = min(args.per_value, len(chunks))
+        values = stacked(chunks, per_value)
+        values = (values * math.ceil(args.values / len(values)))[: args.values]
+        big = replace(GEO, num_layers=GEO.num_layers * per_value)
+        pool_table(values, big, max(2, os.cpu_count() or 2), args.repeats)
+        links = [float(x) * 1e9 / 8 for x in args.links.split(",") if x]
+        asyncio.run(tier_table(values, big, kinds, args.tier_codecs.split(","), args.repeats, links))
     if args.quality:
         quality(model, ids, kv, args.quality_codecs.split(","), args.gen_tokens)
     if args.device.startswith("cuda"):
