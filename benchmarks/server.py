@@ -17,13 +17,21 @@ that run here):
   them): each with its own in-process cpu tier (the engines' private memory growth), against both
   as clients of one server (their private growth + the server's + the slab's resident bytes).
   Goal: one copy instead of two.
+* ``engine`` — what the server adds per request at the engine: ``KVCacheEngine.lookup`` and
+  ``retrieve`` of a 3,000-token request on the demo model's CPU cache, in-process cpu tier vs
+  ``lmtier serve``, taking turns.
+* ``ttft`` (vLLM CPU) — ``make demo``'s workload (4 prompts x 3,000 tokens, the tiny ``demo``
+  model): the time to first token of a first run (stores) and a second run on the same engine
+  (loads from RAM: the in-process cpu tier, or the server's slab), with in-process tiers and
+  with ``lmtier serve``, next to a baseline engine without lmtier; engines take turns within
+  each round. Goal: second-run TTFT server / in-process <= 1.05, first runs alike.
 * ``gpu`` (only where torch sees CUDA) — a Qwen3-8B-shaped paged cache on the GPU, 40 chunks of
   256 tokens, offloaded into reserved slab slots and onloaded from leases by the native kernel
   (the slab registered with ``cudaHostRegister`` in this process), against a pinned
   ``cudaMemcpy`` of the same bytes and against the in-process pinned host pool, same run;
   checks that the bytes come back equal.
 
-    PYTHONPATH=. python benchmarks/server.py [--part data,control,ram] [--repeats 15] [--out DIR]
+    PYTHONPATH=. python benchmarks/server.py [--part data,control,ram,ttft] [--repeats 15] [--out DIR]
 """
 
 from __future__ import annotations
@@ -318,6 +326,139 @@ def part_ram(root: Path, chunk_bytes: int, chunks: int) -> dict[str, Any]:
             "server_slab_bytes": slab, "local_copies": local / total, "server_copies": shared / total}
 
 
+# -- engine -------------------------------------------------------------------------------------
+def part_engine(root: Path, repeats: int) -> dict[str, Any]:
+    """KVCacheEngine lookup + retrieve of a 3,000-token request: in-process cpu tier vs lmtier serve."""
+    from prometheus_client import CollectorRegistry
+
+    from lmtier.engine import KVCacheEngine
+    from lmtier.keys import KVNamespace
+
+    layers, blocks, heads, blk, head = 4, 200, 2, 128, 64  # the demo model's cache, vLLM CPU layout
+    ns = KVNamespace(model="bench", kv_layout="vllm_blocks_first", dtype="bfloat16", num_layers=layers,
+                     block_size=blk, num_kv_heads=heads, head_size=head, page_bytes=heads * blk * 2 * head * 2,
+                     chunk_tokens=CHUNK_TOKENS)
+    src = list(torch.randn(layers, blocks, heads, blk, 2 * head).to(torch.bfloat16).unbind(0))
+    dst = [torch.zeros_like(x) for x in src]
+    toks = np.random.default_rng(3).integers(3, 2000, 3000).tolist()
+    times: dict[str, dict[str, list[float]]] = {}
+    with running_server(root, "256MiB") as server:
+        configs = {"in-process": {"chunk_tokens": CHUNK_TOKENS, "tiers": [
+                       {"name": "hot", "backend": "cpu", "options": {"max_bytes": "256MiB", "pinned": False}}]},
+                   "lmtier serve": {"chunk_tokens": CHUNK_TOKENS, "server": server.address}}
+        engines = {k: KVCacheEngine(c, ns, metrics_registry=CollectorRegistry(), name=f"bench-{i}")
+                   for i, (k, c) in enumerate(configs.items())}
+        try:
+            for e in engines.values():
+                e.store(toks, src, list(range(24))).wait()
+                e.flush(30)
+            for name in engines:
+                times[name] = {"lookup": [], "retrieve": []}
+            for _ in range(repeats):  # the two take turns
+                for name, e in engines.items():
+                    t0 = time.perf_counter()
+                    hit = e.lookup(toks)
+                    t1 = time.perf_counter()
+                    loaded = e.retrieve(toks, dst, list(range(30, 54)), end=hit)
+                    t2 = time.perf_counter()
+                    assert hit == loaded == 2944, (name, hit, loaded)
+                    times[name]["lookup"].append(t1 - t0)
+                    times[name]["retrieve"].append(t2 - t1)
+        finally:
+            for e in engines.values():
+                e.close()
+    rows = [[name, fmt_seconds(median(t["lookup"])), fmt_seconds(median(t["retrieve"]))] for name, t in times.items()]
+    print_table(["KVCacheEngine, 3,000-token request (2,944 hit)", "lookup", "retrieve"], rows,
+                title=f"\nthe demo model's cache (4 layers, 12 chunks, 6 MB), medians of {repeats}, taking turns")
+    return {name: {k: median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+# -- ttft ---------------------------------------------------------------------------------------
+TTFT_ENGINE = textwrap.dedent("""
+    import json, os, statistics, sys, time
+    os.environ.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1",
+                       "VLLM_LOGGING_LEVEL": "ERROR"})
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    model, lmtier, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    kwargs = {}
+    if lmtier is not None:
+        from vllm.config import KVTransferConfig
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="LMTierConnector", kv_connector_module_path="lmtier.integrations.vllm",
+            kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=lmtier)
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=max(map(len, prompts)) + max_tokens + 16, seed=0,
+              enforce_eager=True, disable_log_stats=False, enable_prefix_caching=False, **kwargs)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 6, 7])], params, use_tqdm=False)  # warm-up
+    runs = []
+    for _ in range(2):  # first run (stores), second run (loads: the RAM tier / the server's slab)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        runs.append({"ttft": statistics.median(float(o.metrics.first_token_latency) for o in outs),
+                     "cached": sum(int(o.num_cached_tokens or 0) for o in outs)})
+        if lmtier is not None:
+            from vllm.distributed.kv_transfer import get_kv_transfer_group
+            engine = get_kv_transfer_group().engine
+            if engine is not None:
+                engine.flush(60)
+    llm.llm_engine.engine_core.shutdown()
+    print("@@" + json.dumps(runs), flush=True)
+""")
+
+
+def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str, Any]:
+    from lmtier.demo import TINY_PRESETS, build_tiny_llama, make_prompts
+
+    model = str(build_tiny_llama(TINY_PRESETS["demo"]))
+    prompts = make_prompts(model, n_prompts, tokens)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def engine(lmtier: dict[str, Any] | None) -> list[dict[str, float]]:
+        done = subprocess.run([sys.executable, "-c", TTFT_ENGINE, model, json.dumps(lmtier), json.dumps(prompts), "8"],
+                              capture_output=True, text=True, env=env, timeout=900)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("@@")), None)
+        if line is None:
+            raise RuntimeError(f"engine failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        runs: list[dict[str, float]] = json.loads(line[2:])
+        return runs
+
+    rows: dict[str, list[float]] = {k: [] for k in ("base", "local1", "local2", "server1", "server2")}
+    cached = {"local": 0.0, "server": 0.0}
+    for r in range(rounds):  # modes take turns within each round: they see the same machine
+        base = engine(None)
+        rows["base"].append(base[0]["ttft"])
+        local_cfg = {"chunk_tokens": 256, "tiers": [
+            {"name": "hot", "backend": "cpu", "options": {"max_bytes": "1GiB"}},
+            {"name": "local", "backend": "disk", "options": {"root": str(root / f"disk-{r}"), "max_bytes": "4GiB"}}]}
+        local = engine(local_cfg)
+        rows["local1"].append(local[0]["ttft"])
+        rows["local2"].append(local[1]["ttft"])
+        cached["local"] = local[1]["cached"]
+        where = root / f"server-{r}"
+        where.mkdir()
+        with running_server(where, "1GiB") as server:
+            remote = engine({"chunk_tokens": 256, "server": server.address})
+        rows["server1"].append(remote[0]["ttft"])
+        rows["server2"].append(remote[1]["ttft"])
+        cached["server"] = remote[1]["cached"]
+    med = {k: median(v) for k, v in rows.items()}
+    ratio2 = median([s / loc for s, loc in zip(rows["server2"], rows["local2"], strict=True)])
+    first_local = median([b / x for b, x in zip(rows["base"], rows["local1"], strict=True)])
+    first_server = median([b / x for b, x in zip(rows["base"], rows["server1"], strict=True)])
+    table = [["baseline (no lmtier)", fmt_seconds(med["base"]), "-", "-"],
+             ["in-process tiers: first run / second run", fmt_seconds(med["local1"]), fmt_seconds(med["local2"]),
+              f"{int(cached['local'])}"],
+             ["lmtier serve: first run / second run", fmt_seconds(med["server1"]), fmt_seconds(med["server2"]),
+              f"{int(cached['server'])}"]]
+    print_table(["TTFT p50, demo workload (vLLM CPU)", "first run", "second run", "hit tokens (2nd)"], table,
+                title=f"\n{n_prompts} prompts x {tokens} tokens, tiny 'demo' model, {rounds} rounds (modes take turns)")
+    print(f"second-run TTFT server / in-process: {fmt_ratio(ratio2)} (goal <= 1.05); first run vs baseline: "
+          f"in-process {fmt_ratio(first_local)}, server {fmt_ratio(first_server)} (baseline TTFT / run TTFT)")
+    return {"ratio_second": ratio2, "first_local": first_local, "first_server": first_server,
+            **{k: v for k, v in med.items()}, "cached": cached}
+
+
 # -- gpu ----------------------------------------------------------------------------------------
 def part_gpu(root: Path, repeats: int, chunks: int) -> dict[str, Any]:
     from lmtier.memory import HostMemoryPool
@@ -416,11 +557,14 @@ def main() -> int:
     ap.add_argument("--chunk-bytes", type=int, default=QWEN3_8B_CHUNK_BYTES // 9, help="bytes per chunk (data, ram)")
     ap.add_argument("--chunks", type=int, default=16, help="chunks per round (data, ram)")
     ap.add_argument("--gpu-chunks", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3, help="ttft: engine rounds (3 engines each)")
+    ap.add_argument("--prompts", type=int, default=4, help="ttft: prompts (the demo's 4)")
+    ap.add_argument("--tokens", type=int, default=3000, help="ttft: tokens per prompt (the demo's 3000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the data part's copies (default 1)")
     ap.add_argument("--out", help="write server.json here")
     args = ap.parse_args()
     parts = [p for p in args.part.split(",") if p] or (
-        ["data", "control", "ram", "gpu"] if torch.cuda.is_available() else ["data", "control", "ram"])
+        ["data", "control", "ram", "gpu"] if torch.cuda.is_available() else ["data", "control", "ram", "engine", "ttft"])
     print(machine_line())
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lmtier-bench-server-") as tmp:
@@ -434,6 +578,10 @@ def main() -> int:
                 results[part] = part_control(where, max(50, args.repeats * 20))
             elif part == "ram":
                 results[part] = part_ram(where, args.chunk_bytes, args.chunks)
+            elif part == "engine":
+                results[part] = part_engine(where, max(30, args.repeats * 3))
+            elif part == "ttft":
+                results[part] = part_ttft(where, args.rounds, args.prompts, args.tokens)
             elif part == "gpu":
                 results[part] = part_gpu(where, args.repeats, args.gpu_chunks)
             else:
