@@ -19,7 +19,6 @@ server itself never touches a GPU.
 from __future__ import annotations
 
 import contextlib
-import logging
 import mmap
 import os
 import secrets
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Slab"]
 
-log = logging.getLogger("lmtier.server")
 _PAGE = mmap.PAGESIZE
 # cudaHostRegisterPortable | cudaHostRegisterMapped: usable from every device, device-addressable
 _CUDA_REGISTER_FLAGS = 0x01 | 0x02
