@@ -1373,7 +1373,9 @@ def _one_torch_thread() -> None:
     2.0 on one thread alone)."""
     import torch
 
-    torch.set_num_threads(1)
+    # torch's own function: vLLM's CPU worker replaces torch.set_num_threads with a no-op that
+    # warns, to keep its bound compute threads; this thread is not one of them
+    torch._C.set_num_threads(1)
 
 
 def _codec_of(value: object) -> int:
