@@ -376,6 +376,134 @@ def quality(model: Any, ids: Any, kv: Any, codecs: list[str], gen_tokens: int) -
                 title=f"quality vs exact KV: {t - 1}-token prompt, {gen_tokens} greedy tokens ({model.config._name_or_path})")
 
 
+def vllm_quality(model_dir: str, codecs: list[str], gen_tokens: int, n_prompts: int, prompt_tokens: int,
+                 top: int = 20) -> None:
+    """The same prompts through a real vLLM engine (CPU) with the lmtier connector, their prefix
+    loaded from a disk tier with each lossy codec vs the same tier without one.
+
+    Per configuration one engine computes and stores the prompts (the cpu tier and the disk
+    tier), and a fresh engine (its cpu tier empty) loads their prefix from the disk tier and
+    generates ``gen_tokens`` greedy tokens with the top-``top`` logprobs of each step. Compared
+    with the lossless run: |delta logprob| of the first generated token over the lossless run's
+    top-``top`` tokens, greedy agreement, and the relative error of the K and V the tiers hold.
+    A run of vLLM without the connector (a full prefill) shows the noise floor.
+    """
+    import random
+
+    from vllm import SamplingParams
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    from vllm.inputs import TokensPrompt
+
+    from lmtier.keys import chunk_keys
+    from lmtier.manager import StorageManager
+    from tests.integration import vllm_runner as runner
+
+    for key, value in runner.ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 2000) for _ in range(prompt_tokens)] for _ in range(n_prompts)]
+    Run = list[tuple[list[int], list[dict[int, float]], int]]
+
+    def generate(llm: Any, max_tokens: int, logprobs: int | None) -> Run:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids),
+                 [{t: float(lp.logprob) for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])],
+                 int(o.num_cached_tokens or 0)) for o in outs]
+
+    runs: dict[str, Run] = {}
+    stores: dict[str, tuple[str, Path]] = {}
+    page_shape: tuple[int, ...] = ()
+    llm = runner.make_llm(model_dir)
+    try:
+        runs["vLLM alone (full prefill)"] = generate(llm, gen_tokens, top)
+    finally:
+        runner.shutdown(llm)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label_ in ["none", *codecs]:
+            name, _, scales = label_.partition("/")
+            root = Path(tmp) / label_.replace("/", "-")
+            extra = {"chunk_tokens": 256, "tiers": [
+                {"name": "hot", "backend": "cpu", "options": {"max_bytes": 512 << 20}},
+                {"name": "local", "backend": "disk", "options": {"root": str(root)},
+                 "codec": {"name": name, **({"scales": scales} if scales else {})}}]}
+            writer = runner.make_llm(model_dir, extra)
+            try:
+                generate(writer, 1, None)
+                group = get_kv_transfer_group()
+                group.engine.flush()
+                page_shape = tuple(group._layers[0].shape[1:])
+            finally:
+                runner.shutdown(writer)
+            reader = runner.make_llm(model_dir, extra)  # a fresh engine: the prefix loads from the disk tier
+            try:
+                runs[label_] = generate(reader, gen_tokens, top)
+                stores[label_] = (get_kv_transfer_group().engine.namespace, root)
+            finally:
+                runner.shutdown(reader)
+        errors = asyncio.run(_kv_errors(prompts, stores, page_shape, StorageManager, chunk_keys))
+
+    exact = runs["none"]
+    rows = []
+    for label_, run in runs.items():
+        if label_ == "none":
+            continue
+        deltas, same, total, whole, firsts = [], 0, 0, 0, []
+        for (ids, lps, _), (ref_ids, ref_lps, _) in zip(run, exact, strict=True):
+            ref_top = sorted(ref_lps[0], key=ref_lps[0].__getitem__, reverse=True)[:top]
+            deltas += [abs(lps[0][t] - ref_lps[0][t]) for t in ref_top if t in lps[0]]
+            same += sum(a == b for a, b in zip(ids, ref_ids, strict=True))
+            total += len(ref_ids)
+            whole += ids == ref_ids
+            firsts.append(next((i for i, (a, b) in enumerate(zip(ids, ref_ids, strict=True)) if a != b), len(ids)))
+        k_err, v_err = errors.get(label_, (float("nan"), float("nan")))
+        rows.append([label_, f"{max(deltas):.4f}", f"{sum(deltas) / len(deltas):.4f}", f"{same}/{total}",
+                     f"{whole}/{len(run)}", f"{median(firsts):.0f}", f"{median([r[2] for r in run]):.0f}",
+                     "-" if math.isnan(k_err) else f"{k_err:.4f}", "-" if math.isnan(v_err) else f"{v_err:.4f}"])
+    print_table(["vs the lossless tier", f"max |dlogp| (top-{top}, 1st token)", "mean |dlogp|", "same tokens",
+                 "same sequences", "median 1st divergence", "tokens loaded", "rel err K", "rel err V"], rows,
+                title=f"quality in vLLM {_vllm_version()} (CPU, connector): {n_prompts} prompts of {prompt_tokens} "
+                      f"tokens, prefix loaded from a disk tier, {gen_tokens} greedy tokens ({model_dir})")
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
+async def _kv_errors(prompts: list[list[int]], stores: dict[str, tuple[str, Path]], page_shape: tuple[int, ...],
+                     manager_cls: Any, chunk_keys: Any) -> dict[str, tuple[float, float]]:
+    """Relative error of K and V of every whole chunk each lossy disk tier holds vs the lossless
+    one's. vLLM's CPU pages put K and V apart along their dim 1 (``kv_cache.chunk(2, dim=2)``)."""
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    async def chunks(label_: str) -> list[Any]:
+        namespace, root = stores[label_]
+        cfg = {"chunk_tokens": 256, "tiers": [{"name": "local", "backend": "disk", "options": {"root": str(root)}}]}
+        async with await manager_cls.from_config(cfg, metrics_registry=CollectorRegistry()) as m:
+            keys = [k for p in prompts for k in chunk_keys(p, namespace, 256)]
+            values = await m.get(keys)
+            return [torch.frombuffer(bytearray(bytes(v)), dtype=torch.bfloat16).view(-1, *page_shape)
+                    for v in values if v is not None]
+
+    exact = await chunks("none")
+    out = {}
+    for label_ in stores:
+        if label_ == "none":
+            continue
+        lossy = await chunks(label_)
+        if len(lossy) != len(exact):
+            continue
+        ek = torch.cat([e.chunk(2, dim=2)[0].reshape(-1) for e in exact]).float()
+        ev = torch.cat([e.chunk(2, dim=2)[1].reshape(-1) for e in exact]).float()
+        lk = torch.cat([e.chunk(2, dim=2)[0].reshape(-1) for e in lossy]).float()
+        lv = torch.cat([e.chunk(2, dim=2)[1].reshape(-1) for e in lossy]).float()
+        out[label_] = (float((lk - ek).norm() / ek.norm()), float((lv - ev).norm() / ev.norm()))
+    return out
+
+
 def gpu_onload(kv: Any, chunk_tokens: int, repeats: int) -> None:
     """H2D of raw chunks vs H2D of fp8 chunks + dequantize on the GPU (pinned host memory)."""
     import torch
@@ -445,6 +573,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quality", action="store_true", help="measure lossy codecs' effect on the model")
     p.add_argument("--quality-codecs", default="fp8/vector,fp8/block_head,fp8/layer,int8/vector,int8/block_head,int8/layer")
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--vllm-quality", action="store_true",
+                   help="the lossy codecs' quality through a real vLLM engine (CPU) with the connector")
+    p.add_argument("--vllm-codecs", default="fp8/vector,fp8/layer,int8/vector,int8/layer",
+                   help="(block_head scales need a kv-first page layout; vLLM's is blocks-first)")
+    p.add_argument("--vllm-prompts", type=int, default=8)
+    p.add_argument("--vllm-prompt-tokens", type=int, default=2000)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     import torch
@@ -472,6 +606,9 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(tier_table(values, big, kinds, args.tier_codecs.split(","), args.repeats, links))
     if args.quality:
         quality(model, ids, kv, args.quality_codecs.split(","), args.gen_tokens)
+    if args.vllm_quality:
+        vllm_quality(model_dir, args.vllm_codecs.split(","), args.gen_tokens, args.vllm_prompts,
+                     args.vllm_prompt_tokens)
     if args.device.startswith("cuda"):
         gpu_onload(kv, chunk, args.repeats)
 
