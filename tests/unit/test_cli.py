@@ -189,6 +189,26 @@ def test_bench_measures_every_configured_tier_against_the_raw_baselines(
     assert list((tmp_path / "disk").rglob("*-*")) == [], "bench left its values in the disk tier"
 
 
+def test_bench_shows_each_codec_tiers_ratio_and_throughput_with_the_codec_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path / "c.yaml", tmp_path,
+                        {"name": "zipped", "backend": "disk", "codec": {"name": "zstd", "level": 3},
+                         "options": {"root": str(tmp_path / "z")}},
+                        {"name": "quant", "backend": "disk", "codec": "fp8", "options": {"root": str(tmp_path / "q")}})
+    assert main(["bench", "--config", str(path), "--size", "1MiB", "--count", "2"]) == 0
+    out = capsys.readouterr().out
+    codecs = out[out.index("codecs: the same tiers"):]
+    rows = {line.split()[0]: line.split() for line in codecs.splitlines() if line.startswith(("zipped ", "quant "))}
+    assert rows["zipped"][1:3] == ["zstd", "level=3"] and rows["quant"][1] == "fp8"
+    zstd_ratio, fp8_ratio = float(rows["zipped"][3]), float(rows["quant"][2])
+    assert 1.05 < zstd_ratio < 1.6 and 1.9 < fp8_ratio < 2.0, codecs  # bf16 KV-shaped: exponents compress
+    assert all(float(v) > 0 for v in rows["quant"][3:7]), codecs
+    assert "stored raw" not in codecs  # a 1 MiB value is whole head vectors: fp8 encodes it
+    for root in ("z", "q"):
+        assert list((tmp_path / root).rglob("*-*")) == [], f"bench left its values in {root}"
+
+
 def test_parse_size_accepts_decimal_and_binary_units() -> None:
     assert parse_size("37.7MB") == 37_700_000
     assert parse_size("36MiB") == 37_748_736
