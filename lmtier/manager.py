@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 from lmtier.breaker import CircuitBreaker
 from lmtier.buffers import as_bytes_view, writable_bytes_view
+from lmtier.codecs.base import LOSSY_FIELD
 from lmtier.config import LmtierConfig, TierConfig, load_config
 from lmtier.errors import (
     BackendError,
@@ -125,9 +126,6 @@ MAX_IN_FLIGHT = 4
 CODEC_SLICE_BYTES = 8 << 20
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
 _DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
-#: The namespace field (``KVNamespace.extra``) naming the lossy codecs a namespace's KV may have
-#: been through (see :meth:`StorageManager.lossy_tags`).
-LOSSY_FIELD = "lossy_codecs"
 
 
 class _Fault:
@@ -287,12 +285,9 @@ class StorageManager:
     def declare_lossy(self, kv: KVNamespace) -> KVNamespace:
         """``kv`` with this chain's lossy codecs named in its extra fields (itself when none, or
         when it names them already)."""
-        from dataclasses import replace
+        from lmtier.codecs.base import declare_lossy
 
-        tags = self.lossy_tags()
-        if not tags or (LOSSY_FIELD, ",".join(tags)) in kv.extra:
-            return kv
-        return replace(kv, extra=(*kv.extra, (LOSSY_FIELD, ",".join(tags))))
+        return declare_lossy(kv, self.lossy_tags())
 
     def register_namespace(self, kv: KVNamespace) -> str:
         """Tell the tiers' codecs what the bytes of namespace ``kv.namespace`` are; returns it.

@@ -18,9 +18,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lmtier.codecs.base import FLOAT_DTYPES, PLUGIN_CODEC_IDS, CodecSpec, KVGeometry, ValueCodec
+    from lmtier.codecs.base import (
+        FLOAT_DTYPES,
+        LOSSY_FIELD,
+        PLUGIN_CODEC_IDS,
+        CodecSpec,
+        KVGeometry,
+        ValueCodec,
+        declare_lossy,
+    )
 
-__all__ = ["FLOAT_DTYPES", "PLUGIN_CODEC_IDS", "CodecSpec", "KVGeometry", "ValueCodec"]
+__all__ = ["FLOAT_DTYPES", "LOSSY_FIELD", "PLUGIN_CODEC_IDS", "CodecSpec", "KVGeometry", "ValueCodec",
+           "declare_lossy"]
 
 
 def __getattr__(name: str) -> Any:

@@ -38,16 +38,33 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FLOAT_DTYPES",
+    "LOSSY_FIELD",
     "PLUGIN_CODEC_IDS",
     "CodecSpec",
     "KVGeometry",
     "ValueCodec",
+    "declare_lossy",
 ]
 
 #: KV dtypes a lossy codec can quantize (the namespace's ``dtype`` strings).
 FLOAT_DTYPES = frozenset({"bfloat16", "float16", "float32"})
 #: Codec ids third-party codecs choose from (lmtier's own are below).
 PLUGIN_CODEC_IDS = range(0x8000, 0x10000)
+#: The namespace field (:attr:`~lmtier.keys.KVNamespace.extra`) naming the lossy codecs a
+#: namespace's KV may have been through (:func:`declare_lossy`).
+LOSSY_FIELD = "lossy_codecs"
+
+
+def declare_lossy(kv: KVNamespace, tags: tuple[str, ...]) -> KVNamespace:
+    """``kv`` naming the lossy codecs ``tags`` (:meth:`ValueCodec.tag`, sorted) in its extra
+    fields: the namespace an engine keys its chunks under when a tier of its store quantizes
+    (``kv`` itself when ``tags`` is empty, or when it names them already). One rule for a local
+    store (:meth:`~lmtier.manager.StorageManager.declare_lossy`) and ``lmtier serve``'s clients."""
+    from dataclasses import replace
+
+    if not tags or (LOSSY_FIELD, ",".join(tags)) in kv.extra:
+        return kv
+    return replace(kv, extra=(*kv.extra, (LOSSY_FIELD, ",".join(tags))))
 
 
 @dataclass(frozen=True)
