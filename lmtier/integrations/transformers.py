@@ -452,6 +452,8 @@ class KVPrefixCache:
         self.engine = KVCacheEngine(config if kvstore is None else None, self.kv, save_tail=False,
                                     layerwise=layerwise, kvstore=kvstore, registry=registry,
                                     name="lmtier-hf")
+        # the engine's namespace: this one, naming the store's lossy codecs if a tier quantizes
+        self.kv, self.namespace = self.engine.kv, self.engine.namespace
         self._worker = _Worker()
         self._store_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._closed = False
