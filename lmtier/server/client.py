@@ -29,6 +29,12 @@ exception and never a wait past the deadline:
   it in the background; the first answer makes it usable again. Late replies that carry slots
   are released at once.
 
+**Namespaces.** :meth:`ServerStore.register_namespace` (:class:`~lmtier.store.SupportsNamespaces`,
+called by the engine) tells the server what a namespace's bytes are and returns the namespace to
+key under, which names the server's lossy codecs if it has any (``docs/codecs.md``); the store
+registers its namespaces again after each reconnect. A server that is not reachable then, or that
+predates the op, leaves the namespace as it is: its lossy tiers store those chunks raw.
+
 Metrics (the ``metrics`` registry): ``lmtier_server_client_connected``,
 ``lmtier_server_client_reconnects_total``, ``lmtier_server_client_misses_total{op,reason}``.
 Log lines (logger ``lmtier.server.client``) mark each change of state, not each miss.
@@ -60,6 +66,7 @@ if TYPE_CHECKING:
     import torch
     from prometheus_client.core import Metric
 
+    from lmtier.keys import KVNamespace
     from lmtier.metrics import Metrics
     from lmtier.protocol import Buffer
 
@@ -227,7 +234,7 @@ class ServerStore:
         self.timeouts = {"lookup": lookup_timeout_s, "contains": lookup_timeout_s, "fetch": fetch_timeout_s,
                          "reserve": reserve_timeout_s, "commit": commit_timeout_s, "flush": flush_timeout_s,
                          "delete": reserve_timeout_s, "release": reserve_timeout_s, "ping": connect_timeout_s,
-                         "stats": connect_timeout_s}
+                         "stats": connect_timeout_s, "namespace": connect_timeout_s}
         self.connect_timeout_s = connect_timeout_s
         self.retry = (retry_min_s, retry_max_s)
         self.namespace = namespace
@@ -249,6 +256,8 @@ class ServerStore:
         self._commits: set[concurrent.futures.Future[int]] = set()
         self.reconnects = 0
         self._tier_names: list[str] = []
+        #: namespaces registered (as the engine gave them), replayed after each reconnect
+        self._namespaces: dict[KVNamespace, str] = {}
         self.misses: dict[tuple[str, str], int] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lmtier-server-client", daemon=True)
@@ -381,6 +390,61 @@ class ServerStore:
                                      quiet=True))
         return reply.status if isinstance(reply, p.StatsReply) else None
 
+    def register_namespace(self, kv: KVNamespace) -> KVNamespace:
+        """:class:`~lmtier.store.SupportsNamespaces`: ``kv`` declaring the server's lossy codecs
+        (itself when the server has none, predates the op, or does not answer in time).
+
+        Raises :class:`~lmtier.errors.ConfigError` when the server refuses the KV (a lossy tier
+        cannot quantize its dtype), naming the tier.
+        """
+        declared = self._run(self._register(kv, self._link), self.timeouts["namespace"] + 1.0)
+        self._namespaces[kv] = declared.namespace
+        return declared
+
+    async def _register(self, kv: KVNamespace, link: _Link | None) -> KVNamespace:
+        from lmtier.codecs.base import declare_lossy
+        from lmtier.errors import ConfigError
+
+        def make(rid: int) -> p.Namespace:
+            return p.Namespace(id=rid, model=kv.model, kv_layout=kv.kv_layout, dtype=kv.dtype,
+                               num_layers=kv.num_layers, block_size=kv.block_size, num_kv_heads=kv.num_kv_heads,
+                               head_size=kv.head_size, page_bytes=kv.page_bytes, chunk_tokens=kv.chunk_tokens,
+                               engine=kv.engine, tp_rank=kv.tp_rank, tp_world_size=kv.tp_world_size,
+                               extra=list(kv.extra))
+
+        reply = await self._call("namespace", make, self._deadline("namespace", None), link=link,
+                                 even_if_unusable=True, quiet=True, errors=True)
+        if isinstance(reply, p.Error):
+            if reply.code == p.E_BAD_ARGUMENT:
+                raise ConfigError(f"lmtier serve at {self.address}: {reply.message}")
+            log.info("lmtier: lmtier serve at %s does not register namespaces (%s); its lossy tiers, if any, store "
+                     "namespace %s raw", self.address, reply.code, kv.namespace)
+            return kv
+        if not isinstance(reply, p.NamespaceReply):
+            log.warning("lmtier: lmtier serve at %s did not register namespace %s in time; its lossy tiers, if any, "
+                        "store it raw", self.address, kv.namespace)
+            return kv
+        declared = declare_lossy(kv, (reply.lossy_codecs,) if reply.lossy_codecs else ())
+        if declared.namespace != reply.namespace:  # another lmtier's namespace hash: trust neither
+            log.error("lmtier: lmtier serve at %s names namespace %s for %s, this process computes %s; keying under "
+                      "%s (lossy tiers store it raw)", self.address, reply.namespace, kv.namespace,
+                      declared.namespace, kv.namespace)
+            return kv
+        return declared
+
+    async def _register_again(self, link: _Link) -> None:
+        """After a reconnect: the namespaces this store registered, told to the (new) server."""
+        for kv, used in list(self._namespaces.items()):
+            try:
+                declared = await self._register(kv, link)
+            except LmtierError as exc:
+                log.error("lmtier: lmtier serve at %s refuses namespace %s now: %s", self.address, kv.namespace, exc)
+                continue
+            if declared.namespace != used:
+                log.warning("lmtier: lmtier serve at %s now declares namespace %s as %s, this engine keys it as %s "
+                            "(the server's lossy codecs changed, or it was not reachable when the engine opened): its "
+                            "lossy tiers store these chunks raw until the engine restarts", self.address, kv.namespace, declared.namespace, used)
+
     def outstanding(self) -> int:
         """Chunks handed out by this store and not yet released or committed (leak checks)."""
         return self._outstanding
@@ -486,8 +550,9 @@ class ServerStore:
         return out
 
     async def _call(self, op: str, make: Any, deadline: float, *, link: _Link | None = None,
-                    even_if_unusable: bool = False, quiet: bool = False) -> p.Reply | None:
-        """Send one request and wait for its reply until ``deadline``; None is a miss (counted)."""
+                    even_if_unusable: bool = False, quiet: bool = False, errors: bool = False) -> p.Reply | None:
+        """Send one request and wait for its reply until ``deadline``; None is a miss (counted).
+        ``errors``: an :class:`~lmtier.server.protocol.Error` reply is returned (counted) instead."""
         link = link or self._link
         if link is None or link.closed or not (link.usable or even_if_unusable):
             self._count(op, "unavailable")
@@ -512,7 +577,7 @@ class ServerStore:
             self._count(op, reply.code)
             level = logging.DEBUG if quiet else logging.ERROR
             log.log(level, "lmtier: the server refused %s: %s [%s]", op, reply.message, reply.code)
-            return None
+            return reply if errors else None
         return reply
 
     # -- releases ------------------------------------------------------------------------------
@@ -608,6 +673,8 @@ class ServerStore:
                 log.error("lmtier: %s; GPU copies to and from the slab will not use the native kernel", exc)
         if link.closed:
             raise ConnectionError("the connection closed while the slab was being registered")
+        if self._namespaces:  # before any chunk of this connection can reach a lossy tier
+            await self._register_again(link)
         link.usable = True
         log.info("lmtier: connected to lmtier serve pid %d at %s (slab %s, %d MiB%s)", reply.server_pid,
                  self.address, reply.slab_id, slab.size >> 20, ", CUDA-registered" if slab.cuda_registered else "")

@@ -362,6 +362,8 @@ class Server:
                 return p.StatsReply(id=req.id, status=cache.status())
             case p.Clear():
                 return p.ClearReply(id=req.id, cleared=await cache.clear())
+            case p.Namespace():
+                return _register_namespace(cache, req)
         raise ServerError(p.E_UNKNOWN_OP, f"no handler for {type(req).__name__}")  # pragma: no cover
 
     async def _refuse(self, conn: _Conn, exc: ServerError, request_id: int, *, logged: bool = False) -> None:
@@ -386,6 +388,26 @@ class Server:
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=DRAIN_REQUESTS_S)
         await self.cache.aclose()
+
+
+def _register_namespace(cache: SlabCache, req: p.Namespace) -> p.NamespaceReply:
+    """The ``namespace`` op: the client's KV namespace declaring this server's lossy codecs,
+    registered with the manager (its lossy tiers then encode that namespace's chunks)."""
+    from msgspec import structs
+
+    from lmtier.codecs.base import LOSSY_FIELD
+    from lmtier.keys import KVNamespace
+
+    fields = structs.asdict(req)
+    del fields["id"]
+    fields["extra"] = tuple((str(k), str(v)) for k, v in req.extra)
+    try:
+        kv = cache.manager.declare_lossy(KVNamespace(**fields))
+        cache.manager.register_namespace(kv)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ServerError(p.E_BAD_ARGUMENT, f"namespace: {exc}") from None
+    tags = [v for k, v in kv.extra if k == LOSSY_FIELD]
+    return p.NamespaceReply(id=req.id, namespace=kv.namespace, lossy_codecs=tags[-1] if tags else "")
 
 
 async def _send_with_fd(conn: _Conn, data: bytes, fd: int) -> None:

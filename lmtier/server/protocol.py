@@ -29,6 +29,12 @@ and the connection is closed.
 Keys are 24-byte binaries: the namespace's 8 bytes (its 16 hex digits) then the 16-byte digest of
 a :class:`~lmtier.keys.ChunkKey` (:func:`encode_key` / :func:`decode_key`).
 
+Revisions within version 1 (each optional, so peers of either side keep working together): the
+``namespace`` op (:class:`Namespace`) was added for the server's lossy value codecs; a server
+that predates it answers :data:`E_UNKNOWN_OP`, which the client takes as "no lossy tiers to
+declare" (its chunks are then stored raw in such tiers, never lossy under a namespace that does
+not say so).
+
 Slots and ownership
 -------------------
 A **slot** is a range of the slab, named by a server-chosen integer unique on its connection. The
@@ -98,6 +104,8 @@ __all__ = [
     "HelloReply",
     "Lookup",
     "LookupReply",
+    "Namespace",
+    "NamespaceReply",
     "Ping",
     "PingReply",
     "Release",
@@ -275,10 +283,40 @@ class Clear(_Request, tag="clear"):
     """Drop every chunk the hot tier holds (what ``POST /v1/clear`` does). Reply :class:`ClearReply`."""
 
 
-Request = Hello | Lookup | Contains | Reserve | Commit | Fetch | Release | Delete | Flush | Ping | Stats | Clear
+class Namespace(_Request, tag="namespace"):
+    """Register the KV namespace an engine keys its chunks under; learn the one to use instead.
+    Reply :class:`NamespaceReply`.
+
+    The fields are :class:`~lmtier.keys.KVNamespace`'s (``extra`` as ``[key, value]`` pairs).
+    The server's lossy tiers (value codecs that quantize KV, ``docs/codecs.md``) encode only
+    chunks of namespaces registered this way that name the server's lossy codecs; so the reply
+    names the namespace to key under: this one with the server's lossy codec tags added to
+    ``extra`` (``["lossy_codecs", "fp8/vector"]``: :func:`lmtier.codecs.declare_lossy`), or this
+    one unchanged when every tier is exact. Registrations live in the server's memory: a client
+    registers again after it reconnects. KV a lossy tier cannot quantize (e.g. not float) is
+    :data:`E_BAD_ARGUMENT`, naming the tier. Optional (see "Revisions" above).
+    """
+
+    model: str
+    kv_layout: str
+    dtype: str
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    page_bytes: int
+    chunk_tokens: int
+    engine: str = "lmtier"
+    tp_rank: int = 0
+    tp_world_size: int = 1
+    extra: list[tuple[str, str]] = []
+
+
+Request = (Hello | Lookup | Contains | Reserve | Commit | Fetch | Release | Delete | Flush | Ping | Stats | Clear
+           | Namespace)
 #: Every operation name of this protocol version.
 OPS = frozenset({"hello", "lookup", "contains", "reserve", "commit", "fetch", "release", "delete", "flush",
-                 "ping", "stats", "clear"})
+                 "ping", "stats", "clear", "namespace"})
 
 
 # -- replies ------------------------------------------------------------------------------------
@@ -357,6 +395,14 @@ class ClearReply(_Reply, tag="clear"):
     """Chunks dropped from the hot tier (leased ranges are freed when their leases are released)."""
 
 
+class NamespaceReply(_Reply, tag="namespace"):
+    namespace: str
+    """The 16 hex digits of the namespace to key chunks under (the client checks it against its own
+    hash of the request's fields plus ``lossy_codecs``)."""
+    lossy_codecs: str = ""
+    """The ``lossy_codecs`` value the server added to ``extra`` ("" when it added none)."""
+
+
 class Error(_Reply, tag="error"):
     """The request was refused; nothing of it was applied. ``id`` is 0 when it could not be read."""
 
@@ -365,7 +411,7 @@ class Error(_Reply, tag="error"):
 
 
 Reply = (HelloReply | LookupReply | ContainsReply | ReserveReply | CommitReply | FetchReply | ReleaseReply
-         | DeleteReply | FlushReply | PingReply | StatsReply | ClearReply | Error)
+         | DeleteReply | FlushReply | PingReply | StatsReply | ClearReply | NamespaceReply | Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
