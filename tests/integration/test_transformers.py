@@ -313,3 +313,29 @@ class _ManagerOnLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
+
+
+def test_a_lossy_tier_keys_under_its_own_namespace_and_loads_close_to_the_full_forward(
+        model: Any, tmp_path: Path) -> None:
+    from lmtier.framing import READABLE_CODECS, decode_header
+
+    cold = {"name": "cold", "backend": "disk", "codec": "int8", "options": {"root": str(tmp_path / "cold")}}
+    cfg = {"chunk_tokens": CHUNK, "tiers": [*_cpu_config()["tiers"], cold]}
+    ids = _ids(4 * CHUNK + 1, seed=9)
+    with KVPrefixCache(model, _cpu_config(), model_id="tiny-test") as exact:
+        plain = exact.namespace
+    with KVPrefixCache(model, cfg, model_id="tiny-test") as writer:
+        assert writer.namespace != plain and ("lossy_codecs", "int8/vector") in writer.kv.extra
+        assert all(k.namespace == writer.namespace for k in writer.keys(ids))
+        writer.prefill(ids)
+        writer.flush()
+        disk = writer.manager.tier("cold").backend
+        for key in writer.keys(ids):  # quantized on the way to the disk tier, under the declaring namespace
+            head = decode_header(key, Path(disk.path_of(key)).read_bytes(), codecs=READABLE_CODECS)  # type: ignore[attr-defined]
+            assert head.codec == 4 and head.payload_length < 0.6 * head.raw_length
+    with KVPrefixCache(model, cfg, model_id="tiny-test") as reader:  # a fresh RAM tier: loads from the disk tier
+        logits, _, hit = reader.prefill(ids)
+        assert hit == 4 * CHUNK and reader.last is not None and reader.last.hit_chunks == 4
+        full = _full_logits(model, ids)
+        error = float((logits[:, -1] - full).abs().max())
+        assert 0 < error < 0.01 * float(full.abs().max()), error  # int8 KV: close, and not the exact bytes

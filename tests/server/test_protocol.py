@@ -48,6 +48,18 @@ def test_a_body_that_is_not_a_valid_request_is_a_typed_error_naming_what_is_wron
     assert says in str(err.value)
 
 
+def test_the_namespace_op_carries_a_kv_namespace_and_its_reply_the_namespace_to_key_under() -> None:
+    req = p.Namespace(id=9, model="m", kv_layout="vllm_blocks_first", dtype="bfloat16", num_layers=2,
+                      block_size=16, num_kv_heads=2, head_size=64, page_bytes=8192, chunk_tokens=256,
+                      extra=[("salt", "tenant"), ("lora", "a")])
+    got = p.decode_request(p.encode(req)[4:])
+    assert got == req and isinstance(got, p.Namespace) and got.extra == [("salt", "tenant"), ("lora", "a")]
+    body = msgspec.msgpack.encode({"op": "namespace", "id": 9, "namespace": "00" * 8, "lossy_codecs": "fp8/vector"})
+    assert p.decode_reply(body) == p.NamespaceReply(id=9, namespace="00" * 8, lossy_codecs="fp8/vector")
+    minimal = msgspec.msgpack.encode({"op": "namespace", "id": 3, "namespace": "ab" * 8})  # an exact server's
+    assert p.decode_reply(minimal) == p.NamespaceReply(id=3, namespace="ab" * 8)
+
+
 def test_unknown_fields_are_ignored_so_a_minor_revision_can_add_optional_ones() -> None:
     body = msgspec.msgpack.encode({"op": "ping", "id": 3, "priority": "high"})
     assert p.decode_request(body) == p.Ping(id=3)
