@@ -36,7 +36,7 @@ import inspect
 import os
 import random
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
@@ -45,7 +45,14 @@ from lmtier.errors import BackendUnavailableError, CapacityError, LmtierError
 from lmtier.framing import HEADER_BYTES, MAGIC
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.memory import HostMemoryPool, live_pools
-from lmtier.protocol import Capabilities, StorageBackend, SupportsGetInto, SupportsStats
+from lmtier.protocol import (
+    Capabilities,
+    StorageBackend,
+    SupportsAllocate,
+    SupportsEvictionListener,
+    SupportsGetInto,
+    SupportsStats,
+)
 from lmtier.testing.backdoors import (
     HEADER_FIELDS,
     RawStore,
@@ -415,6 +422,66 @@ class BackendConformance:
         stats = backend.stats()
         assert isinstance(stats, dict)
         assert all(isinstance(v, (int, float)) for v in stats.values()), stats
+
+    @pytest.mark.asyncio
+    async def test_allocated_buffers_are_writable_exact_and_adopted_by_put(
+        self, backend: StorageBackend, namespace: str
+    ) -> None:
+        if not isinstance(backend, SupportsAllocate):
+            pytest.skip("backend does not implement allocate")
+        (key,) = self.keys(namespace, 1)
+        data = self.value(100_000, seed=21)
+        buf = backend.allocate(len(data))
+        view = buf.view()
+        assert view.nbytes == len(data) and not view.readonly
+        view[:] = data
+        del view
+        await backend.put([(key, cast(Any, buf))])
+        buf.release()  # the caller's reference; the tier holds its own
+        (got,) = await backend.get([key])
+        assert _bytes_of(got) == data and memoryview(got).readonly  # type: ignore[arg-type]
+        del got
+        unstored = backend.allocate(4096)
+        unstored.release()  # never put: freed (the leak check after aclose() would say otherwise)
+
+    @pytest.mark.asyncio
+    async def test_an_allocation_larger_than_the_tier_is_a_capacity_error(self, backend: StorageBackend) -> None:
+        if not isinstance(backend, SupportsAllocate):
+            pytest.skip("backend does not implement allocate")
+        limit = backend.capabilities.max_item_bytes
+        if limit is None:
+            pytest.skip("backend declares no max_item_bytes")
+        with pytest.raises(CapacityError):
+            backend.allocate(limit + 1)
+
+    @pytest.mark.asyncio
+    async def test_the_eviction_listener_sees_each_evicted_value_before_its_memory_is_reused(
+        self, backend: StorageBackend, namespace: str
+    ) -> None:
+        if not isinstance(backend, SupportsEvictionListener):
+            pytest.skip("backend does not implement add_eviction_listener")
+        limit = backend.capabilities.max_item_bytes
+        if not backend.capabilities.evicts or limit is None or limit > 512 * MiB:
+            pytest.skip("needs an evicting backend whose max_item_bytes bounds what it holds")
+        size = limit // 3
+        keys = self.keys(namespace, 6)
+        values = {k: self.value(size, seed=30 + i) for i, k in enumerate(keys)}
+        seen: list[ChunkKey] = []
+        intact: list[bool] = []
+
+        def listener(key: ChunkKey, value: Any) -> None:  # the value is checked during the call
+            seen.append(key)
+            intact.append(key in values and bytes(memoryview(value).cast("B")) == values[key])
+
+        backend.add_eviction_listener(listener)
+        for key in keys:
+            await backend.put([(key, values[key])])
+        if not seen:
+            pytest.skip(f"no eviction after {len(keys)} values of max_item_bytes/3: its bound is elsewhere")
+        assert all(intact), "a listener was handed a value other than the one evicted"
+        assert len(set(seen)) == len(seen) and seen == [k for k in keys if k in seen], \
+            "evictions are reported once each, oldest first"
+        assert await backend.contains(seen) == [False] * len(seen)
 
     @pytest.mark.asyncio
     async def test_a_cancelled_get_into_writes_nothing_after_it_has_unwound(
