@@ -115,6 +115,7 @@ class RedisBackend:
         self._max_value = _DEFAULT_MAX_BULK
         self._evicts = True
         self._closed = False
+        self._typical_bytes = 0  # the size of values seen lately: how large a get batch will be
         self._counters = dict.fromkeys(
             ("gets", "hits", "misses", "puts", "deletes", "bytes_read", "bytes_written", "errors",
              "key_errors", "moved_retries", "recv_pool_fallbacks"), 0)
@@ -208,7 +209,8 @@ class RedisBackend:
             return []
         unique = list(dict.fromkeys(keys))  # a key asked twice is read once
         names = [self._name(k) for k in unique]
-        outcomes = await self._per_node("get", names, partial(self._get_blocking, unique, names))
+        outcomes = await self._per_node("get", names, partial(self._get_blocking, unique, names),
+                                        sizes=self._expected_sizes(len(names)), streams=self.config.get_streams)
         found: dict[ChunkKey, Buffer] = {}
         corrupt: list[ChunkKey] = []
         error: LmtierError | None = None
@@ -223,7 +225,10 @@ class RedisBackend:
         self._counters["gets"] += len(keys)
         self._counters["hits"] += sum(1 for k in keys if k in found)
         self._counters["misses"] += sum(1 for k in keys if k not in found)
-        self._counters["bytes_read"] += sum(memoryview(v).nbytes for v in found.values())
+        nbytes = sum(memoryview(v).nbytes for v in found.values())
+        self._counters["bytes_read"] += nbytes
+        if found:
+            self._typical_bytes = nbytes // len(found)
         return [found.get(k) for k in keys]
 
     async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
@@ -240,7 +245,8 @@ class RedisBackend:
         if not keys:
             return []
         names = [self._name(k) for k in keys]
-        outcomes = await self._per_node("get", names, partial(self._get_into_blocking, list(keys), names, views))
+        outcomes = await self._per_node("get", names, partial(self._get_into_blocking, list(keys), names, views),
+                                        sizes=[v.nbytes for v in views], streams=self.config.get_streams)
         corrupt: list[ChunkKey] = []
         error: LmtierError | None = None
         filled = [False] * len(keys)
@@ -268,7 +274,8 @@ class RedisBackend:
             return
         names = [self._name(it.key) for it in unique]
         outcomes = await self._per_node("put", names, partial(self._put_blocking, unique, names),
-                                        sizes=[it.nbytes for it in unique])
+                                        sizes=[it.nbytes for it in unique], streams=self.config.put_streams)
+        self._typical_bytes = max(it.nbytes for it in unique)
         self._raise_first("put", outcomes)
         self._counters["puts"] += len(items)
         self._counters["bytes_written"] += sum(it.nbytes for it in unique)
@@ -329,6 +336,10 @@ class RedisBackend:
         receivers = [_IntoReceiver(views[i]) for i in idx]
         replies = node.get_many([names[i] for i in idx], receivers, token, caller_memory=True)
         return [rcv.result(keys[i], reply) for i, rcv, reply in zip(idx, receivers, replies, strict=True)]
+
+    def _expected_sizes(self, n: int) -> list[int] | None:
+        """Bytes per key a get of ``n`` keys will likely receive (values of one model are alike)."""
+        return [self._typical_bytes] * n if self._typical_bytes else None
 
     def _recv_buffer(self, nbytes: int) -> tuple[memoryview, HostBuffer | None]:
         """A writable buffer for a payload: from the warm slab when large and room is left."""
@@ -408,11 +419,11 @@ class RedisBackend:
 
     async def _per_node(self, op: str, names: list[bytes],
                         work: Callable[[Node, list[int], CancelToken], list[Any]],
-                        sizes: list[int] | None = None) -> list[Any]:
+                        sizes: list[int] | None = None, streams: int = 1) -> list[Any]:
         """Run ``work(node, indices, token)`` for each node's share of ``names``, in parallel.
 
         With ``sizes`` (bytes per name), large shares are split further (:func:`_stripes`) so
-        that up to ``put_streams`` parts run in parallel in all (at least one per node). Returns one outcome per
+        that up to ``streams`` parts run in parallel in all (at least one per node). Returns one outcome per
         name: what ``work`` produced for it, or an exception (the key's own error, or its
         node's). Cluster keys answered with MOVED are retried once after the slot map is
         refreshed.
@@ -421,9 +432,9 @@ class RedisBackend:
         todo = list(range(len(names)))
         for attempt in range(2):
             groups = await self._groups(names, todo)
-            streams = self.config.put_streams // len(groups)  # in total, not per node: cores are the limit
-            if sizes is not None and streams > 1:
-                groups = [(node, part) for node, idx in groups for part in _stripes(idx, sizes, streams)]
+            per_node = streams // len(groups)  # in total, not per node: cores are the limit
+            if sizes is not None and per_node > 1:
+                groups = [(node, part) for node, idx in groups for part in _stripes(idx, sizes, per_node)]
             jobs = [partial(work, node, idx) for node, idx in groups]
             results = await self._workers.run(jobs)
             moved: list[int] = []
