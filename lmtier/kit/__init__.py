@@ -8,6 +8,7 @@
 :func:`check_stored`           header + payload (held in different buffers) validated;
 :func:`stored_value`           a coded value returned with its codec facts (Payload);
                                :class:`Rejections` counts and logs corrupt / newer-format values
+:class:`AsyncClosing`         ``async with`` for a backend: ``__aexit__`` awaits ``aclose()``
 :func:`check_keys`,            argument checks with errors that say what to pass, for a backend
 :func:`check_items`,           also called without a manager; :func:`into_views` for
 :func:`into_views`             ``get_into``'s buffers
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lmtier.kit.checks import check_items, check_keys, into_views
     from lmtier.kit.errors import OS_ERROR_RULES, ErrorMap, Rule, describe, errno_in
+    from lmtier.kit.lifecycle import AsyncClosing
     from lmtier.kit.naming import (
         MARKER,
         TEMP_MARK,
@@ -54,6 +56,7 @@ __all__ = [
     "MARKER",
     "OS_ERROR_RULES",
     "TEMP_MARK",
+    "AsyncClosing",
     "CancelToken",
     "Cancelled",
     "ErrorMap",
@@ -93,6 +96,7 @@ _HOME = {
                      "claim_root", "legacy_object_name", "migrate_object_names", "normalize_prefix",
                      "object_name", "scan_files"), "naming"),
     **dict.fromkeys(("CancelToken", "Cancelled", "Outcome", "WorkerPool"), "runner"),
+    "AsyncClosing": "lifecycle",
     **dict.fromkeys(("Rejections", "check_stored", "stored_size", "stored_value"), "stored"),
     **dict.fromkeys(("Payload", "StoreItem", "checksum_of", "put_items"), "values"),
 }

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from lmtier.errors import CapacityError
 from lmtier.keys import ChunkKey
-from lmtier.kit import put_items
+from lmtier.kit import AsyncClosing, put_items
 from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
 from lmtier.protocol import Buffer, Capabilities
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from lmtier_backends.cpu.config import CpuConfig
 
@@ -29,7 +28,7 @@ __all__ = ["CpuBackend"]
 EvictionListener = Callable[[ChunkKey, memoryview], None]
 
 
-class CpuBackend:
+class CpuBackend(AsyncClosing):
     """In-process, byte-bounded LRU store over a :class:`HostMemoryPool` slab.
 
     ``pool``: keep the values in this pool instead of a slab of ``max_bytes`` allocated here
@@ -118,12 +117,6 @@ class CpuBackend:
             buf.release()
         self.pool.close()
 
-    async def __aenter__(self) -> CpuBackend:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.aclose()
 
     def _reserve(self, nbytes: int) -> HostBuffer:
         if nbytes > self.pool.capacity:

@@ -47,6 +47,7 @@ from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
     MARKER,
+    AsyncClosing,
     CancelToken,
     FileLayout,
     ForeignRootError,
@@ -66,7 +67,6 @@ from lmtier_backends.disk._buffers import BufferRecycler
 from lmtier_backends.disk._errors import foreign_root_error, map_os_error, root_config_error
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from lmtier_backends.disk.config import DiskConfig
 
@@ -99,7 +99,7 @@ class _Entry:
         self.newer = newer
 
 
-class DiskBackend:
+class DiskBackend(AsyncClosing):
     """Byte-bounded LRU store of one file per chunk under ``config.root``.
 
     Construction is blocking (it claims the root, then scans it); from async code use
@@ -285,12 +285,6 @@ class DiskBackend:
         await self._workers.aclose()
         self._buffers.close()
 
-    async def __aenter__(self) -> DiskBackend:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.aclose()
 
     # -- machinery -----------------------------------------------------------------------------
     def _check_open(self) -> None:

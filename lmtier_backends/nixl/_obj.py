@@ -41,7 +41,7 @@ from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._s3rest import S3Rest
 from lmtier_backends.nixl._staging import StagingPool
-from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, outs_registered, transfer_each
+from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import ObjOptions
 
 __all__ = ["ObjStore"]
@@ -269,25 +269,11 @@ class ObjStore:
         """Move each ``(object name, address, nbytes, object offset, staging buffer or None)`` job
         as its own request; OBJ descriptors are registered meanwhile. Staging buffers of abandoned
         requests are quarantined; jobs on caller memory pass ``timeout_s=inf`` (never abandoned)."""
-        agent = self._agent
         ids = [next(self._dev_ids) for _ in jobs]
-        registration = agent.register_memory(
-            [(0, 0, dev, job[0]) for dev, job in zip(ids, jobs, strict=True)], "OBJ", backends=[PLUGIN]
-        )
-        try:
-            pairs = [
-                (agent.get_xfer_descs([(addr, n, 0)], "DRAM"), agent.get_xfer_descs([(off, n, dev)], "OBJ"))
-                for dev, (_, addr, n, off, _) in zip(ids, jobs, strict=True)
-            ]
-            outcome = transfer_each(agent, op, pairs, peer=self._peer,
-                                    timeout_s=self._timeout_s if timeout_s is None else timeout_s)
-        finally:
-            agent.deregister_memory(registration, backends=[PLUGIN])
-        for j in outcome.abandoned:
-            buf = jobs[j][4]
-            if buf is not None:
-                self._staging.quarantine(buf)
-        return outcome
+        return move_registered(
+            self._agent, op, PLUGIN, "OBJ", [(0, 0, dev, job[0]) for dev, job in zip(ids, jobs, strict=True)],
+            [(addr, n, off, dev, buf) for dev, (_, addr, n, off, buf) in zip(ids, jobs, strict=True)],
+            peer=self._peer, timeout_s=self._timeout_s if timeout_s is None else timeout_s, staging=self._staging)
 
     def _shrink(self, key: ChunkKey, out: list[HostBuffer | bytes | None], i: int) -> None:
         """Move a small object read into a big guessed buffer to a buffer of its size: callers

@@ -35,7 +35,7 @@ from lmtier.kit import FileLayout, ForeignRootError, claim_root, scan_files
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._staging import StagingPool
-from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, outs_registered, transfer_each
+from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import PosixOptions
 
 __all__ = ["PosixStore"]
@@ -264,23 +264,11 @@ class PosixStore:
         """Move each ``(address, nbytes, fd, file offset, staging buffer or None)`` job as its own
         request, the fds registered as FILE_SEG meanwhile. Staging buffers of abandoned requests
         are quarantined; jobs on caller memory pass ``timeout_s=inf`` (never abandoned)."""
-        agent = self._agent
         fds = list(dict.fromkeys(fd for _, _, fd, _, _ in jobs))
-        registration = agent.register_memory([(0, 0, fd, "") for fd in fds], "FILE", backends=[PLUGIN])
-        try:
-            pairs = [
-                (agent.get_xfer_descs([(addr, n, 0)], "DRAM"), agent.get_xfer_descs([(off, n, fd)], "FILE"))
-                for addr, n, fd, off, _ in jobs
-            ]
-            outcome = transfer_each(agent, op, pairs, peer=self._peer,
-                                    timeout_s=self._timeout_s if timeout_s is None else timeout_s)
-        finally:
-            agent.deregister_memory(registration, backends=[PLUGIN])
-        for j in outcome.abandoned:
-            buf = jobs[j][4]
-            if buf is not None:
-                self._staging.quarantine(buf)
-        return outcome
+        return move_registered(
+            self._agent, op, PLUGIN, "FILE", [(0, 0, fd, "") for fd in fds],
+            [(addr, n, off, fd, buf) for addr, n, fd, off, buf in jobs],
+            peer=self._peer, timeout_s=self._timeout_s if timeout_s is None else timeout_s, staging=self._staging)
 
     def _write_error(self, error: BaseException, nbytes: int) -> BaseException:
         # NIXL only says a write failed; a full filesystem is the likely cause worth naming.

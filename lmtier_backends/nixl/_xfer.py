@@ -27,7 +27,7 @@ import numpy as np
 
 from lmtier_backends.nixl._errors import TransferFailed, TransferTimeout
 
-__all__ = ["CallerBuffer", "Outcome", "RegistrationRefused", "outs_registered", "transfer_each"]
+__all__ = ["CallerBuffer", "Outcome", "RegistrationRefused", "move_registered", "outs_registered", "transfer_each"]
 
 
 class RegistrationRefused(Exception):
@@ -154,3 +154,24 @@ def transfer_each(
                 if errors[i] is None:
                     errors[i] = exc
     return Outcome(errors, abandoned)
+
+
+def move_registered(agent: Any, op: str, plugin: str, segment: str, regions: Sequence[tuple[int, int, int, str]],
+                    jobs: Sequence[tuple[int, int, int, int, Any]], *, peer: str, timeout_s: float,
+                    staging: Any) -> Outcome:
+    """Register the storage ``regions`` (FILE_SEG fds, OBJ_SEG names) for the call and move each
+    ``(address, nbytes, storage offset, storage device id, staging buffer or None)`` job as its own
+    request (:func:`transfer_each`); deregister them afterwards. Staging buffers of abandoned
+    requests are quarantined (``staging.quarantine``): NIXL may still write them."""
+    registration = agent.register_memory(list(regions), segment, backends=[plugin])
+    try:
+        pairs = [(agent.get_xfer_descs([(addr, n, 0)], "DRAM"), agent.get_xfer_descs([(off, n, dev)], segment))
+                 for addr, n, off, dev, _ in jobs]
+        outcome = transfer_each(agent, op, pairs, peer=peer, timeout_s=timeout_s)
+    finally:
+        agent.deregister_memory(registration, backends=[plugin])
+    for j in outcome.abandoned:
+        buf = jobs[j][4]
+        if buf is not None:
+            staging.quarantine(buf)
+    return outcome

@@ -45,7 +45,16 @@ import numpy as np
 from lmtier.errors import BackendError, BackendUnavailableError, ConfigError, CorruptDataError
 from lmtier.framing import HEADER_BYTES, NewerFormatError, checksum, decode, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import CancelToken, Rejections, StoreItem, WorkerPool, check_stored, into_views, put_items
+from lmtier.kit import (
+    AsyncClosing,
+    CancelToken,
+    Rejections,
+    StoreItem,
+    WorkerPool,
+    check_stored,
+    into_views,
+    put_items,
+)
 from lmtier.memory import HostBuffer
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.nixl import _nixl
@@ -55,7 +64,6 @@ from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, RegistrationRefused
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from lmtier_backends.nixl.config import NixlConfig, ObjOptions
 
@@ -88,7 +96,7 @@ async def open_nixl_backend(config: NixlConfig) -> NixlBackend:
     return backend
 
 
-class NixlBackend:
+class NixlBackend(AsyncClosing):
     """A NIXL-backed tier; open it with :func:`open_nixl_backend`."""
 
     def __init__(self, config: NixlConfig) -> None:
@@ -185,12 +193,6 @@ class NixlBackend:
         # workers may hold NIXL handles and staging: never tear down under them
         await self._workers.aclose(warn_after_s=self.config.xfer_timeout_s + 10, last=self._teardown_sync)
 
-    async def __aenter__(self) -> NixlBackend:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.aclose()
 
     # -- the event-loop side ---------------------------------------------------------------------
     def _check_open(self) -> None:

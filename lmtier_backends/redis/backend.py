@@ -42,6 +42,7 @@ from lmtier.errors import BackendUnavailableError, ConfigError, CorruptDataError
 from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
+    AsyncClosing,
     CancelToken,
     Rejections,
     StoreItem,
@@ -56,7 +57,6 @@ from lmtier_backends.redis._errors import map_error
 from lmtier_backends.redis._wire import FILLED, DirectReadParser, Node
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from redis.cluster import RedisCluster
 
@@ -89,7 +89,7 @@ async def open_redis_backend(config: RedisConfig) -> RedisBackend:
     return backend
 
 
-class RedisBackend:
+class RedisBackend(AsyncClosing):
     """Chunks in Redis (standalone or Cluster); see the module docstring for the data path.
 
     The constructor does no I/O; :func:`open_redis_backend` (the registry's factory) also calls
@@ -307,12 +307,6 @@ class RedisBackend:
         await self._workers.aclose()
         self._close_clients()
 
-    async def __aenter__(self) -> RedisBackend:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.aclose()
 
     # -- worker-thread bodies ------------------------------------------------------------------
     def _put_blocking(self, items: list[StoreItem], names: list[bytes],

@@ -51,6 +51,7 @@ from lmtier.errors import BackendError, ConfigError, CorruptDataError
 from lmtier.framing import CODEC_NONE, HEADER_BYTES, READABLE_CODECS, Header, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
+    AsyncClosing,
     CancelToken,
     Rejections,
     StoreItem,
@@ -73,7 +74,6 @@ from lmtier_backends.s3._errors import (
 from lmtier_backends.s3._io import HeaderedBody, finish_response, read_exact_into, response_socket
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
     from lmtier.memory import HostBuffer, HostMemoryPool
     from lmtier_backends.s3.config import S3Config
@@ -184,7 +184,7 @@ async def open_s3_backend(config: S3Config) -> S3Backend:
     return backend
 
 
-class S3Backend:
+class S3Backend(AsyncClosing):
     """Chunks as S3 objects; persistent and shared between processes and hosts.
 
     Build it with :func:`open_s3_backend` (checks the bucket); the constructor does no I/O.
@@ -281,12 +281,6 @@ class S3Backend:
         if self._recv_pool is not None:
             self._recv_pool.close()  # the slab is freed once the last returned view is dropped
 
-    async def __aenter__(self) -> S3Backend:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"S3Backend(bucket={self._bucket!r}, prefix={self.config.prefix!r}, endpoint={self.config.endpoint_url!r})"

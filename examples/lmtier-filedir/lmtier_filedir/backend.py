@@ -3,8 +3,8 @@
 What the kit does here: ``WorkerPool`` runs the blocking file calls (bounded, cancel-safe),
 ``FileLayout`` names the files exactly as lmtier's ``disk`` tier does, ``put_items`` checks a put
 batch and makes each item's header (reusing a checksum another tier already computed),
-``Rejections`` counts and logs what reads refuse, and ``ErrorMap`` turns ``OSError`` into the
-lmtier error tree with advice.
+``Rejections`` counts and logs what reads refuse, ``ErrorMap`` turns ``OSError`` into the lmtier
+error tree with advice, and ``AsyncClosing`` gives ``async with``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lmtier.framing import decode
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
     OS_ERROR_RULES,
+    AsyncClosing,
     CancelToken,
     ErrorMap,
     FileLayout,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["FileDirBackend"]
 
 
-class FileDirBackend:
+class FileDirBackend(AsyncClosing):
     """Persistent (files outlive the process), not shared (no locking between processes)."""
 
     def __init__(self, config: FileDirConfig) -> None:
@@ -78,12 +79,6 @@ class FileDirBackend:
 
     async def aclose(self) -> None:
         await self.workers.aclose()  # waits for running calls; later calls raise BackendUnavailableError
-
-    async def __aenter__(self) -> FileDirBackend:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # -- blocking, on the pool's threads ---------------------------------------------------------
     def _read(self, key: ChunkKey) -> memoryview | None:

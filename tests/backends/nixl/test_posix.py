@@ -209,7 +209,7 @@ async def test_calls_cancelled_mid_transfer_leave_no_buffer_or_handle_behind(ope
 @pytest.mark.asyncio
 async def test_a_cancelled_put_never_reads_the_callers_buffers_after_it_unwinds(opener: Callable[..., Any]) -> None:
     tier = await opener(max_staging_bytes=256 * MiB)
-    keys = _keys(16)
+    keys = _keys(48)  # a long enough call to be caught mid-transfer on a busy machine
     originals = [os.urandom(2 * MiB) for _ in keys]  # big enough to be written in place
     buffers = [bytearray(v) for v in originals]
     await _cancel_once_running(tier, asyncio.create_task(tier.put(list(zip(keys, buffers, strict=True)))))
@@ -291,7 +291,7 @@ async def test_a_cancelled_get_into_never_writes_the_callers_buffers_after_it_un
     opener: Callable[..., Any]
 ) -> None:
     tier = await opener()
-    keys = _keys(16)
+    keys = _keys(48)  # a long enough call to be caught mid-transfer on a busy machine
     await tier.put([(k, os.urandom(2 * MiB)) for k in keys])
     outs = [bytearray(2 * MiB) for _ in keys]
     task = asyncio.create_task(tier.get_into(keys, outs))
@@ -307,16 +307,16 @@ async def test_a_cancelled_get_into_never_writes_the_callers_buffers_after_it_un
 @pytest.fixture
 def rounds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every batch of transfers the posix store hands NIXL, in order."""
-    from lmtier_backends.nixl import _posix
+    from lmtier_backends.nixl import _xfer
 
     seen: list[int] = []
-    real = _posix.transfer_each
+    real = _xfer.transfer_each
 
     def spy(agent: Any, op: str, pairs: Any, **kw: Any) -> Any:
         seen.append(len(pairs))
         return real(agent, op, pairs, **kw)
 
-    monkeypatch.setattr(_posix, "transfer_each", spy)
+    monkeypatch.setattr(_xfer, "transfer_each", spy)
     return seen
 
 
