@@ -69,6 +69,7 @@ from lmtier.breaker import CircuitBreaker
 from lmtier.buffers import as_bytes_view, writable_bytes_view
 from lmtier.codecs.base import LOSSY_FIELD
 from lmtier.config import LmtierConfig, TierConfig, load_config
+from lmtier.cost import ReadCost, TierReadEstimator
 from lmtier.errors import (
     BackendError,
     BackendTimeoutError,
@@ -124,6 +125,8 @@ MAX_IN_FLIGHT = 4
 #: raw bytes, up to MAX_IN_FLIGHT at once: one slice's encoding overlaps another's transfer, so a
 #: tier whose speed is its bytes gains the codec's ratio instead of adding its time.
 CODEC_SLICE_BYTES = 8 << 20
+#: The operations whose batches teach a tier's read cost (lmtier.cost).
+_READS = frozenset({"get", "get_into"})
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
 _DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
 
@@ -168,6 +171,8 @@ class Tier:
     detached: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
     #: the tier's value codec (``codec:`` in its config), None for raw
     codec: ValueCodec | None = None
+    #: the tier's read cost, learned from its get/get_into calls (lmtier.cost)
+    reads: TierReadEstimator = field(default_factory=TierReadEstimator, repr=False)
 
     @property
     def name(self) -> str:
@@ -215,7 +220,9 @@ class StorageManager:
         for i, (tcfg, backend) in enumerate(tiers):
             b = tcfg.breaker
             tier = Tier(i, tcfg, backend, CircuitBreaker(b.failures, b.cooldown_s, b.max_cooldown_s, clock),
-                        asyncio.Queue(maxsize=tcfg.queue_depth), codec=codecs[i])
+                        asyncio.Queue(maxsize=tcfg.queue_depth), codec=codecs[i],
+                        reads=TierReadEstimator(seed_bytes_per_s=tcfg.read_bytes_per_s,
+                                                seed_latency_s=tcfg.read_latency_s))
             tier.writer = self._loop.create_task(self._drain(tier), name=f"lmtier-writer-{tcfg.name}")
             self.tiers.append(tier)
             if isinstance(backend, SupportsStats):
@@ -223,6 +230,7 @@ class StorageManager:
             if isinstance(backend, SupportsEvictionListener):
                 backend.add_eviction_listener(self._eviction_listener(tier))
             self.metrics.circuit_open.labels(tcfg.name).set(0)
+            self._export_reads(tier)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -587,6 +595,17 @@ class StorageManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def read_costs(self) -> dict[str, ReadCost | None]:
+        """Each tier's learned read cost (None until it has read enough, unless seeded).
+
+        Learned from the tier's reads: one sample per read batch (a ``get``, or a ``get_into``
+        with all its 64 MiB slices in parallel: the wall time a caller waits), foreground loads
+        and background promotions alike; a slice that misses its own deadline counts as read at
+        that time (the batch was at least that slow). The engine weighs loading a hit against
+        recomputing it with these (:mod:`lmtier.cost`). Thread-safe: may be called from any thread.
+        """
+        return {t.name: t.reads.cost() for t in self.tiers}
+
     def stats(self) -> dict[str, Any]:
         """Per-tier state for `lmtier doctor` and tests."""
         out: dict[str, Any] = {}
@@ -630,12 +649,16 @@ class StorageManager:
         """
         results: list[Any] = [FAULT] * len(parts)
         limit = getattr(tier.config.timeout_s, _DEADLINE_OF[op])
+        t0 = self._clock()
+        missed: set[int] = set()  # parts detached at the tier's own deadline
         if tier.lends_memory:  # in-process, never waits on I/O: inline, so its writes are seen at once
             for i, part in enumerate(parts):
                 if tier.breaker.allow():
                     results[i] = await self._inline(tier, op, fn, part.arg, part.writes, self._clock())
                 else:
                     results[i] = self._skip(tier, part.writes, "circuit_open")
+            if op in _READS:
+                self._observe_reads(tier, op, parts, results, missed, self._clock() - t0)
             return results
         running: dict[asyncio.Task[Any], int] = {}
         started: dict[int, float] = {}
@@ -669,6 +692,8 @@ class StorageManager:
                         self._missed(tier, op, task, parts[i].holds, parts[i].writes, own=own,
                                      waited=limit if own else max(wait, 0.0), verdict=verdict)
                         verdict = False  # one verdict on the tier per stall
+                        if own:
+                            missed.add(i)
                     running.clear()
                     continue
                 progress = self._loop.time()
@@ -680,6 +705,8 @@ class StorageManager:
             for task, i in running.items():
                 self._detach(tier, op, task, parts[i].holds)
             raise
+        if op in _READS:  # the whole batch, parts in parallel: its wall time is what a load waits
+            self._observe_reads(tier, op, parts, results, missed, self._clock() - t0)
         return results
 
     def _gate(self, tier: Tier, until: float | None, now: float) -> str | None:
@@ -723,6 +750,34 @@ class StorageManager:
         if tier.breaker.record_success():
             self.metrics.circuit_open.labels(tier.name).set(0)
         return result
+
+    def _observe_reads(self, tier: Tier, op: str, parts: Sequence[_Part[Any]], results: Sequence[Any],
+                       missed: set[int], seconds: float) -> None:
+        """Feed one read batch (all its parts: one operation of a caller) to the tier's read cost.
+
+        The bytes read, or asked of a part that missed its own deadline (the batch was at least
+        that slow); parts never sent (circuit open, caller's budget spent) say nothing.
+        """
+        nbytes, asked = 0, False
+        for i, (part, result) in enumerate(zip(parts, results, strict=True)):
+            if i in missed:
+                asked = True
+                nbytes += _into_bytes(part.arg, None) if op == "get_into" else 0
+            elif result is not FAULT:
+                asked = True
+                if op == "get":
+                    nbytes += sum(_nbytes(v) for v in result if v is not None)
+                else:
+                    nbytes += _into_bytes(part.arg, result)
+        if asked:
+            tier.reads.observe(nbytes, seconds)
+            self._export_reads(tier)
+
+    def _export_reads(self, tier: Tier) -> None:
+        cost = tier.reads.cost()
+        if cost is not None:
+            self.metrics.read_bytes_per_s.labels(tier.name).set(cost.bytes_per_s)
+            self.metrics.read_call_seconds.labels(tier.name).set(cost.latency_s)
 
     def _skip(self, tier: Tier, writes: int, reason: str) -> _Fault:
         if writes:
@@ -1376,6 +1431,21 @@ def _one_torch_thread() -> None:
 def _codec_of(value: object) -> int:
     """The codec id a tier's value carries (0: raw): a :class:`~lmtier.kit.Payload`'s."""
     return getattr(value, "codec", 0) if type(value).__name__ == "Payload" else 0
+
+
+def _nbytes(value: object) -> int:
+    try:
+        return as_bytes_view(value).nbytes
+    except InvalidArgumentError:  # a third-party value the manager will refuse later: no bytes here
+        return 0
+
+
+def _into_bytes(arg: tuple[Sequence[ChunkKey], Sequence[memoryview]], filled: Sequence[bool] | None) -> int:
+    """Bytes a get_into call read: of the buffers it filled (all of them when ``filled`` is None)."""
+    views = arg[1]
+    if filled is None:
+        return sum(v.nbytes for v in views)
+    return sum(v.nbytes for v, ok in zip(views, filled, strict=False) if ok)
 
 
 def _release_all(bufs: Sequence[HostBuffer | None]) -> None:

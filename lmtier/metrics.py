@@ -77,6 +77,22 @@ class Metrics:
         self.loaded_tokens = Counter("lmtier_loaded_tokens", "Tokens whose KV was loaded to the engine", registry=r)
         self.stored_tokens = Counter("lmtier_stored_tokens", "Tokens whose KV was stored", registry=r)
         self.hit_ratio = Gauge("lmtier_hit_ratio", "hit_tokens / requested_tokens since start", registry=r)
+        # load decisions (lmtier.cost): what is learned, and what was decided
+        self.read_bytes_per_s = Gauge("lmtier_tier_read_bytes_per_second",
+                                      "Learned read bandwidth of a tier (from its recent reads)", ["tier"],
+                                      registry=r)
+        self.read_call_seconds = Gauge("lmtier_tier_read_call_seconds",
+                                       "Learned per-call latency of a tier's reads", ["tier"], registry=r)
+        self.recompute_tokens_per_s = Gauge("lmtier_recompute_tokens_per_second",
+                                            "Learned prefill speed of the engine for a prompt of this length",
+                                            ["prompt_tokens"], registry=r)
+        self.load_decisions = Counter("lmtier_load_decisions",
+                                      "Lookups by what the load policy decided (all, part, none: weighed; "
+                                      "unweighed: no estimate yet or load_policy always)", ["outcome"],
+                                      registry=r)
+        self.skipped_tokens = Counter("lmtier_skipped_tokens",
+                                      "Hit tokens not loaded because recomputing them was expected to be faster",
+                                      registry=r)
         self._stats = _StatsCollector()
         r.register(self._stats)
 
