@@ -10,24 +10,32 @@ a lookup answers the tokens *worth loading*, from three parts:
   ``get`` / ``get_into`` batch the manager sends it, foreground or background) and optionally
   seeded from the config (``read_bytes_per_s``, ``read_latency_s``).
 * :class:`RecomputeEstimator` — one per engine, fed by its integration: the cost of a forward,
-  ``seconds = a + b x tokens + c x pairs``, where ``tokens`` counts the tokens computed and
+  ``seconds = b x tokens + c x pairs``, where ``tokens`` counts the tokens computed and
   ``pairs = sum((end**2 - start**2) / 2)`` over the requests' computed spans ``[start, end)``
   (attention work). Recomputing a prefix ``[p, q)`` on top of ``[0, p)`` then costs
-  ``b (q - p) + c (q**2 - p**2) / 2``: the per-step overhead ``a`` is paid either way.
+  ``b (q - p) + c (q**2 - p**2) / 2``. There is no per-step term: a step's fixed overhead is
+  folded into the per-token cost (so short prefixes look a little dearer to recompute than they
+  are, which errs towards loading), because a fit free to explain time by a constant explains
+  too much of it by one on a busy machine (measured on a 2-core host under load: 0.3k to 2k-token
+  prefills all took ~0.45 s, and a fitted constant made recomputing look free).
 * :func:`plan_load` — the decision: among the prefixes of the hit, the one with the largest
   expected saving ``recompute - load x (1 + margin)``, loaded; the rest recomputed (and, by the
   engine, promoted in the background to a faster tier so the next request reads RAM). With no
   estimate yet (a cold start) everything is loaded — today's behaviour — and the load teaches
   the estimators.
 
-**How the fits learn.** Both estimators are weighted least squares with exponential forgetting
-(``half_life`` samples): the newest samples count most, so an estimate follows a tier whose speed
-changes (a page cache gone cold, a throttled bucket, a busy disk) within a few reads. Samples are
-weighted by ``1 / seconds**2`` — timing noise is proportional to the time — so a 30 ms read of one
-chunk counts as much as a 700 ms read of forty. Coefficients are non-negative; of the subsets of
-terms, the simplest one that fits within :data:`FIT_TOLERANCE` of the best is used (so a single
-prompt length gives a per-token cost, not an arbitrary split between tokens and attention, and
-reads all of one size give a bandwidth).
+**How the fits learn.** Both estimators are weighted least squares over a window of the latest
+samples (a tier is judged by its last 8 reads, the prefill by the last 16 forwards), so an
+estimate follows a tier whose speed changes (a page cache gone cold, a throttled bucket, a busy
+disk) within a window. Errors count relative to each sample's size: a read of one chunk counts as
+much as a read of forty, and among reads of one size the fit averages *times*, not speeds. That
+is deliberately cautious: one read ten times slower among fast ones doubles the expected time at
+once, while a tier that turned fast is believed only once most of the window says so — loading
+from a tier slower than believed can double a request's TTFT, while recomputing what could have
+loaded costs at most the prefill it would have cost without a cache.
+Coefficients are non-negative; of the subsets of terms, the simplest one that fits within
+:data:`FIT_TOLERANCE` of the best is used (so a single prompt length gives a per-token cost, not
+an arbitrary split between tokens and attention, and reads all of one size give a bandwidth).
 
 Everything here is pure computation and thread-safe; nothing is imported that is not cheap.
 """
@@ -36,20 +44,28 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FIT_TOLERANCE",
     "LOAD_POLICIES",
+    "METRIC_PROMPT_LENGTHS",
     "SLACK_S",
     "ChunkSpan",
+    "ForwardClock",
     "LoadPlan",
     "LoadPolicy",
     "ReadCost",
     "RecomputeCost",
     "RecomputeEstimator",
+    "SupportsReadCosts",
     "TierReadEstimator",
     "plan_load",
 ]
@@ -68,63 +84,68 @@ METRIC_PROMPT_LENGTHS = (256, 1024, 4096, 16384)
 _MIN_SECONDS = 1e-6  # samples faster than this are clamped (a lease of RAM, a clock's resolution)
 
 
-class _ForgettingFit:
-    """Non-negative weighted least squares ``y = sum(coef[j] * x[j])`` with exponential forgetting.
+class _WindowFit:
+    """Non-negative weighted least squares ``y = sum(coef[j] * x[j])`` over the last ``size`` samples.
 
     ``candidates`` lists the subsets of terms tried, simplest and most plausible first; the first
     whose error is within :data:`FIT_TOLERANCE` (of the weighted ``sum y**2``) of the best
     feasible subset wins. ``scales`` bring the features near 1 for the solver.
+
+    Errors count relative to each sample's size, in two passes: first relative to the sample's own
+    time, then relative to what that first fit predicts for it. Among samples of one size the
+    second pass averages their times (a slow one weighs as its time says), and samples of other
+    sizes count alike (one big read does not drown many small ones).
     """
 
-    def __init__(self, scales: Sequence[float], half_life: float, candidates: Sequence[tuple[int, ...]]) -> None:
-        if not half_life > 0:
-            raise ValueError(f"half_life must be > 0, got {half_life!r}")
-        n = len(scales)
+    def __init__(self, scales: Sequence[float], size: int, candidates: Sequence[tuple[int, ...]]) -> None:
+        if size < 1:
+            raise ValueError(f"the window must hold at least one sample, got {size!r}")
         self._scales = tuple(float(s) for s in scales)
-        self._decay = 0.5 ** (1.0 / half_life)
         self._candidates = tuple(candidates)
-        self._xx = [[0.0] * n for _ in range(n)]
-        self._xy = [0.0] * n
-        self._yy = 0.0
+        self._samples: deque[tuple[tuple[float, ...], float, float]] = deque(maxlen=size)
         self._coef: tuple[float, ...] | None = None
 
     def add(self, x: Sequence[float], y: float, weight: float = 1.0) -> None:
-        y = max(float(y), _MIN_SECONDS)
-        w = weight / (y * y)  # relative errors: a sample's influence does not grow with its size
-        xs = [float(v) / s for v, s in zip(x, self._scales, strict=True)]
-        d = self._decay
-        n = len(xs)
-        for i in range(n):
-            row = self._xx[i]
-            for j in range(n):
-                row[j] = row[j] * d + w * xs[i] * xs[j]
-            self._xy[i] = self._xy[i] * d + w * xs[i] * y
-        self._yy = self._yy * d + w * y * y
+        xs = tuple(float(v) / s for v, s in zip(x, self._scales, strict=True))
+        self._samples.append((xs, max(float(y), _MIN_SECONDS), weight))
         self._coef = None
 
     def coef(self) -> tuple[float, ...]:
         """The fitted coefficients in the features' own units (zeros before any sample)."""
         if self._coef is None:
-            self._coef = self._solve()
+            first = self._solve([w / (y * y) for _, y, w in self._samples])
+            expected = [max(sum(c * v for c, v in zip(first, xs, strict=True)), _MIN_SECONDS)
+                        for xs, _, _ in self._samples]
+            scaled = self._solve([w / (e * e) for (_, _, w), e in zip(self._samples, expected, strict=True)])
+            self._coef = tuple(c / s for c, s in zip(scaled, self._scales, strict=True))
         return self._coef
 
-    def _solve(self) -> tuple[float, ...]:
+    def _solve(self, weights: list[float]) -> tuple[float, ...]:
         n = len(self._scales)
+        xx = [[0.0] * n for _ in range(n)]
+        xy = [0.0] * n
+        yy = 0.0
+        for (xs, y, _), w in zip(self._samples, weights, strict=True):
+            for i in range(n):
+                for j in range(n):
+                    xx[i][j] += w * xs[i] * xs[j]
+                xy[i] += w * xs[i] * y
+            yy += w * y * y
         fits: list[tuple[tuple[int, ...], list[float], float]] = []
         for subset in self._candidates:
-            c = _solve_normal([[self._xx[i][j] for j in subset] for i in subset], [self._xy[i] for i in subset])
+            c = _solve_normal([[xx[i][j] for j in subset] for i in subset], [xy[i] for i in subset])
             if c is None or any(v < 0 for v in c):
                 continue
-            sse = self._yy - 2 * sum(ci * self._xy[i] for ci, i in zip(c, subset, strict=True))
-            sse += sum(c[a] * c[b] * self._xx[i][j] for a, i in enumerate(subset) for b, j in enumerate(subset))
+            sse = yy - 2 * sum(ci * xy[i] for ci, i in zip(c, subset, strict=True))
+            sse += sum(c[a] * c[b] * xx[i][j] for a, i in enumerate(subset) for b, j in enumerate(subset))
             fits.append((subset, c, max(sse, 0.0)))
         out = [0.0] * n
         if not fits:
             return tuple(out)
         best = min(sse for _, _, sse in fits)
-        subset, c, _ = next(f for f in fits if f[2] <= best + FIT_TOLERANCE * self._yy)
+        subset, c, _ = next(f for f in fits if f[2] <= best + FIT_TOLERANCE * yy)
         for i, v in zip(subset, c, strict=True):
-            out[i] = v / self._scales[i]
+            out[i] = v
         return tuple(out)
 
 
@@ -169,16 +190,17 @@ class TierReadEstimator:
     """A tier's read cost, learned from its reads (see the module doc). Thread-safe.
 
     Args:
-        half_life: samples after which a sample counts half.
+        window: the reads an estimate is made of (the latest).
         min_samples: real samples needed before :meth:`cost` answers (a seed answers at once).
-        seed_bytes_per_s, seed_latency_s: a prior (from the config), worth ``min_samples`` samples
-            and forgotten like any other as real reads arrive.
+        seed_bytes_per_s, seed_latency_s: a prior (from the config): two samples in the window,
+            pushed out by real reads like any other.
     """
 
-    def __init__(self, *, half_life: float = 8.0, min_samples: int = 2, seed_bytes_per_s: float | None = None,
+    def __init__(self, *, window: int = 8, min_samples: int = 1, seed_bytes_per_s: float | None = None,
                  seed_latency_s: float | None = None) -> None:
-        # terms: (per call, per byte); bandwidth alone first, then latency + bandwidth, latency alone
-        self._fit = _ForgettingFit((1.0, float(1 << 26)), half_life, [(1,), (0, 1), (0,)])
+        # terms: (per call, per byte); bandwidth alone first, then latency + bandwidth (never latency
+        # alone: a read always moves its bytes, and an infinite bandwidth would say it does not)
+        self._fit = _WindowFit((1.0, float(1 << 26)), window, [(1,), (0, 1)])
         self._lock = threading.Lock()
         self._min = max(1, min_samples)
         self.samples = 0
@@ -197,7 +219,7 @@ class TierReadEstimator:
             for nbytes in (1 << 20, 1 << 26):  # two sizes, so latency and bandwidth are both pinned
                 seconds = latency_s + nbytes * per_byte
                 if seconds > 0:
-                    self._fit.add((1, nbytes), seconds, weight=self._min / 2)
+                    self._fit.add((1, nbytes), seconds)
             self._seeded = True
 
     def observe(self, nbytes: int, seconds: float, calls: int = 1) -> None:
@@ -221,6 +243,19 @@ class TierReadEstimator:
             return ReadCost(latency, per_byte, self.samples)
 
 
+@runtime_checkable
+class SupportsReadCosts(Protocol):
+    """Optional for a :class:`~lmtier.store.KVStore`: the learned read cost of each of its tiers.
+
+    The engine weighs a hit only when its store implements this (a store that does not is
+    loaded from whatever it costs, as with ``load_policy: always``).
+    """
+
+    def read_costs(self) -> Mapping[str, ReadCost | None]:
+        """Tier name -> its current read cost, None while not known; callable from any thread."""
+        ...
+
+
 # -- recomputation -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RecomputeCost:
@@ -229,7 +264,6 @@ class RecomputeCost:
 
     per_token_s: float
     per_pair_s: float
-    step_s: float = 0.0
     samples: int = 0
 
     def seconds(self, start: int, end: int) -> float:
@@ -238,7 +272,7 @@ class RecomputeCost:
         return self.per_token_s * (end - start) + self.per_pair_s * (end * end - start * start) / 2
 
     def tokens_per_s(self, prompt_tokens: int) -> float:
-        """Prefill speed of a whole prompt of ``prompt_tokens`` tokens (without the step overhead)."""
+        """Prefill speed of a whole prompt of ``prompt_tokens`` tokens."""
         t = self.seconds(0, prompt_tokens)
         return prompt_tokens / t if t > 0 else math.inf
 
@@ -250,16 +284,15 @@ class RecomputeEstimator:
     nothing: a forward that waited for a load measures the load, not the compute).
 
     Args:
-        half_life: samples after which a sample counts half.
+        window: the forwards an estimate is made of (the latest).
         min_samples: samples needed before :meth:`cost` answers (a seed answers at once).
-        seed_tokens_per_s: a prior (from the config): a per-token cost, worth ``min_samples``.
+        seed_tokens_per_s: a prior (from the config): a per-token cost, two samples in the window.
     """
 
-    def __init__(self, *, half_life: float = 16.0, min_samples: int = 1,
+    def __init__(self, *, window: int = 16, min_samples: int = 1,
                  seed_tokens_per_s: float | None = None) -> None:
-        # terms: (per step, per token, per attention pair); per token alone is the simplest
-        self._fit = _ForgettingFit((1.0, 1024.0, 1024.0 * 1024.0), half_life,
-                                   [(1,), (0, 1), (1, 2), (0, 1, 2), (2,), (0, 2), (0,)])
+        # terms: (per token, per attention pair); per token alone is the simplest
+        self._fit = _WindowFit((1024.0, 1024.0 * 1024.0), window, [(0,), (0, 1), (1,)])
         self._lock = threading.Lock()
         self._min = max(1, min_samples)
         self.samples = 0
@@ -272,7 +305,7 @@ class RecomputeEstimator:
             raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s!r}")
         with self._lock:
             for n in (512, 4096):
-                self._fit.add((1, n, n * n / 2), n / tokens_per_s, weight=self._min / 2)
+                self._fit.add((n, n * n / 2), n / tokens_per_s)
             self._seeded = True
 
     def observe(self, spans: Sequence[tuple[int, int]], seconds: float) -> None:
@@ -285,7 +318,7 @@ class RecomputeEstimator:
         if tokens <= 0 or not seconds > 0:
             return
         with self._lock:
-            self._fit.add((1, tokens, pairs), seconds)
+            self._fit.add((tokens, pairs), seconds)
             self.samples += 1
 
     @property
@@ -296,8 +329,58 @@ class RecomputeEstimator:
         with self._lock:
             if not self.ready:
                 return None
-            step, per_token, per_pair = self._fit.coef()
-            return RecomputeCost(per_token, per_pair, step, self.samples)
+            per_token, per_pair = self._fit.coef()
+            return RecomputeCost(per_token, per_pair, self.samples)
+
+
+class ForwardClock:
+    """Times an engine's forwards for :meth:`RecomputeEstimator.observe`, without ever waiting.
+
+    ``start(spans)`` before a forward, ``stop()`` after it, ``finished()`` later for the timed
+    forwards that have completed. On CPU the forward has run when ``stop`` is called: wall
+    clock. On CUDA it may only be enqueued: two events on the device's current stream, read once
+    the second has completed (a later ``finished``), so timing never synchronises the GPU. Used by
+    one thread (the engine's).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._device = device
+        self._open: tuple[list[tuple[int, int]], Any] | None = None
+        self._pending: list[tuple[list[tuple[int, int]], Any, Any]] = []
+
+    def start(self, spans: Sequence[tuple[int, int]]) -> None:
+        self._open = (list(spans), self._now())
+
+    def stop(self) -> None:
+        if self._open is None:
+            return
+        spans, begin = self._open
+        self._open = None
+        self._pending.append((spans, begin, self._now()))
+        del self._pending[:-8]  # an idle GPU never leaves more; a stuck one must not grow this
+
+    def finished(self) -> list[tuple[list[tuple[int, int]], float]]:
+        """The timed forwards completed since the last call: ``(spans, seconds)``."""
+        out, keep = [], []
+        for spans, begin, end in self._pending:
+            if not self._cuda:
+                out.append((spans, end - begin))
+            elif end.query():
+                out.append((spans, begin.elapsed_time(end) / 1e3))
+            else:
+                keep.append((spans, begin, end))
+        self._pending = keep
+        return out
+
+    def _now(self) -> Any:
+        if not self._cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._device))
+        return event
 
 
 # -- the decision --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,8 +42,8 @@ from lmtier.protocol import (
 )
 from lmtier.registry import BackendSpec, hookimpl
 
-__all__ = ["InnerTier", "Throttle", "ThrottleConfig", "ThrottledBackend", "lmtier_backend_specs", "make",
-           "throttled"]
+__all__ = ["InnerTier", "Throttle", "ThrottleConfig", "ThrottledBackend", "install_entry_point",
+           "lmtier_backend_specs", "make", "throttled"]
 
 
 class Throttle:
@@ -190,3 +191,13 @@ def lmtier_backend_specs() -> list[BackendSpec]:
     return [BackendSpec(name="throttled", factory="tests.support.throttle:make",
                         config="tests.support.throttle:ThrottleConfig", install_hint="(tests only)",
                         description="test fault injector: another backend with its reads slowed")]
+
+
+def install_entry_point(site: Path) -> Path:
+    """As if a package providing ``throttled`` were pip-installed: a dist-info under ``site`` with an
+    ``lmtier`` entry point (put ``site`` on ``sys.path``; engines then find it by discovery)."""
+    dist = site / "lmtier_test_throttle-0.1.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lmtier-test-throttle\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[lmtier]\nthrottled = {__name__}\n")
+    return dist
