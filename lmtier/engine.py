@@ -46,10 +46,23 @@ size ends the loaded prefix there; the caller recomputes the rest. Only bad argu
 (:class:`~lmtier.errors.InvalidArgumentError`). Every host buffer borrowed along the way is
 returned on every path, errors and cancellation included.
 
+**Load only what beats recomputing** (:mod:`lmtier.cost`). A lookup answers the tokens *worth
+loading*: with ``load_policy: cost`` (the default) the hit's chunks are weighed where they live
+now (the store's learned read cost of each tier) against the engine's learned prefill speed
+(:meth:`observe_compute`, fed by the integration), and only the prefix expected to load faster
+than it computes is answered. The chunks skipped that way are promoted in the background to a
+faster tier (or, when there is none, one of them is read to keep the tier's estimate current), so
+the next request finds them in RAM. No estimate yet (a cold start): everything is loaded, and the
+load teaches the estimates.
+
 Log lines (logger ``lmtier.engine``): ``Stored N of M tokens for request R (K already present)``
-after a store reaches the tiers, ``Request R: total N tokens, hit M`` per recorded lookup.
+after a store reaches the tiers; per recorded lookup ``Request R: total N tokens, hit M`` and,
+for a weighed hit, what is loaded and why, e.g. ``Request R: total 10000 tokens, hit 9984 tokens,
+loading 0 (disk ~680 ms > recompute ~360 ms), promoting``.
 Metrics (the store's registry): ``lmtier_requested_tokens``, ``lmtier_hit_tokens``,
-``lmtier_hit_ratio``, ``lmtier_loaded_tokens``, ``lmtier_stored_tokens``.
+``lmtier_hit_ratio``, ``lmtier_loaded_tokens``, ``lmtier_stored_tokens``,
+``lmtier_skipped_tokens``, ``lmtier_load_decisions{outcome}``,
+``lmtier_recompute_tokens_per_second{prompt_tokens}``.
 """
 
 from __future__ import annotations
@@ -64,9 +77,18 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmtier.config import LmtierConfig, load_config
+from lmtier.cost import (
+    METRIC_PROMPT_LENGTHS,
+    ChunkSpan,
+    LoadPlan,
+    LoadPolicy,
+    RecomputeEstimator,
+    SupportsReadCosts,
+    plan_load,
+)
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
-from lmtier.store import HostChunk, KVStore, LocalStore, SupportsNamespaces
+from lmtier.store import HostChunk, KVStore, LocalStore, LookupResult, SupportsNamespaces
 
 if TYPE_CHECKING:
     import os
@@ -107,14 +129,17 @@ class Located:
     """A lookup's answer with where it lives (:meth:`KVCacheEngine.locate_async`).
 
     Attributes:
-        tokens: the hit, as :meth:`KVCacheEngine.lookup` gives it.
-        runs: ``(tier, tokens)`` runs in prefix order, summing to ``tokens``: the hottest tier
-            holding each chunk (what a load would read now). A store that does not say which
-            tier names it ``""``.
+        tokens: the tokens worth loading, as :meth:`KVCacheEngine.lookup` gives it.
+        runs: ``(tier, tokens)`` runs in prefix order, summing to the whole hit (``tokens`` or
+            more, see ``plan``): the hottest tier holding each chunk (what a load would read now).
+            A store that does not say which tier names it ``""``.
+        plan: how the hit was weighed (:class:`~lmtier.cost.LoadPlan`: ``hit_tokens``,
+            ``load_tokens`` = ``tokens``, the ``reason``); None only for a bare ``Located``.
     """
 
     tokens: int
     runs: tuple[tuple[str, int], ...] = ()
+    plan: LoadPlan | None = None
 
 
 class StoreHandle:
@@ -405,6 +430,12 @@ class KVCacheEngine:
         self.save_tail = save_tail
         self.load_timeout_s = load_timeout_s
         self.layerwise = layerwise
+        #: ``cost`` (weigh each hit: load what beats recomputing) or ``always``; may be changed live
+        self.load_policy: LoadPolicy = cfg.load_policy if cfg is not None else "cost"
+        self.load_margin = cfg.load_margin if cfg is not None else 0.1
+        #: the engine's prefill speed, learned from :meth:`observe_compute`
+        self.recompute = RecomputeEstimator(seed_tokens_per_s=cfg.recompute_tokens_per_s if cfg is not None else None)
+        self._promoting: concurrent.futures.Future[int] | None = None
         self._layouts: dict[tuple[Any, ...], PageLayout] = {}
         self._pending: set[concurrent.futures.Future[int]] = set()
         self._pending_lock = threading.Lock()
@@ -451,8 +482,13 @@ class KVCacheEngine:
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-               limit: int | None = None, namespace: str | None = None) -> int:
-        """Tokens of ``token_ids``'s prefix whose KV is available now (a multiple of the block size).
+               limit: int | None = None, namespace: str | None = None, start: int = 0) -> int:
+        """Tokens of ``token_ids``'s prefix worth loading now (a multiple of the block size).
+
+        That is the stored prefix, or — with ``load_policy: cost`` — the part of it expected to
+        load faster than the engine recomputes it (see the module doc; :meth:`locate_async` tells why).
+        ``start``: tokens the caller has already (its own prefix cache): they cost nothing either
+        way, and an answer of at most ``start`` means "load nothing".
 
         ``limit`` caps the answer (rounded down to a block), for a caller that computes the last
         tokens itself: pass the whole prompt and the cap rather than a shortened prompt, so that
@@ -463,45 +499,58 @@ class KVCacheEngine:
         engine's (:meth:`derive_namespace`); store and retrieve take the same argument.
         """
         return self.lookup_async(token_ids, request_id=request_id, record=record, limit=limit,
-                                 namespace=namespace).result()
+                                 namespace=namespace, start=start).result()
 
     def lookup_async(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-                     limit: int | None = None, namespace: str | None = None) -> concurrent.futures.Future[int]:
-        """:meth:`lookup` without blocking: a future of the hit tokens (never an exception)."""
-        tokens = _tokens(token_ids)
-        self._check_open()
-        if limit is not None and limit < 0:
-            raise InvalidArgumentError(f"limit={limit} must be >= 0")
-        ns = self._namespace(namespace)
-        return self._lookups.submit(lambda: self._lookup(tokens, request_id, record, limit, ns).tokens)
+                     limit: int | None = None, namespace: str | None = None,
+                     start: int = 0) -> concurrent.futures.Future[int]:
+        """:meth:`lookup` without blocking: a future of the tokens to load (never an exception)."""
+        args = self._lookup_args(token_ids, limit, namespace, start)
+        return self._lookups.submit(lambda: self._lookup(*args, request_id, record).tokens)
 
     def locate_async(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,
-                     limit: int | None = None, namespace: str | None = None) -> concurrent.futures.Future[Located]:
-        """:meth:`lookup_async` that also says which tier holds each part of the hit."""
+                     limit: int | None = None, namespace: str | None = None,
+                     start: int = 0) -> concurrent.futures.Future[Located]:
+        """:meth:`lookup_async` that also says which tier holds each part of the hit, and how it
+        was weighed (:attr:`Located.plan`)."""
+        args = self._lookup_args(token_ids, limit, namespace, start)
+        return self._lookups.submit(self._lookup, *args, request_id, record)
+
+    def observe_compute(self, spans: Sequence[tuple[int, int]], seconds: float) -> None:
+        """Teach the engine its prefill speed: a forward computed tokens ``[start, end)`` of each
+        request in ``spans`` in ``seconds`` (and loaded nothing). Integrations call it; thread-safe."""
+        self.recompute.observe(spans, seconds)
+        cost = self.recompute.cost()
+        if cost is not None:
+            for n in METRIC_PROMPT_LENGTHS:
+                self.metrics.recompute_tokens_per_s.labels(str(n)).set(cost.tokens_per_s(n))
+
+    def _lookup_args(self, token_ids: Any, limit: int | None, namespace: str | None,
+                     start: int) -> tuple[np.ndarray[Any, Any], int | None, str, int]:
         tokens = _tokens(token_ids)
         self._check_open()
         if limit is not None and limit < 0:
             raise InvalidArgumentError(f"limit={limit} must be >= 0")
-        ns = self._namespace(namespace)
-        return self._lookups.submit(self._lookup, tokens, request_id, record, limit, ns)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise InvalidArgumentError(f"start={start!r} must be an int >= 0")
+        return tokens, limit, self._namespace(namespace), start
 
-    def _lookup(self, tokens: np.ndarray[Any, Any], request_id: str | None, record: bool,
-                limit: int | None, ns: str) -> Located:
+    def _lookup(self, tokens: np.ndarray[Any, Any], limit: int | None, ns: str, start: int,
+                request_id: str | None, record: bool) -> Located:
         total, c, b = len(tokens), self.chunk_tokens, self.block_size
         cap = total if limit is None else min(total, limit // b * b)
         # only the chunks reaching into [0, cap) are asked for, each under its whole-chunk key when
         # the tokens complete it: a chunk stored whole serves its leading blocks too
         tokens = tokens[: min(total, -(-cap // c) * c)]
-        where: list[tuple[str, int]] = []  # (tier, tokens) per chunk or tail found
+        full: list[ChunkKey] = []
+        found = LookupResult(0)
+        tail: tuple[ChunkKey, str] | None = None  # a tail found after the whole chunks, and its tier
         try:
             full = chunk_keys(tokens, ns, c)
-            found = self.kvstore.lookup(full).result() if full else None
-            hits = found.hit_chunks if found is not None else 0
-            tiers = list(found.tiers) if found is not None else []
-            where = [(tiers[i] if i < len(tiers) else "", c) for i in range(hits)]
-            hit = hits * c
+            found = self.kvstore.lookup(full).result() if full else found
+            hit = found.hit_chunks * c
             if self.save_tail:
-                base = hits * c
+                base = hit
                 longest = min(self.pages_per_chunk - 1, (cap - base) // b)
                 if longest > 0:
                     cands = [chunk_keys(tokens[: base + k * b], ns, c, include_partial=True)[-1]
@@ -510,20 +559,100 @@ class KVCacheEngine:
                     for k, cand, p in zip(range(longest, 0, -1), cands, present, strict=True):
                         if p:
                             hit = base + k * b
-                            tail = self.kvstore.lookup([cand]).result().tiers
-                            where.append((tail[0] if tail else "", k * b))
+                            where = self.kvstore.lookup([cand]).result().tiers
+                            tail = (cand, where[0] if where else "")
                             break
         except Exception as exc:  # the store degrades tier faults; anything else is still a miss
             log.warning("lmtier: lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
-            hit, where = 0, []
+            hit, found, tail = 0, LookupResult(0), None
         hit = min(hit, cap)
+        chunks, keys = self._hit_chunks(hit, full, found, tail)
+        plan = self._decide(chunks, start)
+        promoting = ""
+        if plan.decided and plan.load_chunks < len(chunks):
+            promoting = self._promote(keys[plan.load_chunks:], chunks[plan.load_chunks:])
         if record:
             m = self.metrics
             m.requested_tokens.inc(total)
             m.hit_tokens.inc(hit)
             m.observe_hit_ratio()
-            log.info("Request %s: total %d tokens, hit %d", request_id or "-", total, hit)
-        return Located(hit, _runs(where, hit))
+            if not plan.decided:
+                if plan.hit_tokens > start:
+                    m.load_decisions.labels("unweighed").inc()
+            else:
+                m.load_decisions.labels("all" if not plan.skipped_tokens else
+                                        "none" if plan.load_tokens <= start else "part").inc()
+                m.skipped_tokens.inc(plan.skipped_tokens)
+            if not plan.decided and (self.load_policy == "always" or plan.hit_tokens <= start):
+                log.info("Request %s: total %d tokens, hit %d", request_id or "-", total, hit)
+            else:
+                log.info("Request %s: total %d tokens, hit %d tokens, loading %d (%s)%s", request_id or "-",
+                         total, hit, max(0, plan.load_tokens - start), plan.reason, promoting)
+        return Located(plan.load_tokens, _runs([(ch.tier or "", ch.end - ch.start) for ch in chunks], hit), plan)
+
+    def _hit_chunks(self, hit: int, full: Sequence[ChunkKey], found: LookupResult,
+                    tail: tuple[ChunkKey, str] | None) -> tuple[list[ChunkSpan], list[ChunkKey]]:
+        """The hit's chunks as the decision sees them (tokens, stored bytes, tier) and their keys."""
+        c, b = self.chunk_tokens, self.block_size
+        per_page = self.kv.num_layers * self.kv.page_bytes
+        spans: list[ChunkSpan] = []
+        keys: list[ChunkKey] = []
+        for i in range(min(found.hit_chunks, -(-hit // c))):
+            tier = found.tiers[i] if i < len(found.tiers) else ""
+            spans.append(ChunkSpan(i * c, min((i + 1) * c, hit), self.pages_per_chunk * per_page, tier or None))
+            keys.append(full[i])
+        if tail is not None and hit > found.hit_chunks * c:
+            s = found.hit_chunks * c
+            spans.append(ChunkSpan(s, hit, (hit - s) // b * per_page, tail[1] or None))
+            keys.append(tail[0])
+        return spans, keys
+
+    def _decide(self, chunks: Sequence[ChunkSpan], start: int) -> LoadPlan:
+        reads = self.kvstore.read_costs() if isinstance(self.kvstore, SupportsReadCosts) else {}
+        return plan_load(chunks, policy=self.load_policy, margin=self.load_margin, reads=reads,
+                         recompute=self.recompute.cost(), start=start)
+
+    def _promote(self, keys: Sequence[ChunkKey], chunks: Sequence[ChunkSpan]) -> str:
+        """Read skipped chunks in the background so the next request finds them in a faster tier.
+
+        Chunks whose tier has a hotter one above it are fetched (the store promotes what it
+        fetches); when none has, one is read anyway: that read keeps the tier's learned cost
+        current, or a tier that got faster would never be loaded from again. One such read at a
+        time per engine; the returned words are for the log line.
+        """
+        names = self.tier_names
+        colder = [(k, ch) for k, ch in zip(keys, chunks, strict=True)
+                  if ch.tier is not None and ch.tier in names and names.index(ch.tier) > 0]
+        what = ", promoting"
+        if not colder:
+            colder, what = list(zip(keys, chunks, strict=True))[:1], ", probing the tier"
+        with self._pending_lock:
+            if self._promoting is not None and not self._promoting.done():
+                return ", not promoting (a promotion is running)"
+            done: concurrent.futures.Future[int] = concurrent.futures.Future()
+            self._promoting = done
+            self._pending.add(done)
+        done.add_done_callback(self._forget)
+        try:
+            fut = self.kvstore.fetch([k for k, _ in colder], [ch.nbytes for _, ch in colder])
+        except Exception as exc:  # best effort: a promotion that cannot start is no error
+            log.debug("lmtier: promotion not started (%s: %s)", type(exc).__name__, exc)
+            done.set_result(0)
+            return ""
+
+        def release(f: concurrent.futures.Future[list[HostChunk | None]]) -> None:
+            n = 0
+            try:
+                if not f.cancelled() and f.exception() is None:
+                    for chunk in f.result():
+                        if chunk is not None:
+                            n += 1
+                            chunk.release()
+            finally:
+                done.set_result(n)
+
+        fut.add_done_callback(release)
+        return what
 
     # -- store ---------------------------------------------------------------------------------
     def store(self, token_ids: Any, kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], *,

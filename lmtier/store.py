@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from lmtier.config import LmtierConfig
+    from lmtier.cost import ReadCost
     from lmtier.keys import ChunkKey, KVNamespace
     from lmtier.manager import StorageManager
     from lmtier.metrics import Metrics
@@ -280,6 +281,10 @@ class LocalStore:
     @property
     def tier_names(self) -> list[str]:
         return [t.name for t in self.manager.tiers]
+
+    def read_costs(self) -> dict[str, ReadCost | None]:
+        """Each tier's learned read cost (:class:`lmtier.cost.SupportsReadCosts`)."""
+        return self.manager.read_costs()
 
     def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
                ) -> concurrent.futures.Future[LookupResult]:
