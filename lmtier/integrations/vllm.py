@@ -109,6 +109,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without vllm
     ) from _exc
 
 from lmtier.config import LmtierConfig, load_config
+from lmtier.cost import ForwardClock
 from lmtier.errors import ConfigError, LmtierError
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ class _Lookup:
     token_ids: list[int]  # the whole prompt: a chunk stored whole is named by all its tokens
     limit: int  # loadable tokens at most (vLLM computes the last prompt token itself)
     identity: Identity = ()
+    start: int = 0  # tokens vLLM's own prefix cache holds: the load decision weighs only the rest
 
 
 @dataclass
@@ -176,6 +178,9 @@ class LMTierConnectorMetadata(KVConnectorMetadata):
     lookups: list[_Lookup] = field(default_factory=list)
     loads: list[_Load] = field(default_factory=list)
     saves: list[_Save] = field(default_factory=list)
+    #: the step's computed token spans [start, end) of every scheduled request: the workers time
+    #: the forward and learn the prefill speed from it (lmtier.cost, the load decision)
+    computed: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -409,6 +414,17 @@ class _PendingEvent:
     reports: tuple[bool, int] = (True, 0)
 
 
+def _computed_spans(scheduler_output: SchedulerOutput) -> list[tuple[int, int]]:
+    """``[start, end)`` of the tokens each scheduled request computes in this step."""
+    scheduled = scheduler_output.num_scheduled_tokens
+    spans = [(new.num_computed_tokens, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+             for new in scheduler_output.scheduled_new_reqs]
+    cached = scheduler_output.scheduled_cached_reqs
+    spans += [(done, done + scheduled.get(rid, 0)) for rid, done in zip(cached.req_ids, cached.num_computed_tokens,
+                                                                          strict=False)]
+    return [(s, e) for s, e in spans if e > s]
+
+
 _IN_FLIGHT = -1
 #: vLLM's hit-source label of each lmtier backend kind (anything else: external_unspecified)
 _HIT_SOURCES = {"cpu": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
@@ -627,7 +643,7 @@ class LMTierConnector(KVConnectorBase_V1):
             self._lookup_started[rid] = time.monotonic()
             self._asked[rid] = (self._landed_saves, -1)
             self._tier_runs.pop(rid, None)
-            self._lookup_queue.append(_Lookup(rid, list(prompt), limit, identity))
+            self._lookup_queue.append(_Lookup(rid, list(prompt), limit, identity, num_computed_tokens))
             return None, False
         if hit == _IN_FLIGHT:
             if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
@@ -703,6 +719,7 @@ class LMTierConnector(KVConnectorBase_V1):
         meta = LMTierConnectorMetadata(lookups=self._lookup_queue, saves=self._finish_queue)
         self._lookup_queue, self._finish_queue = [], []
         scheduled = scheduler_output.num_scheduled_tokens
+        meta.computed = _computed_spans(scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             if tracked is None:
@@ -881,6 +898,7 @@ class LMTierConnector(KVConnectorBase_V1):
         self._finished_saving: set[str] = set()  # finished requests whose final save ran: free their blocks
         self._saved_lock = threading.Lock()  # saves land on the engine's loop thread
         self._saved: dict[int, bool] = {}  # save seq -> landed, reported in the next worker meta
+        self._step_clock: ForwardClock | None = None  # times forwards: the prefill speed the load decision needs
         if self._disabled:
             return
         from lmtier.engine import KVCacheEngine
@@ -956,6 +974,7 @@ class LMTierConnector(KVConnectorBase_V1):
             return
         self._layers = layers
         self._layer_index = {n: i for i, n in enumerate(names)}
+        self._step_clock = ForwardClock(layers[0].device)
 
     @staticmethod
     def _physical(t: torch.Tensor) -> torch.Tensor:
@@ -982,6 +1001,9 @@ class LMTierConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if not isinstance(connector_metadata, LMTierConnectorMetadata):
             return
+        if self._step_clock is not None and self._engine is not None:  # before this step's lookups weigh hits
+            for spans, seconds in self._step_clock.finished():
+                self._engine.observe_compute(spans, seconds)
         # Finished requests first: their pages are final (no forward pass writes them again) and
         # their blocks wait for this copy; a lookup queued after it (the next turn of the same chat,
         # scheduled in this very step) then finds it.
@@ -992,13 +1014,17 @@ class LMTierConnector(KVConnectorBase_V1):
         for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
             if self._engine is not None and not self._disabled:
                 fut = self._engine.locate_async(op.token_ids, request_id=op.req_id, limit=op.limit,
-                                                namespace=self._namespace(op.identity))
+                                                namespace=self._namespace(op.identity), start=op.start)
             else:
                 from lmtier.engine import Located
 
                 fut = concurrent.futures.Future()
                 fut.set_result(Located(0))  # a miss
             self._lookup_futs[op.req_id] = (fut, op)
+        # a forward that loads measures the load too: only the others teach the prefill speed
+        if (self._step_clock is not None and self._engine is not None and not connector_metadata.loads
+                and any(e - s > 1 for s, e in connector_metadata.computed)):
+            self._step_clock.start(connector_metadata.computed)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done, self._finished_saving = self._finished_saving, set()
@@ -1035,6 +1061,8 @@ class LMTierConnector(KVConnectorBase_V1):
         return  # whole chunks are copied out in wait_for_save, once every layer is written
 
     def wait_for_save(self) -> None:
+        if self._step_clock is not None:
+            self._step_clock.stop()  # the forward has run (on CUDA: is enqueued; timed by events)
         self._finish_loads()
         meta = self._connector_metadata
         if isinstance(meta, LMTierConnectorMetadata):
