@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from lmtier.config import LmtierConfig, load_config
+from lmtier.cost import ForwardClock
 from lmtier.engine import KVCacheEngine
 from lmtier.errors import InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
@@ -456,6 +457,7 @@ class KVPrefixCache:
         self.kv, self.namespace = self.engine.kv, self.engine.namespace
         self._worker = _Worker()
         self._store_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._clock = ForwardClock(self.device)  # times full prefills: the load decision weighs hits with it
         self._closed = False
         self.last: LoadInfo | None = None
 
@@ -499,6 +501,8 @@ class KVPrefixCache:
         cache = PagedKVCache(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                              block_size=self.block_size, capacity_tokens=n + max(extra_tokens, 0),
                              dtype=self.dtype, device=self.device)
+        for spans, seconds in self._clock.finished():  # earlier prefills: the engine's prefill speed
+            self.engine.observe_compute(spans, seconds)
         t0 = time.perf_counter()
         hit = self.engine.lookup(tokens, limit=n - 1)
         loaded, staged, start_ev, end_ev = 0, 0, None, None
@@ -542,8 +546,13 @@ class KVPrefixCache:
         cache, hit = self.load(flat, extra_tokens=max_new_tokens)
         if not all_logits and "logits_to_keep" not in forward_kwargs:
             forward_kwargs["logits_to_keep"] = 1
+        timed = hit == 0  # a forward that waits for a load would time the load: only full prefills count
+        if timed:
+            self._clock.start([(0, int(flat.numel()))])
         with torch.no_grad():
             out = self.model(input_ids=ids[:, hit:], past_key_values=cache, use_cache=True, **forward_kwargs)
+        if timed:
+            self._clock.stop()
         return PrefillResult(out.logits, cache, hit)
 
     def generate(self, input_ids: Any, **generate_kwargs: Any) -> Any:
