@@ -15,11 +15,19 @@ measured in the same run:
 * logits: max |difference| of the last-position logits to HF's full prefill, next to the same
   difference for HF itself computing prefix and suffix in two forwards (the bf16 noise floor).
 
-Then the same second run from a disk-only tier, cold (page cache dropped file by file with
-``posix_fadvise(DONTNEED)`` after ``fsync``; residency measured with ``mincore``) and warm.
+Then the second run from a disk-only tier (each pass a fresh cache over the stored prompts, warmed
+up by one miss and one hit of a prompt outside the measured set, so its engine knows its prefill
+speed): cold (page cache dropped file by file with ``posix_fadvise(DONTNEED)`` after ``fsync``;
+residency measured with ``mincore``) with ``load_policy: always`` (every hit loaded, the behaviour
+before lmtier weighed hits) and with ``load_policy: cost`` (the default: a hit is loaded only
+where that is expected to beat recomputing it; the first prompt, with no estimate of the disk
+yet, loads to learn), then warm (every file read into the page cache first), and last a cpu tier
+over the disk tier with the first half of each prompt's chunks in RAM and the second half only on
+the cold disk, with both policies.
 
     PYTHONPATH=. python benchmarks/ttft_gpu.py --out results/
     PYTHONPATH=. python benchmarks/ttft_gpu.py --tiny          # CPU smoke test of the script
+    PYTHONPATH=. python benchmarks/ttft_gpu.py --only-disk     # skip the cpu-tier pass
 
 Prints a table last; ``--out`` also writes the figures as JSON. Timings are wall-clock TTFT
 (call to logits ready) and CUDA-event medians; nothing here is asserted.
@@ -223,17 +231,14 @@ def hf_split_prefill(model: Any, ids: torch.Tensor, hit: int, device: torch.devi
 
 
 def cached_runs(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], args: argparse.Namespace,
-                device: torch.device, full_logits: list[torch.Tensor], *, label: str,
-                reopen_between: Callable[[], None] | None = None, extra_second: bool = False,
-                after_second: Callable[[Any, list[torch.Tensor]], dict[str, float]] | None = None,
-                host_pool_bytes: int | None = None) -> dict[str, Any]:
-    """Run 1 (compute + store) and run 2 (reuse) over ``prompts``; optional run 3 (warm)."""
+                device: torch.device, full_logits: list[torch.Tensor], *, label: str) -> dict[str, Any]:
+    """Run 1 (compute + store) and run 2 (reuse) over ``prompts`` on one cache."""
     from lmtier.integrations.transformers import KVPrefixCache
 
     reg = registry()
     res: dict[str, Any] = {"label": label}
     opts = dict(model_id="qwen3-8b-shaped-random-bf16-seed0", registry=reg, timing=device.type == "cuda",
-                layerwise=not args.no_layerwise, host_pool_bytes=host_pool_bytes, block_size=args.block_size)
+                layerwise=not args.no_layerwise, block_size=args.block_size)
     kv = KVPrefixCache(model, cfg, **opts)
     try:
         # warm-up on prompts outside the measured set: miss, store, hit
@@ -251,12 +256,7 @@ def cached_runs(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], ar
         kv.flush()
         res["store_flush_ms"] = (time.perf_counter() - t0) * 1e3
         res["first_ms"] = first
-        if reopen_between is not None:
-            kv.close()
-            reopen_between()
-            kv = KVPrefixCache(model, cfg, **opts)
-        passes = [("second", True)] + ([("third", False)] if extra_second else [])
-        for name, measure_extras in passes:
+        for name, measure_extras in (("second", True),):
             ttft, hits, diffs, load_ms, staged, suffix, fetch = [], [], [], [], [], [], []
             for i, ids in enumerate(prompts):
                 ms, out = wall_ms(partial(kv.prefill, ids), device)
@@ -289,8 +289,6 @@ def cached_runs(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], ar
             res[f"{name}_load_ms"] = load_ms
             res[f"{name}_staged_chunks"] = staged
             res[f"{name}_fetch_ms"] = fetch
-            if name == "second" and after_second is not None:
-                res["raw"] = after_second(kv, prompts)
             if suffix:
                 res["suffix_on_gpu_ms"] = suffix
         res["chunk_bytes"] = kv.chunk_bytes
@@ -363,6 +361,143 @@ def isolated_transfers(kv: Any, ids: torch.Tensor, device: torch.device, args: a
             "link_h2d_ms": h2d, "link_d2h_ms": d2h, "offload_ms": off, "offload_mapped_ms": off_mapped}
 
 
+def warm_page_cache(root: Path) -> None:
+    """Read every file of the tier once, so the next reads come from the page cache."""
+    for path in files_under(root):
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def reuse_pass(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], args: argparse.Namespace,
+               device: torch.device, full_logits: list[torch.Tensor], *, label: str, policy: str,
+               setup: Callable[[Any], dict[str, float]], host_pool_bytes: int | None, warm_seed: int,
+               after: Callable[[Any, list[torch.Tensor]], dict[str, float]] | None = None) -> dict[str, Any]:
+    """A fresh cache over prompts stored earlier: warm-up, ``setup(kv)``, then TTFT of each prompt.
+
+    The warm-up (a miss, then a hit, of a prompt outside the measured set and new to the tiers:
+    ``warm_seed`` must differ per pass) gives the engine its prefill speed and the hot tier's read
+    speed, as a running server has them; ``setup`` then puts the tiers in the state measured (page
+    cache dropped or warm, a half in RAM).
+    """
+    from lmtier.integrations.transformers import KVPrefixCache
+
+    res: dict[str, Any] = {"label": label, "policy": policy}
+    kv = KVPrefixCache(model, {**cfg, "load_policy": policy}, model_id="qwen3-8b-shaped-random-bf16-seed0",
+                       registry=registry(), timing=device.type == "cuda", layerwise=not args.no_layerwise,
+                       host_pool_bytes=host_pool_bytes, block_size=args.block_size)
+    try:
+        warm = torch.randint(0, model.config.vocab_size, (1, args.tokens),
+                             generator=torch.Generator().manual_seed(warm_seed))
+        kv.prefill(warm)
+        kv.flush()
+        kv.prefill(warm)
+        sync(device)
+        res["setup"] = setup(kv)
+        ttft, loaded, diffs, fetch = [], [], [], []
+        for i, ids in enumerate(prompts):
+            ms, out = wall_ms(partial(kv.prefill, ids), device)
+            logits, _, hit = out
+            ttft.append(ms)
+            loaded.append(hit)
+            diffs.append(maxdiff(logits[:, -1], full_logits[i]))
+            assert kv.last is not None
+            fetch.append(kv.last.fetch_ms)
+            del logits, out
+        res.update(ms=ttft, loaded_tokens=loaded, logit_maxdiff=diffs, fetch_ms=fetch)
+        costs = kv.manager.read_costs()
+        res["learned_read_GBps"] = {t: (c.bytes_per_s / GB if c is not None else None) for t, c in costs.items()}
+        rc = kv.engine.recompute.cost()
+        res["learned_prefill_tokens_per_s"] = rc.tokens_per_s(args.tokens) if rc is not None else None
+        if after is not None:
+            res["raw"] = after(kv, prompts)
+        kv.flush()  # promotions of skipped chunks: not to overlap the next pass
+    finally:
+        kv.close()
+    return res
+
+
+def store_prompts(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], args: argparse.Namespace,
+                  device: torch.device, host_pool_bytes: int | None) -> dict[str, Any]:
+    """Run 1 on a fresh cache: every prompt computed and stored (TTFT and the store's flush time)."""
+    from lmtier.integrations.transformers import KVPrefixCache
+
+    kv = KVPrefixCache(model, cfg, model_id="qwen3-8b-shaped-random-bf16-seed0", registry=registry(),
+                       layerwise=not args.no_layerwise, host_pool_bytes=host_pool_bytes, block_size=args.block_size)
+    try:
+        first = []
+        for ids in prompts:
+            ms, _ = wall_ms(partial(kv.prefill, ids), device)
+            first.append(ms)
+        t0 = time.perf_counter()
+        kv.flush()
+        return {"first_ms": first, "store_flush_ms": (time.perf_counter() - t0) * 1e3, "chunk_bytes": kv.chunk_bytes}
+    finally:
+        kv.close()
+
+
+def disk_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespace, device: torch.device,
+                full_logits: list[torch.Tensor], root: Path) -> dict[str, Any]:
+    """Run 2 from a disk-only tier: cold with both policies, then warm (see the module doc)."""
+    cfg = {"chunk_tokens": args.chunk_tokens,
+           "tiers": [{"name": "nvme", "backend": "disk",
+                      "options": {"root": str(root), "max_bytes": "48GiB", "max_concurrency": 16}}]}
+    pool = _disk_pool_bytes(model, args)
+    out: dict[str, Any] = {"fs": str(root), "run1": store_prompts(model, prompts, cfg, args, device, pool)}
+
+    def cold(kv: Any) -> dict[str, float]:
+        before = resident_fraction(root)
+        t = time.perf_counter()
+        drop_page_cache(root)
+        return {"resident_before_drop": before, "drop_s": time.perf_counter() - t,
+                "resident_after_drop": resident_fraction(root)}
+
+    def warm(kv: Any) -> dict[str, float]:
+        warm_page_cache(root)
+        return {"resident": resident_fraction(root)}
+
+    out["cold_always"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk cold",
+                                    policy="always", setup=cold, host_pool_bytes=pool, warm_seed=20_001)
+    out["cold_cost"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk cold",
+                                  policy="cost", setup=cold, host_pool_bytes=pool, warm_seed=20_002,
+                                  after=lambda kv, ps: raw_disk_reads(kv, ps[:3], root, 16))
+    out["warm_cost"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk warm",
+                                  policy="cost", setup=warm, host_pool_bytes=pool, warm_seed=20_003)
+    return out
+
+
+def mixed_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespace, device: torch.device,
+                 full_logits: list[torch.Tensor], root: Path) -> dict[str, Any]:
+    """A cpu tier over a disk tier: half of each prompt's chunks in RAM, the rest on the cold disk."""
+    cfg = {"chunk_tokens": args.chunk_tokens,
+           "tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": args.cpu_tier_bytes}},
+                     {"name": "nvme", "backend": "disk",
+                      "options": {"root": str(root), "max_bytes": "48GiB", "max_concurrency": 16}}]}
+    pool = _disk_pool_bytes(model, args)
+    out: dict[str, Any] = {"fs": str(root), "run1": store_prompts(model, prompts, cfg, args, device, pool)}
+
+    def half_in_ram(kv: Any) -> dict[str, float]:
+        hot = kv.manager.tier("hot").backend
+        asyncio.run_coroutine_threadsafe(hot.clear(), kv.loop).result()
+        chunks = 0
+        for ids in prompts:
+            keys = kv.keys(ids)[: (ids.shape[1] - 1) // kv.chunk_tokens]
+            half = keys[: (len(keys) + 1) // 2]
+            for buf in kv.store.fetch(half, [kv.chunk_bytes] * len(half)).result():  # read once, adopted by RAM
+                if buf is not None:
+                    chunks += 1
+                    buf.release()
+        kv.flush()
+        drop_page_cache(root)
+        return {"chunks_in_ram": float(chunks), "ram_objects": float(hot.stats()["objects"]),
+                "disk_resident_after_drop": resident_fraction(root)}
+
+    for seed, policy in enumerate(("always", "cost"), 20_011):
+        out[policy] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="half RAM, half cold disk",
+                                 policy=policy, setup=half_in_ram, host_pool_bytes=pool, warm_seed=seed)
+    return out
+
+
 # -- main ----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,7 +509,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--suffix-reps", type=int, default=3)
     ap.add_argument("--split-ref-prompts", type=int, default=3, help="prompts for HF's own split prefill")
-    ap.add_argument("--disk-prompts", type=int, default=10, help="0 skips the disk tier")
+    ap.add_argument("--disk-prompts", type=int, default=10, help="0 skips the disk passes")
+    ap.add_argument("--mixed-prompts", type=int, default=10, help="0 skips the half-RAM / half-disk passes")
+    ap.add_argument("--only-disk", action="store_true", help="skip the cpu-tier pass (disk and mixed only)")
     ap.add_argument("--disk-root", type=Path, default=None)
     ap.add_argument("--cpu-tier-bytes", default="18GiB")
     ap.add_argument("--no-layerwise", action="store_true")
@@ -384,7 +521,7 @@ def main() -> None:
     if args.tiny:
         args.tokens, args.chunk_tokens = min(args.tokens, 300), min(args.chunk_tokens, 32)
         args.prompts, args.reps, args.cpu_tier_bytes = min(args.prompts, 3), 2, "256MiB"
-        args.disk_prompts = min(args.disk_prompts, 2)
+        args.disk_prompts, args.mixed_prompts = min(args.disk_prompts, 2), min(args.mixed_prompts, 2)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     import transformers
 
@@ -424,33 +561,20 @@ def main() -> None:
 
     cpu_cfg = {"chunk_tokens": args.chunk_tokens,
                "tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": args.cpu_tier_bytes}}]}
-    info["cpu"] = cached_runs(model, prompts, cpu_cfg, args, device, full_logits, label="cpu-tier")
-    dump(info, args)  # partial results survive a disk phase that runs out of time
+    if not args.only_disk:
+        info["cpu"] = cached_runs(model, prompts, cpu_cfg, args, device, full_logits, label="cpu-tier")
+        dump(info, args)  # partial results survive a disk phase that runs out of time
 
-    if args.disk_prompts:
-        root = args.disk_root or Path(tempfile.mkdtemp(prefix="lmtier-ttft-"))
-        disk_cfg = {"chunk_tokens": args.chunk_tokens,
-                    "tiers": [{"name": "nvme", "backend": "disk",
-                               "options": {"root": str(root), "max_bytes": "48GiB", "max_concurrency": 16}}]}
-        page_cache: dict[str, float] = {}
-
-        def go_cold() -> None:
-            page_cache["resident_before_drop"] = resident_fraction(root)
-            t = time.perf_counter()
-            drop_page_cache(root)
-            page_cache["drop_s"] = time.perf_counter() - t
-            page_cache["resident_after_drop"] = resident_fraction(root)
-
-        k = min(args.disk_prompts, len(prompts))
+    for key, count, passes in (("disk", args.disk_prompts, disk_passes), ("mixed", args.mixed_prompts, mixed_passes)):
+        if not count:
+            continue
+        k = min(count, len(prompts))
+        root = Path(tempfile.mkdtemp(prefix=f"lmtier-ttft-{key}-", dir=args.disk_root))
         try:
-            info["disk"] = cached_runs(model, prompts[:k], disk_cfg, args, device, full_logits[:k], label="disk-tier",
-                                       reopen_between=go_cold, extra_second=True,
-                                       after_second=lambda kv, ps: raw_disk_reads(kv, ps[:3], root, 16),
-                                       host_pool_bytes=_disk_pool_bytes(model, args))
-            info["disk"]["page_cache"] = page_cache
-            info["disk"]["fs"] = str(root)
+            info[key] = passes(model, prompts[:k], args, device, full_logits[:k], root)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+        dump(info, args)
 
     report(info, args)
 
@@ -471,12 +595,23 @@ def dump(info: dict[str, Any], args: argparse.Namespace) -> None:
 def report(info: dict[str, Any], args: argparse.Namespace) -> None:
     dump(info, args)
     full = med(info["full_ms"])
-    cpu = info["cpu"]
     rows: list[tuple[str, str]] = []
     rows.append(("device / torch / transformers / attn", f"{info['device']} / {info['torch']} / "
                  f"{info['transformers']} / {info['attn']}; transfer={info['transfer']}"))
     rows.append(("prompts x tokens, chunk", f"{args.prompts} x {args.tokens}, {args.chunk_tokens}"))
     rows.append(("HF full prefill (DynamicCache) median", f"{full:.1f} ms"))
+    if "cpu" in info:
+        rows += cpu_rows(info, full)
+    rows += disk_rows(info, full)
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cpu_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
+    cpu = info["cpu"]
+    rows: list[tuple[str, str]] = []
     rows.append(("run 1 TTFT median (miss + store)", f"{med(cpu['first_ms']):.1f} ms"))
     ttft2 = med(cpu["second_ms"])
     hit = med([float(h) for h in cpu["second_hit_tokens"]])
@@ -517,30 +652,45 @@ def report(info: dict[str, Any], args: argparse.Namespace) -> None:
     if info["hf_split_logit_maxdiff"]:
         rows.append(("  HF prefix+suffix vs full (noise floor)", f"{max(info['hf_split_logit_maxdiff']):.4g}"))
     rows.append(("  max |logit| of the full prefill (scale)", f"{info['logit_absmax']:.4g}"))
+    return rows
+
+
+def disk_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
+    """The disk and half-RAM passes: TTFT against the full prefill, what was loaded, what was learned."""
+    rows: list[tuple[str, str]] = []
+
+    def line(res: dict[str, Any]) -> str:
+        t = med(res["ms"])
+        loaded = ", ".join(str(x) for x in res["loaded_tokens"])
+        learned = ", ".join(f"{k} {v:.2f} GB/s" for k, v in res["learned_read_GBps"].items() if v is not None)
+        speed = res["learned_prefill_tokens_per_s"]
+        learned += f"; prefill {speed:,.0f} tok/s" if speed else ""
+        return (f"{t:.1f} ms = {full / t:.2f}x of full prefill; loaded [{loaded}]; "
+                f"max|dlogit| {max(res['logit_maxdiff']):.4g}; learned: {learned}")
+
     disk = info.get("disk")
     if disk:
-        pc = disk["page_cache"]
-        rows.append(("disk tier: run 1 TTFT median", f"{med(disk['first_ms']):.1f} ms; store flush {disk['store_flush_ms']:.0f} ms"))
+        run1 = disk["run1"]
+        rows.append(("disk tier: run 1 TTFT median", f"{med(run1['first_ms']):.1f} ms; store flush "
+                     f"{run1['store_flush_ms']:.0f} ms"))
+        pc = disk["cold_cost"]["setup"]
         rows.append(("disk: page cache resident before/after drop", f"{pc['resident_before_drop']:.1%} / "
                      f"{pc['resident_after_drop']:.1%}"))
-        raw = disk.get("raw")
+        raw = disk["cold_cost"].get("raw")
         if raw:
             rows.append(("disk: raw preadv of 3 prompts' files (16 threads)", f"cold {raw['cold_GBps']:.2f} GB/s, "
                          f"warm {raw['warm_GBps']:.2f} GB/s ({raw['bytes'] / GB:.2f} GB)"))
-        for name in ("second", "third"):
-            rows.append((f"  disk run {2 if name == 'second' else 3}: fetch (lookup+get+staging) median",
-                         f"{med(disk[f'{name}_fetch_ms']):.1f} ms = "
-                         f"{disk['chunk_bytes'] * med([float(h) for h in disk[f'{name}_hit_tokens']]) / args.chunk_tokens / (med(disk[f'{name}_fetch_ms']) * 1e-3) / GB:.2f} GB/s"))
-        for name in ("second", "third"):
-            t = med(disk[f"{name}_ms"])
-            what = "cold (page cache dropped)" if name == "second" else "warm (page cache)"
-            rows.append((f"disk run {2 if name == 'second' else 3} TTFT median, {what}",
-                         f"{t:.1f} ms = {full / t:.2f}x; hit {med([float(h) for h in disk[f'{name}_hit_tokens']]):.0f}; "
-                         f"max|dlogit| {max(disk[f'{name}_logit_maxdiff']):.4g}"))
-    width = max(len(k) for k, _ in rows)
-    print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+        rows.append(("disk run 2 cold, load_policy always (before)", line(disk["cold_always"])))
+        rows.append(("disk run 2 cold, load_policy cost (goal >= 1.0x)", line(disk["cold_cost"])))
+        rows.append(("disk run 3 warm page cache, cost (was 2.6x)", line(disk["warm_cost"])))
+    mixed = info.get("mixed")
+    if mixed:
+        setup = mixed["cost"]["setup"]
+        rows.append(("half RAM / half cold disk: chunks in RAM", f"{setup['chunks_in_ram']:.0f} "
+                     f"(disk resident after drop {setup['disk_resident_after_drop']:.1%})"))
+        rows.append(("half RAM / half cold disk, always", line(mixed["always"])))
+        rows.append(("half RAM / half cold disk, cost", line(mixed["cost"])))
+    return rows
 
 
 if __name__ == "__main__":
