@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmtier.buffers import as_bytes_view
-from lmtier.errors import CapacityError
+from lmtier.errors import CapacityError, InvalidArgumentError
 from lmtier.framing import CODEC_NONE, HEADER_BYTES, checksum, encode_header
 
 if TYPE_CHECKING:
@@ -175,8 +175,11 @@ def put_items(items: Sequence[tuple[ChunkKey, Any]], *, tier: str,
         CapacityError: a value is larger than ``max_item_bytes`` (the message names ``tier``).
     """
     latest: dict[ChunkKey, StoreItem] = {}
-    for key, value in items:
-        item = StoreItem(key, value)
+    for i, (key, value) in enumerate(items):
+        try:
+            item = StoreItem(key, value)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{tier}: items[{i}][1]: {exc}") from None
         if max_item_bytes is not None and item.nbytes > max_item_bytes:
             raise CapacityError(
                 f"{tier}: {key} is {item.nbytes} bytes, more than the tier's max_item_bytes of "

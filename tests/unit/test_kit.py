@@ -190,8 +190,8 @@ def test_put_items_keeps_the_last_value_of_a_key_and_refuses_oversized_values() 
     assert [(it.key, bytes(it.view)) for it in items] == [(b, b"2"), (a, b"3")]
     with pytest.raises(CapacityError, match=r"t: .* is 11 bytes, more than the tier's max_item_bytes of 10"):
         put_items([(a, b"x" * 11)], tier="t", max_item_bytes=10)
-    with pytest.raises(InvalidArgumentError, match="got str"):
-        put_items([(a, "text")], tier="t")
+    with pytest.raises(InvalidArgumentError, match=r"t: items\[1\]\[1\]: values must be host buffers .* got str"):
+        put_items([(b, b"ok"), (a, "text")], tier="t")
 
 
 # -- argument checks ------------------------------------------------------------------------------------
