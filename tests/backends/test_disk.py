@@ -25,7 +25,7 @@ from lmtier.errors import (
 )
 from lmtier.framing import HEADER_BYTES
 from lmtier.keys import ChunkKey, make_namespace
-from lmtier.kit import TEMP_MARK, FileLayout
+from lmtier.kit import TEMP_MARK
 from lmtier.memory import HostMemoryPool
 from lmtier.registry import BackendRegistry
 from lmtier.testing import BackendConformance
@@ -33,23 +33,10 @@ from lmtier_backends.disk import _files
 from lmtier_backends.disk._errors import map_os_error
 from lmtier_backends.disk.backend import DiskBackend, open_disk_backend
 from lmtier_backends.disk.config import DiskConfig
+from tests.support.backdoors import RawFiles
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
-
-
-class RawFiles:
-    """The suite's raw_store: each key's file, read and replaced behind the tier's back."""
-
-    def __init__(self, root: Path) -> None:
-        self.layout = FileLayout(root)
-
-    def read(self, key: ChunkKey) -> bytes | None:
-        path = Path(self.layout.path_of(key))
-        return path.read_bytes() if path.exists() else None
-
-    def write(self, key: ChunkKey, data: bytes) -> None:
-        Path(self.layout.path_of(key)).write_bytes(data)
 
 
 class TestDiskBackend(BackendConformance):

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from lmtier_backends.s3.config import S3Config
+from tests.support.backdoors import seaweedfs_serving
 from tests.support.seaweedfs import S3Endpoint, SeaweedFS, create_bucket, find_weed
 
 ACCESS_KEY_ENV = "LMTIER_S3_TEST_ACCESS_KEY"
@@ -95,11 +96,6 @@ def s3_config(s3_options: Callable[..., dict[str, Any]]) -> S3Config:
 def own_seaweedfs(tmp_path: Path, s3_credentials_env: dict[str, str]) -> Iterator[SeaweedFS]:
     """A private server this test may stop and restart; same keys as the session's server."""
     _require_weed()
-    server = SeaweedFS(tmp_path / "seaweedfs", access_key=os.environ[ACCESS_KEY_ENV],
-                       secret_key=os.environ[SECRET_KEY_ENV])
-    server.start()
-    create_bucket(server.endpoint, BUCKET)
-    try:
+    with seaweedfs_serving(tmp_path / "seaweedfs", BUCKET, access_key=os.environ[ACCESS_KEY_ENV],
+                           secret_key=os.environ[SECRET_KEY_ENV]) as server:
         yield server
-    finally:
-        server.close()

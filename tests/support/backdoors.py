@@ -1,0 +1,77 @@
+"""The conformance suite's back doors (lmtier.testing.backdoors) over the stores our tests run:
+files in the shared layout, objects in a SeaweedFS bucket, a SeaweedFS server killed and restarted."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmtier.keys import ChunkKey
+from lmtier.kit import FileLayout, object_name
+from tests.support.seaweedfs import SeaweedFS, create_bucket
+
+__all__ = ["KilledSeaweedFS", "RawFiles", "RawObjects", "seaweedfs_serving"]
+
+
+class RawFiles:
+    """raw_store: each key's file (lmtier.kit.FileLayout), read and replaced behind the tier's back."""
+
+    def __init__(self, root: Path, fan_out: int = 2) -> None:
+        self.layout = FileLayout(root, fan_out)
+
+    def read(self, key: ChunkKey) -> bytes | None:
+        path = Path(self.layout.path_of(key))
+        return path.read_bytes() if path.exists() else None
+
+    def write(self, key: ChunkKey, data: bytes) -> None:
+        path = Path(self.layout.path_of(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+class RawObjects:
+    """raw_store: each key's object (lmtier.kit.object_name), read and written with boto3."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str) -> None:
+        self.client, self.bucket, self.prefix = client, bucket, prefix
+
+    def read(self, key: ChunkKey) -> bytes | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=object_name(self.prefix, key))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            return None
+        with body:
+            data: bytes = body.read()
+            return data
+
+    def write(self, key: ChunkKey, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=object_name(self.prefix, key), Body=data)
+
+
+@dataclass
+class KilledSeaweedFS:
+    """service: the S3 server SIGKILLed, and relaunched on its ports and data."""
+
+    server: SeaweedFS
+    deadline_s: float
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server.restart()
+
+
+@contextlib.contextmanager
+def seaweedfs_serving(workdir: Path, bucket: str, **kwargs: Any) -> Iterator[SeaweedFS]:
+    """A SeaweedFS server of the caller's own with ``bucket`` made, stopped (by PID) afterwards."""
+    server = SeaweedFS(workdir, **kwargs)
+    server.start()
+    try:
+        create_bucket(server.endpoint, bucket)
+        yield server
+    finally:
+        server.close()
