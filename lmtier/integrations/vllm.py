@@ -39,8 +39,9 @@ never touches storage. It asks the workers instead:
 3. ``update_connector_output`` records the answer, and the next scheduling pass returns it.
 
 A request thus waits one engine step (milliseconds when idle) before it is scheduled, and the answer
-is exact for every tier, whatever the process layout. A partial answer that then waited in the
-queue while stores landed is asked once more (the request ahead may have stored the prefix). An answer can go stale before the load
+is exact for every tier, whatever the process layout. When stores land, the requests still
+waiting with a partial answer are looked up again in the background (the request ahead may have
+stored the prefix); the fresher answer replaces the old one when it comes, never delaying them. An answer can go stale before the load
 (eviction); then the load fails for those blocks, ``get_block_ids_with_load_errors`` reports them
 and vLLM recomputes them — never serves them. This needs ``kv_load_failure_policy="recompute"``,
 which the connector sets (with a warning) when it finds vLLM's default ``"fail"``.
@@ -87,7 +88,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -148,6 +149,7 @@ class _Lookup:
     limit: int  # loadable tokens at most (vLLM computes the last prompt token itself)
     identity: Identity = ()
     start: int = 0  # tokens vLLM's own prefix cache holds: the load decision weighs only the rest
+    refresh: bool = False  # asked again after stores landed: not counted nor logged again
 
 
 @dataclass
@@ -562,13 +564,11 @@ class LMTierConnector(KVConnectorBase_V1):
         self._finish_queue: list[_Save] = []  # saves of finished requests whose blocks wait for them
         self._lora_ids: dict[tuple[str, int, str], str | None] = {}
         self._save_seq = 0
-        # Freshness of lookup answers: a request that waited in the queue after its answer came
-        # (no room to schedule it) asks once more if stores landed meanwhile — under load, the
-        # prefix it missed is often stored by the request ahead of it by the time it runs.
-        self._step = 0  # scheduling passes (build_connector_meta calls)
-        self._landed_saves = 0  # saves reported landed
-        self._asked: dict[str, tuple[int, int]] = {}  # req -> (landed at the ask, step of the answer)
-        self._reasked: set[str] = set()
+        # Fresh answers: when stores land, every waiting request whose answer is not a full hit is
+        # looked up again in the background (its current answer stays usable meanwhile) — under
+        # load the request ahead of it often stores the prefix it missed before it is scheduled.
+        self._asks: dict[str, _Lookup] = {}  # req -> its lookup, to ask again
+        self._refreshing: set[str] = set()  # reqs with a second lookup in flight
         kec = getattr(self._vllm_config, "kv_events_config", None)
         self._events_on = bool(kec is not None and getattr(kec, "enable_kv_cache_events", False))
         self._pending_events: dict[int, _PendingEvent] = {}
@@ -635,15 +635,11 @@ class LMTierConnector(KVConnectorBase_V1):
             return 0, False
         self._local[rid] = num_computed_tokens
         hit = self._lookups.get(rid)
-        if hit is not None and hit != _IN_FLIGHT and hit < limit and self._stale(rid):
-            self._reasked.add(rid)
-            hit = None
         if hit is None:  # ask the workers; answer on a later pass
             self._lookups[rid] = _IN_FLIGHT
             self._lookup_started[rid] = time.monotonic()
-            self._asked[rid] = (self._landed_saves, -1)
-            self._tier_runs.pop(rid, None)
-            self._lookup_queue.append(_Lookup(rid, list(prompt), limit, identity, num_computed_tokens))
+            ask = self._asks[rid] = _Lookup(rid, list(prompt), limit, identity, num_computed_tokens)
+            self._lookup_queue.append(ask)
             return None, False
         if hit == _IN_FLIGHT:
             if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
@@ -654,16 +650,10 @@ class LMTierConnector(KVConnectorBase_V1):
             return None, False
         return max(0, min(hit, limit) - num_computed_tokens), False
 
-    def _stale(self, rid: str) -> bool:
-        """Whether a partial answer is worth one more step: it waited a pass and stores landed since."""
-        landed_at, answered_at = self._asked.get(rid, (0, -1))
-        return (rid not in self._reasked and answered_at >= 0 and self._step - answered_at > 1
-                and self._landed_saves > landed_at)
-
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
-        self._asked.pop(rid, None)
-        self._reasked.discard(rid)
+        self._asks.pop(rid, None)
+        self._refreshing.discard(rid)
         hit = self._lookups.pop(rid, 0)
         self._lookup_started.pop(rid, None)
         local = self._local.pop(rid, 0)
@@ -680,6 +670,9 @@ class LMTierConnector(KVConnectorBase_V1):
             end = local + num_external_tokens
             # the whole prompt: the chunk holding `end` may be stored whole, under its full key
             self._pending_loads[rid] = _Load(rid, prompt, block_ids, local, end, identity)
+            # what is loaded from lmtier is stored there: saves start after it (a failed load
+            # resets this, and the recomputed pages are stored again)
+            tracked.saved_upto = max(tracked.saved_upto, end)
         if not self._loads():
             return
         hit = max(hit, 0)
@@ -715,7 +708,6 @@ class LMTierConnector(KVConnectorBase_V1):
 
     # -- per-step metadata ---------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        self._step += 1
         meta = LMTierConnectorMetadata(lookups=self._lookup_queue, saves=self._finish_queue)
         self._lookup_queue, self._finish_queue = [], []
         scheduled = scheduler_output.num_scheduled_tokens
@@ -814,24 +806,24 @@ class LMTierConnector(KVConnectorBase_V1):
         if not isinstance(report, LMTierWorkerMetadata):
             return
         for rid, (hit, n) in report.hits.items():
-            if self._lookups.get(rid) != _IN_FLIGHT:
-                continue  # finished or given up meanwhile
+            if self._lookups.get(rid) != _IN_FLIGHT and rid not in self._refreshing:
+                continue  # scheduled, finished or given up meanwhile
             prev = self._partial.pop(rid, None)
             if prev is not None:
                 hit, n = min(prev[0], hit), prev[1] + n
             if rid in report.tiers:
-                self._tier_runs.setdefault(rid, list(report.tiers[rid]))
+                self._tier_runs[rid] = list(report.tiers[rid])  # ranks hold the same chunks
             if n >= self._world:
                 self._lookups[rid] = hit
-                if rid in self._asked:
-                    self._asked[rid] = (self._asked[rid][0], self._step)
+                self._refreshing.discard(rid)
             else:
                 self._partial[rid] = (hit, n)
         for rid in report.load_failed:  # recomputed pages will be correct: store them again
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.saved_upto = 0
-        self._landed_saves += sum(1 for ok, _ in report.saved.values() if ok)
+        if any(ok for ok, _ in report.saved.values()):
+            self._refresh()
         for seq, (ok, n) in report.saved.items():
             pending = self._pending_events.get(seq)
             if pending is None:
@@ -843,6 +835,15 @@ class LMTierConnector(KVConnectorBase_V1):
             del self._pending_events[seq]
             if ok and pending.block_hashes:
                 self._events.append(self._block_stored(pending))
+
+    def _refresh(self) -> None:
+        """Stores landed: look up again the waiting requests whose answer is not a full hit."""
+        for rid, hit in self._lookups.items():
+            ask = self._asks.get(rid)
+            if hit == _IN_FLIGHT or rid in self._refreshing or ask is None or hit >= ask.limit:
+                continue
+            self._refreshing.add(rid)
+            self._lookup_queue.append(replace(ask, refresh=True))
 
     def _block_stored(self, ev: _PendingEvent) -> Any:
         from vllm.distributed.kv_events import BlockStored
@@ -867,9 +868,9 @@ class LMTierConnector(KVConnectorBase_V1):
         rid = request.request_id
         tracked = self._tracked.get(rid)
         for table in (self._lookups, self._lookup_started, self._partial, self._local, self._tracked,
-                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources, self._asked):
+                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources, self._asks):
             table.pop(rid, None)  # type: ignore[attr-defined]
-        self._reasked.discard(rid)
+        self._refreshing.discard(rid)
         if tracked is None or not self._saves() or not self._opts["save_replies"]:
             return False, None  # pages are copied out in wait_for_save: the blocks may be freed now
         # tokens whose KV is in the blocks: computed, minus any still in flight (async scheduling);
@@ -1014,7 +1015,8 @@ class LMTierConnector(KVConnectorBase_V1):
         for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
             if self._engine is not None and not self._disabled:
                 fut = self._engine.locate_async(op.token_ids, request_id=op.req_id, limit=op.limit,
-                                                namespace=self._namespace(op.identity), start=op.start)
+                                                namespace=self._namespace(op.identity), start=op.start,
+                                                record=not op.refresh)
             else:
                 from lmtier.engine import Located
 
