@@ -184,6 +184,18 @@ def _tier_modes(backend: RedisBackend, keys: list[ChunkKey], values: list[bytes]
     }
 
 
+def _same_keys_get(reader: RedisBackend, keys: list[ChunkKey], loop: asyncio.AbstractEventLoop) -> Pass:
+    """A batch get through ``reader`` (another handle on the tier's keys)."""
+    def run() -> float:
+        t = time.perf_counter()
+        got = loop.run_until_complete(reader.get(keys))
+        dt = time.perf_counter() - t
+        assert all(g is not None for g in got)
+        del got
+        return dt
+    return run
+
+
 def _carried_put(backend: RedisBackend, keys: list[ChunkKey], values: list[bytes],
                  loop: asyncio.AbstractEventLoop) -> Pass:
     """The tier's batch put of values that carry their checksum (computed here, untimed)."""
@@ -248,6 +260,10 @@ def measure(topology: str, port: int, size: int, args: argparse.Namespace,
     if "put" in args.ops:
         modes[CARRIED] = (_carried_put(carried, keys, values, loop), None)
         modes["tier batch, put_streams=1"] = (_tier_modes(single, keys, values, loop)[TIER_BATCH][0], None)
+    one_stream_reader = loop.run_until_complete(open_redis_backend(RedisConfig(
+        key_prefix="tier:", get_streams=1, **options)))  # reads what the batch put stored
+    if "get" in args.ops:
+        modes["tier batch get, get_streams=1"] = (None, _same_keys_get(one_stream_reader, keys, loop))
     tier_modes = [m for m in modes if m not in raw_modes]
 
     for mode in modes:  # one untimed pass: every key exists, first-touch costs are paid
@@ -289,6 +305,7 @@ def measure(topology: str, port: int, size: int, args: argparse.Namespace,
     loop.run_until_complete(backend.aclose())
     loop.run_until_complete(carried.aclose())
     loop.run_until_complete(single.aclose())
+    loop.run_until_complete(one_stream_reader.aclose())
     for c in holder:
         if isinstance(c, aredis.Redis):
             loop.run_until_complete(c.aclose())

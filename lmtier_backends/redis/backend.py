@@ -39,7 +39,14 @@ from redis.connection import ConnectionPool, parse_url
 from redis.retry import Retry
 
 from lmtier.errors import BackendUnavailableError, ConfigError, CorruptDataError, LmtierError
-from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
+from lmtier.framing import (
+    HEADER_BYTES,
+    READABLE_CODECS,
+    NewerFormatError,
+    checksum,
+    checksum_stream,
+    decode_header,
+)
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
     AsyncClosing,
@@ -478,12 +485,34 @@ class RedisBackend(AsyncClosing):
             self._recv_pool.close()
 
 
-class _Receiver:
+class _PayloadHash:
+    """The checksum of a reply's payload, hashed piece by piece as the socket fills it (the pieces
+    are still in the CPU's cache); ``digest(payload)`` hashes whole what was not seen that way."""
+
+    __slots__ = ("_hasher", "_seen")
+
+    def __init__(self) -> None:
+        self._hasher = checksum_stream()
+        self._seen = 0
+
+    def on_piece(self, i: int, view: memoryview) -> None:
+        if i == 1:  # targets are [header, payload]
+            self._hasher.update(view)
+            self._seen += view.nbytes
+
+    def digest(self, payload: memoryview) -> int:
+        if self._seen == payload.nbytes:
+            return self._hasher.intdigest()
+        return checksum(payload)  # filled another way (redis-py's parser, no direct reads)
+
+
+class _Receiver(_PayloadHash):
     """Where one GET reply goes: a 64-byte header buffer and a payload buffer, then validated."""
 
     __slots__ = ("_get_buffer", "header", "host", "payload")
 
     def __init__(self, get_buffer: Callable[[int], tuple[memoryview, HostBuffer | None]]) -> None:
+        super().__init__()
         self._get_buffer = get_buffer
         self.header = memoryview(bytearray(HEADER_BYTES))
         self.payload: memoryview | None = None
@@ -504,7 +533,8 @@ class _Receiver:
         if reply is not FILLED or self.payload is None:
             return CorruptDataError(f"{key}: value shorter than the {HEADER_BYTES}-byte header")
         try:
-            head = check_stored(key, self.header, self.payload, codecs=READABLE_CODECS)
+            head = check_stored(key, self.header, self.payload, codecs=READABLE_CODECS,
+                                payload_checksum=self.digest(self.payload))
         except (CorruptDataError, NewerFormatError) as exc:
             return exc
         if self.host is not None:
@@ -520,12 +550,13 @@ class _Receiver:
             self.host = None
 
 
-class _IntoReceiver:
+class _IntoReceiver(_PayloadHash):
     """Where one ``get_into`` reply goes: header buffer + the caller's buffer, if sizes match."""
 
     __slots__ = ("header", "out", "took")
 
     def __init__(self, out: memoryview) -> None:
+        super().__init__()
         self.out = out
         self.header = memoryview(bytearray(HEADER_BYTES))
         self.took = False
@@ -540,7 +571,7 @@ class _IntoReceiver:
         if not self.took:
             return False
         try:
-            check_stored(key, self.header, self.out)
+            check_stored(key, self.header, self.out, payload_checksum=self.digest(self.out))
         except (CorruptDataError, NewerFormatError) as exc:
             return exc
         return True
