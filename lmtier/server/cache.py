@@ -71,11 +71,16 @@ class SlabCache:
             for _, backend in opened:
                 await backend.aclose()
             raise
-        manager = StorageManager(opened, config=cfg, metrics=metrics)
-        # Buffers the server hands out are slab ranges, never pinned here: clients pin their own
-        # mapping. Without this the manager would prefer a pinned host pool on a CUDA machine (and
-        # pinning would start a CUDA context in a process that must never touch the GPU).
-        manager._pinned = False
+        try:
+            # Buffers the server hands out are slab ranges, never pinned here: clients pin their
+            # own mapping. Left to its default the manager would pin its host pool on a CUDA
+            # machine, starting a CUDA context in a process that must never touch the GPU.
+            manager = StorageManager(opened, config=cfg, metrics=metrics, pin_host_memory=False,
+                                     registry=registry)
+        except BaseException:
+            for _, backend in opened:
+                await backend.aclose()
+            raise
         return cls(manager, opened[0][1], slab)
 
     # -- connections ---------------------------------------------------------------------------
