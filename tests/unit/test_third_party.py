@@ -1,12 +1,13 @@
 """A third-party backend package (examples/lmtier-memdict) works exactly like a built-in one.
 
-Its own conformance test runs in-process through pytester; subtly broken variants of it must fail
-the relevant conformance tests; it registers programmatically and through an entry point of an
+Its own conformance test runs through pytester in a fresh interpreter; subtly broken variants of it
+must fail the relevant conformance tests; it registers programmatically and through an entry point of an
 installed distribution; and docs/writing-a-backend.md shows its files verbatim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -17,14 +18,11 @@ import textwrap
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
-import numpy  # noqa: F401  (see below)
 import pytest
-import torch  # noqa: F401  (see below)
 from prometheus_client import CollectorRegistry
 
-import lmtier.kit.values  # (see below)
-import lmtier.testing.conformance  # noqa: F401  (see below)
 from lmtier.cli import main
 from lmtier.errors import ConfigError, PluginError
 from lmtier.keys import ChunkKey, make_namespace
@@ -32,10 +30,6 @@ from lmtier.manager import StorageManager
 from lmtier.registry import BackendRegistry, BackendSpec, hookimpl
 
 pytest_plugins = ["pytester"]
-# pytester's in-process runs restore sys.modules afterwards: a module first imported inside a run
-# would be imported a second time by a later test: numpy warns about that and torch fails outright
-# (the cpu tier imports it). Hence the imports of numpy, torch, the kit and the suite above, before any
-# run.
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "lmtier-memdict"
@@ -56,24 +50,50 @@ def example_on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         del sys.modules[name]  # the next test imports it afresh (from another path, maybe)
 
 
-def run_suite(pytester: pytest.Pytester, test_source: str, *args: str) -> tuple[set[str], set[str], set[str]]:
-    """Run ``test_source`` in-process; return the names of passed, skipped and failed tests."""
-    pytester.syspathinsert(EXAMPLE)
+@dataclasses.dataclass
+class SuiteRun:
+    """What one pytest run of a generated test module did, read from its JUnit XML."""
+
+    ret: int
+    passed: set[str]
+    skipped: set[str]
+    failed: dict[str, str]  # test name -> its failure or error report (teardown errors included)
+
+
+def run_suite(pytester: pytest.Pytester, test_source: str, *args: str, package: Path = EXAMPLE,
+              module: str = "test_memdict") -> SuiteRun:
+    """Run ``test_source`` with pytest in a fresh interpreter, ``package`` importable.
+
+    Not in-process: an inline run shares this process's garbage, threads and host pools, so a
+    ResourceWarning from another test's leftovers met the inner run's ``filterwarnings = error``
+    (an INTERNALERROR, seen once on CI) and a deliberately leaky inner backend tripped this
+    session's own leak check.
+    """
     pytester.makeini(INI)
-    pytester.makepyfile(test_memdict=test_source)
-    reprec = pytester.inline_run("-p", "no:cacheprovider", *args)
-    passed, skipped, failed = reprec.listoutcomes()
-
-    def names(reports: list) -> set[str]:
-        return {r.nodeid.rsplit("::", 1)[-1] for r in reports}
-
-    assert not reprec.getfailedcollections(), "the test module did not import"
-    return names(passed), names(skipped), names(failed)
+    pytester.makepyfile(**{module: test_source})
+    report = pytester.path / "junit.xml"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(package), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={report}", *args],
+                          cwd=pytester.path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 1, 5), f"pytest exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    run = SuiteRun(done.returncode, set(), set(), {})
+    for case in ElementTree.parse(report).iter("testcase"):
+        name, problems = case.get("name", ""), case.findall("failure") + case.findall("error")
+        assert case.get("classname") or not problems, f"the test module did not import: {done.stdout}"
+        if problems:
+            run.failed[name] = "\n".join(f"{e.get('message', '')}\n{e.text or ''}" for e in problems)
+        elif case.find("skipped") is not None:
+            run.skipped.add(name)
+        else:
+            run.passed.add(name)
+    return run
 
 
 def test_the_example_package_passes_its_own_conformance_test(pytester: pytest.Pytester) -> None:
-    passed, skipped, failed = run_suite(pytester, CONFORMANCE_TEST.read_text())
-    assert failed == set()
+    run = run_suite(pytester, CONFORMANCE_TEST.read_text())
+    passed, skipped = run.passed, run.skipped
+    assert run.failed == {}
     assert {"test_results_follow_the_order_of_the_keys", "test_get_into_fills_caller_buffers",
             "test_stats_are_a_flat_dict_of_numbers",
             "test_least_recently_used_values_are_evicted_beyond_max_bytes"} <= passed
@@ -253,31 +273,23 @@ def test_a_subtly_broken_backend_fails_the_relevant_conformance_tests(pytester: 
     # only the tests that must catch the bug, plus controls that must not (the full suite is slow)
     controls = {"test_empty_batches_return_empty_lists", "test_capabilities_is_a_capabilities_instance"}
     selected = " or ".join(sorted({name.split("[")[0] for name in must_fail | controls}))
-    passed, _, failed = run_suite(pytester, source, "-k", selected)
-    assert failed == must_fail, f"{variant}: expected {sorted(must_fail)} to fail, failed: {sorted(failed)}"
-    assert controls <= passed
-
-
-def run_reports(pytester: pytest.Pytester, test_source: str, *args: str) -> pytest.HookRecorder:
-    pytester.syspathinsert(EXAMPLE)
-    pytester.makeini(INI)
-    pytester.makepyfile(test_memdict=test_source)
-    return pytester.inline_run("-p", "no:cacheprovider", *args)
+    run = run_suite(pytester, source, "-k", selected)
+    assert set(run.failed) == must_fail, f"{variant}: expected {sorted(must_fail)} to fail, failed: {run.failed}"
+    assert controls <= run.passed
 
 
 def test_the_suite_fails_loudly_when_backend_factory_is_not_overridden(pytester: pytest.Pytester) -> None:
     source = "from lmtier.testing import BackendConformance\n\n\nclass TestForgot(BackendConformance):\n    pass\n"
-    reprec = run_reports(pytester, source, "-k", "empty_batches or capabilities_is_a")
-    passed, skipped, failed = reprec.listoutcomes()
-    assert passed == [] and skipped == [] and len(failed) == 2
-    for report in failed:
-        assert "TestForgot must override the `backend_factory` fixture" in str(report.longrepr)
+    run = run_suite(pytester, source, "-k", "empty_batches or capabilities_is_a")
+    assert run.passed == set() and run.skipped == set() and len(run.failed) == 2
+    for report in run.failed.values():
+        assert "TestForgot must override the `backend_factory` fixture" in report
 
 
 def test_the_suite_is_not_collected_by_itself(pytester: pytest.Pytester) -> None:
-    reprec = run_reports(pytester, "from lmtier.testing import BackendConformance  # noqa: F401\n")
-    assert reprec.ret == pytest.ExitCode.NO_TESTS_COLLECTED
-    assert reprec.listoutcomes() == ([], [], [])
+    run = run_suite(pytester, "from lmtier.testing import BackendConformance  # noqa: F401\n")
+    assert run.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    assert (run.passed, run.skipped, run.failed) == (set(), set(), {})
 
 
 def test_the_suite_fails_a_backend_that_leaves_host_buffers_out_after_aclose(pytester: pytest.Pytester) -> None:
@@ -297,11 +309,11 @@ def test_the_suite_fails_a_backend_that_leaves_host_buffers_out_after_aclose(pyt
             def backend_factory(self):
                 return lambda: Leaky(CpuConfig(max_bytes="4MiB", pinned=False))
         """)
-    reprec = run_reports(pytester, source, "-k", "put_then_get or empty_batches")
-    passed, _, failed = reprec.listoutcomes()
-    assert {r.nodeid.rsplit("::", 1)[-1] for r in passed} >= {"test_empty_batches_return_empty_lists"}
-    assert len(failed) == 3 and all(r.when == "teardown" for r in failed)  # the 3 sizes of put_then_get
-    assert all("backend left host buffers outstanding after aclose()" in str(r.longrepr) for r in failed)
+    run = run_suite(pytester, source, "-k", "put_then_get or empty_batches")
+    assert "test_empty_batches_return_empty_lists" in run.passed
+    assert len(run.failed) == 3  # the 3 sizes of put_then_get, each failing its teardown:
+    assert all("failed on teardown" in report and "backend left host buffers outstanding after aclose()" in report
+               for report in run.failed.values())
 
 
 def memdict_plugin():
@@ -399,19 +411,14 @@ def test_the_guide_shows_the_example_files_verbatim() -> None:
 
 def test_the_kit_example_passes_the_suite_with_its_corruption_scenarios(pytester: pytest.Pytester) -> None:
     filedir = REPO / "examples" / "lmtier-filedir"
-    pytester.syspathinsert(filedir)
-    pytester.makeini(INI)
-    pytester.makepyfile(test_filedir=(filedir / "tests" / "test_conformance.py").read_text())
-    reprec = pytester.inline_run("-p", "no:cacheprovider")
-    passed, _, failed = reprec.listoutcomes()
-    assert failed == []
-    names = {r.nodeid.rsplit("::", 1)[-1].split("[")[0] for r in passed}
+    run = run_suite(pytester, (filedir / "tests" / "test_conformance.py").read_text(), package=filedir,
+                    module="test_filedir")
+    assert run.failed == {}
+    names = {name.split("[")[0] for name in run.passed}
     assert {"test_a_damaged_value_is_a_miss_and_is_deleted", "test_two_swapped_values_are_misses_and_are_deleted",
             "test_a_value_of_a_newer_format_is_a_miss_left_in_place",
             "test_a_newer_format_value_a_new_handle_finds_is_not_counted",
             "test_a_value_stored_in_format_version_1_is_still_read"} <= names
-    for name in [m for m in sys.modules if m == "lmtier_filedir" or m.startswith("lmtier_filedir.")]:
-        del sys.modules[name]
 
 
 # -- a real `pip install` of the package, used from fresh processes --------------------------------
