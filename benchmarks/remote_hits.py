@@ -169,9 +169,14 @@ def raw_reader(kind: str, remote: Any, engine: Any, threads: int) -> Callable[[l
         names = backend.object_name
     else:
         prefix = remote.options()["obj"]["prefix"]
-
-        def names(k: Any) -> str:
-            return f"{prefix}{k.namespace}/{k}"
+        try:  # the shared object names (s3 and nixl-obj alike)
+            from lmtier.kit import object_name
+        except ImportError:  # an older checkout: NIXL's own <prefix><namespace>/<key>
+            def names(k: Any) -> str:
+                return f"{prefix}{k.namespace}/{k}"
+        else:
+            def names(k: Any) -> str:
+                return object_name(prefix, k)
 
     def read_s3(keys: list[Any]) -> int:
         got = list(pool.map(lambda k: s3.get_object(Bucket=bucket, Key=names(k))["Body"].read(), keys))
