@@ -32,7 +32,9 @@ call (no other coroutine runs in between).
   evicted chunk to the manager, which demotes it into the next tier if that tier lacks the key.
 
 Faults are misses: a :class:`~lmtier.errors.BackendError` (or any unexpected exception from a
-third-party backend) becomes a miss or a skipped write, with a metric and a log line. Tiers that
+third-party backend) becomes a miss or a skipped write, with a metric and a log line — per key: a
+call of several keys that fails on an error the tier answered with is asked again key by key, so
+one refused key costs that key only (:meth:`_calls`). Tiers that
 raise :class:`~lmtier.errors.BackendUnavailableError` repeatedly trip their circuit breaker and
 are skipped until a probe succeeds. Only bad input (:class:`~lmtier.errors.InvalidArgumentError`)
 reaches the caller.
@@ -139,6 +141,17 @@ class _Fault:
 
 
 FAULT = _Fault()
+#: Internal result of a call of several keys that raised an error worth asking again key by key.
+_SPLIT = _Fault()
+
+
+@dataclass
+class _PerKeyWrite:
+    """The merged answer of a put asked again key by key: per item, whether it landed, and what
+    each call returned (a codec tier's put returns the bytes it stored)."""
+
+    landed: list[bool]
+    returned: list[Any]
 
 
 @dataclass
@@ -639,24 +652,36 @@ class StorageManager:
         return result
 
     async def _calls(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], parts: Sequence[_Part[T]], *,
-                     until: float | None = None) -> list[Any]:
+                     until: float | None = None, per_key: bool = True) -> list[Any]:
         """:meth:`_call` for several parts of one operation (slices of a batch), up to
         :data:`MAX_IN_FLIGHT` at once; one result (or FAULT) per part.
 
         The deadline bounds the wait for *progress*: the parts in flight are detached (FAULT) when
         none of them has completed for the tier's deadline — so a working tier streams a large
         batch at full parallelism, and a frozen one costs its caller one deadline.
+
+        Faults are misses per key, not per batch: a part of several keys that *raised* an error
+        the tier answered with (anything but :class:`~lmtier.errors.BackendUnavailableError`,
+        a timeout included, or bad input) is asked again key by key (``per_key``), so one key
+        the tier refuses (a value it cannot take, a name it cannot read) costs that key only.
+        A tier that is down or late is not asked again: that would cost its caller more deadlines.
         """
         results: list[Any] = [FAULT] * len(parts)
         limit = getattr(tier.config.timeout_s, _DEADLINE_OF[op])
         t0 = self._clock()
         missed: set[int] = set()  # parts detached at the tier's own deadline
+        again: list[int] = []  # parts of several keys whose call raised: asked again key by key
         if tier.lends_memory:  # in-process, never waits on I/O: inline, so its writes are seen at once
             for i, part in enumerate(parts):
                 if tier.breaker.allow():
-                    results[i] = await self._inline(tier, op, fn, part.arg, part.writes, self._clock())
+                    results[i] = await self._inline(tier, op, fn, part.arg, part.writes, self._clock(),
+                                                    splits=per_key and _keys_in(op, part) > 1)
                 else:
                     results[i] = self._skip(tier, part.writes, "circuit_open")
+                if results[i] is _SPLIT:
+                    again.append(i)
+            if again:
+                await self._per_key(tier, op, fn, parts, results, again, until)
             if op in _READS:
                 self._observe_reads(tier, op, parts, results, missed, self._clock() - t0)
             return results
@@ -699,15 +724,37 @@ class StorageManager:
                 progress = self._loop.time()
                 for task in done:
                     i = running.pop(task)
-                    results[i] = self._finished(tier, op, task, parts[i].writes, started[i])
+                    results[i] = self._finished(tier, op, task, parts[i].writes, started[i],
+                                                splits=per_key and _keys_in(op, parts[i]) > 1)
+                    if results[i] is _SPLIT:
+                        again.append(i)
         except asyncio.CancelledError:
             tier.breaker.abandon_probe()  # our own cancellation says nothing about the tier
             for task, i in running.items():
                 self._detach(tier, op, task, parts[i].holds)
             raise
+        if again:
+            await self._per_key(tier, op, fn, parts, results, again, until)
         if op in _READS:  # the whole batch, parts in parallel: its wall time is what a load waits
             self._observe_reads(tier, op, parts, results, missed, self._clock() - t0)
         return results
+
+    async def _per_key(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], parts: Sequence[_Part[T]],
+                       results: list[Any], again: list[int], until: float | None) -> None:
+        """Ask ``parts[i]`` (``i`` in ``again``: calls of several keys that raised) again, one call
+        per key, and put each part's merged answer in ``results[i]``: the keys answered, a miss
+        (or a skipped write) for the keys that failed again, FAULT when every key did."""
+        singles = [_split_part(op, parts[i]) for i in again]
+        outcomes = await self._calls(tier, op, fn, [p for one in singles for p in one], until=until, per_key=False)
+        at = 0
+        for i, one in zip(again, singles, strict=True):
+            mine = outcomes[at:at + len(one)]
+            at += len(one)
+            results[i] = _merged(op, mine)
+            failed = sum(r is FAULT for r in mine)
+            self.metrics.per_key_retries.labels(tier.name, op).inc(len(one))
+            log.warning("lmtier tier %s: a %s of %d keys failed; asked key by key, %d answered, %d failed "
+                        "(misses/skipped writes)", tier.name, op, len(one), len(one) - failed, failed)
 
     def _gate(self, tier: Tier, until: float | None, now: float) -> str | None:
         """Why a call to ``tier`` must not start now (a skipped-write reason), or None."""
@@ -719,14 +766,19 @@ class StorageManager:
             return "circuit_open"
         return None
 
-    def _finished(self, tier: Tier, op: str, task: asyncio.Task[Any], writes: int, start: float) -> Any:
-        """The outcome of a call that ended in time: its result, or FAULT (counted, logged)."""
+    def _finished(self, tier: Tier, op: str, task: asyncio.Task[Any], writes: int, start: float, *,
+                  splits: bool = False) -> Any:
+        """The outcome of a call that ended in time: its result, or FAULT (counted, logged), or
+        _SPLIT (``splits``: the call raised an error worth asking again key by key)."""
         try:
             result = task.result()
         except InvalidArgumentError:
             tier.breaker.record_success()
             raise
         except Exception as exc:
+            if splits and _answered(exc):
+                self._fault(tier, op, exc, then="asking again key by key")
+                return _SPLIT
             reason = self._fault(tier, op, exc)
             if writes:
                 self.metrics.skipped_writes.labels(tier.name, reason).inc(writes)
@@ -738,12 +790,15 @@ class StorageManager:
         return result
 
     async def _inline(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], arg: T, writes: int,
-                      start: float) -> Any:
+                      start: float, *, splits: bool = False) -> Any:
         try:
             result = await fn(arg)
         except InvalidArgumentError:
             raise
         except Exception as exc:
+            if splits and _answered(exc):
+                self._fault(tier, op, exc, then="asking again key by key")
+                return _SPLIT
             reason = self._fault(tier, op, exc)
             return self._skip(tier, writes, reason)
         self.metrics.latency.labels(tier.name, op).observe(self._clock() - start)
@@ -828,7 +883,8 @@ class StorageManager:
         if not holds:  # nothing of the caller's is in use: stop it if the backend can
             task.cancel()
 
-    def _fault(self, tier: Tier, op: str, exc: Exception) -> str:
+    def _fault(self, tier: Tier, op: str, exc: Exception, *,
+               then: str = "treated as a miss/skipped write") -> str:
         """Count and log a failed call, feed the breaker; returns the skipped-write reason."""
         kind = _error_kind(exc)
         self.metrics.errors.labels(tier.name, op, kind).inc()
@@ -842,8 +898,7 @@ class StorageManager:
             reason, failed = "error", True
             log.error("lmtier tier %s: unexpected %s from %s", tier.name, type(exc).__name__, op, exc_info=exc)
         if not isinstance(exc, CorruptDataError):
-            log.warning("lmtier tier %s: %s failed (%s: %s); treated as a miss/skipped write",
-                        tier.name, op, type(exc).__name__, exc)
+            log.warning("lmtier tier %s: %s failed (%s: %s); %s", tier.name, op, type(exc).__name__, exc, then)
         if not failed:
             tier.breaker.record_success()  # the tier answered: it is reachable
         elif tier.breaker.record_failure():
@@ -888,9 +943,11 @@ class StorageManager:
             if outcome is FAULT:
                 failed = True
                 continue
-            written += hi - lo
-            self.metrics.bytes_written.labels(tier.name).inc(sum(sizes[lo:hi]))
-            self.metrics.objects_written.labels(tier.name).inc(hi - lo)
+            landed = outcome.landed if isinstance(outcome, _PerKeyWrite) else [True] * (hi - lo)
+            failed = failed or not all(landed)
+            written += sum(landed)
+            self.metrics.bytes_written.labels(tier.name).inc(sum(n for n, ok in zip(sizes[lo:hi], landed, strict=True) if ok))
+            self.metrics.objects_written.labels(tier.name).inc(sum(landed))
         return -1 if failed and not written else written
 
     async def _write_coded(self, tier: Tier, items: Sequence[PutItem]) -> int:
@@ -910,9 +967,14 @@ class StorageManager:
             if stored is FAULT:
                 failed = True
                 continue
-            written += hi - lo
+            if isinstance(stored, _PerKeyWrite):  # asked again key by key: some items failed
+                failed = failed or not all(stored.landed)
+                n, stored = sum(stored.landed), sum(r for r in stored.returned if r is not FAULT)
+            else:
+                n = hi - lo
+            written += n
             self.metrics.bytes_written.labels(tier.name).inc(stored)
-            self.metrics.objects_written.labels(tier.name).inc(hi - lo)
+            self.metrics.objects_written.labels(tier.name).inc(n)
         return -1 if failed and not written else written
 
     async def _read_coded(self, tier: Tier, keys: Sequence[ChunkKey], pending: list[int], sizes: Sequence[int],
@@ -1547,3 +1609,34 @@ def _check_keys(keys: Sequence[object]) -> None:
     for k in keys:
         if not isinstance(k, ChunkKey):
             raise InvalidArgumentError(f"keys must be lmtier.ChunkKey, got {type(k).__name__}: {k!r}")
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether a failed call's error came from a tier that answered (so it may answer key by key):
+    not unavailable or timed out (asking again would cost more deadlines), not bad input."""
+    return isinstance(exc, Exception) and not isinstance(exc, (BackendUnavailableError, InvalidArgumentError))
+
+
+def _keys_in(op: str, part: _Part[Any]) -> int:
+    """How many keys one call's argument carries (get_into's is ``(keys, views)``)."""
+    return len(part.arg[0]) if op == "get_into" else len(part.arg)
+
+
+def _split_part(op: str, part: _Part[Any]) -> list[_Part[Any]]:
+    """``part`` as one part per key. Each keeps the whole part's memory (``holds``): a detached
+    single-key call keeps it out of circulation, as the batch call would have."""
+    if op == "get_into":
+        keys, views = part.arg
+        return [_Part(([k], [v]), 0, part.holds) for k, v in zip(keys, views, strict=True)]
+    return [_Part(part.arg[j:j + 1], 1 if part.writes else 0, part.holds) for j in range(len(part.arg))]
+
+
+def _merged(op: str, outcomes: Sequence[Any]) -> Any:
+    """One answer for a batch from its single-key calls' (FAULT where a key's call failed)."""
+    if all(r is FAULT for r in outcomes):
+        return FAULT
+    if op == "get":
+        return [None if r is FAULT else r[0] for r in outcomes]
+    if op in ("contains", "get_into"):
+        return [False if r is FAULT else bool(r[0]) for r in outcomes]
+    return _PerKeyWrite([r is not FAULT for r in outcomes], list(outcomes))  # put, delete

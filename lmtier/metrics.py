@@ -53,6 +53,9 @@ class Metrics:
         self.detached_calls = Gauge("lmtier_tier_detached_calls",
                                     "Tier calls past their deadline still running in the background", ["tier"],
                                     registry=r)
+        self.per_key_retries = Counter("lmtier_tier_per_key_retries",
+                                       "Keys asked again one by one after their batch call failed on the tier's "
+                                       "answer (one key's fault costs that key only)", ["tier", "op"], registry=r)
         self.circuit_open = Gauge("lmtier_tier_circuit_open", "1 while a tier's circuit breaker is open",
                                   ["tier"], registry=r)
         self.queue_depth = Gauge("lmtier_tier_queue_depth", "Background writes queued for a tier", ["tier"], registry=r)
