@@ -78,7 +78,9 @@ def value(k: ChunkKey, size: int = 4096) -> bytes:
 @pytest_asyncio.fixture
 async def mgr(registry: BackendRegistry, tmp_path: Path) -> AsyncIterator[StorageManager]:
     cold = {"name": "cold", "backend": "stuck_disk", "options": {"root": str(tmp_path / "disk")},
-            "timeout_s": {"get": 0.05}}
+            # long enough for a 4 KiB read on a loaded 2-core machine (0.05 s missed it at load ~10: a
+            # flaky miss); the stuck tests wait it once each
+            "timeout_s": {"get": 1.0}}
     m = await StorageManager.from_config({"chunk_tokens": 16, "host_pool_bytes": 1 << 20, "tiers": [HOT, cold]},
                                          registry=registry, metrics_registry=CollectorRegistry())
     yield m
