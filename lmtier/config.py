@@ -8,7 +8,8 @@ its ``options`` against that backend's own pydantic model. Every error names the
 
 Environment overrides: ``LMTIER_CONFIG`` names the YAML file; ``LMTIER_<KEY>`` overrides a scalar
 top-level key (``LMTIER_CHUNK_TOKENS=512``) and ``LMTIER_TIERS__<NAME>__<KEY>`` a scalar key of the
-tier called NAME (``LMTIER_TIERS__HOT__WRITE=async``, ``LMTIER_TIERS__NVME__OPTIONS__ROOT=/data``).
+tier called NAME (``LMTIER_TIERS__HOT__WRITE=async``, ``LMTIER_TIERS__NVME__OPTIONS__ROOT=/data``);
+``LMTIER_SERVER_TIMEOUT_S__<KIND>`` one kind of the server deadlines (``..._LOOKUP=0.2``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "CodecConfig",
     "Deadlines",
     "LmtierConfig",
+    "ServerDeadlines",
     "TierConfig",
     "env_overrides",
     "load_config",
@@ -113,6 +115,46 @@ class Deadlines(BaseModel):
     _no_bools = field_validator("*", mode="before")(_refuse_bool)
 
 
+class ServerDeadlines(BaseModel):
+    """How long an engine process waits for ``lmtier serve``, per kind of call, in seconds.
+
+    Used where the configuration names a server (``server:`` / ``LMTIER_SERVER``): a call the
+    server has not answered by its deadline is a miss (lookup 0, fetch and reserve nothing,
+    commit 0), and the client treats the server as unresponsive until it answers a ping, so a
+    frozen server costs one call one deadline, not every call. In YAML, ``server_timeout_s`` is
+    either one number (every kind) or a mapping of some kinds, like a tier's ``timeout_s``.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    lookup: float = Field(0.5, gt=0, description="lookups and presence checks (the request waits on them)")
+    fetch: float = Field(5.0, gt=0, description="fetches: leases on slab slots, read from colder tiers if needed")
+    reserve: float = Field(0.5, gt=0, description="reserving slab slots to store into; deletes, releases")
+    commit: float = Field(30.0, gt=0, description="commits (behind the call: nothing waits on them)")
+    flush: float = Field(60.0, gt=0, description="flush: the server's background tier writes")
+    connect: float = Field(2.0, gt=0, description="one connect + hello; pings, stats, namespace registration")
+
+    _no_bools = field_validator("*", mode="before")(_refuse_bool)
+
+
+def _one_number_for_every_kind(model: type[BaseModel], value: Any) -> Any:
+    """``timeout_s: 0.3`` means 0.3 s for every field of ``model``; a mapping is left to pydantic."""
+    kinds = ", ".join(model.model_fields)
+    if value is None:
+        return {}
+    if isinstance(value, bool):  # YAML's yes/no: not a number of seconds
+        raise ValueError(f"must be a number of seconds or a mapping of {{{kinds}}}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"must be a number of seconds or a mapping of {{{kinds}}}") from None
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("a deadline must be a finite number of seconds > 0")
+        return dict.fromkeys(model.model_fields, value)
+    return value
+
+
 class CodecConfig(BaseModel):
     """A tier's value codec: ``codec: zstd`` or ``codec: {name: zstd, level: 3}`` in YAML.
 
@@ -177,20 +219,7 @@ class TierConfig(BaseModel):
     @field_validator("timeout_s", mode="before")
     @classmethod
     def _one_number_for_every_kind(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if isinstance(value, bool):  # YAML's yes/no: not a number of seconds
-            raise ValueError("must be a number of seconds or a mapping of {lookup, get, put, delete}")
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError("must be a number of seconds or a mapping of {lookup, get, put, delete}") from None
-        if isinstance(value, (int, float)):
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError("a deadline must be a finite number of seconds > 0")
-            return dict.fromkeys(Deadlines.model_fields, value)
-        return value
+        return _one_number_for_every_kind(Deadlines, value)
 
 
 class LmtierConfig(BaseModel):
@@ -202,6 +231,10 @@ class LmtierConfig(BaseModel):
     server: str | None = Field(None, pattern=r"^unix:///\S+$",
                                description="unix:///path/lmtier.sock of `lmtier serve`: the tiers live there "
                                            "(no tiers here); LMTIER_SERVER sets it and drops the file's tiers")
+    server_timeout_s: ServerDeadlines = Field(
+        default_factory=ServerDeadlines,
+        description="deadlines of calls to lmtier serve (with server): one number, or "
+                    "{lookup, fetch, reserve, commit, flush, connect}")
     host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="the manager's host pool (pinned where CUDA is)")
     log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
     load_policy: Literal["always", "cost"] = Field(
@@ -217,6 +250,11 @@ class LmtierConfig(BaseModel):
 
     _no_bools = field_validator("chunk_tokens", "host_pool_bytes", "load_margin", "recompute_tokens_per_s",
                                 mode="before")(_refuse_bool)
+
+    @field_validator("server_timeout_s", mode="before")
+    @classmethod
+    def _server_deadlines(cls, value: Any) -> Any:
+        return _one_number_for_every_kind(ServerDeadlines, value)
 
     @field_validator("host_pool_bytes")
     @classmethod
@@ -335,7 +373,7 @@ def env_overrides(env: Mapping[str, str] | None = None) -> list[str]:
         if not var.startswith("LMTIER_") or var in _NOT_OVERRIDES:
             continue
         path = var[len("LMTIER_"):].lower().split("__")
-        if (path[0] == "tiers" and len(path) >= 3) or (
+        if (path[0] == "tiers" and len(path) >= 3) or (len(path) == 2 and path[0] in _KINDS_BY_KEY) or (
                 len(path) == 1 and path[0] in LmtierConfig.model_fields and path[0] != "tiers"):
             out.append(var)
     return sorted(out)
@@ -348,20 +386,30 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, 
     tiers = data.get("tiers", [])
     data = {**data, "tiers": [dict(t) if isinstance(t, Mapping) else t for t in tiers] if isinstance(tiers, list) else tiers}
     applied: dict[str, str] = {}
-    for var, raw in env.items():
+    # shallower keys first: LMTIER_SERVER_TIMEOUT_S=1 then LMTIER_SERVER_TIMEOUT_S__LOOKUP=0.2 refines it
+    for var, raw in sorted(env.items(), key=lambda item: item[0].count("__")):
         if not var.startswith("LMTIER_") or var in _NOT_OVERRIDES:
             continue
         path = var[len("LMTIER_"):].lower().split("__")
         if path[0] == "tiers" and len(path) < 3:
             raise ConfigError(f"{var}: name a tier and a key below it, e.g. LMTIER_TIERS__HOT__WRITE=async or "
                               "LMTIER_TIERS__HOT__OPTIONS__MAX_BYTES=4GiB; the tier list itself comes from the file")
-        if not ((path[0] == "tiers") or (len(path) == 1 and path[0] in LmtierConfig.model_fields)):
+        if not (path[0] == "tiers" or (len(path) == 1 and path[0] in LmtierConfig.model_fields)
+                or (len(path) == 2 and path[0] in _KINDS_BY_KEY)):
             continue  # another component's variable (LMTIER_TRANSFER_MODE, ...)
         if "" in path:
             raise ConfigError(f"{var}: an empty key between '__' separators; name a tier and a key, e.g. "
                               "LMTIER_TIERS__HOT__WRITE=async")
         value = _env_scalar(var, raw)
-        if path[0] == "tiers":
+        if path[0] in _KINDS_BY_KEY and len(path) == 2:  # one kind of a deadline mapping
+            current = data.get(path[0])
+            kinds = (dict(current) if isinstance(current, Mapping)
+                     else dict.fromkeys(_KINDS_BY_KEY[path[0]].model_fields, current)
+                     if isinstance(current, (int, float)) and not isinstance(current, bool) else {})
+            kinds[path[1]] = value
+            data[path[0]] = kinds
+            applied[".".join(path)] = var
+        elif path[0] == "tiers":
             if not isinstance(data["tiers"], list):
                 continue  # the file's own error (tiers is not a list) is reported by validation
             index = next((i for i, t in enumerate(data["tiers"]) if isinstance(t, dict) and t.get("name") == path[1]),
@@ -411,6 +459,9 @@ def _set_nested(obj: dict[str, Any], path: list[str], value: Any) -> None:
         obj = nxt
     obj[path[-1]] = value
 
+
+#: top-level keys that are a mapping of deadlines: LMTIER_<KEY>__<KIND> sets one kind
+_KINDS_BY_KEY: dict[str, type[BaseModel]] = {"server_timeout_s": ServerDeadlines}
 
 # variables that configure lmtier itself rather than overriding a config key
 _NOT_OVERRIDES = frozenset({

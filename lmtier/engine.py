@@ -443,7 +443,7 @@ class KVCacheEngine:
         self._closed = False
         self._owns_store = kvstore is None
         if kvstore is None and cfg is not None and cfg.server is not None:
-            kvstore = _server_store(cfg.server, kv, metrics_registry, name)  # lmtier serve holds the tiers
+            kvstore = _server_store(cfg, kv, metrics_registry, name)  # lmtier serve holds the tiers
         self.kvstore: KVStore = kvstore if kvstore is not None else LocalStore.open(
             cfg, registry=registry, metrics_registry=metrics_registry, name=name)
         if isinstance(self.kvstore, SupportsNamespaces):  # a lossy tier's codec enters the namespace
@@ -965,13 +965,14 @@ def _release_all(chunks: Sequence[HostChunk | None]) -> None:
             chunk.release()
 
 
-def _server_store(address: str, kv: KVNamespace, metrics_registry: CollectorRegistry | None, name: str) -> KVStore:
-    """The client of ``lmtier serve`` at ``address`` (config ``server:`` / ``LMTIER_SERVER``)."""
+def _server_store(cfg: LmtierConfig, kv: KVNamespace, metrics_registry: CollectorRegistry | None,
+                  name: str) -> KVStore:
+    """The client of the ``lmtier serve`` that ``cfg`` names (``server:`` / ``LMTIER_SERVER``)."""
     from lmtier.metrics import Metrics, default_metrics
     from lmtier.server.client import ServerStore
 
     metrics = Metrics(metrics_registry) if metrics_registry is not None else default_metrics()
-    return ServerStore(address, metrics=metrics, namespace=kv.namespace, name=name)
+    return ServerStore.from_config(cfg, metrics=metrics, namespace=kv.namespace, name=name)
 
 
 def _tokens(token_ids: Any) -> np.ndarray[Any, Any]:

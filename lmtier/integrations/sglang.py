@@ -609,7 +609,7 @@ def _open_store(cfg: LmtierConfig, storage_config: HiCacheStorageConfig, *, name
         from lmtier.server.client import ServerStore
 
         metrics = Metrics(metrics_registry) if metrics_registry is not None else None
-        return cast("KVStore", ServerStore(cfg.server, metrics=metrics, namespace=namespace, name=name))
+        return cast("KVStore", ServerStore.from_config(cfg, metrics=metrics, namespace=namespace, name=name))
     from lmtier.store import LocalStore
 
     return LocalStore.open(_per_process(cfg, tag), metrics_registry=metrics_registry, name=name)

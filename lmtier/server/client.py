@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     import torch
     from prometheus_client.core import Metric
 
+    from lmtier.config import LmtierConfig
     from lmtier.keys import KVNamespace
     from lmtier.metrics import Metrics
     from lmtier.protocol import Buffer
@@ -213,7 +214,8 @@ class ServerStore:
         metrics: where the engine's counters go (default: the process-wide metrics).
         namespace, name: told to the server at hello, for its logs and ``/v1/status``.
         lookup_timeout_s, fetch_timeout_s, reserve_timeout_s, commit_timeout_s, flush_timeout_s:
-            the deadline of each kind of call (a call's ``timeout_s`` may shorten it, not lengthen it).
+            the deadline of each kind of call (a call's ``timeout_s`` may shorten it, not lengthen it);
+            from a configuration, its ``server_timeout_s`` (:meth:`from_config`).
         connect_timeout_s: deadline of one connect + hello; the constructor waits for the first
             connection at most this long, then keeps trying in the background.
         register_cuda: page-lock the slab for the GPU (default: iff torch sees CUDA).
@@ -267,6 +269,18 @@ class ServerStore:
         # wait (bounded) for the first connection, so that a fresh engine hits at once
         with contextlib.suppress(Exception):
             self._run(self._first_connect(), connect_timeout_s + 1.0)
+
+    @classmethod
+    def from_config(cls, config: LmtierConfig, *, metrics: Metrics | None = None, namespace: str = "",
+                    name: str = "") -> ServerStore:
+        """The client of the server ``config.server`` names, with the deadlines of its
+        ``server_timeout_s`` (see :class:`~lmtier.config.ServerDeadlines`)."""
+        if config.server is None:
+            raise InvalidArgumentError("this configuration names no server (server: unix:///path/lmtier.sock)")
+        d = config.server_timeout_s
+        return cls(config.server, metrics=metrics, namespace=namespace, name=name, lookup_timeout_s=d.lookup,
+                   fetch_timeout_s=d.fetch, reserve_timeout_s=d.reserve, commit_timeout_s=d.commit,
+                   flush_timeout_s=d.flush, connect_timeout_s=d.connect)
 
     # -- KVStore -------------------------------------------------------------------------------
     @property

@@ -6,16 +6,18 @@ stores, the other loads, page for page; and the configuration's rules for ``serv
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from lmtier.config import load_config
 from lmtier.engine import KVCacheEngine
-from lmtier.errors import ConfigError
+from lmtier.errors import ConfigError, InvalidArgumentError
 from lmtier.server.client import ServerStore
-from tests.server.serverproc import ServerProc, start_server, tiers_yaml
+from tests.server.serverproc import ServerProc, start_server, tiers_yaml, wait_until
 from tests.unit.test_engine import BLOCKS, CHUNK, blocks_equal, make_cache, namespace, tokens
 
 pytestmark = pytest.mark.server
@@ -61,3 +63,32 @@ def test_two_engines_on_one_server_load_each_others_pages(server: ServerProc) ->
         assert a.kvstore.outstanding() == 0 and b.kvstore.outstanding() == 0
     status = server.status()
     assert status["leases"] == 0 and status["reservations"] == 0
+
+
+def test_the_engines_server_deadlines_come_from_the_config_and_a_frozen_server_misses_by_them(tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    cfg = {"chunk_tokens": CHUNK, "server": srv.address,
+           "server_timeout_s": {"lookup": 0.3, "fetch": 0.7, "commit": 20, "connect": 5}}
+    src = make_cache()
+    toks = tokens(32)
+    try:
+        with KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-d") as e:
+            store = e.kvstore
+            assert isinstance(store, ServerStore)
+            assert {k: store.timeouts[k] for k in ("lookup", "contains", "fetch", "reserve", "commit", "flush")} == {
+                "lookup": 0.3, "contains": 0.3, "fetch": 0.7, "reserve": 0.5, "commit": 20.0, "flush": 60.0}
+            assert store.connect_timeout_s == 5.0
+            assert e.store(toks, src, list(range(8)), request_id="r").wait() == 32
+            assert e.lookup(toks) == 32
+            srv.signal(signal.SIGSTOP)
+            try:
+                assert e.lookup(toks) == 0, "a frozen server is a miss at the configured deadline"
+                assert store.stats()["misses"].get("lookup:deadline", 0) >= 1
+            finally:
+                srv.signal(signal.SIGCONT)
+            wait_until(lambda: store.connected, what="the thawed server to answer a ping")
+            assert e.lookup(toks) == 32
+    finally:
+        srv.close()
+    with pytest.raises(InvalidArgumentError, match="names no server"):
+        ServerStore.from_config(load_config({"tiers": [{"name": "hot", "backend": "cpu"}]}, env={}))

@@ -140,3 +140,47 @@ def test_sizes_beyond_the_machines_memory_are_refused_saying_how_much_there_is()
     with pytest.raises(ConfigError, match=r"tiers\[0\]\.options\.max_bytes: .*more memory than there is"):
         cfg.validate_backends(BackendRegistry.discover())
     assert "RAM" in limit.described and limit.bytes > 0
+
+
+SERVER = "chunk_tokens: 256\nserver: unix:///run/lmtier/lmtier.sock\n"
+
+
+def test_server_deadlines_come_from_the_yaml_as_one_number_or_per_kind(tmp_path: Path) -> None:
+    defaults = load_config(write(tmp_path, SERVER), env={}).server_timeout_s
+    assert (defaults.lookup, defaults.fetch, defaults.reserve, defaults.commit, defaults.flush,
+            defaults.connect) == (0.5, 5.0, 0.5, 30.0, 60.0, 2.0)
+    every = load_config(write(tmp_path, SERVER + "server_timeout_s: 0.25\n"), env={}).server_timeout_s
+    assert set(every.model_dump().values()) == {0.25}
+    some = load_config(write(tmp_path, SERVER + "server_timeout_s: {lookup: 0.1, fetch: 2}\n"), env={})
+    assert (some.server_timeout_s.lookup, some.server_timeout_s.fetch, some.server_timeout_s.commit) == (0.1, 2.0, 30.0)
+
+
+def test_server_deadlines_can_be_overridden_from_the_environment_one_kind_at_a_time(tmp_path: Path) -> None:
+    path = write(tmp_path, SERVER + "server_timeout_s: 0.25\n")
+    env = {"LMTIER_SERVER_TIMEOUT_S__LOOKUP": "0.1", "LMTIER_SERVER_TIMEOUT_S": "3"}
+    d = load_config(path, env=env).server_timeout_s
+    assert (d.lookup, d.fetch, d.connect) == (0.1, 3.0, 3.0), "the one number first, then the kind"
+    from lmtier.config import env_overrides
+
+    assert env_overrides(env) == ["LMTIER_SERVER_TIMEOUT_S", "LMTIER_SERVER_TIMEOUT_S__LOOKUP"]
+    with pytest.raises(ConfigError, match=r"server_timeout_s\.fetch: .*greater than 0.* \(set by LMTIER_SERVER_TIMEOUT_S__FETCH\)"):
+        load_config(path, env={"LMTIER_SERVER_TIMEOUT_S__FETCH": "0"})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", r"server_timeout_s: .*finite number of seconds > 0"),
+        ("-1", r"server_timeout_s: .*finite number of seconds > 0"),
+        (".inf", r"server_timeout_s: .*finite number of seconds > 0"),
+        ("true", r"server_timeout_s: .*number of seconds or a mapping of \{lookup, fetch, reserve, commit, flush, connect\}"),
+        ("soon", r"server_timeout_s: .*number of seconds or a mapping of"),
+        ("{lookups: 1}", r"server_timeout_s\.lookups: unknown key; allowed keys: commit, connect, fetch, flush, lookup, reserve"),
+        ("{fetch: .nan}", r"server_timeout_s\.fetch"),
+        ("{commit: 0}", r"server_timeout_s\.commit: .*greater than 0"),
+        ("{flush: yes}", r"server_timeout_s\.flush: .*boolean"),
+    ],
+)
+def test_a_bad_server_deadline_is_a_config_error_naming_the_key(tmp_path: Path, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, SERVER + f"server_timeout_s: {value}\n"), env={})
