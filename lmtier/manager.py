@@ -63,7 +63,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
@@ -89,6 +89,7 @@ from lmtier.protocol import (
     Buffer,
     StorageBackend,
     SupportsAllocate,
+    SupportsClear,
     SupportsCodecs,
     SupportsEvictionListener,
     SupportsGetInto,
@@ -556,6 +557,41 @@ class StorageManager:
         _check_keys(keys)
         if keys:
             await asyncio.gather(*(self._call(t, "delete", t.backend.delete, list(keys)) for t in self.tiers))
+
+    async def clear(self, tiers: Sequence[str] | None = None, *,
+                    namespaces: Collection[str] | None = None) -> dict[str, int | None]:
+        """Drop what tiers hold: every value, or every value of ``namespaces``.
+
+        ``tiers`` names the tiers to clear (``None``: every tier). Queued background writes are
+        flushed first, so none lands after its tier was cleared. Returns, for each tier asked
+        (hottest first), how many values it dropped, or ``None`` for a tier whose backend cannot
+        clear (no :class:`~lmtier.protocol.SupportsClear`: the remote stores, whose data others
+        may share; delete it with their own tools), left as it was. A name that is no tier, a
+        tier named explicitly that cannot clear, or a namespace that is not 16 hex digits is an
+        :class:`~lmtier.errors.InvalidArgumentError` before anything is cleared. A tier's fault
+        raises; the tiers before it stay cleared.
+        """
+        chosen = list(self.tiers) if tiers is None else [self.tier(name) for name in tiers]
+        if tiers is not None:
+            unable = [t.name for t in chosen if not isinstance(t.backend, SupportsClear)]
+            if unable:
+                raise InvalidArgumentError(
+                    f"tier(s) {unable} cannot be cleared by lmtier (their backends share data with other "
+                    "processes or hosts); delete their data with the store's own tools, or name other tiers")
+        if namespaces is not None:
+            namespaces = frozenset(namespaces)
+            for ns in namespaces:
+                if not isinstance(ns, str) or len(ns) != 16 or ns.strip("0123456789abcdef"):
+                    raise InvalidArgumentError(f"namespaces are 16 lowercase hex digits, got {ns!r:.40}")
+        await self.flush()
+        out: dict[str, int | None] = {}
+        for t in chosen:
+            out[t.name] = await t.backend.clear(namespaces) if isinstance(t.backend, SupportsClear) else None
+        which = "every value" if namespaces is None else f"the values of namespace(s) {sorted(namespaces)}"
+        log.warning("lmtier: cleared %s from %s", which,
+                    ", ".join(f"{name} ({n})" if n is not None else f"{name} (kept: cannot clear)"
+                              for name, n in out.items()))
+        return out
 
     async def flush(self) -> None:
         """Wait until every queued background write, promotion and demotion is done."""

@@ -26,7 +26,8 @@ SupportsX)`` and :func:`optional_capabilities` names them (the manager logs them
 * :class:`SupportsStats` — backend counters for metrics and ``lmtier doctor``;
 * :class:`SupportsAllocate` — host buffers inside the tier's own memory, adopted by ``put``
   without a copy (the cpu tier: the engine copies pages straight into the tier);
-* :class:`SupportsEvictionListener` — the tier tells the manager what it evicts (demotion).
+* :class:`SupportsEvictionListener` — the tier tells the manager what it evicts (demotion);
+* :class:`SupportsClear` — drop everything, or every value of some namespaces, at once (cpu, disk).
 
 A backend that **wraps** another (a fault injector, a metrics shim) must claim exactly what it
 forwards: define a ``Supports*`` method only when the wrapped backend has it (for instance by
@@ -38,7 +39,7 @@ tier supports.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -56,6 +57,7 @@ __all__ = [
     "EvictionListener",
     "StorageBackend",
     "SupportsAllocate",
+    "SupportsClear",
     "SupportsCodecs",
     "SupportsEvictionListener",
     "SupportsGetInto",
@@ -244,6 +246,23 @@ class SupportsCodecs(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsClear(Protocol):
+    """Optional: drop everything the tier stores, or every value of some namespaces, at once.
+
+    What ``lmtier serve``'s ``POST /v1/clear`` and an engine's "clear the cache" use. Only
+    values the tier itself wrote are removed (its own files or entries, matched exactly: nothing
+    else under its root, bucket or database). Values a reader still holds (lease views) stay
+    valid until released. Eviction listeners are not told (nothing is demoted). A fault raises
+    like ``delete``; what was removed before it stays removed.
+    """
+
+    async def clear(self, namespaces: Collection[str] | None = None) -> int:
+        """Remove every value (``namespaces`` ``None``), or those whose key's namespace is one of
+        ``namespaces``; returns how many values were removed."""
+        ...
+
+
 #: The optional protocols, by the name :func:`optional_capabilities` reports.
 _OPTIONAL: tuple[tuple[str, type], ...] = (
     ("get_into", SupportsGetInto),
@@ -251,6 +270,7 @@ _OPTIONAL: tuple[tuple[str, type], ...] = (
     ("allocate", SupportsAllocate),
     ("eviction_listener", SupportsEvictionListener),
     ("codecs", SupportsCodecs),
+    ("clear", SupportsClear),
 )
 
 

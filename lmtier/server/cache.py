@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmtier.config import LmtierConfig, load_config
-from lmtier.errors import ConfigError, LmtierError
+from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer, HostMemoryPool
 from lmtier.server.holdings import Holdings
@@ -148,10 +148,18 @@ class SlabCache:
     async def delete(self, raw_keys: Sequence[bytes]) -> None:
         await self.manager.delete(_keys(raw_keys))
 
-    async def clear(self) -> int:
-        n = await self.hot.clear()
-        log.warning("lmtier serve: cleared the hot tier (%d chunks); colder tiers keep theirs", n)
-        return n
+    async def clear(self, tiers: Sequence[str] | None = None, namespaces: Sequence[str] | None = None
+                    ) -> dict[str, int | None]:
+        """Drop what ``tiers`` hold (``None``: every tier), all of it or ``namespaces``' chunks.
+
+        Per tier asked: chunks dropped, or ``None`` for one that cannot be cleared (kept).
+        Leased slab ranges are freed when their leases are released. Bad names are
+        :data:`~lmtier.server.protocol.E_BAD_ARGUMENT`.
+        """
+        try:
+            return await self.manager.clear(tiers, namespaces=namespaces)
+        except InvalidArgumentError as exc:
+            raise ServerError(E_BAD_ARGUMENT, str(exc)) from None
 
     def status(self) -> dict[str, Any]:
         """The ``/v1/status`` document."""

@@ -361,7 +361,8 @@ class Server:
             case p.Stats():
                 return p.StatsReply(id=req.id, status=cache.status())
             case p.Clear():
-                return p.ClearReply(id=req.id, cleared=await cache.clear())
+                per_tier = await cache.clear(req.tiers, req.namespaces)
+                return p.ClearReply(id=req.id, cleared=sum(n or 0 for n in per_tier.values()), tiers=per_tier)
             case p.Namespace():
                 return _register_namespace(cache, req)
         raise ServerError(p.E_UNKNOWN_OP, f"no handler for {type(req).__name__}")  # pragma: no cover

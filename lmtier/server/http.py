@@ -6,8 +6,11 @@
   requests and refused requests by op / error code.
 * ``GET /v1/status`` — JSON: ``clients`` and ``leases`` (integers), ``reservations``, ``slab``,
   ``tiers`` (name, backend, bytes, objects, hits, misses, evictions), ``connections``.
-* ``POST /v1/clear`` — drop every chunk of the hot tier; JSON ``{"cleared": N, "kept": [...]}``
-  naming the colder tiers, which keep their data.
+* ``POST /v1/clear`` — drop every chunk of every tier that can be cleared (the cpu and disk
+  tiers; remote stores others share are kept and named); ``?tier=NAME`` (repeatable) clears only
+  those tiers, ``?namespace=NS`` (repeatable) only those namespaces' chunks. JSON
+  ``{"cleared": {tier: N}, "total": N, "kept": [{"tier", "backend", "reason"}]}``; 400 naming
+  the problem (a tier that does not exist or cannot be cleared, a bad namespace), nothing cleared.
 
 Bound to 127.0.0.1 by default: status and clear are not authenticated.
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from lmtier.server.protocol import ServerError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,11 +49,24 @@ def make_app(cache: SlabCache, registry: CollectorRegistry, serving: Callable[[]
     async def status(_request: web.Request) -> web.Response:
         return web.json_response(cache.status())
 
-    async def clear(_request: web.Request) -> web.Response:
-        cleared = await cache.clear()
-        kept: list[dict[str, Any]] = [{"tier": t.name, "backend": t.config.backend}
-                                      for t in cache.manager.tiers[1:]]
-        return web.json_response({"cleared": cleared, "tier": cache.manager.tiers[0].name, "kept": kept})
+    async def clear(request: web.Request) -> web.Response:
+        unknown = sorted(set(request.query) - {"tier", "namespace"})
+        if unknown:
+            return web.json_response({"error": f"unknown parameter(s) {unknown}; allowed: tier, namespace"},
+                                     status=400)
+        tiers = request.query.getall("tier", []) or None
+        namespaces = request.query.getall("namespace", []) or None
+        try:
+            per_tier = await cache.clear(tiers, namespaces)
+        except ServerError as exc:
+            return web.json_response({"error": exc.message}, status=400)
+        backends = {t.name: t.config.backend for t in cache.manager.tiers}
+        kept: list[dict[str, Any]] = [
+            {"tier": name, "backend": backends[name], "reason": "cannot be cleared by lmtier (shared with other "
+             "processes or hosts): delete its data with the store's own tools"}
+            for name, n in per_tier.items() if n is None]
+        cleared = {name: n for name, n in per_tier.items() if n is not None}
+        return web.json_response({"cleared": cleared, "total": sum(cleared.values()), "kept": kept})
 
     app = web.Application()
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics), web.get("/v1/status", status),

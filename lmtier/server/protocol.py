@@ -33,7 +33,9 @@ Revisions within version 1 (each optional, so peers of either side keep working 
 ``namespace`` op (:class:`Namespace`) was added for the server's lossy value codecs; a server
 that predates it answers :data:`E_UNKNOWN_OP`, which the client takes as "no lossy tiers to
 declare" (its chunks are then stored raw in such tiers, never lossy under a namespace that does
-not say so).
+not say so). :class:`Clear` gained ``tiers`` and ``namespaces`` (and clears every tier that can
+be by default); a server that predates them ignores them and clears its hot tier only, and its
+reply lacks ``tiers``, which tells the client so.
 
 Slots and ownership
 -------------------
@@ -280,7 +282,18 @@ class Stats(_Request, tag="stats"):
 
 
 class Clear(_Request, tag="clear"):
-    """Drop every chunk the hot tier holds (what ``POST /v1/clear`` does). Reply :class:`ClearReply`."""
+    """Drop what tiers hold (what ``POST /v1/clear`` does). Reply :class:`ClearReply`.
+
+    A tier that cannot be cleared (a remote store others share) is kept; naming one, or a name
+    that is no tier, is :data:`E_BAD_ARGUMENT` and nothing is cleared. (Before the ``tiers`` and
+    ``namespaces`` fields, a server cleared the hot tier only, whatever was sent; its reply has
+    no ``tiers``.)
+    """
+
+    tiers: list[str] | None = None
+    """Names of the tiers to clear; ``None``: every tier that can be."""
+    namespaces: list[str] | None = None
+    """Clear only chunks of these namespaces (16 hex digits each); ``None``: every chunk."""
 
 
 class Namespace(_Request, tag="namespace"):
@@ -392,7 +405,10 @@ class StatsReply(_Reply, tag="stats"):
 
 class ClearReply(_Reply, tag="clear"):
     cleared: int
-    """Chunks dropped from the hot tier (leased ranges are freed when their leases are released)."""
+    """Chunks dropped, all tiers together (leased ranges are freed when their leases are released)."""
+    tiers: dict[str, int | None] | None = None
+    """Per tier asked: chunks dropped, or ``None`` for a tier that cannot be cleared (kept).
+    Absent from a server that predates it (which cleared its hot tier only)."""
 
 
 class NamespaceReply(_Reply, tag="namespace"):

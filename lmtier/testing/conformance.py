@@ -49,6 +49,7 @@ from lmtier.protocol import (
     Capabilities,
     StorageBackend,
     SupportsAllocate,
+    SupportsClear,
     SupportsEvictionListener,
     SupportsGetInto,
     SupportsStats,
@@ -413,6 +414,28 @@ class BackendConformance:
         assert bytes(outs[0]) == data
         wrong = [bytearray(len(data) - 1)]
         assert await backend.get_into([hit], wrong) == [False]
+
+    @pytest.mark.asyncio
+    async def test_clear_drops_the_values_of_the_namespaces_named_or_every_value(
+        self, backend: StorageBackend, namespace: str
+    ) -> None:
+        if not isinstance(backend, SupportsClear):
+            pytest.skip("backend does not implement clear")
+        other = make_namespace(conformance_other=os.urandom(8).hex())
+        mine, theirs = self.keys(namespace, 3), self.keys(other, 2)
+        await backend.put([(k, self.value(1000, seed=i)) for i, k in enumerate(mine + theirs)])
+        assert await backend.clear([namespace]) == 3
+        assert await backend.contains(mine + theirs) == [False] * 3 + [True] * 2
+        assert await backend.get(mine) == [None] * 3
+        (kept,) = await backend.get(theirs[:1])
+        assert _bytes_of(kept) == self.value(1000, seed=3)
+        del kept
+        assert await backend.clear([namespace]) == 0
+        assert await backend.clear() >= 2  # every value, whoever stored it
+        assert await backend.contains(theirs) == [False, False]
+        await backend.put([(mine[0], b"again")])  # a cleared tier stores as before
+        (got,) = await backend.get(mine[:1])
+        assert _bytes_of(got) == b"again"
 
     @pytest.mark.asyncio
     async def test_stats_are_a_flat_dict_of_numbers(self, backend: StorageBackend, namespace: str) -> None:

@@ -10,7 +10,7 @@ offered to the eviction listener (the manager demotes them to the next tier).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmtier.errors import CapacityError
@@ -94,15 +94,22 @@ class CpuBackend(AsyncClosing):
             if buf is not None:
                 buf.release()
 
-    async def clear(self) -> int:
-        """Drop every entry (not offered to the eviction listener); returns how many there were.
+    async def clear(self, namespaces: Collection[str] | None = None) -> int:
+        """Drop every entry, or those of ``namespaces`` (:class:`~lmtier.protocol.SupportsClear`;
+        not offered to the eviction listener); returns how many were dropped.
 
         Ranges still leased to readers are freed when their leases are released.
         """
-        entries, self._entries = self._entries, OrderedDict()
-        for buf in entries.values():
+        if namespaces is None:
+            dropped, self._entries = self._entries, OrderedDict()
+        else:
+            wanted = set(namespaces)
+            dropped = OrderedDict((k, b) for k, b in self._entries.items() if k.namespace in wanted)
+            for k in dropped:
+                del self._entries[k]
+        for buf in dropped.values():
             buf.release()
-        return len(entries)
+        return len(dropped)
 
     def stats(self) -> dict[str, Any]:
         return {"objects": len(self._entries), "bytes": self.pool.used_bytes,

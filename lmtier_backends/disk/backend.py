@@ -269,6 +269,16 @@ class DiskBackend(AsyncClosing):
                   for k, (ok, v) in zip(unique, outcomes, strict=True) if not ok]
         _raise_first(cancelled, errors)
 
+    async def clear(self, namespaces: Collection[str] | None = None) -> int:
+        """Delete every file of the tier, or those of ``namespaces``
+        (:class:`~lmtier.protocol.SupportsClear`): the index names them, so only files the tier
+        wrote (newer-format ones included) are removed. Returns how many."""
+        self._check_open()
+        wanted = None if namespaces is None else set(namespaces)
+        victims = [k for k in self._index if wanted is None or k.namespace in wanted]
+        await self.delete(victims)
+        return len(victims)
+
     def stats(self) -> dict[str, Any]:
         return {"objects": len(self._index), "bytes": self._used, "capacity_bytes": self.max_bytes,
                 "evictions": self._evictions, "corrupt": self._rejects.corrupt + self._short_removed,

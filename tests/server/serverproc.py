@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,9 +103,11 @@ class ServerProc:
         assert code == 200, body
         return json.loads(body)
 
-    def clear(self) -> dict[str, Any]:
-        req = urllib.request.Request(self.http + "/v1/clear", method="POST")
-        with urllib.request.urlopen(req, timeout=10) as r:
+    def clear(self, *tiers: str, namespaces: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``POST /v1/clear`` (of ``tiers``, else every tier; of ``namespaces``, else every chunk)."""
+        query = urllib.parse.urlencode([("tier", t) for t in tiers] + [("namespace", n) for n in namespaces])
+        req = urllib.request.Request(self.http + "/v1/clear" + (f"?{query}" if query else ""), method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
     def store(self, **kwargs: Any) -> Any:

@@ -76,7 +76,7 @@ def test_engines_on_a_lossy_server_share_quantized_chunks_under_a_namespace_nami
         a.flush()
         keys = chunk_keys(toks, a.namespace, CHUNK)
         assert stored_codecs(tmp_path, keys) == [3, 3], "the disk tier did not quantize the engine's chunks"
-    lossy_server.clear()  # the hot tier forgets them: the next engine reads the disk tier
+    lossy_server.clear("hot")  # the hot tier forgets them: the next engine reads the disk tier
     with engine(lossy_server, "lossy-b") as b:
         assert b.namespace == a.namespace
         assert b.retrieve(toks, dst, list(range(30, 38))) == 32

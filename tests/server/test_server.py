@@ -7,6 +7,7 @@ shared slab. Faults are real signals (``kill -9``, ``SIGSTOP``) to real processe
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -103,7 +104,7 @@ def test_a_chunk_only_in_a_colder_tier_is_copied_once_into_the_slab_and_leased(s
     ks = keys(3, salt=3)
     assert store_chunks(store, ks, 4096) == 3
     store.flush()
-    assert server.clear()["cleared"] >= 3  # the hot tier forgets them; the disk tier keeps them
+    assert server.clear("hot")["cleared"]["hot"] >= 3  # the hot tier forgets them; the disk tier keeps them
     assert store.lookup(ks).result().hit_chunks == 3
     leases = store.fetch(ks, [4096] * 3).result()
     assert [bytes(lease.view()) for lease in leases] == [payload(i, 4096) for i in range(3)]
@@ -380,10 +381,64 @@ def test_http_serves_health_metrics_status_and_clear_on_loopback_only(server: Se
     assert [t["name"] for t in status["tiers"]] == ["hot", "local"]
     assert all(isinstance(t[f], int) for t in status["tiers"] for f in ("bytes", "hits"))
     assert {t["backend"] for t in status["tiers"]} == {"cpu", "disk"}
-    cleared = server.clear()
-    assert cleared["cleared"] >= 2 and cleared["kept"] == [{"tier": "local", "backend": "disk"}]
+    cleared = server.clear("hot")
+    assert cleared["cleared"]["hot"] >= 2 and list(cleared["cleared"]) == ["hot"] and cleared["kept"] == []
     assert {t["name"]: t["objects"] for t in server.status()["tiers"]}["hot"] == 0
     assert set(listening_addresses([server.pid])) <= LOOPBACK_HEX
+
+
+def disk_files(root: Path) -> list[Path]:
+    """The chunk files of a disk tier's root (not its marker file)."""
+    return [f for f in root.rglob("*") if f.is_file() and re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{32}", f.name)]
+
+
+def test_clear_drops_every_tier_or_the_named_tiers_and_namespaces_and_refuses_bad_names(own_server: ServerProc,
+                                                                                     tmp_path: Path) -> None:
+    store = own_server.store()
+    other = make_namespace(test="server-clear-other")
+    mine, theirs = keys(3, salt=11), [ChunkKey(other, bytes([i]) * 16) for i in range(2)]
+    assert store_chunks(store, mine, 1024) == 3 and store_chunks(store, theirs, 1024) == 2
+    store.flush()
+    disk = tmp_path / "disk"
+    assert len(disk_files(disk)) == 5
+    for query in (("ghost",), ("hot", "nope")):
+        code, body = post(own_server, "/v1/clear?" + "&".join(f"tier={t}" for t in query))
+        assert code == 400 and b"no tier named" in body
+    for bad in ("/v1/clear?namespace=XYZ", "/v1/clear?namespace=" + "0" * 15, "/v1/clear?tiers=hot"):
+        code, body = post(own_server, bad)
+        assert code == 400, (bad, body)
+    assert store.lookup(mine + theirs).result().hit_chunks == 5, "a refused clear cleared nothing"
+
+    cleared = own_server.clear(namespaces=(NS,))  # every tier, one namespace
+    assert cleared == {"cleared": {"hot": 3, "local": 3}, "total": 6, "kept": []}
+    assert store.contains(mine + theirs) == [False] * 3 + [True] * 2
+    assert len(disk_files(disk)) == 2 and all(f.name.startswith(other) for f in disk_files(disk))
+
+    assert own_server.clear() == {"cleared": {"hot": 2, "local": 2}, "total": 4, "kept": []}
+    assert store.contains(theirs) == [False, False] and disk_files(disk) == []
+    assert own_server.status()["slab"]["used_bytes"] == 0
+    assert store_chunks(store, mine[:1], 1024) == 1 and store.lookup(mine[:1]).result().hit_chunks == 1
+
+    raw = RawClient(own_server.socket_path)  # the wire op: the same, with the per-tier counts
+    try:
+        reply = raw.call(p.Clear(id=raw.next_id(), tiers=["local"]))
+        assert isinstance(reply, p.ClearReply) and reply.tiers == {"local": 1} and reply.cleared == 1
+        bad = raw.call(p.Clear(id=raw.next_id(), tiers=["ghost"]))
+        assert isinstance(bad, p.Error) and bad.code == p.E_BAD_ARGUMENT and "ghost" in bad.message
+    finally:
+        raw.close()
+    assert store.lookup(mine[:1]).result().hit_chunks == 1, "the hot tier kept it"
+
+
+def post(server: ServerProc, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(server.http + path, method="POST"), timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
 def test_reserve_with_keys_skips_the_chunks_the_hot_tier_holds(server: ServerProc) -> None:

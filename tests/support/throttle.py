@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from lmtier.protocol import (
     EvictionListener,
     StorageBackend,
     SupportsAllocate,
+    SupportsClear,
     SupportsCodecs,
     SupportsEvictionListener,
     SupportsGetInto,
@@ -146,8 +147,15 @@ class _Codecs:
         return bool(self.inner.carries_codecs)
 
 
+class _Clear:
+    inner: Any
+
+    async def clear(self, namespaces: Collection[str] | None = None) -> int:
+        return int(await self.inner.clear(namespaces))
+
+
 _MIXINS = ((SupportsGetInto, _GetInto), (SupportsStats, _Stats), (SupportsAllocate, _Allocate),
-           (SupportsEvictionListener, _EvictionListener), (SupportsCodecs, _Codecs))
+           (SupportsEvictionListener, _EvictionListener), (SupportsCodecs, _Codecs), (SupportsClear, _Clear))
 
 
 @functools.cache

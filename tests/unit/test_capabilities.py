@@ -37,7 +37,7 @@ async def test_the_cpu_tier_declares_its_hot_tier_capabilities() -> None:
     try:
         assert isinstance(backend, SupportsAllocate) and isinstance(backend, SupportsEvictionListener)
         assert isinstance(backend, SupportsStats) and not isinstance(backend, SupportsGetInto)
-        assert optional_capabilities(backend) == ("stats", "allocate", "eviction_listener")
+        assert optional_capabilities(backend) == ("stats", "allocate", "eviction_listener", "clear")
     finally:
         await backend.aclose()
 
@@ -105,3 +105,30 @@ async def test_a_wrapper_forwards_capabilities_or_visibly_loses_them(wrapper: st
             await mgr.tier("hot").backend.put([(k, k.digest * 64)])
         await mgr.flush()
         assert await mgr.tier("cold").backend.contains(ks[:4]) == [demoted == 4] * 4
+
+
+@pytest.mark.asyncio
+async def test_clear_empties_the_tiers_that_can_clear_keeps_the_others_and_refuses_to_name_them() -> None:
+    from lmtier.errors import InvalidArgumentError
+
+    registry = BackendRegistry.discover()
+    registry.register(BackendSpec("plain", f"{__name__}:Plain", "lmtier_backends.cpu.config:CpuConfig"))
+    config = {"chunk_tokens": 16, "tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "1MiB", "pinned": False}},
+        {"name": "shared", "backend": "plain", "options": {"max_bytes": "1MiB", "pinned": False}}]}
+    mgr = await StorageManager.from_config(config, registry=registry, metrics_registry=CollectorRegistry())
+    async with mgr:
+        ns, other = make_namespace(test="clear"), make_namespace(test="clear-other")
+        ks = [ChunkKey(ns, i.to_bytes(16, "big")) for i in range(3)] + [ChunkKey(other, b"o" * 16)]
+        await mgr.put([(k, b"v" * 100) for k in ks])
+        with pytest.raises(InvalidArgumentError, match=r"tier\(s\) \['shared'\] cannot be cleared"):
+            await mgr.clear(["hot", "shared"])
+        with pytest.raises(InvalidArgumentError, match="no tier named 'ghost'"):
+            await mgr.clear(["ghost"])
+        with pytest.raises(InvalidArgumentError, match="16 lowercase hex"):
+            await mgr.clear(namespaces=["nope"])
+        assert await mgr.tier("hot").backend.contains(ks) == [True] * 4, "a refused clear cleared nothing"
+        assert await mgr.clear(namespaces=[ns]) == {"hot": 3, "shared": None}
+        assert await mgr.tier("hot").backend.contains(ks) == [False] * 3 + [True]
+        assert await mgr.tier("shared").backend.contains(ks) == [True] * 4, "kept: it cannot clear"
+        assert await mgr.clear(["hot"]) == {"hot": 1}

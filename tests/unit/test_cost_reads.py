@@ -45,7 +45,7 @@ async def test_the_throttle_claims_exactly_what_it_wraps(tmp_path: Path) -> None
         for inner in (cpu, disk):
             wrapped = throttle.throttled(inner, bytes_per_s=RATE)
             assert optional_capabilities(wrapped) == optional_capabilities(inner)
-        assert optional_capabilities(throttle.throttled(cpu)) == ("stats", "allocate", "eviction_listener")
+        assert optional_capabilities(throttle.throttled(cpu)) == ("stats", "allocate", "eviction_listener", "clear")
         assert "get_into" in optional_capabilities(throttle.throttled(disk))
     finally:
         await cpu.aclose()
