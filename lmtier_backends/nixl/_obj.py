@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmtier.errors import CorruptDataError
-from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
+from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.kit import object_name
 from lmtier.memory import HostBuffer
@@ -98,7 +98,7 @@ class ObjStore:
                 if error is not None:
                     continue  # gone since the HEAD, or shorter than a header: not usable either way
                 try:
-                    decode_header(keys[i], buf.tensor.numpy().data)
+                    decode_header(keys[i], buf.tensor.numpy().data, codecs=READABLE_CODECS)
                     out[i] = True
                 except (CorruptDataError, NewerFormatError):
                     pass
@@ -292,7 +292,8 @@ class ObjStore:
         if not isinstance(buf, HostBuffer):
             return 0
         try:
-            size = HEADER_BYTES + decode_header(key, buf.tensor[:HEADER_BYTES].numpy().data).payload_length
+            size = HEADER_BYTES + decode_header(key, buf.tensor[:HEADER_BYTES].numpy().data,
+                                                codecs=READABLE_CODECS).payload_length
         except (CorruptDataError, NewerFormatError):
             return 0
         self._remember(key, size)

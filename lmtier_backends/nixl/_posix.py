@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtier.errors import CapacityError, ConfigError, CorruptDataError
-from lmtier.framing import HEADER_BYTES, NewerFormatError, decode_header
+from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.kit import FileLayout, ForeignRootError, claim_root, scan_files
 from lmtier.memory import HostBuffer
@@ -91,7 +91,7 @@ class PosixStore:
                 out.append(False)
                 continue
             try:
-                decode_header(key, os.pread(fd, HEADER_BYTES, 0))
+                decode_header(key, os.pread(fd, HEADER_BYTES, 0), codecs=READABLE_CODECS)
                 out.append(True)
             except (CorruptDataError, NewerFormatError):
                 out.append(False)

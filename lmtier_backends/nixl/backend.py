@@ -15,7 +15,10 @@ checks header and checksum, and returns a read-only zero-copy view of the payloa
 staging range until the view is garbage collected.
 A value that fails the check is a miss: deleted and counted (``stats()["corrupt"]``); a value of
 a newer format is a miss left in place (``stats()["newer_format"]``). ``contains`` reads headers
-(64 bytes per key), so it counts neither.
+(64 bytes per key), so it counts neither. Values keep their codec id and raw length
+(:class:`~lmtier.protocol.SupportsCodecs`): the header a put writes carries them, ``get`` returns
+an encoded value as a :class:`~lmtier.kit.Payload` carrying them, ``get_into`` serves raw values
+only (an encoded one is a plain miss there; the manager reads a codec tier with ``get``).
 
 Names follow :mod:`lmtier.kit.naming`: posix files are laid out as the ``disk`` tier's, and obj
 objects named as the ``s3`` tier's, so a store written by one transport is read by the other.
@@ -43,7 +46,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from lmtier.errors import BackendError, BackendUnavailableError, ConfigError, CorruptDataError
-from lmtier.framing import HEADER_BYTES, NewerFormatError, checksum, decode, decode_header
+from lmtier.framing import (
+    CODEC_NONE,
+    HEADER_BYTES,
+    READABLE_CODECS,
+    Header,
+    NewerFormatError,
+    checksum,
+    decode_header,
+)
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
     AsyncClosing,
@@ -54,6 +65,7 @@ from lmtier.kit import (
     check_stored,
     into_views,
     put_items,
+    stored_value,
 )
 from lmtier.memory import HostBuffer
 from lmtier.protocol import Buffer, Capabilities
@@ -112,6 +124,9 @@ class NixlBackend(AsyncClosing):
         self._counts = {"gets": 0, "hits": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0,
                         "get_into_direct": 0}
         self._counts_lock = threading.Lock()
+
+    #: values keep their codec id and raw length (lmtier.protocol.SupportsCodecs)
+    carries_codecs = True
 
     # -- protocol --------------------------------------------------------------------------------
     @property
@@ -303,9 +318,9 @@ class NixlBackend(AsyncClosing):
     def _usable_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[bool]:
         return self._live_store().usable(keys)
 
-    def _get_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[memoryview | None]:
+    def _get_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[Buffer | None]:
         raw = self._live_store().read(keys)
-        out: list[memoryview | None] = []
+        out: list[Buffer | None] = []
         corrupt: list[ChunkKey] = []
         try:
             for key, got in zip(keys, raw, strict=True):
@@ -323,7 +338,7 @@ class NixlBackend(AsyncClosing):
                 if isinstance(got, HostBuffer):
                     got.release()
         self._count(gets=len(keys), hits=sum(v is not None for v in out),
-                    bytes_read=sum(v.nbytes for v in out if v is not None))
+                    bytes_read=sum(memoryview(v).nbytes for v in out if v is not None))
         self._drop_corrupt(corrupt)
         return out
 
@@ -529,38 +544,44 @@ def _fill(key: ChunkKey, got: HostBuffer | bytes, dest: memoryview) -> bool:
     when the stored bytes fail validation."""
     if isinstance(got, HostBuffer) and got.nbytes == HEADER_BYTES:
         header = got.tensor.numpy().data
-        if decode_header(key, header).payload_length != dest.nbytes:
+        head = decode_header(key, header, codecs=READABLE_CODECS)
+        if head.payload_length != dest.nbytes or head.codec != CODEC_NONE:  # an encoded value: get serves it
             return False
         try:
             check_stored(key, header, dest)
         except CorruptDataError:
             raise _Recheck from None  # real corruption, or the caller wrote its buffer meanwhile
         return True
-    payload = _checked_payload(key, got)
-    if payload.nbytes != dest.nbytes:
+    payload, head = _checked_payload(key, got)
+    if payload.nbytes != dest.nbytes or head.codec != CODEC_NONE:
         return False
     dest[:] = payload
     return True
 
 
-def _checked_payload(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
-    """The validated payload of a stored value (a view of ``got``); CorruptDataError otherwise."""
+def _checked_payload(key: ChunkKey, got: HostBuffer | bytes) -> tuple[memoryview, Header]:
+    """The validated payload of a stored value (a view of ``got``) and its header;
+    CorruptDataError otherwise (NewerFormatError for a format or codec this reader lacks)."""
     data = got.tensor.numpy().data if isinstance(got, HostBuffer) else memoryview(got)
-    length = decode_header(key, data).payload_length
-    if HEADER_BYTES + length > data.nbytes:
-        raise CorruptDataError(f"{key}: value is {data.nbytes} bytes, its header announces {HEADER_BYTES + length}")
-    return decode(key, data[: HEADER_BYTES + length])
+    head = decode_header(key, data, codecs=READABLE_CODECS)
+    if HEADER_BYTES + head.payload_length > data.nbytes:
+        raise CorruptDataError(f"{key}: value is {data.nbytes} bytes, its header announces "
+                               f"{HEADER_BYTES + head.payload_length}")
+    payload = data[HEADER_BYTES: HEADER_BYTES + head.payload_length]
+    check_stored(key, data[:HEADER_BYTES], payload, codecs=READABLE_CODECS)
+    return payload, head
 
 
-def _payload_view(key: ChunkKey, got: HostBuffer | bytes) -> memoryview:
-    """A read-only view of the validated payload that keeps its staging range alive.
+def _payload_view(key: ChunkKey, got: HostBuffer | bytes) -> Buffer:
+    """A read-only view of the validated payload that keeps its staging range alive (a
+    :class:`~lmtier.kit.Payload` carrying codec id and raw length when it is encoded).
 
     The view is a fresh numpy array over a lease of the buffer, so
     :func:`lmtier.memory.host_tensor_of` does not mistake it for the whole buffer (header
     included) and callers copy through the buffer protocol.
     """
-    payload = _checked_payload(key, got)
+    payload, head = _checked_payload(key, got)
     if not isinstance(got, HostBuffer) or payload.nbytes == 0:
-        return memoryview(bytes(payload))
+        return stored_value(memoryview(bytes(payload)), head)
     lease = got.lease_view()
-    return np.frombuffer(lease, dtype=np.uint8, count=payload.nbytes, offset=HEADER_BYTES).data
+    return stored_value(np.frombuffer(lease, dtype=np.uint8, count=payload.nbytes, offset=HEADER_BYTES).data, head)
