@@ -1126,8 +1126,10 @@ class StorageManager:
         for j, outcome in zip(todo, outcomes, strict=True):
             if not outcome.ok:
                 self.metrics.codec_raw_values.labels(tier.name, "error").inc()
+                # the message, not the exception: a record kept by a handler must not keep the
+                # traceback's frames, and with them the value's buffer, alive
                 log.warning("lmtier tier %s: %s could not encode %s (%s); stored raw", tier.name, codec.name,
-                            items[j][0], outcome.error)
+                            items[j][0], str(outcome.error))
                 continue
             if outcome.value is None:
                 self.metrics.codec_raw_values.labels(tier.name, "incompressible").inc()
@@ -1207,7 +1209,7 @@ class StorageManager:
                 bad.append(jobs[j][0])
                 self.metrics.errors.labels(tier.name, "decode", "corruptdata").inc()
                 log.warning("lmtier tier %s: %s does not decode (%s); a miss, deleted", tier.name, jobs[j][0],
-                            outcome.error)
+                            str(outcome.error))  # the message only: the traceback holds the value's buffer
         if bad and delete:
             await self._call(tier, "delete", tier.backend.delete, bad)
         return done
