@@ -95,29 +95,50 @@ class _Quant:
 
         if kv is None or self.check_kv(kv) is not None:
             raise ValueError(f"codec {self.name} cannot encode this value: {kv and self.check_kv(kv)}")
+        return self.encode_tensor(_tensor_over(src, torch.uint8), torch.frombuffer(dst, dtype=torch.uint8), kv)
+
+    def encoded_nbytes(self, raw_nbytes: int, kv: KVGeometry) -> int:
+        """The exact size of the encoding of a ``raw_nbytes``-byte value of ``kv`` (a quantized
+        chunk's size depends only on its geometry)."""
+        return self.max_encoded_bytes(raw_nbytes, kv)
+
+    def encode_tensor(self, src: torch.Tensor, dst: torch.Tensor, kv: KVGeometry, *, step: int | None = _STEP,
+                      check: bool = True) -> int:
+        """:meth:`encode` on tensors of any device: ``src`` a flat uint8 tensor of the raw value,
+        ``dst`` a flat uint8 tensor on the same device, at least :meth:`encoded_nbytes` long;
+        returns the bytes written. The bytes are :meth:`encode`'s, wherever it runs (the engine
+        quantizes on the GPU before copying chunks to the host, ``step=None``, ``check=False``:
+        see :meth:`quantize`)."""
+        import torch
+
+        nbytes = src.numel()
         esize = kv.element_bytes
-        if src.nbytes % (esize * kv.head_size) or src.nbytes % kv.num_layers:
-            raise ValueError(f"a {src.nbytes}-byte value is not whole head vectors of {kv.num_layers} layers")
-        pages = self._pages(src.nbytes, kv)
-        elems = src.nbytes // esize
+        if not esize or nbytes % (esize * kv.head_size) or nbytes % kv.num_layers:
+            raise ValueError(f"a {nbytes}-byte value is not whole {kv.dtype} head vectors of {kv.num_layers} layers")
+        pages = self._pages(nbytes, kv)
+        elems = nbytes // esize
         groups = self._groups(elems, kv, pages)
-        x = _tensor_over(src, getattr(torch, kv.dtype))
-        _PREFIX.pack_into(dst, 0, _VERSION, _DTYPES[kv.dtype], _SCALES[self.scales], 0, kv.num_layers, pages,
+        prefix = bytearray(_PREFIX.size)
+        _PREFIX.pack_into(prefix, 0, _VERSION, _DTYPES[kv.dtype], _SCALES[self.scales], 0, kv.num_layers, pages,
                           kv.block_size, kv.num_kv_heads, kv.head_size, elems)
-        out = torch.frombuffer(dst, dtype=torch.uint8)
-        scales = out[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
-        q = out[_PREFIX.size + 4 * groups: _PREFIX.size + 4 * groups + elems]
-        self.quantize(*self._grouped(x, scales, q, kv.num_layers, pages, kv))
+        head = torch.frombuffer(prefix, dtype=torch.uint8)
+        dst[: _PREFIX.size].copy_(head if dst.device.type == "cpu" else head.to(dst.device, non_blocking=False))
+        scales = dst[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
+        q = dst[_PREFIX.size + 4 * groups: _PREFIX.size + 4 * groups + elems]
+        x = src.view(getattr(torch, kv.dtype))
+        self.quantize(*self._grouped(x, scales, q, kv.num_layers, pages, kv), step=step, check=check)
         return _PREFIX.size + 4 * groups + elems
 
-    def quantize(self, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor, *, step: int | None = _STEP) -> None:
+    def quantize(self, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor, *, step: int | None = _STEP,
+                 check: bool = True) -> None:
         """Quantize ``x`` (float, groups along dim 0) into ``q`` (uint8, ``x``'s shape) and each
         group's scale into ``scales`` (float32, ``x``'s shape reduced over the group's dims).
 
         Plain torch ops on any device: the CPU codec runs it on a value's bytes in steps of
         ``step`` elements (whose temporaries stay in a core's cache); the engine's GPU path runs
         it on device tensors at once (``step=None``); both write the same bytes. Raises
-        ``ValueError`` if ``x`` holds inf or NaN.
+        ``ValueError`` if ``x`` holds inf or NaN, unless ``check`` is off (the check waits for the
+        device; unchecked, such values decode to NaN).
         """
         import torch
 
@@ -128,7 +149,7 @@ class _Quant:
             # they encode, and integer ops are the fastest pass
             torch.amax(_magnitude_bits(xs), dim=dims, keepdim=True, out=ms.view(_int_of(ms)))
         amax32 = amax.float()
-        if not bool(torch.isfinite(amax32).all()):
+        if check and not bool(torch.isfinite(amax32).all()):
             raise ValueError("the value holds inf or NaN; stored raw")
         # a scale below float32's smallest normal would make 1 / scale infinite (KV that small
         # is all zeros to the format anyway)
@@ -142,25 +163,41 @@ class _Quant:
 
         if src.nbytes < _PREFIX.size:
             raise ValueError("encoded value shorter than its prefix")
-        version, dtype_code, scales_code, _, layers, pages, block, heads, head, elems = _PREFIX.unpack_from(src)
+        self.decode_tensor(_tensor_over(src, torch.uint8), torch.frombuffer(dst, dtype=torch.uint8),
+                           prefix=bytes(src[: _PREFIX.size]))
+
+    def decode_tensor(self, src: torch.Tensor, dst: torch.Tensor, *, prefix: bytes | None = None,
+                      step: int | None = _STEP) -> None:
+        """:meth:`decode` on tensors of any device: ``src`` the flat uint8 encoding, ``dst`` a
+        flat uint8 tensor of the raw length on the same device. ``prefix``: the encoding's first
+        32 bytes as the host has them (else read from ``src``: a device-to-host copy)."""
+        import torch
+
+        nbytes = src.numel()
+        if nbytes < _PREFIX.size:
+            raise ValueError("encoded value shorter than its prefix")
+        if prefix is None:
+            prefix = bytes(src[: _PREFIX.size].cpu().numpy())
+        version, dtype_code, scales_code, _, layers, pages, block, heads, head, elems = _PREFIX.unpack_from(prefix)
         dtype = {v: k for k, v in _DTYPES.items()}.get(dtype_code)
         scales_kind = {v: k for k, v in _SCALES.items()}.get(scales_code)
         if version != _VERSION or dtype is None or scales_kind is None:
             raise ValueError(f"unknown {self.name} format (version {version}, dtype {dtype_code}, scales {scales_code})")
         kv = KVGeometry(dtype, "hf_vllm_kv_first" if scales_kind == "block_head" else "", layers, block, heads,
                         head, 0)
-        if elems * kv.element_bytes != dst.nbytes:
-            raise ValueError(f"encoded {elems} elements of {dtype}, the header says {dst.nbytes} bytes")
+        if elems * kv.element_bytes != dst.numel():
+            raise ValueError(f"encoded {elems} elements of {dtype}, the header says {dst.numel()} bytes")
+        if not head or elems % head or (layers and elems % layers):
+            raise ValueError(f"encoded {elems} elements are not whole head vectors ({head}) of {layers} layers")
         groups = _groups_of(scales_kind, elems, kv, pages)
-        if src.nbytes != _PREFIX.size + 4 * groups + elems:
-            raise ValueError(f"encoded value is {src.nbytes} bytes, its prefix says {_PREFIX.size + 4 * groups + elems}")
+        if nbytes != _PREFIX.size + 4 * groups + elems:
+            raise ValueError(f"encoded value is {nbytes} bytes, its prefix says {_PREFIX.size + 4 * groups + elems}")
         if not elems:
             return
-        data = _tensor_over(src, torch.uint8)
-        scales = data[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
-        q = data[_PREFIX.size + 4 * groups:]
-        y = torch.frombuffer(dst, dtype=getattr(torch, dtype))
-        self.dequantize(*_grouped_as(scales_kind, q, scales, y, layers, pages, kv))
+        scales = src[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
+        q = src[_PREFIX.size + 4 * groups:]
+        y = dst.view(getattr(torch, dtype))
+        self.dequantize(*_grouped_as(scales_kind, q, scales, y, layers, pages, kv), step=step)
 
     def dequantize(self, q: torch.Tensor, scales: torch.Tensor, y: torch.Tensor, *,
                    step: int | None = _STEP) -> None:
