@@ -236,6 +236,10 @@ class LmtierConfig(BaseModel):
         description="deadlines of calls to lmtier serve (with server): one number, or "
                     "{lookup, fetch, reserve, commit, flush, connect}")
     host_pool_bytes: ByteSize = Field(ByteSize(256 << 20), description="the manager's host pool (pinned where CUDA is)")
+    device_codec: CodecConfig = Field(
+        default_factory=CodecConfig,
+        description="a quantizing codec (fp8, int8) the engine runs on the KV cache's device: chunks cross to "
+                    "the host and are stored quantized in every tier (docs/codecs.md)")
     log_level: str | None = Field(None, description="level of the `lmtier` logger where an integration sets up logging")
     load_policy: Literal["always", "cost"] = Field(
         "cost", description="always: load every hit; cost: load a hit only where loading is expected to "
@@ -255,6 +259,11 @@ class LmtierConfig(BaseModel):
     @classmethod
     def _server_deadlines(cls, value: Any) -> Any:
         return _one_number_for_every_kind(ServerDeadlines, value)
+
+    @field_validator("device_codec", mode="before")
+    @classmethod
+    def _device_codec_by_name(cls, value: Any) -> Any:
+        return TierConfig._codec_by_name(value)
 
     @field_validator("host_pool_bytes")
     @classmethod
