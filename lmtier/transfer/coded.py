@@ -81,26 +81,34 @@ def offload_coded(kv_layers: Sequence[torch.Tensor], layout: PageLayout, block_i
 
 
 def onload_coded(kv_layers: Sequence[torch.Tensor], layout: PageLayout, block_ids: Sequence[Sequence[int]],
-                 host_chunks: Sequence[torch.Tensor], codec: Any, *, stream: Any = None) -> None:
+                 host_chunks: Sequence[torch.Tensor], codec: Any, *,
+                 pages: Sequence[tuple[int, int]] | None = None, stream: Any = None) -> None:
     """Decode ``host_chunks[c]`` (an encoding, exactly its bytes) into pages ``block_ids[c]`` of
-    every layer. ValueError when an encoding does not decode to those pages."""
+    every layer. ``pages[c] = (first, stored)``: the encoding holds ``stored`` pages, of which
+    those from ``first`` on go to ``block_ids[c]`` (default: all of them). ValueError when an
+    encoding does not decode to its pages."""
     import torch
 
     from lmtier.transfer._fallback import onload  # a scatter from device memory (see offload_coded)
 
     _check(kv_layers, block_ids, host_chunks)
     dev = kv_layers[0].device
+    layers = len(kv_layers)
     with _on(kv_layers[0], stream):
-        for ids, host in zip(block_ids, host_chunks, strict=True):
-            raw_nbytes = chunk_nbytes(layout, len(kv_layers), len(ids))
+        for c, (ids, host) in enumerate(zip(block_ids, host_chunks, strict=True)):
+            first, stored = pages[c] if pages is not None else (0, len(ids))
+            if first < 0 or first + len(ids) > stored:
+                raise InvalidArgumentError(f"pages {first}..{first + len(ids)} of a {stored}-page chunk")
+            raw = torch.empty(chunk_nbytes(layout, layers, stored), dtype=torch.uint8, device=dev)
             prefix = bytes(host[:_PREFIX_BYTES].numpy())  # read on the host: no device round trip
-            raw = torch.empty(raw_nbytes, dtype=torch.uint8, device=dev)
             if dev.type == "cpu":
                 codec.decode_tensor(host, raw, prefix=prefix)
             else:
                 coded = torch.empty(host.numel(), dtype=torch.uint8, device=dev)
                 coded.copy_(host, non_blocking=True)
                 codec.decode_tensor(coded, raw, prefix=prefix, step=None)
+            if (first, stored) != (0, len(ids)):  # the pages in play of a partly wanted chunk
+                raw = raw.view(layers, stored, -1)[:, first: first + len(ids)].contiguous().view(-1)
             onload(kv_layers, layout, [ids], [raw], stream=stream)
 
 
