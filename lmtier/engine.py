@@ -41,6 +41,16 @@ the current stream wait for that layer's event only, so loading layer ``l+1`` ov
 layer ``l``; the host chunks are returned once the last copy completed, by a background thread
 (no caller waits for it). On CPU, ``wait_layer`` copies the layers up to ``l`` in place.
 
+**Quantized on the device.** With a ``device_codec`` (config ``device_codec: fp8``, or the
+argument), chunks are quantized where the cache is (:mod:`lmtier.transfer.coded`: gathered into a
+device buffer, encoded there, only the encoding copied to the host) and dequantized there after
+the copy back, so every offload and onload moves about half the bytes and every tier, the RAM
+tier included, holds twice the chunks. The codec's tag enters the namespace (lossy KV is served
+only to engines configured alike); the tiers store the encodings as they are (a lossy tier codec
+on top would quantize twice: a ConfigError). On CUDA the onload of a coded load is one step for
+all layers (not layer by layer). The encoding is the codec's own, so a CPU engine decodes what a
+GPU one stored, and back (``docs/codecs.md``).
+
 **Faults are misses.** A tier fault, a chunk that is missing when fetched, or a value of the wrong
 size ends the loaded prefix there; the caller recomputes the rest. Only bad arguments raise
 (:class:`~lmtier.errors.InvalidArgumentError`). Every host buffer borrowed along the way is
@@ -102,7 +112,10 @@ if TYPE_CHECKING:
     from lmtier.registry import BackendRegistry
     from lmtier.transfer import PageLayout
 
-__all__ = ["KVCacheEngine", "Located", "RetrieveHandle", "StoreHandle"]
+__all__ = ["DEVICE_CODEC_FIELD", "KVCacheEngine", "Located", "RetrieveHandle", "StoreHandle"]
+
+#: The namespace field (``KVNamespace.extra``) naming the engine's device codec (its tag).
+DEVICE_CODEC_FIELD = "device_codec"
 
 log = logging.getLogger("lmtier.engine")
 _NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -190,6 +203,7 @@ class RetrieveHandle:
         self.request_id = request_id
         self._hosts: list[torch.Tensor] | None = None
         self._ids: list[list[int]] = []
+        self._spans: list[tuple[int, int]] = []  # (first page, stored pages) of each host chunk
         self._held: list[HostChunk] = []  # lent and staging chunks, returned by close()
         self._done_layers: set[int] = set()
         self._events: list[Any] | None = None  # CUDA: one event per layer after its onload
@@ -214,7 +228,7 @@ class RetrieveHandle:
         if last is not None and values[-1] is None and last.alt_key is not None:
             # the full chunk is absent: its tail, stored under a key of its own, covers exactly these pages
             pages = last.first_page + len(last.block_ids)
-            size = len(self._kv) * pages * self._layout.page_bytes
+            size = engine._value_nbytes(len(self._kv), pages, self._layout)
             (alt,) = engine._fetched(engine.kvstore.fetch([last.alt_key], [size], timeout_s=engine.load_timeout_s), 1)
             if alt is not None:
                 last.key, last.alt_key, last.stored_pages = last.alt_key, None, pages
@@ -228,6 +242,7 @@ class RetrieveHandle:
                 break
             self._hosts.append(host)
             self._ids.append(chunk.block_ids)
+            self._spans.append((chunk.first_page, chunk.stored_pages))
             loaded_end = chunk.tokens[0] + (chunk.first_page + len(chunk.block_ids)) * engine.block_size
         self.loaded_tokens = max(0, loaded_end - self.start)
 
@@ -235,6 +250,8 @@ class RetrieveHandle:
         """A contiguous ``[layers x pages x page_bytes]`` tensor of the chunk's pages in play, or None."""
         if value is None:
             return None
+        if self._engine.device_codec is not None:
+            return value.tensor  # an encoding: decoded whole on the device, its pages in play picked there
         layers, page = len(self._kv), self._layout.page_bytes
         pages = len(chunk.block_ids)
         if chunk.first_page == 0 and pages == chunk.stored_pages:
@@ -285,7 +302,12 @@ class RetrieveHandle:
             from lmtier.transfer import onload
 
             try:
-                if self._engine.layerwise:
+                if self._engine.device_codec is not None:
+                    self._onload_coded(stream)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    events = [ev] * layers
+                elif self._engine.layerwise:
                     for layer in range(layers):
                         onload(self._kv, self._layout, self._ids, self._hosts, layers=[layer], stream=stream)
                         ev = torch.cuda.Event()
@@ -357,6 +379,14 @@ class RetrieveHandle:
     def _onload(self, layers: list[int]) -> None:
         if not layers or self.failed:
             return
+        if self._hosts and self._engine.device_codec is not None:
+            try:
+                self._onload_coded(None)  # every layer at once: an encoding decodes whole
+            except LmtierError as exc:
+                self._fail(exc)
+                return
+            self._done_layers.update(range(len(self._kv)))
+            return
         if self._hosts:
             from lmtier.transfer import onload
 
@@ -366,6 +396,17 @@ class RetrieveHandle:
                 self._fail(exc)
                 return
         self._done_layers.update(layers)
+
+    def _onload_coded(self, stream: Any) -> None:
+        from lmtier.errors import CorruptDataError
+        from lmtier.transfer.coded import onload_coded
+
+        assert self._hosts is not None
+        try:
+            onload_coded(self._kv, self._layout, self._ids, self._hosts, self._engine.device_codec,
+                         pages=self._spans, stream=stream)
+        except ValueError as exc:  # an encoding that does not decode to its pages (it passed its checksum)
+            raise CorruptDataError(f"a coded chunk does not decode: {exc}") from None
 
     def _fail(self, exc: LmtierError) -> None:
         self.failed = True
@@ -395,6 +436,10 @@ class KVCacheEngine:
         layerwise: on CUDA, one onload and one event per layer (else one onload for all layers).
         kvstore: an open store to use instead of opening ``config`` (not closed by the engine).
         registry, metrics_registry, name: for the :class:`LocalStore` opened from ``config``.
+        device_codec: a quantizing codec (``"fp8"``, ``{"name": "int8", "scales": "layer"}``) to
+            run on the cache's device (see "Quantized on the device"); default: the config's
+            ``device_codec``. ConfigError for a codec that cannot (lossless, unknown, KV it cannot
+            quantize).
     """
 
     def __init__(
@@ -409,6 +454,7 @@ class KVCacheEngine:
         registry: BackendRegistry | None = None,
         metrics_registry: CollectorRegistry | None = None,
         name: str = "lmtier-engine",
+        device_codec: str | Mapping[str, Any] | None = None,
     ) -> None:
         cfg = load_config(config) if config is not None or kvstore is None else None
         if kv.block_size <= 0 or kv.chunk_tokens <= 0 or kv.chunk_tokens % kv.block_size:
@@ -421,6 +467,9 @@ class KVCacheEngine:
                               f"namespace's ({kv.chunk_tokens}); build the namespace from the config")
         if not load_timeout_s > 0:
             raise InvalidArgumentError(f"load_timeout_s must be > 0, got {load_timeout_s!r}")
+        self.device_codec = _device_codec(device_codec, cfg, kv, registry)
+        if self.device_codec is not None:  # quantized KV is other KV: the codec enters the namespace
+            kv = replace(kv, extra=(*kv.extra, (DEVICE_CODEC_FIELD, self.device_codec.tag())))
         self.kv = kv
         self.config = cfg
         self.namespace = kv.namespace
@@ -449,11 +498,16 @@ class KVCacheEngine:
         if isinstance(self.kvstore, SupportsNamespaces):  # a lossy tier's codec enters the namespace
             try:
                 self.kv = self.kvstore.register_namespace(kv)
+                _one_quantizer(self.device_codec, self.kv)
             except BaseException:
                 if self._owns_store:
                     self.kvstore.close()
                 raise
             self.namespace = self.kv.namespace
+        if self.device_codec is not None:
+            from lmtier.codecs.base import KVGeometry
+
+            self._geometry = KVGeometry.of(self.kv)
         # lookups wait on the store (and probe tails after the chunk lookup): off the caller's thread
         self._lookups = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=f"{name}-lookup")
         # waits for CUDA copies: commits after offloads, returns of host chunks after onloads
@@ -682,7 +736,7 @@ class KVCacheEngine:
             raise InvalidArgumentError(f"{stop} tokens need {math.ceil(stop / b)} block ids, got {len(blocks)}")
         keys = chunk_keys(tokens[:stop], self._namespace(namespace), c, include_partial=True)
         spans = [(i * c, min((i + 1) * c, stop)) for i in range(len(keys))]
-        sizes = [len(kv_caches) * ((e - s) // b) * layout.page_bytes for s, e in spans]
+        sizes = [self._value_nbytes(len(kv_caches), (e - s) // b, layout) for s, e in spans]
         try:
             bufs = self.kvstore.reserve(sizes, keys=keys)
         except InvalidArgumentError:
@@ -696,10 +750,16 @@ class KVCacheEngine:
             return StoreHandle(request_id, stop, _finished(None), _finished(0))
         event = None
         try:
-            from lmtier.transfer import offload
-
             ids = [blocks[spans[i][0] // b: spans[i][1] // b] for i, _ in todo]
-            offload(kv_caches, layout, ids, [buf.tensor for _, buf in todo], stream=stream)
+            if self.device_codec is not None:
+                from lmtier.transfer.coded import offload_coded
+
+                offload_coded(kv_caches, layout, ids, [buf.tensor for _, buf in todo], self.device_codec,
+                              self._geometry, stream=stream)
+            else:
+                from lmtier.transfer import offload
+
+                offload(kv_caches, layout, ids, [buf.tensor for _, buf in todo], stream=stream)
             if kv_caches[0].is_cuda:
                 import torch
 
@@ -803,7 +863,7 @@ class KVCacheEngine:
                     assert tail_key is not None
                     chunks.append(_Chunk(tail_key, (cs, ce), (ce - cs) // b, first, ids))
         if chunks:
-            sizes = [len(kv_caches) * ch.stored_pages * layout.page_bytes for ch in chunks]
+            sizes = [self._value_nbytes(len(kv_caches), ch.stored_pages, layout) for ch in chunks]
             fetch = self.kvstore.fetch([ch.key for ch in chunks], sizes, timeout_s=self.load_timeout_s)
         else:
             fetch = _finished([])
@@ -922,6 +982,11 @@ class KVCacheEngine:
         except RuntimeError:  # shut down (closing): wait here instead
             run()
 
+    def _value_nbytes(self, layers: int, pages: int, layout: PageLayout) -> int:
+        """Bytes of the stored value of a chunk of ``pages`` pages: raw, or its encoding."""
+        raw = layers * pages * layout.page_bytes
+        return raw if self.device_codec is None else int(self.device_codec.encoded_nbytes(raw, self._geometry))
+
     def _layout_of(self, kv_caches: Sequence[torch.Tensor]) -> PageLayout:
         """The layers' PageLayout, checked against the namespace (cached per cache geometry)."""
         import torch
@@ -963,6 +1028,42 @@ def _release_all(chunks: Sequence[HostChunk | None]) -> None:
     for chunk in chunks:
         if chunk is not None:
             chunk.release()
+
+
+def _device_codec(given: str | Mapping[str, Any] | None, cfg: LmtierConfig | None, kv: KVNamespace,
+                  registry: BackendRegistry | None) -> Any:
+    """The engine's device codec (the argument, else the config's), built and checked; None for none."""
+    from lmtier.codecs.base import KVGeometry
+    from lmtier.config import CodecConfig, TierConfig
+    from lmtier.registry import BackendRegistry
+
+    if given is not None:
+        spec = CodecConfig.model_validate(TierConfig._codec_by_name(given))
+    elif cfg is not None:
+        spec = cfg.device_codec
+    else:
+        return None
+    if not spec.enabled:
+        return None
+    codec = (registry or BackendRegistry.discover()).create_codec(spec.name, spec.options, path="device_codec")
+    if not codec.lossy or not hasattr(codec, "encode_tensor"):
+        raise ConfigError(f"device_codec: {spec.name} does not run on the KV cache's device; use a quantizing codec "
+                          "(fp8, int8), or put a lossless codec on a tier (tiers[i].codec)")
+    reason = codec.check_kv(KVGeometry.of(kv))
+    if reason is not None:
+        raise ConfigError(f"device_codec: {reason}")
+    return codec
+
+
+def _one_quantizer(device_codec: Any, kv: KVNamespace) -> None:
+    """ConfigError when the store's tiers quantize too (the registered namespace declares lossy
+    tier codecs): the KV would be quantized twice."""
+    from lmtier.codecs.base import LOSSY_FIELD
+
+    tiers = [v for k, v in kv.extra if k == LOSSY_FIELD]
+    if device_codec is not None and tiers:
+        raise ConfigError(f"device_codec {device_codec.tag()} and the store's lossy tier codecs ({tiers[-1]}) would "
+                          "quantize the KV twice; keep one of them (docs/codecs.md)")
 
 
 def _server_store(cfg: LmtierConfig, kv: KVNamespace, metrics_registry: CollectorRegistry | None,
