@@ -56,7 +56,14 @@ def model_kv(model_dir: str, tokens: int, device: str, seed: int = 0) -> tuple[A
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    if model_dir == "qwen3-8b":  # Qwen3-8B's shape, random weights (as benchmarks/ttft_gpu.py builds it)
+        from ttft_gpu import build_model
+
+        model = build_model(argparse.Namespace(tiny=False, layers=36), torch.device(device))
+        if torch.device(device).type == "cpu":
+            model = model.to(torch.bfloat16)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, min(vocab, 30000), (1, tokens), generator=g).to(device)
@@ -504,54 +511,77 @@ async def _kv_errors(prompts: list[list[int]], stores: dict[str, tuple[str, Path
     return out
 
 
-def gpu_onload(kv: Any, chunk_tokens: int, repeats: int) -> None:
-    """H2D of raw chunks vs H2D of fp8 chunks + dequantize on the GPU (pinned host memory)."""
+def gpu_transfers(kv: Any, chunk_tokens: int, repeats: int, block: int = 16) -> None:
+    """Offload and onload of whole chunks between a paged GPU cache holding the model's real KV
+    and pinned host chunks: raw (lmtier.transfer, native when built) vs quantized on the GPU
+    (lmtier.transfer.coded: fp8 / int8, vector scales), next to the link (pinned cudaMemcpy of
+    the same raw bytes), all in this run; GB/s of raw KV moved. Checks first that the GPU's
+    encoding is byte for byte the CPU codec's."""
     import torch
 
-    from lmtier.codecs.quant import _grouped_as  # the codec's own grouping
-    from lmtier.registry import BackendRegistry
+    from lmtier.codecs.base import KVGeometry
+    from lmtier.codecs.quant import Fp8Codec, Int8Codec, QuantOptions
+    from lmtier.transfer import chunk_nbytes, describe_layout, offload, onload, transfer_status
+    from lmtier.transfer.coded import encoded_nbytes, offload_coded, onload_coded
 
-    geo = geometry(kv)
-    chunks = chunks_of(kv, chunk_tokens)
-    codec = BackendRegistry.discover().create_codec("fp8", {"scales": "vector"})
-    raw = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).pin_memory()
-    enc = []
-    for c in chunks:
-        buf = bytearray(codec.max_encoded_bytes(len(c), geo))
-        enc.append(bytes(memoryview(buf)[: codec.encode(memoryview(c), memoryview(buf), geo)]))
-    coded = torch.frombuffer(bytearray(b"".join(enc)), dtype=torch.uint8).pin_memory()
-    dev_raw = torch.empty(raw.numel(), dtype=torch.uint8, device="cuda")
-    dev_coded = torch.empty(coded.numel(), dtype=torch.uint8, device="cuda")
-    out = torch.empty(raw.numel() // 2, dtype=torch.bfloat16, device="cuda")
-    per = len(enc[0])
-    elems = len(chunks[0]) // 2
-    groups = elems // geo.head_size
+    layers, _, t, heads, head = kv.shape
+    n = t // chunk_tokens
+    pages = chunk_tokens // block
+    # vLLM's flash-attention layout per layer: [2, blocks, block, heads, head]
+    cache = [kv[i, :, : n * chunk_tokens].reshape(2, n * pages, block, heads, head).contiguous() for i in range(layers)]
+    layout = describe_layout(cache[0], "vllm_kv_first")
+    geo = KVGeometry("bfloat16", "vllm_kv_first", layers, block, heads, head, layout.page_bytes)
+    tables = [list(range(c * pages, (c + 1) * pages)) for c in range(n)]
+    raw_n = chunk_nbytes(layout, layers, pages)
+    total = raw_n * n
+    raw_hosts = [torch.empty(raw_n, dtype=torch.uint8, pin_memory=True) for _ in tables]
+    dst = [torch.empty_like(c) for c in cache]
+    codecs = {"fp8": Fp8Codec(QuantOptions(scales="vector")), "int8": Int8Codec(QuantOptions(scales="vector"))}
+    coded = {name: [torch.empty(encoded_nbytes(c, geo, layout, layers, pages), dtype=torch.uint8, pin_memory=True)
+                    for _ in tables] for name, c in codecs.items()}
+    link_host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    link_dev = torch.empty(total, dtype=torch.uint8, device=kv.device)
 
-    def onload_raw() -> None:
-        dev_raw.copy_(raw, non_blocking=True)
-
-    def onload_fp8() -> None:
-        dev_coded.copy_(coded, non_blocking=True)
-        for i in range(len(enc)):
-            base = i * per + 32
-            s = dev_coded[base: base + 4 * groups].view(torch.float32)
-            q = dev_coded[base + 4 * groups: base + 4 * groups + elems]
-            y = out[i * elems: (i + 1) * elems]
-            qg, sg, yg = _grouped_as("vector", q, s, y, geo.num_layers, 0, geo)
-            torch.mul(qg.view(torch.float8_e4m3fn).float(), sg, out=yg)
-
-    rows = []
-    for name, fn, nbytes in (("raw", onload_raw, raw.numel()), ("fp8 vector", onload_fp8, coded.numel())):
+    def timed(fn: Any) -> float:
+        fn()
         times = []
-        for _ in range(repeats + 1):
+        for _ in range(repeats):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        rows.append([name, f"{nbytes / 1e6:.1f}", f"{raw.numel() / median(times[1:]) / GB:.2f}"])
-    print_table(["chunks", "PCIe MB", "onload GB/s of raw KV"], rows,
-                title=f"onload on {torch.cuda.get_device_name()}: {len(chunks)} chunks, median of {repeats}")
+        return median(times)
+
+    offload(cache, layout, tables, raw_hosts)
+    torch.cuda.synchronize()
+    for name, codec in codecs.items():  # the GPU writes the CPU codec's bytes
+        offload_coded(cache, layout, tables[:1], coded[name][:1], codec, geo)
+        torch.cuda.synchronize()
+        want = bytearray(codec.max_encoded_bytes(raw_n, geo))
+        m = codec.encode(memoryview(raw_hosts[0].numpy()), memoryview(want), geo)
+        same = m == coded[name][0].numel() and bytes(coded[name][0].numpy()) == bytes(want[:m])
+        print(f"{name}: the GPU's encoding of chunk 0 is the CPU codec's, byte for byte: {'yes' if same else 'NO'}")
+    link_d2h = timed(lambda: link_host.copy_(link_dev, non_blocking=True))
+    link_h2d = timed(lambda: link_dev.copy_(link_host, non_blocking=True))
+    rows = [["link (pinned cudaMemcpy)", f"{total / 1e6:.0f}", f"{total / link_d2h / GB:.1f}", "-",
+             f"{total / link_h2d / GB:.1f}", "-", "-"]]
+    raw_off = timed(lambda: offload(cache, layout, tables, raw_hosts))
+    raw_on = timed(lambda: onload(dst, layout, tables, raw_hosts))
+    rows.append(["raw chunks", f"{total / 1e6:.0f}", f"{total / raw_off / GB:.1f}", "1.00x", f"{total / raw_on / GB:.1f}",
+                 "1.00x", "exact" if all(torch.equal(a, b) for a, b in zip(dst, cache, strict=True)) else "DIFFERS"])
+    for name, codec in codecs.items():
+        off = timed(lambda c=codec, h=coded[name]: offload_coded(cache, layout, tables, h, c, geo))
+        on = timed(lambda c=codec, h=coded[name]: onload_coded(dst, layout, tables, h, c))
+        err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(dst, cache, strict=True))
+        pcie = sum(h.numel() for h in coded[name])
+        rows.append([f"{name} chunks (GPU codec)", f"{pcie / 1e6:.0f}", f"{total / off / GB:.1f}",
+                     fmt_ratio(raw_off / off), f"{total / on / GB:.1f}", fmt_ratio(raw_on / on),
+                     f"rel err {err:.4f}"])
+    path = transfer_status()
+    print_table(["chunks", "PCIe MB", "offload GB/s", "vs raw", "onload GB/s", "vs raw", "KV back"], rows,
+                title=f"{torch.cuda.get_device_name()}: {n} chunks of {chunk_tokens} tokens ({raw_n / 1e6:.1f} MB "
+                      f"raw), GB/s of raw KV, median of {repeats}; raw path: {path.get('path', path)}")
 
 
 GEO: Any = None
@@ -560,7 +590,10 @@ GEO: Any = None
 def main(argv: list[str] | None = None) -> None:
     global GEO
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a transformers model directory (default: the tiny demo Llama)")
+    p.add_argument("--model", default=None, help="a transformers model directory, or 'qwen3-8b': a model of "
+                                                 "Qwen3-8B's shape with random weights, built here (default: the "
+                                                 "tiny demo Llama)")
+    p.add_argument("--no-codec-table", action="store_true", help="skip the per-codec ratio and speed table")
     p.add_argument("--tokens", type=int, default=4096, help="prompt tokens whose KV is measured")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--per-value", type=int, default=16,
@@ -587,13 +620,14 @@ def main(argv: list[str] | None = None) -> None:
 
     print(machine_line())
     model_dir = args.model or str(build_tiny_llama("demo"))
-    model, ids, kv = model_kv(model_dir, args.tokens, args.device)
+    model, ids, kv = model_kv(model_dir, args.tokens, args.device)  # (qwen3-8b: built, random weights)
     chunk = 256
     chunks = chunks_of(kv, chunk)
     GEO = geometry(kv)
     print(f"model {model_dir}: {kv.shape[0]} layers, {kv.shape[3]} KV heads x {kv.shape[4]}, "
           f"{len(chunks)} chunks of {chunk} tokens ({len(chunks[0]) / 1e6:.2f} MB each)")
-    codec_table(chunks, GEO, args.repeats)
+    if not args.no_codec_table:
+        codec_table(chunks, GEO, args.repeats)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     kinds = [k for k in args.tiers.split(",") if k]
     if kinds:
@@ -610,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
         vllm_quality(model_dir, args.vllm_codecs.split(","), args.gen_tokens, args.vllm_prompts,
                      args.vllm_prompt_tokens)
     if args.device.startswith("cuda"):
-        gpu_onload(kv, chunk, args.repeats)
+        gpu_transfers(kv, chunk, args.repeats)
 
 
 if __name__ == "__main__":

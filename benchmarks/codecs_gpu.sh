@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root (issue 17, item 6: quantize on the GPU before the
+# device->host copy, dequantize after host->device): build native/ (the raw path's kernels, the
+# fair baseline), run the coded-transfer and device-codec tests (the GPU's encoding is the CPU
+# codec's byte for byte; a CUDA engine loads what a CPU engine stored and back), then
+# benchmarks/codecs.py on a Qwen3-8B-shaped model with random weights built on the GPU: offload and
+# onload GB/s of fp8 / int8 chunks quantized on the GPU vs raw chunks vs the link (pinned cudaMemcpy),
+# all in the same run, and the lossy codecs' quality on that model (|dlogprob|, greedy agreement over
+# 64 tokens, K/V error). Results under $OUT (default /tmp/lmt-codecs-gpu); the tables print last.
+#   ../shared/device/fetch-wheels.sh .device-wheels pydantic pytest-asyncio   # here, once
+#   bash benchmarks/codecs_gpu.sh                                             # there (carry .device-wheels)
+set -uo pipefail
+OUT="${OUT:-/tmp/lmt-codecs-gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader 2>&1 \
+  | tee "$OUT/gpu.txt"
+if [[ -d .device-wheels ]]; then
+  python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio \
+    >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+fi
+# the entry points (backends, codecs) need the package's metadata
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+start=$SECONDS
+bash native/build.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+echo "build: $((SECONDS - start)) s"
+start=$SECONDS
+python3 -m pytest -c /dev/null --rootdir . -W error -p no:cacheprovider -q -o "markers=gpu: needs a CUDA GPU" \
+  -o asyncio_default_fixture_loop_scope=function tests/native/test_coded_gpu.py tests/unit/test_coded_transfer.py \
+  tests/unit/test_engine_device_codec.py >"$OUT/pytest.log" 2>&1
+echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
+grep -E "^(FAILED|ERROR|E )" "$OUT/pytest.log" | head -20
+start=$SECONDS
+python3 benchmarks/codecs.py --model qwen3-8b --device cuda --tokens 4096 --tiers '' --no-codec-table --quality \
+  --repeats 5 >"$OUT/bench.txt" 2>"$OUT/bench.err"
+echo "bench rc=$? ($((SECONDS - start)) s)"; tail -3 "$OUT/bench.err"
+cat "$OUT/bench.txt"
