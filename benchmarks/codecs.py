@@ -412,7 +412,8 @@ def vllm_quality(model_dir: str, codecs: list[str], gen_tokens: int, n_prompts: 
     Run = list[tuple[list[int], list[dict[int, float]], int]]
 
     def generate(llm: Any, max_tokens: int, logprobs: int | None) -> Run:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
+        # every run generates max_tokens (random weights meet the end-of-sequence token by chance)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [(list(o.outputs[0].token_ids),
                  [{t: float(lp.logprob) for t, lp in step.items()} for step in (o.outputs[0].logprobs or [])],
