@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 
-from lmtier.keys import ChunkKey
-from lmtier.kit import object_name
 from tests.backends.nixl._helpers import needs_nixl, obj_options, posix_options
-from tests.backends.nixl.test_conformance import RawFiles
+from tests.support.backdoors import RawFiles, RawObjects
 from tests.support.codec_tiers import (
     CODECS,
     CodecCase,
@@ -25,25 +23,6 @@ from tests.support.codec_tiers import (
 
 pytestmark = needs_nixl
 STAGING = {"staging_slab_bytes": 16 << 20, "max_staging_bytes": 256 << 20}
-
-
-class RawObjects:
-    """Each key's object in ``bucket``, read and written with boto3 (around the tier)."""
-
-    def __init__(self, client: Any, bucket: str, prefix: str) -> None:
-        self.client, self.bucket, self.prefix = client, bucket, prefix
-
-    def read(self, key: ChunkKey) -> bytes | None:
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=object_name(self.prefix, key))["Body"]
-        except self.client.exceptions.NoSuchKey:
-            return None
-        with body:
-            data: bytes = body.read()
-            return data
-
-    def write(self, key: ChunkKey, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=object_name(self.prefix, key), Body=data)
 
 
 @pytest.fixture(params=["posix", pytest.param("obj", marks=pytest.mark.s3)])

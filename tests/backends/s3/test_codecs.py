@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from lmtier import manager as manager_module
-from tests.backends.s3.test_conformance import RawObjects
+from tests.backends.s3.conftest import BUCKET
+from tests.support.backdoors import RawObjects
 from tests.support.codec_tiers import (
     CODECS,
     CodecCase,
@@ -34,7 +35,7 @@ def tier(s3_options: Callable[..., dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.fixture
 def raw_store(s3_endpoint: S3Endpoint, tier: dict[str, Any]) -> RawObjects:
-    return RawObjects(s3_endpoint.client(), tier["options"]["prefix"])
+    return RawObjects(s3_endpoint.client(), BUCKET, tier["options"]["prefix"])
 
 
 @pytest.mark.asyncio
