@@ -88,7 +88,11 @@ class HostMemoryPool:
         # slice costs ~2 us, which dominated small puts and gets
         self._slab_np = self._slab.numpy()
         self._base_ptr = int(self._slab.data_ptr())
-        self._lock = threading.Lock()
+        # reentrant: the cycle collector may run inside allocate (creating the buffer object is an
+        # allocation) and finalize a lease caught in a reference cycle, whose release frees into
+        # this pool from the thread already holding the lock (allocate has made its changes by
+        # then: it only records and returns the buffer)
+        self._lock = threading.RLock()
         # free list: sorted offsets with sizes; coalesced on release
         self._free_offsets: list[int] = [0]
         self._free_sizes: dict[int, int] = {0: self.capacity}

@@ -141,3 +141,37 @@ def test_a_pool_can_carve_its_buffers_out_of_memory_the_caller_provides() -> Non
     del pool, buf, memory
     gc.collect()
     region.close()
+
+
+def test_a_lease_collected_while_the_same_thread_allocates_does_not_deadlock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cycle collector can run inside ``allocate`` (creating the buffer object is an
+    allocation) and finalize a lease caught in a reference cycle (an exception's traceback
+    holding a view), whose release takes the pool's lock: the same thread, already holding it.
+    Seen as a hung nixl get_into. The pool's lock is reentrant."""
+    import threading
+
+    from lmtier import memory
+
+    pool = HostMemoryPool(1 << 16, pin=False)
+    try:
+        leased = pool.allocate(4096)
+        cycle: list[object] = [leased.lease_view()]
+        cycle.append(cycle)  # only the cycle collector frees it
+        leased.release()
+        del cycle
+        real_init = memory.HostBuffer.__init__
+
+        def init_with_a_collection(self: memory.HostBuffer, *args: object) -> None:
+            gc.collect()  # what an allocation may trigger at any time
+            real_init(self, *args)
+
+        monkeypatch.setattr(memory.HostBuffer, "__init__", init_with_a_collection)
+        done: list[memory.HostBuffer] = []
+        worker = threading.Thread(target=lambda: done.append(pool.allocate(4096)), daemon=True)
+        worker.start()
+        worker.join(10)
+        assert done, "allocate deadlocked on its own lock while a lease was collected"
+        done[0].release()
+        assert pool.outstanding() == 0
+    finally:
+        pool.close()
