@@ -62,6 +62,7 @@ __all__ = [
     "ForwardClock",
     "LoadPlan",
     "LoadPolicy",
+    "OnloadEstimator",
     "ReadCost",
     "RecomputeCost",
     "RecomputeEstimator",
@@ -241,6 +242,37 @@ class TierReadEstimator:
                 return None
             latency, per_byte = self._fit.coef()
             return ReadCost(latency, per_byte, self.samples)
+
+
+class OnloadEstimator:
+    """The cost of copying loaded bytes from host memory into the engine's KV cache (the onload),
+    learned from the engine's onloads. Thread-safe.
+
+    A copy's speed is the memory system's: a slower sample means the host was busy (the copying
+    thread descheduled, the link shared), not that copies got dearer. So the estimate is the
+    fastest of the latest ``window`` onloads, a bandwidth only: one stalled copy must not make
+    RAM hits look slow, since a hit that is not loaded is not copied either and could not correct
+    the estimate.
+    """
+
+    def __init__(self, *, window: int = 16) -> None:
+        self._per_byte: deque[float] = deque(maxlen=max(1, window))
+        self._lock = threading.Lock()
+        self.samples = 0
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or not seconds > 0:
+            return
+        with self._lock:
+            self._per_byte.append(seconds / nbytes)
+            self.samples += 1
+
+    def cost(self) -> ReadCost | None:
+        """The current estimate (no per-call latency), or None before the first onload."""
+        with self._lock:
+            if not self._per_byte:
+                return None
+            return ReadCost(0.0, min(self._per_byte), self.samples)
 
 
 @runtime_checkable

@@ -58,7 +58,8 @@ returned on every path, errors and cancellation included.
 
 **Load only what beats recomputing** (:mod:`lmtier.cost`). A lookup answers the tokens *worth
 loading*: with ``load_policy: cost`` (the default) the hit's chunks are weighed where they live
-now (the store's learned read cost of each tier) against the engine's learned prefill speed
+now (the store's learned read cost of each tier, plus the share of the engine's learned onload
+cost that layer-wise loading does not hide) against the engine's learned prefill speed
 (:meth:`observe_compute`, fed by the integration), and only the prefix expected to load faster
 than it computes is answered. The chunks skipped that way are promoted in the background to a
 faster tier (or, when there is none, one of them is read to keep the tier's estimate current), so
@@ -72,7 +73,7 @@ loading 0 (disk ~680 ms > recompute ~360 ms), promoting``.
 Metrics (the store's registry): ``lmtier_requested_tokens``, ``lmtier_hit_tokens``,
 ``lmtier_hit_ratio``, ``lmtier_loaded_tokens``, ``lmtier_stored_tokens``,
 ``lmtier_skipped_tokens``, ``lmtier_load_decisions{outcome}``,
-``lmtier_recompute_tokens_per_second{prompt_tokens}``.
+``lmtier_recompute_tokens_per_second{prompt_tokens}``, ``lmtier_onload_bytes_per_second``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -92,6 +94,7 @@ from lmtier.cost import (
     ChunkSpan,
     LoadPlan,
     LoadPolicy,
+    OnloadEstimator,
     RecomputeEstimator,
     SupportsReadCosts,
     plan_load,
@@ -213,6 +216,8 @@ class RetrieveHandle:
         self.failed = False
         self.load_start: Any = None  # CUDA timing events around the onload (enqueue(timing=True))
         self.load_end: Any = None
+        # CUDA: (start, end, bytes) of the onload, read once it completed: the engine's onload cost
+        self._timed: tuple[Any, Any, int] | None = None
 
     @property
     def cuda(self) -> bool:
@@ -291,9 +296,8 @@ class RetrieveHandle:
         stream.wait_stream(torch.cuda.current_stream(device))
         events: list[Any] = []
         layers = len(self._kv)
-        if timing:
-            self.load_start = torch.cuda.Event(enable_timing=True)
-            self.load_start.record(stream)
+        begin = torch.cuda.Event(enable_timing=True)  # two events per load: the onload's cost is learned
+        begin.record(stream)
         if not self._hosts or self.failed:
             ev = torch.cuda.Event()
             ev.record(stream)
@@ -324,11 +328,17 @@ class RetrieveHandle:
                 ev = torch.cuda.Event()
                 ev.record(stream)
                 events = [ev] * layers
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
         if timing:
-            self.load_end = torch.cuda.Event(enable_timing=True)
-            self.load_end.record(stream)
+            self.load_start, self.load_end = begin, end
+        if self._hosts and not self.failed:
+            self._timed = (begin, end, self._host_bytes())
         self._done_layers.update(range(layers))
         return events
+
+    def _host_bytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self._hosts or ())
 
     def wait_layer(self, layer: int) -> int:
         """Layer ``layer`` (and every lower one) is loaded for the caller: on CPU copied now, on
@@ -369,8 +379,17 @@ class RetrieveHandle:
             self._engine._drop_fetch(self._fetch)
         held, self._held = self._held, []
         self._hosts = []
-        if held and self._events:
-            self._engine._after(self._events[-1], lambda: _release_all(held))
+        timed, engine = self._timed, self._engine
+        if timed is not None:  # after the last copy: return the chunks, then learn what the onload took
+
+            def done() -> None:
+                _release_all(held)
+                begin, end, nbytes = timed
+                engine._observe_onload(nbytes, begin.elapsed_time(end) / 1e3, overlapped=engine.layerwise)
+
+            engine._after(timed[1], done)
+        elif held and self._events:
+            engine._after(self._events[-1], lambda: _release_all(held))
         else:
             _release_all(held)
         if not self.failed:
@@ -390,11 +409,15 @@ class RetrieveHandle:
         if self._hosts:
             from lmtier.transfer import onload
 
+            t0 = time.perf_counter()
             try:
                 onload(self._kv, self._layout, self._ids, self._hosts, layers=layers)
             except LmtierError as exc:
                 self._fail(exc)
                 return
+            # on CPU the copy runs in the forward's thread, before the layers that need it: all exposed
+            self._engine._observe_onload(self._host_bytes() * len(layers) // len(self._kv),
+                                         time.perf_counter() - t0, overlapped=False)
         self._done_layers.update(layers)
 
     def _onload_coded(self, stream: Any) -> None:
@@ -484,6 +507,9 @@ class KVCacheEngine:
         self.load_margin = cfg.load_margin if cfg is not None else 0.1
         #: the engine's prefill speed, learned from :meth:`observe_compute`
         self.recompute = RecomputeEstimator(seed_tokens_per_s=cfg.recompute_tokens_per_s if cfg is not None else None)
+        #: the cost of copying loaded bytes from host memory into the engine's cache, learned from the onloads
+        self.onload = OnloadEstimator()
+        self._onload_exposed = 1.0  # the share of it not hidden behind compute (layer-wise overlap)
         self._promoting: concurrent.futures.Future[int] | None = None
         self._layouts: dict[tuple[Any, ...], PageLayout] = {}
         self._pending: set[concurrent.futures.Future[int]] = set()
@@ -579,6 +605,19 @@ class KVCacheEngine:
             for n in METRIC_PROMPT_LENGTHS:
                 self.metrics.recompute_tokens_per_s.labels(str(n)).set(cost.tokens_per_s(n))
 
+    def _observe_onload(self, nbytes: int, seconds: float, *, overlapped: bool) -> None:
+        """An onload copied ``nbytes`` in ``seconds``; ``overlapped``: layer by layer on a side stream,
+        so that all but about one layer's share hides behind the forward's compute (a copy slower than
+        the compute it overlaps shows more; the estimate leaves that out)."""
+        if nbytes <= 0:
+            return
+        self.onload.observe(nbytes, seconds)
+        layers = self.kv.num_layers
+        self._onload_exposed = 1.0 / layers if overlapped and layers > 1 else 1.0
+        cost = self.onload.cost()
+        if cost is not None:
+            self.metrics.onload_bytes_per_s.set(cost.bytes_per_s)
+
     def _lookup_args(self, token_ids: Any, limit: int | None, namespace: str | None,
                      start: int) -> tuple[np.ndarray[Any, Any], int | None, str, int]:
         tokens = _tokens(token_ids)
@@ -664,7 +703,8 @@ class KVCacheEngine:
     def _decide(self, chunks: Sequence[ChunkSpan], start: int) -> LoadPlan:
         reads = self.kvstore.read_costs() if isinstance(self.kvstore, SupportsReadCosts) else {}
         return plan_load(chunks, policy=self.load_policy, margin=self.load_margin, reads=reads,
-                         recompute=self.recompute.cost(), start=start)
+                         recompute=self.recompute.cost(), start=start, onload=self.onload.cost(),
+                         onload_exposed=self._onload_exposed)
 
     def _promote(self, keys: Sequence[ChunkKey], chunks: Sequence[ChunkSpan]) -> str:
         """Read skipped chunks in the background so the next request finds them in a faster tier.

@@ -89,6 +89,9 @@ class Metrics:
         self.recompute_tokens_per_s = Gauge("lmtier_recompute_tokens_per_second",
                                             "Learned prefill speed of the engine for a prompt of this length",
                                             ["prompt_tokens"], registry=r)
+        self.onload_bytes_per_s = Gauge("lmtier_onload_bytes_per_second",
+                                        "Learned speed of copying loaded KV from host memory into the engine's "
+                                        "cache (the onload)", registry=r)
         self.load_decisions = Counter("lmtier_load_decisions",
                                       "Lookups by what the load policy decided (all, part, none: weighed; "
                                       "unweighed: no estimate yet or load_policy always)", ["outcome"],

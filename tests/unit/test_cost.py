@@ -10,6 +10,7 @@ from lmtier.config import load_config
 from lmtier.cost import (
     ChunkSpan,
     LoadPlan,
+    OnloadEstimator,
     ReadCost,
     RecomputeCost,
     RecomputeEstimator,
@@ -152,6 +153,22 @@ def test_estimators_ignore_nonsense_samples() -> None:
         TierReadEstimator(seed_bytes_per_s=0)
     with pytest.raises(ValueError, match="tokens_per_s"):
         RecomputeEstimator(seed_tokens_per_s=-5)
+
+
+def test_the_onload_estimate_is_the_fastest_recent_copy() -> None:
+    est = OnloadEstimator(window=4)
+    assert est.cost() is None
+    est.observe(10 * MB, 0.001)  # 10 GB/s
+    est.observe(10 * MB, 0.1)  # the copying thread was descheduled: not a dearer copy
+    cost = est.cost()
+    assert cost is not None and cost.bytes_per_s == pytest.approx(10e9) and cost.latency_s == 0
+    for _ in range(4):  # the fast one left the window: the copies did get slower
+        est.observe(10 * MB, 0.01)
+    cost = est.cost()
+    assert cost is not None and cost.bytes_per_s == pytest.approx(1e9)
+    est.observe(0, 0.1)
+    est.observe(10, -1.0)
+    assert est.samples == 6
 
 
 # -- the decision ------------------------------------------------------------------------------------

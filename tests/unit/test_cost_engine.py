@@ -171,3 +171,24 @@ def test_prefill_speed_is_learned_from_observed_forwards_and_exported(tmp_path: 
         assert cost is not None and cost.tokens_per_s(1000) == pytest.approx(2000)
         assert reg.get_sample_value("lmtier_recompute_tokens_per_second", {"prompt_tokens": "1024"}) == \
             pytest.approx(2000)
+
+
+def test_the_onload_is_learned_from_loads_and_weighed(stored: tuple[KVCacheEngine, list[int], list[Any]],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    eng, toks, src = stored
+    assert eng.onload.cost() is None  # nothing loaded yet: RAM hits cost their reads only
+    assert eng.lookup(toks) == PROMPT
+    dst = make_cache(fill=False)
+    assert eng.retrieve(toks, dst, list(range(20, 32))) == PROMPT
+    assert blocks_equal(src, list(range(12)), dst, list(range(20, 32)))
+    learned = eng.onload.cost()  # the CPU onload copied the hit into the cache: timed
+    assert learned is not None and learned.bytes_per_s > 0 and eng.onload.samples >= 1
+    assert eng.metrics.registry.get_sample_value("lmtier_onload_bytes_per_second") == learned.bytes_per_s
+    # copies believed as slow as 10 s for the prompt's 3 chunks: even a RAM hit is recomputed
+    fresh = tokens(PROMPT, seed=7)
+    eng.store(fresh, make_cache(seed=7), list(range(12))).wait()
+    for _ in range(16):
+        eng.onload.observe(3 * CHUNK_BYTES, 10.0)
+    caplog.set_level(logging.INFO, logger="lmtier.engine")
+    assert eng.lookup(fresh, request_id="r9") == 0
+    assert "hit 48 tokens, loading 0 (hot ~10000 ms > recompute ~48 ms)" in caplog.text
