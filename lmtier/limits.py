@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["MemoryLimit", "check_fits_in_memory", "format_bytes", "memory_limit"]
+__all__ = ["MemoryLimit", "check_available_now", "check_fits_in_memory", "format_bytes", "memory_available",
+           "memory_limit"]
 
 
 class MemoryLimit:
@@ -48,6 +49,32 @@ def check_fits_in_memory(nbytes: int) -> int:
     return nbytes
 
 
+def memory_available() -> MemoryLimit | None:
+    """Memory this process could take now without swapping or pushing others out: the kernel's
+    ``MemAvailable``, or this cgroup's headroom (limit minus use) where that is lower. ``None``
+    where neither can be read (not Linux)."""
+    available = _meminfo_bytes("MemAvailable")
+    headroom = _cgroup_headroom()
+    if headroom is not None and (available is None or headroom < available):
+        return MemoryLimit(headroom, f"{format_bytes(headroom)} free in this process's cgroup")
+    if available is None:
+        return None
+    return MemoryLimit(available, f"{format_bytes(available)} available now (of {format_bytes(memory_limit().bytes)})")
+
+
+def check_available_now(nbytes: int, what: str) -> None:
+    """Raise :class:`~lmtier.errors.CapacityError` when ``nbytes`` of memory that must be resident
+    (a RAM tier's slab, made at open) is more than is available now, naming ``what`` (the tier),
+    the size and what is free: checked before allocating, instead of torch's allocator failing
+    (pinned memory) or the OOM killer acting once the slab fills (pageable memory)."""
+    from lmtier.errors import CapacityError
+
+    free = memory_available()
+    if free is not None and nbytes > free.bytes:
+        raise CapacityError(f"{what}: max_bytes={format_bytes(nbytes)} is more memory than is free: "
+                            f"{free.described}; lower max_bytes or free memory first")
+
+
 def format_bytes(n: float) -> str:
     """Binary units, as ``max_bytes`` values are usually written: ``23.4 GiB``."""
     if n >= 1 << 70:
@@ -69,20 +96,40 @@ def _meminfo_bytes(field: str) -> int | None:
     return None
 
 
-def _cgroup_limit() -> int | None:
-    """cgroup v2 ``memory.max`` of this process's cgroup, else v1's ``memory.limit_in_bytes``."""
-    candidates: list[Path] = []
+def _cgroup_headroom() -> int | None:
+    """cgroup v2 ``memory.max`` minus ``memory.current`` of this process's cgroup, if limited."""
+    limit = _cgroup_limit()
+    if limit is None:
+        return None
+    for path in _cgroup_files("memory.current", "memory.usage_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return max(limit - int(text), 0)
+    return None
+
+
+def _cgroup_files(v2: str, v1: str) -> list[Path]:
+    """Candidate paths of this process's memory cgroup file (``v2`` name, else the ``v1`` one)."""
+    out: list[Path] = []
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             hierarchy, _, rest = line.partition(":")
             controllers, _, path = rest.partition(":")
             if hierarchy == "0" and controllers == "":
-                candidates.append(Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max"))
+                out.append(Path("/sys/fs/cgroup", path.lstrip("/"), v2))
             elif "memory" in controllers.split(","):
-                candidates.append(Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.limit_in_bytes"))
+                out.append(Path("/sys/fs/cgroup/memory", path.lstrip("/"), v1))
     except OSError:
-        return None
-    for candidate in candidates:
+        pass
+    return out
+
+
+def _cgroup_limit() -> int | None:
+    """cgroup v2 ``memory.max`` of this process's cgroup, else v1's ``memory.limit_in_bytes``."""
+    for candidate in _cgroup_files("memory.max", "memory.limit_in_bytes"):
         try:
             text = candidate.read_text().strip()
         except OSError:

@@ -266,7 +266,10 @@ class StorageManager:
         opened: list[tuple[TierConfig, StorageBackend]] = []
         try:
             for i, (tcfg, opts) in enumerate(zip(cfg.tiers, options, strict=True)):
-                backend = await registry.create(tcfg.backend, opts, path=f"tiers[{i}].options")
+                try:
+                    backend = await registry.create(tcfg.backend, opts, path=f"tiers[{i}].options")
+                except CapacityError as exc:  # e.g. a RAM tier larger than the memory free now
+                    raise CapacityError(f"tier {tcfg.name!r} (tiers[{i}]): {exc}") from None
                 opened.append((tcfg, backend))
         except BaseException:
             for _, backend in opened:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lmtier.config import LmtierConfig, load_config
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError
 from lmtier.keys import ChunkKey
+from lmtier.limits import check_available_now
 from lmtier.memory import HostBuffer, HostMemoryPool
 from lmtier.server.holdings import Holdings
 from lmtier.server.protocol import E_BAD_ARGUMENT, PROTOCOL_VERSION, ServerError, Slot, decode_key
@@ -61,6 +62,7 @@ class SlabCache:
                 f"tiers[0].backend: lmtier serve keeps its hottest tier in the shared slab clients map, so "
                 f"the first tier must be a cpu tier (got {first.backend!r}); add one, e.g. "
                 "{name: hot, backend: cpu, options: {max_bytes: 8GiB}}")
+        check_available_now(int(options[0].max_bytes), f"tier {first.name!r} (tiers[0], the server's shared slab)")
         slab = Slab.create(int(options[0].max_bytes))
         pool = HostMemoryPool(slab.size, memory=slab.tensor, name="server-slab")
         opened: list[tuple[Any, Any]] = [(first, CpuBackend(options[0], pool=pool))]

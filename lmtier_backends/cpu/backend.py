@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lmtier.errors import CapacityError
 from lmtier.keys import ChunkKey
 from lmtier.kit import AsyncClosing, put_items
+from lmtier.limits import check_available_now
 from lmtier.memory import HostBuffer, HostMemoryPool, host_tensor_of
 from lmtier.protocol import Buffer, Capabilities
 
@@ -37,6 +38,8 @@ class CpuBackend(AsyncClosing):
 
     def __init__(self, config: CpuConfig, *, pool: HostMemoryPool | None = None) -> None:
         self.config = config
+        if pool is None:  # a slab this large is allocated now: refuse what the machine cannot give
+            check_available_now(int(config.max_bytes), "cpu tier")
         self.pool = pool if pool is not None else HostMemoryPool(int(config.max_bytes), pin=config.pinned,
                                                                  name="cpu-tier")
         self._entries: OrderedDict[ChunkKey, HostBuffer] = OrderedDict()

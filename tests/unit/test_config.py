@@ -142,6 +142,51 @@ def test_sizes_beyond_the_machines_memory_are_refused_saying_how_much_there_is()
     assert "RAM" in limit.described and limit.bytes > 0
 
 
+def test_a_cpu_tier_larger_than_the_memory_free_now_is_a_capacity_error_naming_the_tier_before_allocating() -> None:
+    import asyncio
+
+    from lmtier.errors import CapacityError
+    from lmtier.limits import memory_available, memory_limit
+
+    free = memory_available()
+    if free is None or free.bytes + (1 << 30) > memory_limit().bytes:
+        pytest.skip("needs a machine with at least 1 GiB more RAM than is free now (the config check is "
+                    "for sizes beyond the whole machine)")
+    asked = free.bytes + (512 << 20)  # fits the machine, not what is free: refused before torch allocates it
+    config = {"tiers": [{"name": "ram", "backend": "cpu", "options": {"max_bytes": asked, "pinned": False}}]}
+    with pytest.raises(CapacityError, match=r"^tier 'ram' \(tiers\[0\]\): cpu tier: max_bytes=[\d.]+ GiB is more "
+                                            r"memory than is free: [\d.]+ GiB available now \(of [\d.]+ GiB\); lower"):
+        asyncio.run(_open(config))
+
+
+async def _open(config: dict[str, object]) -> object:
+    from prometheus_client import CollectorRegistry
+
+    from lmtier.manager import StorageManager
+
+    return await StorageManager.from_config(config, metrics_registry=CollectorRegistry())
+
+
+def test_lmtier_serve_refuses_a_slab_larger_than_the_memory_free_now_naming_the_tier(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from lmtier import limits
+    from lmtier.errors import CapacityError
+    from lmtier.metrics import Metrics
+    from lmtier.server.cache import SlabCache
+
+    # the fault: a machine with 64 MiB available (MemAvailable as the kernel reports it)
+    monkeypatch.setattr(limits, "_meminfo_bytes", lambda field: 64 << 20 if field == "MemAvailable" else None)
+    monkeypatch.setattr(limits, "_cgroup_headroom", lambda: None)
+    config = {"tiers": [{"name": "slab", "backend": "cpu", "options": {"max_bytes": "128MiB", "pinned": False}}]}
+    with pytest.raises(CapacityError, match=r"^tier 'slab' \(tiers\[0\], the server's shared slab\): "
+                                            r"max_bytes=128.0 MiB is more memory than is free: 64.0 MiB available now"):
+        asyncio.run(SlabCache.open(config, metrics=Metrics(CollectorRegistry())))
+
+
 SERVER = "chunk_tokens: 256\nserver: unix:///run/lmtier/lmtier.sock\n"
 
 
