@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from lmtier.errors import ConfigError
+from lmtier.errors import ConfigError, InvalidArgumentError
 from lmtier.registry import format_validation_error
 
 if TYPE_CHECKING:
@@ -292,6 +292,22 @@ class LmtierConfig(BaseModel):
         if self.tiers and self.tiers[0].write != "through":
             raise ValueError("the first (hottest) tier must use write: through; puts land there first")
         return self
+
+    def per_process(self, tag: str) -> LmtierConfig:
+        """This configuration for one of several processes sharing it (a TP rank, a PP stage):
+        each disk tier's ``root`` gets the subdirectory ``tag``, because a disk root has one
+        owning process. Unchanged for an empty ``tag`` (one process) or a config naming a server
+        (its tiers are the server's). The integrations use it: vLLM (``tp{rank}``), SGLang
+        (``tp1-pp0``, ...)."""
+        if not tag:
+            return self
+        if os.sep in tag or tag in (".", ".."):
+            raise InvalidArgumentError(f"a per-process tag is one directory name, got {tag!r}")
+        tiers = [t.model_copy(update={"options": {**t.options, "root": os.path.join(str(t.options["root"]), tag)}})
+                 if t.backend == "disk" and "root" in t.options else t for t in self.tiers]
+        copy = self.model_copy(update={"tiers": tiers})
+        copy._env_keys = dict(self._env_keys)
+        return copy
 
     def validate_backends(self, registry: BackendRegistry) -> list[_Model]:
         """Phase two: each tier's options against its backend's model; returns the instances."""

@@ -612,7 +612,7 @@ def _open_store(cfg: LmtierConfig, storage_config: HiCacheStorageConfig, *, name
         return cast("KVStore", ServerStore.from_config(cfg, metrics=metrics, namespace=namespace, name=name))
     from lmtier.store import LocalStore
 
-    return LocalStore.open(_per_process(cfg, tag), metrics_registry=metrics_registry, name=name)
+    return LocalStore.open(cfg.per_process(tag), metrics_registry=metrics_registry, name=name)
 
 
 def _rank_tag(c: HiCacheStorageConfig) -> str:
@@ -623,14 +623,3 @@ def _rank_tag(c: HiCacheStorageConfig) -> str:
     parts += [f"dp{c.dp_rank}"] if c.dp_rank else []
     return "-".join(parts)
 
-
-def _per_process(cfg: LmtierConfig, tag: str) -> LmtierConfig:
-    """Give this rank its own disk root (a disk tier has one owning process per root)."""
-    if not tag:
-        return cfg
-    tiers = []
-    for t in cfg.tiers:
-        if t.backend == "disk" and "root" in t.options:
-            t = t.model_copy(update={"options": {**t.options, "root": os.path.join(str(t.options["root"]), tag)}})
-        tiers.append(t)
-    return cfg.model_copy(update={"tiers": tiers})

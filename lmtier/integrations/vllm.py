@@ -354,19 +354,6 @@ def _seconds(extra: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def _per_rank(cfg: LmtierConfig, rank: int, world: int) -> LmtierConfig:
-    """With TP > 1 every worker owns its own disk root (the disk tier has one owner per root)."""
-    if world <= 1:
-        return cfg
-    tiers = []
-    for t in cfg.tiers:
-        if t.backend == "disk" and "root" in t.options:
-            t = t.model_copy(update={"options": {**t.options, "root": os.path.join(str(t.options["root"]),
-                                                                                  f"tp{rank}")}})
-        tiers.append(t)
-    return cfg.model_copy(update={"tiers": tiers})
-
-
 def _route_logs(level: str | None) -> None:
     """Show lmtier's INFO lines next to vLLM's when the application configured no logging of its own.
 
@@ -936,7 +923,7 @@ class LMTierConnector(KVConnectorBase_V1):
             page_bytes=self._page_bytes, chunk_tokens=self._chunk_tokens, engine="vllm",
             tp_rank=rank, tp_world_size=self._world, extra=extra,
         )
-        cfg = _per_rank(self._cfg, rank, self._world)
+        cfg = self._cfg.per_process(f"tp{rank}" if self._world > 1 else "")  # a disk root per worker
         self._engine = KVCacheEngine(cfg, self._kv, save_tail=self._opts["save_tail"], name=f"lmtier-tp{rank}")
         log.info("lmtier connector (worker, rank %d): namespace %s, tiers %s", rank, self._kv.namespace,
                  self._engine.tier_names)

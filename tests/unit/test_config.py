@@ -229,3 +229,23 @@ def test_server_deadlines_can_be_overridden_from_the_environment_one_kind_at_a_t
 def test_a_bad_server_deadline_is_a_config_error_naming_the_key(tmp_path: Path, value: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_config(write(tmp_path, SERVER + f"server_timeout_s: {value}\n"), env={})
+
+
+def test_per_process_gives_each_disk_tier_its_own_root_subdirectory(tmp_path: Path) -> None:
+    from lmtier.errors import InvalidArgumentError
+
+    cfg = load_config(write(tmp_path, GOOD), env={"LMTIER_TIERS__NVME__OPTIONS__ROOT": "/data/kv"})
+    rank = cfg.per_process("tp1-pp0")
+    assert [t.options.get("root") for t in rank.tiers] == [None, "/data/kv/tp1-pp0", None]
+    assert rank.tiers[0] == cfg.tiers[0] and rank.tiers[2] == cfg.tiers[2]
+    assert cfg.tiers[1].options["root"] == "/data/kv", "the shared config is left as it was"
+    assert cfg.per_process("") is cfg
+    server = load_config({"server": "unix:///run/lmtier.sock"}, env={})
+    assert server.per_process("tp0").tiers == []
+    for bad in ("a/b", "..", "."):
+        with pytest.raises(InvalidArgumentError, match="one directory name"):
+            cfg.per_process(bad)
+    # errors about keys an override set still name the variable in the per-process copy
+    bad_root = load_config(write(tmp_path, GOOD), env={"LMTIER_TIERS__NVME__OPTIONS__MAX_BYTES": "lots"})
+    with pytest.raises(ConfigError, match=r"\(set by LMTIER_TIERS__NVME__OPTIONS__MAX_BYTES\)"):
+        bad_root.per_process("tp1").validate_backends(BackendRegistry.discover())
