@@ -455,8 +455,10 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str,
                 title=f"\n{n_prompts} prompts x {tokens} tokens, tiny 'demo' model, {rounds} rounds (modes take turns)")
     print(f"second-run TTFT server / in-process: {fmt_ratio(ratio2)} (goal <= 1.05); first run vs baseline: "
           f"in-process {fmt_ratio(first_local)}, server {fmt_ratio(first_server)} (baseline TTFT / run TTFT)")
+    per_round = [s / loc for s, loc in zip(rows["server2"], rows["local2"], strict=True)]
+    print("per round, second run server / in-process: " + ", ".join(fmt_ratio(r) for r in per_round))
     return {"ratio_second": ratio2, "first_local": first_local, "first_server": first_server,
-            **{k: v for k, v in med.items()}, "cached": cached}
+            **{k: v for k, v in med.items()}, "cached": cached, "rounds": rows, "ratio_second_per_round": per_round}
 
 
 # -- gpu ----------------------------------------------------------------------------------------
