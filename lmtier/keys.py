@@ -31,6 +31,7 @@ __all__ = [
     "chunk_keys",
     "chunk_spans",
     "make_namespace",
+    "namespace_set",
 ]
 
 #: Bumped whenever the hashing scheme changes, so old keys can never alias new ones.
@@ -72,6 +73,19 @@ class ChunkKey:
         if m is None:
             raise InvalidArgumentError(f"not a chunk key string: {text!r}")
         return cls(m.group(1), bytes.fromhex(m.group(2)))
+
+
+def namespace_set(namespaces: Any) -> frozenset[str]:
+    """``namespaces`` (a collection of namespaces, as :func:`make_namespace` returns them) as a
+    set; :class:`~lmtier.errors.InvalidArgumentError` for a lone string or anything that is not
+    16 lowercase hex digits."""
+    if isinstance(namespaces, (str, bytes)) or not hasattr(namespaces, "__iter__"):
+        raise InvalidArgumentError(f"namespaces must be a collection of namespaces, got {namespaces!r:.60}")
+    out = frozenset(namespaces)
+    for ns in out:
+        if not isinstance(ns, str) or not _NAMESPACE_RE.fullmatch(ns):
+            raise InvalidArgumentError(f"namespaces are 16 lowercase hex digits (make_namespace()), got {ns!r:.40}")
+    return out
 
 
 def make_namespace(**fields: Any) -> str:

@@ -82,7 +82,7 @@ from lmtier.errors import (
     InvalidArgumentError,
     LmtierError,
 )
-from lmtier.keys import ChunkKey
+from lmtier.keys import ChunkKey, namespace_set
 from lmtier.memory import HostBuffer, HostMemoryPool, lent_buffer
 from lmtier.metrics import Metrics, default_metrics
 from lmtier.protocol import (
@@ -582,10 +582,7 @@ class StorageManager:
                     f"tier(s) {unable} cannot be cleared by lmtier (their backends share data with other "
                     "processes or hosts); delete their data with the store's own tools, or name other tiers")
         if namespaces is not None:
-            namespaces = frozenset(namespaces)
-            for ns in namespaces:
-                if not isinstance(ns, str) or len(ns) != 16 or ns.strip("0123456789abcdef"):
-                    raise InvalidArgumentError(f"namespaces are 16 lowercase hex digits, got {ns!r:.40}")
+            namespaces = namespace_set(namespaces)
         await self.flush()
         out: dict[str, int | None] = {}
         for t in chosen:

@@ -17,7 +17,9 @@ engine needs from storage is here, in host-buffer terms (the GPU side is the eng
 * :meth:`~KVStore.fetch` — readable host buffers holding stored chunks (the retrieve path: the
   GPU copy reads them in place; one host copy per hit at most, none for a RAM hit);
 * :meth:`~KVStore.fetch_into` / :meth:`~KVStore.put` — the same through caller-owned buffers, for
-  integrations whose host memory is not ours (SGLang's host pool).
+  integrations whose host memory is not ours (SGLang's host pool);
+* :meth:`~KVStore.clear` — drop every chunk of the engine's namespaces (an engine's "clear the
+  cache": SGLang's ``clear()``), leaving other engines' chunks alone.
 
 :class:`LocalStore` implements it over a :class:`~lmtier.manager.StorageManager` running on its
 own event-loop thread in this process (``lmtier.server``'s ``ServerStore`` is the other one).
@@ -25,6 +27,14 @@ own event-loop thread in this process (``lmtier.server``'s ``ServerStore`` is th
 Changes since the first version of this protocol: ``reserve`` takes ``keys=`` (optional), so a
 store can answer "already stored" without a round trip of its own: the engine's store path then
 never copies a chunk the hot tier holds (vLLM saves a request's whole prefix each step).
+``clear(namespaces)`` was added for engines whose API has a "clear the cache" call.
+
+Not in the seam, on purpose: a scatter/gather ``fetch_into`` (one value into several caller
+ranges) — :meth:`~KVStore.fetch` lends the value where it already is (a RAM hit is not copied;
+a colder hit is read once into hot-tier memory, which is then its promotion), and the caller's
+one copy per range out of it is the same one copy a scatter read would make; and per-key results
+of :meth:`~KVStore.commit` — a commit returns at once so the caller's thread never waits on a
+tier, and a chunk a tier fails to take is a later miss, which every reader handles already.
 
 **Threads and time.** Every method is synchronous and thread-safe; it may be called from any
 engine thread. Calls that can wait on a tier take a ``timeout_s`` deadline (``None``: the store's
@@ -45,7 +55,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -67,6 +77,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmtier.store")
 T = TypeVar("T")
+#: How long LocalStore.clear waits by default (it flushes queued writes, then deletes files).
+_CLEAR_TIMEOUT_S = 60.0
 
 __all__ = ["HostChunk", "KVStore", "LocalStore", "LookupResult", "SupportsNamespaces"]
 
@@ -182,6 +194,18 @@ class KVStore(Protocol):
 
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         """Remove ``keys`` everywhere (best effort; faults are logged)."""
+        ...
+
+    def clear(self, namespaces: Collection[str], *, timeout_s: float | None = None) -> dict[str, int | None]:
+        """Remove every chunk of ``namespaces`` from every tier that can clear (RAM, disk; the
+        server's, for a store of ``lmtier serve``); other namespaces' chunks stay.
+
+        Returns, per tier, how many chunks it dropped, or ``None`` for a tier that cannot clear
+        (a remote store others share: its chunks stay and are still hits). Queued writes are
+        flushed first. Never raises for a fault: tiers that did not answer within ``timeout_s``
+        (``None``: the store's flush deadline) are left out, and a warning says so. A namespace
+        that is not 16 hex digits is an :class:`~lmtier.errors.InvalidArgumentError`.
+        """
         ...
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -393,6 +417,19 @@ class LocalStore:
     def delete(self, keys: Sequence[ChunkKey]) -> None:
         keys = _keys(keys)
         self._submit(self.manager.delete(keys), "delete", fallback=None).result()
+
+    def clear(self, namespaces: Collection[str], *, timeout_s: float | None = None) -> dict[str, int | None]:
+        from lmtier.keys import namespace_set
+
+        wanted = namespace_set(namespaces)
+        _check_timeout(timeout_s)
+        fut = self._submit(self.manager.clear(namespaces=wanted), "clear", fallback={})
+        try:
+            return fut.result(timeout_s if timeout_s is not None else _CLEAR_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            log.warning("lmtier: clear of namespace(s) %s did not finish within its deadline; it goes on "
+                        "in the background", sorted(wanted))
+            return {}
 
     def flush(self, timeout_s: float | None = None) -> None:
         if self._closed:

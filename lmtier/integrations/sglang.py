@@ -56,9 +56,11 @@ store, page geometry); debug lines per call. Engine counters on the store's metr
 metrics, :meth:`~LMTierHiCacheStorage.get_stats` returns SGLang's ``StorageMetrics`` (pages per
 call, GB/s) for ``sglang:*`` histograms.
 
+**clear()** drops this deployment's pages (its namespace) from every tier that can clear (RAM,
+disk, ``lmtier serve``'s), leaving other engines' pages and remote tiers (Redis, S3) alone.
+
 **Not supported:** hybrid models' side pools (Mamba, SWA, DSA indexer, draft KV: registering one
-raises), heterogeneous-TP head splitting (``tp_lcm_size``), and ``clear()`` (a shared cache is not
-one engine's to wipe: change ``lmtier_namespace_salt``, or ``POST /v1/clear`` on ``lmtier serve``).
+raises) and heterogeneous-TP head splitting (``tp_lcm_size``).
 """
 
 from __future__ import annotations
@@ -418,10 +420,21 @@ class LMTierHiCacheStorage(HiCacheStorage):
 
     # -- admin ---------------------------------------------------------------------------------
     def clear(self) -> None:
-        """Not done: the tiers may be shared with other engines (see the module doc)."""
-        log.warning("lmtier HiCache storage: clear() leaves the tiers as they are (they may be shared "
-                    "with other engines); change lmtier_namespace_salt to start from an empty "
-                    "namespace, or POST /v1/clear to lmtier serve")
+        """Drop this deployment's pages (its namespace) from every tier that can clear.
+
+        SGLang calls it for ``POST /hicache/storage-backend/clear`` (each rank on its own backend)
+        and on a PD role switch. Other engines' pages, in a tier or server shared with them, stay;
+        so do pages in remote tiers lmtier cannot clear (Redis, S3, NIXL: a warning names them;
+        they hold this namespace's KV, still valid for these weights — change
+        ``lmtier_namespace_salt`` when the weights change).
+        """
+        with self._lock:
+            namespace = self.namespace
+        cleared = self.store.clear([namespace])
+        kept = sorted(name for name, n in cleared.items() if n is None)
+        log.warning("lmtier HiCache storage: cleared namespace %s: %s%s", namespace,
+                    ", ".join(f"{name} {n}" for name, n in cleared.items() if n is not None) or "nothing",
+                    f"; kept in {kept} (lmtier cannot clear them)" if kept else "")
 
     def get_stats(self) -> Any:
         """SGLang's ``StorageMetrics`` for the calls since the last ``get_stats`` (pages, GB/s)."""

@@ -52,7 +52,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -397,6 +397,26 @@ class ServerStore:
 
     def flush(self, timeout_s: float | None = None) -> None:
         self._run(self._call("flush", lambda rid: p.Flush(id=rid), self._deadline("flush", timeout_s), quiet=True))
+
+    def clear(self, namespaces: Collection[str], *, timeout_s: float | None = None) -> dict[str, int | None]:
+        """:meth:`KVStore.clear <lmtier.store.KVStore.clear>` in the server's tiers (the ``clear`` op
+        with ``namespaces``); ``{}`` when the server does not answer in time (flush deadline)."""
+        from lmtier.keys import namespace_set
+
+        wanted = sorted(namespace_set(namespaces))
+        reply = self._run(self._call("clear", lambda rid: p.Clear(id=rid, namespaces=wanted),
+                                     self._deadline("flush", timeout_s), errors=True))
+        if isinstance(reply, p.ClearReply) and reply.tiers is not None:
+            return dict(reply.tiers)
+        if isinstance(reply, p.ClearReply):  # a server that predates namespaces: it cleared its hot tier
+            log.warning("lmtier serve (pid %s) predates namespace clears: it cleared its hot tier, every "
+                        "namespace's chunks (%d)", self._link.server_pid if self._link else "?", reply.cleared)
+            return {self._tier_names[0] if self._tier_names else "hot": reply.cleared}
+        if isinstance(reply, p.Error):
+            log.warning("lmtier serve refused clear of %s: %s [%s]", wanted, reply.message, reply.code)
+        else:
+            log.warning("lmtier serve did not clear namespace(s) %s within its deadline", wanted)
+        return {}
 
     def server_status(self, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The server's ``/v1/status`` document over the socket, or None when it does not answer."""

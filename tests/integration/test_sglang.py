@@ -457,6 +457,58 @@ def test_ranks_share_pages_through_lmtier_serve_and_return_every_lease(tmp_path:
         server.close()
 
 
+def test_clear_drops_this_deployments_pages_from_ram_and_disk_and_keeps_other_deployments(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "lmtier.yaml",
+                          {"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}},
+                          {"name": "local", "backend": "disk", "options": {"root": str(tmp_path / "disk")}})
+    store = shared_store(config)
+    try:
+        from lmtier.integrations.sglang import LMTierHiCacheStorage
+
+        ours, theirs = (LMTierHiCacheStorage(storage_config({**EXTRA, "lmtier_namespace_salt": salt}), {}, store=store)
+                        for salt in ("ours", "theirs"))
+        keys = page_keys(list(range(12)))
+        for b in (ours, theirs):
+            b.register_mem_pool_host(mha_pool())
+            assert b.batch_set_v1(keys, b.mem_pool_host.alloc(12)) == [True] * 3
+        store.flush()
+        ours.clear()
+        assert ours.batch_exists(keys) == 0, "SGLang's clear: this deployment's pages are gone"
+        assert theirs.batch_exists(keys) == 3, "another deployment's pages stay"
+        target = ours.mem_pool_host.alloc(12)
+        assert ours.batch_get_v1(keys, target) == [False] * 3
+        assert ours.batch_set_v1(keys, target) == [True] * 3  # and it stores again
+        store.flush()
+        assert ours.batch_exists(keys) == 3
+    finally:
+        store.close()
+
+
+def test_clear_through_lmtier_serve_drops_only_this_deployments_pages(tmp_path: Path) -> None:
+    from tests.server.serverproc import start_server
+
+    server = start_server(tmp_path)  # a cpu slab over a disk tier
+    config = tmp_path / "client.yaml"
+    config.write_text(f"server: {server.address}\n")
+    backends: list[Any] = []
+    try:
+        backends = [make_backend(config, {"lmtier_namespace_salt": salt}) for salt in ("ours", "theirs")]
+        keys = page_keys(list(range(500, 512)))
+        for b in backends:
+            b.register_mem_pool_host(mha_pool())
+            assert b.batch_set_v1(keys, b.mem_pool_host.alloc(12)) == [True] * 3
+            b.store.flush()
+        ours, theirs = backends
+        ours.clear()
+        assert ours.batch_exists(keys) == 0 and theirs.batch_exists(keys) == 3
+        tiers = {t["name"]: t["objects"] for t in server.status()["tiers"]}
+        assert tiers == {"hot": 3, "local": 3}, "the server kept the other deployment's pages in both tiers"
+    finally:
+        for b in backends:
+            b.close()
+        server.close()
+
+
 # -- faults and sharing -------------------------------------------------------------------------
 @pytest.mark.redis
 def test_a_tier_that_is_down_is_a_miss(tmp_path: Path) -> None:

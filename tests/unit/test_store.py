@@ -153,3 +153,16 @@ def test_methods_called_on_the_loop_thread_are_refused(store: LocalStore) -> Non
     store.loop.call_soon_threadsafe(run)
     with pytest.raises(LmtierError, match="another thread"):
         fut.result(30)
+
+
+def test_clear_drops_the_namespaces_chunks_from_every_tier_and_keeps_the_others(store: LocalStore) -> None:
+    mine = keys(3)
+    other = ChunkKey(make_namespace(test="store-other"), b"o" * 16)
+    assert store.put([(k, b"v" * 100) for k in [*mine, other]]).result() == 4
+    assert store.clear([mine[0].namespace]) == {"hot": 3, "local": 3}, "queued disk writes flushed first"
+    assert store.contains([*mine, other]) == [False, False, False, True]
+    assert store.clear([mine[0].namespace]) == {"hot": 0, "local": 0}
+    for bad in ("0123456789abcdef", ["XYZ"], [b"0123456789abcdef"]):
+        with pytest.raises(InvalidArgumentError, match="namespace"):
+            store.clear(bad)  # type: ignore[arg-type]
+    assert store.contains([other]) == [True]
