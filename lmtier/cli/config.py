@@ -22,7 +22,12 @@ def _cmd_config_validate(args: argparse.Namespace, _extra: list[str]) -> int:
     chain = " -> ".join(f"{t.name} ({t.backend}, write: {t.write})" for t in cfg.tiers)
     print(f"{where}: OK (core schema and backend options)")
     print(f"  chunk_tokens: {cfg.chunk_tokens}")
-    print(f"  tiers: {chain}")
+    if cfg.server is not None:  # the tiers live in lmtier serve; these deadlines bound each call to it
+        deadlines = ", ".join(f"{kind} {seconds:g} s" for kind, seconds in cfg.server_timeout_s.model_dump().items())
+        print(f"  server: {cfg.server} (the tiers are the server's)")
+        print(f"  server deadlines: {deadlines}")
+    else:
+        print(f"  tiers: {chain}")
     overrides = overrides_in_env()
     if overrides:
         print(f"  applied environment overrides: {', '.join(overrides)}")

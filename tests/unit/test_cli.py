@@ -117,6 +117,15 @@ def test_config_validate_accepts_a_good_file(tmp_path: Path, capsys: pytest.Capt
     assert f"{path}: OK" in out and "hot (cpu, write: through) -> nvme (disk, write: through)" in out
 
 
+def test_config_validate_shows_the_server_and_its_deadlines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "client.yaml"
+    path.write_text("server: unix:///run/lmtier/lmtier.sock\nserver_timeout_s: {lookup: 0.2}\n")
+    assert main(["config", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "server: unix:///run/lmtier/lmtier.sock (the tiers are the server's)" in out
+    assert "server deadlines: lookup 0.2 s, fetch 5 s, reserve 0.5 s, commit 30 s, flush 60 s, connect 2 s" in out
+
+
 @pytest.mark.parametrize(("tiers", "message"), [
     ([{"name": "hot", "backend": "cpu"}, {"name": "nvme", "backend": "disk", "options": {"rot": "/x"}}],
      r"tiers\[1\]\.options\.rot: unknown key; allowed keys: .*root"),  # phase two: the backend's model
