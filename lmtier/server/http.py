@@ -17,10 +17,12 @@ Bound to 127.0.0.1 by default: status and clear are not authenticated.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from lmtier.errors import LmtierError
 from lmtier.server.protocol import ServerError
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from lmtier.server.cache import SlabCache
 
 __all__ = ["make_app"]
+
+log = logging.getLogger("lmtier.server")
 
 
 def make_app(cache: SlabCache, registry: CollectorRegistry, serving: Callable[[], bool]) -> web.Application:
@@ -60,6 +64,9 @@ def make_app(cache: SlabCache, registry: CollectorRegistry, serving: Callable[[]
             per_tier = await cache.clear(tiers, namespaces)
         except ServerError as exc:
             return web.json_response({"error": exc.message}, status=400)
+        except LmtierError as exc:  # a tier's fault midway: the tiers before it stay cleared
+            log.warning("lmtier serve: POST /v1/clear failed: %s", exc)
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=503)
         backends = {t.name: t.config.backend for t in cache.manager.tiers}
         kept: list[dict[str, Any]] = [
             {"tier": name, "backend": backends[name], "reason": "cannot be cleared by lmtier (shared with other "
