@@ -8,6 +8,8 @@
 :func:`check_stored`           header + payload (held in different buffers) validated;
 :func:`stored_value`           a coded value returned with its codec facts (Payload);
                                :class:`Rejections` counts and logs corrupt / newer-format values
+:class:`KeyFaults`            a read batch's per-key faults settled: misses (counted, logged),
+                               raised only when no key of the batch answered
 :class:`AsyncClosing`         ``async with`` for a backend: ``__aexit__`` awaits ``aclose()``
 :func:`check_keys`,            argument checks with errors that say what to pass, for a backend
 :func:`check_items`,           also called without a manager; :func:`into_views` for
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lmtier.kit.checks import check_items, check_keys, into_views
     from lmtier.kit.errors import OS_ERROR_RULES, ErrorMap, Rule, describe, errno_in
+    from lmtier.kit.faults import KeyFaults
     from lmtier.kit.lifecycle import AsyncClosing
     from lmtier.kit.naming import (
         MARKER,
@@ -62,6 +65,7 @@ __all__ = [
     "ErrorMap",
     "FileLayout",
     "ForeignRootError",
+    "KeyFaults",
     "Outcome",
     "Payload",
     "Rejections",
@@ -97,6 +101,7 @@ _HOME = {
                      "object_name", "scan_files"), "naming"),
     **dict.fromkeys(("CancelToken", "Cancelled", "Outcome", "WorkerPool"), "runner"),
     "AsyncClosing": "lifecycle",
+    "KeyFaults": "faults",
     **dict.fromkeys(("Rejections", "check_stored", "stored_size", "stored_value"), "stored"),
     **dict.fromkeys(("Payload", "StoreItem", "checksum_of", "put_items"), "values"),
 }

@@ -30,6 +30,7 @@ from lmtier.kit import (
     ErrorMap,
     FileLayout,
     ForeignRootError,
+    KeyFaults,
     Payload,
     Rule,
     WorkerPool,
@@ -232,6 +233,37 @@ def test_the_first_matching_rule_wins_and_lmtier_errors_pass_through() -> None:
 
 
 # -- names ------------------------------------------------------------------------------------------------
+def test_key_faults_are_misses_counted_and_logged_while_the_other_keys_keep_their_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ns = make_namespace(test="kit-faults")
+    keys = [ChunkKey(ns, bytes([i]) * 16) for i in range(4)]
+    faults = KeyFaults("test tier", ErrorMap("test tier", OS_ERROR_RULES))
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    with caplog.at_level("WARNING", logger="lmtier.kit"):
+        got = faults.settle("get", keys, [b"a", refused, None, TimeoutError("slow")], None)
+    assert got == [b"a", None, None, None]
+    assert faults.stats() == {"key_faults": 2}
+    assert "test tier: get: 2 of 4 keys faulted and are misses (first: " + str(keys[1]) in caplog.text
+    assert faults.settle("contains", keys[:2], [True, False], False) == [True, False]  # nothing to settle
+    assert faults.stats() == {"key_faults": 2}
+
+
+def test_a_batch_in_which_no_key_answered_raises_the_first_fault_mapped() -> None:
+    ns = make_namespace(test="kit-faults")
+    keys = [ChunkKey(ns, bytes([i]) * 16) for i in range(2)]
+    faults = KeyFaults("test tier", ErrorMap("test tier", OS_ERROR_RULES))
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    with pytest.raises(BackendUnavailableError, match="test tier: get_into failed: Connection refused") as info:
+        faults.settle("get_into", keys, [refused, OSError(errno.EIO, "I/O error")], False)
+    assert info.value.__cause__ is refused
+    already = BackendTimeoutError("mapped by the backend")
+    with pytest.raises(BackendTimeoutError) as again:  # an lmtier error is raised as it is
+        faults.settle("get", keys[:1], [already], None)
+    assert again.value is already and again.value.__cause__ is None
+    assert faults.stats() == {"key_faults": 0}
+
+
 def test_files_and_objects_are_named_from_str_key(tmp_path: Path) -> None:
     (key,) = _keys(1)
     d = key.digest.hex()
