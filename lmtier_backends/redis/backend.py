@@ -51,6 +51,7 @@ from lmtier.keys import ChunkKey
 from lmtier.kit import (
     AsyncClosing,
     CancelToken,
+    KeyFaults,
     Rejections,
     StoreItem,
     WorkerPool,
@@ -113,6 +114,7 @@ class RedisBackend(AsyncClosing):
         self._conn_kwargs, self._address = _connection_kwargs(config, config.resolve_password())
         self._workers = WorkerPool(config.max_connections, "redis")
         self._rejects = Rejections(self.tier)
+        self._faults = KeyFaults(self.tier, lambda exc, op: self._mapped(op, exc))
         self._nodes: dict[str, Node] = {}
         self._nodes_lock = threading.Lock()
         self._cluster: RedisCluster | None = None
@@ -208,7 +210,9 @@ class RedisBackend(AsyncClosing):
         names = [self._name(k) for k in keys]
         outcomes = await self._per_node("contains", names, lambda node, idx, tok: node.headers_many(
             [names[i] for i in idx], tok))
-        return [self._usable(k, o) for k, o in zip(keys, outcomes, strict=True)]
+        self._closed_under(outcomes)
+        return self._faults.settle("contains", keys, [self._usable(k, o) for k, o in zip(keys, outcomes, strict=True)],
+                                   False)
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
         self._check_open()
@@ -218,17 +222,13 @@ class RedisBackend(AsyncClosing):
         names = [self._name(k) for k in unique]
         outcomes = await self._per_node("get", names, partial(self._get_blocking, unique, names),
                                         sizes=self._expected_sizes(len(names)), streams=self.config.get_streams)
-        found: dict[ChunkKey, Buffer] = {}
+        self._closed_under(outcomes)
         corrupt: list[ChunkKey] = []
-        error: LmtierError | None = None
-        for key, outcome in zip(unique, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                error = error or self._settle(key, outcome, corrupt)
-            elif outcome is not None:
-                found[key] = outcome
+        answers = [self._settle(k, o, corrupt) if isinstance(o, BaseException) else o
+                   for k, o in zip(unique, outcomes, strict=True)]
         await self._forget_corrupt(corrupt)
-        if error is not None:
-            raise error
+        values = self._faults.settle("get", unique, answers, None)  # a dead node's keys: misses
+        found = {k: v for k, v in zip(unique, values, strict=True) if v is not None}
         self._counters["gets"] += len(keys)
         self._counters["hits"] += sum(1 for k in keys if k in found)
         self._counters["misses"] += sum(1 for k in keys if k not in found)
@@ -254,17 +254,12 @@ class RedisBackend(AsyncClosing):
         names = [self._name(k) for k in keys]
         outcomes = await self._per_node("get", names, partial(self._get_into_blocking, list(keys), names, views),
                                         sizes=[v.nbytes for v in views], streams=self.config.get_streams)
+        self._closed_under(outcomes)
         corrupt: list[ChunkKey] = []
-        error: LmtierError | None = None
-        filled = [False] * len(keys)
-        for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, BaseException):
-                error = error or self._settle(keys[i], outcome, corrupt)
-            else:
-                filled[i] = bool(outcome)
+        answers = [self._settle(k, o, corrupt) if isinstance(o, BaseException) else bool(o)
+                   for k, o in zip(keys, outcomes, strict=True)]
         await self._forget_corrupt(list(dict.fromkeys(corrupt)))
-        if error is not None:
-            raise error
+        filled = [bool(a) for a in self._faults.settle("get_into", keys, answers, False)]
         self._counters["gets"] += len(keys)
         self._counters["hits"] += sum(filled)
         self._counters["misses"] += len(keys) - sum(filled)
@@ -300,6 +295,7 @@ class RedisBackend(AsyncClosing):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._counters)
         out.update(self._rejects.stats())
+        out.update(self._faults.stats())
         out["nodes"] = len(self._nodes)
         out["jobs_running"] = self._workers.running
         pool = self._recv_pool
@@ -368,30 +364,39 @@ class RedisBackend(AsyncClosing):
         if self._closed:
             raise BackendUnavailableError(f"redis tier {self.where} is closed")
 
+    def _closed_under(self, outcomes: list[Any]) -> None:
+        """A batch the tier was closed under failed as a whole (its calls not yet run could not
+        run): drop what it received (lease views go back now) and raise."""
+        if self._closed:
+            outcomes.clear()
+            self._check_open()
+
     def _mapped(self, op: str, exc: BaseException) -> LmtierError:
         self._counters["errors"] += 1
         return map_error(exc, op=op, where=self.where)
 
-    def _settle(self, key: ChunkKey, exc: BaseException, corrupt: list[ChunkKey]) -> LmtierError | None:
-        """A read of ``key`` that failed: a refused value or one key's error is a miss (a corrupt
-        value goes on ``corrupt``, to be deleted); a node's failure is returned, to be raised."""
+    def _settle(self, key: ChunkKey, exc: BaseException, corrupt: list[ChunkKey]) -> BaseException | None:
+        """A read of ``key`` that failed: a refused value or one key's error is a miss, None (a
+        corrupt value goes on ``corrupt``, to be deleted); a node's failure is returned, for
+        :class:`~lmtier.kit.KeyFaults` to settle."""
         kind = self._rejects.note(key, exc)
         if kind == "corrupt":
             if key not in corrupt:
                 corrupt.append(key)
         elif kind is None:
             if not isinstance(exc, rex.ResponseError):
-                return self._mapped("get", exc)
+                return exc
             self._counters["key_errors"] += 1  # e.g. ASK while a slot migrates
             log.info("%s: get %s answered %s; a miss", self.tier, key, exc)
         return None
 
-    def _usable(self, key: ChunkKey, reply: Any) -> bool:
-        """Whether a ``GETRANGE 0 63`` reply is the header of a value a ``get`` would serve."""
+    def _usable(self, key: ChunkKey, reply: Any) -> bool | BaseException:
+        """Whether a ``GETRANGE 0 63`` reply is the header of a value a ``get`` would serve; the
+        node's failure is returned, for :class:`~lmtier.kit.KeyFaults` to settle."""
         if isinstance(reply, BaseException):
             if isinstance(reply, rex.ResponseError):
                 return False  # WRONGTYPE, ASK, ...: a get would not serve it either
-            raise self._mapped("contains", reply)
+            return reply
         if not reply:
             return False
         try:
