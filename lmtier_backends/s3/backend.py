@@ -53,6 +53,7 @@ from lmtier.keys import ChunkKey
 from lmtier.kit import (
     AsyncClosing,
     CancelToken,
+    KeyFaults,
     Rejections,
     StoreItem,
     WorkerPool,
@@ -196,6 +197,8 @@ class S3Backend(AsyncClosing):
         self._bucket = config.bucket
         self._workers = WorkerPool(config.max_concurrency, "s3")
         self._rejects = Rejections(f"s3 tier (bucket {config.bucket!r})")
+        self._faults = KeyFaults(f"s3 tier (bucket {config.bucket!r})",
+                                 lambda exc, op: translate(exc, op=op, where=f"s3://{self._bucket}"))
         self._conditional_puts = config.skip_identical_puts
         self._max_item_bytes = int(config.multipart_part_size) * _MAX_PARTS - HEADER_BYTES
         self._lock = threading.Lock()
@@ -224,14 +227,14 @@ class S3Backend(AsyncClosing):
         GET) and checked, so a damaged or newer-format object is not counted."""
         self._check_open()
         unique = list(dict.fromkeys(keys))
-        found = await self._run_many("head", [(self._has_usable_header, (k,), self.object_name(k)) for k in unique])
+        found = await self._read_many("contains", unique, self._has_usable_header, False)
         answer = dict(zip(unique, found, strict=True))
         return [answer[k] for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
         self._check_open()
         unique = list(dict.fromkeys(keys))
-        values = await self._run_many("get", [(self._get_one, (k,), self.object_name(k)) for k in unique])
+        values = await self._read_many("get", unique, self._get_one, None)
         answer = dict(zip(unique, values, strict=True))
         return [answer[k] for k in keys]
 
@@ -239,9 +242,7 @@ class S3Backend(AsyncClosing):
         """Stream each object straight into ``outs[i]`` (writable, exactly the payload size)."""
         self._check_open()
         views = into_views(keys, outs)
-        return await self._run_many(
-            "get", [(self._get_into_one, (k, v), self.object_name(k)) for k, v in zip(keys, views, strict=True)]
-        )
+        return await self._read_many("get_into", keys, self._get_into_one, False, views)
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
         self._check_open()
@@ -268,6 +269,7 @@ class S3Backend(AsyncClosing):
         with self._lock:
             out = dict(self._counts)
         out.update(self._rejects.stats())
+        out.update(self._faults.stats())
         return out
 
     async def aclose(self) -> None:
@@ -313,6 +315,29 @@ class S3Backend(AsyncClosing):
         if first is not None:
             raise first
         return results
+
+    async def _read_many(self, op: str, keys: Sequence[ChunkKey], fn: Callable[..., Any], miss: Any,
+                         outs: Sequence[memoryview] | None = None) -> list[Any]:
+        """``fn(token, key)`` (or ``fn(token, key, outs[i])``) for each key on the pool, settled key
+        by key (:class:`lmtier.kit.KeyFaults`): an object the server fails to serve (or a request
+        that times out) is a ``miss`` for its key while the others are served; only a batch in
+        which no request was answered raises. Returns as :meth:`_run_many` does: every call done."""
+        calls = [(fn, (k,) if outs is None else (k, outs[i]), self.object_name(k)) for i, k in enumerate(keys)]
+        if not calls:
+            return []
+        outcomes = await self._workers.run([functools.partial(_call, f, args) for f, args, _ in calls])
+        if self._closed:  # closed under the batch: its calls not yet run failed, and so does it
+            outcomes.clear()  # (lease views go back now, not with the traceback)
+            self._check_open()
+        answers: list[Any] = []
+        for outcome, (_, _, where) in zip(outcomes, calls, strict=True):
+            if outcome.ok:
+                answers.append(outcome.value)
+                continue
+            assert outcome.error is not None
+            self._count(errors=1)
+            answers.append(translate(outcome.error, op=op, where=f"s3://{self._bucket}/{where}"))
+        return self._faults.settle(op, keys, answers, miss)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 """The conformance suite's back doors (lmtier.testing.backdoors) over the stores our tests run:
-files in the shared layout, objects in a SeaweedFS bucket, a SeaweedFS server killed and restarted."""
+files in the shared layout, objects in a SeaweedFS bucket, a SeaweedFS server killed and restarted,
+and an object whose bytes rot inside SeaweedFS's own volume files (the server cannot serve it)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from lmtier.keys import ChunkKey
 from lmtier.kit import FileLayout, object_name
 from tests.support.seaweedfs import SeaweedFS, create_bucket
 
-__all__ = ["KilledSeaweedFS", "RawFiles", "RawObjects", "seaweedfs_serving"]
+__all__ = ["KilledSeaweedFS", "RawFiles", "RawObjects", "rot_in_volume", "seaweedfs_serving"]
 
 
 class RawFiles:
-    """raw_store: each key's file (lmtier.kit.FileLayout), read and replaced behind the tier's back."""
+    """raw_store: each key's file (lmtier.kit.FileLayout), read and replaced behind the tier's back,
+    or made unreadable (an UnreadableStore)."""
 
     def __init__(self, root: Path, fan_out: int = 2) -> None:
         self.layout = FileLayout(root, fan_out)
@@ -30,6 +32,12 @@ class RawFiles:
         path = Path(self.layout.path_of(key))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+    def make_unreadable(self, key: ChunkKey) -> None:
+        """A directory where the key's file was: opening or reading it fails (EISDIR)."""
+        path = Path(self.layout.path_of(key))
+        path.unlink()
+        path.mkdir()
 
 
 class RawObjects:
@@ -75,3 +83,24 @@ def seaweedfs_serving(workdir: Path, bucket: str, **kwargs: Any) -> Iterator[Sea
         yield server
     finally:
         server.close()
+
+
+def rot_in_volume(server: SeaweedFS, data: bytes) -> None:
+    """Flip one bit of the object holding ``data`` inside SeaweedFS's volume files (``*.dat``), as a
+    bad sector under the server would: the volume server's own CRC check then fails every GET of
+    that object (SeaweedFS answers HTTP 500 after ~13 s of its own retries), while its HEAD and
+    every other object are fine. ``data`` must be unique in the store (random bytes are)."""
+    probe = data[len(data) // 2:len(data) // 2 + 64]
+    hits = []
+    for dat in server.workdir.rglob("*.dat"):
+        blob = dat.read_bytes()
+        at = blob.find(probe)
+        if at >= 0:
+            hits.append((dat, at))
+    assert len(hits) == 1, f"expected the object's bytes in exactly one volume file, found {hits}"
+    dat, at = hits[0]
+    with dat.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))

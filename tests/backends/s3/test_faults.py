@@ -9,6 +9,7 @@ accepts and never answers stands in for a hung server (fault injection, not a mo
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ from lmtier.manager import StorageManager
 from lmtier_backends.s3.backend import S3Backend, _make_client, open_s3_backend
 from lmtier_backends.s3.config import S3Config
 from tests.backends.s3.conftest import options_for
+from tests.support.backdoors import rot_in_volume
 from tests.support.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.s3
@@ -256,5 +258,39 @@ async def test_a_download_cut_mid_body_is_unavailable_not_corrupt_and_keeps_the_
                 assert time.monotonic() < deadline, "the server did not come back"
                 await asyncio.sleep(0.05)  # poll interval, not synchronisation
         assert got is not None and bytes(got) == data
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_object_the_server_cannot_serve_is_a_miss_for_its_key_alone(
+    own_seaweedfs: SeaweedFS, caplog: pytest.LogCaptureFixture
+) -> None:
+    # one object of the batch rots inside SeaweedFS's volume (its GETs fail on the server's own
+    # CRC check, after the tier's read timeout), one was deleted meanwhile: the other six are
+    # served by get, get_into and contains
+    options = {**_fast_failing(options_for(own_seaweedfs.endpoint)), "read_timeout_s": 1}
+    backend = await open_s3_backend(S3Config(**options))
+    try:
+        keys = _keys(8)
+        values = [os.urandom(200_000) for _ in keys]
+        await backend.put(list(zip(keys, values, strict=True)))
+        rotten, gone = 2, 5
+        rot_in_volume(own_seaweedfs, values[rotten])
+        await backend.delete([keys[gone]])
+        served = [i not in (rotten, gone) for i in range(8)]
+        with caplog.at_level(logging.WARNING, logger="lmtier.kit"):
+            got = [None if v is None else bytes(v) for v in await backend.get(keys)]
+            assert got == [v if ok else None for v, ok in zip(values, served, strict=True)]
+            outs = [bytearray(len(v)) for v in values]
+            assert await backend.get_into(keys, outs) == served
+            assert all(bytes(o) == v for o, v, ok in zip(outs, values, served, strict=True) if ok)
+            assert await backend.contains(keys) == served
+        assert backend.stats()["key_faults"] == 3
+        assert backend.stats()["corrupt"] == 0, "an object the server cannot serve is not known to be corrupt"
+        for method in ("get", "get_into", "contains"):
+            assert f"{method}: 1 of 8 keys faulted and are misses" in caplog.text
+        with pytest.raises(BackendTimeoutError):  # the rotten object alone: nothing answered
+            await backend.get([keys[rotten]])
     finally:
         await backend.aclose()
