@@ -25,13 +25,14 @@ class Batched:
         self.store = store
         self.size = size
 
-    def usable(self, keys: Sequence[ChunkKey]) -> list[bool]:
+    def usable(self, keys: Sequence[ChunkKey]) -> list[bool | OSError]:
         return self._gather(keys, lambda lo, hi: self.store.usable(keys[lo:hi]))
 
-    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
+    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | BaseException | None]:
         return self._gather(keys, lambda lo, hi: self.store.read(keys[lo:hi]))
 
-    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | bytes | None]:
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]
+                  ) -> list[HostBuffer | bytes | BaseException | None]:
         return self._gather(keys, lambda lo, hi: self.store.read_into(keys[lo:hi], outs[lo:hi]))
 
     def write(self, items: Sequence[tuple[ChunkKey, HostBuffer, CallerBuffer | None]]) -> None:

@@ -19,7 +19,9 @@ trusted only at the size its header announces, with the probe passed. An object 
 finds shorter than its header says, or longer, is returned cut to its header (which the tier
 then refuses as corrupt).
 
-A present key whose GET fails is re-checked: gone meanwhile is a miss, still there is a fault.
+A present key whose GET fails is re-checked: gone meanwhile is a miss, still there is a fault of
+that key alone (its exception is returned in its place; the tier settles it with
+:class:`lmtier.kit.KeyFaults`, serving the batch's other keys).
 Deletes go through :class:`~lmtier_backends.nixl._s3rest.S3Rest` (NIXL has no delete).
 All methods block; the tier calls them on worker threads.
 """
@@ -107,13 +109,14 @@ class ObjStore:
                 buf.release()
         return out
 
-    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
+    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | BaseException | None]:
         """Each object's bytes (exactly header + payload, when its size matches its header) in a
         staging buffer; ``None`` if absent; ``bytes`` (the header alone, or less) for an object
-        whose size contradicts its header: the caller's check refuses it as corrupt."""
+        whose size contradicts its header: the caller's check refuses it as corrupt; the exception
+        of an object the store failed to serve."""
         present = self.exists(keys)
         want = [i for i, p in enumerate(present) if p]
-        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        out: list[HostBuffer | bytes | BaseException | None] = [None] * len(keys)
         try:
             short = self._fetch(keys, want, out, exact=False)
             # read again, at the size the header announces, what was not read at exactly that size
@@ -140,7 +143,8 @@ class ObjStore:
                     buf.release()
             raise
 
-    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | bytes | None]:
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]
+                  ) -> list[HostBuffer | bytes | BaseException | None]:
         """Read each object's payload straight into ``outs[i]`` (a ranged GET from byte 64) and its
         header into a 64-byte staging buffer, both at once. Returns the header buffer (payload in
         ``outs[i]``), or - where a GET failed and the cause is unclear (a short object, a failing
@@ -148,7 +152,7 @@ class ObjStore:
         Caller memory is never abandoned: this returns only once NIXL is done writing it."""
         present = self.exists(keys)
         todo = [i for i, p in enumerate(present) if p]
-        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        out: list[HostBuffer | bytes | BaseException | None] = [None] * len(keys)
         probes = self._staging.allocate(max(1, len(todo)))
         try:
             jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
@@ -214,7 +218,7 @@ class ObjStore:
         return {"rereads": self.rereads}
 
     # -- machinery -------------------------------------------------------------------------------
-    def _fetch(self, keys: Sequence[ChunkKey], which: Sequence[int], out: list[HostBuffer | bytes | None], *,
+    def _fetch(self, keys: Sequence[ChunkKey], which: Sequence[int], out: list[HostBuffer | bytes | BaseException | None], *,
                exact: bool) -> set[int]:
         """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones),
         each with its probe; returns the ``i`` whose object is shorter than the bytes read."""
@@ -238,31 +242,34 @@ class ObjStore:
             outcome = self._transfer("READ", jobs)
         finally:
             probes.release()
-        failed = [i for j, i in enumerate(which) if outcome.errors[2 * j] is not None]
+        failed: dict[int, BaseException] = {}
+        for j, i in enumerate(which):
+            error = outcome.errors[2 * j]
+            if error is not None:
+                failed[i] = error
         short = {i for j, i in enumerate(which) if outcome.errors[2 * j + 1] is not None}
         for i in failed:
             failed_buf, out[i] = out[i], None
             if isinstance(failed_buf, HostBuffer):
                 failed_buf.release()
         if failed:
-            self._settle_failed_reads(keys, failed, out, outcome)
+            self._settle_failed_reads(keys, failed, out)
         return short - set(failed)
 
-    def _settle_failed_reads(self, keys: Sequence[ChunkKey], failed: list[int], out: list[HostBuffer | bytes | None],
-                             outcome: Outcome) -> None:
-        """A GET from byte 0 failed: the object is gone (a miss), empty (corrupt: ``b""``), or the
-        store failed (raised). Asked of the server directly (a HEAD that gives the size)."""
-        for i in failed:
+    def _settle_failed_reads(self, keys: Sequence[ChunkKey], failed: dict[int, BaseException],
+                             out: list[HostBuffer | bytes | BaseException | None]) -> None:
+        """A GET from byte 0 failed: the object is gone (a miss: ``None``), empty (corrupt:
+        ``b""``), or the store failed to serve it (its error, in its place: a fault of that key).
+        Asked of the server directly (a HEAD that gives the size)."""
+        for i, error in failed.items():
             try:
                 size = self._rest.object_size(self.name(keys[i]))
-            except Exception:
-                errors = [e for e in outcome.errors if e is not None]
-                raise errors[0] from None
+            except Exception:  # the server does not answer a HEAD either: the GET's error stands
+                out[i] = error
+                continue
             if size is not None:
-                if size >= HEADER_BYTES:  # there, and long enough to read: the store failed
-                    errors = [e for e in outcome.errors if e is not None]
-                    raise errors[0]
-                out[i] = b""  # there but shorter than a header: the caller refuses it
+                # there and long enough to read: the store failed; shorter than a header: refused
+                out[i] = error if size >= HEADER_BYTES else b""
 
     def _transfer(self, op: str, jobs: Sequence[tuple[str, int, int, int, HostBuffer | None]], *,
                   timeout_s: float | None = None) -> Outcome:
@@ -275,7 +282,7 @@ class ObjStore:
             [(addr, n, off, dev, buf) for dev, (_, addr, n, off, buf) in zip(ids, jobs, strict=True)],
             peer=self._peer, timeout_s=self._timeout_s if timeout_s is None else timeout_s, staging=self._staging)
 
-    def _shrink(self, key: ChunkKey, out: list[HostBuffer | bytes | None], i: int) -> None:
+    def _shrink(self, key: ChunkKey, out: list[HostBuffer | bytes | BaseException | None], i: int) -> None:
         """Move a small object read into a big guessed buffer to a buffer of its size: callers
         may keep the returned view (and so the buffer) for long."""
         buf = out[i]
@@ -287,7 +294,7 @@ class ObjStore:
         out[i] = small
         buf.release()
 
-    def _announced(self, key: ChunkKey, buf: HostBuffer | bytes | None) -> int:
+    def _announced(self, key: ChunkKey, buf: object) -> int:
         """Header + payload bytes the stored header announces (0 if the header is bad)."""
         if not isinstance(buf, HostBuffer):
             return 0
@@ -312,5 +319,5 @@ class ObjStore:
                 self._sizes.popitem(last=False)
 
 
-def _nbytes(buf: HostBuffer | bytes | None) -> int:
+def _nbytes(buf: object) -> int:
     return buf.nbytes if isinstance(buf, HostBuffer) else 0

@@ -33,7 +33,6 @@ from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, deco
 from lmtier.keys import ChunkKey
 from lmtier.kit import FileLayout, ForeignRootError, claim_root, scan_files
 from lmtier.memory import HostBuffer
-from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import PosixOptions
@@ -81,59 +80,63 @@ class PosixStore:
         return Path(self._layout.path_of(key))
 
     # -- queries ---------------------------------------------------------------------------------
-    def usable(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Whether each key's file holds a header this reader accepts (64 bytes read per key)."""
-        out: list[bool] = []
+    def usable(self, keys: Sequence[ChunkKey]) -> list[bool | OSError]:
+        """Whether each key's file holds a header this reader accepts (64 bytes read per key); the
+        ``OSError`` of a file that cannot be read (the tier settles it: :class:`lmtier.kit.KeyFaults`)."""
+        out: list[bool | OSError] = []
         for key in keys:
             try:
                 fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 out.append(False)
                 continue
+            except OSError as exc:
+                out.append(exc)
+                continue
             try:
                 decode_header(key, os.pread(fd, HEADER_BYTES, 0), codecs=READABLE_CODECS)
                 out.append(True)
             except (CorruptDataError, NewerFormatError):
                 out.append(False)
+            except OSError as exc:
+                out.append(exc)
             finally:
                 os.close(fd)
         return out
 
-    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | None]:
+    def read(self, keys: Sequence[ChunkKey]) -> list[HostBuffer | bytes | BaseException | None]:
         """Each file's bytes in a staging buffer; ``None`` if absent; ``bytes`` if too short to hold
-        a header (the caller's decode rejects it). Failed reads of present files raise only if all
-        of them failed (the filesystem is failing); otherwise they are misses."""
-        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        a header (the caller's decode rejects it); the exception of a file that could not be read
+        (a fault of that key alone, settled by the tier: :class:`lmtier.kit.KeyFaults`)."""
+        out: list[HostBuffer | bytes | BaseException | None] = [None] * len(keys)
         fds: list[int] = []
         todo: list[tuple[int, int, int]] = []  # (index, fd, size)
         try:
             for i, key in enumerate(keys):
-                try:
-                    fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
+                fd = self._open(key, out, i, fds)
+                if fd is None:
                     continue
-                fds.append(fd)
-                size = os.fstat(fd).st_size
-                if size < HEADER_BYTES:
-                    out[i] = os.pread(fd, size, 0)
+                try:
+                    size = os.fstat(fd).st_size
+                    if size < HEADER_BYTES:
+                        out[i] = os.pread(fd, size, 0)
+                        continue
+                except OSError as exc:
+                    out[i] = exc
                     continue
                 out[i] = self._staging.allocate(size)
                 todo.append((i, fd, size))
             if todo:
                 outcome = self._transfer("READ", [(_addr(out[i]), size, fd, 0, _buf(out[i])) for i, fd, size in todo])
-                failed = [j for j, e in enumerate(outcome.errors) if e is not None]
-                for j in failed:
-                    i = todo[j][0]
-                    buf, out[i] = out[i], None
-                    if isinstance(buf, HostBuffer):
-                        buf.release()
-                if failed and len(failed) == len(todo):
-                    raise outcome.errors[failed[0]] or TransferFailed("POSIX read failed")
-                for j in failed:  # others were read: a file changed under us, not a failing disk
-                    log.warning("nixl posix: reading %s failed (%s); a miss", keys[todo[j][0]], outcome.errors[j])
+                for j, error in enumerate(outcome.errors):
+                    if error is not None:
+                        i = todo[j][0]
+                        buf, out[i] = out[i], error
+                        if isinstance(buf, HostBuffer):
+                            buf.release()
             with self._lock:
                 for key, got in zip(keys, out, strict=True):
-                    if got is not None and key in self._index:
+                    if isinstance(got, (HostBuffer, bytes)) and key in self._index:
                         self._index.move_to_end(key)
             return out
         except BaseException:
@@ -145,25 +148,30 @@ class PosixStore:
             for fd in fds:
                 os.close(fd)
 
-    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]) -> list[HostBuffer | bytes | None]:
+    def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]
+                  ) -> list[HostBuffer | bytes | BaseException | None]:
         """Read each file's payload straight into ``outs[i]`` and its header into a 64-byte staging
         buffer (returned). ``None``: absent, or the file's size does not match ``outs[i]``;
-        ``bytes``: too short for a header. Caller memory is registered for the call and never
-        abandoned: this returns only once NIXL is done writing it."""
-        out: list[HostBuffer | bytes | None] = [None] * len(keys)
+        ``bytes``: too short for a header; an exception: the file could not be read (as in
+        :meth:`read`). Caller memory is registered for the call and never abandoned: this returns
+        only once NIXL is done writing it."""
+        out: list[HostBuffer | bytes | BaseException | None] = [None] * len(keys)
         fds: list[int] = []
         todo: list[tuple[int, int]] = []  # (index, fd)
         try:
             for i, key in enumerate(keys):
-                try:
-                    fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
+                fd = self._open(key, out, i, fds)
+                if fd is None:
                     continue
-                fds.append(fd)
-                size = os.fstat(fd).st_size
-                if size < HEADER_BYTES:
-                    out[i] = os.pread(fd, size, 0)
-                elif size == HEADER_BYTES + outs[i].nbytes:
+                try:
+                    size = os.fstat(fd).st_size
+                    if size < HEADER_BYTES:
+                        out[i] = os.pread(fd, size, 0)
+                        continue
+                except OSError as exc:
+                    out[i] = exc
+                    continue
+                if size == HEADER_BYTES + outs[i].nbytes:
                     out[i] = self._staging.allocate(HEADER_BYTES)
                     todo.append((i, fd))
             if todo:
@@ -176,16 +184,15 @@ class PosixStore:
                     owners.extend([t] * (len(jobs) - len(owners)))
                 with outs_registered(self._agent, PLUGIN, [outs[i] for i, _ in todo]):
                     outcome = self._transfer("READ", jobs, timeout_s=math.inf)
-                failed = sorted({owners[j] for j, e in enumerate(outcome.errors) if e is not None})
-                for t in failed:
+                failed: dict[int, BaseException] = {}
+                for j, error in enumerate(outcome.errors):
+                    if error is not None:
+                        failed.setdefault(owners[j], error)
+                for t, error in failed.items():
                     i = todo[t][0]
-                    buf, out[i] = out[i], None
+                    buf, out[i] = out[i], error
                     if isinstance(buf, HostBuffer):
                         buf.release()
-                if failed and len(failed) == len(todo):
-                    raise next(e for e in outcome.errors if e is not None)
-                for t in failed:
-                    log.warning("nixl posix: reading %s failed; a miss", keys[todo[t][0]])
             return out
         except BaseException:
             for got in out:
@@ -259,6 +266,19 @@ class PosixStore:
             return {"objects": len(self._index), "bytes": self._bytes, "evictions": self.evictions}
 
     # -- machinery -------------------------------------------------------------------------------
+    def _open(self, key: ChunkKey, out: list[Any], i: int, fds: list[int]) -> int | None:
+        """``key``'s file opened for reading (its fd added to ``fds``), or None: absent (a miss)
+        or not openable (``out[i]`` holds the error: a fault of that key)."""
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            out[i] = exc
+            return None
+        fds.append(fd)
+        return fd
+
     def _transfer(self, op: str, jobs: Sequence[tuple[int, int, int, int, HostBuffer | None]], *,
                   timeout_s: float | None = None) -> Outcome:
         """Move each ``(address, nbytes, fd, file offset, staging buffer or None)`` job as its own
@@ -318,11 +338,11 @@ class PosixStore:
         self._evict()
 
 
-def _addr(buf: HostBuffer | bytes | None) -> int:
+def _addr(buf: object) -> int:
     assert isinstance(buf, HostBuffer)
     return buf.data_ptr
 
 
-def _buf(buf: HostBuffer | bytes | None) -> HostBuffer:
+def _buf(buf: object) -> HostBuffer:
     assert isinstance(buf, HostBuffer)
     return buf

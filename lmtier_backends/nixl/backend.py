@@ -59,6 +59,7 @@ from lmtier.keys import ChunkKey
 from lmtier.kit import (
     AsyncClosing,
     CancelToken,
+    KeyFaults,
     Rejections,
     StoreItem,
     WorkerPool,
@@ -116,6 +117,7 @@ class NixlBackend(AsyncClosing):
         self.tier = f"nixl/{config.plugin}"
         self._workers = WorkerPool(config.io_threads, f"nixl-{config.plugin}")
         self._rejects = Rejections(self.tier)
+        self._faults = KeyFaults(self.tier, lambda exc, op: map_error(exc, tier=self.tier, op=op))
         self._agent: Any = None
         self._staging: StagingPool | None = None
         self._store: Batched | None = None
@@ -146,7 +148,8 @@ class NixlBackend(AsyncClosing):
             self._check_open()
             return []
         unique = list(dict.fromkeys(keys))
-        found = dict(zip(unique, await self._run("contains", self._usable_sync, unique), strict=True))
+        usable = self._faults.settle("contains", unique, await self._run("contains", self._usable_sync, unique), False)
+        found = dict(zip(unique, usable, strict=True))
         return [found[k] for k in keys]
 
     async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
@@ -154,8 +157,8 @@ class NixlBackend(AsyncClosing):
             self._check_open()
             return []
         unique = list(dict.fromkeys(keys))
-        pieces = await self._run_pieces("get", self._get_sync, len(unique), lambda lo, hi: (unique[lo:hi],))
-        found = dict(zip(unique, itertools.chain.from_iterable(pieces), strict=True))
+        values = await self._read_pieces("get", self._get_sync, unique, lambda lo, hi: (unique[lo:hi],), None)
+        found = dict(zip(unique, values, strict=True))
         return [found[k] for k in keys]
 
     async def get_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer]) -> list[bool]:
@@ -168,9 +171,8 @@ class NixlBackend(AsyncClosing):
         # buffers that overlap go through staging on one worker (two reads into one buffer would
         # fail each other's check), so they must not be split across workers either
         whole = _overlapping([CallerBuffer.of(v) for v in views])
-        pieces = await self._run_pieces("get", self._get_into_sync, len(keys),
-                                        lambda lo, hi: (list(keys[lo:hi]), views[lo:hi]), split=not whole)
-        return list(itertools.chain.from_iterable(pieces))
+        return await self._read_pieces("get_into", self._get_into_sync, keys,
+                                       lambda lo, hi: (list(keys[lo:hi]), views[lo:hi]), False, split=not whole)
 
     async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
         # the whole batch is checked first; the last value of a key wins
@@ -191,6 +193,7 @@ class NixlBackend(AsyncClosing):
         with self._counts_lock:
             out: dict[str, Any] = dict(self._counts)
         out.update(self._rejects.stats())
+        out.update(self._faults.stats())
         if self._store is not None:
             out.update(self._store.stats())
         if self._staging is not None:
@@ -235,6 +238,25 @@ class NixlBackend(AsyncClosing):
         bounds = [n * i // k for i in range(k + 1)]
         return await self._run_calls(op, [functools.partial(_call, fn, args(lo, hi))
                                           for lo, hi in itertools.pairwise(bounds)])
+
+    async def _read_pieces(self, op: str, fn: Callable[..., list[Any]], keys: Sequence[ChunkKey],
+                           args: Callable[[int, int], tuple[Any, ...]], miss: Any, *, split: bool = True) -> list[Any]:
+        """:meth:`_run_pieces` for reads, settled key by key (:class:`lmtier.kit.KeyFaults`): a key
+        whose file or object could not be read, or whose piece failed, is a miss while the other
+        keys are served; only a batch of which no key was answered raises."""
+        self._check_open()
+        k = max(1, min(self.config.io_threads, len(keys))) if split else 1
+        bounds = [len(keys) * i // k for i in range(k + 1)]
+        outcomes = await self._workers.run([functools.partial(_call, fn, args(lo, hi))
+                                            for lo, hi in itertools.pairwise(bounds)])
+        if self._closed:  # closed under the batch: its pieces not yet run failed, and so does it
+            outcomes.clear()  # (staging views go back now, not with the traceback)
+            self._check_open()
+        answers: list[Any] = []
+        for (lo, hi), outcome in zip(itertools.pairwise(bounds), outcomes, strict=True):
+            answers.extend(outcome.value if outcome.ok else [outcome.error] * (hi - lo))  # type: ignore[arg-type]
+        outcomes.clear()
+        return self._faults.settle(op, keys, answers, miss)
 
     async def _run_calls(self, op: str, calls: list[Callable[[CancelToken], T]]) -> list[T]:
         self._check_open()
@@ -315,17 +337,17 @@ class NixlBackend(AsyncClosing):
             raise BackendError(f"{self.tier}: the tier is closed")
         return store
 
-    def _usable_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[bool]:
+    def _usable_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[bool | OSError]:
         return self._live_store().usable(keys)
 
-    def _get_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[Buffer | None]:
+    def _get_sync(self, token: CancelToken, keys: list[ChunkKey]) -> list[Buffer | BaseException | None]:
         raw = self._live_store().read(keys)
-        out: list[Buffer | None] = []
+        out: list[Buffer | BaseException | None] = []
         corrupt: list[ChunkKey] = []
         try:
             for key, got in zip(keys, raw, strict=True):
-                if got is None:
-                    out.append(None)
+                if got is None or isinstance(got, BaseException):
+                    out.append(got)  # a miss, or the fault of this key
                     continue
                 try:
                     out.append(_payload_view(key, got))
@@ -337,18 +359,19 @@ class NixlBackend(AsyncClosing):
             for got in raw:
                 if isinstance(got, HostBuffer):
                     got.release()
-        self._count(gets=len(keys), hits=sum(v is not None for v in out),
-                    bytes_read=sum(memoryview(v).nbytes for v in out if v is not None))
+        values = [v for v in out if v is not None and not isinstance(v, BaseException)]
+        self._count(gets=len(keys), hits=len(values), bytes_read=sum(memoryview(v).nbytes for v in values))
         self._drop_corrupt(corrupt)
         return out
 
-    def _get_into_sync(self, token: CancelToken, keys: list[ChunkKey], outs: list[memoryview]) -> list[bool]:
+    def _get_into_sync(self, token: CancelToken, keys: list[ChunkKey], outs: list[memoryview]
+                       ) -> list[bool | BaseException]:
         """NIXL reads payloads straight into the caller's buffers (registered for the call) and
         headers into staging; the checksum is then verified in place."""
         with token.touching_caller_memory():  # until NIXL and this thread are done with ``outs``
             store = self._live_store()
             callers = [CallerBuffer.of(o) for o in outs]
-            raw: list[HostBuffer | bytes | None]
+            raw: list[HostBuffer | bytes | BaseException | None]
             try:
                 if _overlapping(callers):  # two reads into one buffer would fail each other's check
                     raise RegistrationRefused("caller buffers overlap")
@@ -364,26 +387,29 @@ class NixlBackend(AsyncClosing):
                 for i, ok in zip(recheck, redo, strict=True):
                     filled[i] = ok
                 corrupt += [k for k in more if k not in corrupt]
-            self._count(gets=len(keys), hits=sum(filled),
-                        bytes_read=sum(o.nbytes for o, f in zip(outs, filled, strict=True) if f))
+            self._count(gets=len(keys), hits=sum(f is True for f in filled),
+                        bytes_read=sum(o.nbytes for o, f in zip(outs, filled, strict=True) if f is True))
             self._drop_corrupt(corrupt)
             return filled
 
-    def _read_shared(self, store: Batched, keys: list[ChunkKey]) -> list[HostBuffer | bytes | None]:
+    def _read_shared(self, store: Batched, keys: list[ChunkKey]) -> list[HostBuffer | bytes | BaseException | None]:
         """Whole values through staging, one read per distinct key (a repeated key shares it)."""
         unique = list(dict.fromkeys(keys))
         found = dict(zip(unique, store.read(unique), strict=True))
         return [found[k] for k in keys]
 
-    def _fill_all(self, keys: list[ChunkKey], outs: list[memoryview], raw: list[HostBuffer | bytes | None]
-                  ) -> tuple[list[bool], list[ChunkKey], list[int]]:
-        """Finish get_into for each key; returns (filled, corrupt keys, indices to recheck). Releases
-        every buffer in ``raw``."""
-        filled: list[bool] = []
+    def _fill_all(self, keys: list[ChunkKey], outs: list[memoryview], raw: list[HostBuffer | bytes | BaseException | None]
+                  ) -> tuple[list[bool | BaseException], list[ChunkKey], list[int]]:
+        """Finish get_into for each key; returns (filled or the key's fault, corrupt keys, indices to
+        recheck). Releases every buffer in ``raw``."""
+        filled: list[bool | BaseException] = []
         corrupt: list[ChunkKey] = []
         recheck: list[int] = []
         try:
             for i, (key, dest, got) in enumerate(zip(keys, outs, raw, strict=True)):
+                if isinstance(got, BaseException):
+                    filled.append(got)
+                    continue
                 try:
                     filled.append(got is not None and _fill(key, got, dest))
                 except _Recheck:
