@@ -6,7 +6,10 @@ A backend's tests opt into the scenarios by overriding two fixtures of
 * ``raw_store`` returns a :class:`RawStore`: read and replace the bytes stored for a key,
   bypassing the backend, as bit rot, a crashed writer, another lmtier version or an operator
   would. The suite then truncates values, flips bits in payloads and headers, swaps two values,
-  and writes values of a newer format version, and checks what the backend makes of them.
+  and writes values of a newer format version, and checks what the backend makes of them. A
+  raw store that is also an :class:`UnreadableStore` can make one key's value unreadable by the
+  store itself (a bad sector, a directory where the file was): the suite then checks that the
+  fault is a miss for that key alone.
 * ``service`` returns a :class:`Service`: stop the store the backend talks to (kill the server,
   take the filesystem away) and start it again. The suite checks that a tier that is down fails
   fast with :class:`~lmtier.errors.BackendUnavailableError` (or answers a miss) and works again
@@ -30,6 +33,7 @@ __all__ = [
     "HEADER_FIELDS",
     "RawStore",
     "Service",
+    "UnreadableStore",
     "flip_bit",
     "maybe_await",
     "newer_format",
@@ -55,6 +59,17 @@ class RawStore(Protocol):
     def write(self, key: ChunkKey, data: bytes) -> None:
         """Replace (or create) what is stored for ``key`` with ``data``, as the backend would
         find it on its next read."""
+        ...
+
+
+@runtime_checkable
+class UnreadableStore(Protocol):
+    """A :class:`RawStore` that can also break the storage of one key."""
+
+    def make_unreadable(self, key: ChunkKey) -> None:
+        """Make reads of ``key``'s value fail inside the store (an I/O error, a directory where
+        its file was, an object the server cannot serve), the other keys untouched. Not
+        corruption: the store fails to answer, it does not answer wrong bytes."""
         ...
 
 

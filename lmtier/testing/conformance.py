@@ -23,7 +23,8 @@ backend may call): the suite calls backends with well-formed keys and buffers on
 Two optional fixtures turn on the fault and corruption scenarios (see
 :mod:`lmtier.testing.backdoors`): ``raw_store`` (read and replace stored bytes behind the
 backend's back: truncation, flipped bits in payload and header, swapped values, values of a newer
-format) and ``service`` (stop and restart the store the backend talks to). Each scenario is a test
+format; and, where it can, make one key unreadable by the store: that key alone is a miss) and
+``service`` (stop and restart the store the backend talks to). Each scenario is a test
 that is skipped where its fixture is missing.
 """
 
@@ -58,6 +59,7 @@ from lmtier.testing.backdoors import (
     HEADER_FIELDS,
     RawStore,
     Service,
+    UnreadableStore,
     flip_bit,
     maybe_await,
     newer_format,
@@ -665,6 +667,36 @@ class BackendConformance:
         await maybe_await(raw.write(key, version_1(key, data)))  # what lmtier 0.1 wrote
         assert await backend.contains([key]) == [True]
         assert _bytes_of((await backend.get([key]))[0]) == data
+
+    @pytest.mark.asyncio
+    async def test_a_key_the_store_cannot_read_is_a_miss_and_the_batch_serves_the_others(
+        self, backend: StorageBackend, raw_store: RawStore | None, namespace: str
+    ) -> None:
+        raw = self._need(raw_store, "raw_store")
+        if not isinstance(raw, UnreadableStore):
+            pytest.skip("raw_store has no make_unreadable: this scenario needs it")
+        keys = self.keys(namespace, 6)
+        values = [self.value(50_000, seed=30 + i) for i in range(len(keys))]
+        await backend.put(list(zip(keys, values, strict=True)))
+        bad = 3
+        await maybe_await(raw.make_unreadable(keys[bad]))  # type: ignore[func-returns-value]
+        got = await backend.get(keys)
+        assert got[bad] is None, "a key the store cannot read was served"
+        for i, (value, data) in enumerate(zip(got, values, strict=True)):
+            if i != bad:
+                assert _bytes_of(value) == data, f"key {i} was not served: one failing key sank the batch"
+        del got
+        if isinstance(backend, SupportsGetInto):
+            outs = [bytearray(len(v)) for v in values]
+            assert await backend.get_into(keys, outs) == [i != bad for i in range(len(keys))]
+            assert all(bytes(o) == v for i, (o, v) in enumerate(zip(outs, values, strict=True)) if i != bad)
+        # alone, the failing key is the tier's fault (typed) or a miss; never wrong bytes
+        try:
+            alone = await backend.get([keys[bad]])
+        except LmtierError:
+            pass
+        else:
+            assert alone == [None]
 
     @pytest.mark.asyncio
     async def test_a_stopped_service_fails_fast_and_typed_then_works_again(
