@@ -6,8 +6,8 @@ nixl tier's posix plugin shares it, root marker included, so either tier opens w
 wrote. Puts write a temp file in the same directory and publish it with an atomic rename; reads
 validate header and checksum, and a file that fails is a miss: deleted and counted
 (``stats()["corrupt"]``). A file of a newer format is a miss left on disk
-(``stats()["newer_format"]``), not counted by ``contains`` once seen (the scan at open reads no
-headers; a ``get`` that meets one takes it out of the index).
+(``stats()["newer_format"]``) and never counted by ``contains``: the scan at open reads each
+file's header (64 bytes) and marks such files, and a ``get`` that meets one marks it too.
 
 The index (key -> file size, in LRU order) lives in this process: it is rebuilt at open by
 scanning the root (recency comes from atimes the tier sets itself; stale temp files of a crashed

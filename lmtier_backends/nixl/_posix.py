@@ -113,17 +113,10 @@ class PosixStore:
         todo: list[tuple[int, int, int]] = []  # (index, fd, size)
         try:
             for i, key in enumerate(keys):
-                fd = self._open(key, out, i, fds)
-                if fd is None:
+                opened = self._open(key, out, i, fds)
+                if opened is None:
                     continue
-                try:
-                    size = os.fstat(fd).st_size
-                    if size < HEADER_BYTES:
-                        out[i] = os.pread(fd, size, 0)
-                        continue
-                except OSError as exc:
-                    out[i] = exc
-                    continue
+                fd, size = opened
                 out[i] = self._staging.allocate(size)
                 todo.append((i, fd, size))
             if todo:
@@ -160,17 +153,10 @@ class PosixStore:
         todo: list[tuple[int, int]] = []  # (index, fd)
         try:
             for i, key in enumerate(keys):
-                fd = self._open(key, out, i, fds)
-                if fd is None:
+                opened = self._open(key, out, i, fds)
+                if opened is None:
                     continue
-                try:
-                    size = os.fstat(fd).st_size
-                    if size < HEADER_BYTES:
-                        out[i] = os.pread(fd, size, 0)
-                        continue
-                except OSError as exc:
-                    out[i] = exc
-                    continue
+                fd, size = opened
                 if size == HEADER_BYTES + outs[i].nbytes:
                     out[i] = self._staging.allocate(HEADER_BYTES)
                     todo.append((i, fd))
@@ -266,9 +252,10 @@ class PosixStore:
             return {"objects": len(self._index), "bytes": self._bytes, "evictions": self.evictions}
 
     # -- machinery -------------------------------------------------------------------------------
-    def _open(self, key: ChunkKey, out: list[Any], i: int, fds: list[int]) -> int | None:
-        """``key``'s file opened for reading (its fd added to ``fds``), or None: absent (a miss)
-        or not openable (``out[i]`` holds the error: a fault of that key)."""
+    def _open(self, key: ChunkKey, out: list[Any], i: int, fds: list[int]) -> tuple[int, int] | None:
+        """``key``'s file opened for reading (its fd added to ``fds``) and its size, or None with
+        ``out[i]`` set: absent (None, a miss), too short for a header (its bytes, which the tier
+        refuses), or not readable (the error: a fault of that key)."""
         try:
             fd = os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -277,7 +264,15 @@ class PosixStore:
             out[i] = exc
             return None
         fds.append(fd)
-        return fd
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                out[i] = os.pread(fd, size, 0)
+                return None
+        except OSError as exc:
+            out[i] = exc
+            return None
+        return fd, size
 
     def _transfer(self, op: str, jobs: Sequence[tuple[int, int, int, int, HostBuffer | None]], *,
                   timeout_s: float | None = None) -> Outcome:

@@ -300,21 +300,11 @@ class S3Backend(AsyncClosing):
         buffer), and errors are translated here, in one place. A cancellation returns once the
         calls writing into a caller's buffer have stopped (:class:`lmtier.kit.WorkerPool`).
         """
-        if not calls:
-            return []
-        outcomes = await self._workers.run([functools.partial(_call, fn, args) for fn, args, _ in calls])
-        results: list[Any] = []
-        first: BaseException | None = None
-        for outcome, (_, _, where) in zip(outcomes, calls, strict=True):
-            if outcome.ok:
-                results.append(outcome.value)
-                continue
-            assert outcome.error is not None
-            self._count(errors=1)
-            first = first or translate(outcome.error, op=op, where=f"s3://{self._bucket}/{where}")
+        answers = await self._answers(op, calls)
+        first = next((a for a in answers if isinstance(a, BaseException)), None)
         if first is not None:
             raise first
-        return results
+        return answers
 
     async def _read_many(self, op: str, keys: Sequence[ChunkKey], fn: Callable[..., Any], miss: Any,
                          outs: Sequence[memoryview] | None = None) -> list[Any]:
@@ -322,13 +312,18 @@ class S3Backend(AsyncClosing):
         by key (:class:`lmtier.kit.KeyFaults`): an object the server fails to serve (or a request
         that times out) is a ``miss`` for its key while the others are served; only a batch in
         which no request was answered raises. Returns as :meth:`_run_many` does: every call done."""
-        calls = [(fn, (k,) if outs is None else (k, outs[i]), self.object_name(k)) for i, k in enumerate(keys)]
+        answers = await self._answers(op, [(fn, (k,) if outs is None else (k, outs[i]), self.object_name(k))
+                                           for i, k in enumerate(keys)])
+        if self._closed:  # closed under the batch: its calls not yet run failed, and so does it
+            answers.clear()  # (lease views go back now, not with the traceback)
+            self._check_open()
+        return self._faults.settle(op, keys, answers, miss)
+
+    async def _answers(self, op: str, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...], str]]) -> list[Any]:
+        """Each call's value, or its error translated to the lmtier tree (and counted), in order."""
         if not calls:
             return []
-        outcomes = await self._workers.run([functools.partial(_call, f, args) for f, args, _ in calls])
-        if self._closed:  # closed under the batch: its calls not yet run failed, and so does it
-            outcomes.clear()  # (lease views go back now, not with the traceback)
-            self._check_open()
+        outcomes = await self._workers.run([functools.partial(_call, fn, args) for fn, args, _ in calls])
         answers: list[Any] = []
         for outcome, (_, _, where) in zip(outcomes, calls, strict=True):
             if outcome.ok:
@@ -337,7 +332,7 @@ class S3Backend(AsyncClosing):
             assert outcome.error is not None
             self._count(errors=1)
             answers.append(translate(outcome.error, op=op, where=f"s3://{self._bucket}/{where}"))
-        return self._faults.settle(op, keys, answers, miss)
+        return answers
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
