@@ -1485,7 +1485,9 @@ class StorageManager:
             try:
                 items = job.items
                 if job.kind == "demote" or job.check:
-                    present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items])
+                    # a failed check drops the job: its items count as skipped writes (with the reason)
+                    present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items],
+                                               writes=len(items))
                     if present is FAULT:
                         continue
                     items = [it for it, p in zip(items, present, strict=True) if not p]

@@ -208,6 +208,21 @@ async def test_a_tier_that_is_down_is_not_asked_again_key_by_key(remote: RemoteT
         await mgr.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_background_write_dropped_by_a_failed_presence_check_is_counted(remote: RemoteTier) -> None:
+    metrics = CollectorRegistry()
+    mgr, tier = await _manager(remote, metrics, write="async")
+    try:
+        ks = _keys(3)
+        tier.poison, tier.error = set(ks), BackendUnavailableError
+        await mgr.put([(k, b"w" * 1024) for k in ks], skip_present=True)
+        await mgr.flush()
+        assert tier.batches("contains") == [3] and tier.batches("put") == []
+        assert _value(metrics, "lmtier_tier_skipped_writes_total", tier="remote", reason="unavailable") == 3
+    finally:
+        await mgr.aclose()
+
+
 LAYERS, BLOCKS, HEADS, BLK, HEAD, CHUNK = 2, 32, 2, 4, 8, 16
 
 
