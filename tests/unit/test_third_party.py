@@ -39,6 +39,8 @@ INI = """\
 asyncio_mode = strict
 asyncio_default_fixture_loop_scope = function
 filterwarnings = error
+timeout = 120
+timeout_method = thread
 """
 
 
@@ -74,9 +76,12 @@ def run_suite(pytester: pytest.Pytester, test_source: str, *args: str, package: 
     report = pytester.path / "junit.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(package), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # A test stuck in the inner run gets every thread's stack dumped (timeout_method = thread in
+    # INI) and the run ends there, so the outer assert below shows where it hung.
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--junitxml={report}", *args],
-                          cwd=pytester.path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode in (0, 1, 5), f"pytest exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+                          cwd=pytester.path, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode in (0, 1, 5) and report.exists(), \
+        f"pytest exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     run = SuiteRun(done.returncode, set(), set(), {})
     for case in ElementTree.parse(report).iter("testcase"):
         name, problems = case.get("name", ""), case.findall("failure") + case.findall("error")
@@ -108,7 +113,9 @@ def test_the_example_package_passes_its_own_conformance_test(pytester: pytest.Py
         "test_two_swapped_values_are_misses_and_are_deleted", "test_a_value_of_a_newer_format_is_a_miss_left_in_place",
         "test_a_newer_format_value_a_new_handle_finds_is_not_counted",
         "test_a_value_stored_in_format_version_1_is_still_read",
-        "test_a_stopped_service_fails_fast_and_typed_then_works_again"}
+        "test_a_stopped_service_fails_fast_and_typed_then_works_again",
+        "test_a_key_the_store_cannot_read_is_a_miss_and_the_batch_serves_the_others"}
+    assert "test_clear_drops_the_values_of_the_namespaces_named_or_every_value" in passed
 
 
 # Each variant is the example with one subtle bug; the conformance tests named must catch it.
@@ -394,7 +401,7 @@ def test_lmtier_check_backend_runs_the_suite_against_the_installed_package(
             "-k", "round_trip or order or buffer or persistent"]  # the full suite runs in the first test
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\b6 passed, 2 skipped, 45 deselected", out), out
+    assert re.search(rf"\b6 passed, 2 skipped, {suite_size()[0] - 8} deselected", out), out
 
 
 def test_the_guide_shows_the_example_files_verbatim() -> None:
@@ -482,7 +489,7 @@ def run_installed(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedProc
     # point at another one)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("LMTIER_DISABLE_PLUGIN_AUTOLOAD", None)
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=280, cwd=cwd, env=env)
 
 
 def test_a_pip_installed_package_passes_the_whole_suite_through_lmtier_check_backend(
@@ -567,8 +574,8 @@ def test_a_plain_dict_backend_without_argument_checks_passes_lmtier_check_backen
     done = run_installed(dictstore_sites["as written"], tmp_path, lmtier, "check-backend", "dictstore", "-q")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "never awaited" not in done.stdout + done.stderr  # the suite leaves no coroutine behind
-    # neither persistent nor shared, no get_into (2 tests), stats, allocate (2) or eviction listener
-    assert_all_passed(done.stdout, suite_size(), skipped=2 + 2 + 1 + 2 + 1)
+    # neither persistent nor shared, no get_into (2 tests), stats, allocate (2), eviction listener or clear
+    assert_all_passed(done.stdout, suite_size(), skipped=2 + 2 + 1 + 2 + 1 + 1)
 
 
 @pytest.mark.parametrize("bug", sorted(DICTSTORE_BUGS))

@@ -12,7 +12,7 @@ or is too big with the same typed errors, for callers that use the backend direc
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmtier.buffers import as_bytes_view
@@ -91,6 +91,13 @@ class MemDictBackend:
         for k in keys:
             old = self._data.pop(k, None)
             self._used -= 0 if old is None else len(old)
+
+    async def clear(self, namespaces: Collection[str] | None = None) -> int:
+        """Optional protocol (SupportsClear): drop every value, or those of ``namespaces``."""
+        self._check_open()
+        doomed = [k for k in self._data if namespaces is None or k.namespace in namespaces]
+        await self.delete(doomed)
+        return len(doomed)
 
     def stats(self) -> dict[str, Any]:
         """Optional protocol (SupportsStats): exported as lmtier_backend_<name>{tier=...} gauges."""
