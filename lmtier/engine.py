@@ -558,7 +558,7 @@ class KVCacheEngine:
     @property
     def tier_names(self) -> list[str]:
         """Names of the store's tiers, hottest first (empty when the store does not say)."""
-        return list(getattr(self.kvstore, "tier_names", []))
+        return list(self.kvstore.tier_names)
 
     # -- lookup --------------------------------------------------------------------------------
     def lookup(self, token_ids: Any, *, request_id: str | None = None, record: bool = True,

@@ -383,6 +383,18 @@ class StorageManager:
                     present[i] = bool(hit)
         return present
 
+    async def held_hot(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Whether the hot tier holds each key, asked only where that waits on nothing: a tier
+        that lends its memory (in this process, called inline). Otherwise (or when it fails) all
+        ``False``: "not known to be held", which a store path then copies and ``put(...,
+        skip_present=True)`` skips behind the call."""
+        _check_keys(keys)
+        hot = self.tiers[0]
+        if not keys or not hot.lends_memory:
+            return [False] * len(keys)
+        held = await self._call(hot, "contains", hot.backend.contains, list(keys))
+        return [False] * len(keys) if held is FAULT else [bool(h) for h in held]
+
     async def get(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[Buffer | None]:
         """Values of ``keys`` from the hottest tier holding each, ``None`` for misses.
 

@@ -28,6 +28,7 @@ Changes since the first version of this protocol: ``reserve`` takes ``keys=`` (o
 store can answer "already stored" without a round trip of its own: the engine's store path then
 never copies a chunk the hot tier holds (vLLM saves a request's whole prefix each step).
 ``clear(namespaces)`` was added for engines whose API has a "clear the cache" call.
+``tier_names`` joined the protocol (both stores had it; the engine read it with ``getattr``).
 
 Not in the seam, on purpose: a scatter/gather ``fetch_into`` (one value into several caller
 ranges) — :meth:`~KVStore.fetch` lends the value where it already is (a RAM hit is not copied;
@@ -128,6 +129,13 @@ class KVStore(Protocol):
     @property
     def metrics(self) -> Metrics:
         """Where engine-level counters (hit tokens, loaded tokens, ...) of this process go."""
+        ...
+
+    @property
+    def tier_names(self) -> list[str]:
+        """The store's tiers, hottest first: the names :attr:`LookupResult.tiers` uses (the engine
+        promotes a hit it skips only from a tier that has a hotter one). Empty when it cannot say
+        yet (a server not reached so far)."""
         ...
 
     def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
@@ -336,11 +344,9 @@ class LocalStore:
 
         async def run() -> list[HostChunk | None]:
             todo = list(range(len(sizes)))
-            if keys is not None:  # the hot tier is in memory and called inline: no tier is waited on
-                hot = self.manager.tiers[0]
-                if hot.lends_memory:
-                    held = await hot.backend.contains(keys)
-                    todo = [i for i in todo if not held[i]]
+            if keys is not None:  # asks an in-memory hot tier only: no tier is waited on
+                held = await self.manager.held_hot(keys)
+                todo = [i for i in todo if not held[i]]
             out: list[HostChunk | None] = [None] * len(sizes)
             for i, buf in zip(todo, self.manager.reserve([sizes[i] for i in todo]), strict=True):
                 out[i] = buf

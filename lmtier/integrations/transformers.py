@@ -422,7 +422,7 @@ class KVPrefixCache:
             if loop is not None:
                 raise InvalidArgumentError("loop= goes with an open StorageManager, not with a KVStore")
             kvstore = storage
-            config = getattr(getattr(storage, "manager", None), "config", None)
+            config = storage.manager.config if isinstance(storage, LocalStore) else None
         else:
             if loop is not None:
                 raise InvalidArgumentError("loop= goes with an open StorageManager, not with a config")

@@ -139,3 +139,33 @@ def test_through_the_engine_a_frozen_tier_costs_store_nothing_and_lookup_retriev
             assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="contains") >= 1
         finally:
             remote.thaw()
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_first_connect_to_a_frozen_redis_is_a_miss_at_the_deadline(tmp_path: Path) -> None:
+    """The case socket timeouts alone left at 10 s per call: the tier opens without contacting
+    the server (connect_at_open off), the server is frozen, and the first call's connect handshake
+    never gets an answer (the kernel accepts the TCP connection; redis-py then waits for a reply
+    inside the pool, where cancellation does not reach). The caller gets its miss at the deadline,
+    the circuit opens at once, and the stuck handshake ends once the server answers again."""
+    why = remote_available("redis")
+    if why:
+        pytest.skip(why)
+    metrics = CollectorRegistry()
+    with RemoteTier("redis", tmp_path) as remote:
+        tier_cfg = remote.tier(timeout_s=DEADLINES, options={"connect_at_open": False}, breaker={"cooldown_s": 5})
+        mgr = await StorageManager.from_config({"tiers": [tier_cfg]}, metrics_registry=metrics, clock=Clock())
+        try:
+            ks = _keys(2)
+            remote.freeze()
+            assert await mgr.lookup(ks) == 0
+            assert mgr.tier("remote").breaker.state == "open"
+            assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="contains") == 1
+            assert await mgr.get(ks) == [None, None]  # skipped: the circuit is open
+            assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="get") == 0
+            remote.thaw()
+            assert await mgr.settle(60)
+        finally:
+            remote.thaw()
+            await mgr.aclose()

@@ -74,6 +74,25 @@ def test_reserve_skips_keys_the_hot_tier_holds_and_commit_takes_the_chunks_over(
         store.commit([(ks[0], bytearray(64))])  # type: ignore[list-item]
 
 
+def test_reserve_asks_only_an_in_memory_hot_tier_whether_it_holds_a_chunk(tmp_path: Path) -> None:
+    """A hot tier that does not lend memory (disk first) is never asked on the store path: every
+    chunk gets a buffer, and the commit skips the ones stored already, behind the call."""
+    cfg = {"chunk_tokens": 16, "host_pool_bytes": 1 << 20,
+           "tiers": [{"name": "local", "backend": "disk", "options": {"root": str(tmp_path / "disk")}}]}
+    with LocalStore.open(cfg, metrics_registry=CollectorRegistry()) as store:
+        ks = keys(2)
+        assert store.put([(ks[0], b"x" * 64)]).result() == 1
+        store.flush()
+        bufs = store.reserve([64, 64], keys=ks)
+        assert all(b is not None for b in bufs)
+        for b in bufs:
+            assert b is not None
+            b.view()[:] = b"y" * 64
+        assert store.commit([(k, b) for k, b in zip(ks, bufs, strict=True) if b is not None]).result() == 1
+        out = np.zeros(64, dtype=np.uint8)
+        assert store.fetch_into([ks[0]], [out]) == [True] and out.tobytes() == b"x" * 64  # not overwritten
+
+
 @pytest.mark.parametrize("when", ["before it starts", "right away", "after it completed"])
 def test_a_cancelled_fetch_leaks_no_chunk(store: LocalStore, when: str) -> None:
     """Whenever the caller cancels, every chunk the fetch took is returned (the autouse leak check)."""
