@@ -28,8 +28,10 @@ the cold disk, with both policies.
     PYTHONPATH=. python benchmarks/ttft_gpu.py --out results/
     PYTHONPATH=. python benchmarks/ttft_gpu.py --tiny          # CPU smoke test of the script
     PYTHONPATH=. python benchmarks/ttft_gpu.py --only-disk     # skip the cpu-tier pass
+    PYTHONPATH=. python benchmarks/ttft_gpu.py --report results/ttft_gpu.json   # the table of a run cut short
 
-Prints a table last; ``--out`` also writes the figures as JSON. Timings are wall-clock TTFT
+Prints a table last; ``--out`` also writes the figures as JSON, after each phase and each disk pass
+(a run cut short keeps what it finished). Timings are wall-clock TTFT
 (call to logits ready) and CUDA-event medians; nothing here is asserted.
 """
 
@@ -437,13 +439,15 @@ def store_prompts(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], 
 
 
 def disk_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespace, device: torch.device,
-                full_logits: list[torch.Tensor], root: Path) -> dict[str, Any]:
-    """Run 2 from a disk-only tier: cold with both policies, then warm (see the module doc)."""
+                full_logits: list[torch.Tensor], root: Path, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """Run 2 from a disk-only tier: cold with both policies, then warm (see the module doc); each
+    pass lands in ``out`` as it finishes, then ``save()``."""
     cfg = {"chunk_tokens": args.chunk_tokens,
            "tiers": [{"name": "nvme", "backend": "disk",
                       "options": {"root": str(root), "max_bytes": "48GiB", "max_concurrency": 16}}]}
     pool = _disk_pool_bytes(model, args)
-    out: dict[str, Any] = {"fs": str(root), "run1": store_prompts(model, prompts, cfg, args, device, pool)}
+    out.update(fs=str(root), run1=store_prompts(model, prompts, cfg, args, device, pool))
+    save()
 
     def cold(kv: Any) -> dict[str, float]:
         before = resident_fraction(root)
@@ -458,23 +462,27 @@ def disk_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespac
 
     out["cold_always"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk cold",
                                     policy="always", setup=cold, host_pool_bytes=pool, warm_seed=20_001)
+    save()
     out["cold_cost"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk cold",
                                   policy="cost", setup=cold, host_pool_bytes=pool, warm_seed=20_002,
                                   after=lambda kv, ps: raw_disk_reads(kv, ps[:3], root, 16))
+    save()
     out["warm_cost"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk warm",
                                   policy="cost", setup=warm, host_pool_bytes=pool, warm_seed=20_003)
-    return out
+    save()
 
 
 def mixed_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespace, device: torch.device,
-                 full_logits: list[torch.Tensor], root: Path) -> dict[str, Any]:
-    """A cpu tier over a disk tier: half of each prompt's chunks in RAM, the rest on the cold disk."""
+                 full_logits: list[torch.Tensor], root: Path, out: dict[str, Any], save: Callable[[], None]) -> None:
+    """A cpu tier over a disk tier: half of each prompt's chunks in RAM, the rest on the cold disk
+    (each pass lands in ``out`` as it finishes, then ``save()``)."""
     cfg = {"chunk_tokens": args.chunk_tokens,
            "tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": args.cpu_tier_bytes}},
                      {"name": "nvme", "backend": "disk",
                       "options": {"root": str(root), "max_bytes": "48GiB", "max_concurrency": 16}}]}
     pool = _disk_pool_bytes(model, args)
-    out: dict[str, Any] = {"fs": str(root), "run1": store_prompts(model, prompts, cfg, args, device, pool)}
+    out.update(fs=str(root), run1=store_prompts(model, prompts, cfg, args, device, pool))
+    save()
 
     def half_in_ram(kv: Any) -> dict[str, float]:
         hot = kv.manager.tier("hot").backend
@@ -495,7 +503,7 @@ def mixed_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespa
     for seed, policy in enumerate(("always", "cost"), 20_011):
         out[policy] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="half RAM, half cold disk",
                                  policy=policy, setup=half_in_ram, host_pool_bytes=pool, warm_seed=seed)
-    return out
+        save()
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -517,7 +525,16 @@ def main() -> None:
     ap.add_argument("--no-layerwise", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="small model and prompts (CPU smoke test)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="print the table of the figures an earlier run wrote (one cut short, say) and exit")
     args = ap.parse_args()
+    if args.report is not None:
+        info = json.loads(args.report.read_text())
+        for key in ("prompts", "tokens", "chunk_tokens"):
+            setattr(args, key, int(info["args"][key]))
+        args.out = None
+        report(info, args)
+        return
     if args.tiny:
         args.tokens, args.chunk_tokens = min(args.tokens, 300), min(args.chunk_tokens, 32)
         args.prompts, args.reps, args.cpu_tier_bytes = min(args.prompts, 3), 2, "256MiB"
@@ -570,11 +587,11 @@ def main() -> None:
             continue
         k = min(count, len(prompts))
         root = Path(tempfile.mkdtemp(prefix=f"lmtier-ttft-{key}-", dir=args.disk_root))
+        info[key] = {}
         try:
-            info[key] = passes(model, prompts[:k], args, device, full_logits[:k], root)
+            passes(model, prompts[:k], args, device, full_logits[:k], root, info[key], partial(dump, info, args))
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        dump(info, args)
 
     report(info, args)
 
@@ -668,11 +685,12 @@ def disk_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
         return (f"{t:.1f} ms = {full / t:.2f}x of full prefill; loaded [{loaded}]; "
                 f"max|dlogit| {max(res['logit_maxdiff']):.4g}; learned: {learned}")
 
-    disk = info.get("disk")
-    if disk:
+    disk = info.get("disk") or {}
+    if "run1" in disk:
         run1 = disk["run1"]
         rows.append(("disk tier: run 1 TTFT median", f"{med(run1['first_ms']):.1f} ms; store flush "
                      f"{run1['store_flush_ms']:.0f} ms"))
+    if "cold_cost" in disk:
         pc = disk["cold_cost"]["setup"]
         rows.append(("disk: page cache resident before/after drop", f"{pc['resident_before_drop']:.1%} / "
                      f"{pc['resident_after_drop']:.1%}"))
@@ -680,16 +698,19 @@ def disk_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
         if raw:
             rows.append(("disk: raw preadv of 3 prompts' files (16 threads)", f"cold {raw['cold_GBps']:.2f} GB/s, "
                          f"warm {raw['warm_GBps']:.2f} GB/s ({raw['bytes'] / GB:.2f} GB)"))
-        rows.append(("disk run 2 cold, load_policy always (before)", line(disk["cold_always"])))
-        rows.append(("disk run 2 cold, load_policy cost (goal >= 1.0x)", line(disk["cold_cost"])))
-        rows.append(("disk run 3 warm page cache, cost (was 2.6x)", line(disk["warm_cost"])))
-    mixed = info.get("mixed")
-    if mixed:
-        setup = mixed["cost"]["setup"]
+    for key, label in (("cold_always", "disk run 2 cold, load_policy always (before)"),
+                       ("cold_cost", "disk run 2 cold, load_policy cost (goal >= 1.0x)"),
+                       ("warm_cost", "disk run 3 warm page cache, cost (was 2.6x)")):
+        if key in disk:
+            rows.append((label, line(disk[key])))
+    mixed = info.get("mixed") or {}
+    if "always" in mixed or "cost" in mixed:
+        setup = (mixed.get("cost") or mixed["always"])["setup"]
         rows.append(("half RAM / half cold disk: chunks in RAM", f"{setup['chunks_in_ram']:.0f} "
                      f"(disk resident after drop {setup['disk_resident_after_drop']:.1%})"))
-        rows.append(("half RAM / half cold disk, always", line(mixed["always"])))
-        rows.append(("half RAM / half cold disk, cost", line(mixed["cost"])))
+    for key in ("always", "cost"):
+        if key in mixed:
+            rows.append((f"half RAM / half cold disk, {key}", line(mixed[key])))
     return rows
 
 
