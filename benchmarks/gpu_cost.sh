@@ -12,8 +12,8 @@
 # engine knows its prefill speed, as a running server does).
 #
 # Here, before the run (git-ignored folders the run must carry), once:
-#   ../shared/device/fetch-wheels.sh .device-wheels pydantic pytest-asyncio
-# On the device (carry .device-wheels):
+#   ../shared/device/fetch-wheels.sh .device-wheels pydantic pytest-asyncio cramjam
+# On the device (carry .device-wheels; cramjam is optional, extra wheels there are ignored):
 #   bash benchmarks/gpu_cost.sh [--prompts N]       # N: prompts per pass (default 8)
 # Dry run of the CPU path (no GPU, nothing installed): bash benchmarks/gpu_cost.sh --tiny
 # Results in $OUT (default /tmp/lmt-cost): gpu.txt, pip.log, build.log, ttft.txt (the table),
@@ -41,6 +41,9 @@ else
   if [[ -d .device-wheels ]]; then
     python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio \
       >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+    # a core dependency (lossless codecs) that no pass here uses: installed when carried
+    python3 -m pip install -q --no-index --find-links .device-wheels cramjam >>"$OUT/pip.log" 2>&1 \
+      || echo "cramjam not carried (no pass here needs it)"
   fi
   # the entry points (backends, the pytest plugin's markers) need the package's metadata
   python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 \
