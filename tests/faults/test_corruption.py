@@ -14,6 +14,7 @@ import pytest_asyncio
 from lmtier.framing import HEADER_BYTES
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.registry import BackendRegistry
+from lmtier.testing.backdoors import HEADER_FIELDS
 from tests.faults.ledger import FaultRecord
 from tests.faults.remotes import Remote, remote_fixture
 
@@ -29,16 +30,12 @@ def _flip(offset: int) -> Callable[[bytes, bytes], bytes]:
     return damage
 
 
-#: name -> how the stored bytes of one key are damaged (given them and another key's bytes). Header
-#: fields by offset; the reserved bytes are left to the header check of issue 14, item 7.
+#: name -> how the stored bytes of one key are damaged (given them and another key's bytes): a bit
+#: of the payload, a bit of every header field (reserved bytes and the header check included:
+#: the header check covers them, issue 14 item 7), and whole-value damage.
 DAMAGE: dict[str, Callable[[bytes, bytes], bytes]] = {
     "payload bit": _flip(HEADER_BYTES + VALUE_BYTES - 1),
-    "header magic bit": _flip(0),
-    "header version bit": _flip(4),
-    "header length bit": _flip(8),
-    "header checksum bit": _flip(16),
-    "header namespace bit": _flip(24),
-    "header digest bit": _flip(32),
+    **{f"header {field} bit": _flip(offset) for field, offset in HEADER_FIELDS.items()},
     "truncated payload": lambda raw, other: raw[: HEADER_BYTES + VALUE_BYTES // 2],
     "shorter than a header": lambda raw, other: raw[:10],
     "empty": lambda raw, other: b"",
