@@ -243,7 +243,7 @@ class StorageManager:
                 self.metrics.add_stats_source(tcfg.name, backend.stats)
             if isinstance(backend, SupportsEvictionListener):
                 backend.add_eviction_listener(self._eviction_listener(tier))
-            self.metrics.circuit_open.labels(tcfg.name).set(0)
+            self.metrics.declare_tier(tcfg.name)
             self._export_reads(tier)
 
     # -- construction --------------------------------------------------------------------------

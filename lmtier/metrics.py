@@ -102,6 +102,15 @@ class Metrics:
         self._stats = _StatsCollector()
         r.register(self._stats)
 
+    def declare_tier(self, tier: str) -> None:
+        """Export ``tier``'s per-tier counters at 0 from the start, so a dashboard or an alert on
+        ``rate(lmtier_tier_evictions_total[5m])`` sees a series before the first eviction (a
+        labelled counter is otherwise absent until first incremented)."""
+        for counter in (self.hits, self.misses, self.bytes_read, self.bytes_written, self.objects_written,
+                        self.evictions, self.demotions, self.promotions):
+            counter.labels(tier)
+        self.circuit_open.labels(tier).set(0)
+
     def add_stats_source(self, tier: str, stats: Callable[[], dict[str, Any]]) -> None:
         """Export ``stats()`` numbers as ``lmtier_backend_<name>{tier=...}`` gauges at scrape time."""
         self._stats.add(tier, stats)

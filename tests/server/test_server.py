@@ -374,10 +374,14 @@ def test_http_serves_health_metrics_status_and_clear_on_loopback_only(server: Se
     code, body = server.get("/metrics")
     text = body.decode()
     assert code == 200
-    for name in ("lmtier_server_clients", "lmtier_server_leases", "lmtier_server_slab_used_bytes",
-                 'lmtier_tier_hits_total{tier="hot"}', 'lmtier_backend_bytes{tier="hot"}',
-                 'lmtier_server_requests_total{op="commit"}'):
-        assert name in text, name
+    for name in ("lmtier_server_clients", "lmtier_server_leases", "lmtier_server_reservations",
+                 "lmtier_server_slab_bytes", "lmtier_server_slab_used_bytes",
+                 'lmtier_server_requests_total{op="commit"}',
+                 *(f'{metric}{{tier="{tier}"}}' for tier in ("hot", "local") for metric in (
+                     "lmtier_tier_hits_total", "lmtier_tier_misses_total", "lmtier_tier_evictions_total",
+                     "lmtier_backend_bytes", "lmtier_backend_objects"))):
+        assert name in text, name  # issue 15: per-tier bytes, objects, hits, misses, evictions (from the start)
+    assert "# TYPE lmtier_tier_errors_total counter" in text  # labelled by op and kind: a series per error seen
     status = server.status()
     assert isinstance(status["clients"], int) and isinstance(status["leases"], int)
     assert [t["name"] for t in status["tiers"]] == ["hot", "local"]
