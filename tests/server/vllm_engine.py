@@ -3,8 +3,8 @@
     python -m tests.server.vllm_engine MODEL LMTIER_JSON|none
 
 Reads one JSON command per line (answers are the stdout lines starting with ``@@``): ``{"prompts": [[ids...], ...]}`` generates them (greedy, with
-logprobs) and prints ``{"results": [...], "seconds": s}``; ``{"status": true}`` prints the
-worker-side lmtier store's stats; EOF shuts the engine down. Prints ``{"ready": true}`` first.
+logprobs) and prints ``{"results": [...], "seconds": s}``; EOF shuts the engine down. Prints
+``{"ready": true}`` first.
 """
 
 from __future__ import annotations
