@@ -37,9 +37,9 @@ lmtier's rule: a fault is a miss or a skipped write, returned within the call's 
 metric and a log line; never a wrong value, never an exception for the caller, never the loss of a
 value that was stored and intact. Bad input is a typed error (`ConfigError`,
 `InvalidArgumentError`) that names what to fix. The fault suite (`tests/faults`, marker `faults`)
-reproduces each fault against real parts: redis-server and SeaweedFS on 127.0.0.1 frozen with
-SIGSTOP and killed with SIGKILL, a tmpfs the test mounts and fills or remounts read-only, bytes
-damaged behind a tier's back, hostile configuration and keys.
+reproduces each fault against real parts: redis-server, SeaweedFS and `lmtier serve` on
+127.0.0.1 frozen with SIGSTOP and killed with SIGKILL, a tmpfs the test mounts and fills or
+remounts read-only, bytes damaged behind a tier's back, hostile configuration and keys.
 
 Columns: **cases** are the calls made while the fault was in effect (for bad input: the inputs
 tried); **wrong** are values returned that differ from what was stored; **raised** are those calls
@@ -48,7 +48,9 @@ that raised to the caller; **typed errors** are bad inputs answered with an erro
 that fills evicts its least recently used values, as at `max_bytes`: that is not counted as lost);
 **worst** is the slowest caller-facing call during the fault (a server stalled for one second costs
 at most the call's deadline). The remote tiers run under a `StorageManager` with default deadlines,
-as a RAM tier over a shared tier written in the background.
+as a RAM tier over a shared tier written in the background. The `lmtier serve` rows drive the
+engine's client (`ServerStore`: lookup, contains, fetch, reserve) with deadlines of 0.5 s (lookup,
+reserve) and 1 s (fetch) against a server whose slab sits over a disk tier written through.
 
 To drill your own tiers the same way, in a scratch namespace (a value corrupted behind the tier, its
 connections cut, a stall past its deadline), run `lmtier doctor --faults tiers.yaml`: one line per

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -45,6 +45,18 @@ class FaultRecord:
         self.cases += 1
         try:
             return await awaitable
+        except BaseException:
+            self.raised += 1
+            raise
+        finally:
+            self.worst_s = max(self.worst_s, time.perf_counter() - start)
+
+    def call_now(self, fn: Callable[[], T]) -> T:
+        """:meth:`call` for a synchronous caller-facing call (``ServerStore``'s API)."""
+        start = time.perf_counter()
+        self.cases += 1
+        try:
+            return fn()
         except BaseException:
             self.raised += 1
             raise
