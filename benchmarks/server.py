@@ -246,6 +246,11 @@ ENGINE = textwrap.dedent("""
         from lmtier.server.client import ServerStore
         store = ServerStore(arg, register_cuda=False, commit_timeout_s=120, fetch_timeout_s=120,
                             lookup_timeout_s=30, reserve_timeout_s=30)  # RAM is measured here, not latency
+        import time, torch
+        while not store.connected:   # the slab mapped and torch warmed up before the baseline is taken,
+            time.sleep(0.01)          # as the local engine's tier is open before it (growth = caching only)
+        torch.zeros(1, dtype=torch.uint8).fill_(1)
+        store.lookup(keys[:1]).result()
         print("READY", flush=True); sys.stdin.readline()
         if store.lookup(keys).result().hit_chunks < chunks:   # engine B finds what engine A stored
             slots = store.reserve([chunk_bytes] * chunks)    # as the engine stores: pages into slots
@@ -382,6 +387,7 @@ TTFT_ENGINE = textwrap.dedent("""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     model, lmtier, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    second_runs = int(sys.argv[5])
     kwargs = {}
     if lmtier is not None:
         from vllm.config import KVTransferConfig
@@ -393,7 +399,7 @@ TTFT_ENGINE = textwrap.dedent("""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 6, 7])], params, use_tqdm=False)  # warm-up
     runs = []
-    for _ in range(2):  # first run (stores), second run (loads: the RAM tier / the server's slab)
+    for _ in range(1 + second_runs):  # first run (stores), second runs (load: the RAM tier / the server's slab)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         runs.append({"ttft": statistics.median(float(o.metrics.first_token_latency) for o in outs),
                      "cached": sum(int(o.num_cached_tokens or 0) for o in outs)})
@@ -407,7 +413,7 @@ TTFT_ENGINE = textwrap.dedent("""
 """)
 
 
-def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str, Any]:
+def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int, second_runs: int) -> dict[str, Any]:
     from lmtier.demo import TINY_PRESETS, build_tiny_llama, make_prompts
 
     model = str(build_tiny_llama(TINY_PRESETS["demo"]))
@@ -415,7 +421,8 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str,
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def engine(lmtier: dict[str, Any] | None) -> list[dict[str, float]]:
-        done = subprocess.run([sys.executable, "-c", TTFT_ENGINE, model, json.dumps(lmtier), json.dumps(prompts), "8"],
+        done = subprocess.run([sys.executable, "-c", TTFT_ENGINE, model, json.dumps(lmtier), json.dumps(prompts), "8",
+                               str(second_runs)],
                               capture_output=True, text=True, env=env, timeout=900)
         line = next((x for x in done.stdout.splitlines() if x.startswith("@@")), None)
         if line is None:
@@ -425,7 +432,9 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str,
 
     rows: dict[str, list[float]] = {k: [] for k in ("base", "local1", "local2", "server1", "server2")}
     cached = {"local": 0.0, "server": 0.0}
+    loads: list[float] = []
     for r in range(rounds):  # modes take turns within each round: they see the same machine
+        loads.append(os.getloadavg()[0])
         base = engine(None)
         rows["base"].append(base[0]["ttft"])
         local_cfg = {"chunk_tokens": 256, "tiers": [
@@ -433,14 +442,14 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str,
             {"name": "local", "backend": "disk", "options": {"root": str(root / f"disk-{r}"), "max_bytes": "4GiB"}}]}
         local = engine(local_cfg)
         rows["local1"].append(local[0]["ttft"])
-        rows["local2"].append(local[1]["ttft"])
+        rows["local2"].append(median([x["ttft"] for x in local[1:]]))
         cached["local"] = local[1]["cached"]
         where = root / f"server-{r}"
         where.mkdir()
         with running_server(where, "1GiB") as server:
             remote = engine({"chunk_tokens": 256, "server": server.address})
         rows["server1"].append(remote[0]["ttft"])
-        rows["server2"].append(remote[1]["ttft"])
+        rows["server2"].append(median([x["ttft"] for x in remote[1:]]))
         cached["server"] = remote[1]["cached"]
     med = {k: median(v) for k, v in rows.items()}
     ratio2 = median([s / loc for s, loc in zip(rows["server2"], rows["local2"], strict=True)])
@@ -452,12 +461,14 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int) -> dict[str,
              ["lmtier serve: first run / second run", fmt_seconds(med["server1"]), fmt_seconds(med["server2"]),
               f"{int(cached['server'])}"]]
     print_table(["TTFT p50, demo workload (vLLM CPU)", "first run", "second run", "hit tokens (2nd)"], table,
-                title=f"\n{n_prompts} prompts x {tokens} tokens, tiny 'demo' model, {rounds} rounds (modes take turns)")
+                title=f"\n{n_prompts} prompts x {tokens} tokens, tiny 'demo' model, {rounds} rounds (modes take turns), "
+                      f"second run = median of {second_runs} per engine")
     print(f"second-run TTFT server / in-process: {fmt_ratio(ratio2)} (goal <= 1.05); first run vs baseline: "
           f"in-process {fmt_ratio(first_local)}, server {fmt_ratio(first_server)} (baseline TTFT / run TTFT)")
     per_round = [s / loc for s, loc in zip(rows["server2"], rows["local2"], strict=True)]
     print("per round, second run server / in-process: " + ", ".join(fmt_ratio(r) for r in per_round))
-    return {"ratio_second": ratio2, "first_local": first_local, "first_server": first_server,
+    print("load average (1 min) at each round's start: " + ", ".join(f"{x:.1f}" for x in loads))
+    return {"load": loads, "ratio_second": ratio2, "first_local": first_local, "first_server": first_server,
             **{k: v for k, v in med.items()}, "cached": cached, "rounds": rows, "ratio_second_per_round": per_round}
 
 
@@ -560,6 +571,8 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=16, help="chunks per round (data, ram)")
     ap.add_argument("--gpu-chunks", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3, help="ttft: engine rounds (3 engines each)")
+    ap.add_argument("--second-runs", type=int, default=3,
+                    help="ttft: second runs per engine, each loading the same prompts again (their median counts)")
     ap.add_argument("--prompts", type=int, default=4, help="ttft: prompts (the demo's 4)")
     ap.add_argument("--tokens", type=int, default=3000, help="ttft: tokens per prompt (the demo's 3000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the data part's copies (default 1)")
@@ -583,7 +596,7 @@ def main() -> int:
             elif part == "engine":
                 results[part] = part_engine(where, max(30, args.repeats * 3))
             elif part == "ttft":
-                results[part] = part_ttft(where, args.rounds, args.prompts, args.tokens)
+                results[part] = part_ttft(where, args.rounds, args.prompts, args.tokens, args.second_runs)
             elif part == "gpu":
                 results[part] = part_gpu(where, args.repeats, args.gpu_chunks)
             else:
