@@ -227,6 +227,8 @@ class StorageManager:
         self._host_pool: HostMemoryPool | None = None
         self._pinned: bool | None = pin_host_memory
         self._decoders: dict[int, ValueCodec] | None = None
+        #: tiers whose reads met another process's encoded values (logged once at warning, then debug)
+        self._foreign_codecs_logged: set[str] = set()
         self._codec_pool: WorkerPool | None = None
         #: namespaces engines registered: what lossy codecs know of their KV, and what they declare
         self._kv: dict[str, tuple[KVGeometry, frozenset[str]]] = {}
@@ -1430,10 +1432,56 @@ class StorageManager:
         parts = [_Part((keys[lo:hi], [b.view() for b in bufs[lo:hi]]), 0, bufs[lo:hi]) for lo, hi in cuts]
         outcomes = await self._calls(tier, "get_into", _get_into_call(backend), parts, until=until)
         filled = [False] * len(keys)
+        answered: list[int] = []  # keys the tier answered (a miss or a hit), not faulted
         for (lo, hi), got in zip(cuts, outcomes, strict=True):
             if got is not FAULT:
                 filled[lo:hi] = [bool(x) for x in got]
+                answered.extend(range(lo, hi))
+        missed = [i for i in answered if not filled[i]]
+        if missed and isinstance(tier.backend, SupportsCodecs):
+            for i in await self._decode_missed(tier, [keys[i] for i in missed], [bufs[i] for i in missed], until):
+                filled[missed[i]] = True
         return filled
+
+    async def _decode_missed(self, tier: Tier, keys: list[ChunkKey], bufs: list[HostBuffer],
+                             until: float | None) -> list[int]:
+        """A tier configured without a codec that keeps codec ids answers ``get_into`` with raw
+        values only; a value another process stored there encoded (its tier had ``codec:``) is a
+        miss to it, although ``contains`` (and so ``lookup``) counts it. Ask the keys ``get_into``
+        missed again with ``get``, which returns such values with their codec facts, and decode
+        them into ``bufs`` — what the header promises: a reader decodes whatever carries a codec
+        id it knows, whatever its own tier config says. Costs a genuine miss one more call within
+        the same deadline; the indices filled. (A tier *with* a codec is read with ``get`` in
+        slices and never comes here.)"""
+        values = await self._call(tier, "get", tier.backend.get, keys, until=until)
+        if values is FAULT:
+            return []
+        coded: list[int] = []
+        filled: list[int] = []
+        for j, value in enumerate(values):
+            values[j] = None  # our reference from here
+            if value is None:
+                continue
+            if _codec_of(value):
+                if value.raw_length == bufs[j].nbytes:
+                    coded.append(j)
+                    values[j] = value
+            elif as_bytes_view(value).nbytes == bufs[j].nbytes:  # stored raw meanwhile
+                bufs[j].view()[:] = as_bytes_view(value)
+                filled.append(j)
+            del value
+        if coded:
+            done = await self._decode_jobs(tier, [(keys[j], values[j], bufs[j].view()) for j in coded])
+            filled += [j for j, ok in zip(coded, done, strict=True) if ok]
+            level = logging.DEBUG if tier.name in self._foreign_codecs_logged else logging.WARNING
+            self._foreign_codecs_logged.add(tier.name)
+            log.log(level, "lmtier tier %s (codec: none): %d of %d value(s) read were stored encoded (codec ids %s) "
+                    "by a process whose tier has a codec; decoded. Configure the same codec on this tier in "
+                    "every process sharing it (then reads decode slice by slice, without a second call)",
+                    tier.name, len(coded), len(keys), sorted({values[j].codec for j in coded}))
+            self.metrics.codec_foreign_values.labels(tier.name).inc(len(coded))
+        del values
+        return sorted(filled)
 
     def _count_reads(self, tier: Tier, hits: int, misses: int, nbytes: int) -> None:
         self.metrics.hits.labels(tier.name).inc(hits)

@@ -72,6 +72,10 @@ class Metrics:
         self.codec_unknown = Counter("lmtier_codec_unknown_values",
                                      "Values read with a codec id this process cannot decode (misses left in place)",
                                      ["tier"], registry=r)
+        self.codec_foreign_values = Counter(
+            "lmtier_codec_foreign_values",
+            "Encoded values read from a tier configured without a codec (another process's), decoded",
+            ["tier"], registry=r)
         self.lookup_chunks = Counter("lmtier_lookup_chunks", "Chunks asked of lookup", registry=r)
         self.lookup_hit_chunks = Counter("lmtier_lookup_hit_chunks", "Leading chunks found by lookup", registry=r)
         # engine-level (KVCacheEngine / connectors)

@@ -235,7 +235,8 @@ class SupportsCodecs(Protocol):
     ``codecs=lmtier.framing.READABLE_CODECS`` in ``get`` and ``contains``, and (3) return a value
     whose codec is not 0 as a :class:`lmtier.kit.Payload` carrying them
     (:func:`lmtier.kit.stored_value`), so the manager knows how to decode it. ``get_into`` serves
-    codec-0 values only (a coded value is a miss there). ``carries_codecs`` is ``True``.
+    codec-0 values only (a coded value is a miss there; the manager asks such a miss again with
+    ``get`` and decodes it). ``carries_codecs`` is ``True``.
 
     The manager refuses a codec on a tier whose backend does not declare this (ConfigError at
     open): a backend that dropped the facts would hand encoded bytes back as the value.

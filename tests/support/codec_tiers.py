@@ -24,8 +24,8 @@ from lmtier.manager import StorageManager
 from lmtier.registry import BackendRegistry
 from lmtier.testing.backdoors import RawStore, maybe_await, unknown_codec
 
-__all__ = ["CODECS", "CodecCase", "check_a_broken_encoding_is_deleted", "check_codec_round_trip",
-           "check_unknown_codec_ids_are_misses_left_in_place", "kv_value", "namespace"]
+__all__ = ["CODECS", "CodecCase", "check_a_broken_encoding_is_deleted", "check_a_reader_without_the_codec_decodes",
+           "check_codec_round_trip", "check_unknown_codec_ids_are_misses_left_in_place", "kv_value", "namespace"]
 
 LAYERS, BLOCK, HEADS, HEAD = 4, 16, 2, 64
 PAGES = 4  # a whole chunk: 256 KiB of bf16 (the redis tier's pooled receive path); a tail has 2
@@ -148,6 +148,45 @@ async def check_codec_round_trip(tier: dict[str, Any], raw_store: RawStore, case
         stored_bytes = registry.get_sample_value("lmtier_codec_stored_bytes_total", labels)
         assert raw_bytes == sum(map(len, values))
         assert stored_bytes is not None and stored_bytes < raw_bytes
+
+
+async def check_a_reader_without_the_codec_decodes(tier: dict[str, Any], raw_store: RawStore, case: CodecCase) -> None:
+    """A process whose tier has no ``codec:`` reads what another process stored there encoded:
+    ``lookup`` counts it and ``get``, ``get_into`` and ``fetch`` give back the writer's bytes (the
+    codec's round trip), decoded by the header's codec id; the reader counts them
+    (``lmtier_codec_foreign_values_total``) and leaves them stored as they were."""
+    spec = case.spec if isinstance(case.spec, dict) else {"name": case.spec}
+    config = {"chunk_tokens": BLOCK * PAGES, "tiers": [{**tier, "codec": spec}]}
+    async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as writer:
+        kv = await _registered(writer)
+        keys = chunk_keys(list(range(BLOCK * PAGES * 3)), kv.namespace, BLOCK * PAGES)
+        values = [kv_value(31), kv_value(32), kv_value(33, pages=2)]
+        await writer.put(list(zip(keys, values, strict=True)))
+    stored = [await maybe_await(raw_store.read(k)) for k in keys]
+    assert all(s is not None and decode_header(k, s, codecs=READABLE_CODECS).codec == case.codec_id
+               for k, s in zip(keys, stored, strict=True)), f"{case}: not stored encoded"
+    expected = [_codec_round_trip(case, v) if case.lossy else v for v in values]
+
+    registry = CollectorRegistry()
+    config = {"chunk_tokens": BLOCK * PAGES, "tiers": [{**tier, "codec": "none"}]}
+    async with await StorageManager.from_config(config, metrics_registry=registry) as reader:
+        assert await reader.lookup(keys) == 3
+        outs = [bytearray(len(v)) for v in values]
+        assert await reader.get_into(keys, outs) == [True] * 3, f"{case}: get_into missed encoded values"
+        assert [bytes(o) for o in outs] == expected
+        fetched = await reader.fetch(keys, [len(v) for v in values])
+        try:
+            assert [bytes(b.view()) if b is not None else None for b in fetched] == expected
+        finally:
+            for b in fetched:
+                if b is not None:
+                    b.release()
+        got = await reader.get(keys)
+        assert [bytes(v) if v is not None else None for v in got] == expected  # type: ignore[arg-type]
+        del got
+        foreign = registry.get_sample_value("lmtier_codec_foreign_values_total", {"tier": tier["name"]})
+        assert foreign == 6, f"{case}: counted {foreign} foreign values (get_into and fetch: 3 each)"
+    assert [await maybe_await(raw_store.read(k)) for k in keys] == stored, f"{case}: the reader changed them"
 
 
 async def check_unknown_codec_ids_are_misses_left_in_place(tier: dict[str, Any], raw_store: RawStore) -> None:

@@ -21,6 +21,8 @@ from lmtier.keys import KVNamespace, chunk_keys
 from lmtier.manager import LOSSY_FIELD, StorageManager
 from lmtier.registry import BackendRegistry, hookimpl
 from lmtier.testing.backdoors import unknown_codec
+from tests.support.backdoors import RawFiles
+from tests.support.codec_tiers import CODECS, CodecCase, check_a_reader_without_the_codec_decodes
 
 LAYERS, BLOCK, HEADS, HEAD = 2, 4, 2, 16
 PAGES = 4
@@ -408,3 +410,12 @@ def test_an_engine_on_a_lossy_chain_keys_under_its_own_namespace(tmp_path: Path)
     finally:
         plain.close()
         lossy.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", [CODECS[0], CODECS[1], CODECS[2], CODECS[3], CODECS[6]], ids=str)
+async def test_a_disk_tier_without_the_codec_reads_what_another_process_stored_encoded(tmp_path: Path,
+                                                                                     case: CodecCase) -> None:
+    tier = {"name": "disk", "backend": "disk", "timeout_s": 30,
+            "options": {"root": str(tmp_path / "tier"), "max_bytes": 64 << 20}}
+    await check_a_reader_without_the_codec_decodes(tier, RawFiles(tmp_path / "tier"), case)

@@ -17,6 +17,7 @@ from tests.support.codec_tiers import (
     CODECS,
     CodecCase,
     check_a_broken_encoding_is_deleted,
+    check_a_reader_without_the_codec_decodes,
     check_codec_round_trip,
     check_unknown_codec_ids_are_misses_left_in_place,
 )
@@ -43,6 +44,13 @@ def tier_and_raw(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict[s
 async def test_each_codec_stores_fewer_bytes_and_reads_back_through_the_manager(
         tier_and_raw: tuple[dict[str, Any], Any], case: CodecCase) -> None:
     await check_codec_round_trip(*tier_and_raw, case)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", [CODECS[1], CODECS[3]], ids=str)
+async def test_a_tier_without_the_codec_reads_what_another_process_stored_encoded(
+        tier_and_raw: tuple[dict[str, Any], Any], case: CodecCase) -> None:
+    await check_a_reader_without_the_codec_decodes(*tier_and_raw, case)
 
 
 @pytest.mark.asyncio

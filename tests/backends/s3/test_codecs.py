@@ -19,6 +19,7 @@ from tests.support.codec_tiers import (
     CodecCase,
     check_a_broken_encoding_is_deleted,
     check_a_frozen_codec_tier_is_a_miss_at_its_deadline,
+    check_a_reader_without_the_codec_decodes,
     check_codec_round_trip,
     check_unknown_codec_ids_are_misses_left_in_place,
 )
@@ -43,6 +44,13 @@ def raw_store(s3_endpoint: S3Endpoint, tier: dict[str, Any]) -> RawObjects:
 async def test_each_codec_stores_fewer_bytes_and_reads_back_through_the_manager(
         tier: dict[str, Any], raw_store: RawObjects, case: CodecCase) -> None:
     await check_codec_round_trip(tier, raw_store, case)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", [CODECS[1], CODECS[3]], ids=str)
+async def test_a_tier_without_the_codec_reads_what_another_process_stored_encoded(
+        tier: dict[str, Any], raw_store: RawObjects, case: CodecCase) -> None:
+    await check_a_reader_without_the_codec_decodes(tier, raw_store, case)
 
 
 @pytest.mark.asyncio
