@@ -42,6 +42,10 @@ is checked when the pool is registered: pieces outside the pool's buffers, piece
 size varies, or a pool that cannot describe its pages is a
 :class:`~lmtier.errors.NotSupportedError` then — never wrong bytes later.
 
+**Value codecs.** A tier's ``codec:`` applies to pages. For a lossy one (fp8, int8) the page's
+geometry is registered with the store when the pool registers, and pages are keyed under the
+namespace that declares the codec (``docs/codecs.md``); a chain without one keeps the namespace.
+
 **Plain interface** (``interface_v1`` 0): ``batch_set(keys, values)`` stores CPU tensors (SGLang's
 flat data pages), ``batch_get(keys, target_locations)`` fills CPU tensors in place.
 
@@ -97,6 +101,7 @@ from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError, NotSup
 from lmtier.keys import ChunkKey, make_namespace
 
 if TYPE_CHECKING:
+    from lmtier.keys import KVNamespace
     from lmtier.protocol import Buffer
     from lmtier.store import HostChunk, KVStore
 
@@ -242,6 +247,7 @@ class LMTierHiCacheStorage(HiCacheStorage):
             self._geometry = geometry
             self._pool_fields = fields
             self.namespace = self._make_namespace()
+        self._declare_kv(mem_pool_host, geometry)
         if geometry is not None:
             log.info("lmtier HiCache storage: %s (layout %s, %s), pages of %d tokens stored as one "
                      "%d-byte object (%d piece(s)), namespace %s", fields["pool"], fields["layout"],
@@ -250,6 +256,25 @@ class LMTierHiCacheStorage(HiCacheStorage):
         else:
             log.info("lmtier HiCache storage: %s registered (plain interface), namespace %s",
                      fields["pool"], self.namespace)
+
+    def _declare_kv(self, pool: Any, geometry: _PageGeometry | None) -> None:
+        """Tell the store what a page's bytes are (:class:`~lmtier.keys.KVNamespace`), so a tier
+        with a lossy codec (fp8, int8) quantizes this deployment's pages; when the store's chain
+        has one, pages are keyed under the namespace that declares it (lossy pages are only ever
+        served to deployments configured alike). A chain without a lossy codec keeps the
+        namespace as it was. Raises :class:`~lmtier.errors.ConfigError` when a lossy tier cannot
+        quantize this KV (not a float dtype), naming the tier: SGLang fails the attach."""
+        from lmtier.store import SupportsNamespaces
+
+        kv = _kv_namespace(pool, geometry, self.storage_config, self.namespace)
+        if kv is None or not isinstance(self.store, SupportsNamespaces):
+            return
+        declared = self.store.register_namespace(kv)
+        if declared is not kv and declared.namespace != kv.namespace:
+            with self._lock:
+                self.namespace = declared.namespace
+            log.info("lmtier HiCache storage: the store quantizes (%s): pages keyed under namespace %s",
+                     dict(declared.extra).get("lossy_codecs", "?"), declared.namespace)
 
     def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
         """Accept the KV pool under its v2 name; a hybrid model's side pool is NotSupportedError."""
@@ -610,6 +635,37 @@ def _pool_fields(pool: Any, geometry: _PageGeometry | None) -> dict[str, Any]:
         "format_tag": getattr(pool, "storage_format_tag", None),
         "pieces": list(geometry.piece_sizes) if geometry is not None else None,
     }
+
+
+def _kv_namespace(pool: Any, geometry: _PageGeometry | None, c: HiCacheStorageConfig,
+                  namespace: str) -> KVNamespace | None:
+    """A page of ``pool`` as a lossy codec sees it: ``layers`` runs of head vectors (MHA: K and V of
+    ``head_dim`` / ``v_head_dim`` elements, every layout keeps a head's vector contiguous; MLA: one
+    ``kv_cache_dim`` vector per token and layer). None for a pool that does not say (its pages are
+    then stored raw by lossy tiers). ``namespace`` (everything that makes the bytes interpretable,
+    :meth:`LMTierHiCacheStorage._make_namespace`) rides in ``extra``."""
+    import math
+
+    from lmtier.keys import KVNamespace
+
+    layers = int(getattr(pool, "layer_num", 0) or 0)
+    dtype = str(getattr(pool, "dtype", "")).removeprefix("torch.")
+    if hasattr(pool, "kv_cache_dim"):  # MLA: the latent and its rope part, one vector per token
+        heads, head = 1, int(pool.kv_cache_dim)
+    elif hasattr(pool, "head_num") and hasattr(pool, "head_dim"):
+        heads = int(pool.head_num)
+        head = math.gcd(int(pool.head_dim), int(getattr(pool, "v_head_dim", pool.head_dim) or pool.head_dim))
+    else:
+        return None
+    tokens = geometry.tokens if geometry is not None else int(getattr(pool, "page_size", 0) or 0)
+    page = (geometry.page_bytes if geometry is not None
+            else int(getattr(pool, "size_per_token", 0) or 0) * int(getattr(pool, "page_size", 0) or 0))
+    if not layers or not heads or not head or not tokens or page <= 0 or page % layers:
+        return None
+    return KVNamespace(model=c.model_name or "", kv_layout=f"sglang_{getattr(pool, 'layout', '')}", dtype=dtype,
+                       num_layers=layers, block_size=tokens, num_kv_heads=heads, head_size=head,
+                       page_bytes=page // layers, chunk_tokens=tokens, engine=_ENGINE,
+                       extra=(("sglang_namespace", namespace),))
 
 
 def _open_store(cfg: LmtierConfig, storage_config: HiCacheStorageConfig, *, namespace: str = "",

@@ -243,6 +243,71 @@ def test_v1_round_trip_restores_pages_in_place(config_file: Path, kind: str, lay
         backend.close()
 
 
+def fill_kv(pool: Any, seed: int) -> None:
+    """Fill the host pool with KV-like floats (per-channel magnitudes): what a lossy codec quantizes."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(pool.kv_buffer.shape, generator=gen) * torch.linspace(0.2, 3.0, pool.kv_buffer.shape[-1])
+    pool.kv_buffer.copy_(x.to(pool.kv_buffer.dtype))
+
+
+@pytest.mark.parametrize("kind,codec,bound", [("mha", "fp8", 0.04), ("mha", "int8", 0.02), ("mla", "fp8", 0.04)])
+def test_a_lossy_tier_quantizes_pages_under_a_namespace_naming_its_codec(tmp_path: Path, kind: str, codec: str,
+                                                                         bound: float) -> None:
+    """A disk tier with ``codec: fp8`` (int8) stores SGLang's pages quantized (its codec's id in each
+    file's header, about half the bytes) under a namespace that names the codec, so a deployment
+    without it never shares a key with them; the pages come back within the codec's error."""
+    from lmtier.framing import READABLE_CODECS, decode_header
+
+    disk = {"name": "disk", "backend": "disk", "options": {"root": str(tmp_path / "disk"), "max_bytes": 64 << 20}}
+    lossy = make_backend(write_config(tmp_path / "lossy.yaml", {**disk, "codec": codec}), is_mla_model=kind == "mla")
+    exact = make_backend(write_config(tmp_path / "exact.yaml", {**disk, "options": {
+        **disk["options"], "root": str(tmp_path / "disk2")}}), is_mla_model=kind == "mla")
+    try:
+        pool = mha_pool(head_dim=64) if kind == "mha" else mla_pool(rank=64, rope=32)
+        lossy.register_mem_pool_host(pool)
+        exact.register_mem_pool_host(pool)
+        assert lossy.namespace != exact.namespace
+        written = pool.alloc(4 * pool.page_size)
+        fill_kv(pool, 11)
+        expected = [p.view(pool.dtype).float() for p in pages_of(pool, written)]
+        keys = page_keys(list(range(300, 316)))
+        assert lossy.batch_set_v1(keys, written) == [True] * 4
+        lossy.store.flush()
+        files = sorted((tmp_path / "disk").rglob("*-*"))
+        assert len(files) == 4
+        page_bytes = expected[0].numel() * pool.dtype.itemsize
+        for f in files:
+            data = f.read_bytes()
+            ckey = next(k for k in lossy._chunk_keys(keys, lossy.namespace) if str(k) == f.name)
+            head = decode_header(ckey, data, codecs=READABLE_CODECS)
+            assert head.codec == {"fp8": 3, "int8": 4}[codec] and head.raw_length == page_bytes
+            assert head.payload_length < 0.56 * page_bytes
+        pool.kv_buffer.zero_()
+        target = pool.alloc(4 * pool.page_size)
+        assert exact.batch_exists(keys) == 0  # another namespace: never served lossy pages
+        assert lossy.batch_exists(keys) == 4
+        assert lossy.batch_get_v1(keys, target) == [True] * 4
+        for got, want in zip(pages_of(pool, target), expected, strict=True):
+            err = float((got.view(pool.dtype).float() - want).norm() / want.norm())
+            assert 0 < err < bound
+    finally:
+        lossy.close()
+        exact.close()
+
+
+def test_a_lossy_tier_refuses_kv_it_cannot_quantize_when_the_pool_registers(tmp_path: Path) -> None:
+    from lmtier.errors import ConfigError
+
+    config = write_config(tmp_path / "lossy.yaml", {"name": "disk", "backend": "disk", "codec": "fp8", "options": {
+        "root": str(tmp_path / "disk"), "max_bytes": 64 << 20}})
+    backend = make_backend(config)
+    try:
+        with pytest.raises(ConfigError, match=r"tiers\[0\] \(disk\)\.codec: codec fp8 quantizes float KV.*'uint8'"):
+            backend.register_mem_pool_host(mha_pool(dtype=torch.uint8))
+    finally:
+        backend.close()
+
+
 def test_v1_get_reports_each_missing_page(backend: Any) -> None:
     pool = mha_pool()
     backend.register_mem_pool_host(pool)
