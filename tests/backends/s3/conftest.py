@@ -19,7 +19,7 @@ import pytest
 
 from lmtier_backends.s3.config import S3Config
 from tests.support.backdoors import seaweedfs_serving
-from tests.support.seaweedfs import S3Endpoint, SeaweedFS, create_bucket, find_weed
+from tests.support.seaweedfs import S3Endpoint, SeaweedFS, create_bucket, find_weed, wait_writable
 
 ACCESS_KEY_ENV = "LMTIER_S3_TEST_ACCESS_KEY"
 SECRET_KEY_ENV = "LMTIER_S3_TEST_SECRET_KEY"
@@ -98,4 +98,7 @@ def own_seaweedfs(tmp_path: Path, s3_credentials_env: dict[str, str]) -> Iterato
     _require_weed()
     with seaweedfs_serving(tmp_path / "seaweedfs", BUCKET, access_key=os.environ[ACCESS_KEY_ENV],
                            secret_key=os.environ[SECRET_KEY_ENV]) as server:
+        # a fresh server's first PUT allocates a volume (seconds): not the tests' business, and
+        # their fast-failing tiers (one attempt, short read timeouts) would fail on it
+        wait_writable(server.endpoint, BUCKET)
         yield server

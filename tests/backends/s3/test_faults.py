@@ -180,6 +180,27 @@ async def test_a_server_that_never_answers_is_a_timeout(
         await backend.aclose()
 
 
+@pytest.mark.parametrize("attempts", [1, 2])
+@pytest.mark.asyncio
+async def test_max_attempts_counts_the_first_request(
+    silent_server: str, s3_options: Callable[..., dict[str, Any]], attempts: int
+) -> None:
+    """``max_attempts: 2`` is two requests to a server that never answers, not three (botocore's
+    own ``max_attempts`` counts retries only): what bounds a call detached at its deadline."""
+    config = S3Config(**{**_fast_failing(s3_options()), "endpoint_url": silent_server, "read_timeout_s": 0.2,
+                         "max_attempts": attempts})
+    client = await asyncio.to_thread(_make_client, config)
+    sent: list[str] = []
+    client.meta.events.register("before-send.s3", lambda **kw: sent.append(kw["request"].method))
+    backend = S3Backend(config, client)
+    try:
+        with pytest.raises(BackendTimeoutError):
+            await backend.get(_keys(1))
+    finally:
+        await backend.aclose()
+    assert sent == ["GET"] * attempts
+
+
 @pytest.mark.asyncio
 async def test_wrong_credentials_fail_the_manager_at_open_with_a_config_error(
     s3_options: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
