@@ -595,6 +595,9 @@ def main(argv: list[str] | None = None) -> None:
                                                  "Qwen3-8B's shape with random weights, built here (default: the "
                                                  "tiny demo Llama)")
     p.add_argument("--no-codec-table", action="store_true", help="skip the per-codec ratio and speed table")
+    p.add_argument("--table-chunks", type=int, default=0,
+                   help="the per-codec table over the first N chunks only (0: all; the GPU command's "
+                        "Qwen3-8B-shaped KV is 16 chunks of 37.7 MB)")
     p.add_argument("--tokens", type=int, default=4096, help="prompt tokens whose KV is measured")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--per-value", type=int, default=16,
@@ -628,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {model_dir}: {kv.shape[0]} layers, {kv.shape[3]} KV heads x {kv.shape[4]}, "
           f"{len(chunks)} chunks of {chunk} tokens ({len(chunks[0]) / 1e6:.2f} MB each)")
     if not args.no_codec_table:
-        codec_table(chunks, GEO, args.repeats)
+        codec_table(chunks[: args.table_chunks or None], GEO, args.repeats)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     kinds = [k for k in args.tiers.split(",") if k]
     if kinds:

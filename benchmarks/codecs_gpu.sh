@@ -5,9 +5,11 @@
 # codec's byte for byte; a CUDA engine loads what a CPU engine stored and back), then
 # benchmarks/codecs.py on a Qwen3-8B-shaped model with random weights built on the GPU: offload and
 # onload GB/s of fp8 / int8 chunks quantized on the GPU vs raw chunks vs the link (pinned cudaMemcpy),
-# all in the same run, and the lossy codecs' quality on that model (|dlogprob|, greedy agreement over
-# 64 tokens, K/V error). Results under $OUT (default /tmp/lmt-codecs-gpu); the tables print last.
-#   ../shared/device/fetch-wheels.sh .device-wheels pydantic pytest-asyncio   # here, once
+# all in the same run, the lossy codecs' quality on that model (|dlogprob|, greedy agreement over
+# 64 tokens, K/V error), and each codec's ratio and CPU speed on that model's KV (4 chunks, 151 MB:
+# issue 17 item 2's "on the device a transformers model's" ratio).
+# Results under $OUT (default /tmp/lmt-codecs-gpu); the tables print last.
+#   ../shared/device/fetch-wheels.sh .device-wheels pydantic pytest-asyncio cramjam   # here, once
 #   bash benchmarks/codecs_gpu.sh                                             # there (carry .device-wheels)
 set -uo pipefail
 OUT="${OUT:-/tmp/lmt-codecs-gpu}"
@@ -16,7 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader 2>&1 \
   | tee "$OUT/gpu.txt"
 if [[ -d .device-wheels ]]; then
-  python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio \
+  python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio cramjam \
     >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
 fi
 # the entry points (backends, codecs) need the package's metadata
@@ -31,7 +33,7 @@ python3 -m pytest -c /dev/null --rootdir . -W error -p no:cacheprovider -q -o "m
 echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR|E )" "$OUT/pytest.log" | head -20
 start=$SECONDS
-python3 benchmarks/codecs.py --model qwen3-8b --device cuda --tokens 4096 --tiers '' --no-codec-table --quality \
+python3 benchmarks/codecs.py --model qwen3-8b --device cuda --tokens 4096 --tiers '' --table-chunks 4 --quality \
   --repeats 5 >"$OUT/bench.txt" 2>"$OUT/bench.err"
 echo "bench rc=$? ($((SECONDS - start)) s)"; tail -3 "$OUT/bench.err"
 cat "$OUT/bench.txt"
