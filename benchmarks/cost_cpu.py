@@ -236,6 +236,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
                           f"{', '.join(str(x) for x in loaded[mode][-len(prompts):])} tokens"
                           + (f"; teaching requests loaded {', '.join(map(str, taught))}" if taught else ""),
                           flush=True)
+                    print("      pairs (lmtier / no lmtier, ms): "
+                          + ", ".join(f"{t * 1e3:.0f}/{b * 1e3:.0f}" for t, b in got), flush=True)
                 rc = eng.kv.recompute.cost()
                 speed = "-" if rc is None else f"{rc.tokens_per_s(n):,.0f} tokens/s"
             finally:
