@@ -101,6 +101,11 @@ class SlabCache:
         """For each leading key present, the hottest tier holding it (prefix semantics)."""
         return await self.manager.locate(_keys(raw_keys))
 
+    def read_costs(self) -> dict[str, list[float]]:
+        """Each learned tier's read cost, as :class:`~lmtier.server.protocol.LookupReply` carries it."""
+        return {name: [c.latency_s, c.seconds_per_byte, float(c.samples)]
+                for name, c in self.manager.read_costs().items() if c is not None}
+
     async def contains(self, raw_keys: Sequence[bytes]) -> list[bool]:
         return await self.manager.contains(_keys(raw_keys))
 

@@ -35,6 +35,11 @@ key under, which names the server's lossy codecs if it has any (``docs/codecs.md
 registers its namespaces again after each reconnect. A server that is not reachable then, or that
 predates the op, leaves the namespace as it is: its lossy tiers store those chunks raw.
 
+**Read costs.** Each lookup reply carries the server's learned read cost of each tier; the store
+keeps the latest (:meth:`ServerStore.read_costs`, :class:`~lmtier.cost.SupportsReadCosts`), so the
+engine weighs a hit held by a slow server tier as it does with local tiers. A value that is not
+a finite cost >= 0 is left out (that tier is "not learned yet": its hits load).
+
 Metrics (the ``metrics`` registry): ``lmtier_server_client_connected``,
 ``lmtier_server_client_reconnects_total``, ``lmtier_server_client_misses_total{op,reason}``.
 Log lines (logger ``lmtier.server.client``) mark each change of state, not each miss.
@@ -49,6 +54,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -56,6 +62,7 @@ from collections.abc import Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lmtier.cost import ReadCost
 from lmtier.errors import InvalidArgumentError, LmtierError
 from lmtier.keys import ChunkKey
 from lmtier.server import protocol as p
@@ -258,6 +265,7 @@ class ServerStore:
         self._commits: set[concurrent.futures.Future[int]] = set()
         self.reconnects = 0
         self._tier_names: list[str] = []
+        self._read_costs: dict[str, ReadCost] = {}  # replaced whole by each lookup reply
         #: namespaces registered (as the engine gave them), replayed after each reconnect
         self._namespaces: dict[KVNamespace, str] = {}
         self.misses: dict[tuple[str, str], int] = {}
@@ -291,6 +299,14 @@ class ServerStore:
     def tier_names(self) -> list[str]:
         """The server's tiers, hottest first, as of the last hello (empty before the first)."""
         return list(self._tier_names)
+
+    def read_costs(self) -> dict[str, ReadCost | None]:
+        """Each server tier's read cost as of the latest lookup reply (None: not learned yet).
+
+        :class:`~lmtier.cost.SupportsReadCosts`; thread-safe (the map is replaced, never changed).
+        """
+        costs = self._read_costs
+        return {name: costs.get(name) for name in self._tier_names}
 
     @property
     def connected(self) -> bool:
@@ -525,6 +541,7 @@ class ServerStore:
         if not isinstance(reply, p.LookupReply):
             return LookupResult(0)
         tiers = tuple(reply.tiers) if len(reply.tiers) == reply.hit_chunks else ()
+        self._read_costs = _read_costs(reply.read_costs)
         return LookupResult(min(reply.hit_chunks, len(raw)), tiers)
 
     async def _contains(self, raw: list[bytes], deadline: float) -> list[bool]:
@@ -925,3 +942,17 @@ def _finished(value: T) -> concurrent.futures.Future[T]:
 
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _read_costs(wire: dict[str, list[float]]) -> dict[str, ReadCost]:
+    """A lookup reply's read costs; an entry that is not ``[latency_s, seconds_per_byte, samples]``
+    of finite numbers >= 0 is dropped (that tier then counts as not learned: its hits load)."""
+    out: dict[str, ReadCost] = {}
+    for name, entry in wire.items():
+        try:
+            latency, per_byte, samples = (float(x) for x in entry)
+        except (TypeError, ValueError):
+            continue
+        if all(math.isfinite(x) and x >= 0 for x in (latency, per_byte, samples)):
+            out[name] = ReadCost(latency, per_byte, int(samples))
+    return out

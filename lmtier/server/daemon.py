@@ -336,7 +336,7 @@ class Server:
         match req:
             case p.Lookup():
                 tiers = await cache.lookup(req.keys)
-                return p.LookupReply(id=req.id, hit_chunks=len(tiers), tiers=tiers)
+                return p.LookupReply(id=req.id, hit_chunks=len(tiers), tiers=tiers, read_costs=cache.read_costs())
             case p.Contains():
                 return p.ContainsReply(id=req.id, present=await cache.contains(req.keys))
             case p.Reserve():

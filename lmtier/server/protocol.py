@@ -35,7 +35,9 @@ that predates it answers :data:`E_UNKNOWN_OP`, which the client takes as "no los
 declare" (its chunks are then stored raw in such tiers, never lossy under a namespace that does
 not say so). :class:`Clear` gained ``tiers`` and ``namespaces`` (and clears every tier that can
 be by default); a server that predates them ignores them and clears its hot tier only, and its
-reply lacks ``tiers``, which tells the client so.
+reply lacks ``tiers``, which tells the client so. :class:`LookupReply` gained ``read_costs`` (the
+server's learned read cost of each tier, for the client's load decision); a server that predates
+it leaves it out, and its clients load every hit, as before.
 
 Slots and ownership
 -------------------
@@ -363,6 +365,10 @@ class LookupReply(_Reply, tag="lookup"):
     hit_chunks: int
     tiers: list[str] = []
     """The hottest tier holding each of the leading chunks (``len(tiers) == hit_chunks``)."""
+    read_costs: dict[str, list[float]] = {}
+    """Each tier's read cost as the server has learned it from its reads (:mod:`lmtier.cost`):
+    ``[latency_s, seconds_per_byte, samples]`` per tier name; a tier not learned (or seeded) yet is
+    absent. The client weighs a hit's load against recomputing it with these."""
 
 
 class ContainsReply(_Reply, tag="contains"):

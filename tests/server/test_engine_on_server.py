@@ -6,11 +6,13 @@ stores, the other loads, page for page; and the configuration's rules for ``serv
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from lmtier.config import load_config
@@ -92,3 +94,39 @@ def test_the_engines_server_deadlines_come_from_the_config_and_a_frozen_server_m
         srv.close()
     with pytest.raises(InvalidArgumentError, match="names no server"):
         ServerStore.from_config(load_config({"tiers": [{"name": "hot", "backend": "cpu"}]}, env={}))
+
+
+def test_a_hit_held_by_a_slow_server_tier_is_weighed_with_the_servers_read_costs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # the server's disk tier is believed to read at 1 kB/s (its config's seed, as an operator
+    # would declare a slow volume); the engine recomputes at a seeded 1M tokens/s
+    config = tmp_path / "tiers.yaml"
+    config.write_text(yaml.safe_dump({"chunk_tokens": 256, "tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "32MiB", "pinned": False}},
+        {"name": "local", "backend": "disk", "read_bytes_per_s": 1000,
+         "options": {"root": str(tmp_path / "disk"), "max_bytes": "256MiB"}}]}))
+    srv = start_server(tmp_path, config=config)
+    cfg = {"chunk_tokens": CHUNK, "server": srv.address, "recompute_tokens_per_s": 1e6}
+    src, dst = make_cache(), make_cache(fill=False)
+    toks = tokens(40)
+    caplog.set_level(logging.INFO, logger="lmtier")
+    try:
+        with KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-a") as a, \
+                KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-b") as b:
+            assert a.store(toks, src, list(range(10, 20))).wait() == 40
+            a.flush()
+            srv.clear("hot")  # the chunks are on the server's disk tier only
+            assert b.lookup(toks, request_id="slow") == 0, "reading 1 kB/s loses to recomputing: nothing loaded"
+            local = b.kvstore.read_costs()["local"]  # as the lookup reply carried it
+            assert local is not None and local.bytes_per_s < 2000
+            assert "Request slow: total 40 tokens, hit 40 tokens, loading 0 (local ~" in caplog.text
+            assert "), promoting" in caplog.text
+            assert b.metrics.registry.get_sample_value("lmtier_load_decisions_total", {"outcome": "none"}) == 1
+            b.flush()  # the promotion: the server read the chunks from its disk into the slab
+            learned = b.lookup(toks, request_id="fast")  # the reply carries the disk's real speed now
+            assert learned == 40
+            assert b.retrieve(toks, dst, list(range(30, 40))) == 40
+            assert blocks_equal(src, list(range(10, 20)), dst, list(range(30, 40)))
+            assert b.kvstore.outstanding() == 0
+    finally:
+        srv.close()

@@ -65,6 +65,23 @@ def test_unknown_fields_are_ignored_so_a_minor_revision_can_add_optional_ones() 
     assert p.decode_request(body) == p.Ping(id=3)
 
 
+def test_a_lookup_reply_carries_read_costs_and_the_client_keeps_only_sound_ones() -> None:
+    from lmtier.server.client import _read_costs
+
+    reply = p.LookupReply(id=4, hit_chunks=1, tiers=["local"], read_costs={"local": [0.001, 1e-9, 8.0]})
+    got = p.decode_reply(p.encode(reply)[4:])
+    assert got == reply
+    costs = _read_costs(got.read_costs)  # type: ignore[union-attr]
+    assert costs["local"].latency_s == 0.001 and costs["local"].bytes_per_s == pytest.approx(1e9)
+    assert costs["local"].samples == 8
+    # a server that predates the field: no costs (the client loads every hit, as before)
+    old = p.decode_reply(msgspec.msgpack.encode({"op": "lookup", "id": 5, "hit_chunks": 0}))
+    assert isinstance(old, p.LookupReply) and old.read_costs == {} and _read_costs(old.read_costs) == {}
+    bad = {"nan": [float("nan"), 0.0, 1.0], "inf": [0.0, float("inf"), 1.0], "neg": [-1.0, 0.0, 1.0],
+           "short": [0.0, 1.0], "ok": [0.0, 0.0, 2.0]}
+    assert set(_read_costs(bad)) == {"ok"}
+
+
 def test_the_version_of_a_hello_of_any_version_is_readable() -> None:
     body = msgspec.msgpack.encode({"op": "hello", "id": 1, "version": 99, "pid": 1, "future_field": [1]})
     assert p.decode_hello_version(body) == (1, 99)
