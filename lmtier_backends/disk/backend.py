@@ -136,6 +136,10 @@ class DiskBackend(AsyncClosing):
         self._short_removed = found.short_removed + found.corrupt_removed
         self._tmp_removed = found.temp_removed
         self._rejects = Rejections(f"disk tier {self.root}")
+        if found.newer:  # never read (the index marks them), so counted here, once, as found
+            self._rejects.newer = len(found.newer)
+            log.warning("disk tier %s: %d file(s) of a newer format or codec this build cannot read: misses, "
+                        "left on disk for newer readers (stats newer_format)", self.root, len(found.newer))
         self._evictions = 0
         self._read_errors = 0
         self._full_evictions = 0

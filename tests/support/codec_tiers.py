@@ -193,7 +193,8 @@ async def check_unknown_codec_ids_are_misses_left_in_place(tier: dict[str, Any],
     """A value whose codec id this process cannot decode — a third-party plugin's id not
     installed here, or an lmtier id newer than this build — is a miss for ``get``, ``get_into``
     and ``fetch``, whatever the tier's own codec, and stays stored for readers that can; the
-    plugin's id is counted (``lmtier_codec_unknown_values_total``)."""
+    plugin's id is counted (``lmtier_codec_unknown_values_total``), the newer id by the backend
+    (``stats()["newer_format"]``)."""
     config = {"chunk_tokens": BLOCK * PAGES, "tiers": [{**tier, "codec": "zstd"}]}
     value = kv_value(4)
     async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as manager:
@@ -216,6 +217,8 @@ async def check_unknown_codec_ids_are_misses_left_in_place(tier: dict[str, Any],
                 unknown = registry.get_sample_value("lmtier_codec_unknown_values_total", {"tier": tier["name"]})
                 if codec_id >= 0x8000:  # the backend passes plugin ids on; only the manager knows
                     assert unknown is not None and unknown >= 1, where
+                else:  # an lmtier id newer than this build: the backend's newer-format count
+                    assert manager.stats()[tier["name"]].get("newer_format", 0) >= 1, where
             assert await maybe_await(raw_store.read(key)) == written, f"{where}: the value was not left in place"
 
 

@@ -320,6 +320,8 @@ async def test_a_value_of_an_unknown_codec_is_a_miss_left_in_place_and_counted(t
             assert await fresh.get([key]) == [None]
             assert await fresh.get_into([key], [bytearray(len(kv_bytes()))]) == [False]
             assert await fresh.contains([key]) == [codec == 0x8123]  # a plugin's id: only the manager can tell
+            # a newer lmtier's id: the disk tier found it when it opened (scan of headers) and counts it
+            assert fresh.stats()["disk"]["newer_format"] == (codec == 0x7F01)
         assert path.read_bytes() == written, f"codec {codec:#x}: the value was not left in place"
 
 
