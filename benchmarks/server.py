@@ -451,6 +451,10 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int, second_runs:
         rows["server1"].append(remote[0]["ttft"])
         rows["server2"].append(median([x["ttft"] for x in remote[1:]]))
         cached["server"] = remote[1]["cached"]
+        print(f"round {r + 1}/{rounds} (load {loads[-1]:.1f}): TTFT baseline {fmt_seconds(rows['base'][-1])}; "
+              f"in-process {fmt_seconds(rows['local1'][-1])} / {fmt_seconds(rows['local2'][-1])}; "
+              f"server {fmt_seconds(rows['server1'][-1])} / {fmt_seconds(rows['server2'][-1])}; second run "
+              f"server / in-process {fmt_ratio(rows['server2'][-1] / rows['local2'][-1])}", flush=True)
     med = {k: median(v) for k, v in rows.items()}
     ratio2 = median([s / loc for s, loc in zip(rows["server2"], rows["local2"], strict=True)])
     first_local = median([b / x for b, x in zip(rows["base"], rows["local1"], strict=True)])
