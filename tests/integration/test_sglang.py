@@ -295,6 +295,31 @@ def test_a_lossy_tier_quantizes_pages_under_a_namespace_naming_its_codec(tmp_pat
         exact.close()
 
 
+def test_a_lossy_tier_quantizes_plain_interface_pages_too(tmp_path: Path) -> None:
+    """``interface_v1`` 0: SGLang's flat data pages (batch_set / batch_get of CPU tensors) are
+    quantized by an fp8 tier as well (about 0.55x the bytes) and read back within its error."""
+    config = write_config(tmp_path / "lossy.yaml", {"name": "disk", "backend": "disk", "codec": "fp8", "options": {
+        "root": str(tmp_path / "disk"), "max_bytes": 64 << 20}})
+    backend = make_backend(config, {"interface_v1": 0})
+    try:
+        pool = mha_pool(head_dim=64)
+        backend.register_mem_pool_host(pool)
+        fill_kv(pool, 12)
+        idx = pool.alloc(8)
+        values = [pool.get_data_page(int(idx[i]), flat=True).clone() for i in (0, 4)]
+        keys = page_keys(list(range(8)))
+        assert backend.batch_set(keys, values)
+        backend.store.flush()
+        page_bytes = values[0].numel() * values[0].element_size()
+        sizes = [f.stat().st_size for f in (tmp_path / "disk").rglob("*-*")]
+        assert len(sizes) == 2 and all(size < 0.56 * page_bytes + 64 for size in sizes)
+        got = backend.batch_get(keys, [torch.empty_like(v) for v in values])
+        for g, v in zip(got, values, strict=True):
+            assert g is not None and 0 < float((g.float() - v.float()).norm() / v.float().norm()) < 0.04
+    finally:
+        backend.close()
+
+
 def test_a_lossy_tier_refuses_kv_it_cannot_quantize_when_the_pool_registers(tmp_path: Path) -> None:
     from lmtier.errors import ConfigError
 
