@@ -30,6 +30,8 @@ its calls run inline on the loop, without a deadline, so a put there is visible 
 call (no other coroutine runs in between).
 * Eviction — backends that evict (:class:`~lmtier.protocol.SupportsEvictionListener`) hand the
   evicted chunk to the manager, which demotes it into the next tier if that tier lacks the key.
+* Residency — :meth:`add_residency_listener` hears, tier by tier, every write that landed and
+  every chunk evicted or deleted (what :class:`~lmtier.store.SupportsResidency` reports).
 
 Faults are misses: a :class:`~lmtier.errors.BackendError` (or any unexpected exception from a
 third-party backend) becomes a miss or a skipped write, with a metric and a log line — per key: a
@@ -112,6 +114,8 @@ __all__ = ["CODEC_SLICE_BYTES", "LOSSY_FIELD", "MAX_DETACHED", "MAX_IN_FLIGHT", 
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
 Item = tuple[ChunkKey, Buffer]
+#: ``listener(tier_name, keys, held)``: see :meth:`StorageManager.add_residency_listener`.
+ResidencyListener = Callable[[str, Sequence[ChunkKey], bool], None]
 #: What ``put`` accepts: a HostBuffer is not a buffer-protocol object before Python 3.12, but the
 #: engine stages chunks in them (and the cpu tier adopts those carved from its own slab).
 PutItem = tuple[ChunkKey, Buffer | HostBuffer]
@@ -232,6 +236,7 @@ class StorageManager:
         self._codec_pool: WorkerPool | None = None
         #: namespaces engines registered: what lossy codecs know of their KV, and what they declare
         self._kv: dict[str, tuple[KVGeometry, frozenset[str]]] = {}
+        self._residency: list[ResidencyListener] = []
         self.tiers: list[Tier] = []
         for i, (tcfg, backend) in enumerate(tiers):
             b = tcfg.breaker
@@ -289,6 +294,26 @@ class StorageManager:
             log.info("lmtier tier %s (%s): optional capabilities: %s; codec: %s", t.name, t.config.backend,
                      ", ".join(optional_capabilities(t.backend)) or "none", t.config.codec.name)
         return manager
+
+    def add_residency_listener(self, listener: ResidencyListener) -> None:
+        """Call ``listener(tier_name, keys, held)`` for every change of what a tier holds from now on.
+
+        ``held=True``: a write of ``keys`` landed in the tier (put, write-through, background
+        write, promotion, demotion); ``held=False``: the tier evicted them (its eviction listener)
+        or they were deleted there (a delete, a corrupt or wrong-size value). Called on the loop's
+        thread, or on a backend's thread for evictions; it must be quick, thread-safe and must
+        not raise or call back into the manager. Evictions a tier makes without telling
+        (no :class:`~lmtier.protocol.SupportsEvictionListener`) and a tier's own ``clear`` are not
+        heard.
+        """
+        self._residency.append(listener)
+
+    def _note(self, tier: Tier, keys: Sequence[ChunkKey], held: bool) -> None:
+        for listener in self._residency:
+            try:
+                listener(tier.name, keys, held)
+            except Exception:  # a listener's bug must not fail a write or an eviction
+                log.exception("lmtier: residency listener %r failed", listener)
 
     def tier(self, name: str) -> Tier:
         for t in self.tiers:
@@ -734,6 +759,7 @@ class StorageManager:
                 await self._per_key(tier, op, fn, parts, results, again, until)
             if op in _READS:
                 self._observe_reads(tier, op, parts, results, missed, self._clock() - t0)
+            self._note_changes(tier, op, parts, results, again)
             return results
         running: dict[asyncio.Task[Any], int] = {}
         started: dict[int, float] = {}
@@ -787,6 +813,7 @@ class StorageManager:
             await self._per_key(tier, op, fn, parts, results, again, until)
         if op in _READS:  # the whole batch, parts in parallel: its wall time is what a load waits
             self._observe_reads(tier, op, parts, results, missed, self._clock() - t0)
+        self._note_changes(tier, op, parts, results, again)
         return results
 
     async def _per_key(self, tier: Tier, op: str, fn: Callable[[T], Awaitable[Any]], parts: Sequence[_Part[T]],
@@ -805,6 +832,19 @@ class StorageManager:
             self.metrics.per_key_retries.labels(tier.name, op).inc(len(one))
             log.warning("lmtier tier %s: a %s of %d keys failed; asked key by key, %d answered, %d failed "
                         "(misses/skipped writes)", tier.name, op, len(one), len(one) - failed, failed)
+
+    def _note_changes(self, tier: Tier, op: str, parts: Sequence[_Part[Any]], results: list[Any],
+                      asked_per_key: Sequence[int]) -> None:
+        """Residency: the keys of the puts and deletes that succeeded (a fault changed nothing we
+        know). Parts asked again key by key (``asked_per_key``) were noted key by key then."""
+        if not self._residency or op not in ("put", "delete"):
+            return
+        for i, (part, result) in enumerate(zip(parts, results, strict=True)):
+            if result is FAULT or i in asked_per_key:
+                continue
+            keys = [k for k, _ in part.arg] if op == "put" else list(part.arg)
+            if keys:
+                self._note(tier, keys, op == "put")
 
     def _gate(self, tier: Tier, until: float | None, now: float) -> str | None:
         """Why a call to ``tier`` must not start now (a skipped-write reason), or None."""
@@ -1522,6 +1562,8 @@ class StorageManager:
     def _eviction_listener(self, tier: Tier) -> Callable[[ChunkKey, Buffer], None]:
         def on_evict(key: ChunkKey, value: Buffer) -> None:
             self.metrics.evictions.labels(tier.name).inc()
+            if self._residency:
+                self._note(tier, [key], False)
             if self._closed or tier.index + 1 >= len(self.tiers):
                 return
             nxt = self.tiers[tier.index + 1]

@@ -28,7 +28,9 @@ Changes since the first version of this protocol: ``reserve`` takes ``keys=`` (o
 store can answer "already stored" without a round trip of its own: the engine's store path then
 never copies a chunk the hot tier holds (vLLM saves a request's whole prefix each step).
 ``clear(namespaces)`` was added for engines whose API has a "clear the cache" call.
-``tier_names`` joined the protocol (both stores had it; the engine read it with ``getattr``).
+``tier_names`` joined the protocol (both stores had it; the engine read it with ``getattr``). The
+optional :class:`SupportsResidency` (``take_residency``) tells, tier by tier, which chunks the store
+took and which it dropped since the last call: what a KV-aware router needs (vLLM's KV events).
 
 Not in the seam, on purpose: a scatter/gather ``fetch_into`` (one value into several caller
 ranges) — :meth:`~KVStore.fetch` lends the value where it already is (a RAM hit is not copied;
@@ -81,7 +83,8 @@ T = TypeVar("T")
 #: How long LocalStore.clear waits by default (it flushes queued writes, then deletes files).
 _CLEAR_TIMEOUT_S = 60.0
 
-__all__ = ["HostChunk", "KVStore", "LocalStore", "LookupResult", "SupportsNamespaces"]
+__all__ = ["RESIDENCY_BACKLOG", "HostChunk", "KVStore", "LocalStore", "LookupResult", "Residency", "ResidencyLog",
+           "SupportsNamespaces", "SupportsResidency"]
 
 
 @runtime_checkable
@@ -242,6 +245,47 @@ class SupportsNamespaces(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Residency:
+    """One change of where a chunk lives: ``tier`` took ``key`` (``held``) or no longer holds it."""
+
+    key: ChunkKey
+    tier: str
+    held: bool
+
+
+#: Residency changes a store keeps for its reader between two takes; older ones are dropped (counted).
+RESIDENCY_BACKLOG = 1 << 16
+
+
+@runtime_checkable
+class SupportsResidency(Protocol):
+    """Optional: which tier holds which chunk, as it changes (KV-aware routing).
+
+    A tier *takes* a chunk when a write of it lands there (a put, a write-through or background
+    write, a promotion, a demotion) and *drops* it when the store evicts it, deletes it, or finds
+    it corrupt or of the wrong size. The changes are recorded from the first call on (nothing is
+    kept for a store nobody asks) and handed over in order; a reader that does not come back for
+    a while loses the oldest beyond :data:`RESIDENCY_BACKLOG` (the count says how many).
+
+    Not reported (documented gaps, a router then sends a request where the chunk has gone and the
+    load misses, never serves wrong KV): evictions a tier makes on its own without telling the
+    store (a tier without :class:`~lmtier.protocol.SupportsEvictionListener`, e.g. Redis's
+    ``maxmemory`` policy or an S3 lifecycle rule), and a whole tier cleared by an operator.
+    """
+
+    def take_residency(self) -> tuple[list[Residency], int]:
+        """The changes since the previous call, oldest first, and how many were lost (dropped
+        beyond the backlog; at least 1 when an unknown number was, e.g. across a reconnect).
+
+        Never waits on a tier and never raises for a fault (a store that lost its source answers
+        no changes); raises :class:`~lmtier.errors.NotSupportedError` when the store learns it
+        cannot report at all (a server that predates it): stop asking. Thread-safe; meant for one
+        reader per store.
+        """
+        ...
+
+
 class LocalStore:
     """:class:`KVStore` over a :class:`~lmtier.manager.StorageManager` in this process.
 
@@ -268,6 +312,7 @@ class LocalStore:
         self._closed = False
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._pending_lock = threading.Lock()
+        self._residency: ResidencyLog | None = None  # made by the first take_residency
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -437,6 +482,13 @@ class LocalStore:
                         "in the background", sorted(wanted))
             return {}
 
+    def take_residency(self) -> tuple[list[Residency], int]:
+        """:class:`SupportsResidency`: the manager's residency changes since the last call."""
+        if self._residency is None:
+            self._residency = ResidencyLog()
+            self.manager.add_residency_listener(self._residency.note)
+        return self._residency.take()
+
     def flush(self, timeout_s: float | None = None) -> None:
         if self._closed:
             return
@@ -534,6 +586,32 @@ class LocalStore:
     def _forget(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._pending_lock:
             self._pending.discard(fut)
+
+
+class ResidencyLog:
+    """A bounded, thread-safe log of residency changes between two takes (tiers report from any thread):
+    :meth:`note` is a :meth:`~lmtier.manager.StorageManager.add_residency_listener` listener."""
+
+    def __init__(self) -> None:
+        from collections import deque
+
+        self._events: deque[Residency] = deque(maxlen=RESIDENCY_BACKLOG)
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def note(self, tier: str, keys: Sequence[ChunkKey], held: bool) -> None:
+        with self._lock:
+            for key in keys:
+                if len(self._events) == self._events.maxlen:
+                    self._dropped += 1
+                self._events.append(Residency(key, tier, held))
+
+    def take(self) -> tuple[list[Residency], int]:
+        with self._lock:
+            events, dropped = list(self._events), self._dropped
+            self._events.clear()
+            self._dropped = 0
+        return events, dropped
 
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:

@@ -181,8 +181,13 @@ async def test_a_put_lands_every_item_but_the_refused_one(remote: RemoteTier) ->
         ks = _keys(4)
         values = [os.urandom(2048) for _ in ks]
         tier.poison = {ks[1]}
+        heard: list[tuple[str, ChunkKey, bool]] = []
+        mgr.add_residency_listener(lambda name, keys, held: heard.extend((name, k, held) for k in keys))
         await mgr.put(list(zip(ks, values, strict=True)))
         tier.poison = set()
+        # residency (KV events): each key the remote tier took, once; not the refused one
+        assert sorted((n, ks.index(k), h) for n, k, h in heard) == [
+            *(("hot", i, True) for i in range(4)), *(("remote", i, True) for i in (0, 2, 3))]
         assert await tier.inner.contains(ks) == [True, False, True, True]
         assert await tier.inner.get([ks[0], ks[2], ks[3]]) == [values[0], values[2], values[3]]
         assert tier.batches("put") == [4, 1, 1, 1, 1]

@@ -185,3 +185,37 @@ def test_clear_drops_the_namespaces_chunks_from_every_tier_and_keeps_the_others(
         with pytest.raises(InvalidArgumentError, match="namespace"):
             store.clear(bad)  # type: ignore[arg-type]
     assert store.contains([other]) == [True]
+
+
+def test_residency_reports_what_each_tier_took_and_dropped(store: LocalStore) -> None:
+    k0, k1, k2 = keys(3)
+    assert store.take_residency() == ([], 0)  # starts recording
+    size = 400 << 10  # the hot tier (1 MiB) holds two of these
+    store.put([(k0, b"a" * size), (k1, b"b" * size)]).result()
+    store.flush()
+    events, dropped = store.take_residency()
+    assert dropped == 0
+    assert {(e.tier, e.key, e.held) for e in events} == {
+        ("hot", k0, True), ("hot", k1, True), ("local", k0, True), ("local", k1, True)}  # disk: write-through
+    store.put([(k2, b"c" * size)]).result()  # the hot tier evicts k0 (the disk tier has it already)
+    store.flush()
+    events, _ = store.take_residency()
+    assert {(e.tier, e.key, e.held) for e in events} == {("hot", k2, True), ("local", k2, True), ("hot", k0, False)}
+    assert store.lookup([k0]).result() == LookupResult(1, ("local",))
+    store.delete([k1])
+    events, _ = store.take_residency()
+    assert {(e.tier, e.key, e.held) for e in events} == {("hot", k1, False), ("local", k1, False)}
+
+
+def test_residency_beyond_the_backlog_is_dropped_and_counted(store: LocalStore,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmtier.store
+
+    monkeypatch.setattr(lmtier.store, "RESIDENCY_BACKLOG", 3)
+    ks = keys(4)
+    store.take_residency()
+    store.put([(k, b"v" * 64) for k in ks]).result()
+    store.flush()
+    events, dropped = store.take_residency()  # 8 changes (2 tiers x 4 keys): the newest 3 kept
+    assert dropped == 5 and len(events) == 3
+    assert store.take_residency() == ([], 0)
