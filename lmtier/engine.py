@@ -163,15 +163,19 @@ class StoreHandle:
 
     ``copy_event`` (CUDA caches) is the event after the offload on its stream: order a kernel
     that overwrites the stored blocks after it (``stream.wait_event``), or wait for ``copied``.
+    ``keys``: the keys of every chunk the store covers, in token order (those already present
+    included), e.g. to follow where they live (:class:`~lmtier.store.SupportsResidency`).
     """
 
     def __init__(self, request_id: str | None, offered: int, copied: concurrent.futures.Future[None],
-                 done: concurrent.futures.Future[int], copy_event: Any = None) -> None:
+                 done: concurrent.futures.Future[int], copy_event: Any = None,
+                 keys: Sequence[ChunkKey] = ()) -> None:
         self.request_id = request_id
         self.offered_tokens = offered
         self.copied = copied
         self.done = done
         self.copy_event = copy_event
+        self.keys = tuple(keys)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the tiers have it; returns the tokens written (0 after a fault)."""
@@ -783,11 +787,11 @@ class KVCacheEngine:
             raise
         except LmtierError as exc:
             log.warning("lmtier: store of request %s skipped (%s: %s)", request_id, type(exc).__name__, exc)
-            return StoreHandle(request_id, stop, _finished(None), _finished(0))
+            return StoreHandle(request_id, stop, _finished(None), _finished(0), keys=keys)
         todo = [(i, buf) for i, buf in enumerate(bufs) if buf is not None]
         if not todo:
             log.info("Stored 0 of %d tokens for request %s (%d already present)", stop, request_id or "-", stop)
-            return StoreHandle(request_id, stop, _finished(None), _finished(0))
+            return StoreHandle(request_id, stop, _finished(None), _finished(0), keys=keys)
         event = None
         try:
             ids = [blocks[spans[i][0] // b: spans[i][1] // b] for i, _ in todo]
@@ -840,7 +844,7 @@ class KVCacheEngine:
                 done.set_result(0)
 
             self._after(event, after_copy, on_error=failed_copy)
-        return StoreHandle(request_id, stop, copied, done, copy_event=event)
+        return StoreHandle(request_id, stop, copied, done, copy_event=event, keys=keys)
 
     def _stored(self, fut: concurrent.futures.Future[int], done: concurrent.futures.Future[int],
                 spans: list[int], offered: int, request_id: str | None) -> None:
