@@ -22,6 +22,7 @@ from lmtier.memory import HostBuffer, HostMemoryPool
 from lmtier.server.holdings import Holdings
 from lmtier.server.protocol import E_BAD_ARGUMENT, PROTOCOL_VERSION, ServerError, Slot, decode_key
 from lmtier.server.slab import Slab
+from lmtier.store import Residency, ResidencyLog
 
 if TYPE_CHECKING:
     import os as _os
@@ -44,6 +45,8 @@ class SlabCache:
         self.slab = slab
         self.started = time.time()
         self.holdings: dict[int, tuple[Holdings, dict[str, Any]]] = {}  # connection id -> (held, who)
+        self._residency: dict[int, ResidencyLog] = {}  # connection id -> its changes since its last take
+        self._hearing = False
 
     @classmethod
     async def open(cls, config: str | _os.PathLike[str] | LmtierConfig, *, metrics: Metrics) -> SlabCache:
@@ -93,6 +96,7 @@ class SlabCache:
 
     def disconnect(self, conn_id: int) -> int:
         """Release everything the connection held; returns how many slots that was."""
+        self._residency.pop(conn_id, None)
         entry = self.holdings.pop(conn_id, None)
         return entry[0].close() if entry is not None else 0
 
@@ -154,6 +158,20 @@ class SlabCache:
 
     async def delete(self, raw_keys: Sequence[bytes]) -> None:
         await self.manager.delete(_keys(raw_keys))
+
+    def take_residency(self, conn_id: int) -> tuple[list[Residency], int]:
+        """The ``residency`` op: the connection's changes since its last call (the first call starts them)."""
+        log_ = self._residency.get(conn_id)
+        if log_ is None:
+            if not self._hearing:
+                self.manager.add_residency_listener(self._fan_out)
+                self._hearing = True
+            log_ = self._residency[conn_id] = ResidencyLog()
+        return log_.take()
+
+    def _fan_out(self, tier: str, keys: Sequence[ChunkKey], held: bool) -> None:
+        for log_ in list(self._residency.values()):  # tiers evict from their own threads too
+            log_.note(tier, keys, held)
 
     async def clear(self, tiers: Sequence[str] | None = None, namespaces: Sequence[str] | None = None
                     ) -> dict[str, int | None]:

@@ -63,11 +63,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmtier.cost import ReadCost
-from lmtier.errors import InvalidArgumentError, LmtierError
+from lmtier.errors import InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey
 from lmtier.server import protocol as p
 from lmtier.server.slab import Slab
-from lmtier.store import HostChunk, LookupResult
+from lmtier.store import HostChunk, LookupResult, Residency
 
 if TYPE_CHECKING:
     import torch
@@ -243,7 +243,7 @@ class ServerStore:
         self.timeouts = {"lookup": lookup_timeout_s, "contains": lookup_timeout_s, "fetch": fetch_timeout_s,
                          "reserve": reserve_timeout_s, "commit": commit_timeout_s, "flush": flush_timeout_s,
                          "delete": reserve_timeout_s, "release": reserve_timeout_s, "ping": connect_timeout_s,
-                         "stats": connect_timeout_s, "namespace": connect_timeout_s}
+                         "stats": connect_timeout_s, "namespace": connect_timeout_s, "residency": lookup_timeout_s}
         self.connect_timeout_s = connect_timeout_s
         self.retry = (retry_min_s, retry_max_s)
         self.namespace = namespace
@@ -269,6 +269,8 @@ class ServerStore:
         #: namespaces registered (as the engine gave them), replayed after each reconnect
         self._namespaces: dict[KVNamespace, str] = {}
         self.misses: dict[tuple[str, str], int] = {}
+        self._residency_link: _Link | None = None  # the connection residency was last taken on
+        self._residency_off = False  # the server predates the residency op
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lmtier-server-client", daemon=True)
         self._thread.start()
@@ -494,6 +496,36 @@ class ServerStore:
                 log.warning("lmtier: lmtier serve at %s now declares namespace %s as %s, this engine keys it as %s "
                             "(the server's lossy codecs changed, or it was not reachable when the engine opened): its "
                             "lossy tiers store these chunks raw until the engine restarts", self.address, kv.namespace, declared.namespace, used)
+
+    def take_residency(self) -> tuple[list[Residency], int]:
+        """:class:`~lmtier.store.SupportsResidency`: the server's changes since the previous call.
+
+        A server that does not answer in time reports none; one that predates the op raises
+        :class:`~lmtier.errors.NotSupportedError` (from then on, without asking). A new connection
+        (a reconnect, a restarted server) starts afresh: the changes in between are lost, which
+        the count of dropped changes says (at least 1).
+        """
+        if self._residency_off:
+            raise NotSupportedError(f"lmtier serve at {self.address} does not report residency changes")
+        link = self._link
+        reply = self._run(self._call("residency", lambda rid: p.Residency(id=rid), self._deadline("residency", None),
+                                     quiet=True, errors=True))
+        if isinstance(reply, p.Error):
+            if reply.code == p.E_UNKNOWN_OP:
+                log.info("lmtier: lmtier serve at %s does not report residency changes (an older server)",
+                         self.address)
+                self._residency_off = True
+                raise NotSupportedError(f"lmtier serve at {self.address} does not report residency changes")
+            return [], 0
+        if not isinstance(reply, p.ResidencyReply):
+            return [], 0
+        lost = int(self._residency_link is not None and link is not self._residency_link)
+        self._residency_link = link
+        out = []
+        for raw, tier, held in reply.changes:
+            namespace, digest = p.decode_key(raw)
+            out.append(Residency(ChunkKey(namespace, digest), tier, held))
+        return out, reply.dropped + lost
 
     def outstanding(self) -> int:
         """Chunks handed out by this store and not yet released or committed (leak checks)."""

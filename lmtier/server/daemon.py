@@ -365,6 +365,10 @@ class Server:
                 return p.ClearReply(id=req.id, cleared=sum(n or 0 for n in per_tier.values()), tiers=per_tier)
             case p.Namespace():
                 return _register_namespace(cache, req)
+            case p.Residency():
+                changes, dropped = cache.take_residency(conn.id)
+                return p.ResidencyReply(id=req.id, dropped=dropped, changes=[
+                    (p.encode_key(c.key.namespace, c.key.digest), c.tier, c.held) for c in changes])
         raise ServerError(p.E_UNKNOWN_OP, f"no handler for {type(req).__name__}")  # pragma: no cover
 
     async def _refuse(self, conn: _Conn, exc: ServerError, request_id: int, *, logged: bool = False) -> None:

@@ -38,6 +38,10 @@ be by default); a server that predates them ignores them and clears its hot tier
 reply lacks ``tiers``, which tells the client so. :class:`LookupReply` gained ``read_costs`` (the
 server's learned read cost of each tier, for the client's load decision); a server that predates
 it leaves it out, and its clients load every hit, as before.
+The ``residency`` op (:class:`Residency`) was added for KV-aware routing (which
+tier holds which chunk, as it changes); a server that predates it answers :data:`E_UNKNOWN_OP`,
+which the client takes as "no residency changes reported" (the engine then publishes stores
+only, never removals).
 
 Slots and ownership
 -------------------
@@ -118,6 +122,8 @@ __all__ = [
     "Request",
     "Reserve",
     "ReserveReply",
+    "Residency",
+    "ResidencyReply",
     "ServerError",
     "Slot",
     "Stats",
@@ -327,11 +333,26 @@ class Namespace(_Request, tag="namespace"):
     extra: list[tuple[str, str]] = []
 
 
+class Residency(_Request, tag="residency"):
+    """Which tier took or dropped which chunk since this connection's previous ``residency``
+    request. Reply :class:`ResidencyReply`.
+
+    The first one on a connection starts recording for it (the reply is empty); from then on the
+    server keeps, per connection, every change of any client's chunks in order (a tier took a
+    chunk: a write landed there; it dropped one: evicted, deleted, found corrupt), at most
+    :data:`lmtier.store.RESIDENCY_BACKLOG` of them between two requests: older ones are dropped and
+    counted. A new connection (a reconnect, a restarted server) starts afresh: what changed in
+    between is not told. Evictions a tier makes without telling the server's manager and
+    ``POST /v1/clear`` are not reported (:class:`lmtier.store.SupportsResidency`). Optional (see
+    "Revisions" above).
+    """
+
+
 Request = (Hello | Lookup | Contains | Reserve | Commit | Fetch | Release | Delete | Flush | Ping | Stats | Clear
-           | Namespace)
+           | Namespace | Residency)
 #: Every operation name of this protocol version.
 OPS = frozenset({"hello", "lookup", "contains", "reserve", "commit", "fetch", "release", "delete", "flush",
-                 "ping", "stats", "clear", "namespace"})
+                 "ping", "stats", "clear", "namespace", "residency"})
 
 
 # -- replies ------------------------------------------------------------------------------------
@@ -425,6 +446,14 @@ class NamespaceReply(_Reply, tag="namespace"):
     """The ``lossy_codecs`` value the server added to ``extra`` ("" when it added none)."""
 
 
+class ResidencyReply(_Reply, tag="residency"):
+    changes: list[tuple[Key, str, bool]] = []
+    """``[key, tier name, held]``, oldest first: ``held`` true when the tier took the chunk, false
+    when it dropped it."""
+    dropped: int = 0
+    """Changes left out because the connection's backlog was full (the oldest ones)."""
+
+
 class Error(_Reply, tag="error"):
     """The request was refused; nothing of it was applied. ``id`` is 0 when it could not be read."""
 
@@ -433,7 +462,7 @@ class Error(_Reply, tag="error"):
 
 
 Reply = (HelloReply | LookupReply | ContainsReply | ReserveReply | CommitReply | FetchReply | ReleaseReply
-         | DeleteReply | FlushReply | PingReply | StatsReply | ClearReply | NamespaceReply | Error)
+         | DeleteReply | FlushReply | PingReply | StatsReply | ClearReply | NamespaceReply | ResidencyReply | Error)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _REQUEST_DECODER = msgspec.msgpack.Decoder(Request)

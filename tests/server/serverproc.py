@@ -143,16 +143,22 @@ class ServerProc:
 
 
 def start_server(tmp_path: Path, *, config: Path | None = None, socket_path: Path | None = None,
-                 extra: tuple[str, ...] = (), wait: bool = True, name: str = "server") -> ServerProc:
-    """Start ``lmtier serve`` (config: :func:`tiers_yaml` under ``tmp_path`` unless given)."""
+                 extra: tuple[str, ...] = (), wait: bool = True, name: str = "server",
+                 prelude: str = "") -> ServerProc:
+    """Start ``lmtier serve`` (config: :func:`tiers_yaml` under ``tmp_path`` unless given).
+
+    ``prelude``: Python run in the server process before its command line (fault injection, e.g.
+    a server of an older protocol revision)."""
     config = config or tiers_yaml(tmp_path)
     socket_path = socket_path or tmp_path / "lmtier.sock"
     log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                           os.environ.get("PYTHONPATH", "")])}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(serve_command("--config", str(config), "--socket", str(socket_path),
-                                              "--http", "127.0.0.1:0", *extra),
+        command = serve_command("--config", str(config), "--socket", str(socket_path), "--http", "127.0.0.1:0", *extra)
+        if prelude:
+            command[1:3] = ["-c", f"{prelude}\nimport sys\nfrom lmtier.cli import main\nraise SystemExit(main(sys.argv[1:]))"]
+        proc = subprocess.Popen(command,
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServerProc(proc, socket_path, log_path)
     if wait:

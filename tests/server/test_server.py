@@ -467,3 +467,73 @@ def test_a_commit_sent_just_before_close_is_stored(server: ServerProc) -> None:
     store.close()
     other = server.store()
     assert other.lookup(ks).result().hit_chunks == 3
+
+
+def test_residency_tells_each_subscribed_client_what_the_tiers_took_and_dropped(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, config=tiers_yaml(tmp_path, slab="1MiB"))
+    try:
+        a, b = srv.store(name="a"), srv.store(name="b")
+        assert a.take_residency() == ([], 0)  # starts recording for a's connection; b never asks
+        ks = keys(3, salt=7)
+        size = 400 << 10  # the slab holds two
+        assert store_chunks(b, ks[:2], size) == 2  # another client's stores are told too
+        b.flush()
+        events, dropped = a.take_residency()
+        assert dropped == 0
+        assert {(e.tier, e.key, e.held) for e in events} == {
+            ("hot", ks[0], True), ("hot", ks[1], True), ("local", ks[0], True), ("local", ks[1], True)}
+        assert store_chunks(b, ks[2:], size) == 1  # the slab evicts ks[0]; the disk tier has it
+        b.flush()
+        events, _ = a.take_residency()
+        assert {(e.tier, e.key, e.held) for e in events} == {
+            ("hot", ks[2], True), ("local", ks[2], True), ("hot", ks[0], False)}
+        b.delete([ks[1]])
+        events, _ = a.take_residency()
+        assert {(e.tier, e.key, e.held) for e in events} == {("hot", ks[1], False), ("local", ks[1], False)}
+        raw = RawClient(srv.socket_path)  # the wire form: [key, tier name, held] triples
+        try:
+            assert raw.call(p.Residency(id=raw.next_id())) == p.ResidencyReply(id=2)
+            b.delete([ks[2]])
+            reply = raw.call(p.Residency(id=raw.next_id()))
+            assert isinstance(reply, p.ResidencyReply) and reply.dropped == 0
+            assert sorted(reply.changes) == [(p.encode_key(NS, ks[2].digest), "hot", False),
+                                             (p.encode_key(NS, ks[2].digest), "local", False)]
+        finally:
+            raw.close()
+    finally:
+        srv.close()
+
+
+#: A server of the protocol revision before the ``residency`` op (what an older ``lmtier serve`` runs).
+_BEFORE_RESIDENCY = """
+import typing
+import msgspec
+from lmtier.server import protocol as p
+p.OPS = p.OPS - {"residency"}
+p._REQUEST_DECODER = msgspec.msgpack.Decoder(
+    typing.Union[tuple(c for c in p.Request.__args__ if c is not p.Residency)])
+"""
+
+
+def test_a_server_that_predates_residency_is_asked_once_and_serves_on(tmp_path: Path) -> None:
+    from lmtier.errors import NotSupportedError
+
+    srv = start_server(tmp_path, prelude=_BEFORE_RESIDENCY)
+    try:
+        raw = RawClient(srv.socket_path)
+        try:
+            reply = raw.call(p.Residency(id=raw.next_id()))
+            assert isinstance(reply, p.Error) and reply.code == p.E_UNKNOWN_OP
+        finally:
+            raw.close()
+        store = srv.store(name="new-client")
+        with pytest.raises(NotSupportedError, match="does not report residency changes"):
+            store.take_residency()
+        with pytest.raises(NotSupportedError):  # not asked again
+            store.take_residency()
+        ks = keys(2, salt=11)
+        assert store_chunks(store, ks, 4096) == 2  # the connection serves on
+        assert store.lookup(ks).result().hit_chunks == 2
+        assert srv.log_path.read_text().count("unknown op 'residency'") == 2  # the raw client's, then one
+    finally:
+        srv.close()
