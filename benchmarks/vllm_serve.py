@@ -7,7 +7,14 @@ binding" there), ``--enforce-eager``:
 * ``baseline``: no connector, vLLM's prefix cache off (every prompt prefilled);
 * ``vllm-prefix-cache``: no connector, vLLM's prefix cache on — the ceiling for any external
   cache (it copies nothing);
-* ``lmtier``: the lmtier connector (cpu -> disk tiers), vLLM's prefix cache off.
+* ``lmtier``: the lmtier connector (cpu -> disk tiers), vLLM's prefix cache off; its scheduler
+  answers lookups within the scheduling pass (through the workers' lookup sockets) and makes a
+  request wait for a prefix another running request is computing (defaults);
+
+and, with ``--servers``, variants of it that turn one mechanism off, to measure what each does:
+``lmtier-no-defer`` (``defer_max_s: 0``), ``lmtier-round-trip`` (``scheduler_lookups: false``: each
+lookup rides one engine step, and no request waits for another's prefix), and
+``lmtier+prefix-cache`` (vLLM's prefix cache on as well).
 
 Each server gets ``vllm bench serve --dataset-name prefix_repetition`` (``--num-prompts`` prompts
 over ``--prefixes`` shared prefixes of ``--prefix`` tokens, a ``--suffix``-token suffix each,
@@ -18,6 +25,7 @@ baseline, and lmtier's share of the prefix cache's speedup (the issue's goal: >=
 is asserted.
 
     python benchmarks/vllm_serve.py [--rounds 3] [--num-prompts 64] [--max-concurrency 16]
+        [--servers baseline,vllm-prefix-cache,lmtier,lmtier-no-defer,lmtier-round-trip]
 """
 
 from __future__ import annotations
@@ -39,6 +47,15 @@ from typing import Any
 
 from _common import fmt_ratio, machine_line, median, print_table
 
+#: server name -> (vLLM's prefix cache on, connector options or None for no connector)
+SERVERS: dict[str, tuple[bool, dict[str, Any] | None]] = {
+    "baseline": (False, None),
+    "vllm-prefix-cache": (True, None),
+    "lmtier": (False, {}),
+    "lmtier-no-defer": (False, {"defer_max_s": 0}),
+    "lmtier-round-trip": (False, {"scheduler_lookups": False}),
+    "lmtier+prefix-cache": (True, {}),
+}
 _ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
@@ -115,37 +132,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=int, default=8, help="tokens generated per request (default 8)")
     p.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND for every server (default 0-1)")
     p.add_argument("--preset", default="demo")
+    p.add_argument("--servers", default="baseline,vllm-prefix-cache,lmtier",
+                   help=f"comma-separated, from {', '.join(SERVERS)} (baseline and vllm-prefix-cache are always run)")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="keep every server's log (INFO level: lmtier's per-request lines) in this directory")
     args = p.parse_args(argv)
+    names = ["baseline", "vllm-prefix-cache", *(n for n in args.servers.split(",")
+                                                 if n not in ("baseline", "vllm-prefix-cache"))]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        p.error(f"unknown server(s) {unknown}; choose from {list(SERVERS)}")
     from lmtier.demo import TINY_PRESETS, build_tiny_llama
 
     model = str(build_tiny_llama(TINY_PRESETS[args.preset]))
     max_len = str(args.prefix + args.suffix + args.output + 256)
-    env = {**_ENV, "VLLM_CPU_OMP_THREADS_BIND": args.bind, "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {**_ENV, "VLLM_CPU_OMP_THREADS_BIND": args.bind,
+           "VLLM_LOGGING_LEVEL": "INFO" if args.logs else "WARNING"}
     import vllm
 
     print(f"# vllm serve {vllm.__version__} (CPU) + vllm bench serve; {machine_line()}")
     print(f"# tiny Llama preset {args.preset!r}; prefix_repetition: {args.num_prompts} prompts, {args.prefixes} "
           f"prefixes of {args.prefix} tokens + {args.suffix}-token suffixes, {args.output} tokens out, "
           f"max concurrency {args.max_concurrency}; VLLM_CPU_OMP_THREADS_BIND={args.bind}; {args.rounds} rounds")
-    results: dict[str, list[dict[str, Any]]] = {"baseline": [], "vllm-prefix-cache": [], "lmtier": []}
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="lmtier-vllm-serve-") as tmp:
         root = Path(tmp)
         for r in range(args.rounds):
             for name in results:
                 extra = ["--max-model-len", max_len]
-                if name == "vllm-prefix-cache":
-                    extra.append("--enable-prefix-caching")
-                else:
-                    extra.append("--no-enable-prefix-caching")
-                if name == "lmtier":
+                prefix_cache, options = SERVERS[name]
+                extra.append("--enable-prefix-caching" if prefix_cache else "--no-enable-prefix-caching")
+                if options is not None:
                     tiers = {"chunk_tokens": 256, "tiers": [
                         {"name": "hot", "backend": "cpu", "options": {"max_bytes": "2GiB"}},
-                        {"name": "local", "backend": "disk", "options": {"root": str(root / f"disk{r}")}}]}
+                        {"name": "local", "backend": "disk", "options": {"root": str(root / f"disk-{name}-{r}")}}],
+                        **options}
                     extra += ["--kv-transfer-config", json.dumps({
                         "kv_connector": "LMTierConnector", "kv_connector_module_path": "lmtier.integrations.vllm",
                         "kv_role": "kv_both", "kv_connector_extra_config": tiers})]
                 t0 = time.perf_counter()
-                server = Server(model, root / f"{name}-{r}.log", env, extra)
+                logs = args.logs or root
+                logs.mkdir(parents=True, exist_ok=True)
+                server = Server(model, logs / f"{name}-{r}.log", env, extra)
                 try:
                     _bench(server.port, model, args, 1000 + r, root / f"warm-{name}-{r}.json")
                     results[name].append(_bench(server.port, model, args, r, root / f"{name}-{r}.json"))
@@ -168,10 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print_table(["server", "TTFT mean ms", "TTFT p50 ms", "TTFT p99 ms", "speedup (mean)", "speedup (p50)"], rows,
                 title="vllm bench serve: TTFT medians over rounds; speedups: medians of per-round ratios")
-    for key, label in (("mean_ttft_ms", "mean"), ("median_ttft_ms", "p50")):
-        shares = [pc[key] / lm[key] for pc, lm in zip(results["vllm-prefix-cache"], results["lmtier"], strict=True)]
-        print(f"lmtier's share of vLLM's prefix-cache speedup ({label}), per round: "
-              f"{', '.join(f'{s:.1%}' for s in shares)}; median {median(shares):.1%}")
+    for name in results:
+        if SERVERS[name][1] is None:
+            continue
+        for key, label in (("mean_ttft_ms", "mean"), ("median_ttft_ms", "p50"), ("p99_ttft_ms", "p99")):
+            shares = [pc[key] / lm[key] for pc, lm in zip(results["vllm-prefix-cache"], results[name], strict=True)]
+            print(f"{name}: share of vLLM's prefix-cache speedup ({label}), per round: "
+                  f"{', '.join(f'{s:.1%}' for s in shares)}; median {median(shares):.1%}")
     return 0
 
 

@@ -11,7 +11,9 @@ inline (``{"chunk_tokens": 256, "tiers": [...]}``); without either, ``LMTIER_CON
 embedded default (cpu + disk) applies. Connector options live next to it: ``save_tail`` (store the
 block-aligned tail, default true), ``save_replies`` (store generated tokens too, default true),
 ``namespace_salt`` (any string; change it when the weights behind a model path change),
-``lookup_timeout_s`` (default 10), ``shutdown_flush_s`` (default 10).
+``lookup_timeout_s`` (default 10), ``shutdown_flush_s`` (default 10), ``scheduler_lookups``
+(answer lookups within the scheduling pass, default true), ``lookup_deadline_s`` (default 0.05),
+``defer_max_s`` (how long a request waits for a prefix another request computes, default 5).
 
 **Roles.** ``kv_role``: ``kv_both`` loads and stores; ``kv_producer`` only stores (a prefill
 engine: it never looks up); ``kv_consumer`` only loads (a decode engine: it never stores). A
@@ -28,20 +30,24 @@ served without lmtier.
 **Where the storage lives.** Only the *worker* connectors open tiers (one KVCacheEngine per worker:
 the pinned RAM tier holds pages of that worker's GPU, the disk tier is owned by one process).
 The scheduler connector, which may live in another process (vLLM's default on CPU and with TP > 1),
-never touches storage. It asks the workers instead:
+never touches storage. It asks the workers instead, within the scheduling pass when it can:
 
-1. ``get_num_new_matched_tokens`` for a new request returns ``None`` ("ask again") and queues a
-   lookup of the request's prompt, capped at its last block before the last token (which vLLM
-   always computes);
-2. the lookup travels to every worker in the step's connector metadata; each worker starts it on
-   its engine when the metadata is bound and reports the hit tokens in
-   ``build_connector_worker_meta`` (vLLM aggregates the workers' reports: the minimum counts);
-3. ``update_connector_output`` records the answer, and the next scheduling pass returns it.
+1. ``get_num_new_matched_tokens`` for a new request asks the workers' engines synchronously —
+   directly when the worker lives in this process, else over each worker's lookup socket
+   (:mod:`lmtier.integrations._vllm_lookups`; the worker reports its path with its first step's
+   output), within ``lookup_deadline_s`` — and returns the answer at once;
+2. without such a line (or past the deadline) it returns ``None`` ("ask again") and the lookup
+   travels to every worker in the step's connector metadata; each worker starts it when the
+   metadata is bound and reports the hit tokens in ``build_connector_worker_meta`` (vLLM
+   aggregates the workers' reports: the minimum counts); ``update_connector_output`` records the
+   answer, and the next scheduling pass returns it (the request waited one engine step).
 
-A request thus waits one engine step (milliseconds when idle) before it is scheduled, and the answer
-is exact for every tier, whatever the process layout. When stores land, the requests still
-waiting with a partial answer are looked up again in the background (the request ahead may have
-stored the prefix); the fresher answer replaces the old one when it comes, never delaying them. An answer can go stale before the load
+An answer given before stores became visible is asked again when the request is next considered
+(synchronously, or in the background through the metadata), so a request that waited in the queue
+loads what the requests ahead of it stored meanwhile. A request whose prefix another running
+request is computing right now (it shares at least one more chunk with it than lmtier holds)
+answers "ask again" until the workers have handed those chunks to the store, then loads them
+instead of computing them too (``defer_max_s`` at most). An answer can go stale before the load
 (eviction); then the load fails for those blocks, ``get_block_ids_with_load_errors`` reports them
 and vLLM recomputes them — never serves them. This needs ``kv_load_failure_policy="recompute"``,
 which the connector sets (with a warning) when it finds vLLM's default ``"fail"``.
@@ -58,10 +64,11 @@ of a chat scheduled in the same step finds them — and report the request in ``
 A request whose load failed saves nothing in that step (its forward pass saw bad KV); its chunks
 are stored again after the recompute.
 
-**KV events.** With vLLM's ``kv_events_config`` on, every save that landed on every worker is
+**KV events.** With vLLM's ``kv_events_config`` on, every chunk a tier took (on every worker) is
 published (:meth:`LMTierConnector.take_events`) as a ``BlockStored`` event in vLLM's own block
-hashes, ``medium`` ``CPU`` (``STORAGE`` when the hottest tier is not RAM) and ``ownership``
-``lmtier:<tier>``, so a KV-aware router can send a prefix where it is stored.
+hashes, and every chunk a tier dropped as a ``BlockRemoved`` event, each with the tier's
+``medium`` (``CPU``, ``STORAGE``), ``locality`` and ``ownership`` ``lmtier:<tier>``, so a KV-aware
+router can send a prefix where it is stored (:mod:`lmtier.integrations._vllm_events`).
 
 **Observability.** Log lines (logger ``lmtier``; given vLLM's handler when the application set
 up none): ``Request R: total N tokens, hit M (M1 from <tier>, ...), need to load K`` (scheduler)
@@ -112,6 +119,8 @@ except ImportError as _exc:  # pragma: no cover - exercised only without vllm
 from lmtier.config import LmtierConfig, load_config
 from lmtier.cost import ForwardClock
 from lmtier.errors import ConfigError, LmtierError
+from lmtier.integrations._vllm_events import ChunkEvents, Report, ResidencyReporter
+from lmtier.integrations._vllm_lookups import Answer, Ask, DirectLine, LookupLine, LookupServer, SocketLine
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -133,7 +142,7 @@ log = logging.getLogger("lmtier.vllm")
 
 _LMTIER_KEYS = frozenset(LmtierConfig.model_fields)
 _CONNECTOR_KEYS = frozenset({"config", "save_tail", "save_replies", "namespace_salt", "lookup_timeout_s",
-                             "shutdown_flush_s"})
+                             "shutdown_flush_s", "scheduler_lookups", "lookup_deadline_s", "defer_max_s"})
 
 
 # -- metadata (pickled between processes: plain fields only) --------------------------------------
@@ -169,8 +178,9 @@ class _Save:
     block_ids: list[int]
     end: int
     identity: Identity = ()
-    seq: int = 0  # the scheduler's id of this save (KV events are published once it landed)
+    seq: int = 0  # the scheduler's id of this save
     finished: bool = False  # the request is done: its blocks wait for this save (get_finished)
+    chunk_ids: list[bytes] = field(default_factory=list)  # KV events: every chunk's id (_vllm_events)
 
 
 @dataclass
@@ -183,6 +193,8 @@ class LMTierConnectorMetadata(KVConnectorMetadata):
     #: the step's computed token spans [start, end) of every scheduled request: the workers time
     #: the forward and learn the prefill speed from it (lmtier.cost, the load decision)
     computed: list[tuple[int, int]] = field(default_factory=list)
+    #: the scheduler has every worker's lookup line: they stop reporting it
+    lines_known: bool = False
 
 
 @dataclass
@@ -191,13 +203,18 @@ class LMTierWorkerMetadata(KVConnectorWorkerMetadata):
 
     ``hits``: lookup answers ``req_id -> (hit tokens, workers)`` (the minimum over workers counts);
     ``tiers``: ``req_id -> [(tier, tokens), ...]`` the same answers as runs in prefix order, each
-    naming the tier (the hottest holding the chunk) a load would read; ``saved``: ``save seq -> (landed on every worker so far, workers)``.
+    naming the tier (the hottest holding the chunk) a load would read; ``issued``: ``save seq -> workers`` that copied the save's pages out and handed them to the
+    store (a lookup now finds them); ``lines``: ``rank -> (pid, socket path)`` of each worker's
+    lookup server (:mod:`lmtier.integrations._vllm_lookups`), until the scheduler knows them;
+    ``residency``: where the workers' chunks went (KV events: :mod:`lmtier.integrations._vllm_events`).
     """
 
     hits: dict[str, tuple[int, int]] = field(default_factory=dict)
     load_failed: set[str] = field(default_factory=set)
     tiers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    saved: dict[int, tuple[bool, int]] = field(default_factory=dict)
+    issued: dict[int, int] = field(default_factory=dict)
+    lines: dict[int, tuple[int, str]] = field(default_factory=dict)
+    residency: list[Report] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if not isinstance(other, LMTierWorkerMetadata):
@@ -209,11 +226,11 @@ class LMTierWorkerMetadata(KVConnectorWorkerMetadata):
         tiers = dict(self.tiers)
         for rid, runs in other.tiers.items():
             tiers.setdefault(rid, runs)  # ranks hold the same chunks in the same tiers
-        saved = dict(self.saved)
-        for seq, (ok, n) in other.saved.items():
-            prev = saved.get(seq)
-            saved[seq] = (ok, n) if prev is None else (prev[0] and ok, prev[1] + n)
-        return LMTierWorkerMetadata(hits, self.load_failed | other.load_failed, tiers, saved)
+        issued = dict(self.issued)
+        for seq, n in other.issued.items():
+            issued[seq] = issued.get(seq, 0) + n
+        return LMTierWorkerMetadata(hits, self.load_failed | other.load_failed, tiers, issued,
+                                    {**self.lines, **other.lines}, self.residency + other.residency)
 
 
 # -- statistics (vLLM's KV connector stats: log line and Prometheus on the API server) -------------
@@ -336,6 +353,9 @@ def load_connector_config(extra: Mapping[str, Any] | None, env: Mapping[str, str
         "namespace_salt": str(extra.get("namespace_salt", "")),
         "lookup_timeout_s": _seconds(extra, "lookup_timeout_s", 10.0),
         "shutdown_flush_s": _seconds(extra, "shutdown_flush_s", 10.0),
+        "scheduler_lookups": _flag(extra, "scheduler_lookups", True),
+        "lookup_deadline_s": _seconds(extra, "lookup_deadline_s", 0.05),
+        "defer_max_s": _seconds(extra, "defer_max_s", 5.0),
     }
     return cfg, options
 
@@ -388,19 +408,8 @@ class _Tracked:
     identity: Identity
     prompt_len: int
     block_ids: list[int] = field(default_factory=list)
-    saved_upto: int = 0
-
-
-@dataclass
-class _PendingEvent:
-    """What a save will publish as a ``BlockStored`` event once every worker stored it."""
-
-    block_hashes: list[Any]
-    parent_block_hash: Any
-    token_ids: list[int]
-    lora_name: str | None
-    extra_keys: list[Any] | None
-    reports: tuple[bool, int] = (True, 0)
+    saved_upto: int = 0  # what its saves cover once planned
+    issued_upto: int = 0  # ... once the workers handed them to the store (lookups find them)
 
 
 def _computed_spans(scheduler_output: SchedulerOutput) -> list[tuple[int, int]]:
@@ -556,13 +565,19 @@ class LMTierConnector(KVConnectorBase_V1):
         # load the request ahead of it often stores the prefix it missed before it is scheduled.
         self._asks: dict[str, _Lookup] = {}  # req -> its lookup, to ask again
         self._refreshing: set[str] = set()  # reqs with a second lookup in flight
-        kec = getattr(self._vllm_config, "kv_events_config", None)
-        self._events_on = bool(kec is not None and getattr(kec, "enable_kv_cache_events", False))
-        self._pending_events: dict[int, _PendingEvent] = {}
-        self._events: list[Any] = []
-        hottest = self._cfg.tiers[0] if self._cfg.tiers else None
-        self._event_tier = hottest.name if hottest is not None else ""
-        self._event_medium = "CPU" if hottest is not None and hottest.backend == "cpu" else "STORAGE"
+        # Answers within the scheduling pass (the workers' engines reached directly or by socket,
+        # _vllm_lookups); None until the workers said where, or when there is no such line.
+        self._line: LookupLine | None = None
+        self._line_paths: dict[int, tuple[int, str]] = {}
+        self._store_gen = 0  # counts the steps whose saves became visible: older partial answers are stale
+        self._answer_gen: dict[str, int] = {}  # req -> _store_gen when its current answer was asked
+        self._asked_gen: dict[str, int] = {}  # req -> _store_gen when its round-trip lookup was queued
+        self._issue_extents: dict[int, tuple[str, int, int]] = {}  # save seq -> (req, extent, reports)
+        # Requests whose prefix a running request is computing wait for it ("ask again") instead of
+        # computing it too, at most defer_max_s: req -> when that began (None: never again)
+        self._deferred: dict[str, float | None] = {}
+        self._kv_events = (ChunkEvents(self._block_size, self._chunk_tokens, self._world)
+                           if _events_on(self._vllm_config) else None)
 
     # -- which requests, under which identity ----------------------------------------------------
     def _identity(self, request: Request) -> Identity | None:
@@ -622,11 +637,18 @@ class LMTierConnector(KVConnectorBase_V1):
             return 0, False
         self._local[rid] = num_computed_tokens
         hit = self._lookups.get(rid)
-        if hit is None:  # ask the workers; answer on a later pass
+        if hit != _IN_FLIGHT and (hit is None or self._stale(rid, hit, limit)):
+            now = self._ask_now(request, prompt, limit, identity, num_computed_tokens, record=hit is None)
+            if now is not None:
+                hit = self._lookups[rid] = now
+                self._answer_gen[rid] = self._store_gen
+            else:
+                hit = self._lookups.get(rid)  # unchanged, or in flight by the round trip
+        if hit is None:  # ask the workers through the step's metadata; answer on a later pass
             self._lookups[rid] = _IN_FLIGHT
             self._lookup_started[rid] = time.monotonic()
             ask = self._asks[rid] = _Lookup(rid, list(prompt), limit, identity, num_computed_tokens)
-            self._lookup_queue.append(ask)
+            self._queue_lookup(ask)
             return None, False
         if hit == _IN_FLIGHT:
             if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
@@ -635,12 +657,123 @@ class LMTierConnector(KVConnectorBase_V1):
                 self._lookups[rid] = 0
                 return 0, False
             return None, False
+        if self._defer(request, identity, hit, limit):
+            return None, False
         return max(0, min(hit, limit) - num_computed_tokens), False
+
+    def _stale(self, rid: str, hit: int, limit: int) -> bool:
+        """A partial answer asked before the latest stores became visible."""
+        gen = self._answer_gen.get(rid)
+        return gen is not None and gen < self._store_gen and hit < limit
+
+    def _queue_lookup(self, ask: _Lookup) -> None:
+        """Ask the workers in the next step's metadata (what is visible now, they will see)."""
+        self._lookup_queue.append(ask)
+        self._asked_gen[ask.req_id] = self._store_gen
+
+    def _ask_now(self, request: Request, prompt: list[int], limit: int, identity: Identity, start: int, *,
+                 record: bool) -> int | None:
+        """The workers' answer within this scheduling pass, or None (no line, or none in time)."""
+        line = self._lookup_line()
+        if line is None:
+            return None
+        rid = request.request_id
+        answer = line.ask(Ask(req_id=rid, token_ids=list(prompt), limit=limit, identity=list(identity),
+                              start=start, record=record, timeout_s=self._opts["lookup_deadline_s"]))
+        if answer is None:
+            return None
+        if answer.error:  # the worker saw it (and counts it): the round trip asks without counting again
+            log.debug("lmtier: request %s: no synchronous lookup answer (%s)", rid, answer.error)
+            if record:
+                self._lookups[rid] = _IN_FLIGHT
+                self._lookup_started[rid] = time.monotonic()
+                self._queue_lookup(_Lookup(rid, list(prompt), limit, identity, start, refresh=True))
+                self._refreshing.add(rid)
+            return None
+        if answer.runs:
+            self._tier_runs[rid] = [tuple(r) for r in answer.runs]  # type: ignore[misc]
+        return int(answer.tokens)
+
+    def _lookup_line(self) -> LookupLine | None:
+        """How this scheduler reaches its workers' lookups now (see _vllm_lookups), if it can."""
+        if self._line is not None or not self._opts["scheduler_lookups"]:
+            return self._line
+        if len(self._line_paths) < self._world:
+            return None
+        pids = {pid for pid, _ in self._line_paths.values()}
+        if pids == {os.getpid()} and self._world == 1:
+            from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+            worker = get_kv_transfer_group() if has_kv_transfer_group() else None
+            if isinstance(worker, LMTierConnector) and worker.engine is not None:
+                self._line = DirectLine(worker.answer_lookup)
+                log.info("lmtier: the scheduler answers lookups from the worker's engine in this process")
+                return self._line
+        self._line = SocketLine({rank: path for rank, (_, path) in self._line_paths.items()})
+        log.info("lmtier: the scheduler answers lookups through the workers' lookup sockets (%d rank(s))",
+                 self._world)
+        return self._line
+
+    def _defer(self, request: Request, identity: Identity, hit: int, limit: int) -> bool:
+        """Whether ``request`` should wait ("ask again") for a prefix another request is computing.
+
+        It waits while another running request of the same identity is computing at least one
+        more chunk of this request's prefix than lmtier holds (what vLLM's own prefix cache gets
+        within a step): once those chunks are stored, it loads them instead of computing them too.
+        At most ``defer_max_s`` per request, and only with a synchronous line to the workers: over
+        the metadata round trip the fresh answer would cost it another step (measured: worse than
+        computing, benchmarks/vllm_serve.py).
+        """
+        rid = request.request_id
+        gave_up = rid in self._deferred and self._deferred[rid] is None
+        if not self._saves() or self._opts["defer_max_s"] <= 0 or gave_up or self._lookup_line() is None:
+            return False
+        computing = self._computing_extent(request, identity, limit)
+        if computing - max(hit, 0) < self._chunk_tokens:
+            self._deferred.pop(rid, None)
+            return False
+        now = time.monotonic()
+        since = self._deferred.setdefault(rid, now)
+        if since is not None and now - since > self._opts["defer_max_s"]:
+            log.info("lmtier: request %s waited %.1fs for a prefix another request computes; computing it",
+                     rid, now - since)
+            self._deferred[rid] = None
+            return False
+        return True
+
+    def _computing_extent(self, request: Request, identity: Identity, limit: int) -> int:
+        """The longest prefix of ``request``'s (tokens, whole chunks, at most ``limit``) that another
+        running request of the same identity is computing and will store, and has not handed to
+        the store yet."""
+        from vllm.v1.request import RequestStatus
+
+        mine = request.block_hashes
+        computing = 0
+        c, b = self._chunk_tokens, self._block_size
+        for other in self._tracked.values():
+            peer = other.request
+            if peer is request or other.identity != identity or peer.status != RequestStatus.RUNNING:
+                continue
+            prompt_extent = self._stored_extent(other.prompt_len)
+            if other.issued_upto >= prompt_extent:
+                continue  # its prompt is in the store already
+            n = 0
+            for a, z in zip(mine, peer.block_hashes):  # noqa: B905 - the shorter one bounds the common prefix
+                if a != z:
+                    break
+                n += 1
+            extent = min(n * b // c * c, prompt_extent // c * c, limit)
+            if extent > other.issued_upto:
+                computing = max(computing, extent)
+        return computing
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
         self._asks.pop(rid, None)
         self._refreshing.discard(rid)
+        self._answer_gen.pop(rid, None)
+        self._asked_gen.pop(rid, None)
+        self._deferred.pop(rid, None)
         hit = self._lookups.pop(rid, 0)
         self._lookup_started.pop(rid, None)
         local = self._local.pop(rid, 0)
@@ -660,6 +793,7 @@ class LMTierConnector(KVConnectorBase_V1):
             # what is loaded from lmtier is stored there: saves start after it (a failed load
             # resets this, and the recomputed pages are stored again)
             tracked.saved_upto = max(tracked.saved_upto, end)
+            tracked.issued_upto = max(tracked.issued_upto, end)
         if not self._loads():
             return
         hit = max(hit, 0)
@@ -695,7 +829,8 @@ class LMTierConnector(KVConnectorBase_V1):
 
     # -- per-step metadata ---------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = LMTierConnectorMetadata(lookups=self._lookup_queue, saves=self._finish_queue)
+        meta = LMTierConnectorMetadata(lookups=self._lookup_queue, saves=self._finish_queue,
+                                       lines_known=len(self._line_paths) >= self._world)
         self._lookup_queue, self._finish_queue = [], []
         scheduled = scheduler_output.num_scheduled_tokens
         meta.computed = _computed_spans(scheduler_output)
@@ -763,35 +898,34 @@ class LMTierConnector(KVConnectorBase_V1):
         self._save_seq += 1
         op = _Save(request.request_id, list(request.all_token_ids[:end]), list(block_ids[:nblocks]), end,
                    tracked.identity, self._save_seq, finished)
-        if self._events_on:
-            self._pending_events[op.seq] = self._event_for(request, tracked.saved_upto, self._stored_extent(end))
+        if self._kv_events is not None:
+            op.chunk_ids = self._kv_events.plan(request, self._stored_extent(end)) or []
         tracked.saved_upto = self._stored_extent(end)
+        self._issue_extents[op.seq] = (request.request_id, tracked.saved_upto, 0)
         return op
-
-    def _event_for(self, request: Request, start: int, stop: int) -> _PendingEvent:
-        """The ``BlockStored`` fields of blocks ``[start, stop)`` (tokens), in vLLM's block hashes."""
-        from vllm.v1.core.kv_cache_utils import (
-            generate_block_hash_extra_keys,
-            maybe_convert_block_hash,
-            to_event_extra_keys,
-        )
-
-        b = self._block_size
-        first, last = start // b, stop // b
-        hashes = list(request.block_hashes[first:last])
-        last = first + len(hashes)  # vLLM hashes full blocks of the request's tokens only
-        parent = maybe_convert_block_hash(request.block_hashes[first - 1]) if first > 0 else None
-        extra = [generate_block_hash_extra_keys(request, i * b, (i + 1) * b, 0)[0] for i in range(first, last)]
-        lora = request.lora_request
-        return _PendingEvent([maybe_convert_block_hash(h) for h in hashes], parent,
-                             list(request.all_token_ids[first * b: last * b]),
-                             lora.lora_name if lora is not None else None, to_event_extra_keys(extra))
 
     # -- worker reports -------------------------------------------------------------------------------
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         report = connector_output.kv_connector_worker_meta
         if not isinstance(report, LMTierWorkerMetadata):
             return
+        if report.lines and len(self._line_paths) < self._world:
+            self._line_paths.update(report.lines)
+        visible = False
+        for seq, n in report.issued.items():  # these saves' chunks are in the store now
+            entry = self._issue_extents.pop(seq, None)
+            if entry is None:
+                continue
+            rid, extent, reports = entry
+            if reports + n < self._world:
+                self._issue_extents[seq] = (rid, extent, reports + n)
+                continue
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                tracked.issued_upto = max(tracked.issued_upto, extent)
+            visible = True
+        if visible:
+            self._store_gen += 1
         for rid, (hit, n) in report.hits.items():
             if self._lookups.get(rid) != _IN_FLIGHT and rid not in self._refreshing:
                 continue  # scheduled, finished or given up meanwhile
@@ -803,59 +937,46 @@ class LMTierConnector(KVConnectorBase_V1):
             if n >= self._world:
                 self._lookups[rid] = hit
                 self._refreshing.discard(rid)
+                self._answer_gen[rid] = self._asked_gen.pop(rid, self._store_gen)
             else:
                 self._partial[rid] = (hit, n)
         for rid in report.load_failed:  # recomputed pages will be correct: store them again
             tracked = self._tracked.get(rid)
             if tracked is not None:
-                tracked.saved_upto = 0
-        if any(ok for ok, _ in report.saved.values()):
+                tracked.saved_upto = tracked.issued_upto = 0
+        if visible:
             self._refresh()
-        for seq, (ok, n) in report.saved.items():
-            pending = self._pending_events.get(seq)
-            if pending is None:
-                continue
-            ok, n = pending.reports[0] and ok, pending.reports[1] + n
-            if n < self._world:
-                pending.reports = (ok, n)
-                continue
-            del self._pending_events[seq]
-            if ok and pending.block_hashes:
-                self._events.append(self._block_stored(pending))
+        if self._kv_events is not None and report.residency:
+            self._kv_events.report(report.residency)
 
     def _refresh(self) -> None:
-        """Stores landed: look up again the waiting requests whose answer is not a full hit."""
+        """Stores became visible: look up again (through the step's metadata) the waiting requests
+        answered that way whose answer is not a full hit (synchronous answers are asked again when
+        the request is next considered: :meth:`_stale`)."""
         for rid, hit in self._lookups.items():
             ask = self._asks.get(rid)
             if hit == _IN_FLIGHT or rid in self._refreshing or ask is None or hit >= ask.limit:
                 continue
             self._refreshing.add(rid)
-            self._lookup_queue.append(replace(ask, refresh=True))
-
-    def _block_stored(self, ev: _PendingEvent) -> Any:
-        from vllm.distributed.kv_events import BlockStored
-
-        return BlockStored(block_hashes=ev.block_hashes, parent_block_hash=ev.parent_block_hash,
-                           token_ids=ev.token_ids, block_size=self._block_size, lora_id=None,
-                           medium=self._event_medium, lora_name=ev.lora_name, extra_keys=ev.extra_keys,
-                           group_idx=0, locality="LOCAL", ownership=f"lmtier:{self._event_tier}")
+            self._queue_lookup(replace(ask, refresh=True))
 
     def take_events(self) -> Iterable[Any]:
-        """``BlockStored`` events of the blocks lmtier stored since the last call (vLLM publishes them).
+        """``BlockStored`` / ``BlockRemoved`` events since the last call (vLLM publishes them).
 
-        One event per save that landed on every worker, in vLLM's own block hashes (so a KV-aware
-        router matches them with the prefixes it hashes), ``medium`` ``CPU`` when the hottest tier
-        is lmtier's RAM tier (``STORAGE`` otherwise), ``ownership`` ``lmtier:<tier name>``.
+        One residency per lmtier tier: a chunk a tier took on every worker is stored there, one
+        it dropped on any worker is removed, in vLLM's own block hashes, with the tier's
+        ``medium`` and ``locality`` and ``ownership`` ``lmtier:<tier>`` (see
+        :mod:`lmtier.integrations._vllm_events`).
         """
-        events, self._events = self._events, []
-        return events
+        return self._kv_events.take() if self._kv_events is not None else []
 
     # -- end of a request -----------------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         tracked = self._tracked.get(rid)
         for table in (self._lookups, self._lookup_started, self._partial, self._local, self._tracked,
-                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources, self._asks):
+                      self._pending_loads, self._identities, self._tier_runs, self._hit_sources, self._asks,
+                      self._answer_gen, self._asked_gen, self._deferred):
             table.pop(rid, None)  # type: ignore[attr-defined]
         self._refreshing.discard(rid)
         if tracked is None or not self._saves() or not self._opts["save_replies"]:
@@ -884,8 +1005,10 @@ class LMTierConnector(KVConnectorBase_V1):
         self._lookup_futs: dict[str, tuple[concurrent.futures.Future[Located], _Lookup]] = {}
         self._namespaces: dict[Identity, str] = {}
         self._finished_saving: set[str] = set()  # finished requests whose final save ran: free their blocks
-        self._saved_lock = threading.Lock()  # saves land on the engine's loop thread
-        self._saved: dict[int, bool] = {}  # save seq -> landed, reported in the next worker meta
+        self._issued: list[int] = []  # save seqs handed to the store this step (or given up)
+        self._lookup_server: LookupServer | None = None  # the scheduler's synchronous lookups
+        self._line_report: dict[int, tuple[int, str]] = {}  # reported until the scheduler knows it
+        self._residency: ResidencyReporter | None = None  # KV events: where this worker's chunks went
         self._step_clock: ForwardClock | None = None  # times forwards: the prefill speed the load decision needs
         if self._disabled:
             return
@@ -927,6 +1050,16 @@ class LMTierConnector(KVConnectorBase_V1):
         self._engine = KVCacheEngine(cfg, self._kv, save_tail=self._opts["save_tail"], name=f"lmtier-tp{rank}")
         log.info("lmtier connector (worker, rank %d): namespace %s, tiers %s", rank, self._kv.namespace,
                  self._engine.tier_names)
+        if _events_on(vllm_config):
+            self._residency = ResidencyReporter(self._engine, cfg, rank)
+        if self._opts["scheduler_lookups"] and self._loads():
+            try:
+                self._lookup_server = LookupServer(self.answer_lookup, name=f"lmtier-lookups-tp{rank}")
+            except OSError as exc:  # the scheduler then asks through the step's metadata
+                log.warning("lmtier: no lookup socket for the scheduler (%s); each request waits one engine "
+                            "step for its lookup", exc)
+            else:
+                self._line_report = {rank: (os.getpid(), self._lookup_server.path)}
 
     @property
     def engine(self) -> KVCacheEngine | None:
@@ -936,6 +1069,22 @@ class LMTierConnector(KVConnectorBase_V1):
         ``vllm.distributed.kv_transfer.get_kv_transfer_group().engine``, e.g. to :meth:`flush` it.
         """
         return getattr(self, "_engine", None)
+
+    def answer_lookup(self, ask: Ask) -> Answer:
+        """The scheduler's synchronous lookup (:mod:`lmtier.integrations._vllm_lookups`): the
+        engine's answer within ``ask.timeout_s``, else an ``error`` (the lookup goes on and counts)."""
+        engine = self._engine
+        if engine is None or self._disabled:
+            return Answer(error="no lmtier engine on this worker")
+        identity = tuple((str(k), str(v)) for k, v in ask.identity)
+        fut = engine.locate_async(ask.token_ids, request_id=ask.req_id, limit=ask.limit,
+                                  namespace=self._namespace(identity), start=ask.start, record=ask.record)
+        try:
+            found = fut.result(timeout=ask.timeout_s)
+        except concurrent.futures.TimeoutError:
+            return Answer(error=f"no answer in {ask.timeout_s * 1e3:.0f} ms")
+        runs = list(found.runs) if found.runs and all(tier for tier, _ in found.runs) else []
+        return Answer(tokens=found.tokens, runs=runs)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self._engine is None:
@@ -989,6 +1138,8 @@ class LMTierConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if not isinstance(connector_metadata, LMTierConnectorMetadata):
             return
+        if connector_metadata.lines_known:
+            self._line_report = {}
         if self._step_clock is not None and self._engine is not None:  # before this step's lookups weigh hits
             for spans, seconds in self._step_clock.finished():
                 self._engine.observe_compute(spans, seconds)
@@ -1059,15 +1210,15 @@ class LMTierConnector(KVConnectorBase_V1):
                 if op.finished:
                     continue  # stored when the metadata was bound
                 if op.req_id in self._failed_now:
-                    self._landed(op.seq, False)
+                    self._issued.append(op.seq)
                     continue  # its forward pass read KV that failed to load: nothing of it is stored
                 self._store(op)
         self._failed_now.clear()
 
     def _store(self, op: _Save) -> None:
         """Copy a save's pages out and hand them to the tiers (which are written behind)."""
+        self._issued.append(op.seq)  # after this call, lookups find what the store took
         if not self._usable():
-            self._landed(op.seq, False)
             return
         assert self._engine is not None
         try:
@@ -1075,21 +1226,19 @@ class LMTierConnector(KVConnectorBase_V1):
                                         request_id=op.req_id, namespace=self._namespace(op.identity))
         except LmtierError as exc:
             log.error("lmtier: cannot store request %s (%s)", op.req_id, exc)
-            self._landed(op.seq, False)
             return
-        seq = op.seq
+        residency, chunk_ids = self._residency, op.chunk_ids
+        if residency is not None and chunk_ids:
+            residency.saved(handle.keys, chunk_ids)
 
         def landed(done: concurrent.futures.Future[int]) -> None:
-            ok = not done.cancelled() and done.exception() is None
-            if ok:
-                self._count("stored_tokens", done.result())
-            self._landed(seq, ok)
+            if done.cancelled() or done.exception() is not None:
+                return
+            self._count("stored_tokens", done.result())
+            if residency is not None and chunk_ids:
+                residency.landed(chunk_ids)
 
         handle.done.add_done_callback(landed)
-
-    def _landed(self, seq: int, ok: bool) -> None:
-        with self._saved_lock:
-            self._saved[seq] = ok
 
     def _finish_loads(self) -> None:
         loading, self._loading = self._loading, []
@@ -1114,16 +1263,16 @@ class LMTierConnector(KVConnectorBase_V1):
         return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        with self._saved_lock:
-            saved, self._saved = self._saved, {}
-        if not self._lookup_futs and not self._failed_report and not saved:
+        issued, self._issued = self._issued, []
+        residency = self._residency.take() if self._residency is not None else []
+        if not (self._lookup_futs or self._failed_report or issued or self._line_report or residency):
             return None
         # Lookups are quick (contains calls on local tiers): waiting a little saves the request a
         # step; the bound keeps a slow remote tier from holding up the batch (the answer then
         # rides on a later step, and the scheduler gives up after lookup_timeout_s).
         concurrent.futures.wait([f for f, _ in self._lookup_futs.values()], timeout=_LOOKUP_WAIT_S)
-        report = LMTierWorkerMetadata(load_failed=self._failed_report,
-                                      saved={seq: (ok, 1) for seq, ok in saved.items()})
+        report = LMTierWorkerMetadata(load_failed=self._failed_report, issued=dict.fromkeys(issued, 1),
+                                      lines=dict(self._line_report), residency=residency)
         self._failed_report = set()
         for rid, (fut, _) in list(self._lookup_futs.items()):
             if fut.done():
@@ -1144,7 +1293,13 @@ class LMTierConnector(KVConnectorBase_V1):
         What is still queued after that is dropped, and the log says how much, per tier.
         """
         if self._role != KVConnectorRole.WORKER:
+            line, self._line = self._line, None
+            if line is not None:
+                line.close()
             return
+        server, self._lookup_server = self._lookup_server, None
+        if server is not None:
+            server.close()
         for _, handle in self._loading:
             handle.close()
         self._loading = []
@@ -1164,6 +1319,12 @@ class LMTierConnector(KVConnectorBase_V1):
             log.info("lmtier: shutdown: every store flushed to the tiers (%d queued tier write(s)) in %.2fs",
                      sum(before.values()), time.monotonic() - t0)
         engine.close(timeout=1.0 if any(left.values()) else budget)
+
+
+def _events_on(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM publishes KV cache events (then the connector reports lmtier's)."""
+    kec = getattr(vllm_config, "kv_events_config", None)
+    return bool(kec is not None and getattr(kec, "enable_kv_cache_events", False))
 
 
 def _queued_writes(engine: KVCacheEngine) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """What the connector caches beyond plain prompts, on a real vLLM engine (CPU, tiny random Llama).
 
 Tenants (``cache_salt``) keep their KV apart; a chat's reply is stored at the request's end so the
-next turn hits through it; stored blocks are published as vLLM KV events in vLLM's own block
-hashes. Every output is compared with vLLM without a connector (token ids equal, logprobs within
+next turn hits through it; the blocks each tier takes and drops are published as vLLM KV events in
+vLLM's own block hashes. Every output is compared with vLLM without a connector (token ids equal, logprobs within
 bf16 noise). One engine serves the module (KV events on, published over ZMQ to this test).
 """
 
@@ -130,33 +130,73 @@ def test_the_next_chat_turn_hits_through_the_stored_reply(engine: EngineSlot, ba
     assert "Stored 128 of 640 tokens for request" in caplog.text  # the reply's block, at the end
 
 
-def test_stored_blocks_are_published_as_kv_events_in_vllms_block_hashes(
-        engine: EngineSlot, subscriber: EventSubscriber) -> None:
-    from vllm.distributed.kv_events import BlockStored
+#: the tiers of tier_config and of tests.server.serverproc.tiers_yaml: ownership -> (medium, locality)
+EVENT_TIERS = {"lmtier:hot": ("CPU", "LOCAL"), "lmtier:local": ("STORAGE", "LOCAL")}
+
+
+def block_hashes(llm: Any, prompt: list[int], blocks: int) -> list[Any]:
+    """vLLM's own hashes of the first ``blocks`` blocks of ``prompt`` (no salt, no adapter)."""
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core import kv_cache_utils as kcu
 
-    prompt = PROMPTS["events"]
-    runner.generate(engine.llm, [prompt])
-    engine.worker_engine().flush()
-    runner.generate(engine.llm, [PROMPTS["short"]])  # a step after the store landed carries its report
-
-    def ours(events: list[Any]) -> list[Any]:
-        return [e for e in events if isinstance(e, BlockStored) and (e.ownership or "").startswith("lmtier:")
-                and e.token_ids and e.token_ids[:128] == prompt[:128]]
-
-    events = ours(subscriber.drain(lambda evs: sum(len(e.block_hashes) for e in ours(evs)) >= 7))
-    # 1000 tokens: 3 chunks + a 1-block tail = 7 blocks of 128, in the order vLLM hashes them
-    hashes = [h for e in events for h in e.block_hashes]
-    config = engine.llm.llm_engine.vllm_config.cache_config
+    config = llm.llm_engine.vllm_config.cache_config
     hash_fn = get_hash_fn_by_name(config.prefix_caching_hash_algo)
     want, parent = [], None
-    for i in range(7):
+    for i in range(blocks):
         parent = kcu.hash_block_tokens(hash_fn, parent, prompt[i * 128:(i + 1) * 128], None)
         want.append(kcu.maybe_convert_block_hash(parent))
-    assert hashes == want
-    assert [t for e in events for t in e.token_ids] == prompt[:896]
-    assert {(e.medium, e.ownership, e.block_size) for e in events} == {("CPU", "lmtier:hot", 128)}
+    return want
+
+
+def lmtier_blocks(events: list[Any], kind: type, of: list[Any]) -> dict[str, list[Any]]:
+    """Per lmtier tier, the hashes (among ``of``) that ``kind`` events name, in order."""
+    return {owner: [h for e in events if isinstance(e, kind) and e.ownership == owner
+                    for h in e.block_hashes if h in of] for owner in EVENT_TIERS}
+
+
+def check_places(events: list[Any], kind: type, of: list[Any], owners: tuple[str, ...] = tuple(EVENT_TIERS)) -> None:
+    """Every ``kind`` event of ``owners`` naming blocks of ``of`` carries its tier's medium and locality."""
+    for owner in owners:
+        place = EVENT_TIERS[owner]
+        got = {(e.medium, e.locality) for e in events
+               if isinstance(e, kind) and e.ownership == owner and set(e.block_hashes) & set(of)}
+        assert got == {place}, owner
+
+
+def step_after_stores(llm: Any, flush: Any) -> None:
+    """Let the stores land, then run a step: its output carries the workers' residency reports."""
+    flush()
+    runner.generate(llm, [PROMPTS["short"]])
+
+
+def test_kv_events_name_vllms_block_hashes_per_tier_and_removals_follow(
+        engine: EngineSlot, subscriber: EventSubscriber) -> None:
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+    from lmtier.keys import chunk_keys
+
+    prompt = PROMPTS["events"]
+    runner.generate(engine.llm, [prompt])
+    step_after_stores(engine.llm, engine.worker_engine().flush)
+    # 1000 tokens: 3 chunks + a 1-block tail = 7 blocks of 128, in the order vLLM hashes them
+    want = block_hashes(engine.llm, prompt, 7)
+    # one residency per tier: the RAM tier and the (write-through) disk tier both took the chunks
+    events = subscriber.drain(lambda evs: all(len(b) >= 7 for b in lmtier_blocks(evs, BlockStored, want).values()))
+    assert lmtier_blocks(events, BlockStored, want) == dict.fromkeys(EVENT_TIERS, want)
+    check_places(events, BlockStored, want)
+    for owner in EVENT_TIERS:
+        got = [e for e in events if isinstance(e, BlockStored) and e.ownership == owner and e.block_hashes[0] in want]
+        assert [t for e in got for t in e.token_ids] == prompt[:896]
+        assert {e.block_size for e in got} == {128}
+    # the chunks leave both tiers (deleted here; evictions: the server test below): removals of
+    # the same hashes, per tier
+    eng = engine.worker_engine()
+    eng.kvstore.delete(chunk_keys(prompt[:896], eng.namespace, 256, include_partial=True))
+    runner.generate(engine.llm, [PROMPTS["short"]])
+    events = subscriber.drain(lambda evs: all(len(b) >= 7 for b in lmtier_blocks(evs, BlockRemoved, want).values()))
+    assert {owner: sorted(b) for owner, b in lmtier_blocks(events, BlockRemoved, want).items()} == \
+        dict.fromkeys(EVENT_TIERS, sorted(want))
+    check_places(events, BlockRemoved, want)
 
 
 def test_bad_tenant_and_adapter_identities_are_served_without_lmtier(tmp_path: Path,
@@ -222,3 +262,54 @@ def test_lora_requests_are_cached_per_adapter(engines: EngineSlot, tiny_model: s
     assert got["a1"].token_ids != got["b"].token_ids  # the adapters do change the KV and outputs
     assert runner.same_outputs(got["none"], baseline["salted"]) is None
     engines.close()
+
+
+@pytest.mark.server
+def test_kv_events_over_lmtier_serve_follow_its_evictions(engines: EngineSlot, tmp_path: Path) -> None:
+    """The connector over a real ``lmtier serve`` (its optional ``residency`` op): the server's
+    slab takes a prompt's chunks and its write-through disk tier too; a second prompt makes the
+    slab evict the first one's, which is published as their removal from ``CPU`` only."""
+    from vllm.config import KVEventsConfig
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+    from tests.server.serverproc import start_server, tiers_yaml
+
+    first, second = PROMPTS["events"], PROMPTS["events"][::-1]
+    # 1000 tokens of the test model (1 KiB of KV per token): 3 chunks + a 128-token tail, 896 KiB;
+    # a 1 MiB slab holds one prompt's, so the second prompt's evict the first's
+    server = start_server(tmp_path, config=tiers_yaml(tmp_path, slab="1MiB"))
+    sub = EventSubscriber(tmp_path / "kv-events.sock")
+    try:
+        events_config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=sub.endpoint, topic="")
+        engines.open("events-server", {"chunk_tokens": 256, "server": server.address}, kv_events_config=events_config)
+        flush = engines.worker_engine().flush
+        runner.generate(engines.llm, [first])
+        step_after_stores(engines.llm, flush)
+        want = block_hashes(engines.llm, first, 7)
+        events = sub.drain(lambda evs: all(len(b) >= 7 for b in lmtier_blocks(evs, BlockStored, want).values()))
+        assert lmtier_blocks(events, BlockStored, want) == dict.fromkeys(EVENT_TIERS, want)
+        check_places(events, BlockStored, want)
+
+        runner.generate(engines.llm, [second])
+        step_after_stores(engines.llm, flush)
+        later = block_hashes(engines.llm, second, 7)
+        # the second prompt's 896 KiB leave 128 KiB of the first's in the slab: whole chunks of at
+        # least 768 KiB of it are evicted (which ones is the slab's LRU's business)
+        chunks = [(want[0:2], 256), (want[2:4], 256), (want[4:6], 256), (want[6:7], 128)]
+
+        def evicted(evs: list[Any]) -> list[tuple[list[Any], int]]:
+            gone = set(lmtier_blocks(evs, BlockRemoved, want)["lmtier:hot"])
+            return [(blocks, kib) for blocks, kib in chunks if set(blocks) <= gone]
+
+        events = sub.drain(lambda evs: sum(kib for _, kib in evicted(evs)) >= 768
+                           and all(len(b) >= 7 for b in lmtier_blocks(evs, BlockStored, later).values()))
+        removed = lmtier_blocks(events, BlockRemoved, want)["lmtier:hot"]
+        assert sum(kib for _, kib in evicted(events)) >= 768
+        assert sorted(removed) == sorted(h for blocks, _ in evicted(events) for h in blocks)  # whole chunks, once
+        assert lmtier_blocks(events, BlockRemoved, want)["lmtier:local"] == []  # the disk tier keeps them
+        check_places(events, BlockRemoved, want, owners=("lmtier:hot",))
+        assert lmtier_blocks(events, BlockStored, later) == dict.fromkeys(EVENT_TIERS, later)
+    finally:
+        engines.close()
+        sub.close()
+        server.close()

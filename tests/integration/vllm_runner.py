@@ -49,7 +49,8 @@ def make_llm(model: str, lmtier: dict[str, Any] | None = None, *, role: str = "k
     if lmtier is not None:
         kwargs["kv_transfer_config"] = lmtier_transfer_config(lmtier, role)
     # no local prefix cache: every reuse must come through lmtier; eager: no compile time
-    return LLM(model=model, dtype="bfloat16", max_model_len=4096, enable_prefix_caching=False, seed=0,
+    kwargs.setdefault("max_model_len", 4096)
+    return LLM(model=model, dtype="bfloat16", enable_prefix_caching=False, seed=0,
                enforce_eager=True, disable_log_stats=True, **kwargs)
 
 
