@@ -1297,14 +1297,16 @@ class LMTierConnector(KVConnectorBase_V1):
             if line is not None:
                 line.close()
             return
-        server, self._lookup_server = self._lookup_server, None
-        if server is not None:
-            server.close()
         for _, handle in self._loading:
             handle.close()
         self._loading = []
+        # the lookup socket answers "no engine" from here on; it is closed after the flush, which
+        # comes first: vLLM's API server kills its engine processes soon after asking them to stop
+        server, self._lookup_server = self._lookup_server, None
         engine, self._engine = self._engine, None
         if engine is None:
+            if server is not None:
+                server.close()
             return
         budget = self._opts["shutdown_flush_s"]
         t0 = time.monotonic()
@@ -1318,6 +1320,8 @@ class LMTierConnector(KVConnectorBase_V1):
         else:
             log.info("lmtier: shutdown: every store flushed to the tiers (%d queued tier write(s)) in %.2fs",
                      sum(before.values()), time.monotonic() - t0)
+        if server is not None:
+            server.close()
         engine.close(timeout=1.0 if any(left.values()) else budget)
 
 
