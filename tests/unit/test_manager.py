@@ -160,13 +160,23 @@ def sample(mgr: StorageManager, name: str, labels: dict[str, str]) -> float:
     return mgr.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+def residency(mgr: StorageManager) -> list[tuple[str, ChunkKey, bool]]:
+    """What the manager's residency listener hears from now on: (tier, key, held), in order."""
+    heard: list[tuple[str, ChunkKey, bool]] = []
+    mgr.add_residency_listener(lambda tier, ks, held: heard.extend((tier, k, held) for k in ks))
+    return heard
+
+
 @pytest.mark.asyncio
 async def test_put_lands_in_every_through_tier_and_get_returns_it(two_tiers) -> None:
     mgr, cold, _ = two_tiers
+    heard = residency(mgr)
     ks = keys(3)
     await mgr.put([(k, bytes([i]) * 100) for i, k in enumerate(ks)])
     assert await mgr.tier("hot").backend.contains(ks) == [True] * 3
     assert await cold.inner.contains(ks) == [True] * 3
+    # each tier's write that landed is heard, key by key (hot first: it is written first)
+    assert heard == [("hot", k, True) for k in ks] + [("cold", k, True) for k in ks]
     got = await mgr.get(ks)
     assert [bytes(g) for g in got] == [bytes([i]) * 100 for i in range(3)]
     assert sample(mgr, "lmtier_tier_hits_total", {"tier": "hot"}) == 3
@@ -187,11 +197,13 @@ async def test_lookup_counts_leading_chunks_present_in_any_tier(two_tiers) -> No
 @pytest.mark.asyncio
 async def test_a_hit_in_a_colder_tier_is_promoted_into_the_hotter_tier(two_tiers) -> None:
     mgr, cold, _ = two_tiers
+    heard = residency(mgr)
     (k,) = keys(1)
     await cold.inner.put([(k, b"cold value")])
     assert bytes((await mgr.get([k]))[0]) == b"cold value"
     await mgr.flush()
     assert await mgr.tier("hot").backend.contains([k]) == [True]
+    assert heard == [("hot", k, True)]  # the promotion (the back-door put is not the manager's)
     assert sample(mgr, "lmtier_tier_promotions_total", {"tier": "hot"}) == 1
 
 
@@ -207,9 +219,16 @@ async def test_lru_eviction_from_the_hot_tier_demotes_to_the_next_tier(registry)
             await mgr.put([(k, k.digest * 64)])
             await mgr.flush()
         await mgr.tier("cold").backend.delete(ks[:2])  # as if two async copies had been dropped
+        heard = residency(mgr)
         for k in ks[4:]:  # each put evicts the oldest hot entry
             await mgr.put([(k, k.digest * 64)])
             await mgr.flush()
+        # per put: the hot tier drops the oldest (demoted to cold only where cold lacks it), takes
+        # the new one, and the new one's background write lands in cold
+        assert sorted(heard, key=lambda e: (ks.index(e[1]), e[0], e[2])) == [
+            ("cold", ks[0], True), ("hot", ks[0], False), ("cold", ks[1], True), ("hot", ks[1], False),
+            ("hot", ks[2], False), ("hot", ks[3], False),
+            *((t, k, True) for k in ks[4:] for t in ("cold", "hot"))]
         assert await mgr.tier("hot").backend.contains(ks) == [False] * 4 + [True] * 4
         assert await mgr.tier("cold").backend.contains(ks) == [True] * 8
         assert sample(mgr, "lmtier_tier_demotions_total", {"tier": "cold"}) == 2  # only the missing ones
@@ -299,14 +318,20 @@ async def test_async_writes_drop_instead_of_blocking_when_the_queue_is_full(regi
                                                 metrics_registry=CollectorRegistry()) as mgr:
         gated = FAULTY["gated"]
         gated.gate = asyncio.Event()
+        heard = residency(mgr)
         ks = keys(6)
         for k in ks:
             await mgr.put([(k, b"v")])  # returns although the cold tier is stuck
         dropped = sample(mgr, "lmtier_tier_skipped_writes_total", {"tier": "cold", "reason": "queue_full"})
         assert dropped >= 3
+        assert [e for e in heard if e[0] == "cold"] == []  # nothing has landed there yet
         gated.gate.set()
         await mgr.flush()
-        assert sum(await gated.inner.contains(ks)) == 6 - dropped
+        landed = [k for k, there in zip(ks, await gated.inner.contains(ks), strict=True) if there]
+        assert len(landed) == 6 - dropped
+        # a dropped write is never heard as held; a queued one once it landed
+        assert sorted((e for e in heard if e[0] == "cold"), key=lambda e: ks.index(e[1])) == \
+            [("cold", k, True) for k in landed]
 
 
 @pytest.mark.asyncio
