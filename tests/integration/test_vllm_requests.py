@@ -240,6 +240,16 @@ def test_bad_tenant_and_adapter_identities_are_served_without_lmtier(tmp_path: P
     both = identity("both", lora_request=LoRARequest("a", 1, str(adapter)), cache_salt="tenant-a")
     assert both is not None and [k for k, _ in both] == ["lora", "cache_salt"]
 
+    # an unknown kv_role never reaches the connector: vLLM's config rejects it, naming the field
+    # and the roles it accepts (the engine does not start; no request is served under a guess)
+    from vllm.config import KVTransferConfig
+
+    for role in ("kv_bogus", None):
+        with pytest.raises(ValueError, match="kv_role") as err:
+            KVTransferConfig(kv_connector="LMTierConnector", kv_connector_module_path="lmtier.integrations.vllm",
+                             kv_role=role)
+        assert "kv_producer" in str(err.value) and "kv_consumer" in str(err.value)
+
 
 def test_lora_requests_are_cached_per_adapter(engines: EngineSlot, tiny_model: str,
                                               baseline: dict[str, runner.Result],
