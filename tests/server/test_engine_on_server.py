@@ -130,3 +130,49 @@ def test_a_hit_held_by_a_slow_server_tier_is_weighed_with_the_servers_read_costs
             assert b.kvstore.outstanding() == 0
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("fault", ["frozen", "killed"])
+def test_a_hit_the_server_cannot_deliver_is_a_load_of_zero_tokens_within_the_fetch_deadline(
+        tmp_path: Path, fault: str) -> None:
+    """lookup promised the tokens, then the server froze or died before the retrieve: the retrieve
+    loads nothing (the vLLM connector reports the blocks failed and vLLM recomputes them), leaves
+    the destination blocks untouched, raises nothing, holds no lease; the server back, it loads."""
+    srv = start_server(tmp_path)
+    cfg = {"chunk_tokens": CHUNK, "server": srv.address,
+           "server_timeout_s": {"lookup": 5, "fetch": 0.7, "commit": 20, "connect": 5}}
+    src, dst = make_cache(), make_cache(fill=False)
+    toks = tokens(40)
+    try:
+        with KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-f") as e:
+            store = e.kvstore
+            assert isinstance(store, ServerStore)
+            assert e.store(toks, src, list(range(10, 20)), request_id="r").wait() == 40
+            e.flush(30)
+            assert e.lookup(toks) == 40
+            if fault == "frozen":
+                srv.signal(signal.SIGSTOP)
+            else:
+                srv.kill()
+            try:
+                assert e.retrieve(toks, dst, list(range(30, 40))) == 0
+                # killed: the connection is seen closed before the fetch (unavailable) or while it waits (disconnected)
+                reasons = ["fetch:deadline"] if fault == "frozen" else ["fetch:unavailable", "fetch:disconnected"]
+                misses = store.stats()["misses"]
+                assert sum(misses.get(r, 0) for r in reasons) >= 1, misses
+            finally:
+                if fault == "frozen":
+                    srv.signal(signal.SIGCONT)
+            assert all(int(layer.abs().sum()) == 0 for layer in dst), "a failed load wrote into the cache"
+            assert store.outstanding() == 0
+            back = srv if fault == "frozen" else start_server(tmp_path, name="restarted")
+            wait_until(lambda: store.connected, 60, "the client to be connected again")
+            if fault == "killed":  # the disk tier (written through) kept the chunks; the slab is new
+                wait_until(lambda: e.lookup(toks) == 40, 60, "the restarted server to find the chunks")
+            assert e.retrieve(toks, dst, list(range(30, 40))) == 40
+            assert blocks_equal(src, list(range(10, 20)), dst, list(range(30, 40)))
+            assert store.outstanding() == 0
+            if back is not srv:
+                back.close()
+    finally:
+        srv.close()
