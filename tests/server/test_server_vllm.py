@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,8 @@ class Engine:
         for line in self.proc.stdout:
             if line.startswith("@@"):
                 return json.loads(line[2:])
+            self.log.write(line)  # vLLM's and lmtier's log lines (vLLM logs to stdout), read as a batch runs
+            self.log.flush()
         raise AssertionError(f"engine exited with {self.proc.wait()}: see {self.log.name}")
 
     def generate(self, prompts: list[list[int]]) -> tuple[list[dict[str, Any]], float]:
@@ -135,17 +138,22 @@ def test_two_engines_share_one_server_and_survive_its_faults(model: str, server:
         finally:
             server.signal(signal.SIGCONT)
         assert [same(g, w) for g, w in zip(frozen, [want[2], want[0]], strict=True)] == [None, None]
+        # the engine's calls ended at their deadline (not on a dropped connection), said once
+        log_b = (tmp_path / "engine-b.log").read_text()
+        assert re.search(r"lmtier serve at \S+ did not answer \w+ within its deadline", log_b), log_b[-3000:]
 
         # killed: misses, correct tokens; restarted: B reconnects and hits from the disk tier
         server.kill()
         killed, _ = b.generate([prompts[3], prompts[1]])
         assert [same(g, w) for g, w in zip(killed, [want[3], want[1]], strict=True)] == [None, None]
         assert all(r["num_cached_tokens"] == 0 for r in killed)
+        assert "lost the connection to lmtier serve" in (tmp_path / "engine-b.log").read_text()
         restarted = start_server(tmp_path, config=tiers_yaml(tmp_path, slab="256MiB"), name="restarted")
         try:
             wait_until(lambda: restarted.status()["clients"] >= 1, 60, "engine B to reconnect")
             again, _ = b.generate([prompts[0]])
             assert again[0]["num_cached_tokens"] >= 640, "the disk tier kept A's chunks across the restart"
+            assert f"connected to lmtier serve pid {restarted.pid}" in (tmp_path / "engine-b.log").read_text()
             assert same(again[0], want[0]) is None
             assert restarted.status()["leases"] == 0
         finally:
