@@ -1,6 +1,7 @@
 """The redis tier against the backend conformance suite: standalone (plain, password from an
 environment variable, TLS) and a 3-primary Cluster, with the suite's back doors (raw values read
-and written with redis-py, the standalone server killed and restarted). Gets without the receive
+and written with redis-py; the standalone server, and every node of the Cluster, killed and
+restarted). Gets without the receive
 slab are covered in test_backend.py (slab full, small values, the redis-py parser fallback)."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from lmtier.testing import BackendConformance
 from lmtier_backends.redis.backend import open_redis_backend
 from lmtier_backends.redis.config import RedisConfig
 from tests.backends.redis.conftest import options_for
-from tests.support.redis_server import RedisServer, redis_available, start_redis
+from tests.support.redis_server import RedisCluster as ClusterNodes
+from tests.support.redis_server import RedisServer, redis_available, start_cluster, start_redis
 
 pytestmark = pytest.mark.redis
 
@@ -53,6 +55,36 @@ class KilledAndRestarted:
 
     def start(self) -> None:
         self.server.start()
+
+
+@dataclass
+class KilledAndRestartedCluster:
+    """The suite's service for a Cluster: every node SIGKILLed (the whole Cluster down), then all
+    started again on their ports and directories (each reloads its nodes.conf: the same slots)."""
+
+    cluster: ClusterNodes
+    deadline_s: float = CONNECT_TIMEOUT_S + READ_TIMEOUT_S + 10
+
+    def stop(self) -> None:
+        for node in self.cluster.nodes:
+            node.kill()
+
+    def start(self) -> None:
+        for node in self.cluster.nodes:
+            node.start()
+        self.cluster.wait_ok()
+
+
+@pytest.fixture(scope="module")
+def restartable_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterNodes]:
+    """A 3-primary Cluster of this module's own, which the outage scenario kills and restarts."""
+    if not redis_available():
+        pytest.skip("redis-server / redis-cli not on PATH: apt-get install -y redis-server")
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster-restartable"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +150,9 @@ class TestRedisTls(BackendConformance):
 
 class TestRedisCluster(BackendConformance):
     @pytest.fixture
-    def options(self, redis_cluster) -> dict[str, Any]:
-        return options_for(redis_cluster.url, cluster=True)
+    def options(self, restartable_cluster: ClusterNodes) -> dict[str, Any]:
+        return options_for(restartable_cluster.url, cluster=True, read_timeout_s=READ_TIMEOUT_S,
+                           connect_timeout_s=CONNECT_TIMEOUT_S)
 
     @pytest.fixture
     def backend_factory(self, options):
@@ -127,10 +160,19 @@ class TestRedisCluster(BackendConformance):
         return lambda: open_redis_backend(config)
 
     @pytest.fixture
-    def raw_store(self, redis_cluster, options) -> Iterator[RawRedis]:
-        seed = redis_cluster.nodes[0]
+    def raw_store(self, restartable_cluster: ClusterNodes, options) -> Iterator[RawRedis]:
+        seed = restartable_cluster.nodes[0]
         client = RedisCluster(host="127.0.0.1", port=seed.port)
         try:
             yield RawRedis(client, options["key_prefix"])
         finally:
             client.close()
+
+    @pytest.fixture
+    def service(self, restartable_cluster: ClusterNodes) -> Iterator[KilledAndRestartedCluster]:
+        service = KilledAndRestartedCluster(restartable_cluster)
+        try:
+            yield service
+        finally:
+            if not all(node.running for node in restartable_cluster.nodes):
+                service.start()  # whatever the test did, the next one finds the Cluster serving
