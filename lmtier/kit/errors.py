@@ -32,6 +32,7 @@ from lmtier.errors import (
     CapacityError,
     LmtierError,
 )
+from lmtier.kit.naming import RootGoneError
 
 __all__ = ["OS_ERROR_RULES", "ErrorMap", "Rule", "describe", "errno_in"]
 
@@ -65,6 +66,9 @@ def errno_in(*codes: int) -> Callable[[BaseException], bool]:
 
 #: What an ``OSError`` means for a tier, by errno: full, slow, or failing/gone.
 OS_ERROR_RULES: tuple[Rule, ...] = (
+    # before any errno rule: it is an ENOENT, but of the whole tier, not of one file
+    Rule(RootGoneError, BackendUnavailableError, "the tier's root was deleted or unmounted: mount it "
+         "again (the tier resumes), or restart the tier to begin a new one there"),
     Rule(errno_in(errno.ENOSPC, errno.EDQUOT, errno.EFBIG), CapacityError,
          "free space on that filesystem or lower the tier's max_bytes"),
     Rule(errno_in(errno.ETIMEDOUT), BackendTimeoutError, "the filesystem or peer did not answer (network mount?)"),

@@ -32,6 +32,8 @@ from lmtier.keys import ChunkKey
 from lmtier.kit import MARKER, FileLayout, Payload, StoreItem, check_root, stored_value
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lmtier_backends.disk._buffers import BufferRecycler
 
 __all__ = ["MARKER", "evict_file", "read_file", "read_file_into", "remove_file", "write_file"]
@@ -156,9 +158,15 @@ def evict_file(path: str, key: ChunkKey, want_payload: bool) -> Payload | None:
     return Payload.of(payload, checksum=head.checksum, codec=head.codec, raw_length=head.raw_length)
 
 
-def remove_file(path: str) -> None:
-    """Unlink ``path``; an absent file is fine."""
-    _unlink_quietly(path)
+def remove_file(path: str, root: Path | None = None) -> None:
+    """Unlink ``path``; an absent file is fine, unless ``root`` is given (the tier's index holds
+    the file) and the root itself is gone or unmounted: then nothing was deleted, and
+    :class:`~lmtier.kit.RootGoneError` says so."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if root is not None:
+            check_root(root)
 
 
 # -- machinery -------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ lock.
 Faults, key by key: a file that cannot be read (EIO from a bad sector, a directory where the file
 should be) is a miss for that key only, counted in ``stats()["read_errors"]``, and after
 :data:`MAX_READ_FAILURES` failures in a row it leaves the index; the other keys of the batch are
-served. Only a tier-wide failure (the root or its marker gone) raises. A read-only filesystem
+served. Only a tier-wide failure (the root or its marker gone: deleted, unmounted) raises
+:class:`BackendUnavailableError`, and nothing is written into a root that lost its marker (a bare
+mount point); once a call has found the root gone, ``contains`` checks the marker (off the loop)
+instead of answering from the index, until the root is back. A read-only filesystem
 serves reads and skips writes. A full filesystem (ENOSPC) evicts least recently used files and
 retries the write once.
 
@@ -37,7 +40,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +49,6 @@ from lmtier.errors import BackendError, BackendUnavailableError, CorruptDataErro
 from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError
 from lmtier.keys import ChunkKey
 from lmtier.kit import (
-    MARKER,
     AsyncClosing,
     CancelToken,
     FileLayout,
@@ -145,6 +147,8 @@ class DiskBackend(AsyncClosing):
         self._full_evictions = 0
         self._listeners: list[EvictionListener] = []
         self._closed = False
+        # a call found the root gone (unmounted?): contains checks it, not the index, until it is back
+        self._root_gone = False
         _warn_if_the_filesystem_is_smaller(self.root, self.max_bytes, self._used)
         # over budget at open (max_bytes was lowered): trim now, while nobody listens yet
         while writable and self._used > self.max_bytes and self._index:
@@ -184,6 +188,11 @@ class DiskBackend(AsyncClosing):
 
     async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         self._check_open()
+        if self._root_gone:  # the index speaks of files that may not be there: ask the root first
+            ((ok, value),), _ = await self._run([partial(check_root, self.root)])
+            if not ok:
+                raise _as_lmtier_error(value, op="contains", path=self.root)
+            self._root_gone = False
         index = self._index
         return [k in index and not index[k].newer for k in keys]
 
@@ -253,7 +262,8 @@ class DiskBackend(AsyncClosing):
                         self.root, self._used, self.max_bytes, freed, len(full))
             retried, cancelled = await self._write(full)
             outcomes.update(retried)
-        errors = [_as_lmtier_error(value, op="write", path=self._layout.path_of(k), root=self.root)
+        self._note_root_gone(value for ok, value in outcomes.values() if not ok)
+        errors = [_as_lmtier_error(value, op="write", path=self._layout.path_of(k))
                   for k, (ok, value) in outcomes.items() if not ok]
         if not cancelled:
             await self._evict(self._least_recent(self._used - self.max_bytes)[0])  # after the
@@ -263,13 +273,19 @@ class DiskBackend(AsyncClosing):
     async def delete(self, keys: Sequence[ChunkKey]) -> None:
         self._check_open()
         unique = list(dict.fromkeys(keys))
+        indexed = set()
         for key in unique:
             entry = self._index.pop(key, None)
             if entry is not None:
                 self._used -= entry.size
+                indexed.add(key)
+        # an indexed file found absent makes remove_file check the root: a delete on an unmounted
+        # root deletes nothing and must say so
         outcomes, cancelled = await self._run(
-            [partial(_files.remove_file, self._layout.path_of(k)) for k in unique])
-        errors = [_as_lmtier_error(v, op="delete", path=self._layout.path_of(k), root=self.root)
+            [partial(_files.remove_file, self._layout.path_of(k), self.root if k in indexed else None)
+             for k in unique])
+        self._note_root_gone(v for ok, v in outcomes if not ok)
+        errors = [_as_lmtier_error(v, op="delete", path=self._layout.path_of(k))
                   for k, (ok, v) in zip(unique, outcomes, strict=True) if not ok]
         _raise_first(cancelled, errors)
 
@@ -346,7 +362,7 @@ class DiskBackend(AsyncClosing):
             self._drop(key, gen)
             return
         self._read_errors += 1
-        error = _as_lmtier_error(exc, op="read", path=self._layout.path_of(key), root=self.root)
+        error = _as_lmtier_error(exc, op="read", path=self._layout.path_of(key))
         entry = self._index.get(key)
         if entry is None or entry.gen != gen:
             return
@@ -364,7 +380,12 @@ class DiskBackend(AsyncClosing):
             return
         ((ok, value),), _ = await self._run([partial(check_root, self.root)])
         if not ok:
-            raise _as_lmtier_error(value, op="check of the root", path=self.root, root=self.root)
+            self._note_root_gone([value])
+            raise _as_lmtier_error(value, op="check of the root", path=self.root)
+
+    def _note_root_gone(self, errors: Iterable[BaseException]) -> None:
+        if any(isinstance(e, RootGoneError) for e in errors):
+            self._root_gone = True
 
     async def _write(self, items: dict[ChunkKey, StoreItem]) -> tuple[dict[ChunkKey, Outcome], bool]:
         """Write ``items`` on the worker threads and index each file written; their outcomes."""
@@ -416,7 +437,7 @@ class DiskBackend(AsyncClosing):
             elif not isinstance(value, FileNotFoundError):
                 # the file stays on disk unindexed until the next open's scan picks it up again
                 log.warning("disk tier: could not evict %s: %s", key,
-                            _as_lmtier_error(value, op="evict", path=self._layout.path_of(key), root=self.root))
+                            _as_lmtier_error(value, op="evict", path=self._layout.path_of(key)))
         if cancelled:
             raise asyncio.CancelledError
 
@@ -452,13 +473,9 @@ def _touching(call: Callable[[], Any], token: CancelToken) -> Any:
         return call()
 
 
-def _as_lmtier_error(exc: BaseException, *, op: str, path: str | os.PathLike[str], root: Path) -> LmtierError:
+def _as_lmtier_error(exc: BaseException, *, op: str, path: str | os.PathLike[str]) -> LmtierError:
     if isinstance(exc, LmtierError):
         return exc
-    if isinstance(exc, RootGoneError):
-        return BackendUnavailableError(
-            f"disk tier: root {root} is gone or lost its {MARKER} marker (deleted or unmounted?) "
-            f"during {op}; remount it, or restart to begin a new tier there")
     if isinstance(exc, OSError):
         return map_os_error(exc, op=op, path=path)
     if isinstance(exc, asyncio.CancelledError):

@@ -31,7 +31,7 @@ from typing import Any
 from lmtier.errors import CapacityError, ConfigError, CorruptDataError
 from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import FileLayout, ForeignRootError, claim_root, scan_files
+from lmtier.kit import FileLayout, ForeignRootError, check_root, claim_root, scan_files
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
@@ -198,11 +198,16 @@ class PosixStore:
         jobs: list[tuple[int, int, int, int, HostBuffer | None]] = []
         owners: list[int] = []
         try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             for key, buf, payload in items:
                 final = self.path(key)
-                final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = Path(FileLayout.temp_path(os.fspath(final)))
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    fd = os.open(tmp, flags, 0o644)
+                except FileNotFoundError:  # first file of its directory, or the root is gone
+                    check_root(self.root)  # never recreate an unmounted or deleted root (RootGoneError)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(tmp, flags, 0o644)
                 size = buf.nbytes + (payload.nbytes if payload is not None else 0)
                 opened.append((key, size, fd, tmp))
                 jobs.append((buf.data_ptr, buf.nbytes, fd, 0, buf))
@@ -239,9 +244,16 @@ class PosixStore:
         self._evict()
 
     def remove(self, keys: Sequence[ChunkKey]) -> None:
+        """Unlink each key's file; an absent one is fine, unless the index holds it and the root
+        itself is gone (unmounted): nothing was deleted, and RootGoneError says so."""
         for key in keys:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self.path(key))
+            except FileNotFoundError:
+                with self._lock:
+                    indexed = key in self._index
+                if indexed:
+                    check_root(self.root)
             self._forget(key)
 
     def close(self) -> None:

@@ -33,15 +33,16 @@ from lmtier_backends.disk import _files
 from lmtier_backends.disk._errors import map_os_error
 from lmtier_backends.disk.backend import DiskBackend, open_disk_backend
 from lmtier_backends.disk.config import DiskConfig
-from tests.support.backdoors import RawFiles
+from tests.support.backdoors import RawFiles, UnmountedRoot
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
 
 
 class TestDiskBackend(BackendConformance):
-    """With the back door to its files (the corruption scenarios). No outage scenario: a local
-    filesystem that fails is tests/faults/test_disk_faults.py's subject (a real tmpfs)."""
+    """With the back doors to its files (the corruption scenarios) and to its root (unmounted and
+    mounted again: the outage scenario). Other failing filesystems (read-only, full, EIO) are
+    tests/faults/test_disk_faults.py's subject (a real tmpfs)."""
 
     @pytest.fixture
     def backend_factory(self, tmp_path):
@@ -51,6 +52,14 @@ class TestDiskBackend(BackendConformance):
     @pytest.fixture
     def raw_store(self, tmp_path):
         return RawFiles(tmp_path / "tier")
+
+    @pytest.fixture
+    def service(self, tmp_path):
+        service = UnmountedRoot(tmp_path / "tier")
+        try:
+            yield service
+        finally:
+            service.start()
 
 
 def _keys(n: int, tag: str = "disk") -> list[ChunkKey]:

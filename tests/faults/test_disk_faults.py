@@ -24,6 +24,7 @@ from lmtier_backends.disk.backend import MAX_READ_FAILURES, DiskBackend, open_di
 from lmtier_backends.disk.config import DiskConfig
 from tests.faults.conftest import ScratchFS
 from tests.faults.ledger import FaultRecord
+from tests.support.backdoors import UnmountedRoot
 
 pytestmark = [pytest.mark.faults, pytest.mark.asyncio]
 KiB = 1 << 10
@@ -110,6 +111,33 @@ async def test_a_root_deleted_under_the_tier_raises_and_is_not_recreated(tmp_pat
         await backend.put([(_keys(1)[0], b"new")])
     assert not root.exists()  # a write never recreates a root it lost (an unmount, a wipe)
     await backend.aclose()
+
+
+async def test_an_unmounted_root_fails_every_call_typed_writes_nothing_there_and_serves_again_once_back(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "tier"
+    backend = await _open(root)
+    keys, values = _keys(4), _values(4)
+    await backend.put(list(zip(keys, values, strict=True)))
+    unmounted = UnmountedRoot(root)
+    unmounted.stop()  # the bare mount point: an empty directory, no marker
+    assert await backend.contains(keys) == [True] * 4  # nothing has looked at the disk yet
+    with pytest.raises(BackendUnavailableError, match=r"root .* is gone"):
+        await backend.get(keys[:2])
+    with pytest.raises(BackendUnavailableError, match=r"root .* is gone"):
+        await backend.contains(keys)  # from here on it asks the root, not the index
+    with pytest.raises(BackendUnavailableError, match=r"root .* is gone"):
+        await backend.put([(_keys(1)[0], b"new")])
+    with pytest.raises(BackendUnavailableError, match=r"root .* is gone"):
+        await backend.delete(keys[3:])  # deletes nothing, and says so
+    unmounted.start()  # asserts that nothing was written into the mount point
+    assert await backend.contains(keys) == [True, True, True, False]  # key 3 left the index
+    assert [bytes(v) for v in await backend.get(keys[:3])] == values[:3]
+    await backend.aclose()
+    reopened = await _open(root)  # the file the failed delete left is found again by the scan
+    assert bytes((await reopened.get(keys[3:]))[0]) == values[3]
+    await reopened.aclose()
 
 
 async def test_under_the_manager_a_bad_file_costs_one_miss_and_never_opens_the_circuit(tmp_path: Path) -> None:

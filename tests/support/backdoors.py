@@ -1,10 +1,12 @@
 """The conformance suite's back doors (lmtier.testing.backdoors) over the stores our tests run:
-files in the shared layout, objects in a SeaweedFS bucket, a SeaweedFS server killed and restarted,
-and an object whose bytes rot inside SeaweedFS's own volume files (the server cannot serve it)."""
+files in the shared layout, a file tier's root unmounted and mounted again, objects in a SeaweedFS
+bucket, a SeaweedFS server killed and restarted, and an object whose bytes rot inside SeaweedFS's
+own volume files (the server cannot serve it)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from lmtier.keys import ChunkKey
 from lmtier.kit import FileLayout, object_name
 from tests.support.seaweedfs import SeaweedFS, create_bucket
 
-__all__ = ["KilledSeaweedFS", "RawFiles", "RawObjects", "rot_in_volume", "seaweedfs_serving"]
+__all__ = ["KilledSeaweedFS", "RawFiles", "RawObjects", "UnmountedRoot", "rot_in_volume", "seaweedfs_serving"]
 
 
 class RawFiles:
@@ -38,6 +40,36 @@ class RawFiles:
         path = Path(self.layout.path_of(key))
         path.unlink()
         path.mkdir()
+
+
+@dataclass
+class UnmountedRoot:
+    """service for a file tier: its root taken away as an unmount does, and put back.
+
+    ``stop`` moves the root's whole tree aside and leaves an empty directory in its place (the
+    bare mount point: no marker, no files), ``start`` puts the tree back. Every file and
+    directory the tier had stays the same object; only its path comes and goes. What a tier must
+    do meanwhile: fail typed or miss, and never write into the bare mount point (those files
+    would land on the filesystem underneath and vanish at the next mount)."""
+
+    root: Path
+    deadline_s: float = 10.0
+
+    @property
+    def aside(self) -> Path:
+        return self.root.with_name(self.root.name + ".unmounted")
+
+    def stop(self) -> None:
+        os.rename(self.root, self.aside)
+        self.root.mkdir()
+
+    def start(self) -> None:
+        if not self.aside.exists():
+            return
+        left = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*"))
+        assert not left, f"the tier wrote into its unmounted root's mount point: {left[:5]}"
+        self.root.rmdir()
+        os.rename(self.aside, self.root)
 
 
 class RawObjects:

@@ -32,6 +32,7 @@ from lmtier.kit import (
     ForeignRootError,
     KeyFaults,
     Payload,
+    RootGoneError,
     Rule,
     WorkerPool,
     check_items,
@@ -220,6 +221,9 @@ def test_the_os_error_rules_map_by_errno_with_advice() -> None:
     read_only = errors(OSError(errno.EROFS, "ro"), op="put", where="/x")
     assert type(read_only) is BackendError and "t: put /x failed" in str(read_only) and "read-only" in str(read_only)
     assert type(errors(ValueError("odd"), op="get")) is BackendError
+    gone = errors(RootGoneError(errno.ENOENT, "the root is gone", "/r"), op="put")  # an ENOENT of the tier
+    assert isinstance(gone, BackendUnavailableError) and "unmounted" in str(gone)
+    assert type(errors(FileNotFoundError(errno.ENOENT, "one file"), op="get")) is BackendError
 
 
 def test_the_first_matching_rule_wins_and_lmtier_errors_pass_through() -> None:

@@ -1,6 +1,6 @@
 """The nixl tier, with each storage plugin, against the backend conformance suite and its back
-doors: files read and written in place (posix), objects with boto3 and the S3 server killed and
-restarted (obj)."""
+doors: files read and written in place and the root unmounted and mounted again (posix), objects
+with boto3 and the S3 server killed and restarted (obj)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lmtier.testing import BackendConformance
 from lmtier_backends.nixl.backend import open_nixl_backend
 from lmtier_backends.nixl.config import NixlConfig
 from tests.backends.nixl._helpers import needs_nixl, obj_options, posix_options
-from tests.support.backdoors import KilledSeaweedFS, RawFiles, RawObjects, seaweedfs_serving
+from tests.support.backdoors import KilledSeaweedFS, RawFiles, RawObjects, UnmountedRoot, seaweedfs_serving
 from tests.support.seaweedfs import SeaweedFS, find_weed
 
 pytestmark = needs_nixl
@@ -42,6 +42,14 @@ class TestNixlPosix(BackendConformance):
     @pytest.fixture
     def raw_store(self, tmp_path: Path) -> RawFiles:
         return RawFiles(tmp_path / "tier")
+
+    @pytest.fixture
+    def service(self, tmp_path: Path) -> Iterator[UnmountedRoot]:
+        service = UnmountedRoot(tmp_path / "tier")
+        try:
+            yield service
+        finally:
+            service.start()
 
 
 @pytest.mark.s3
