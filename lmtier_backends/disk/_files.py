@@ -24,12 +24,10 @@ import mmap
 import os
 from typing import TYPE_CHECKING
 
-import xxhash
-
 from lmtier.errors import CorruptDataError
-from lmtier.framing import CODEC_NONE, HEADER_BYTES, READABLE_CODECS, Header, decode, decode_header
+from lmtier.framing import CODEC_NONE, HEADER_BYTES, READABLE_CODECS, Header, checksum_stream, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import MARKER, FileLayout, Payload, StoreItem, check_root, stored_value
+from lmtier.kit import MARKER, FileLayout, Payload, StoreItem, check_root, check_stored, stored_value
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -91,12 +89,11 @@ def read_file(path: str, key: ChunkKey, stamp: int, buffers: BufferRecycler) -> 
     fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        head = _read_header(fd, path, key, st)
-        length, csum = head.payload_length, head.checksum
-        out = buffers.take(length)
+        header, head = _read_header(fd, path, key, st)
+        out = buffers.take(head.payload_length)
         try:
             view = out.data
-            _read_payload(fd, path, key, view, csum)
+            _read_payload(fd, path, key, view, header)
             view.release()
         except BaseException:
             buffers.give_back(out)
@@ -115,11 +112,10 @@ def read_file_into(path: str, key: ChunkKey, out: memoryview, stamp: int) -> boo
     fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        head = _read_header(fd, path, key, st)
-        length, csum = head.payload_length, head.checksum
-        if length != out.nbytes or head.codec != CODEC_NONE:  # an encoded value is served by get only
+        header, head = _read_header(fd, path, key, st)
+        if head.payload_length != out.nbytes or head.codec != CODEC_NONE:  # an encoded value: get serves it
             return False
-        _read_payload(fd, path, key, out, csum)
+        _read_payload(fd, path, key, out, header)
         _stamp_quietly(fd, stamp, st)
         return True
     finally:
@@ -149,12 +145,11 @@ def evict_file(path: str, key: ChunkKey, want_payload: bool) -> Payload | None:
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_SEQUENTIAL)
     try:
-        payload = decode(key, mapped, codecs=READABLE_CODECS)
-    except CorruptDataError:
+        whole = memoryview(mapped)
+        payload = whole[HEADER_BYTES:]
+        head = check_stored(key, whole[:HEADER_BYTES], payload, codecs=READABLE_CODECS)
+    finally:  # evicted whatever it holds: a corrupt or newer-format file goes too (its bytes counted)
         _discard(path, st)
-        raise
-    _discard(path, st)
-    head = decode_header(key, mapped, codecs=READABLE_CODECS)
     return Payload.of(payload, checksum=head.checksum, codec=head.codec, raw_length=head.raw_length)
 
 
@@ -190,24 +185,27 @@ def _write_all(fd: int, header: bytes, payload: memoryview) -> None:
             buffers[0] = memoryview(buffers[0])[written:]
 
 
-def _read_header(fd: int, path: str, key: ChunkKey, st: os.stat_result) -> Header:
+def _read_header(fd: int, path: str, key: ChunkKey, st: os.stat_result) -> tuple[bytes, Header]:
+    """The file's header bytes, decoded; the file's size must be what the header announces."""
     try:
         if st.st_size < HEADER_BYTES:
             raise CorruptDataError(f"{key}: file is {st.st_size} bytes, shorter than its header")
-        header = decode_header(key, os.pread(fd, HEADER_BYTES, 0), codecs=READABLE_CODECS)
-        length = header.payload_length
-        if st.st_size != HEADER_BYTES + length:
+        header = os.pread(fd, HEADER_BYTES, 0)
+        head = decode_header(key, header, codecs=READABLE_CODECS)
+        if st.st_size != HEADER_BYTES + head.payload_length:
             raise CorruptDataError(
-                f"{key}: file is {st.st_size} bytes, header says {HEADER_BYTES + length} (truncated?)"
+                f"{key}: file is {st.st_size} bytes, header says {HEADER_BYTES + head.payload_length} (truncated?)"
             )
     except CorruptDataError:
         _discard(path, st)
         raise
-    return header
+    return header, head
 
 
-def _read_payload(fd: int, path: str, key: ChunkKey, out: memoryview, csum: int) -> None:
-    hasher = xxhash.xxh3_64()  # streaming digest == codec.checksum of the whole payload
+def _read_payload(fd: int, path: str, key: ChunkKey, out: memoryview, header: bytes) -> None:
+    """Fill ``out`` with the payload, hashing each piece as it lands (the kernel reads ahead
+    meanwhile), then validate it with the header (:func:`lmtier.kit.check_stored`)."""
+    hasher = checksum_stream()
     pos, n = 0, out.nbytes
     while pos < n:
         got = os.preadv(fd, [out[pos : pos + PIECE_BYTES]], HEADER_BYTES + pos)
@@ -216,9 +214,11 @@ def _read_payload(fd: int, path: str, key: ChunkKey, out: memoryview, csum: int)
             raise CorruptDataError(f"{key}: file ended after {pos} of {n} payload bytes")
         hasher.update(out[pos : pos + got])
         pos += got
-    if hasher.intdigest() != csum:
+    try:
+        check_stored(key, header, out, payload_checksum=hasher.intdigest(), codecs=READABLE_CODECS)
+    except CorruptDataError:
         _discard(path, os.fstat(fd))
-        raise CorruptDataError(f"{key}: checksum mismatch")
+        raise
 
 
 def _discard(path: str, st: os.stat_result) -> None:

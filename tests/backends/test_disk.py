@@ -29,6 +29,7 @@ from lmtier.kit import TEMP_MARK
 from lmtier.memory import HostMemoryPool
 from lmtier.registry import BackendRegistry
 from lmtier.testing import BackendConformance
+from lmtier.testing.backdoors import newer_format
 from lmtier_backends.disk import _files
 from lmtier_backends.disk._errors import map_os_error
 from lmtier_backends.disk.backend import DiskBackend, open_disk_backend
@@ -285,6 +286,23 @@ async def test_an_evicted_file_that_fails_validation_is_counted_not_offered(tmp_
     await backend.put([(k[2], os.urandom(1000))])
     assert offered == []
     assert backend.stats()["corrupt"] == 1 and not backend.path_of(k[0]).exists()
+    await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_evicted_file_of_a_newer_format_is_removed_not_offered(tmp_path: Path) -> None:
+    # a newer lmtier's file in the tier's own root counts toward max_bytes and is evicted like any
+    # other: its file goes (it had stayed on disk, out of the index, until the next open)
+    item = 1000 + HEADER_BYTES
+    backend = await _open(tmp_path / "tier", max_bytes=2 * item)
+    offered: list[ChunkKey] = []
+    backend.add_eviction_listener(lambda key, view: offered.append(key))
+    k = _keys(3)
+    await backend.put([(k[0], os.urandom(1000)), (k[1], os.urandom(1000))])
+    backend.path_of(k[0]).write_bytes(newer_format(backend.path_of(k[0]).read_bytes()))
+    await backend.put([(k[2], os.urandom(1000))])
+    assert offered == [] and not backend.path_of(k[0]).exists()
+    assert backend.stats()["newer_format"] == 1 and backend.stats()["corrupt"] == 0
     await backend.aclose()
 
 
