@@ -187,6 +187,8 @@ class Tier:
     writer: asyncio.Task[None] | None = field(default=None, repr=False)
     #: calls left running past their deadline (see the module doc), until they end
     detached: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    #: background jobs the writer took off ``queue`` and has not finished (0 or 1)
+    writing: int = 0
     #: the tier's value codec (``codec:`` in its config), None for raw
     codec: ValueCodec | None = None
     #: the tier's read cost, learned from its get/get_into calls (lmtier.cost)
@@ -699,7 +701,7 @@ class StorageManager:
         out: dict[str, Any] = {}
         for t in self.tiers:
             entry: dict[str, Any] = {"backend": t.config.backend, "circuit": t.breaker.state,
-                                     "queued": t.queue.qsize(), "detached": len(t.detached)}
+                                     "queued": t.queue.qsize(), "writing": t.writing, "detached": len(t.detached)}
             if isinstance(t.backend, SupportsStats):
                 entry.update(t.backend.stats())
             out[t.name] = entry
@@ -1584,6 +1586,7 @@ class StorageManager:
         """Background writer of one tier: async writes, promotions and demotions, in order."""
         while True:
             job = await tier.queue.get()
+            tier.writing += 1
             try:
                 items = job.items
                 if job.kind == "demote" or job.check:
@@ -1604,6 +1607,7 @@ class StorageManager:
             finally:
                 # drop our references now: a demoted lease view pins its slab range until freed
                 job = items = None  # type: ignore[assignment]
+                tier.writing -= 1
                 tier.queue.task_done()
                 self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
 

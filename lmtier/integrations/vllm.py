@@ -86,7 +86,6 @@ pipeline/context-parallel setups.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import logging
@@ -1311,12 +1310,18 @@ class LMTierConnector(KVConnectorBase_V1):
         budget = self._opts["shutdown_flush_s"]
         t0 = time.monotonic()
         before = _queued_writes(engine)
-        with contextlib.suppress(Exception):  # TimeoutError, or a tier fault: what is left is counted below
+        try:
             engine.flush(budget)
+            flushed = True
+        except Exception:  # TimeoutError, or a tier fault: what is left is counted below
+            flushed = False
         left = _queued_writes(engine)
         if any(left.values()):
             log.warning("lmtier: shutdown: %d queued tier write(s) not done after %.1fs were dropped (%s)",
                         sum(left.values()), budget, ", ".join(f"{k}: {v}" for k, v in left.items() if v))
+        elif not flushed:  # e.g. stores still being copied or committed: nothing a tier queue shows
+            log.warning("lmtier: shutdown: the flush did not finish in %.1fs; stores still in flight were "
+                        "dropped", budget)
         else:
             log.info("lmtier: shutdown: every store flushed to the tiers (%d queued tier write(s)) in %.2fs",
                      sum(before.values()), time.monotonic() - t0)
@@ -1332,9 +1337,11 @@ def _events_on(vllm_config: VllmConfig) -> bool:
 
 
 def _queued_writes(engine: KVCacheEngine) -> dict[str, int]:
-    """Background tier writes still queued, per tier (empty when the engine cannot tell)."""
+    """Background tier writes not done, per tier: queued and the one being written (empty when the
+    engine cannot tell)."""
     try:
         stats = engine.manager.stats()
     except Exception:
         return {}
-    return {name: int(s.get("queued", 0) or 0) for name, s in stats.items() if isinstance(s, dict)}
+    return {name: int(s.get("queued", 0) or 0) + int(s.get("writing", 0) or 0)
+            for name, s in stats.items() if isinstance(s, dict)}

@@ -177,6 +177,50 @@ def test_a_remote_tier_that_goes_down_costs_only_misses(
     assert failed >= 1 and skipped >= 2
 
 
+@pytest.mark.redis
+def test_a_shutdown_with_a_frozen_async_tier_logs_the_writes_it_dropped(
+        engines: EngineSlot, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM stops while Redis (a ``write: async`` tier) is frozen (SIGSTOP): the flush gets
+    ``shutdown_flush_s``, then the log says how many queued writes were dropped, per tier, and the
+    engine's shutdown goes on (it does not wait out the frozen tier's call deadlines)."""
+    import signal
+
+    from tests.support.redis_server import redis_available, start_redis
+
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = start_redis(tmp_path / "redis")
+    # a breaker that never opens: every queued write waits for the frozen server (up to timeout_s)
+    shared = {"name": "shared", "backend": "redis", "options": {"url": server.url}, "write": "async",
+              "timeout_s": 20.0, "breaker": {"failures": 1000, "cooldown_s": 1.0}}
+    frozen = False
+    try:
+        # lookups wait for the frozen tier too (its lookup deadline is 20 s): a request is computed
+        # after lookup_timeout_s without an answer
+        engines.open("frozen-redis", tier_config(tmp_path / "disk", shared, shutdown_flush_s=0.5, lookup_timeout_s=1))
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        frozen = True
+        caplog.set_level(logging.INFO, logger="lmtier")
+        for name in ("redis_a", "redis_b", "dead"):  # one background write each (its own step)
+            engines.run(name)
+        import time
+
+        t0 = time.monotonic()
+        engines.close()
+        print(f"shutdown took {time.monotonic() - t0:.1f}s")  # shown with -s; never asserted
+    finally:
+        if frozen:
+            os.kill(server.pid, signal.SIGCONT)  # type: ignore[arg-type]
+        engines.close()
+        server.stop()
+    match = re.search(r"lmtier: shutdown: (\d+) queued tier write\(s\) not done after 0\.5s were dropped "
+                      r"\(shared: (\d+)\)", caplog.text)
+    assert match, caplog.text[-3000:]
+    assert int(match[1]) == int(match[2]) >= 1  # the one being written, and any queued behind it
+    assert "every store flushed" not in caplog.text
+
+
 @pytest.fixture(scope="module")
 def dead_redis_engine(engines: EngineSlot, tmp_path_factory: pytest.TempPathFactory) -> EngineSlot:
     """An engine with tiers cpu -> disk -> redis, where no Redis ever listens."""
