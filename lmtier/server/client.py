@@ -414,7 +414,14 @@ class ServerStore:
                                  quiet=True))
 
     def flush(self, timeout_s: float | None = None) -> None:
-        self._run(self._call("flush", lambda rid: p.Flush(id=rid), self._deadline("flush", timeout_s), quiet=True))
+        """:meth:`KVStore.flush <lmtier.store.KVStore.flush>`: this client's commits in flight are
+        answered first (a commit is sent behind its call; the server writes its tiers while
+        answering it), then the server's background writes are flushed; each wait bounded."""
+        with self._lock:
+            commits = list(self._commits)
+        deadline = self._deadline("flush", timeout_s)  # loop time (the loop's clock is monotonic)
+        concurrent.futures.wait(commits, timeout=max(0.0, deadline - self._loop.time()))
+        self._run(self._call("flush", lambda rid: p.Flush(id=rid), deadline, quiet=True))
 
     def clear(self, namespaces: Collection[str], *, timeout_s: float | None = None) -> dict[str, int | None]:
         """:meth:`KVStore.clear <lmtier.store.KVStore.clear>` in the server's tiers (the ``clear`` op

@@ -104,3 +104,26 @@ def test_after_a_server_restart_the_engine_registers_again(lossy_server: ServerP
 def test_kv_a_lossy_tier_cannot_quantize_is_a_config_error_naming_the_tier(lossy_server: ServerProc) -> None:
     with pytest.raises(ConfigError, match=r"tiers\[1\] \(local\)\.codec: codec fp8 quantizes float KV"):
         engine(lossy_server, "int-kv", dtype="int8")
+
+
+def test_flush_waits_for_commits_in_flight_and_the_tier_writes_behind_them(lossy_server: ServerProc,
+                                                                          tmp_path: Path) -> None:
+    """``KVStore.flush``: a commit is sent behind its call, and the server writes its tiers (here
+    an fp8 disk tier: encoding takes a while) while answering it; flush returns only after that,
+    so everything committed before it is in the disk tier (a flush that overtook the commit found
+    an empty disk tier: seen with SGLang's backend, which commits and flushes)."""
+    store = lossy_server.store()
+    # chunks of a mid-size model (32 layers, 8 heads of 128, 4 pages of 16 tokens: 8 MiB), so the
+    # server's encoding takes long enough for a flush sent right after the commit to overtake it
+    kv = store.register_namespace(namespace(64, num_layers=32, block_size=16, num_kv_heads=8, head_size=128,
+                                            page_bytes=2 * 16 * 8 * 128 * 2))
+    assert (LOSSY_FIELD, "fp8/vector") in kv.extra
+    value = torch.randn(32 * 4 * 2 * 16 * 8, 128).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    keys = chunk_keys(tokens(64 * 3, seed=9), kv.namespace, 64)
+    chunks = store.reserve([len(value)] * len(keys))
+    assert all(c is not None for c in chunks)
+    for c in chunks:
+        c.view()[:] = value
+    store.commit(list(zip(keys, chunks, strict=True)))  # not waited for: flush must
+    store.flush()
+    assert stored_codecs(tmp_path, keys) == [3] * len(keys)
