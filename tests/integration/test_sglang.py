@@ -547,6 +547,51 @@ def test_ranks_share_pages_through_lmtier_serve_and_return_every_lease(tmp_path:
         server.close()
 
 
+@pytest.mark.server
+def test_a_lossy_tier_of_lmtier_serve_quantizes_pages_of_two_ranks_alike(tmp_path: Path) -> None:
+    """lmtier serve with an fp8 disk tier: each rank (a client) registers its page geometry with
+    the server and keys under the namespace naming the server's codec; the server's disk tier
+    holds the pages quantized, and a second MLA rank reads the writer's pages within fp8's error
+    once the server's RAM tier forgot them."""
+    from lmtier.framing import READABLE_CODECS, decode_header
+    from tests.server.serverproc import start_server
+    from tests.server.test_codecs_on_server import lossy_config
+
+    server = start_server(tmp_path, config=lossy_config(tmp_path))
+    config = tmp_path / "client.yaml"
+    config.write_text(f"server: {server.address}\n")
+    ranks: list[Any] = []
+    try:
+        ranks = [make_backend(config, tp_rank=r, tp_size=2, is_mla_model=True) for r in (0, 1)]
+        pools = [mla_pool(rank=64, rope=32), mla_pool(rank=64, rope=32)]
+        for rank, pool in zip(ranks, pools, strict=True):
+            rank.register_mem_pool_host(pool)
+        assert ranks[0].namespace == ranks[1].namespace
+        plain = make_backend(write_config(tmp_path / "plain.yaml"), tp_rank=0, tp_size=2, is_mla_model=True)
+        plain.register_mem_pool_host(mla_pool(rank=64, rope=32))
+        assert plain.namespace != ranks[0].namespace  # a chain without the codec: another namespace
+        plain.close()
+        idx = pools[0].alloc(12)
+        fill_kv(pools[0], 14)
+        expected = [p.view(pools[0].dtype).float() for p in pages_of(pools[0], idx)]
+        keys = page_keys(list(range(400, 412)))
+        assert ranks[0].batch_set_v1(keys, idx) == [True] * 3
+        ranks[0].store.flush()  # waits for the commit in flight, then the server's tier writes
+        ckeys = ranks[0]._chunk_keys(keys, ranks[0].namespace)
+        files = {f.name: f for f in (tmp_path / "disk").rglob("*-*")}
+        assert [decode_header(k, files[str(k)].read_bytes(), codecs=READABLE_CODECS).codec for k in ckeys] == [3] * 3
+        assert server.clear("hot")["cleared"]["hot"] == 3  # the raw copies in RAM: gone
+        target = pools[1].alloc(12)
+        assert ranks[1].batch_exists(keys) == 3
+        assert ranks[1].batch_get_v1(keys, target) == [True] * 3
+        for got, want in zip(pages_of(pools[1], target), expected, strict=True):
+            assert 0 < float((got.view(pools[1].dtype).float() - want).norm() / want.norm()) < 0.04
+    finally:
+        for r in ranks:
+            r.close()
+        server.close()
+
+
 def test_clear_drops_this_deployments_pages_from_ram_and_disk_and_keeps_other_deployments(tmp_path: Path) -> None:
     config = write_config(tmp_path / "lmtier.yaml",
                           {"name": "hot", "backend": "cpu", "options": {"max_bytes": 64 << 20}},
