@@ -28,7 +28,8 @@ chunk (only the pages it needs), so a hit is usable down to block granularity.
 the hot tier holds already are skipped), copies the pages into them — synchronously for CPU
 caches, enqueued on a CUDA stream otherwise — and returns; the commit (presence checks of the
 other tiers, every tier write) happens behind it, after the copy completed. ``lookup`` and
-``retrieve`` wait on tiers only within their deadlines (the store's per-tier deadlines;
+``retrieve`` wait on tiers only within their deadlines (the store's per-tier deadlines; a whole
+lookup, its tail probes included, within the longest lookup deadline: ``lookup_timeout_s``;
 ``load_timeout_s`` bounds a whole load).
 
 **Retrieval.** :meth:`start_retrieve` starts the fetch and returns a :class:`RetrieveHandle`.
@@ -125,6 +126,8 @@ _NAMESPACE_RE = re.compile(r"^[0-9a-f]{16}$")
 #: How much longer than its own budget the engine waits for a fetch future (the store promises
 #: to answer by the budget; this only covers a store that does not).
 _FETCH_GRACE_S = 1.0
+#: A lookup's tail probes are not sent with less of its budget left than this (they would miss).
+_MIN_PROBE_S = 0.005
 T = TypeVar("T")
 
 
@@ -505,6 +508,9 @@ class KVCacheEngine:
         self.pages_per_chunk = kv.chunk_tokens // kv.block_size
         self.save_tail = save_tail
         self.load_timeout_s = load_timeout_s
+        #: a whole lookup's budget (its first store call, then the tail probes get the rest): the
+        #: longest lookup deadline of the config's tiers, or of its server; None: unbounded
+        self.lookup_timeout_s = _lookup_budget(cfg)
         self.layerwise = layerwise
         #: ``cost`` (weigh each hit: load what beats recomputing) or ``always``; may be changed live
         self.load_policy: LoadPolicy = cfg.load_policy if cfg is not None else "cost"
@@ -644,19 +650,22 @@ class KVCacheEngine:
         tail: tuple[ChunkKey, str] | None = None  # a tail found after the whole chunks, and its tier
         try:
             full = chunk_keys(tokens, ns, c)
+            began = time.monotonic()
             found = self.kvstore.lookup(full).result() if full else found
             hit = found.hit_chunks * c
             if self.save_tail:
                 base = hit
                 longest = min(self.pages_per_chunk - 1, (cap - base) // b)
-                if longest > 0:
+                left = self._lookup_left(began)
+                if longest > 0 and left != 0.0:
                     cands = [chunk_keys(tokens[: base + k * b], ns, c, include_partial=True)[-1]
                              for k in range(longest, 0, -1)]
-                    present = self.kvstore.contains(cands)
+                    present = self.kvstore.contains(cands, timeout_s=left)
                     for k, cand, p in zip(range(longest, 0, -1), cands, present, strict=True):
                         if p:
                             hit = base + k * b
-                            where = self.kvstore.lookup([cand]).result().tiers
+                            left = self._lookup_left(began)
+                            where = self.kvstore.lookup([cand], timeout_s=left or None).result().tiers if left != 0.0 else ()
                             tail = (cand, where[0] if where else "")
                             break
         except Exception as exc:  # the store degrades tier faults; anything else is still a miss
@@ -686,6 +695,16 @@ class KVCacheEngine:
                 log.info("Request %s: total %d tokens, hit %d tokens, loading %d (%s)%s", request_id or "-",
                          total, hit, max(0, plan.load_tokens - start), plan.reason, promoting)
         return Located(plan.load_tokens, _runs([(ch.tier or "", ch.end - ch.start) for ch in chunks], hit), plan)
+
+    def _lookup_left(self, began: float) -> float | None:
+        """What is left of a lookup's budget (:attr:`lookup_timeout_s`) for its later store calls
+        (tail probes): None without a budget, 0.0 when spent. The first call waits on each tier
+        for its own deadline (so a frozen tier is blamed and its circuit opens); the probes after
+        it get only the rest, so a lookup waits about one deadline however many tiers froze."""
+        if self.lookup_timeout_s is None:
+            return None
+        left = self.lookup_timeout_s - (time.monotonic() - began)
+        return left if left > _MIN_PROBE_S else 0.0
 
     def _hit_chunks(self, hit: int, full: Sequence[ChunkKey], found: LookupResult,
                     tail: tuple[ChunkKey, str] | None) -> tuple[list[ChunkSpan], list[ChunkKey]]:
@@ -1072,6 +1091,16 @@ def _release_all(chunks: Sequence[HostChunk | None]) -> None:
     for chunk in chunks:
         if chunk is not None:
             chunk.release()
+
+
+def _lookup_budget(cfg: LmtierConfig | None) -> float | None:
+    """The deadline of a whole engine lookup: one tier's lookup deadline (the longest), or the
+    server's; None when the engine was given a store without a config."""
+    if cfg is None:
+        return None
+    if cfg.server is not None:
+        return float(cfg.server_timeout_s.lookup)
+    return max((float(t.timeout_s.lookup) for t in cfg.tiers), default=None)
 
 
 def _device_codec(given: str | Mapping[str, Any] | None, cfg: LmtierConfig | None, kv: KVNamespace,

@@ -66,6 +66,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
@@ -136,6 +137,25 @@ CODEC_SLICE_BYTES = 8 << 20
 _READS = frozenset({"get", "get_into"})
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
 _DEADLINE_OF = {"contains": "lookup", "get": "get", "get_into": "get", "put": "put", "delete": "delete"}
+#: The operations of a caller's read (lookup, contains, get, get_into, fetch) that share its silence.
+_CRITICAL = frozenset({"contains", "get", "get_into"})
+
+
+@dataclass
+class _Silence:
+    """How long one caller's read (lookup, contains, get, get_into, fetch) has gone without any
+    tier answering: ``since`` the last answer (or the start), ``stalled`` once a tier let a
+    deadline pass without answering. A colder tier asked after a stall gets only what is left of
+    its own deadline counted from ``since`` (and no blame when that runs out), so tiers frozen
+    together (a partition: Redis and S3 both gone quiet) cost the caller one deadline, not one
+    each. A tier asked after an answer gets its whole deadline, as ever."""
+
+    since: float
+    stalled: bool = False
+
+
+#: The silence of the read this task is serving (set by the public read methods; see _calls).
+_SILENCE: ContextVar[_Silence | None] = ContextVar("lmtier_silence", default=None)
 
 
 class _Fault:
@@ -377,6 +397,13 @@ class StorageManager:
         """:meth:`lookup`, naming for each leading key present the hottest tier that holds it."""
         _check_keys(keys)
         until = self._until(timeout_s)
+        token = _SILENCE.set(_Silence(self._loop.time()))
+        try:
+            return await self._locate(keys, until)
+        finally:
+            _SILENCE.reset(token)
+
+    async def _locate(self, keys: Sequence[ChunkKey], until: float | None) -> list[str]:
         n = len(keys)
         where: list[str | None] = [None] * n
         first_missing = 0
@@ -401,6 +428,13 @@ class StorageManager:
         """Whether each key is present in any tier (``timeout_s``: as for :meth:`lookup`)."""
         _check_keys(keys)
         until = self._until(timeout_s)
+        token = _SILENCE.set(_Silence(self._loop.time()))
+        try:
+            return await self._contains(keys, until)
+        finally:
+            _SILENCE.reset(token)
+
+    async def _contains(self, keys: Sequence[ChunkKey], until: float | None) -> list[bool]:
         present = [False] * len(keys)
         for tier in self.tiers:
             todo = [i for i, p in enumerate(present) if not p]
@@ -431,6 +465,13 @@ class StorageManager:
         """
         _check_keys(keys)
         until = self._until(timeout_s)
+        token = _SILENCE.set(_Silence(self._loop.time()))
+        try:
+            return await self._get(keys, until)
+        finally:
+            _SILENCE.reset(token)
+
+    async def _get(self, keys: Sequence[ChunkKey], until: float | None) -> list[Buffer | None]:
         results: list[Buffer | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         for tier in self.tiers:
@@ -535,6 +576,14 @@ class StorageManager:
             raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
         views = [writable_bytes_view(o) for o in outs]
         until = self._until(timeout_s)
+        token = _SILENCE.set(_Silence(self._loop.time()))
+        try:
+            return await self._get_into(keys, outs, views, until)
+        finally:
+            _SILENCE.reset(token)
+
+    async def _get_into(self, keys: Sequence[ChunkKey], outs: Sequence[object], views: list[memoryview],
+                        until: float | None) -> list[bool]:
         filled = [False] * len(keys)
         pending = list(range(len(keys)))
         for tier in self.tiers:
@@ -564,6 +613,13 @@ class StorageManager:
         if len(sizes) != len(keys):
             raise InvalidArgumentError(f"fetch of {len(keys)} keys with {len(sizes)} sizes")
         until = self._until(timeout_s)
+        token = _SILENCE.set(_Silence(self._loop.time()))
+        try:
+            return await self._fetch(keys, sizes, until)
+        finally:
+            _SILENCE.reset(token)
+
+    async def _fetch(self, keys: Sequence[ChunkKey], sizes: list[int], until: float | None) -> list[HostBuffer | None]:
         out: list[HostBuffer | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         wrong: list[ChunkKey] = []
@@ -742,9 +798,16 @@ class StorageManager:
         a timeout included, or bad input) is asked again key by key (``per_key``), so one key
         the tier refuses (a value it cannot take, a name it cannot read) costs that key only.
         A tier that is down or late is not asked again: that would cost its caller more deadlines.
+
+        Within a caller's read (:class:`_Silence`), a tier asked after a hotter one let its
+        deadline pass waits only for what is left of its own deadline since the last answer; when
+        nothing is left it is not asked (a miss, reason ``deadline``), and running out is no
+        verdict on it. So a critical-path read waits at most about one deadline of silence
+        however many tiers froze together.
         """
         results: list[Any] = [FAULT] * len(parts)
         limit = getattr(tier.config.timeout_s, _DEADLINE_OF[op])
+        silence = _SILENCE.get() if op in _CRITICAL else None
         t0 = self._clock()
         missed: set[int] = set()  # parts detached at the tier's own deadline
         again: list[int] = []  # parts of several keys whose call raised: asked again key by key
@@ -757,6 +820,8 @@ class StorageManager:
                     results[i] = self._skip(tier, part.writes, "circuit_open")
                 if results[i] is _SPLIT:
                     again.append(i)
+            if silence is not None:  # it answered (inline: it always does)
+                silence.since, silence.stalled = self._loop.time(), False
             if again:
                 await self._per_key(tier, op, fn, parts, results, again, until)
             if op in _READS:
@@ -766,14 +831,18 @@ class StorageManager:
         running: dict[asyncio.Task[Any], int] = {}
         started: dict[int, float] = {}
         nxt = 0
-        progress = self._loop.time()
+        # after a hotter tier's silence, this one inherits it (and no blame) until it answers
+        inherited = silence is not None and silence.stalled
+        progress = silence.since if inherited else self._loop.time()  # type: ignore[union-attr]
         try:
             while nxt < len(parts) or running:
                 now = self._loop.time()
                 while nxt < len(parts) and len(running) < MAX_IN_FLIGHT:
                     i, part = nxt, parts[nxt]
                     nxt += 1
-                    reason = self._gate(tier, until, now)
+                    # the silence a hotter tier began may have used up this tier's deadline too (checked
+                    # first: the breaker's allow() may hand out a probe that must then be sent)
+                    reason = "deadline" if inherited and progress + limit <= now else self._gate(tier, until, now)
                     if reason is not None:
                         results[i] = self._skip(tier, part.writes, reason)
                         continue
@@ -790,16 +859,24 @@ class StorageManager:
                 if wait > 0:
                     done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not done:  # no progress for a whole deadline (or the caller's budget is spent)
+                    why = ("the caller's budget" if not own else
+                           "the rest of a deadline a hotter tier spent" if inherited else "its deadline")
+                    own = own and not inherited
                     verdict = own
                     for task, i in running.items():
                         self._missed(tier, op, task, parts[i].holds, parts[i].writes, own=own,
-                                     waited=limit if own else max(wait, 0.0), verdict=verdict)
+                                     waited=limit if own else max(wait, 0.0), verdict=verdict, why=why)
                         verdict = False  # one verdict on the tier per stall
                         if own:
                             missed.add(i)
                     running.clear()
+                    if silence is not None:
+                        silence.stalled = True
                     continue
                 progress = self._loop.time()
+                inherited = False
+                if silence is not None:  # an answer: the caller's silence starts again
+                    silence.since, silence.stalled = progress, False
                 for task in done:
                     i = running.pop(task)
                     results[i] = self._finished(tier, op, task, parts[i].writes, started[i],
@@ -932,14 +1009,14 @@ class StorageManager:
         return FAULT
 
     def _missed(self, tier: Tier, op: str, task: asyncio.Task[Any], holds: Sequence[object], writes: int,
-                *, own: bool, waited: float, verdict: bool = True) -> None:
+                *, own: bool, waited: float, verdict: bool = True, why: str = "") -> None:
         """A call passed its deadline: count it, feed the breaker (``verdict``), leave it to end alone."""
         self.metrics.deadline_misses.labels(tier.name, op).inc()
         self.metrics.errors.labels(tier.name, op, "backendtimeout").inc()
         if writes:
             self.metrics.skipped_writes.labels(tier.name, "deadline").inc(writes)
         log.warning("lmtier tier %s: %s did not answer within %.3gs (%s); treated as a miss/skipped write",
-                    tier.name, op, waited, "its deadline" if own else "the caller's budget")
+                    tier.name, op, waited, why or ("its deadline" if own else "the caller's budget"))
         if not own:  # only the caller's shorter budget ran out: no verdict on the tier
             tier.breaker.abandon_probe()
         elif not verdict:

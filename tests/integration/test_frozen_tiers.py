@@ -169,3 +169,47 @@ async def test_a_first_connect_to_a_frozen_redis_is_a_miss_at_the_deadline(tmp_p
         finally:
             remote.thaw()
             await mgr.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.s3
+def test_two_remote_tiers_frozen_together_cost_each_call_one_deadline(tmp_path: Path) -> None:
+    """A partition: redis-server and SeaweedFS stopped at once behind a cpu tier. The engine's
+    lookup (its chunk lookup, then tail probes) waits on Redis for its deadline and does not ask
+    S3 in what is left of it (no verdict on S3); the next call (a retrieve) skips Redis, whose
+    circuit is open, and gives S3 its own deadline. No call waits on both."""
+    import torch
+
+    from lmtier.engine import KVCacheEngine
+    from lmtier.keys import KVNamespace
+
+    for kind in ("redis", "s3"):
+        why = remote_available(kind)
+        if why:
+            pytest.skip(why)
+    layers, heads, block, head = 2, 2, 16, 32
+    kv = KVNamespace(model="partition", kv_layout="vllm_blocks_first", dtype="bfloat16", num_layers=layers,
+                     block_size=block, num_kv_heads=heads, head_size=head, page_bytes=heads * block * 2 * head * 2,
+                     chunk_tokens=64)
+    cache = list(torch.randn(layers, 64, heads, block, 2 * head).to(torch.bfloat16).unbind(0))
+    prompt = torch.randint(3, 30000, (256,), generator=torch.Generator().manual_seed(5)).tolist()
+    with RemoteTier("redis", tmp_path / "r") as redis, RemoteTier("s3", tmp_path / "s") as s3:
+        # one lookup deadline for every tier (as by default): the engine's lookup budget is the longest
+        config = {"chunk_tokens": 64, "tiers": [
+            {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB"}, "timeout_s": DEADLINES},
+            redis.tier(name="redis", timeout_s=DEADLINES), s3.tier(name="s3", timeout_s=DEADLINES)]}
+        metrics = CollectorRegistry()
+        with KVCacheEngine(config, kv, metrics_registry=metrics) as engine:
+            redis.freeze()
+            s3.freeze()
+            try:
+                assert engine.lookup(prompt) == 0
+                assert _value(metrics, "lmtier_tier_circuit_open", tier="redis") == 1
+                assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="s3", op="contains") == 0
+                assert _value(metrics, "lmtier_tier_circuit_open", tier="s3") == 0
+                assert engine.retrieve(prompt, cache, list(range(16))) == 0
+                assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="s3", op="get_into") == 1
+                assert _value(metrics, "lmtier_tier_circuit_open", tier="s3") == 1
+            finally:
+                redis.thaw()
+                s3.thaw()

@@ -275,6 +275,75 @@ async def test_a_tier_with_too_many_stuck_calls_gets_no_more(registry: BackendRe
         await mgr.aclose()
 
 
+@pytest.mark.parametrize("read", ["lookup", "get", "fetch"])
+@pytest.mark.asyncio
+async def test_tiers_frozen_together_cost_a_read_one_deadline_not_one_each(
+        registry: BackendRegistry, read: str, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A partition freezes Redis and S3 at once: the first frozen tier spends the caller's
+    deadline, so the next one is not asked at all in that call (a miss, no verdict on it). The
+    next call skips the first (its circuit is open) and gives the second its whole deadline."""
+    metrics = CollectorRegistry()
+    cfg = {"chunk_tokens": 16, "tiers": [
+        HOT, {"name": "cold", "backend": "stuck_cpu", "options": {"pinned": False}, "timeout_s": FAST},
+        {"name": "colder", "backend": "stuck_disk", "options": {"root": str(tmp_path / "d")}, "timeout_s": FAST}]}
+    mgr = await StorageManager.from_config(cfg, registry=registry, metrics_registry=metrics, clock=Clock())
+    cold, colder = STUCK["cpu"], STUCK["disk"]
+    try:
+        ks = keys(2)
+        await colder.inner.put([(k, b"c" * 64) for k in ks])  # only the colder tier holds them
+        op = {"lookup": "contains", "get": "get", "fetch": "get_into"}[read]
+        cold.hold("get" if read == "fetch" else op, "thread")  # stuck_cpu has no get_into: read with get
+        colder.hold(op, "thread")
+        colder.half_write = read == "fetch"
+
+        async def call() -> bool:  # True: a miss
+            if read == "lookup":
+                return await mgr.lookup(ks) == 0
+            if read == "get":
+                return await mgr.get(ks) == [None, None]
+            got = await mgr.fetch(ks, [64, 64])
+            return got == [None, None]
+
+        caplog.set_level(logging.WARNING, logger="lmtier")
+        assert await call()
+        assert mgr.tier("cold").breaker.state == "open"
+        assert mgr.tier("colder").breaker.state == "closed"  # not blamed for the silence before it
+        assert op not in colder.calls  # and not even asked: nothing was left of the deadline
+        assert value(metrics, "lmtier_tier_deadline_misses_total", tier="colder", op=op) == 0
+
+        assert await call()  # the cold tier is skipped now; the colder one gets its own deadline
+        assert op in colder.calls
+        assert mgr.tier("colder").breaker.state == "open"
+        assert value(metrics, "lmtier_tier_deadline_misses_total", tier="colder", op=op) == 1
+    finally:
+        cold.free()
+        colder.free()
+        assert await mgr.settle(30)
+        await mgr.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_tier_asked_after_one_that_answered_gets_its_whole_deadline_and_the_blame(
+        registry: BackendRegistry, tmp_path: Any) -> None:
+    """Only silence is inherited: after the cold tier answers (a miss), a frozen colder tier is
+    waited on for its own deadline and its circuit opens."""
+    metrics = CollectorRegistry()
+    cfg = {"chunk_tokens": 16, "tiers": [
+        HOT, {"name": "cold", "backend": "stuck_cpu", "options": {"pinned": False}, "timeout_s": FAST},
+        {"name": "colder", "backend": "stuck_disk", "options": {"root": str(tmp_path / "d")}, "timeout_s": FAST}]}
+    mgr = await StorageManager.from_config(cfg, registry=registry, metrics_registry=metrics, clock=Clock())
+    try:
+        STUCK["disk"].hold("contains", "thread")
+        assert await mgr.lookup(keys(2)) == 0
+        assert mgr.tier("cold").breaker.state == "closed"
+        assert mgr.tier("colder").breaker.state == "open"
+        assert value(metrics, "lmtier_tier_deadline_misses_total", tier="colder", op="contains") == 1
+    finally:
+        STUCK["disk"].free()
+        assert await mgr.settle(30)
+        await mgr.aclose()
+
+
 def test_large_batches_are_cut_into_slices_of_bounded_bytes() -> None:
     assert _slices([10, 10, 10, 10], 25) == [(0, 2), (2, 4)]
     assert _slices([30, 5, 5], 25) == [(0, 1), (1, 3)]  # an item larger than the limit goes alone
