@@ -16,12 +16,11 @@ tier is misconfigured, not failing, and the user has to change ``root``.
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
 from lmtier.errors import BackendError, ConfigError
-from lmtier.kit import OS_ERROR_RULES, ErrorMap, ForeignRootError
+from lmtier.kit import OS_ERROR_RULES, ErrorMap, ForeignRootError, describe
 
 __all__ = ["foreign_root_error", "map_os_error", "root_config_error"]
 
@@ -37,8 +36,7 @@ def map_os_error(exc: OSError, *, op: str, path: str | os.PathLike[str] | None =
 def root_config_error(exc: OSError, root: Path) -> ConfigError:
     """The error for a tier ``root`` that cannot be created or written at open."""
     return ConfigError(
-        f"disk tier: root {os.fspath(root)!r} is not a writable directory ({exc.strerror or exc} "
-        f"[{errno.errorcode.get(exc.errno or 0, '?')}]{f' at {exc.filename!r}' if exc.filename else ''}); "
+        f"disk tier: root {os.fspath(root)!r} is not a writable directory ({describe(exc)}); "
         "set options.root to a directory this process can create and write, e.g. on a local NVMe drive"
     )
 

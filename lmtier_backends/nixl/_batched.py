@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from lmtier.keys import ChunkKey
 from lmtier.memory import HostBuffer
+from lmtier_backends.nixl._staging import release_all
 from lmtier_backends.nixl._xfer import CallerBuffer
 
 __all__ = ["Batched"]
@@ -55,8 +56,6 @@ class Batched:
             for lo in range(0, len(keys), self.size):
                 out.extend(piece(lo, min(lo + self.size, len(keys))))
         except BaseException:
-            for got in out:  # a later piece failed: the buffers of earlier pieces go back
-                if isinstance(got, HostBuffer):
-                    got.release()
+            release_all(out)  # a later piece failed: the buffers of earlier pieces go back
             raise
         return out

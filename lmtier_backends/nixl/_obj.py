@@ -42,7 +42,7 @@ from lmtier.kit import object_name
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._s3rest import S3Rest
-from lmtier_backends.nixl._staging import StagingPool
+from lmtier_backends.nixl._staging import StagingPool, release_all
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import ObjOptions
 
@@ -138,9 +138,7 @@ class ObjStore:
                     self._shrink(keys[i], out, i)
             return out
         except BaseException:
-            for buf in out:
-                if isinstance(buf, HostBuffer):
-                    buf.release()
+            release_all(out)
             raise
 
     def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]
@@ -181,9 +179,7 @@ class ObjStore:
                         out[i] = got
             return out
         except BaseException:
-            for buf in out:
-                if isinstance(buf, HostBuffer):
-                    buf.release()
+            release_all(out)
             raise
         finally:
             probes.release()

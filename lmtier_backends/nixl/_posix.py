@@ -31,9 +31,9 @@ from typing import Any
 from lmtier.errors import CapacityError, ConfigError, CorruptDataError
 from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import FileLayout, ForeignRootError, check_root, claim_root, scan_files
+from lmtier.kit import FileLayout, ForeignRootError, check_root, claim_root, describe, scan_files
 from lmtier.memory import HostBuffer
-from lmtier_backends.nixl._staging import StagingPool
+from lmtier_backends.nixl._staging import StagingPool, release_all
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import PosixOptions
 
@@ -68,7 +68,7 @@ class PosixStore:
         except OSError as exc:
             raise ConfigError(
                 f"nixl tier: posix.root {os.fspath(self.root)!r} is not a writable directory "
-                f"({exc.strerror or exc}); set it to a directory this process can create and write"
+                f"({describe(exc)}); set it to a directory this process can create and write"
             ) from None
         self._rebuild_index()
 
@@ -133,9 +133,7 @@ class PosixStore:
                         self._index.move_to_end(key)
             return out
         except BaseException:
-            for got in out:
-                if isinstance(got, HostBuffer):
-                    got.release()
+            release_all(out)
             raise
         finally:
             for fd in fds:
@@ -181,9 +179,7 @@ class PosixStore:
                         buf.release()
             return out
         except BaseException:
-            for got in out:
-                if isinstance(got, HostBuffer):
-                    got.release()
+            release_all(out)
             raise
         finally:
             for fd in fds:

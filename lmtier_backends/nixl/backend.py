@@ -73,7 +73,7 @@ from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.nixl import _nixl
 from lmtier_backends.nixl._batched import Batched
 from lmtier_backends.nixl._errors import map_error
-from lmtier_backends.nixl._staging import StagingPool
+from lmtier_backends.nixl._staging import StagingPool, release_all
 from lmtier_backends.nixl._xfer import CallerBuffer, RegistrationRefused
 
 if TYPE_CHECKING:
@@ -356,9 +356,7 @@ class NixlBackend(AsyncClosing):
                         corrupt.append(key)
                     out.append(None)
         finally:
-            for got in raw:
-                if isinstance(got, HostBuffer):
-                    got.release()
+            release_all(raw)
         values = [v for v in out if v is not None and not isinstance(v, BaseException)]
         self._count(gets=len(keys), hits=len(values), bytes_read=sum(memoryview(v).nbytes for v in values))
         self._drop_corrupt(corrupt)
@@ -420,8 +418,7 @@ class NixlBackend(AsyncClosing):
                         corrupt.append(key)
                     filled.append(False)
         finally:
-            for buf in {id(g): g for g in raw if isinstance(g, HostBuffer)}.values():
-                buf.release()
+            release_all(raw)
         return filled, corrupt, recheck
 
     def _put_sync(self, token: CancelToken, items: list[StoreItem]) -> None:
