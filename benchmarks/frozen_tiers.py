@@ -14,8 +14,10 @@ fault, before any circuit opened):
 * ``retrieve``: ``engine.retrieve`` of such a prompt's whole range (a lookup said "hit", then the
   tier froze or died before the load).
 
-Every call is timed on its own; the table prints the worst and the median per state, next to the
-tier's deadline for that kind of call (the target: worst <= deadline + 50 ms). A call still
+A kind may name several tiers joined by ``+`` (``redis+s3``: cpu -> redis -> s3), which are
+frozen and killed together: a partition cutting the host off from both servers. Every call is
+timed on its own; the table prints the worst and the median per state, next to the tier's
+deadline for that kind of call (the target: worst <= deadline + 50 ms, however many froze). A call still
 running after ``--cap`` seconds is reported as ``>cap`` (it goes on in the background). Nothing is
 asserted. The same script runs against an older checkout (``PYTHONPATH=<checkout>``), which is how
 the "before" column was measured; it needs only KVCacheEngine's store/lookup/retrieve.
@@ -66,14 +68,14 @@ def prompt(rng: random.Random) -> list[int]:
     return [rng.randrange(3, 30000) for _ in range(PROMPT_TOKENS)]
 
 
-def engine_for(remote: Any, cap: float) -> Any:
+def engine_for(remotes: list[Any], cap: float) -> Any:
     from prometheus_client import CollectorRegistry
 
     from lmtier.engine import KVCacheEngine
 
     config = {"chunk_tokens": CHUNK_TOKENS, "host_pool_bytes": 64 << 20, "tiers": [
         {"name": "hot", "backend": "cpu", "options": {"max_bytes": 256 << 20}},
-        remote.tier("remote")]}
+        *(remote.tier(f"remote{i}" if i else "remote") for i, remote in enumerate(remotes))]}
     return KVCacheEngine(config, kv_namespace(), metrics_registry=CollectorRegistry(), load_timeout_s=cap)
 
 
@@ -89,15 +91,18 @@ def timed(pool: concurrent.futures.ThreadPoolExecutor, fn: Any, cap: float) -> f
 
 
 def run_kind(kind: str, args: argparse.Namespace, rng: random.Random) -> dict[str, dict[str, list[float]]]:
+    from contextlib import ExitStack
+
     from tests.support.remote_tiers import RemoteTier
 
     blocks = list(range(PROMPT_TOKENS // BLOCK))
     cache = kv_cache()
     out: dict[str, dict[str, list[float]]] = {}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="frozen-bench")
-    with tempfile.TemporaryDirectory(prefix=f"frozen-{kind}-") as tmp, RemoteTier(kind, tmp) as remote:
+    with tempfile.TemporaryDirectory(prefix="frozen-") as tmp, ExitStack() as stack:
+        remotes = [stack.enter_context(RemoteTier(k, Path(tmp) / str(i))) for i, k in enumerate(kind.split("+"))]
         seeded = [prompt(rng) for _ in range(3 * args.rounds)]
-        seeder = engine_for(remote, args.cap)
+        seeder = engine_for(remotes, args.cap)
         for p in seeded:
             seeder.store(p, cache, blocks)
         seeder.flush()
@@ -107,11 +112,12 @@ def run_kind(kind: str, args: argparse.Namespace, rng: random.Random) -> dict[st
             # one engine per round, opened while the server runs (a tier that is down at open is a
             # different case); in round r the fault meets op r % 3 first, so each op gets to be
             # the call that finds a frozen tier with its circuit still closed
-            engines = [engine_for(remote, args.cap) for _ in range(args.rounds)]
-            if state == "frozen":
-                remote.freeze()
-            elif state == "killed":
-                remote.kill()
+            engines = [engine_for(remotes, args.cap) for _ in range(args.rounds)]
+            for remote in remotes:
+                if state == "frozen":
+                    remote.freeze()
+                elif state == "killed":
+                    remote.kill()
             times: dict[str, list[float]] = {op: [] for op in ops}
             try:
                 for r, engine in enumerate(engines):
@@ -122,7 +128,8 @@ def run_kind(kind: str, args: argparse.Namespace, rng: random.Random) -> dict[st
                     for op in ops[r % 3:] + ops[: r % 3]:
                         times[op].append(timed(pool, calls[op], args.cap))
             finally:
-                remote.thaw()
+                for remote in remotes:
+                    remote.thaw()
                 for engine in engines:
                     pool.submit(engine.close).result()
             out[state] = times
@@ -145,7 +152,8 @@ def deadlines() -> dict[str, float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default="redis,s3,nixl-obj")
+    ap.add_argument("--kinds", default="redis,s3,nixl-obj,redis+s3",
+                    help="tier kinds, comma-separated; a+b: both tiers in one chain, frozen/killed together")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per state (3: each call first once)")
     ap.add_argument("--cap", type=float, default=180.0, help="stop waiting for one call after this long")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
@@ -161,7 +169,7 @@ def main() -> None:
     rng = random.Random(20261207)
     results: dict[str, Any] = {}
     for kind in args.kinds.split(","):
-        why = remote_available(kind)
+        why = next((w for k in kind.split("+") if (w := remote_available(k))), None)
         if why:
             print(f"{kind}: skipped ({why})")
             continue
