@@ -151,9 +151,13 @@ class _Quant:
         amax32 = amax.float()
         if check and not bool(torch.isfinite(amax32).all()):
             raise ValueError("the value holds inf or NaN; stored raw")
-        # a scale below float32's smallest normal would make 1 / scale infinite (KV that small
-        # is all zeros to the format anyway)
-        scales.copy_(torch.where(amax32 > 0, (amax32 / self._qmax).clamp_min_(torch.finfo(torch.float32).tiny), 1.0))
+        # amax * (1 / qmax), not amax / qmax: CUDA divides a tensor by a scalar as a product with
+        # the scalar's float32 reciprocal while the CPU divides (their scales differed in the last
+        # bit on an H100); the product is one float32 operation on both, so a GPU and a CPU
+        # encoding of the same chunk are byte for byte equal. A scale below float32's smallest
+        # normal would make 1 / scale infinite (KV that small is all zeros to the format anyway).
+        scales.copy_(torch.where(amax32 > 0, (amax32 * (1.0 / self._qmax)).clamp_min_(torch.finfo(torch.float32).tiny),
+                                 1.0))
         inverse = scales.reciprocal()
         for xs, inv, qs in _steps(step, x, inverse, q):
             self._quantize(xs, inv, qs)
