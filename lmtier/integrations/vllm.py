@@ -656,7 +656,7 @@ class LMTierConnector(KVConnectorBase_V1):
                 self._lookups[rid] = 0
                 return 0, False
             return None, False
-        if self._defer(request, identity, hit, limit):
+        if self._defer(request, identity, max(hit, num_computed_tokens), limit):
             return None, False
         return max(0, min(hit, limit) - num_computed_tokens), False
 
@@ -717,8 +717,11 @@ class LMTierConnector(KVConnectorBase_V1):
         """Whether ``request`` should wait ("ask again") for a prefix another request is computing.
 
         It waits while another running request of the same identity is computing at least one
-        more chunk of this request's prefix than lmtier holds (what vLLM's own prefix cache gets
-        within a step): once those chunks are stored, it loads them instead of computing them too.
+        more chunk of this request's prefix than ``hit`` — what lmtier holds, or vLLM's own prefix
+        cache if it holds more (with vLLM's prefix cache on, the blocks a running request computes
+        are in it from their allocation, and the request is served from them in this very step:
+        waiting for lmtier's copy would only delay it). Once those chunks are stored, it loads
+        them instead of computing them too.
         At most ``defer_max_s`` per request, and only with a synchronous line to the workers: over
         the metadata round trip the fresh answer would cost it another step (measured: worse than
         computing, benchmarks/vllm_serve.py).

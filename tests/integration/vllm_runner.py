@@ -48,10 +48,10 @@ def make_llm(model: str, lmtier: dict[str, Any] | None = None, *, role: str = "k
     kwargs: dict[str, Any] = dict(engine)
     if lmtier is not None:
         kwargs["kv_transfer_config"] = lmtier_transfer_config(lmtier, role)
-    # no local prefix cache: every reuse must come through lmtier; eager: no compile time
+    # no local prefix cache (unless asked): every reuse must come through lmtier; eager: no compile time
     kwargs.setdefault("max_model_len", 4096)
-    return LLM(model=model, dtype="bfloat16", enable_prefix_caching=False, seed=0,
-               enforce_eager=True, disable_log_stats=True, **kwargs)
+    kwargs.setdefault("enable_prefix_caching", False)
+    return LLM(model=model, dtype="bfloat16", seed=0, enforce_eager=True, disable_log_stats=True, **kwargs)
 
 
 def generate(llm: LLM, prompts: list[list[int]], *, max_tokens: int = MAX_TOKENS, cache_salt: str | None = None,
