@@ -20,7 +20,7 @@ Codec id and raw length ride along too: a value codec (DESIGN.md section 8) hand
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +105,12 @@ class Payload(np.ndarray):  # type: ignore[type-arg]
         """Record a checksum computed elsewhere (e.g. streamed while sending)."""
         self._memo.value = value
 
+    @property
+    def being_hashed(self) -> bool:
+        """Whether a tier is computing :meth:`checksum` right now (another tier asking waits
+        for that pass instead of making a second)."""
+        return self._memo.lock.locked()
+
     def copy_bytes(self) -> Payload:
         """A private copy of the bytes that keeps the checksum (known now or computed later)."""
         return Payload.of(self.tobytes(), like=self)
@@ -151,6 +157,31 @@ class StoreItem:
         if self._payload is not None:
             return self._payload.checksum()
         return checksum(self.view)
+
+    @property
+    def unhashed(self) -> bool:
+        """No tier has the checksum, nor is computing it now: a backend may hash the payload its
+        own way (piece by piece while sending) and :meth:`remember_checksum` it. Once this turns
+        False, :meth:`checksum` gives (or waits for) the other tier's pass: a backend hashing
+        ahead abandons its own, and ends it with :meth:`settle_checksum`."""
+        return self._payload is None or (self._payload.known_checksum is None and not self._payload.being_hashed)
+
+    def settle_checksum(self, finish: Callable[[], int]) -> int:
+        """The checksum, ending a pass the backend ran itself (``finish()`` completes it, e.g. the
+        last pieces of a hash run ahead while sending), unless another tier has the checksum or is
+        computing it: then ``finish`` is not called and that tier's value is returned (waited
+        for). Concurrent tiers sharing a value thus complete one pass between them."""
+        payload = self._payload
+        if payload is None:
+            return finish()
+        memo = payload._memo
+        if memo.value is None and memo.lock.acquire(blocking=False):
+            try:
+                if memo.value is None:
+                    memo.value = finish()
+            finally:
+                memo.lock.release()
+        return payload.checksum()
 
     def remember_checksum(self, value: int) -> None:
         """Record a checksum the backend computed itself (e.g. piece by piece while sending)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rex
@@ -228,7 +229,11 @@ def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | 
     each write, always with a full buffer to overlap with; only the first large payload of a
     batch is hashed before anything is sent. (On loopback with autotuned buffers both orders
     measured the same.) Payloads under ``_SMALL`` bytes are joined with their commands instead:
-    one write beats two. Checksums computed here are remembered by the items, for the next tier.
+    one write beats two. Checksums computed here are remembered by the items, for the next tier;
+    a payload another tier (a concurrent write-through or background write of the same value) has
+    hashed or is hashing is not hashed ahead, and a hash ahead stops as soon as another tier
+    starts one (:attr:`lmtier.kit.StoreItem.unhashed`): ``item.checksum()`` then gives theirs,
+    and one run ahead ends through :meth:`lmtier.kit.StoreItem.settle_checksum`.
     """
     suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
     nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
@@ -238,11 +243,7 @@ def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | 
     for i, (name, item) in enumerate(zip(names, items, strict=True)):
         payload = item.view
         if ahead is not None and ahead[0] == i:
-            _, hasher, done = ahead
-            if done < payload.nbytes:
-                hasher.update(payload[done:])
-            csum = hasher.intdigest()
-            item.remember_checksum(csum)
+            csum = item.settle_checksum(partial(_finish_hash, *ahead[1:], payload))
         else:
             csum = item.checksum()  # carried, or computed (and remembered) now
         header = item.header(csum)
@@ -253,17 +254,27 @@ def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | 
         yield b"".join(small)
         small = [suffix]
         nxt = items[i + 1] if i + 1 < count else None
-        following = nxt.view if nxt is not None and nxt.nbytes >= _SMALL and nxt.known_checksum is None else None
+        following = nxt.view if nxt is not None and nxt.nbytes >= _SMALL and nxt.unhashed else None
         hasher = checksum_stream() if following is not None else None
         done = 0
         for start in range(0, payload.nbytes, _PIECE):
             yield payload[start:start + _PIECE]
             if hasher is not None and following is not None and done < following.nbytes:
+                if nxt is not None and not nxt.unhashed:  # another tier hashes it: no second pass
+                    hasher = following = None
+                    continue
                 hasher.update(following[done:done + _PIECE])
                 done = min(done + _PIECE, following.nbytes)
         ahead = (i + 1, hasher, done) if hasher is not None else None
     if small:
         yield b"".join(small)
+
+
+def _finish_hash(hasher: Any, done: int, payload: memoryview) -> int:
+    """The digest of a hash run ahead over ``payload[:done]``, completed with the rest."""
+    if done < payload.nbytes:
+        hasher.update(payload[done:])
+    return int(hasher.intdigest())
 
 
 class Node:

@@ -177,6 +177,35 @@ def test_a_payload_computes_its_checksum_once_and_shares_it_with_its_copies(monk
     assert Payload.of(data, checksum=123).known_checksum == 123
 
 
+def test_a_pass_run_ahead_is_settled_once_between_tiers_sharing_a_value() -> None:
+    key = ChunkKey(make_namespace(test="settle"), b"\x05" * 16)
+    data = os.urandom(5000)
+    finished: list[str] = []
+
+    def finish(who: str) -> int:
+        finished.append(who)
+        return checksum(data)
+
+    (alone,) = put_items([(key, Payload.of(bytearray(data)))], tier="t")
+    assert alone.unhashed and alone.settle_checksum(lambda: finish("alone")) == checksum(data)
+    assert finished == ["alone"] and alone.known_checksum == checksum(data) and not alone.unhashed
+    # another tier of the same value has the checksum: this tier's own pass is not finished
+    (known,) = put_items([(key, Payload.of(bytearray(data), like=alone.value))], tier="t")  # type: ignore[arg-type]
+    assert known.settle_checksum(lambda: finish("known")) == checksum(data) and finished == ["alone"]
+    # another tier is computing it right now: wait for its value instead of completing a second pass
+    shared = Payload.of(bytearray(data))
+    (busy,) = put_items([(key, shared)], tier="t")
+    shared._memo.lock.acquire()  # what Payload.checksum() holds while it hashes
+    assert not busy.unhashed
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(busy.settle_checksum(lambda: finish("busy"))))
+    waiter.start()
+    shared._memo.value = checksum(data)  # the other tier's pass ends
+    shared._memo.lock.release()
+    waiter.join(timeout=10)
+    assert got == [checksum(data)] and finished == ["alone"]
+
+
 def test_a_store_item_makes_the_header_from_the_carried_checksum() -> None:
     (key,) = _keys(1)
     data = os.urandom(5000)
