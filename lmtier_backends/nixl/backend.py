@@ -454,11 +454,9 @@ class NixlBackend(AsyncClosing):
                     arr = buf.tensor.numpy()
                     payload = arr[HEADER_BYTES:]
                     payload[:] = np.frombuffer(view, dtype=np.uint8)
-                    # without a carried checksum, the staged copy is summed: what is stored is what was summed
-                    csum = item.known_checksum
-                    if csum is None:
-                        csum = checksum(payload.data)
-                        item.remember_checksum(csum)
+                    # without a carried checksum, the staged copy is summed: what is stored is what was
+                    # summed (unless another tier of the value is summing it right now: its pass is used)
+                    csum = item.settle_checksum(functools.partial(checksum, payload.data))
                     arr[:HEADER_BYTES] = np.frombuffer(item.header(csum), dtype=np.uint8)
                 if in_place:  # NIXL reads the caller's buffers: still inside
                     self._live_store().write(staged)
