@@ -123,6 +123,8 @@ def test_a_hit_held_by_a_slow_server_tier_is_weighed_with_the_servers_read_costs
             assert "), promoting" in caplog.text
             assert b.metrics.registry.get_sample_value("lmtier_load_decisions_total", {"outcome": "none"}) == 1
             b.flush()  # the promotion: the server read the chunks from its disk into the slab
+            code, body = srv.get("/metrics")  # the server exports what it learned from that read
+            assert code == 200 and b'lmtier_tier_read_bytes_per_second{tier="local"}' in body
             learned = b.lookup(toks, request_id="fast")  # the reply carries the disk's real speed now
             assert learned == 40
             assert b.retrieve(toks, dst, list(range(30, 40))) == 40
