@@ -73,6 +73,7 @@ pytest_args=(-c /dev/null --rootdir . -W error -o "markers=gpu: needs a CUDA GPU
 start=$SECONDS
 LMTIER_REQUIRE_NATIVE=$((1 - tiny)) timeout --kill-after=5 "$(left)" python3 -m pytest "${pytest_args[@]}" \
   tests/integration/test_cost_gpu.py tests/integration/test_engine_gpu.py tests/integration/test_transformers_gpu.py \
+  tests/unit/test_memory.py tests/unit/test_cost_prefill.py \
   >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20

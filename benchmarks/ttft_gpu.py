@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import json
 import mmap
 import os
@@ -47,6 +48,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -298,7 +300,40 @@ def cached_runs(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], ar
         res["tier_stats"] = kv.manager.stats()
     finally:
         kv.close()
+        release_host_memory()
     return res
+
+
+def surviving(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One pass; a pass that fails is an ``error`` entry (the traceback on stderr), so the passes
+    after it still run and the table keeps the ones before it."""
+    try:
+        return run()
+    except Exception as exc:
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def release_host_memory() -> None:
+    """After a cache closed: collect what still references its objects, and give torch's cached
+    pinned blocks back (each pass's tiers pin GBs; kept, they starved the later passes: an H100
+    run's last pass found 11.7 of 125.8 GiB free)."""
+    from lmtier.memory import empty_pinned_cache
+
+    gc.collect()
+    empty_pinned_cache()
+
+
+def mem_available_gb() -> float:
+    """The host's MemAvailable (GB), or NaN where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for row in f:
+                if row.startswith("MemAvailable:"):
+                    return int(row.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return float("nan")
 
 
 def measure_isolated(device: torch.device, label: str) -> bool:
@@ -389,12 +424,16 @@ def reuse_pass(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], arg
                        registry=registry(), timing=device.type == "cuda", layerwise=not args.no_layerwise,
                        host_pool_bytes=host_pool_bytes, block_size=args.block_size)
     try:
-        warm = torch.randint(0, model.config.vocab_size, (1, args.tokens),
-                             generator=torch.Generator().manual_seed(warm_seed))
+        # two misses (two timed full prefills: an engine's first may be held up by what it sets up),
+        # then a hit of the first
+        warm, other = (torch.randint(0, model.config.vocab_size, (1, args.tokens),
+                                     generator=torch.Generator().manual_seed(seed)) for seed in (warm_seed, warm_seed + 500))
         kv.prefill(warm)
+        kv.prefill(other)
         kv.flush()
         kv.prefill(warm)
         sync(device)
+        res["mem_available_GB"] = mem_available_gb()
         res["setup"] = setup(kv)
         ttft, loaded, diffs, fetch = [], [], [], []
         for i, ids in enumerate(prompts):
@@ -411,11 +450,13 @@ def reuse_pass(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], arg
         res["learned_read_GBps"] = {t: (c.bytes_per_s / GB if c is not None else None) for t, c in costs.items()}
         rc = kv.engine.recompute.cost()
         res["learned_prefill_tokens_per_s"] = rc.tokens_per_s(args.tokens) if rc is not None else None
+        res["learned_prefill_samples"] = rc.samples if rc is not None else 0
         if after is not None:
             res["raw"] = after(kv, prompts)
         kv.flush()  # promotions of skipped chunks: not to overlap the next pass
     finally:
         kv.close()
+        release_host_memory()
     return res
 
 
@@ -436,6 +477,7 @@ def store_prompts(model: Any, prompts: list[torch.Tensor], cfg: dict[str, Any], 
         return {"first_ms": first, "store_flush_ms": (time.perf_counter() - t0) * 1e3, "chunk_bytes": kv.chunk_bytes}
     finally:
         kv.close()
+        release_host_memory()
 
 
 def disk_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespace, device: torch.device,
@@ -460,15 +502,15 @@ def disk_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespac
         warm_page_cache(root)
         return {"resident": resident_fraction(root)}
 
-    out["cold_always"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk cold",
-                                    policy="always", setup=cold, host_pool_bytes=pool, warm_seed=20_001)
+    out["cold_always"] = surviving(partial(reuse_pass, model, prompts, cfg, args, device, full_logits, label="disk cold",
+                                           policy="always", setup=cold, host_pool_bytes=pool, warm_seed=20_001))
     save()
-    out["cold_cost"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk cold",
-                                  policy="cost", setup=cold, host_pool_bytes=pool, warm_seed=20_002,
-                                  after=lambda kv, ps: raw_disk_reads(kv, ps[:3], root, 16))
+    out["cold_cost"] = surviving(partial(reuse_pass, model, prompts, cfg, args, device, full_logits, label="disk cold",
+                                         policy="cost", setup=cold, host_pool_bytes=pool, warm_seed=20_002,
+                                         after=lambda kv, ps: raw_disk_reads(kv, ps[:3], root, 16)))
     save()
-    out["warm_cost"] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="disk warm",
-                                  policy="cost", setup=warm, host_pool_bytes=pool, warm_seed=20_003)
+    out["warm_cost"] = surviving(partial(reuse_pass, model, prompts, cfg, args, device, full_logits, label="disk warm",
+                                         policy="cost", setup=warm, host_pool_bytes=pool, warm_seed=20_003))
     save()
 
 
@@ -501,8 +543,9 @@ def mixed_passes(model: Any, prompts: list[torch.Tensor], args: argparse.Namespa
                 "disk_resident_after_drop": resident_fraction(root)}
 
     for seed, policy in enumerate(("always", "cost"), 20_011):
-        out[policy] = reuse_pass(model, prompts, cfg, args, device, full_logits, label="half RAM, half cold disk",
-                                 policy=policy, setup=half_in_ram, host_pool_bytes=pool, warm_seed=seed)
+        out[policy] = surviving(partial(reuse_pass, model, prompts, cfg, args, device, full_logits,
+                                        label="half RAM, half cold disk", policy=policy, setup=half_in_ram,
+                                        host_pool_bytes=pool, warm_seed=seed))
         save()
 
 
@@ -579,7 +622,8 @@ def main() -> None:
     cpu_cfg = {"chunk_tokens": args.chunk_tokens,
                "tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": args.cpu_tier_bytes}}]}
     if not args.only_disk:
-        info["cpu"] = cached_runs(model, prompts, cpu_cfg, args, device, full_logits, label="cpu-tier")
+        cpu = surviving(partial(cached_runs, model, prompts, cpu_cfg, args, device, full_logits, label="cpu-tier"))
+        info["cpu" if "error" not in cpu else "cpu_error"] = cpu
         dump(info, args)  # partial results survive a disk phase that runs out of time
 
     for key, count, passes in (("disk", args.disk_prompts, disk_passes), ("mixed", args.mixed_prompts, mixed_passes)):
@@ -590,6 +634,9 @@ def main() -> None:
         info[key] = {}
         try:
             passes(model, prompts[:k], args, device, full_logits[:k], root, info[key], partial(dump, info, args))
+        except Exception as exc:  # run 1 failed: the table still prints what finished
+            traceback.print_exc()
+            info[key]["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -619,6 +666,8 @@ def report(info: dict[str, Any], args: argparse.Namespace) -> None:
     rows.append(("HF full prefill (DynamicCache) median", f"{full:.1f} ms"))
     if "cpu" in info:
         rows += cpu_rows(info, full)
+    if "cpu_error" in info:
+        rows.append(("cpu tier runs", f"FAILED: {info['cpu_error']['error']}"))
     rows += disk_rows(info, full)
     width = max(len(k) for k, _ in rows)
     print()
@@ -677,11 +726,14 @@ def disk_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
 
     def line(res: dict[str, Any]) -> str:
+        if "error" in res:
+            return f"FAILED: {res['error']}"
         t = med(res["ms"])
         loaded = ", ".join(str(x) for x in res["loaded_tokens"])
         learned = ", ".join(f"{k} {v:.2f} GB/s" for k, v in res["learned_read_GBps"].items() if v is not None)
         speed = res["learned_prefill_tokens_per_s"]
         learned += f"; prefill {speed:,.0f} tok/s" if speed else ""
+        learned += f" ({res['learned_prefill_samples']} prefills)" if "learned_prefill_samples" in res else ""
         return (f"{t:.1f} ms = {full / t:.2f}x of full prefill; loaded [{loaded}]; "
                 f"max|dlogit| {max(res['logit_maxdiff']):.4g}; learned: {learned}")
 
@@ -690,7 +742,7 @@ def disk_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
         run1 = disk["run1"]
         rows.append(("disk tier: run 1 TTFT median", f"{med(run1['first_ms']):.1f} ms; store flush "
                      f"{run1['store_flush_ms']:.0f} ms"))
-    if "cold_cost" in disk:
+    if "cold_cost" in disk and "setup" in disk["cold_cost"]:
         pc = disk["cold_cost"]["setup"]
         rows.append(("disk: page cache resident before/after drop", f"{pc['resident_before_drop']:.1%} / "
                      f"{pc['resident_after_drop']:.1%}"))
@@ -704,13 +756,21 @@ def disk_rows(info: dict[str, Any], full: float) -> list[tuple[str, str]]:
         if key in disk:
             rows.append((label, line(disk[key])))
     mixed = info.get("mixed") or {}
-    if "always" in mixed or "cost" in mixed:
-        setup = (mixed.get("cost") or mixed["always"])["setup"]
+    setups = [mixed[k]["setup"] for k in ("cost", "always") if "setup" in mixed.get(k, {})]
+    if setups:
+        setup = setups[0]
         rows.append(("half RAM / half cold disk: chunks in RAM", f"{setup['chunks_in_ram']:.0f} "
                      f"(disk resident after drop {setup['disk_resident_after_drop']:.1%})"))
     for key in ("always", "cost"):
         if key in mixed:
             rows.append((f"half RAM / half cold disk, {key}", line(mixed[key])))
+    for name, part in (("disk", disk), ("half RAM / half cold disk", mixed)):
+        if "error" in part:
+            rows.append((f"{name}: run 1", f"FAILED: {part['error']}"))
+    avail = [f"{part[k]['mem_available_GB']:.0f}" for part in (disk, mixed) for k in part
+             if isinstance(part[k], dict) and "mem_available_GB" in part[k]]
+    if avail:
+        rows.append(("host memory available at each pass (GB)", ", ".join(avail)))
     return rows
 
 

@@ -24,6 +24,13 @@ a lookup answers the tokens *worth loading*, from three parts:
   estimate yet (a cold start) everything is loaded — today's behaviour — and the load teaches
   the estimators.
 
+**Prefills are believed at their fastest.** The prefill fit is then scaled down to the faster
+forwards of its window (:data:`FAST_QUANTILE`): the same shape of forward costs the same arithmetic,
+so a slow one was held up by something else. Measured on an H100 (``benchmarks/ttft_gpu.py``):
+the one full prefill a fresh engine had timed took 0.82 s (12k tok/s; what held it up is not
+established: host memory was nearly exhausted by then) where the others took 0.36 s, and a 1.47 GB cold-disk hit (0.65 s) was
+loaded for 0.52x of the full prefill's TTFT.
+
 **How the fits learn.** Both estimators are weighted least squares over a window of the latest
 samples (a tier is judged by its last 8 reads, the prefill by the last 16 forwards), so an
 estimate follows a tier whose speed changes (a page cache gone cold, a throttled bucket, a busy
@@ -54,6 +61,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "FAST_QUANTILE",
     "FIT_TOLERANCE",
     "LOAD_POLICIES",
     "METRIC_PROMPT_LENGTHS",
@@ -80,6 +88,14 @@ FIT_TOLERANCE = 0.005
 #: Skipping hits is chosen only when it is expected to save more than this (seconds): a near tie
 #: loads, since loaded tokens also spare the engine's compute for other requests.
 SLACK_S = 0.002
+#: The prefill estimate follows this quantile of the window's forwards, fastest first (0.25: with
+#: 16 forwards the 4th fastest relative to the fit; with 1 or 2, the fastest). A forward's cost is
+#: the model's arithmetic, so one slower than that was held up (host memory under pressure, a
+#: garbage collection, a copy sharing the GPU) and says little about the
+#: next; believing it makes loading from a tier slower than the real prefill look worth it, which
+#: is the expensive mistake (see the module doc). A quartile, not the minimum, so a forward timed
+#: too fast by a glitch does not make recomputing look free.
+FAST_QUANTILE = 0.25
 #: Lengths (tokens) at which :meth:`RecomputeCost.tokens_per_s` is exported as a metric.
 METRIC_PROMPT_LENGTHS = (256, 1024, 4096, 16384)
 _MIN_SECONDS = 1e-6  # samples faster than this are clamped (a lease of RAM, a clock's resolution)
@@ -120,6 +136,16 @@ class _WindowFit:
             scaled = self._solve([w / (e * e) for (_, _, w), e in zip(self._samples, expected, strict=True)])
             self._coef = tuple(c / s for c, s in zip(scaled, self._scales, strict=True))
         return self._coef
+
+    def speed_quantile(self, q: float) -> float:
+        """The ``q`` quantile (0: the fastest) of the samples' observed / fitted times: the factor
+        that brings the fit to the faster samples of the window (1 before any sample)."""
+        coef = self.coef()
+        ratios = sorted(y / max(sum(c * v * s for c, v, s in zip(coef, xs, self._scales, strict=True)), _MIN_SECONDS)
+                        for xs, y, _ in self._samples)
+        if not ratios:
+            return 1.0
+        return ratios[int(q * (len(ratios) - 1))]
 
     def _solve(self, weights: list[float]) -> tuple[float, ...]:
         n = len(self._scales)
@@ -358,11 +384,14 @@ class RecomputeEstimator:
         return self._seeded or self.samples >= self._min
 
     def cost(self) -> RecomputeCost | None:
+        """The current estimate: the fit, scaled down to the faster forwards of the window (see
+        :data:`FAST_QUANTILE`), or None before enough samples (and no seed)."""
         with self._lock:
             if not self.ready:
                 return None
             per_token, per_pair = self._fit.coef()
-            return RecomputeCost(per_token, per_pair, self.samples)
+            scale = self._fit.speed_quantile(FAST_QUANTILE)
+            return RecomputeCost(per_token * scale, per_pair * scale, self.samples)
 
 
 class ForwardClock:

@@ -26,7 +26,7 @@ from lmtier.errors import CapacityError, InvalidArgumentError, LmtierError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["HostBuffer", "HostMemoryPool", "host_tensor_of", "lent_buffer", "live_pools"]
+__all__ = ["HostBuffer", "HostMemoryPool", "empty_pinned_cache", "host_tensor_of", "lent_buffer", "live_pools"]
 
 _ALIGN = 256  # 16-byte vector access needs 16; 256 keeps every buffer on its own cache lines
 # Why a WeakSet at module level: the leak checker must find pools created anywhere in a test
@@ -84,6 +84,7 @@ class HostMemoryPool:
         else:
             self.pinned = bool(pin)
             self._slab = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        self._owns_pinned = memory is None and self.pinned
         # numpy view and address of the slab, made once: slicing them costs ~0.2 us where a torch
         # slice costs ~2 us, which dominated small puts and gets
         self._slab_np = self._slab.numpy()
@@ -151,23 +152,53 @@ class HostMemoryPool:
             if self._live.pop(buf.offset, None) is None:
                 return
             self._used -= buf.reserved
-            off, size = buf.offset, buf.reserved
-            i = bisect.bisect_left(self._free_offsets, off)
-            # merge with the following free range
-            if i < len(self._free_offsets) and self._free_offsets[i] == off + size:
-                size += self._free_sizes.pop(self._free_offsets.pop(i))
-            # merge with the preceding free range
-            if i > 0:
-                prev = self._free_offsets[i - 1]
-                if prev + self._free_sizes[prev] == off:
-                    self._free_sizes[prev] += size
-                    return
-            self._free_offsets.insert(i, off)
-            self._free_sizes[off] = size
+            self._merge_free(buf.offset, buf.reserved)
+            if self.closed and not self._live:
+                self._drop_slab()
+
+    def _merge_free(self, off: int, size: int) -> None:
+        i = bisect.bisect_left(self._free_offsets, off)
+        # merge with the following free range
+        if i < len(self._free_offsets) and self._free_offsets[i] == off + size:
+            size += self._free_sizes.pop(self._free_offsets.pop(i))
+        # merge with the preceding free range
+        if i > 0:
+            prev = self._free_offsets[i - 1]
+            if prev + self._free_sizes[prev] == off:
+                self._free_sizes[prev] += size
+                return
+        self._free_offsets.insert(i, off)
+        self._free_sizes[off] = size
 
     def close(self) -> None:
-        """Mark the pool closed; the slab is freed once no buffer references it."""
-        self.closed = True
+        """Mark the pool closed and free the slab: now if no buffer is out, else when the last
+        one is released (a closed pool must not hold its memory until the garbage collector
+        finds the objects that still reference it)."""
+        with self._lock:
+            self.closed = True
+            if not self._live:
+                self._drop_slab()
+
+    @property
+    def released(self) -> bool:
+        """True once a closed pool has let go of its slab."""
+        return self._slab_np.size == 0 and self.capacity > 0
+
+    def _drop_slab(self) -> None:
+        """Let go of the slab (called with the lock held, once no buffer is out).
+
+        Why empty torch's pinned cache too: torch's CUDA host allocator keeps a freed pinned
+        block cached for reuse (and rounds each up to a power of two: an 18 GiB slab pins 32 GiB),
+        so without it the memory of a closed cpu tier stays page-locked for the process' life.
+        """
+        if self._slab_np.size == 0:
+            return
+        import torch
+
+        empty = torch.empty(0, dtype=torch.uint8)
+        self._slab, self._slab_np, self._base_ptr = empty, empty.numpy(), 0
+        if self._owns_pinned:
+            empty_pinned_cache()
 
     def __repr__(self) -> str:
         return (f"HostMemoryPool({self.name!r}, {self._used}/{self.capacity} bytes used, "
@@ -299,6 +330,24 @@ def lent_buffer(value: object) -> HostBuffer | None:
     if isinstance(base, _Lease) and value.nbytes == base.buffer.nbytes:  # the whole range, not a slice
         return base.buffer.retain()
     return None
+
+
+def empty_pinned_cache() -> bool:
+    """Give torch's cached, unused pinned host blocks back to the system; False where this torch
+    has no such call or no CUDA (nothing is cached then). Blocks still in use are kept."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    # the name moved between releases: torch.accelerator (2.9+), then the older private bindings
+    for owner, name in ((getattr(torch, "accelerator", None), "empty_host_cache"),
+                        (torch._C, "_accelerator_emptyHostCache"), (torch._C, "_host_emptyCache"),
+                        (torch._C, "_cuda_hostEmptyCache")):
+        fn = getattr(owner, name, None)
+        if callable(fn):
+            fn()
+            return True
+    return False
 
 
 def _round_up(n: int) -> int:
