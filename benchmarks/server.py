@@ -25,6 +25,9 @@ that run here):
   (loads from RAM: the in-process cpu tier, or the server's slab), with in-process tiers and
   with ``lmtier serve``, next to a baseline engine without lmtier; engines take turns within
   each round. Goal: second-run TTFT server / in-process <= 1.05, first runs alike.
+* ``ttft-paired`` (vLLM CPU) — the same second-run TTFT with an in-process engine and a server
+  engine alive at once, their second runs alternating (``--pairs``): each ratio compares two runs
+  seconds apart, so the shared machine's load swings hit both sides alike.
 * ``gpu`` (only where torch sees CUDA) — a Qwen3-8B-shaped paged cache on the GPU, 40 chunks of
   256 tokens, offloaded into reserved slab slots and onloaded from leases by the native kernel
   (the slab registered with ``cudaHostRegister`` in this process), against a pinned
@@ -476,6 +479,97 @@ def part_ttft(root: Path, rounds: int, n_prompts: int, tokens: int, second_runs:
             **{k: v for k, v in med.items()}, "cached": cached, "rounds": rows, "ratio_second_per_round": per_round}
 
 
+PAIRED_ENGINE = textwrap.dedent("""
+    import json, os, statistics, sys
+    os.environ.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1",
+                       "VLLM_LOGGING_LEVEL": "ERROR"})
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    from vllm.inputs import TokensPrompt
+    model, lmtier, prompts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=max(map(len, prompts)) + 24, seed=0, enforce_eager=True,
+              disable_log_stats=False,
+              enable_prefix_caching=False, kv_transfer_config=KVTransferConfig(
+                  kv_connector="LMTierConnector", kv_connector_module_path="lmtier.integrations.vllm",
+                  kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=lmtier))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 5, 6, 7])], params, use_tqdm=False)  # warm-up
+    print("@@ready", flush=True)
+    for line in sys.stdin:   # one batch of the prompts per line: the first stores, the rest load
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        get_kv_transfer_group().engine.flush(60)
+        print("@@" + json.dumps({"ttft": statistics.median(float(o.metrics.first_token_latency) for o in outs),
+                                 "cached": sum(int(o.num_cached_tokens or 0) for o in outs)}), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+""")
+
+
+def part_ttft_paired(root: Path, pairs: int, n_prompts: int, tokens: int) -> dict[str, Any]:
+    """Second-run TTFT with both engines alive at once, their runs alternating: each pair's ratio
+    compares two runs seconds apart, so a change of the shared machine's load hits both."""
+    from lmtier.demo import TINY_PRESETS, build_tiny_llama, make_prompts
+
+    model = str(build_tiny_llama(TINY_PRESETS["demo"]))
+    prompts = make_prompts(model, n_prompts, tokens)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with running_server(root, "1GiB") as server:
+        configs = {"in-process": {"chunk_tokens": 256, "tiers": [
+                       {"name": "hot", "backend": "cpu", "options": {"max_bytes": "1GiB"}}]},
+                   "server": {"chunk_tokens": 256, "server": server.address}}
+        procs = {k: subprocess.Popen([sys.executable, "-c", PAIRED_ENGINE, model, json.dumps(c), json.dumps(prompts)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=(root / f"{k}.log").open("w"), text=True, env=env)
+                 for k, c in configs.items()}
+
+        def answer(name: str) -> Any:
+            out = procs[name].stdout
+            assert out is not None
+            for line in out:
+                if line.startswith("@@"):
+                    return line[2:].strip() if line.startswith("@@ready") else json.loads(line[2:])
+            raise RuntimeError(f"{name} engine exited with {procs[name].wait()}:\n"
+                               f"{(root / f'{name}.log').read_text()[-3000:]}")
+
+        def run(name: str) -> dict[str, float]:
+            stdin = procs[name].stdin
+            assert stdin is not None
+            stdin.write("go\n")
+            stdin.flush()
+            got: dict[str, float] = answer(name)
+            return got
+
+        try:
+            for name in procs:
+                answer(name)  # ready
+            first = {name: run(name) for name in procs}  # stores
+            times: dict[str, list[float]] = {name: [] for name in procs}
+            cached: dict[str, float] = {}
+            for i in range(pairs):
+                for name in (list(procs) if i % 2 == 0 else list(procs)[::-1]):  # the order alternates
+                    got = run(name)
+                    times[name].append(got["ttft"])
+                    cached[name] = got["cached"]
+        finally:
+            for p in procs.values():
+                with contextlib.suppress(Exception):
+                    assert p.stdin is not None
+                    p.stdin.close()
+                p.wait(120)
+                if p.stdout is not None:
+                    p.stdout.close()
+    ratios = [s / loc for s, loc in zip(times["server"], times["in-process"], strict=True)]
+    rows = [[name, fmt_seconds(first[name]["ttft"]), fmt_seconds(median(times[name])), f"{int(cached[name])}"]
+            for name in procs]
+    print_table(["TTFT, both engines alive, runs alternating", "first run", "second run p50", "hit tokens"], rows,
+                title=f"\n{n_prompts} prompts x {tokens} tokens, tiny 'demo' model, {pairs} pairs")
+    print(f"second-run TTFT server / in-process: {fmt_ratio(median(ratios))} (median of {pairs} paired ratios, "
+          f"middle half {fmt_ratio(float(np.percentile(ratios, 25)))}-{fmt_ratio(float(np.percentile(ratios, 75)))}; "
+          f"goal <= 1.05); load average now {os.getloadavg()[0]:.1f}")
+    return {"ratio_second": median(ratios), "ratios": ratios, "times": times, "first": first, "cached": cached}
+
+
 # -- gpu ----------------------------------------------------------------------------------------
 def part_gpu(root: Path, repeats: int, chunks: int) -> dict[str, Any]:
     from lmtier.memory import HostMemoryPool
@@ -577,6 +671,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="ttft: engine rounds (3 engines each)")
     ap.add_argument("--second-runs", type=int, default=3,
                     help="ttft: second runs per engine, each loading the same prompts again (their median counts)")
+    ap.add_argument("--pairs", type=int, default=15, help="ttft-paired: alternating second-run pairs")
     ap.add_argument("--prompts", type=int, default=4, help="ttft: prompts (the demo's 4)")
     ap.add_argument("--tokens", type=int, default=3000, help="ttft: tokens per prompt (the demo's 3000)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the data part's copies (default 1)")
@@ -601,6 +696,8 @@ def main() -> int:
                 results[part] = part_engine(where, max(30, args.repeats * 3))
             elif part == "ttft":
                 results[part] = part_ttft(where, args.rounds, args.prompts, args.tokens, args.second_runs)
+            elif part == "ttft-paired":
+                results[part] = part_ttft_paired(where, args.pairs, args.prompts, args.tokens)
             elif part == "gpu":
                 results[part] = part_gpu(where, args.repeats, args.gpu_chunks)
             else:
