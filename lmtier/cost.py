@@ -65,6 +65,7 @@ __all__ = [
     "FIT_TOLERANCE",
     "LOAD_POLICIES",
     "METRIC_PROMPT_LENGTHS",
+    "MIN_TIMED_PROMPT_TOKENS",
     "SLACK_S",
     "ChunkSpan",
     "ForwardClock",
@@ -77,6 +78,7 @@ __all__ = [
     "SupportsReadCosts",
     "TierReadEstimator",
     "plan_load",
+    "teaches_prefill",
 ]
 
 LoadPolicy = Literal["always", "cost"]
@@ -96,6 +98,13 @@ SLACK_S = 0.002
 #: is the expensive mistake (see the module doc). A quartile, not the minimum, so a forward timed
 #: too fast by a glitch does not make recomputing look free.
 FAST_QUANTILE = 0.25
+#: The prompt tokens a forward must compute (summed over its requests, decode steps left out) for
+#: its time to teach the prefill estimate (:func:`teaches_prefill`). A shorter one — a few tokens
+#: over a long cached context, after a hit in the engine's own prefix cache — is mostly the
+#: forward's fixed cost (weights, launches), which the prefill model (no per-forward term) would
+#: charge to attention: 8 forwards of 16 tokens over 9,984 at 34 ms next to 2 full 10,000-token
+#: prefills at 0.365 s make the estimate 10.6 s, and every hit would be loaded.
+MIN_TIMED_PROMPT_TOKENS = 256
 #: Lengths (tokens) at which :meth:`RecomputeCost.tokens_per_s` is exported as a metric.
 METRIC_PROMPT_LENGTHS = (256, 1024, 4096, 16384)
 _MIN_SECONDS = 1e-6  # samples faster than this are clamped (a lease of RAM, a clock's resolution)
@@ -392,6 +401,13 @@ class RecomputeEstimator:
             per_token, per_pair = self._fit.coef()
             scale = self._fit.speed_quantile(FAST_QUANTILE)
             return RecomputeCost(per_token * scale, per_pair * scale, self.samples)
+
+
+def teaches_prefill(spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether a forward computing tokens ``[start, end)`` of each request in ``spans`` should be
+    timed for the prefill estimate: it computes at least :data:`MIN_TIMED_PROMPT_TOKENS` prompt
+    tokens (spans of one token, decode steps, do not count)."""
+    return sum(e - s for s, e in spans if e - s > 1) >= MIN_TIMED_PROMPT_TOKENS
 
 
 class ForwardClock:

@@ -116,7 +116,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without vllm
     ) from _exc
 
 from lmtier.config import LmtierConfig, load_config
-from lmtier.cost import ForwardClock
+from lmtier.cost import ForwardClock, teaches_prefill
 from lmtier.errors import ConfigError, LmtierError
 from lmtier.integrations._vllm_events import ChunkEvents, Report, ResidencyReporter
 from lmtier.integrations._vllm_lookups import Answer, Ask, DirectLine, LookupLine, LookupServer, SocketLine
@@ -1163,9 +1163,10 @@ class LMTierConnector(KVConnectorBase_V1):
                 fut = concurrent.futures.Future()
                 fut.set_result(Located(0))  # a miss
             self._lookup_futs[op.req_id] = (fut, op)
-        # a forward that loads measures the load too: only the others teach the prefill speed
+        # a forward that loads measures the load too: only the others teach the prefill speed, and
+        # only those computing enough prompt tokens that the forward's fixed cost is not most of it
         if (self._step_clock is not None and self._engine is not None and not connector_metadata.loads
-                and any(e - s > 1 for s, e in connector_metadata.computed)):
+                and teaches_prefill(connector_metadata.computed)):
             self._step_clock.start(connector_metadata.computed)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

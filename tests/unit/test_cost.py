@@ -16,6 +16,7 @@ from lmtier.cost import (
     RecomputeEstimator,
     TierReadEstimator,
     plan_load,
+    teaches_prefill,
 )
 from lmtier.errors import ConfigError
 
@@ -153,6 +154,15 @@ def test_short_suffix_forwards_over_a_long_context_do_not_inflate_the_prefill_es
         est.observe(spans, seconds)
     cost = est.cost()
     assert cost is not None and 0.18 < cost.seconds(0, 10000) < 0.73
+
+
+def test_only_forwards_computing_a_chunk_of_prompt_tokens_teach_the_prefill_speed() -> None:
+    assert teaches_prefill([(0, 10000)])
+    assert teaches_prefill([(8192, 10000), (500, 501)])  # a chunked prefill's chunk, beside a decode
+    assert teaches_prefill([(0, 200), (3000, 3056)])  # 256 prompt tokens in all
+    assert not teaches_prefill([(9984, 10000)])  # a suffix after the engine's own prefix-cache hit
+    assert not teaches_prefill([(700, 701)] * 300)  # decode steps only
+    assert not teaches_prefill([])
 
 
 def test_estimators_ignore_nonsense_samples() -> None:
