@@ -111,6 +111,9 @@ class Deadlines(BaseModel):
     get: float = Field(0.5, gt=0, description="reads (get, get_into): per call or 64 MiB slice")
     put: float = Field(5.0, gt=0, description="writes: per call or 64 MiB slice")
     delete: float = Field(2.0, gt=0, description="deletes")
+    open: float = Field(2.0, gt=0, description="opening the tier at start (connect, handshake); a tier whose "
+                                               "service is down or has not answered by then starts down and "
+                                               "is re-opened in the background")
 
     _no_bools = field_validator("*", mode="before")(_refuse_bool)
 

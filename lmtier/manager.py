@@ -56,6 +56,15 @@ deadline, not three); a tier with :data:`MAX_DETACHED` calls still stuck is skip
 :data:`MAX_IN_FLIGHT` at once, and the deadline bounds the wait for progress (some slice
 completing) rather than a whole large transfer.
 
+**A tier that is down at start.** Opening a tier waits at most its ``open`` deadline. A tier
+whose service is unreachable, refuses, is frozen or times out then (``BackendUnavailableError``,
+``BackendTimeoutError``, or no answer by the deadline) is kept in the chain *down*: its calls are
+misses and skipped writes at once (reason ``down``), ``lmtier_tier_up{tier}`` is 0, one warning
+says so, and a background task re-opens it with backoff (:data:`REOPEN_FIRST_S` doubling to
+:data:`REOPEN_MAX_S`); once open it serves like any tier and an info line says so. A wrong
+configuration (``ConfigError``: bad credentials, a missing bucket, an invalid URL;
+``CapacityError``) still raises from :meth:`StorageManager.from_config`: it must be loud.
+
 All methods must be called from the event loop the manager was opened on.
 """
 
@@ -65,7 +74,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
@@ -90,6 +99,7 @@ from lmtier.memory import HostBuffer, HostMemoryPool, lent_buffer
 from lmtier.metrics import Metrics, default_metrics
 from lmtier.protocol import (
     Buffer,
+    Capabilities,
     StorageBackend,
     SupportsAllocate,
     SupportsClear,
@@ -110,7 +120,8 @@ if TYPE_CHECKING:
     from lmtier.keys import KVNamespace
     from lmtier.kit.runner import WorkerPool
 
-__all__ = ["CODEC_SLICE_BYTES", "LOSSY_FIELD", "MAX_DETACHED", "MAX_IN_FLIGHT", "SLICE_BYTES", "StorageManager", "Tier"]
+__all__ = ["CODEC_SLICE_BYTES", "LOSSY_FIELD", "MAX_DETACHED", "MAX_IN_FLIGHT", "REOPEN_FIRST_S", "REOPEN_MAX_S",
+           "SLICE_BYTES", "StorageManager", "Tier"]
 
 log = logging.getLogger("lmtier")
 T = TypeVar("T")
@@ -133,6 +144,10 @@ MAX_IN_FLIGHT = 4
 #: raw bytes, up to MAX_IN_FLIGHT at once: one slice's encoding overlaps another's transfer, so a
 #: tier whose speed is its bytes gains the codec's ratio instead of adding its time.
 CODEC_SLICE_BYTES = 8 << 20
+#: A tier that was down at start is re-opened after this many seconds, then twice as long after
+#: each failed try, up to REOPEN_MAX_S between tries.
+REOPEN_FIRST_S = 1.0
+REOPEN_MAX_S = 30.0
 #: The operations whose batches teach a tier's read cost (lmtier.cost).
 _READS = frozenset({"get", "get_into"})
 #: Which deadline (:class:`~lmtier.config.Deadlines` field) bounds each backend operation.
@@ -195,6 +210,45 @@ class _Job:
     check: bool = False  # ask the tier which keys it holds first, write only the others
 
 
+class _Down:
+    """What stands in a tier's place while its backend could not be opened (see the module doc).
+
+    Never called: the manager skips a tier that is not up before asking it. A plain
+    :class:`~lmtier.protocol.StorageBackend` with no optional capability, so nothing is assumed
+    of the backend until it is really open."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def _down(self) -> BackendUnavailableError:
+        return BackendUnavailableError(f"the tier is down ({self.why}); it is being re-opened")
+
+    async def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        raise self._down()
+
+    async def get(self, keys: Sequence[ChunkKey]) -> list[Buffer | None]:
+        raise self._down()
+
+    async def put(self, items: Sequence[tuple[ChunkKey, Buffer]]) -> None:
+        raise self._down()
+
+    async def delete(self, keys: Sequence[ChunkKey]) -> None:
+        raise self._down()
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self) -> _Down:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 @dataclass
 class Tier:
     """One tier of the chain: its config, backend, breaker and background writer."""
@@ -213,6 +267,12 @@ class Tier:
     codec: ValueCodec | None = None
     #: the tier's read cost, learned from its get/get_into calls (lmtier.cost)
     reads: TierReadEstimator = field(default_factory=TierReadEstimator, repr=False)
+    #: False while the backend could not be opened (``backend`` is then a stand-in, never called)
+    up: bool = True
+    #: re-opens a tier that is down, in the background (see the module doc)
+    reopener: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: the open attempt in progress (the re-opener's), so close can reclaim what it opens
+    opening: asyncio.Task[StorageBackend] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -287,32 +347,69 @@ class StorageManager:
     ) -> StorageManager:
         """Validate ``config`` (both phases) and open every tier, hottest first.
 
-        If a tier fails to open, the tiers already opened are closed before the error propagates.
+        Each tier's open waits at most its ``open`` deadline. A tier whose service is down or
+        silent (``BackendUnavailableError``, ``BackendTimeoutError``, no answer in time) starts
+        *down* and is re-opened in the background (see the module doc); any other error (a wrong
+        configuration: ``ConfigError``, ``CapacityError``) propagates, after the tiers already
+        opened are closed.
         """
         cfg = load_config(config)
         registry = registry or BackendRegistry.discover()
         options = cfg.validate_backends(registry)
         opened: list[tuple[TierConfig, StorageBackend]] = []
-        try:
-            for i, (tcfg, opts) in enumerate(zip(cfg.tiers, options, strict=True)):
-                try:
-                    backend = await registry.create(tcfg.backend, opts, path=f"tiers[{i}].options")
-                except CapacityError as exc:  # e.g. a RAM tier larger than the memory free now
-                    raise CapacityError(f"tier {tcfg.name!r} (tiers[{i}]): {exc}") from None
-                opened.append((tcfg, backend))
-        except BaseException:
+        #: tier index -> (how to open it, the attempt still running or None, why it is down)
+        down: dict[int, tuple[Callable[[], Coroutine[Any, Any, StorageBackend]],
+                              asyncio.Task[StorageBackend] | None, str]] = {}
+
+        attempts: list[asyncio.Task[StorageBackend]] = []  # opens still running, reclaimed on failure
+
+        async def discard() -> None:
             for _, backend in opened:
                 await backend.aclose()
+            await _reclaim(attempts)
+
+        try:
+            for i, (tcfg, opts) in enumerate(zip(cfg.tiers, options, strict=True)):
+                def open_tier(name: str = tcfg.backend, opts: Any = opts, path: str = f"tiers[{i}].options",
+                              ) -> Coroutine[Any, Any, StorageBackend]:
+                    return registry.create(name, opts, path=path)
+
+                attempt = asyncio.get_running_loop().create_task(open_tier(), name=f"lmtier-open-{tcfg.name}")
+                attempts.append(attempt)
+                # a client stuck in a handshake may not heed cancellation: wait, never cancel
+                await asyncio.wait({attempt}, timeout=tcfg.timeout_s.open)
+                if attempt.done():  # its outcome is handled here
+                    attempts.remove(attempt)
+                else:
+                    why = f"no answer within its open deadline ({tcfg.timeout_s.open:g}s)"
+                    down[i] = (open_tier, attempt, why)
+                    opened.append((tcfg, _Down(why)))
+                    continue
+                try:
+                    backend = attempt.result()
+                except CapacityError as exc:  # e.g. a RAM tier larger than the memory free now
+                    raise CapacityError(f"tier {tcfg.name!r} (tiers[{i}]): {exc}") from None
+                except BackendUnavailableError as exc:  # the service, not the config: start it down
+                    why = f"{type(exc).__name__}: {exc}"
+                    down[i] = (open_tier, None, why)
+                    opened.append((tcfg, _Down(why)))
+                    continue
+                opened.append((tcfg, backend))
+        except BaseException:
+            await discard()
             raise
         metrics = Metrics(metrics_registry) if metrics_registry is not None else None
         try:
             manager = cls(opened, config=cfg, metrics=metrics, clock=clock, registry=registry)
         except BaseException:
-            for _, backend in opened:
-                await backend.aclose()
+            await discard()
             raise
+        for i, (reopen, pending, why) in down.items():
+            manager._start_down(manager.tiers[i], reopen, pending, why)
         log.info("lmtier storage ready: %s", " -> ".join(f"{t.name}({t.config.backend})" for t in manager.tiers))
         for t in manager.tiers:  # a wrapper that drops a capability shows here
+            if not t.up:
+                continue
             log.info("lmtier tier %s (%s): optional capabilities: %s; codec: %s", t.name, t.config.backend,
                      ", ".join(optional_capabilities(t.backend)) or "none", t.config.codec.name)
         return manager
@@ -712,6 +809,7 @@ class StorageManager:
             return
         await self.flush()
         self._closed = True
+        await self._stop_reopening()
         for tier in self.tiers:
             if tier.writer is not None:
                 tier.writer.cancel()
@@ -756,12 +854,88 @@ class StorageManager:
         """Per-tier state for `lmtier doctor` and tests."""
         out: dict[str, Any] = {}
         for t in self.tiers:
-            entry: dict[str, Any] = {"backend": t.config.backend, "circuit": t.breaker.state,
+            entry: dict[str, Any] = {"backend": t.config.backend, "up": t.up, "circuit": t.breaker.state,
                                      "queued": t.queue.qsize(), "writing": t.writing, "detached": len(t.detached)}
             if isinstance(t.backend, SupportsStats):
                 entry.update(t.backend.stats())
             out[t.name] = entry
         return out
+
+    # -- tiers down at start ---------------------------------------------------------------------
+    def _start_down(self, tier: Tier, open_tier: Callable[[], Coroutine[Any, Any, StorageBackend]],
+                    attempt: asyncio.Task[StorageBackend] | None, why: str) -> None:
+        """Mark ``tier`` down (its backend a stand-in) and start re-opening it in the background;
+        ``attempt``: an open still running past the open deadline, awaited first."""
+        tier.up = False
+        self.metrics.tier_up.labels(tier.name).set(0)
+        log.warning("lmtier tier %s (%s): could not be opened (%s); it starts down (reads are misses, writes are "
+                    "skipped) and will be retried in the background every %g-%gs", tier.name, tier.config.backend,
+                    why, REOPEN_FIRST_S, REOPEN_MAX_S)
+        tier.reopener = self._loop.create_task(self._reopen(tier, open_tier, attempt),
+                                               name=f"lmtier-reopen-{tier.name}")
+
+    async def _reopen(self, tier: Tier, open_tier: Callable[[], Coroutine[Any, Any, StorageBackend]],
+                      attempt: asyncio.Task[StorageBackend] | None) -> None:
+        """Open ``tier`` until it opens (then adopt it) or fails on something retrying cannot fix."""
+        delay, tries, since = REOPEN_FIRST_S, 0, self._loop.time()
+        while True:
+            if attempt is None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REOPEN_MAX_S)
+                attempt = self._loop.create_task(open_tier(), name=f"lmtier-open-{tier.name}")
+            tier.opening = attempt  # close reclaims what it opens, even mid-way
+            tries += 1
+            try:
+                backend = await attempt
+            except BackendUnavailableError as exc:  # the service still is down or silent: try again later
+                log.debug("lmtier tier %s: re-open %d failed (%s: %s); next try in %gs", tier.name, tries,
+                          type(exc).__name__, exc, delay)
+                attempt = tier.opening = None
+                continue
+            except Exception as exc:  # e.g. the server now rejects the credentials: retrying will not fix it
+                tier.opening = None
+                log.error("lmtier tier %s (%s): re-opening failed (%s: %s); not retried, the tier stays down: fix "
+                          "its configuration and restart", tier.name, tier.config.backend, type(exc).__name__, exc)
+                return
+            problem = self._cannot_adopt(tier, backend)
+            if problem is not None:
+                tier.opening = None
+                await backend.aclose()
+                log.error("lmtier tier %s (%s): opened, but %s; the tier stays down", tier.name,
+                          tier.config.backend, problem)
+                return
+            tier.backend = backend
+            tier.opening = None
+            if isinstance(backend, SupportsStats):
+                self.metrics.add_stats_source(tier.name, backend.stats)
+            if isinstance(backend, SupportsEvictionListener):
+                backend.add_eviction_listener(self._eviction_listener(tier))
+            tier.up = True
+            self.metrics.tier_up.labels(tier.name).set(1)
+            log.info("lmtier tier %s (%s): open after %d tr%s, %.1fs down; serving now (optional capabilities: %s)",
+                     tier.name, tier.config.backend, tries, "y" if tries == 1 else "ies", self._loop.time() - since,
+                     ", ".join(optional_capabilities(backend)) or "none")
+            return
+
+    @staticmethod
+    def _cannot_adopt(tier: Tier, backend: StorageBackend) -> str | None:
+        """Why a backend opened late cannot serve ``tier`` (the codec checks made at open), or None."""
+        if tier.codec is None:
+            return None
+        if isinstance(backend, SupportsAllocate):
+            return f"codec {tier.config.codec.name} on an in-memory tier that lends its memory is not supported"
+        if not isinstance(backend, SupportsCodecs):
+            return f"its backend does not keep codec ids with its values (codec {tier.config.codec.name})"
+        return None
+
+    async def _stop_reopening(self, grace_s: float = 10.0) -> None:
+        """Stop every re-opener; close what an open in progress opens (waiting ``grace_s`` at most)."""
+        tasks = [t.reopener for t in self.tiers if t.reopener is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        await _reclaim([t.opening for t in self.tiers if t.opening is not None], grace_s)
 
     # -- machinery -----------------------------------------------------------------------------
     def _until(self, timeout_s: float | None) -> float | None:
@@ -929,6 +1103,8 @@ class StorageManager:
         """Why a call to ``tier`` must not start now (a skipped-write reason), or None."""
         if until is not None and until <= now:  # the caller's budget is spent: not asked, not blamed
             return "deadline"
+        if not tier.up:  # not open yet: being re-opened in the background
+            return "down"
         if len(tier.detached) >= MAX_DETACHED:
             return "stuck"
         if not tier.breaker.allow():
@@ -1080,6 +1256,9 @@ class StorageManager:
                      carried: Sequence[Item] | None = None) -> int:
         """Put ``items`` into ``tier`` in slices; how many it took, or -1 if a slice failed.
         ``carried``: the same values as kit Payloads (shared checksum), for tiers that take buffers."""
+        if not tier.up:  # nothing to encode, check or send: skipped at once
+            self._skip(tier, len(items), "down")
+            return -1
         if skip_present:
             present = await self._call(tier, "contains", tier.backend.contains, [k for k, _ in items])
             if present is not FAULT:  # a failed check just writes everything
@@ -1177,6 +1356,9 @@ class StorageManager:
                 out.append(None)
                 continue
             where = f"tiers[{i}] ({tcfg.name})"
+            if isinstance(backend, _Down):  # checked when it opens (_adopt)
+                out.append(self._registry_codec(tcfg, i))
+                continue
             if isinstance(backend, SupportsAllocate):
                 raise ConfigError(f"{where}.codec: {tcfg.codec.name} on an in-memory tier that lends its memory to "
                                   "the engine's copies is not supported (its chunks are read in place); put the "
@@ -1185,10 +1367,13 @@ class StorageManager:
                 raise ConfigError(f"{where}.codec: backend {tcfg.backend!r} does not keep codec ids with its values "
                                   "(lmtier.protocol.SupportsCodecs); remove the codec from this tier, or use a "
                                   "backend that supports codecs (disk, redis, s3)")
-            if self._registry is None:
-                self._registry = BackendRegistry.discover()
-            out.append(self._registry.create_codec(tcfg.codec.name, tcfg.codec.options, path=f"tiers[{i}].codec"))
+            out.append(self._registry_codec(tcfg, i))
         return out
+
+    def _registry_codec(self, tcfg: TierConfig, i: int) -> ValueCodec:
+        if self._registry is None:
+            self._registry = BackendRegistry.discover()
+        return self._registry.create_codec(tcfg.codec.name, tcfg.codec.options, path=f"tiers[{i}].codec")
 
     @property
     def decoders(self) -> dict[int, ValueCodec]:
@@ -1687,6 +1872,29 @@ class StorageManager:
                 tier.writing -= 1
                 tier.queue.task_done()
                 self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
+
+
+async def _reclaim(attempts: Sequence[asyncio.Task[StorageBackend]], grace_s: float = 10.0) -> None:
+    """Cancel open attempts and close the backends any of them opened anyway (waiting ``grace_s``)."""
+    for attempt in attempts:
+        attempt.cancel()
+    pending: set[asyncio.Task[StorageBackend]] = set()
+    if attempts:
+        _, pending = await asyncio.wait(attempts, timeout=grace_s)
+    closing: set[asyncio.Task[None]] = set()  # referenced until they end
+
+    def close_when_opened(attempt: asyncio.Task[StorageBackend]) -> None:
+        if not attempt.cancelled() and attempt.exception() is None:
+            task = asyncio.get_running_loop().create_task(attempt.result().aclose(), name="lmtier-close-late-open")
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+
+    for attempt in attempts:
+        if attempt in pending:  # a client stuck in a thread: close what it opens when it ends
+            log.warning("lmtier: a tier was still opening at close; it is closed when that ends")
+            attempt.add_done_callback(close_when_opened)
+        elif not attempt.cancelled() and attempt.exception() is None:
+            await attempt.result().aclose()
 
 
 async def _awaited(fn: Callable[[T], Awaitable[Any]], arg: T) -> Any:

@@ -58,6 +58,8 @@ class Metrics:
                                        "answer (one key's fault costs that key only)", ["tier", "op"], registry=r)
         self.circuit_open = Gauge("lmtier_tier_circuit_open", "1 while a tier's circuit breaker is open",
                                   ["tier"], registry=r)
+        self.tier_up = Gauge("lmtier_tier_up", "1 while a tier is open; 0 while it is down (its service was "
+                             "unreachable at start) and being re-opened in the background", ["tier"], registry=r)
         self.queue_depth = Gauge("lmtier_tier_queue_depth", "Background writes queued for a tier", ["tier"], registry=r)
         self.codec_raw_bytes = Counter("lmtier_codec_raw_bytes", "Bytes of values a tier's codec encoded (before)",
                                        ["tier", "codec"], registry=r)
@@ -114,6 +116,7 @@ class Metrics:
                         self.evictions, self.demotions, self.promotions):
             counter.labels(tier)
         self.circuit_open.labels(tier).set(0)
+        self.tier_up.labels(tier).set(1)
 
     def add_stats_source(self, tier: str, stats: Callable[[], dict[str, Any]]) -> None:
         """Export ``stats()`` numbers as ``lmtier_backend_<name>{tier=...}`` gauges at scrape time."""

@@ -87,9 +87,12 @@ class RedisConfig(BaseModel):
             views), values go to fresh buffers instead.
         tls_ca_file: CA bundle for ``rediss://`` (default: the system store).
         tls_verify: verify the server certificate and hostname for ``rediss://``.
-        connect_at_open: PING every node when the tier opens, so a wrong URL or password fails
-            loudly at startup. ``False`` opens without contacting Redis (a server that is down
-            at startup is then just a tier with an open circuit until it comes up).
+        connect_at_open: PING every node when the tier opens, so a wrong password or
+            certificate fails loudly at startup (a server that is down raises
+            BackendUnavailableError, which the StorageManager turns into a tier that starts
+            down and is re-opened in the background). ``False`` opens without contacting Redis
+            (a server that is down at startup is then a tier with an open circuit until it
+            comes up; a wrong password shows at the first call).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -111,7 +114,7 @@ class RedisConfig(BaseModel):
     recv_pool_bytes: ByteSize = Field(ByteSize(256 << 20), ge=0, description="warm slab for large gets; 0 = off")
     tls_ca_file: str | None = Field(None, description="CA bundle for rediss:// (default: system store)")
     tls_verify: bool = Field(True, description="verify the server certificate for rediss://")
-    connect_at_open: bool = Field(True, description="PING at open: fail fast on a wrong URL or password")
+    connect_at_open: bool = Field(True, description="PING at open: fail fast on a wrong password or certificate")
 
     @model_validator(mode="before")
     @classmethod

@@ -213,3 +213,124 @@ def test_two_remote_tiers_frozen_together_cost_each_call_one_deadline(tmp_path: 
             finally:
                 redis.thaw()
                 s3.thaw()
+
+
+# -- a tier whose server is down or frozen when the manager opens --------------------------------
+DOWN_KINDS = [pytest.param(kind, marks=MARKS[kind]) for kind in ("redis", "s3")]
+
+
+def _wait_up(mgr: StorageManager, name: str, timeout_s: float = 90.0) -> None:
+    """Poll (bounded) until the tier's background re-open has adopted its backend."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not mgr.tier(name).up:
+        assert time.monotonic() < deadline, f"tier {name} was not re-opened within {timeout_s}s"
+        time.sleep(0.05)  # the polling interval of the condition, not a synchronisation
+
+
+async def _poll_up(mgr: StorageManager, name: str, timeout_s: float = 90.0) -> None:
+    import asyncio
+
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, _wait_up, mgr, name, timeout_s),
+                           timeout_s + 5)
+
+
+@pytest.mark.parametrize("kind", DOWN_KINDS)
+@pytest.mark.asyncio
+async def test_a_server_that_is_down_at_open_starts_the_tier_down_then_it_serves(
+        kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The engine must start while Redis/S3 is down: the tier opens *down* (calls are misses and
+    skipped writes at once, ``lmtier_tier_up`` 0, one warning), and once the server is back the
+    background re-open adopts it and it serves."""
+    why = remote_available(kind)
+    if why:
+        pytest.skip(why)
+    metrics = CollectorRegistry()
+    with RemoteTier(kind, tmp_path) as remote:
+        config = {"tiers": [remote.tier(timeout_s=DEADLINES)]}
+        remote.kill()
+        with caplog.at_level("INFO", logger="lmtier"):
+            mgr = await StorageManager.from_config(config, metrics_registry=metrics)
+        try:
+            tier = mgr.tier("remote")
+            assert not tier.up and mgr.stats()["remote"]["up"] is False
+            assert _value(metrics, "lmtier_tier_up", tier="remote") == 0
+            warned = [r for r in caplog.records if r.levelname == "WARNING" and "starts down" in r.message]
+            assert len(warned) == 1 and "remote" in warned[0].message and "retried" in warned[0].message
+            ks = _keys(2)
+            assert await mgr.lookup(ks) == 0
+            assert await mgr.get(ks) == [None, None]
+            assert await mgr.put([(ks[0], b"while down")]) == 0
+            assert _value(metrics, "lmtier_tier_skipped_writes_total", tier="remote", reason="down") == 1
+            assert _value(metrics, "lmtier_tier_deadline_misses_total", tier="remote", op="contains") == 0
+
+            remote.revive()
+            caplog.clear()
+            with caplog.at_level("INFO", logger="lmtier"):
+                await _poll_up(mgr, "remote")
+            assert _value(metrics, "lmtier_tier_up", tier="remote") == 1
+            assert any("serving now" in r.message for r in caplog.records if r.levelname == "INFO")
+            await mgr.put([(ks[1], b"after")])
+            assert await mgr.get(ks) == [None, b"after"]
+        finally:
+            await mgr.aclose()
+        assert tier.reopener is not None and tier.reopener.done() and tier.opening is None
+
+
+@pytest.mark.redis
+@pytest.mark.asyncio
+async def test_a_redis_frozen_at_open_does_not_hold_the_start_then_the_tier_serves(tmp_path: Path) -> None:
+    """A frozen server accepts the connection and never answers the handshake: the open returns
+    at its deadline while the server is still frozen, the handshake goes on in the background,
+    and the tier serves once the server is thawed."""
+    why = remote_available("redis")
+    if why:
+        pytest.skip(why)
+    metrics = CollectorRegistry()
+    with RemoteTier("redis", tmp_path) as remote:
+        remote.freeze()
+        try:
+            mgr = await StorageManager.from_config({"tiers": [remote.tier(timeout_s={**DEADLINES, "open": 0.5})]},
+                                                   metrics_registry=metrics)
+            try:
+                assert remote.frozen and not mgr.tier("remote").up  # returned before the server answered
+                ks = _keys(2)
+                assert await mgr.lookup(ks) == 0
+                assert await mgr.get(ks) == [None, None]
+                remote.thaw()
+                await _poll_up(mgr, "remote")
+                await mgr.put([(ks[0], b"thawed")])
+                assert await mgr.get(ks) == [b"thawed", None]
+            finally:
+                await mgr.aclose()
+        finally:
+            remote.thaw()
+
+
+@pytest.mark.redis
+@pytest.mark.s3
+@pytest.mark.asyncio
+async def test_a_wrong_config_still_raises_at_open_and_a_tier_opening_down_is_reclaimed(tmp_path: Path) -> None:
+    """A missing bucket is the user's to fix: ConfigError from from_config, as before — even after
+    a hotter tier started down (its frozen open still running), which is stopped and closed."""
+    import asyncio
+
+    from lmtier.errors import ConfigError
+
+    for kind in ("redis", "s3"):
+        why = remote_available(kind)
+        if why:
+            pytest.skip(why)
+    with RemoteTier("redis", tmp_path / "r") as redis, RemoteTier("s3", tmp_path / "s") as s3:
+        redis.freeze()
+        try:
+            config = {"tiers": [redis.tier(name="redis", timeout_s={**DEADLINES, "open": 0.5}),
+                                s3.tier(name="s3", options={"bucket": "no-such-bucket"})]}
+            with pytest.raises(ConfigError, match="bucket"):
+                await StorageManager.from_config(config, metrics_registry=CollectorRegistry())
+            assert redis.frozen  # it raised without waiting for the frozen tier
+            left = [t for t in asyncio.all_tasks() if t.get_name().startswith("lmtier-")]
+            assert left == []
+        finally:
+            redis.thaw()

@@ -120,6 +120,16 @@ class RemoteTier:
         else:
             self._server.stop()
 
+    def revive(self) -> None:
+        """Start the server again after :meth:`kill`, on the same ports and data (the same URL)."""
+        if self.kind == "redis":
+            self._server.start()
+        else:
+            from tests.support.seaweedfs import wait_writable
+
+            self._server.restart()
+            wait_writable(self._server.endpoint, _BUCKET)
+
     def stop(self) -> None:
         if self._server is None:
             return

@@ -361,7 +361,7 @@ def test_large_batches_are_cut_into_slices_of_bounded_bytes() -> None:
         ({"get": "fast"}, r"tiers\[1\]\.timeout_s\.get: .*valid number"),
         ({"get": True}, r"tiers\[1\]\.timeout_s\.get: .*not the boolean"),
         ({"lookup": float("inf")}, r"tiers\[1\]\.timeout_s\.lookup: .*finite"),
-        ({"gets": 0.2}, r"tiers\[1\]\.timeout_s\.gets: unknown key; allowed keys: delete, get, lookup, put"),
+        ({"gets": 0.2}, r"tiers\[1\]\.timeout_s\.gets: unknown key; allowed keys: delete, get, lookup, open, put"),
         ([0.2], r"tiers\[1\]\.timeout_s: "),
     ],
 )
@@ -378,6 +378,6 @@ def test_deadlines_default_below_a_second_and_take_one_number_or_some_kinds() ->
 
     d = deadlines(None)
     assert d.lookup < 1 and d.get < 1
-    assert deadlines(0.3).model_dump() == {"lookup": 0.3, "get": 0.3, "put": 0.3, "delete": 0.3}
+    assert deadlines(0.3).model_dump() == {"lookup": 0.3, "get": 0.3, "put": 0.3, "delete": 0.3, "open": 0.3}
     assert deadlines({"get": 2}).get == 2 and deadlines({"get": 2}).lookup == d.lookup
     assert deadlines(None, {"LMTIER_TIERS__R__TIMEOUT_S__LOOKUP": "0.1"}).lookup == 0.1
