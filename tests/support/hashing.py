@@ -4,12 +4,18 @@ than a header's bytes, one-shot or streamed, wherever a tier or the manager make
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import xxhash
+from prometheus_client import CollectorRegistry
 
-__all__ = ["payload_hashes"]
+from lmtier.keys import ChunkKey, make_namespace
+from lmtier.manager import StorageManager
+
+__all__ = ["assert_the_disk_tiers_hash_travels_to", "payload_hashes"]
 
 _HEADER_CHECK = 64  # the header's own check hashes its first 60 bytes: not a payload pass
 
@@ -50,3 +56,26 @@ def payload_hashes() -> Iterator[list[int]]:
     finally:
         xxhash.xxh3_64_intdigest = one_shot  # type: ignore[assignment]
         xxhash.xxh3_64 = stream  # type: ignore[misc]
+
+
+async def assert_the_disk_tiers_hash_travels_to(tier: dict[str, Any], tmp_path: Path, *, values: int = 4) -> None:
+    """Issue 13's "hash each value once", on a real ``tier`` (a config entry, named ``tier["name"]``)
+    behind a cpu tier and a write-through disk tier: each value put is hashed exactly once (the
+    checksum computed for the disk tier travels with it), and ``tier`` holds bytes that verify
+    against that checksum."""
+    config = {"tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB", "pinned": False}},
+        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "disk")}, "write": "through"},
+        tier,
+    ]}
+    ns = make_namespace(test=f"{tier['name']}-hash-once")
+    keys = [ChunkKey(ns, os.urandom(16)) for _ in range(values)]
+    data = [bytearray(os.urandom((1 << 20) + i)) for i in range(values)]  # the caller's buffers
+    async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as mgr:
+        with payload_hashes() as passes:
+            await mgr.put(list(zip(keys, data, strict=True)))
+            await mgr.flush()
+        assert sorted(passes) == sorted(len(v) for v in data), "a value was hashed more than once"
+        got = await mgr.tier(tier["name"]).backend.get(keys)
+        assert [bytes(g) for g in got] == [bytes(v) for v in data]  # type: ignore[arg-type]
+        del got  # lease views of the tier's receive slab, returned before it closes

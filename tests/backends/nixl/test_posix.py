@@ -12,20 +12,18 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry
 
 from lmtier.errors import CapacityError, ConfigError
 from lmtier.framing import HEADER_BYTES, encode_header
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.kit import FileLayout
-from lmtier.manager import StorageManager
 from lmtier.memory import host_tensor_of
 from lmtier.registry import BackendRegistry
 from lmtier_backends.nixl import _nixl
 from lmtier_backends.nixl.backend import NixlBackend, open_nixl_backend
 from lmtier_backends.nixl.config import NixlConfig
 from tests.backends.nixl._helpers import needs_nixl, posix_options
-from tests.support.hashing import payload_hashes
+from tests.support.hashing import assert_the_disk_tiers_hash_travels_to
 
 pytestmark = needs_nixl
 
@@ -400,21 +398,7 @@ async def test_where_io_uring_cannot_start_the_posix_plugin_uses_nixls_default_q
 
 @pytest.mark.asyncio
 async def test_a_value_the_disk_tier_hashed_reaches_nixl_without_another_hash(tmp_path: Path) -> None:
-    # the checksum computed for the disk tier travels with the value (issue 13: hash each value once)
-    config = {"tiers": [
-        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB", "pinned": False}},
-        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "disk")}, "write": "through"},
+    await assert_the_disk_tiers_hash_travels_to(
         {"name": "nixl", "backend": "nixl", "write": "through",
          "options": {"plugin": "posix", "posix": posix_options(tmp_path / "nixl"), "staging_slab_bytes": 16 << 20}},
-    ]}
-    ns = make_namespace(test="nixl-hash-once")
-    keys = [ChunkKey(ns, os.urandom(16)) for _ in range(4)]
-    values = [bytearray(os.urandom((1 << 20) + i)) for i in range(len(keys))]
-    async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as mgr:
-        with payload_hashes() as passes:
-            await mgr.put(list(zip(keys, values, strict=True)))
-            await mgr.flush()
-        assert sorted(passes) == sorted(len(v) for v in values), "a value was hashed more than once"
-        got = await mgr.tier("nixl").backend.get(keys)
-        assert [bytes(g) for g in got] == [bytes(v) for v in values]  # type: ignore[arg-type]
-        del got
+        tmp_path)

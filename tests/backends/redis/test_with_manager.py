@@ -20,7 +20,7 @@ from lmtier.errors import ConfigError
 from lmtier.keys import ChunkKey, make_namespace
 from lmtier.manager import StorageManager
 from tests.backends.redis.conftest import options_for
-from tests.support.hashing import payload_hashes
+from tests.support.hashing import assert_the_disk_tiers_hash_travels_to
 
 pytestmark = pytest.mark.redis
 
@@ -266,18 +266,6 @@ async def test_a_value_the_disk_tier_hashed_reaches_redis_without_another_hash(
 ) -> None:
     # issue 13: one xxh3 pass is ~12% of a raw 1 MiB SET; the checksum computed for the disk tier
     # travels with the value, so the Redis put sends its header without hashing the payload again
-    config = {"tiers": [
-        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB", "pinned": False}},
-        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "disk")}, "write": "through"},
+    await assert_the_disk_tiers_hash_travels_to(
         {"name": "redis", "backend": "redis", "options": options_for(redis_server.url), "write": redis_write},
-    ]}
-    keys = _keys(6)
-    values = [bytearray(os.urandom((1 << 20) + i)) for i in range(len(keys))]  # the caller's buffers
-    async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as mgr:
-        with payload_hashes() as passes:
-            await mgr.put(list(zip(keys, values, strict=True)))
-            await mgr.flush()
-        assert sorted(passes) == sorted(len(v) for v in values), "a value was hashed more than once"
-        got = await mgr.tier("redis").backend.get(keys)  # what Redis holds verifies against that checksum
-        assert [bytes(g) for g in got] == [bytes(v) for v in values]  # type: ignore[arg-type]
-        del got  # lease views of the tier's receive slab, returned before it closes
+        tmp_path, values=6)

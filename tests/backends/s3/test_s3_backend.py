@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from lmtier.errors import BackendError, ConfigError
 from lmtier.framing import HEADER_BYTES, decode, encode_header
 from lmtier.keys import ChunkKey, make_namespace
-from lmtier.manager import StorageManager
 from lmtier.memory import HostMemoryPool, host_tensor_of
 from lmtier.registry import BackendRegistry
 from lmtier_backends.s3.backend import S3Backend, open_s3_backend
 from lmtier_backends.s3.config import S3Config
 from tests.backends.s3.conftest import BUCKET, SECRET_KEY_ENV
-from tests.support.hashing import payload_hashes
+from tests.support.hashing import assert_the_disk_tiers_hash_travels_to
 from tests.support.seaweedfs import S3Endpoint
 
 pytestmark = pytest.mark.s3
@@ -374,20 +372,5 @@ async def test_aclose_during_a_batch_fails_its_queued_requests_with_a_backend_er
 async def test_a_value_the_disk_tier_hashed_reaches_s3_without_another_hash(
     s3_options: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
-    # the checksum computed for the disk tier travels with the value (issue 13: hash each value once)
-    config = {"tiers": [
-        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "64MiB", "pinned": False}},
-        {"name": "nvme", "backend": "disk", "options": {"root": str(tmp_path / "disk")}, "write": "through"},
-        {"name": "s3", "backend": "s3", "options": s3_options(), "write": "through"},
-    ]}
-    ns = make_namespace(test="s3-hash-once")
-    keys = [ChunkKey(ns, os.urandom(16)) for _ in range(4)]
-    values = [bytearray(os.urandom((1 << 20) + i)) for i in range(len(keys))]
-    async with await StorageManager.from_config(config, metrics_registry=CollectorRegistry()) as mgr:
-        with payload_hashes() as passes:
-            await mgr.put(list(zip(keys, values, strict=True)))
-            await mgr.flush()
-        assert sorted(passes) == sorted(len(v) for v in values), "a value was hashed more than once"
-        got = await mgr.tier("s3").backend.get(keys)
-        assert [bytes(g) for g in got] == [bytes(v) for v in values]  # type: ignore[arg-type]
-        del got  # lease views of the tier's receive slab, returned before it closes
+    await assert_the_disk_tiers_hash_travels_to(
+        {"name": "s3", "backend": "s3", "options": s3_options(), "write": "through"}, tmp_path)
