@@ -71,10 +71,11 @@ All methods must be called from the event loop the manager was opened on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
@@ -328,10 +329,7 @@ class StorageManager:
                                                 seed_latency_s=tcfg.read_latency_s))
             tier.writer = self._loop.create_task(self._drain(tier), name=f"lmtier-writer-{tcfg.name}")
             self.tiers.append(tier)
-            if isinstance(backend, SupportsStats):
-                self.metrics.add_stats_source(tcfg.name, backend.stats)
-            if isinstance(backend, SupportsEvictionListener):
-                backend.add_eviction_listener(self._eviction_listener(tier))
+            self._attach(tier)
             self.metrics.declare_tier(tcfg.name)
             self._export_reads(tier)
 
@@ -494,11 +492,8 @@ class StorageManager:
         """:meth:`lookup`, naming for each leading key present the hottest tier that holds it."""
         _check_keys(keys)
         until = self._until(timeout_s)
-        token = _SILENCE.set(_Silence(self._loop.time()))
-        try:
+        with self._one_read():
             return await self._locate(keys, until)
-        finally:
-            _SILENCE.reset(token)
 
     async def _locate(self, keys: Sequence[ChunkKey], until: float | None) -> list[str]:
         n = len(keys)
@@ -525,11 +520,8 @@ class StorageManager:
         """Whether each key is present in any tier (``timeout_s``: as for :meth:`lookup`)."""
         _check_keys(keys)
         until = self._until(timeout_s)
-        token = _SILENCE.set(_Silence(self._loop.time()))
-        try:
+        with self._one_read():
             return await self._contains(keys, until)
-        finally:
-            _SILENCE.reset(token)
 
     async def _contains(self, keys: Sequence[ChunkKey], until: float | None) -> list[bool]:
         present = [False] * len(keys)
@@ -562,11 +554,8 @@ class StorageManager:
         """
         _check_keys(keys)
         until = self._until(timeout_s)
-        token = _SILENCE.set(_Silence(self._loop.time()))
-        try:
+        with self._one_read():
             return await self._get(keys, until)
-        finally:
-            _SILENCE.reset(token)
 
     async def _get(self, keys: Sequence[ChunkKey], until: float | None) -> list[Buffer | None]:
         results: list[Buffer | None] = [None] * len(keys)
@@ -673,11 +662,8 @@ class StorageManager:
             raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(outs)} buffers")
         views = [writable_bytes_view(o) for o in outs]
         until = self._until(timeout_s)
-        token = _SILENCE.set(_Silence(self._loop.time()))
-        try:
+        with self._one_read():
             return await self._get_into(keys, outs, views, until)
-        finally:
-            _SILENCE.reset(token)
 
     async def _get_into(self, keys: Sequence[ChunkKey], outs: Sequence[object], views: list[memoryview],
                         until: float | None) -> list[bool]:
@@ -710,11 +696,8 @@ class StorageManager:
         if len(sizes) != len(keys):
             raise InvalidArgumentError(f"fetch of {len(keys)} keys with {len(sizes)} sizes")
         until = self._until(timeout_s)
-        token = _SILENCE.set(_Silence(self._loop.time()))
-        try:
+        with self._one_read():
             return await self._fetch(keys, sizes, until)
-        finally:
-            _SILENCE.reset(token)
 
     async def _fetch(self, keys: Sequence[ChunkKey], sizes: list[int], until: float | None) -> list[HostBuffer | None]:
         out: list[HostBuffer | None] = [None] * len(keys)
@@ -897,7 +880,7 @@ class StorageManager:
                 log.error("lmtier tier %s (%s): re-opening failed (%s: %s); not retried, the tier stays down: fix "
                           "its configuration and restart", tier.name, tier.config.backend, type(exc).__name__, exc)
                 return
-            problem = self._cannot_adopt(tier, backend)
+            problem = self._codec_problem(tier.config, backend)
             if problem is not None:
                 tier.opening = None
                 await backend.aclose()
@@ -906,10 +889,7 @@ class StorageManager:
                 return
             tier.backend = backend
             tier.opening = None
-            if isinstance(backend, SupportsStats):
-                self.metrics.add_stats_source(tier.name, backend.stats)
-            if isinstance(backend, SupportsEvictionListener):
-                backend.add_eviction_listener(self._eviction_listener(tier))
+            self._attach(tier)
             tier.up = True
             self.metrics.tier_up.labels(tier.name).set(1)
             log.info("lmtier tier %s (%s): open after %d tr%s, %.1fs down; serving now (optional capabilities: %s)",
@@ -917,16 +897,12 @@ class StorageManager:
                      ", ".join(optional_capabilities(backend)) or "none")
             return
 
-    @staticmethod
-    def _cannot_adopt(tier: Tier, backend: StorageBackend) -> str | None:
-        """Why a backend opened late cannot serve ``tier`` (the codec checks made at open), or None."""
-        if tier.codec is None:
-            return None
-        if isinstance(backend, SupportsAllocate):
-            return f"codec {tier.config.codec.name} on an in-memory tier that lends its memory is not supported"
-        if not isinstance(backend, SupportsCodecs):
-            return f"its backend does not keep codec ids with its values (codec {tier.config.codec.name})"
-        return None
+    def _attach(self, tier: Tier) -> None:
+        """Hook the manager into ``tier``'s open backend: its stats as metrics, its evictions."""
+        if isinstance(tier.backend, SupportsStats):
+            self.metrics.add_stats_source(tier.name, tier.backend.stats)
+        if isinstance(tier.backend, SupportsEvictionListener):
+            tier.backend.add_eviction_listener(self._eviction_listener(tier))
 
     async def _stop_reopening(self, grace_s: float = 10.0) -> None:
         """Stop every re-opener; close what an open in progress opens (waiting ``grace_s`` at most)."""
@@ -938,6 +914,16 @@ class StorageManager:
         await _reclaim([t.opening for t in self.tiers if t.opening is not None], grace_s)
 
     # -- machinery -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _one_read(self) -> Iterator[None]:
+        """The scope of one caller's read (lookup, contains, get, get_into, fetch): its
+        :class:`_Silence`, shared by the tiers it asks (see :meth:`_calls`)."""
+        token = _SILENCE.set(_Silence(self._loop.time()))
+        try:
+            yield
+        finally:
+            _SILENCE.reset(token)
+
     def _until(self, timeout_s: float | None) -> float | None:
         """The loop time by which a call with budget ``timeout_s`` must answer (None: no budget)."""
         if timeout_s is None:
@@ -1355,20 +1341,27 @@ class StorageManager:
             if not tcfg.codec.enabled:
                 out.append(None)
                 continue
-            where = f"tiers[{i}] ({tcfg.name})"
-            if isinstance(backend, _Down):  # checked when it opens (_adopt)
-                out.append(self._registry_codec(tcfg, i))
-                continue
-            if isinstance(backend, SupportsAllocate):
-                raise ConfigError(f"{where}.codec: {tcfg.codec.name} on an in-memory tier that lends its memory to "
-                                  "the engine's copies is not supported (its chunks are read in place); put the "
-                                  "codec on a colder tier (disk, redis, s3) and keep this one raw")
-            if not isinstance(backend, SupportsCodecs):
-                raise ConfigError(f"{where}.codec: backend {tcfg.backend!r} does not keep codec ids with its values "
-                                  "(lmtier.protocol.SupportsCodecs); remove the codec from this tier, or use a "
-                                  "backend that supports codecs (disk, redis, s3)")
+            # a tier that is down is checked when it opens (_reopen)
+            problem = None if isinstance(backend, _Down) else self._codec_problem(tcfg, backend)
+            if problem is not None:
+                raise ConfigError(f"tiers[{i}] ({tcfg.name}).codec: {problem}")
             out.append(self._registry_codec(tcfg, i))
         return out
+
+    @staticmethod
+    def _codec_problem(tcfg: TierConfig, backend: StorageBackend) -> str | None:
+        """Why ``backend`` cannot keep ``tcfg``'s codec (and what to change), or None."""
+        if not tcfg.codec.enabled:
+            return None
+        if isinstance(backend, SupportsAllocate):
+            return (f"{tcfg.codec.name} on an in-memory tier that lends its memory to the engine's copies is not "
+                    "supported (its chunks are read in place); put the codec on a colder tier (disk, redis, s3) "
+                    "and keep this one raw")
+        if not isinstance(backend, SupportsCodecs):
+            return (f"backend {tcfg.backend!r} does not keep codec ids with its values "
+                    "(lmtier.protocol.SupportsCodecs); remove the codec from this tier, or use a backend that "
+                    "supports codecs (disk, redis, s3)")
+        return None
 
     def _registry_codec(self, tcfg: TierConfig, i: int) -> ValueCodec:
         if self._registry is None:
