@@ -11,7 +11,6 @@ recomputed (logits equal the model's own forward), promoted, then loaded from RA
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 from lmtier.integrations.transformers import KVPrefixCache  # noqa: E402
 from lmtier.registry import BackendRegistry  # noqa: E402
-from lmtier.transfer import _native  # noqa: E402
 from tests.support import throttle  # noqa: E402
+from tests.support.native import skip_unless_native  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,11 +35,7 @@ CHUNK, VOCAB = 64, 1000
 
 @pytest.fixture(scope="module", autouse=True)
 def native_library() -> None:
-    reason = _native.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("LMTIER_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {reason}")
-        pytest.skip(reason)
+    skip_unless_native()
 
 
 @pytest.fixture(scope="module")

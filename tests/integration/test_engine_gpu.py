@@ -6,7 +6,6 @@ pages are compared as bytes. Run on the GPU machine (the lead's batch).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from lmtier.engine import KVCacheEngine
 from lmtier.keys import KVNamespace
-from lmtier.transfer import _native
+from tests.support.native import skip_unless_native
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,11 +30,7 @@ PAGE = 2 * BLK * HEADS * HEAD * 2  # flashinfer-like (num_blocks, 2, block, head
 
 @pytest.fixture(autouse=True)
 def require_native(monkeypatch: pytest.MonkeyPatch) -> None:
-    reason = _native.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("LMTIER_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {reason}")
-        pytest.skip(reason)
+    skip_unless_native()
     monkeypatch.setenv("LMTIER_REQUIRE_NATIVE", "1")
     monkeypatch.delenv("LMTIER_DISABLE_NATIVE", raising=False)
 

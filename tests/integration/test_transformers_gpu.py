@@ -7,7 +7,6 @@ generate equals ``model.generate`` (float32); bf16 logits stay within rounding n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmtier.integrations.transformers import KVPrefixCache  # noqa: E402
-from lmtier.transfer import _native, transfer_status  # noqa: E402
+from lmtier.transfer import transfer_status  # noqa: E402
+from tests.support.native import skip_unless_native  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,11 +31,7 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module", autouse=True)
 def native_library() -> None:
-    reason = _native.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("LMTIER_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {reason}")
-        pytest.skip(reason)
+    skip_unless_native()
 
 
 @pytest.fixture(autouse=True)

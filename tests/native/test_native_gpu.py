@@ -19,6 +19,7 @@ from tests.native.kvcases import (
     poisoned_chunks,
     random_tables,
 )
+from tests.support.native import skip_unless_native
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,11 +32,7 @@ ODD_PAGES = [3, 5, 1, 4, 4, 4, 2]  # 7 chunks, uneven, partial last
 
 @pytest.fixture(scope="module", autouse=True)
 def native_library() -> None:
-    reason = _native.unavailable_reason()
-    if reason is not None:
-        if os.environ.get("LMTIER_REQUIRE_NATIVE") == "1":
-            pytest.fail(f"native library required but unavailable: {reason}")
-        pytest.skip(reason)
+    skip_unless_native()
 
 
 #: Every test runs on each native copy path. "staged-small" makes slots of 32 KiB, so chunks
