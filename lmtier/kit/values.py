@@ -92,13 +92,15 @@ class Payload(np.ndarray):  # type: ignore[type-arg]
         """The checksum if some tier has computed it already, else None."""
         return self._memo.value
 
-    def checksum(self) -> int:
-        """The checksum of these bytes, computed on the first call only (thread-safe)."""
+    def checksum(self, compute: Callable[[], int] | None = None) -> int:
+        """The checksum of these bytes, computed on the first call only (thread-safe).
+        ``compute``: how that first call gets it (default: one pass over the bytes; a tier that
+        hashed most of them already while sending passes the rest of its own pass)."""
         memo = self._memo
         if memo.value is None:
             with memo.lock:  # two tiers asking at once: one hashes, the other waits for it
                 if memo.value is None:
-                    memo.value = checksum(memoryview(self))  # type: ignore[arg-type]
+                    memo.value = checksum(memoryview(self)) if compute is None else compute()  # type: ignore[arg-type]
         return memo.value
 
     def remember_checksum(self, value: int) -> None:
@@ -171,17 +173,7 @@ class StoreItem:
         last pieces of a hash run ahead while sending), unless another tier has the checksum or is
         computing it: then ``finish`` is not called and that tier's value is returned (waited
         for). Concurrent tiers sharing a value thus complete one pass between them."""
-        payload = self._payload
-        if payload is None:
-            return finish()
-        memo = payload._memo
-        if memo.value is None and memo.lock.acquire(blocking=False):
-            try:
-                if memo.value is None:
-                    memo.value = finish()
-            finally:
-                memo.lock.release()
-        return payload.checksum()
+        return finish() if self._payload is None else self._payload.checksum(finish)
 
     def remember_checksum(self, value: int) -> None:
         """Record a checksum the backend computed itself (e.g. piece by piece while sending)."""
