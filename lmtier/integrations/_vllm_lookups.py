@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -35,11 +34,14 @@ from typing import Protocol
 
 import msgspec
 
+from lmtier.server.protocol import FRAME_HEADER, frame
+
 __all__ = ["Answer", "Ask", "DirectLine", "LookupLine", "LookupServer", "SocketLine"]
 
 log = logging.getLogger("lmtier.vllm")
-_LEN = struct.Struct(">I")
-_MAX_FRAME = 64 << 20  # a prompt of millions of tokens still fits; anything larger is garbage
+# frames as lmtier serve's (lmtier.server.protocol), with a larger bound: a lookup carries a
+# whole prompt's block hashes, and a prompt of millions of tokens still fits; larger is garbage
+_MAX_FRAME = 64 << 20
 _RETRY_S = 5.0  # after a rank failed to answer, how long the line stays down before reconnecting
 _HOP_S = 0.05  # beyond the worker's own deadline: its thread waking up on a busy host, the socket
 
@@ -243,15 +245,15 @@ class SocketLine:
 
 
 def _send_frame(sock: socket.socket, body: bytes) -> None:
-    sock.sendall(_LEN.pack(len(body)) + body)
+    sock.sendall(frame(body))
 
 
 def _recv_frame(sock: socket.socket) -> bytes | None:
     """One frame's body; None when the peer closed the connection cleanly between frames."""
-    head = _recv_exact(sock, _LEN.size, eof_ok=True)
+    head = _recv_exact(sock, FRAME_HEADER.size, eof_ok=True)
     if head is None:
         return None
-    (n,) = _LEN.unpack(head)
+    (n,) = FRAME_HEADER.unpack(head)
     if not 0 < n <= _MAX_FRAME:
         raise ConnectionError(f"lookup frame of {n} bytes")
     body = _recv_exact(sock, n, eof_ok=False)
