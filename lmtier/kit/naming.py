@@ -49,10 +49,12 @@ __all__ = [
     "ScanResult",
     "check_root",
     "claim_root",
+    "create_temp_file",
     "legacy_object_name",
     "migrate_object_names",
     "normalize_prefix",
     "object_name",
+    "remove_stored_file",
     "scan_files",
 ]
 
@@ -149,6 +151,31 @@ def check_root(root: Path) -> None:
     """Raise :class:`RootGoneError` unless the root still holds its marker (OSError if unreadable)."""
     if not os.path.isfile(os.path.join(root, MARKER)):
         raise RootGoneError(errno.ENOENT, "the tier's root or its marker file is gone", os.fspath(root))
+
+
+def create_temp_file(tmp: str | os.PathLike[str], root: Path) -> int:
+    """Open a new temporary file ``tmp`` (:meth:`FileLayout.temp_path`) for writing, exclusively;
+    its directory is made on first use, never the root: a root that is gone (deleted or
+    unmounted) raises :class:`RootGoneError` instead of being recreated (files written into a
+    bare mount point would vanish at the next mount)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(tmp, flags, 0o644)
+    except FileNotFoundError:  # first file of its directory, or the root is gone
+        check_root(root)
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        return os.open(tmp, flags, 0o644)
+
+
+def remove_stored_file(path: str | os.PathLike[str], root: Path | None = None) -> None:
+    """Unlink a stored file; an absent one is fine, unless ``root`` is given (the tier's index
+    holds the file) and the root itself is gone or unmounted: then nothing was deleted, and
+    :class:`RootGoneError` says so."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if root is not None:
+            check_root(root)
 
 
 @dataclass

@@ -27,14 +27,21 @@ from typing import TYPE_CHECKING
 from lmtier.errors import CorruptDataError
 from lmtier.framing import CODEC_NONE, HEADER_BYTES, READABLE_CODECS, Header, checksum_stream, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import MARKER, FileLayout, Payload, StoreItem, check_root, check_stored, stored_value
+from lmtier.kit import (
+    MARKER,
+    FileLayout,
+    Payload,
+    StoreItem,
+    check_stored,
+    create_temp_file,
+    stored_value,
+)
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from lmtier_backends.disk._buffers import BufferRecycler
 
-__all__ = ["MARKER", "evict_file", "read_file", "read_file_into", "remove_file", "write_file"]
+__all__ = ["MARKER", "evict_file", "read_file", "read_file_into", "write_file"]
 
 #: Payload bytes read per syscall. The checksum of each piece is computed while the kernel's
 #: readahead is already fetching the next one, so hashing hides behind the device.
@@ -52,13 +59,7 @@ def write_file(layout: FileLayout, item: StoreItem, *, fsync: bool, stamp: int) 
     directory = layout.dir_of(key)
     final = os.path.join(directory, str(key))
     tmp = FileLayout.temp_path(final)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o644)
-    except FileNotFoundError:  # first file of this fan-out directory, or the root is gone
-        check_root(layout.root)  # never recreate a deleted or unmounted root: it is no longer ours
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(tmp, flags, 0o644)
+    fd = create_temp_file(tmp, layout.root)  # never recreates a deleted or unmounted root
     try:
         try:
             _write_all(fd, header, payload)
@@ -153,15 +154,6 @@ def evict_file(path: str, key: ChunkKey, want_payload: bool) -> Payload | None:
     return Payload.of(payload, checksum=head.checksum, codec=head.codec, raw_length=head.raw_length)
 
 
-def remove_file(path: str, root: Path | None = None) -> None:
-    """Unlink ``path``; an absent file is fine, unless ``root`` is given (the tier's index holds
-    the file) and the root itself is gone or unmounted: then nothing was deleted, and
-    :class:`~lmtier.kit.RootGoneError` says so."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        if root is not None:
-            check_root(root)
 
 
 # -- machinery -------------------------------------------------------------------------------------

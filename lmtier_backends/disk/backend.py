@@ -61,6 +61,7 @@ from lmtier.kit import (
     claim_root,
     into_views,
     put_items,
+    remove_stored_file,
     scan_files,
 )
 from lmtier.protocol import Buffer, Capabilities
@@ -156,7 +157,7 @@ class DiskBackend(AsyncClosing):
             self._used -= entry.size
             self._evictions += 1
             try:
-                _files.remove_file(self._layout.path_of(key))
+                remove_stored_file(self._layout.path_of(key))
             except OSError as exc:
                 raise map_os_error(exc, op="trim at open", path=self._layout.path_of(key)) from None
         self._buffers = BufferRecycler(int(config.get_buffer_bytes))
@@ -279,10 +280,10 @@ class DiskBackend(AsyncClosing):
             if entry is not None:
                 self._used -= entry.size
                 indexed.add(key)
-        # an indexed file found absent makes remove_file check the root: a delete on an unmounted
+        # an indexed file found absent makes remove_stored_file check the root: a delete on an unmounted
         # root deletes nothing and must say so
         outcomes, cancelled = await self._run(
-            [partial(_files.remove_file, self._layout.path_of(k), self.root if k in indexed else None)
+            [partial(remove_stored_file, self._layout.path_of(k), self.root if k in indexed else None)
              for k in unique])
         self._note_root_gone(v for ok, v in outcomes if not ok)
         errors = [_as_lmtier_error(v, op="delete", path=self._layout.path_of(k))

@@ -31,7 +31,15 @@ from typing import Any
 from lmtier.errors import CapacityError, ConfigError, CorruptDataError
 from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
-from lmtier.kit import FileLayout, ForeignRootError, check_root, claim_root, describe, scan_files
+from lmtier.kit import (
+    FileLayout,
+    ForeignRootError,
+    claim_root,
+    create_temp_file,
+    describe,
+    remove_stored_file,
+    scan_files,
+)
 from lmtier.memory import HostBuffer
 from lmtier_backends.nixl._staging import StagingPool, release_all
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
@@ -194,16 +202,10 @@ class PosixStore:
         jobs: list[tuple[int, int, int, int, HostBuffer | None]] = []
         owners: list[int] = []
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             for key, buf, payload in items:
                 final = self.path(key)
                 tmp = Path(FileLayout.temp_path(os.fspath(final)))
-                try:
-                    fd = os.open(tmp, flags, 0o644)
-                except FileNotFoundError:  # first file of its directory, or the root is gone
-                    check_root(self.root)  # never recreate an unmounted or deleted root (RootGoneError)
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    fd = os.open(tmp, flags, 0o644)
+                fd = create_temp_file(tmp, self.root)  # never recreates an unmounted or deleted root
                 size = buf.nbytes + (payload.nbytes if payload is not None else 0)
                 opened.append((key, size, fd, tmp))
                 jobs.append((buf.data_ptr, buf.nbytes, fd, 0, buf))
@@ -243,13 +245,9 @@ class PosixStore:
         """Unlink each key's file; an absent one is fine, unless the index holds it and the root
         itself is gone (unmounted): nothing was deleted, and RootGoneError says so."""
         for key in keys:
-            try:
-                os.unlink(self.path(key))
-            except FileNotFoundError:
-                with self._lock:
-                    indexed = key in self._index
-                if indexed:
-                    check_root(self.root)
+            with self._lock:
+                indexed = key in self._index
+            remove_stored_file(self.path(key), self.root if indexed else None)
             self._forget(key)
 
     def close(self) -> None:
