@@ -94,6 +94,28 @@ def _bytes_of(value: Any) -> bytes:
     return bytes(memoryview(value).cast("B"))
 
 
+def _same_bytes(got: Any, want: Any) -> bool:
+    """Whether two buffers hold the same bytes, as a plain bool.
+
+    The suite's values reach 64 MiB; an ``assert a == b`` on them that fails makes pytest build a
+    difflib diff of the two buffers, which runs for minutes on a slow machine (and looks like a
+    hang). Comparing here keeps a failure's report to the assert's own message and
+    :func:`_difference`'s one line.
+    """
+    return bytes(memoryview(got).cast("B")) == bytes(memoryview(want).cast("B"))
+
+
+def _difference(got: Any, want: Any) -> str:
+    """One line saying where two buffers part: lengths, then the first differing offset."""
+    if got is None:
+        return "expected a hit, got a miss (None)"
+    a, b = bytes(memoryview(got).cast("B")), bytes(memoryview(want).cast("B"))
+    if len(a) != len(b):
+        return f"got {len(a)} bytes, expected {len(b)}"
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+    return "same bytes" if first is None else f"{len(a)} bytes, first difference at offset {first}"
+
+
 def _corrupt_count(backend: StorageBackend) -> int | None:
     """``stats()["corrupt"]`` where the backend reports it."""
     if not isinstance(backend, SupportsStats):
@@ -176,7 +198,7 @@ class BackendConformance:
         await backend.put([(key, data)])
         assert await backend.contains([key]) == [True]
         (got,) = await backend.get([key])
-        assert _bytes_of(got) == data
+        assert got is not None and _same_bytes(got, data), _difference(got, data)
 
     @pytest.mark.asyncio
     async def test_results_follow_the_order_of_the_keys(self, backend: StorageBackend, namespace: str) -> None:
@@ -289,7 +311,7 @@ class BackendConformance:
             return
         await backend.put([(key, data)])
         (got,) = await backend.get([key])
-        assert _bytes_of(got) == data
+        assert got is not None and _same_bytes(got, data), _difference(got, data)
 
     # -- atomicity -------------------------------------------------------------------------------
     @pytest.mark.asyncio
@@ -383,7 +405,8 @@ class BackendConformance:
         reopened = await open_backend(backend_factory)
         try:
             assert await reopened.contains([key]) == [True]
-            assert _bytes_of((await reopened.get([key]))[0]) == data
+            (again,) = await reopened.get([key])
+            assert again is not None and _same_bytes(again, data), _difference(again, data)
         finally:
             await reopened.aclose()
 
@@ -413,7 +436,7 @@ class BackendConformance:
         await backend.put([(hit, data)])
         outs = [bytearray(len(data)), bytearray(len(data))]
         assert await backend.get_into([hit, miss], outs) == [True, False]
-        assert bytes(outs[0]) == data
+        assert _same_bytes(outs[0], data), _difference(outs[0], data)
         wrong = [bytearray(len(data) - 1)]
         assert await backend.get_into([hit], wrong) == [False]
 
@@ -464,7 +487,8 @@ class BackendConformance:
         await backend.put([(key, cast(Any, buf))])
         buf.release()  # the caller's reference; the tier holds its own
         (got,) = await backend.get([key])
-        assert _bytes_of(got) == data and memoryview(got).readonly  # type: ignore[arg-type]
+        assert got is not None and _same_bytes(got, data), _difference(got, data)
+        assert memoryview(got).readonly  # type: ignore[arg-type]
         del got
         unstored = backend.allocate(4096)
         unstored.release()  # never put: freed (the leak check after aclose() would say otherwise)
@@ -531,7 +555,8 @@ class BackendConformance:
             outs.append(out)
         await backend.aclose()  # every worker has stopped once this returns
         for i, out in enumerate(outs):
-            assert out == sentinel, f"get_into cancelled after {i} loop turns wrote into the buffer after unwinding"
+            assert _same_bytes(out, sentinel), \
+                f"get_into cancelled after {i} loop turns wrote into the buffer after unwinding: {_difference(out, sentinel)}"
 
     # -- fault and corruption scenarios (optional back doors: lmtier.testing.backdoors) ----------
     @pytest.fixture
@@ -557,7 +582,7 @@ class BackendConformance:
         await backend.put([(key, data)])
         stored = await maybe_await(raw.read(key))
         assert isinstance(stored, bytes), f"raw_store.read found nothing stored for a key just put ({stored!r:.60})"
-        assert stored[:4] == MAGIC and stored[HEADER_BYTES:] == data, \
+        assert stored[:4] == MAGIC and _same_bytes(stored[HEADER_BYTES:], data), \
             "raw_store.read must return the stored header and payload exactly"
         return stored
 
@@ -633,7 +658,8 @@ class BackendConformance:
         if isinstance(backend, SupportsGetInto):
             assert await backend.get_into([key], [bytearray(len(data))]) == [False]
         assert await backend.contains([key]) == [False], "contains counts a value get refused"
-        assert await maybe_await(raw.read(key)) == written, \
+        still = await maybe_await(raw.read(key))
+        assert still is not None and _same_bytes(still, written), \
             f"a value of a newer {newer} was deleted or changed: newer readers sharing the store lose it"
 
     @pytest.mark.asyncio
@@ -654,7 +680,8 @@ class BackendConformance:
             assert await reopened.get([key]) == [None]
         finally:
             await reopened.aclose()
-        assert await maybe_await(raw.read(key)) == written
+        still = await maybe_await(raw.read(key))
+        assert still is not None and _same_bytes(still, written), _difference(still, written)
 
     @pytest.mark.asyncio
     async def test_a_value_stored_in_format_version_1_is_still_read(
@@ -666,7 +693,8 @@ class BackendConformance:
         await self._stored(backend, raw, key, data)
         await maybe_await(raw.write(key, version_1(key, data)))  # what lmtier 0.1 wrote
         assert await backend.contains([key]) == [True]
-        assert _bytes_of((await backend.get([key]))[0]) == data
+        (got,) = await backend.get([key])
+        assert got is not None and _same_bytes(got, data), _difference(got, data)
 
     @pytest.mark.asyncio
     async def test_a_key_the_store_cannot_read_is_a_miss_and_the_batch_serves_the_others(
@@ -684,12 +712,13 @@ class BackendConformance:
         assert got[bad] is None, "a key the store cannot read was served"
         for i, (value, data) in enumerate(zip(got, values, strict=True)):
             if i != bad:
-                assert _bytes_of(value) == data, f"key {i} was not served: one failing key sank the batch"
+                assert value is not None and _same_bytes(value, data), \
+                    f"key {i} was not served: one failing key sank the batch ({_difference(value, data)})"
         del got
         if isinstance(backend, SupportsGetInto):
             outs = [bytearray(len(v)) for v in values]
             assert await backend.get_into(keys, outs) == [i != bad for i in range(len(keys))]
-            assert all(bytes(o) == v for i, (o, v) in enumerate(zip(outs, values, strict=True)) if i != bad)
+            assert all(_same_bytes(o, v) for i, (o, v) in enumerate(zip(outs, values, strict=True)) if i != bad)
         # alone, the failing key is the tier's fault (typed) or a miss; never wrong bytes
         try:
             alone = await backend.get([keys[bad]])
@@ -743,6 +772,6 @@ class BackendConformance:
             except BackendUnavailableError as exc:
                 failures.append(exc)
                 continue
-            assert _bytes_of(got) == data
+            assert got is not None and _same_bytes(got, data), _difference(got, data)
             return
         pytest.fail(f"the backend did not work again after the service came back: {failures}")
