@@ -101,7 +101,7 @@ from lmtier.cost import (
     plan_load,
 )
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError, NotSupportedError
-from lmtier.keys import ChunkKey, KVNamespace, chunk_keys
+from lmtier.keys import ChunkKey, KVNamespace, chunk_keys, partial_keys
 from lmtier.store import HostChunk, KVStore, LocalStore, LookupResult, SupportsNamespaces
 
 if TYPE_CHECKING:
@@ -651,23 +651,26 @@ class KVCacheEngine:
         try:
             full = chunk_keys(tokens, ns, c)
             began = time.monotonic()
-            found = self.kvstore.lookup(full).result() if full else found
+            # the tails a whole hit could end with ride on the lookup (no probe of their own)
+            ends = self._tail_ends(len(full) * c, cap)
+            tails = partial_keys(tokens, ns, c, ends) if ends else []
+            if full or tails:
+                found = self.kvstore.lookup(full, tails=tails).result()
             hit = found.hit_chunks * c
-            if self.save_tail:
-                base = hit
-                longest = min(self.pages_per_chunk - 1, (cap - base) // b)
+            answers: Sequence[tuple[int, ChunkKey, str | None]] = ()
+            if found.hit_chunks == len(full):
+                answers = _tail_answers(ends, tails, found.tail_tiers)
+            else:  # a shorter hit: probe the tails that would extend it, in one call, on the rest of the budget
+                ends = self._tail_ends(hit, cap)
                 left = self._lookup_left(began)
-                if longest > 0 and left != 0.0:
-                    cands = [chunk_keys(tokens[: base + k * b], ns, c, include_partial=True)[-1]
-                             for k in range(longest, 0, -1)]
-                    present = self.kvstore.contains(cands, timeout_s=left)
-                    for k, cand, p in zip(range(longest, 0, -1), cands, present, strict=True):
-                        if p:
-                            hit = base + k * b
-                            left = self._lookup_left(began)
-                            where = self.kvstore.lookup([cand], timeout_s=left or None).result().tiers if left != 0.0 else ()
-                            tail = (cand, where[0] if where else "")
-                            break
+                if ends and left != 0.0:
+                    tails = partial_keys(tokens, ns, c, ends)
+                    probe = self.kvstore.lookup([], tails=tails, timeout_s=left).result()
+                    answers = _tail_answers(ends, tails, probe.tail_tiers)
+            for end, key, tier in answers:  # longest first
+                if tier is not None:
+                    hit, tail = end, (key, tier)
+                    break
         except Exception as exc:  # the store degrades tier faults; anything else is still a miss
             log.warning("lmtier: lookup failed (%s: %s); treated as a miss", type(exc).__name__, exc)
             hit, found, tail = 0, LookupResult(0), None
@@ -695,6 +698,15 @@ class KVCacheEngine:
                 log.info("Request %s: total %d tokens, hit %d tokens, loading %d (%s)%s", request_id or "-",
                          total, hit, max(0, plan.load_tokens - start), plan.reason, promoting)
         return Located(plan.load_tokens, _runs([(ch.tier or "", ch.end - ch.start) for ch in chunks], hit), plan)
+
+    def _tail_ends(self, base: int, cap: int) -> list[int]:
+        """Where a stored partial chunk after ``base`` tokens (a chunk boundary) could end, longest
+        first: each whole block up to a chunk's pages - 1, within ``cap`` (none without save_tail)."""
+        if not self.save_tail:
+            return []
+        b = self.block_size
+        longest = min(self.pages_per_chunk - 1, (cap - base) // b)
+        return [base + k * b for k in range(longest, 0, -1)]
 
     def _lookup_left(self, began: float) -> float | None:
         """What is left of a lookup's budget (:attr:`lookup_timeout_s`) for its later store calls
@@ -1085,6 +1097,12 @@ def _runs(where: list[tuple[str, int]], limit: int) -> tuple[tuple[str, int], ..
         else:
             runs.append((tier, n))
     return tuple(runs)
+
+
+def _tail_answers(ends: Sequence[int], tails: Sequence[ChunkKey], tiers: Sequence[str | None]
+                  ) -> list[tuple[int, ChunkKey, str | None]]:
+    """Each probed tail's end, key and tier; none when the store did not answer for the tails."""
+    return list(zip(ends, tails, tiers, strict=True)) if len(tiers) == len(tails) else []
 
 
 def _release_all(chunks: Sequence[HostChunk | None]) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "chunk_keys",
     "chunk_spans",
     "make_namespace",
+    "partial_keys",
     "namespace_set",
 ]
 
@@ -198,6 +199,35 @@ def chunk_keys(
         prev = hasher.digest()
         keys.append(_trusted_key(namespace, prev))
     return keys
+
+
+def partial_keys(tokens: Sequence[int] | Iterable[int] | Any, namespace: str, chunk_tokens: int,
+                 ends: Sequence[int]) -> list[ChunkKey]:
+    """``chunk_keys(tokens[:end], namespace, chunk_tokens, include_partial=True)[-1]`` for each
+    ``end`` of ``ends``: the keys of partial last chunks (each ``end`` in ``(0, len(tokens)]``, not
+    a multiple of ``chunk_tokens``), with the whole chunks before them keyed once, not once per end
+    (the engine probes up to a chunk's pages - 1 tail lengths of one prompt)."""
+    data = _token_bytes(tokens)
+    n_tokens = len(data) // 8
+    for end in ends:
+        if isinstance(end, bool) or not isinstance(end, numbers.Integral) or not 0 < end <= n_tokens \
+                or end % chunk_tokens == 0:
+            raise InvalidArgumentError(f"a partial chunk's end must be in (0, {n_tokens}] and not a multiple of "
+                                       f"{chunk_tokens}, got {end!r}")
+    whole = max((end // chunk_tokens * chunk_tokens for end in ends), default=0)
+    import numpy as np
+
+    prefix = chunk_keys(np.frombuffer(data, dtype="<i8")[:whole], namespace, chunk_tokens) if whole else []
+    first = bytes.fromhex(namespace)
+    hasher = xxhash.xxh3_128()
+    out = []
+    for end in ends:
+        n_whole = end // chunk_tokens
+        hasher.reset()
+        hasher.update(prefix[n_whole - 1].digest if n_whole else first)
+        hasher.update(data[n_whole * chunk_tokens * 8: end * 8])
+        out.append(_trusted_key(namespace, hasher.digest()))
+    return out
 
 
 def _trusted_key(namespace: str, digest: bytes) -> ChunkKey:

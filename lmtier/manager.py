@@ -490,20 +490,35 @@ class StorageManager:
 
     async def locate(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[str]:
         """:meth:`lookup`, naming for each leading key present the hottest tier that holds it."""
+        return (await self.locate_tails(keys, (), timeout_s=timeout_s))[0]
+
+    async def locate_tails(self, keys: Sequence[ChunkKey], tails: Sequence[ChunkKey], *,
+                           timeout_s: float | None = None) -> tuple[list[str], list[str | None]]:
+        """:meth:`locate` of ``keys``, and where each of ``tails`` is when all of ``keys`` are present.
+
+        ``tails`` are keys that would extend the prefix (a partial last chunk, stored under a key of
+        its own); each tier is asked about them in the same call as about ``keys``, so probing them
+        costs no call of its own. The second list names, for each tail, the hottest tier holding
+        it (None: absent); it is empty unless every key of ``keys`` is present (a tail extends
+        nothing past a gap). Deadlines as for :meth:`lookup`, for the whole call.
+        """
         _check_keys(keys)
+        _check_keys(tails)
         until = self._until(timeout_s)
         with self._one_read():
-            return await self._locate(keys, until)
+            return await self._locate(keys, tails, until)
 
-    async def _locate(self, keys: Sequence[ChunkKey], until: float | None) -> list[str]:
+    async def _locate(self, keys: Sequence[ChunkKey], tails: Sequence[ChunkKey], until: float | None
+                      ) -> tuple[list[str], list[str | None]]:
         n = len(keys)
-        where: list[str | None] = [None] * n
+        asked = [*keys, *tails]
+        where: list[str | None] = [None] * len(asked)
         first_missing = 0
         for tier in self.tiers:
-            if first_missing == n:
+            todo = [i for i in range(first_missing, len(asked)) if where[i] is None]
+            if not todo:
                 break
-            todo = [i for i in range(first_missing, n) if where[i] is None]
-            found = await self._call(tier, "contains", tier.backend.contains, [keys[i] for i in todo], until=until)
+            found = await self._call(tier, "contains", tier.backend.contains, [asked[i] for i in todo], until=until)
             if found is FAULT:
                 continue
             for i, hit in zip(todo, found, strict=True):
@@ -514,7 +529,7 @@ class StorageManager:
         self.metrics.lookup_chunks.inc(n)
         self.metrics.lookup_hit_chunks.inc(first_missing)
         log.debug("lookup: hit %d of %d chunks", first_missing, n)
-        return cast("list[str]", where[:first_missing])
+        return cast("list[str]", where[:first_missing]), (where[n:] if first_missing == n else [])
 
     async def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
         """Whether each key is present in any tier (``timeout_s``: as for :meth:`lookup`)."""

@@ -11,7 +11,8 @@
 The engine touches nothing below this protocol: no manager, no tier, no backend. Everything an
 engine needs from storage is here, in host-buffer terms (the GPU side is the engine's job):
 
-* :meth:`~KVStore.lookup` — how many leading chunks are stored, and where each one lives;
+* :meth:`~KVStore.lookup` — how many leading chunks are stored, and where each one lives (and,
+  in the same call, where the partial chunks that could extend that prefix live: ``tails``);
 * :meth:`~KVStore.reserve` / :meth:`~KVStore.commit` — host buffers to copy chunks into, then
   hand them over (the engine's store path: copy out, commit, return; tiers are written behind);
 * :meth:`~KVStore.fetch` — readable host buffers holding stored chunks (the retrieve path: the
@@ -28,7 +29,10 @@ Changes since the first version of this protocol: ``reserve`` takes ``keys=`` (o
 store can answer "already stored" without a round trip of its own: the engine's store path then
 never copies a chunk the hot tier holds (vLLM saves a request's whole prefix each step).
 ``clear(namespaces)`` was added for engines whose API has a "clear the cache" call.
-``tier_names`` joined the protocol (both stores had it; the engine read it with ``getattr``). The
+``tier_names`` joined the protocol (both stores had it; the engine read it with ``getattr``).
+``lookup`` takes ``tails=`` and answers :attr:`LookupResult.tail_tiers`: the engine's probe for a
+stored partial last chunk rides on the lookup instead of a ``contains`` and a second ``lookup`` of
+its own (through ``lmtier serve``, two socket round trips fewer per request). The
 optional :class:`SupportsResidency` (``take_residency``) tells, tier by tier, which chunks the store
 took and which it dropped since the last call: what a KV-aware router needs (vLLM's KV events).
 
@@ -119,10 +123,14 @@ class LookupResult:
             keys ``0..i-1`` do).
         tiers: for each of those leading chunks, the name of the hottest tier holding it (what a
             fetch would read from now); ``len(tiers) == hit_chunks``.
+        tail_tiers: for each of the lookup's ``tails``, the hottest tier holding it, or ``None``
+            where it is not stored; empty unless every key was a hit (``hit_chunks == len(keys)``)
+            and tails were asked for.
     """
 
     hit_chunks: int
     tiers: tuple[str, ...] = ()
+    tail_tiers: tuple[str | None, ...] = ()
 
 
 @runtime_checkable
@@ -141,12 +149,18 @@ class KVStore(Protocol):
         yet (a server not reached so far)."""
         ...
 
-    def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
-               ) -> concurrent.futures.Future[LookupResult]:
+    def lookup(self, keys: Sequence[ChunkKey], *, tails: Sequence[ChunkKey] = (),
+               timeout_s: float | None = None) -> concurrent.futures.Future[LookupResult]:
         """Start a prefix lookup of ``keys``; the future never raises (a fault is 0 hits).
 
         Answered from every tier, hottest first, each within its lookup deadline; the future is
         done at the latest when ``timeout_s`` expires (then: what was known by then).
+
+        ``tails``: keys that would extend the prefix past ``keys`` (the engine's partial last
+        chunks, longest first), asked of each tier together with ``keys``: when all of ``keys``
+        are stored, :attr:`LookupResult.tail_tiers` says where each tail is (``None``: absent).
+        ``keys`` may be empty (then the tails alone are answered). A tail a store cannot answer
+        for (a server that predates tails) is ``None``: a miss, never a wrong hit.
         """
         ...
 
@@ -295,7 +309,7 @@ class LocalStore:
     loop's own (they would wait on themselves); futures complete on the loop thread, so their
     callbacks must not block.
 
-    How the seam maps onto the manager: ``lookup`` is :meth:`StorageManager.locate`; ``reserve``
+    How the seam maps onto the manager: ``lookup`` is :meth:`StorageManager.locate_tails`; ``reserve``
     is :meth:`StorageManager.reserve` after a look at the hot tier (in memory, inline);
     ``commit`` is ``put(..., skip_present=True)`` behind the call; ``fetch`` is
     :meth:`StorageManager.fetch` (hot hits lent in place, colder hits read once into hot-tier
@@ -363,14 +377,15 @@ class LocalStore:
         """Each tier's learned read cost (:class:`lmtier.cost.SupportsReadCosts`)."""
         return self.manager.read_costs()
 
-    def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
-               ) -> concurrent.futures.Future[LookupResult]:
+    def lookup(self, keys: Sequence[ChunkKey], *, tails: Sequence[ChunkKey] = (),
+               timeout_s: float | None = None) -> concurrent.futures.Future[LookupResult]:
         keys = _keys(keys)
+        tails = _keys(tails)
         _check_timeout(timeout_s)
 
         async def run() -> LookupResult:
-            tiers = await self.manager.locate(keys, timeout_s=timeout_s)
-            return LookupResult(len(tiers), tuple(tiers))
+            tiers, tail_tiers = await self.manager.locate_tails(keys, tails, timeout_s=timeout_s)
+            return LookupResult(len(tiers), tuple(tiers), tuple(tail_tiers))
 
         return self._submit(run(), "lookup", fallback=LookupResult(0))
 

@@ -101,9 +101,11 @@ class SlabCache:
         return entry[0].close() if entry is not None else 0
 
     # -- operations ----------------------------------------------------------------------------
-    async def lookup(self, raw_keys: Sequence[bytes]) -> list[str]:
-        """For each leading key present, the hottest tier holding it (prefix semantics)."""
-        return await self.manager.locate(_keys(raw_keys))
+    async def lookup(self, raw_keys: Sequence[bytes], raw_tails: Sequence[bytes] = ()
+                     ) -> tuple[list[str], list[str | None]]:
+        """For each leading key present, the hottest tier holding it (prefix semantics); and where
+        each tail is when every key is present (:meth:`StorageManager.locate_tails`)."""
+        return await self.manager.locate_tails(_keys(raw_keys), _keys(raw_tails))
 
     def read_costs(self) -> dict[str, list[float]]:
         """Each learned tier's read cost, as :class:`~lmtier.server.protocol.LookupReply` carries it."""

@@ -316,10 +316,11 @@ class ServerStore:
         link = self._link
         return link is not None and link.usable
 
-    def lookup(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None
-               ) -> concurrent.futures.Future[LookupResult]:
+    def lookup(self, keys: Sequence[ChunkKey], *, tails: Sequence[ChunkKey] = (),
+               timeout_s: float | None = None) -> concurrent.futures.Future[LookupResult]:
         raw = _wire_keys(keys)
-        return self._submit(self._lookup(raw, self._deadline("lookup", timeout_s)))
+        raw_tails = _wire_keys(tails)
+        return self._submit(self._lookup(raw, raw_tails, self._deadline("lookup", timeout_s)))
 
     def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
         raw = _wire_keys(keys)
@@ -573,15 +574,20 @@ class ServerStore:
         return f"ServerStore({self.address}, connected={self.connected})"
 
     # -- calls (on the loop) -------------------------------------------------------------------
-    async def _lookup(self, raw: list[bytes], deadline: float) -> LookupResult:
-        if not raw:
+    async def _lookup(self, raw: list[bytes], raw_tails: list[bytes], deadline: float) -> LookupResult:
+        if not raw and not raw_tails:
             return LookupResult(0)
-        reply = await self._call("lookup", lambda rid: p.Lookup(id=rid, keys=raw), deadline)
+        reply = await self._call("lookup", lambda rid: p.Lookup(id=rid, keys=raw, tails=raw_tails), deadline)
         if not isinstance(reply, p.LookupReply):
             return LookupResult(0)
+        hit = min(reply.hit_chunks, len(raw))
         tiers = tuple(reply.tiers) if len(reply.tiers) == reply.hit_chunks else ()
         self._read_costs = _read_costs(reply.read_costs)
-        return LookupResult(min(reply.hit_chunks, len(raw)), tiers)
+        tail_tiers: tuple[str | None, ...] = ()
+        if raw_tails and hit == len(raw):
+            got = reply.tail_tiers  # None from a server that predates tails: each tail is a miss
+            tail_tiers = tuple(got) if got is not None and len(got) == len(raw_tails) else (None,) * len(raw_tails)
+        return LookupResult(hit, tiers, tail_tiers)
 
     async def _contains(self, raw: list[bytes], deadline: float) -> list[bool]:
         if not raw:

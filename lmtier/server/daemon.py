@@ -335,8 +335,9 @@ class Server:
         assert held is not None
         match req:
             case p.Lookup():
-                tiers = await cache.lookup(req.keys)
-                return p.LookupReply(id=req.id, hit_chunks=len(tiers), tiers=tiers, read_costs=cache.read_costs())
+                tiers, tail_tiers = await cache.lookup(req.keys, req.tails)
+                return p.LookupReply(id=req.id, hit_chunks=len(tiers), tiers=tiers, read_costs=cache.read_costs(),
+                                     tail_tiers=tail_tiers)
             case p.Contains():
                 return p.ContainsReply(id=req.id, present=await cache.contains(req.keys))
             case p.Reserve():

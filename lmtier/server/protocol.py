@@ -37,7 +37,10 @@ not say so). :class:`Clear` gained ``tiers`` and ``namespaces`` (and clears ever
 be by default); a server that predates them ignores them and clears its hot tier only, and its
 reply lacks ``tiers``, which tells the client so. :class:`LookupReply` gained ``read_costs`` (the
 server's learned read cost of each tier, for the client's load decision); a server that predates
-it leaves it out, and its clients load every hit, as before.
+it leaves it out, and its clients load every hit, as before. :class:`Lookup` gained ``tails``
+and :class:`LookupReply` ``tail_tiers`` (the engine's probe for a stored partial last chunk, in
+the lookup's round trip); a server that predates them ignores ``tails`` and leaves ``tail_tiers``
+out, which the client takes as "no tail stored" (the engine recomputes those few tokens).
 The ``residency`` op (:class:`Residency`) was added for KV-aware routing (which
 tier holds which chunk, as it changes); a server that predates it answers :data:`E_UNKNOWN_OP`,
 which the client takes as "no residency changes reported" (the engine then publishes stores
@@ -209,6 +212,10 @@ class Lookup(_Request, tag="lookup"):
     """How many leading ``keys`` are stored in any tier (prefix semantics). Reply :class:`LookupReply`."""
 
     keys: list[Key]
+    tails: list[Key] = []
+    """Keys that would extend the prefix (partial last chunks); where each is stored comes back in
+    :attr:`LookupReply.tail_tiers` when every key of ``keys`` is stored. Asked of each tier in the
+    same call as ``keys``: the client's tail probe costs no round trip of its own."""
 
 
 class Contains(_Request, tag="contains"):
@@ -390,6 +397,10 @@ class LookupReply(_Reply, tag="lookup"):
     """Each tier's read cost as the server has learned it from its reads (:mod:`lmtier.cost`):
     ``[latency_s, seconds_per_byte, samples]`` per tier name; a tier not learned (or seeded) yet is
     absent. The client weighs a hit's load against recomputing it with these."""
+    tail_tiers: list[str | None] | None = None
+    """For each of the request's ``tails``, the hottest tier holding it (``None``: absent); an empty
+    list unless every key of ``keys`` is stored. Absent (``None``) from a server that predates
+    tails: the client then takes every tail as absent (a miss, never a wrong hit)."""
 
 
 class ContainsReply(_Reply, tag="contains"):

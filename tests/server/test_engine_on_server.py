@@ -7,6 +7,7 @@ stores, the other loads, page for page; and the configuration's rules for ``serv
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,28 @@ def test_two_engines_on_one_server_load_each_others_pages(server: ServerProc) ->
         assert a.kvstore.outstanding() == 0 and b.kvstore.outstanding() == 0
     status = server.status()
     assert status["leases"] == 0 and status["reservations"] == 0
+
+
+def requests_served(server: ServerProc) -> dict[str, float]:
+    """The server's ``lmtier_server_requests_total`` by op."""
+    status, body = server.get("/metrics")
+    assert status == 200
+    return {op: float(n) for op, n in re.findall(r'^lmtier_server_requests_total\{op="(\w+)"\} (\S+)$',
+                                                 body.decode(), flags=re.M)}
+
+
+def test_an_engines_lookup_of_a_prompt_with_a_stored_tail_is_one_request_to_the_server(server: ServerProc) -> None:
+    cfg = {"chunk_tokens": CHUNK, "server": server.address}
+    toks = tokens(40, seed=21)  # 2 whole chunks + a 2-block tail
+    with KVCacheEngine(cfg, namespace(), metrics_registry=CollectorRegistry(), name="engine-rt") as engine:
+        assert engine.store(toks, make_cache(), list(range(10, 20))).wait() == 40
+        engine.flush(30)
+        before = requests_served(server)
+        assert engine.lookup(toks) == 40  # the whole chunks and the tail
+        assert engine.lookup(toks[:36]) == 32  # the tail after them is not stored: the whole chunks
+        after = requests_served(server)
+    served = {op: n - before.get(op, 0.0) for op, n in after.items() if n != before.get(op, 0.0)}
+    assert served == {"lookup": 2.0}, "the tail probe rides on the lookup: no contains, no second lookup"
 
 
 def test_the_engines_server_deadlines_come_from_the_config_and_a_frozen_server_misses_by_them(tmp_path: Path) -> None:

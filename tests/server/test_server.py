@@ -87,6 +87,48 @@ def test_a_client_stores_into_the_slab_and_another_client_reads_the_same_bytes_i
         leases[0].release()
 
 
+def test_a_lookup_answers_its_tails_in_the_same_round_trip_when_the_whole_prefix_is_stored(server: ServerProc) -> None:
+    store = server.store()
+    ks = keys(5, salt=12)
+    prefix, tails = ks[:2], ks[2:]
+    assert store_chunks(store, [*prefix, tails[1]], 1000) == 3
+    misses = dict(store.misses)
+    found = store.lookup(prefix, tails=tails).result()
+    assert (found.hit_chunks, found.tiers, found.tail_tiers) == (2, ("hot", "hot"), (None, "hot", None))
+    assert store.lookup([ks[0], tails[0]], tails=tails).result().tail_tiers == ()  # a gap: tails extend nothing
+    assert store.lookup([], tails=tails).result().tail_tiers == (None, "hot", None)  # the tails alone
+    assert store.misses == misses
+
+
+_BEFORE_TAILS = """
+from lmtier.server.cache import SlabCache
+_lookup = SlabCache.lookup
+async def lookup(self, raw_keys, raw_tails=()):  # a server of before tails: asks the keys only, says nothing of tails
+    tiers, _ = await _lookup(self, raw_keys, ())
+    return tiers, None
+SlabCache.lookup = lookup
+"""
+
+
+def test_a_server_that_predates_tails_has_every_tail_a_miss_and_serves_on(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, prelude=_BEFORE_TAILS)
+    try:
+        store = srv.store()
+        ks = keys(3, salt=13)
+        assert store_chunks(store, ks, 1000) == 3
+        raw = RawClient(srv.socket_path)
+        try:
+            reply = raw.call(p.Lookup(id=raw.next_id(), keys=[p.encode_key(k.namespace, k.digest) for k in ks[:2]],
+                                      tails=[p.encode_key(ks[2].namespace, ks[2].digest)]))
+            assert isinstance(reply, p.LookupReply) and reply.hit_chunks == 2 and reply.tail_tiers is None
+        finally:
+            raw.close()
+        found = store.lookup(ks[:2], tails=ks[2:]).result()
+        assert (found.hit_chunks, found.tail_tiers) == (2, (None,)), "a tail the server did not answer is a miss"
+    finally:
+        srv.close()
+
+
 def test_put_and_fetch_into_copy_caller_buffers_and_a_wrong_size_is_a_miss_that_is_deleted(server: ServerProc) -> None:
     store = server.store()
     (k1, k2) = keys(2, salt=2)

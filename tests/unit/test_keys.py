@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmtier.errors import InvalidArgumentError
-from lmtier.keys import ChunkKey, KVNamespace, chunk_keys, chunk_spans, make_namespace
+from lmtier.keys import ChunkKey, KVNamespace, chunk_keys, chunk_spans, make_namespace, partial_keys
 
 NS = make_namespace(model="m", layout="l")
 
@@ -39,6 +39,16 @@ def test_a_partial_last_chunk_gets_a_key_only_on_request_and_never_aliases_a_ful
     grown = chunk_keys(list(range(768)), NS, 256)
     assert with_partial[2] != grown[2]
     assert chunk_spans(600, 256) == [(0, 256), (256, 512), (512, 600)]
+
+
+def test_partial_keys_are_the_keys_chunk_keys_gives_each_partial_last_chunk() -> None:
+    toks = np.random.default_rng(4).integers(0, 50_000, 700)
+    ends = [700, 699, 600, 513, 255, 1]
+    assert partial_keys(toks, NS, 256, ends) == [chunk_keys(toks[:e], NS, 256, include_partial=True)[-1] for e in ends]
+    assert partial_keys(toks, NS, 256, []) == []
+    for bad in (512, 0, 701, -3):  # a whole chunk's end, nothing, past the tokens
+        with pytest.raises(InvalidArgumentError, match="partial chunk's end"):
+            partial_keys(toks, NS, 256, [bad])
 
 
 def test_namespaces_separate_models_and_layouts() -> None:

@@ -50,6 +50,17 @@ def test_put_then_lookup_names_the_tier_of_each_leading_chunk(store: LocalStore,
         assert fresh.lookup(ks).result() == LookupResult(2, ("local", "local"))
 
 
+def test_lookup_answers_where_each_tail_is_only_when_the_whole_prefix_is_stored(store: LocalStore) -> None:
+    ks = keys(5)
+    prefix, tails = ks[:2], ks[2:]
+    assert store.put([(k, b"v" * 100) for k in [*prefix, tails[1]]]).result() == 3
+    store.flush()
+    assert store.lookup(prefix, tails=tails).result() == LookupResult(2, ("hot", "hot"), (None, "hot", None))
+    assert store.lookup([ks[0], tails[0]], tails=tails).result() == LookupResult(1, ("hot",))  # a gap: no tails
+    assert store.lookup([], tails=tails).result() == LookupResult(0, (), (None, "hot", None))  # the tails alone
+    assert store.lookup(prefix).result() == LookupResult(2, ("hot", "hot"))
+
+
 def test_put_copies_the_callers_buffer_before_it_returns(store: LocalStore) -> None:
     (k,) = keys(1)
     value = bytearray(b"a" * 4096)
