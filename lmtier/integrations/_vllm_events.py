@@ -38,14 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lmtier.errors import NotSupportedError
+from lmtier.errors import InvalidArgumentError, NotSupportedError
 
 if TYPE_CHECKING:
-    from lmtier.config import LmtierConfig
     from lmtier.engine import KVCacheEngine
     from lmtier.keys import ChunkKey
+    from lmtier.protocol import Capabilities
 
-__all__ = ["ChunkEvents", "Report", "ResidencyReporter", "tier_places"]
+__all__ = ["ChunkEvents", "Report", "ResidencyReporter", "tier_place"]
 
 log = logging.getLogger("lmtier.vllm")
 
@@ -56,22 +56,22 @@ MAX_CHUNKS = 1 << 14
 #: Keys a worker maps to chunk ids (least recently stored dropped first).
 MAX_KEYS = 1 << 16
 
-#: medium and locality of each backend kind (vLLM's MEDIUM_* and LOCAL/REMOTE)
-_PLACES = {"cpu": ("CPU", "LOCAL"), "disk": ("STORAGE", "LOCAL"), "redis": ("CPU", "REMOTE"),
-           "s3": ("STORAGE", "REMOTE"), "nixl": ("STORAGE", "REMOTE")}
+#: vLLM's medium of each built-in backend kind that keeps chunks in RAM (any other: ``STORAGE``)
+_RAM_BACKENDS = {"cpu": "CPU", "redis": "CPU"}
 
 #: A residency report of one worker: (rank, chunk id, tier, medium, locality, held).
 Report = tuple[int, bytes, str, str, "str | None", bool]
 
 
-def tier_places(cfg: LmtierConfig, tier_names: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-    """``tier -> (medium, locality)`` for the engine's tiers: by backend for its own tiers; for the
-    tiers of ``lmtier serve`` (a node-local server) ``CPU`` for its RAM slab, ``STORAGE`` below."""
-    own = {t.name: _PLACES.get(t.backend, ("STORAGE", None)) for t in cfg.tiers}
-    out: dict[str, tuple[str, str | None]] = {}
-    for i, name in enumerate(tier_names):
-        out[name] = own.get(name) or (("CPU", "LOCAL") if i == 0 else ("STORAGE", "LOCAL"))
-    return out
+def tier_place(backend: str, capabilities: Capabilities) -> tuple[str, str]:
+    """``(medium, locality)`` of a tier in KV events (vLLM's ``MEDIUM_*`` and ``LOCAL``/``REMOTE``).
+
+    The medium is ``CPU`` for the built-in tiers in RAM (cpu, redis) and ``STORAGE`` for any other.
+    The locality is the backend's own promise, :attr:`~lmtier.protocol.Capabilities.shared`:
+    ``REMOTE`` when other processes and hosts see its chunks (Redis, S3, a third party's shared
+    store), so a router may send a prefix to any instance over it; ``LOCAL`` otherwise.
+    """
+    return _RAM_BACKENDS.get(backend, "STORAGE"), ("REMOTE" if capabilities.shared else "LOCAL")
 
 
 @dataclass
@@ -184,12 +184,12 @@ class ResidencyReporter:
     and nothing is ever reported removed.
     """
 
-    def __init__(self, engine: KVCacheEngine, cfg: LmtierConfig, rank: int) -> None:
+    def __init__(self, engine: KVCacheEngine, rank: int) -> None:
         from lmtier.store import SupportsResidency
 
         self._engine = engine
         self._rank = rank
-        self._places = tier_places(cfg, engine.tier_names)
+        self._places: dict[str, tuple[str, str]] = {}  # tier -> (medium, locality), once known
         self._ids: OrderedDict[ChunkKey, bytes] = OrderedDict()
         self._own: list[Report] = []  # what the fallback saw (saves land on the store's thread)
         self._lock = threading.Lock()
@@ -213,7 +213,7 @@ class ResidencyReporter:
         names = self._engine.tier_names
         if self._feed or not names:
             return
-        medium, locality = self._places.get(names[0], ("CPU", "LOCAL"))
+        medium, locality = self._place(names[0])
         with self._lock:
             self._own.extend((self._rank, cid, names[0], medium, locality, True) for cid in chunk_ids)
 
@@ -227,9 +227,28 @@ class ResidencyReporter:
             cid = self._ids.get(change.key)
             if cid is None:
                 continue  # not a chunk of this worker's saves
-            medium, locality = self._places.get(change.tier, ("STORAGE", None))
+            medium, locality = self._place(change.tier)
             out.append((self._rank, cid, change.tier, medium, locality, change.held))
         return out
+
+    def _place(self, tier: str) -> tuple[str, str]:
+        """``(medium, locality)`` of one of the store's tiers (:func:`tier_place`)."""
+        place = self._places.get(tier)
+        if place is not None:
+            return place
+        try:
+            found = self._engine.manager.tier(tier)
+        except (NotSupportedError, InvalidArgumentError):
+            # the tiers of lmtier serve, a node-local server that names them only: its RAM slab
+            # first, storage below
+            first = self._engine.tier_names[:1] == [tier]
+            place = ("CPU", "LOCAL") if first else ("STORAGE", "LOCAL")
+        else:
+            place = tier_place(found.config.backend, found.backend.capabilities)
+            if not found.up:
+                return place  # a stand-in's capabilities until the backend opens: not kept
+        self._places[tier] = place
+        return place
 
     def _take(self) -> list[Any]:
         try:

@@ -93,7 +93,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -440,6 +440,21 @@ def _clip_runs(runs: list[tuple[str, int]], start: int, end: int) -> list[tuple[
     return out
 
 
+def _shared_chunks(mine: Sequence[Any], theirs: Sequence[Any], blocks_per_chunk: int) -> int:
+    """How many whole chunks two requests' block hashes share from the start.
+
+    vLLM's block hashes are chained (each folds in its parent's), so two requests share a chunk,
+    and every chunk before it, exactly when the hashes of its last block are equal: comparing at
+    chunk boundaries is enough.
+    """
+    chunks = 0
+    for last in range(blocks_per_chunk - 1, min(len(mine), len(theirs)), blocks_per_chunk):
+        if mine[last] != theirs[last]:
+            break
+        chunks += 1
+    return chunks
+
+
 def lora_identity(name: str, path: str) -> str | None:
     """The identity of a LoRA adapter: its name, path, and a hash of its weight files' list.
 
@@ -644,10 +659,7 @@ class LMTierConnector(KVConnectorBase_V1):
             else:
                 hit = self._lookups.get(rid)  # unchanged, or in flight by the round trip
         if hit is None:  # ask the workers through the step's metadata; answer on a later pass
-            self._lookups[rid] = _IN_FLIGHT
-            self._lookup_started[rid] = time.monotonic()
-            ask = self._asks[rid] = _Lookup(rid, list(prompt), limit, identity, num_computed_tokens)
-            self._queue_lookup(ask)
+            self._ask_later(_Lookup(rid, list(prompt), limit, identity, num_computed_tokens))
             return None, False
         if hit == _IN_FLIGHT:
             if time.monotonic() - self._lookup_started.get(rid, 0.0) > self._opts["lookup_timeout_s"]:
@@ -670,6 +682,20 @@ class LMTierConnector(KVConnectorBase_V1):
         self._lookup_queue.append(ask)
         self._asked_gen[ask.req_id] = self._store_gen
 
+    def _ask_later(self, ask: _Lookup) -> None:
+        """The request has no answer until the workers' reply to ``ask`` (the step's metadata)
+        comes back: "ask again" meanwhile, for ``lookup_timeout_s`` at most. A first ask is kept
+        to be asked again when stores land (:meth:`_refresh`); a ``refresh`` one is already
+        counted by the workers, and is answered as such."""
+        rid = ask.req_id
+        self._lookups[rid] = _IN_FLIGHT
+        self._lookup_started[rid] = time.monotonic()
+        if ask.refresh:
+            self._refreshing.add(rid)
+        else:
+            self._asks[rid] = ask
+        self._queue_lookup(ask)
+
     def _ask_now(self, request: Request, prompt: list[int], limit: int, identity: Identity, start: int, *,
                  record: bool) -> int | None:
         """The workers' answer within this scheduling pass, or None (no line, or none in time)."""
@@ -684,10 +710,7 @@ class LMTierConnector(KVConnectorBase_V1):
         if answer.error:  # the worker saw it (and counts it): the round trip asks without counting again
             log.debug("lmtier: request %s: no synchronous lookup answer (%s)", rid, answer.error)
             if record:
-                self._lookups[rid] = _IN_FLIGHT
-                self._lookup_started[rid] = time.monotonic()
-                self._queue_lookup(_Lookup(rid, list(prompt), limit, identity, start, refresh=True))
-                self._refreshing.add(rid)
+                self._ask_later(_Lookup(rid, list(prompt), limit, identity, start, refresh=True))
             return None
         if answer.runs:
             self._tier_runs[rid] = [tuple(r) for r in answer.runs]  # type: ignore[misc]
@@ -749,9 +772,8 @@ class LMTierConnector(KVConnectorBase_V1):
         the store yet."""
         from vllm.v1.request import RequestStatus
 
-        mine = request.block_hashes
         computing = 0
-        c, b = self._chunk_tokens, self._block_size
+        c = self._chunk_tokens
         for other in self._tracked.values():
             peer = other.request
             if peer is request or other.identity != identity or peer.status != RequestStatus.RUNNING:
@@ -759,15 +781,12 @@ class LMTierConnector(KVConnectorBase_V1):
             prompt_extent = self._stored_extent(other.prompt_len)
             if other.issued_upto >= prompt_extent:
                 continue  # its prompt is in the store already
-            n = 0
-            for a, z in zip(mine, peer.block_hashes):  # noqa: B905 - the shorter one bounds the common prefix
-                if a != z:
-                    break
-                n += 1
-            extent = min(n * b // c * c, prompt_extent // c * c, limit)
+            shared = _shared_chunks(request.block_hashes, peer.block_hashes, c // self._block_size)
+            extent = min(shared * c, prompt_extent // c * c, limit)
             if extent > other.issued_upto:
                 computing = max(computing, extent)
         return computing
+
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
@@ -1053,7 +1072,7 @@ class LMTierConnector(KVConnectorBase_V1):
         log.info("lmtier connector (worker, rank %d): namespace %s, tiers %s", rank, self._kv.namespace,
                  self._engine.tier_names)
         if _events_on(vllm_config):
-            self._residency = ResidencyReporter(self._engine, cfg, rank)
+            self._residency = ResidencyReporter(self._engine, rank)
         if self._opts["scheduler_lookups"] and self._loads():
             try:
                 self._lookup_server = LookupServer(self.answer_lookup, name=f"lmtier-lookups-tp{rank}")
@@ -1075,18 +1094,29 @@ class LMTierConnector(KVConnectorBase_V1):
     def answer_lookup(self, ask: Ask) -> Answer:
         """The scheduler's synchronous lookup (:mod:`lmtier.integrations._vllm_lookups`): the
         engine's answer within ``ask.timeout_s``, else an ``error`` (the lookup goes on and counts)."""
-        engine = self._engine
-        if engine is None or self._disabled:
+        if self._engine is None or self._disabled:
             return Answer(error="no lmtier engine on this worker")
         identity = tuple((str(k), str(v)) for k, v in ask.identity)
-        fut = engine.locate_async(ask.token_ids, request_id=ask.req_id, limit=ask.limit,
-                                  namespace=self._namespace(identity), start=ask.start, record=ask.record)
+        fut = self._locate(_Lookup(ask.req_id, ask.token_ids, ask.limit, identity, ask.start,
+                                   refresh=not ask.record))
         try:
             found = fut.result(timeout=ask.timeout_s)
         except concurrent.futures.TimeoutError:
             return Answer(error=f"no answer in {ask.timeout_s * 1e3:.0f} ms")
-        runs = list(found.runs) if found.runs and all(tier for tier, _ in found.runs) else []
-        return Answer(tokens=found.tokens, runs=runs)
+        return Answer(tokens=found.tokens, runs=_named_runs(found))
+
+    def _locate(self, op: _Lookup) -> concurrent.futures.Future[Located]:
+        """The worker engine's answer to a lookup (the scheduler's or the step metadata's); a miss
+        when this worker has no engine."""
+        if self._engine is None or self._disabled:
+            from lmtier.engine import Located
+
+            fut: concurrent.futures.Future[Located] = concurrent.futures.Future()
+            fut.set_result(Located(0))
+            return fut
+        return self._engine.locate_async(op.token_ids, request_id=op.req_id, limit=op.limit,
+                                         namespace=self._namespace(op.identity), start=op.start,
+                                         record=not op.refresh)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self._engine is None:
@@ -1153,16 +1183,7 @@ class LMTierConnector(KVConnectorBase_V1):
                 self._store(save)
                 self._finished_saving.add(save.req_id)  # always: the blocks must be freed
         for op in connector_metadata.lookups:  # answered in build_connector_worker_meta
-            if self._engine is not None and not self._disabled:
-                fut = self._engine.locate_async(op.token_ids, request_id=op.req_id, limit=op.limit,
-                                                namespace=self._namespace(op.identity), start=op.start,
-                                                record=not op.refresh)
-            else:
-                from lmtier.engine import Located
-
-                fut = concurrent.futures.Future()
-                fut.set_result(Located(0))  # a miss
-            self._lookup_futs[op.req_id] = (fut, op)
+            self._lookup_futs[op.req_id] = (self._locate(op), op)
         # a forward that loads measures the load too: only the others teach the prefill speed, and
         # only those computing enough prompt tokens that the forward's fixed cost is not most of it
         if (self._step_clock is not None and self._engine is not None and not connector_metadata.loads
@@ -1283,8 +1304,9 @@ class LMTierConnector(KVConnectorBase_V1):
                 try:
                     found = fut.result()
                     report.hits[rid] = (found.tokens, 1)
-                    if found.runs and all(tier for tier, _ in found.runs):
-                        report.tiers[rid] = list(found.runs)  # which tier holds each part of the hit
+                    runs = _named_runs(found)
+                    if runs:
+                        report.tiers[rid] = runs  # which tier holds each part of the hit
                 except Exception as exc:  # a lookup that failed is a miss
                     log.warning("lmtier: lookup for request %s failed (%s)", rid, exc)
                     report.hits[rid] = (0, 1)
@@ -1332,6 +1354,11 @@ class LMTierConnector(KVConnectorBase_V1):
         if server is not None:
             server.close()
         engine.close(timeout=1.0 if any(left.values()) else budget)
+
+
+def _named_runs(found: Located) -> list[tuple[str, int]]:
+    """A lookup answer's ``(tier, tokens)`` runs; none when the store does not name every tier."""
+    return list(found.runs) if found.runs and all(tier for tier, _ in found.runs) else []
 
 
 def _events_on(vllm_config: VllmConfig) -> bool:
