@@ -102,6 +102,7 @@ from lmtier.cost import (
 )
 from lmtier.errors import ConfigError, InvalidArgumentError, LmtierError, NotSupportedError
 from lmtier.keys import ChunkKey, KVNamespace, chunk_keys, partial_keys
+from lmtier.memory import release_all
 from lmtier.store import HostChunk, KVStore, LocalStore, LookupResult, SupportsNamespaces
 
 if TYPE_CHECKING:
@@ -390,15 +391,15 @@ class RetrieveHandle:
         if timed is not None:  # after the last copy: return the chunks, then learn what the onload took
 
             def done() -> None:
-                _release_all(held)
+                release_all(held)
                 begin, end, nbytes = timed
                 engine._observe_onload(nbytes, begin.elapsed_time(end) / 1e3, overlapped=engine.layerwise)
 
             engine._after(timed[1], done)
         elif held and self._events:
-            engine._after(self._events[-1], lambda: _release_all(held))
+            engine._after(self._events[-1], lambda: release_all(held))
         else:
-            _release_all(held)
+            release_all(held)
         if not self.failed:
             self._engine._count_loaded(self.loaded_tokens)
 
@@ -841,7 +842,7 @@ class KVCacheEngine:
                 event = torch.cuda.Event()
                 event.record(stream if stream is not None else torch.cuda.current_stream(kv_caches[0].device))
         except BaseException:
-            _release_all([buf for _, buf in todo])
+            release_all([buf for _, buf in todo])
             raise
         items = [(keys[i], buf) for i, buf in todo]
         new_tokens = [spans[i][1] - spans[i][0] for i, _ in todo]
@@ -855,7 +856,7 @@ class KVCacheEngine:
             try:
                 fut = self.kvstore.commit(items, request_id=request_id)  # the store owns the chunks now
             except BaseException as exc:
-                _release_all([buf for _, buf in items])
+                release_all([buf for _, buf in items])
                 log.warning("lmtier: store of request %s failed (%s: %s)", request_id, type(exc).__name__, exc)
                 done.set_result(0)
                 return
@@ -870,7 +871,7 @@ class KVCacheEngine:
                 commit()
 
             def failed_copy() -> None:
-                _release_all([buf for _, buf in items])
+                release_all([buf for _, buf in items])
                 copied.set_result(None)
                 done.set_result(0)
 
@@ -960,7 +961,7 @@ class KVCacheEngine:
 
         def release(f: concurrent.futures.Future[list[HostChunk | None]]) -> None:
             if not f.cancelled() and f.exception() is None:
-                _release_all(f.result())
+                release_all(f.result())
 
         fut.add_done_callback(release)
 
@@ -1103,12 +1104,6 @@ def _tail_answers(ends: Sequence[int], tails: Sequence[ChunkKey], tiers: Sequenc
                   ) -> list[tuple[int, ChunkKey, str | None]]:
     """Each probed tail's end, key and tier; none when the store did not answer for the tails."""
     return list(zip(ends, tails, tiers, strict=True)) if len(tiers) == len(tails) else []
-
-
-def _release_all(chunks: Sequence[HostChunk | None]) -> None:
-    for chunk in chunks:
-        if chunk is not None:
-            chunk.release()
 
 
 def _lookup_budget(cfg: LmtierConfig | None) -> float | None:

@@ -96,7 +96,7 @@ from lmtier.errors import (
     LmtierError,
 )
 from lmtier.keys import ChunkKey, namespace_set
-from lmtier.memory import HostBuffer, HostMemoryPool, lent_buffer
+from lmtier.memory import HostBuffer, HostMemoryPool, lent_buffer, release_all
 from lmtier.metrics import Metrics, default_metrics
 from lmtier.protocol import (
     Buffer,
@@ -651,7 +651,7 @@ class StorageManager:
             for size in sizes:
                 out.append(self._buffer(size, "store"))
         except BaseException:
-            _release_all(out)
+            release_all(out)
             raise
         return out
 
@@ -730,7 +730,7 @@ class StorageManager:
                 if got and tier.index > 0:
                     await self._promote_filled(tier.index, [(keys[i], out[i]) for i in sorted(got)])
         except BaseException:
-            _release_all(out)
+            release_all(out)
             raise
         if wrong:
             log.warning("lmtier: %d stored value(s) had another size than asked; treated as misses and deleted",
@@ -1642,7 +1642,7 @@ class StorageManager:
         try:
             ok = await self._decode_jobs(tier, [(keys[i], v, b.view()) for i, v, b in jobs])
         except BaseException:
-            _release_all([b for _, _, b in jobs])
+            release_all([b for _, _, b in jobs])
             raise
         nbytes = 0
         for (i, _, buf), filled in zip(jobs, ok, strict=True):
@@ -1669,7 +1669,7 @@ class StorageManager:
         try:
             filled = await self._sliced_into(tier, [keys[i] for i in targets], bufs, until)
         except BaseException:
-            _release_all(bufs)
+            release_all(bufs)
             raise
         got: set[int] = set()
         for i, buf, ok in zip(targets, bufs, filled, strict=True):
@@ -1732,7 +1732,7 @@ class StorageManager:
                         views[i][:] = buf.view()
                         got.add(i)
             finally:
-                _release_all(stage)
+                release_all(stage)
         self._count_reads(tier, len(got), len(pending) - len(got), sum(views[i].nbytes for i in got))
         return got
 
@@ -1947,12 +1947,6 @@ def _into_bytes(arg: tuple[Sequence[ChunkKey], Sequence[memoryview]], filled: Se
     if filled is None:
         return sum(v.nbytes for v in views)
     return sum(v.nbytes for v, ok in zip(views, filled, strict=False) if ok)
-
-
-def _release_all(bufs: Sequence[HostBuffer | None]) -> None:
-    for buf in bufs:
-        if buf is not None:
-            buf.release()
 
 
 def _check_sizes(sizes: Sequence[object]) -> list[int]:

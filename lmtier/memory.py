@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from lmtier.errors import CapacityError, InvalidArgumentError, LmtierError
@@ -26,7 +27,8 @@ from lmtier.errors import CapacityError, InvalidArgumentError, LmtierError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["HostBuffer", "HostMemoryPool", "empty_pinned_cache", "host_tensor_of", "lent_buffer", "live_pools"]
+__all__ = ["HostBuffer", "HostMemoryPool", "empty_pinned_cache", "host_tensor_of", "lent_buffer", "live_pools",
+           "release_all"]
 
 _ALIGN = 256  # 16-byte vector access needs 16; 256 keeps every buffer on its own cache lines
 # Why a WeakSet at module level: the leak checker must find pools created anywhere in a test
@@ -302,6 +304,29 @@ class _Lease:
 
     def __del__(self) -> None:
         self.buffer.release()
+
+
+def release_all(values: Iterable[object] | None, *, shared: bool = False) -> None:
+    """Give back every borrowed buffer among ``values``: the one way to return what a call borrowed
+    on the paths that end it early (an error, a cancellation, results handed on as copies).
+
+    Borrowed buffers are :class:`HostBuffer` and the stores' lent chunks
+    (:class:`~lmtier.store.HostChunk`: lmtier serve's slab slots too); anything else — a miss
+    (``None``), bytes, a per-key exception — is passed over. Each listed buffer holds one
+    reference of its own, unless ``shared``: then a buffer listed several times (a repeated key's
+    reads sharing one) holds one, and is released once.
+    """
+    from lmtier.store import HostChunk  # the store's protocol (lmtier.store imports this module)
+
+    seen: set[int] = set()
+    for value in values or ():
+        if not isinstance(value, HostBuffer) and not isinstance(value, HostChunk):
+            continue
+        if shared:
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+        value.release()
 
 
 def host_tensor_of(value: object) -> torch.Tensor | None:

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from lmtier.errors import InvalidArgumentError, LmtierError
+from lmtier.memory import release_all
 
 if TYPE_CHECKING:
     import os
@@ -413,7 +414,7 @@ class LocalStore:
             return out
 
         none: list[HostChunk | None] = [None] * len(sizes)
-        return self._submit(run(), "reserve", fallback=none, release=_release_all).result()
+        return self._submit(run(), "reserve", fallback=none, release=release_all).result()
 
     def commit(self, items: Sequence[tuple[ChunkKey, HostChunk]], *, request_id: str | None = None
                ) -> concurrent.futures.Future[int]:
@@ -430,9 +431,9 @@ class LocalStore:
             try:
                 return await self.manager.put(pairs, skip_present=True)  # type: ignore[arg-type]
             finally:
-                _release_all(bufs)
+                release_all(bufs)
 
-        return self._submit(run(), "commit", fallback=0, request_id=request_id, on_cancel=lambda: _release_all(bufs))
+        return self._submit(run(), "commit", fallback=0, request_id=request_id, on_cancel=lambda: release_all(bufs))
 
     def put(self, items: Sequence[tuple[ChunkKey, Buffer]], *, request_id: str | None = None
             ) -> concurrent.futures.Future[int]:
@@ -465,7 +466,7 @@ class LocalStore:
             return list(await self.manager.fetch(keys, sizes, timeout_s=timeout_s))
 
         none: list[HostChunk | None] = [None] * len(keys)
-        return self._submit(run(), "fetch", fallback=none, release=_release_all)
+        return self._submit(run(), "fetch", fallback=none, release=release_all)
 
     def fetch_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer], *,
                    timeout_s: float | None = None) -> list[bool]:
@@ -635,12 +636,6 @@ def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> Non
     loop.call_soon_threadsafe(loop.stop)
     thread.join()
     loop.close()
-
-
-def _release_all(bufs: Sequence[Any] | None) -> None:
-    for buf in bufs or ():
-        if buf is not None:
-            buf.release()
 
 
 def _keys(keys: Sequence[ChunkKey]) -> list[ChunkKey]:

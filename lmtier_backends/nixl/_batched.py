@@ -10,8 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from lmtier.keys import ChunkKey
-from lmtier.memory import HostBuffer
-from lmtier_backends.nixl._staging import release_all
+from lmtier.memory import HostBuffer, release_all
 from lmtier_backends.nixl._xfer import CallerBuffer
 
 __all__ = ["Batched"]
@@ -56,6 +55,6 @@ class Batched:
             for lo in range(0, len(keys), self.size):
                 out.extend(piece(lo, min(lo + self.size, len(keys))))
         except BaseException:
-            release_all(out)  # a later piece failed: the buffers of earlier pieces go back
+            release_all(out, shared=True)  # a later piece failed: the buffers of earlier pieces go back
             raise
         return out

@@ -39,10 +39,10 @@ from lmtier.errors import CorruptDataError
 from lmtier.framing import HEADER_BYTES, READABLE_CODECS, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
 from lmtier.kit import object_name
-from lmtier.memory import HostBuffer
+from lmtier.memory import HostBuffer, release_all
 from lmtier_backends.nixl._errors import TransferFailed
 from lmtier_backends.nixl._s3rest import S3Rest
-from lmtier_backends.nixl._staging import StagingPool, release_all
+from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import ObjOptions
 
@@ -138,7 +138,7 @@ class ObjStore:
                     self._shrink(keys[i], out, i)
             return out
         except BaseException:
-            release_all(out)
+            release_all(out, shared=True)
             raise
 
     def read_into(self, keys: Sequence[ChunkKey], outs: Sequence[CallerBuffer]
@@ -179,7 +179,7 @@ class ObjStore:
                         out[i] = got
             return out
         except BaseException:
-            release_all(out)
+            release_all(out, shared=True)
             raise
         finally:
             probes.release()

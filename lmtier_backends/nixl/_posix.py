@@ -40,8 +40,8 @@ from lmtier.kit import (
     remove_stored_file,
     scan_files,
 )
-from lmtier.memory import HostBuffer
-from lmtier_backends.nixl._staging import StagingPool, release_all
+from lmtier.memory import HostBuffer, release_all
+from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, Outcome, move_registered, outs_registered
 from lmtier_backends.nixl.config import PosixOptions
 
@@ -141,7 +141,7 @@ class PosixStore:
                         self._index.move_to_end(key)
             return out
         except BaseException:
-            release_all(out)
+            release_all(out, shared=True)
             raise
         finally:
             for fd in fds:
@@ -187,7 +187,7 @@ class PosixStore:
                         buf.release()
             return out
         except BaseException:
-            release_all(out)
+            release_all(out, shared=True)
             raise
         finally:
             for fd in fds:

@@ -16,21 +16,12 @@ calls only once no transfer is running.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 from lmtier.errors import CapacityError
 from lmtier.memory import HostBuffer, HostMemoryPool
 
-__all__ = ["StagingPool", "release_all"]
-
-
-def release_all(values: Iterable[object]) -> None:
-    """Give back every staging buffer among ``values``, each once (a repeated key's reads share
-    one); other values (misses, bytes, a key's exception) are ignored. For the paths that end a
-    read early: an error, or the result handed on as views."""
-    for buf in {id(v): v for v in values if isinstance(v, HostBuffer)}.values():
-        buf.release()
+__all__ = ["StagingPool"]
 
 
 class _Slab:

@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from lmtier.errors import CapacityError, LmtierError
-from lmtier.memory import HostMemoryPool, host_tensor_of
+from lmtier.memory import HostMemoryPool, host_tensor_of, release_all
 
 
 def test_buffers_are_carved_from_one_slab_and_reused_after_release() -> None:
@@ -47,6 +47,25 @@ def test_refcount_keeps_a_buffer_until_the_last_release() -> None:
         buf.release()
     with pytest.raises(LmtierError):
         _ = buf.tensor
+
+
+def test_release_all_gives_back_each_borrowed_buffer_and_passes_over_everything_else() -> None:
+    pool = HostMemoryPool(4096, pin=False)
+    a, b = pool.allocate(10), pool.allocate(10)
+    a.retain()  # listed twice below, each time with a reference of its own
+    release_all([a, None, b"miss", a, OSError("a key's error"), b])
+    assert pool.outstanding() == 0
+    release_all(None)
+
+
+def test_release_all_of_shared_results_releases_a_buffer_listed_twice_once() -> None:
+    pool = HostMemoryPool(4096, pin=False)
+    a = pool.allocate(10)
+    a.retain()  # someone else's reference: must survive
+    release_all([a, None, a], shared=True)  # a repeated key's reads share one buffer and one reference
+    assert pool.outstanding() == 1
+    a.release()
+    assert pool.outstanding() == 0
 
 
 def test_a_lease_view_holds_its_range_until_garbage_collected() -> None:
