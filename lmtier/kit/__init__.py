@@ -18,8 +18,8 @@
                                :data:`OS_ERROR_RULES` for files and sockets
 :class:`FileLayout`,           the storage names shared by every transport over files
 :func:`claim_root`,            (disk, NIXL posix: a claimed root, exact temp names, a scan
-:func:`scan_files`,            that cleans only names a tier makes) and objects (s3, NIXL obj)
-:func:`object_name`
+:func:`scan_files`,            that cleans only names a tier makes) and objects (s3, NIXL obj);
+:func:`object_name`            :class:`FileLayoutOptions`: a config's ``fan_out``, declared once
 =============================  ===========================================================
 
 ``docs/writing-a-backend.md`` builds a backend with it. Importing this package is cheap: each
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
         remove_stored_file,
         scan_files,
     )
+    from lmtier.kit.options import FileLayoutOptions
     from lmtier.kit.runner import Cancelled, CancelToken, Outcome, WorkerPool
     from lmtier.kit.stored import Rejections, check_stored, stored_size, stored_value
     from lmtier.kit.values import Payload, StoreItem, checksum_of, put_items
@@ -66,6 +67,7 @@ __all__ = [
     "Cancelled",
     "ErrorMap",
     "FileLayout",
+    "FileLayoutOptions",
     "ForeignRootError",
     "KeyFaults",
     "Outcome",
@@ -105,6 +107,7 @@ _HOME = {
                      "normalize_prefix", "object_name", "remove_stored_file", "scan_files"), "naming"),
     **dict.fromkeys(("CancelToken", "Cancelled", "Outcome", "WorkerPool"), "runner"),
     "AsyncClosing": "lifecycle",
+    "FileLayoutOptions": "options",
     "KeyFaults": "faults",
     **dict.fromkeys(("Rejections", "check_stored", "stored_size", "stored_value"), "stored"),
     **dict.fromkeys(("Payload", "StoreItem", "checksum_of", "put_items"), "values"),

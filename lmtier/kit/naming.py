@@ -39,6 +39,7 @@ from typing import Any
 from lmtier.errors import CorruptDataError, InvalidArgumentError
 from lmtier.framing import CODEC_NONE, HEADER_BYTES, NewerFormatError, decode_header
 from lmtier.keys import ChunkKey
+from lmtier.kit.options import DEFAULT_FAN_OUT, MAX_FAN_OUT
 
 __all__ = [
     "MARKER",
@@ -67,7 +68,6 @@ _NS_RE = re.compile(r"[0-9a-f]{16}")
 _FAN_RE = re.compile(r"[0-9a-f]{2}")
 _TEMP_RE = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}\.tmp-[0-9a-f]{12}")  # temp_path's names
 _TOP_TEMP_RE = re.compile(r"\.(probe|lmtier_disk_root)\.tmp-[0-9a-f]{12}")  # claim_root's names
-_MAX_FAN_OUT = 4
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -76,11 +76,11 @@ class FileLayout:
     """Paths of chunk files under ``root`` (see the module docstring)."""
 
     root: Path
-    fan_out: int = 2
+    fan_out: int = DEFAULT_FAN_OUT
 
     def __post_init__(self) -> None:
-        if not 0 <= self.fan_out <= _MAX_FAN_OUT:
-            raise InvalidArgumentError(f"fan_out must be 0 to {_MAX_FAN_OUT}, got {self.fan_out}")
+        if not 0 <= self.fan_out <= MAX_FAN_OUT:
+            raise InvalidArgumentError(f"fan_out must be 0 to {MAX_FAN_OUT}, got {self.fan_out}")
 
     def dir_of(self, key: ChunkKey) -> str:
         hexd = key.digest.hex()
@@ -221,7 +221,7 @@ def _scan_dir(layout: FileLayout, path: str, namespace: str, depth: int, result:
         entries = list(it)
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            if depth < _MAX_FAN_OUT and _FAN_RE.fullmatch(entry.name):
+            if depth < MAX_FAN_OUT and _FAN_RE.fullmatch(entry.name):
                 _scan_dir(layout, entry.path, namespace, depth + 1, result, clean, read_headers, codecs)
             continue
         if not entry.is_file(follow_symlinks=False):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
+from pydantic import ByteSize, ConfigDict, Field, field_validator
+
+from lmtier.kit.options import FileLayoutOptions
 
 __all__ = ["DiskConfig"]
 
 
-class DiskConfig(BaseModel):
+class DiskConfig(FileLayoutOptions):
     """Where and how the disk tier stores chunks.
 
     Attributes:
@@ -34,10 +36,8 @@ class DiskConfig(BaseModel):
             or more. ``get`` returns private copies; fresh memory for each costs page faults that
             slowed large reads by 20-80% where measured, so buffers whose views were dropped are
             reused (exact sizes: KV chunks of a model are all alike). 0 disables the reuse.
-        fan_out: directory levels between ``root/<namespace>/`` and the files, each named by two
-            hex characters of the key digest (2 levels = up to 65,536 directories), so no
-            directory grows huge. Changing it later is fine: files found at another depth are
-            moved to the new place when the tier opens.
+        fan_out: directory levels below ``root/<namespace>/``
+            (:class:`~lmtier.kit.FileLayoutOptions`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -47,7 +47,6 @@ class DiskConfig(BaseModel):
     fsync: bool = Field(False, description="fsync each put before publishing it: durable but slower")
     get_buffer_bytes: ByteSize = Field(ByteSize(1 << 30), ge=0,
                                        description="idle memory kept to reuse get's result buffers")
-    fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
 
     @field_validator("root", mode="before")
     @classmethod

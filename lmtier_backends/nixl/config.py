@@ -24,23 +24,25 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from lmtier.kit.options import FileLayoutOptions
+
 __all__ = ["NixlConfig", "ObjOptions", "PosixOptions"]
 
 MiB = 1 << 20
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-class PosixOptions(BaseModel):
+class PosixOptions(FileLayoutOptions):
     """Chunks as files under ``root``, written and read by NIXL's POSIX plugin (FILE_SEG).
 
     Attributes:
         root: directory of the tier (created if missing; ``~`` expanded). Files are laid out as
             the ``disk`` tier's (:class:`lmtier.kit.FileLayout`), so either tier reads a root the
             other wrote; the index is rebuilt from them at open.
-        fan_out: directory levels between ``root/<namespace>/`` and the files, each named by two
-            hex characters of the key digest (the ``disk`` tier's option, same default). Files
-            found at another depth (a changed option, or this plugin's one-level layout before
-            version 2 of the header) are moved into place when the tier opens.
+        fan_out: directory levels below ``root/<namespace>/``, as the ``disk`` tier's
+            (:class:`~lmtier.kit.FileLayoutOptions`). Files found at another depth (a changed
+            option, or this plugin's one-level layout before version 2 of the header) are moved
+            into place when the tier opens.
         max_bytes: bytes of files kept; the oldest files are deleted beyond it (``None``: no bound,
             the tier then never evicts).
         fsync: fsync each file before the rename that publishes it (durable, slower).
@@ -54,7 +56,6 @@ class PosixOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(description="directory of the tier (~ expanded)")
-    fan_out: int = Field(2, ge=0, le=4, description="directory levels of 2 hex chars each below the namespace")
     max_bytes: ByteSize | None = Field(None, gt=0, description="delete the oldest files beyond this")
     fsync: bool = Field(False, description="fsync each file before publishing it")
     params: dict[str, str] = Field(default_factory=dict, description="extra NIXL POSIX plugin params")

@@ -310,6 +310,21 @@ def test_files_and_objects_are_named_from_str_key(tmp_path: Path) -> None:
         FileLayout(tmp_path, 5)
 
 
+def test_the_file_tiers_configs_take_fan_out_from_the_kits_one_declaration(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from lmtier.kit import FileLayoutOptions
+    from lmtier_backends.disk.config import DiskConfig
+    from lmtier_backends.nixl.config import PosixOptions
+
+    for config in (DiskConfig, PosixOptions):
+        assert issubclass(config, FileLayoutOptions)
+        assert config(root=tmp_path).fan_out == FileLayout(tmp_path).fan_out == 2
+        assert config(root=tmp_path, fan_out=0).fan_out == 0
+        with pytest.raises(ValidationError, match="fan_out"):
+            config(root=tmp_path, fan_out=5)  # FileLayout's bound
+
+
 def test_a_root_is_claimed_once_and_a_foreign_directory_is_refused(tmp_path: Path) -> None:
     assert claim_root(tmp_path / "new") and (tmp_path / "new" / MARKER).is_file()
     assert claim_root(tmp_path / "new")  # a tier's root: adopted again
