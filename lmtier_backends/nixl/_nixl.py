@@ -25,11 +25,6 @@ __all__ = ["PACKAGES", "create_agent", "find_nixl", "load_api", "scoped_env", "u
 #: Importable NIXL packages, preferred first.
 PACKAGES = ("nixl", "nixl_cu12", "nixl_cu13")
 
-# Why a module-level lock: os.environ is process-wide, and the AWS SDK inside NIXL's OBJ plugin
-# reads its retry settings from it while the plugin is created; two tiers opening at once must
-# not see each other's temporary values.
-_ENV_LOCK = threading.Lock()
-
 
 def find_nixl() -> str | None:
     """The name of an installed NIXL package, without importing it (for test skips)."""
@@ -74,9 +69,10 @@ def usable_plugins(agent: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def scoped_env(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
-    with _ENV_LOCK:
+def scoped_env(values: Mapping[str, str], lock: threading.Lock) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them, holding
+    ``lock`` (os.environ is the process's: every caller that changes it passes the same lock)."""
+    with lock:
         saved = {k: os.environ.get(k) for k in values}
         os.environ.update(values)
         try:
@@ -90,8 +86,11 @@ def scoped_env(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def create_agent(api: ModuleType, name: str, plugin: str, params: Mapping[str, str], *,
-                 env: Mapping[str, str] | None = None) -> Any:
+                 env: Mapping[str, str] | None = None, env_lock: threading.Lock | None = None) -> Any:
     """A NIXL agent with exactly one storage ``plugin`` instantiated with ``params``.
+
+    ``env``: environment variables the plugin reads while it starts (set for that moment only,
+    under ``env_lock``, which ``env`` requires).
 
     The agent is thread-safe (STRICT sync: NIXL serialises calls on it) because the tier waits
     on transfers from several worker threads. Raises ConfigError naming the usable plugins when
@@ -110,8 +109,10 @@ def create_agent(api: ModuleType, name: str, plugin: str, params: Mapping[str, s
             f"NIXL plugin {plugin!r} is not available on this host; usable plugins here: "
             f"{', '.join(usable) or 'none'} (the nixl tier supports POSIX and OBJ)"
         )
+    if env and env_lock is None:
+        raise ValueError("create_agent: env needs the env_lock of every caller that sets the environment")
     try:
-        with scoped_env(env or {}):
+        with scoped_env(env or {}, env_lock or threading.Lock()):
             agent.create_backend(plugin, dict(params))
     except Exception as exc:
         raise ConfigError(f"NIXL refused to start its {plugin} plugin with these options: {exc}") from None

@@ -41,7 +41,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -68,12 +68,12 @@ from lmtier.kit import (
     put_items,
     stored_value,
 )
-from lmtier.memory import HostBuffer
+from lmtier.memory import HostBuffer, release_all
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.nixl import _nixl
 from lmtier_backends.nixl._batched import Batched
 from lmtier_backends.nixl._errors import map_error
-from lmtier_backends.nixl._staging import StagingPool, release_all
+from lmtier_backends.nixl._staging import StagingPool
 from lmtier_backends.nixl._xfer import CallerBuffer, RegistrationRefused
 
 if TYPE_CHECKING:
@@ -111,6 +111,11 @@ async def open_nixl_backend(config: NixlConfig) -> NixlBackend:
 
 class NixlBackend(AsyncClosing):
     """A NIXL-backed tier; open it with :func:`open_nixl_backend`."""
+
+    # Why one lock for the class: the AWS SDK inside NIXL's OBJ plugin reads its retry settings
+    # from os.environ (the process's) while the plugin starts, so the process's NIXL tiers take
+    # turns setting them: two tiers opening at once must not see each other's values.
+    _env_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, config: NixlConfig) -> None:
         self.config = config
@@ -311,7 +316,7 @@ class NixlBackend(AsyncClosing):
             params.update(access_key=access, secret_key=secret)
             env["AWS_EC2_METADATA_DISABLED"] = "true"  # explicit keys: never wait on an IMDS lookup
         params.update(opts.params)
-        self._agent = _nixl.create_agent(api, name, PLUGIN, params, env=env)
+        self._agent = _nixl.create_agent(api, name, PLUGIN, params, env=env, env_lock=self._env_lock)
         self._staging = self._new_staging(PLUGIN)
         store = ObjStore(self._agent, name, opts, self._staging, rest, timeout_s=self.config.xfer_timeout_s)
         self._store = Batched(store, self.config.batch_descriptors)
@@ -356,7 +361,7 @@ class NixlBackend(AsyncClosing):
                         corrupt.append(key)
                     out.append(None)
         finally:
-            release_all(raw)
+            release_all(raw, shared=True)
         values = [v for v in out if v is not None and not isinstance(v, BaseException)]
         self._count(gets=len(keys), hits=len(values), bytes_read=sum(memoryview(v).nbytes for v in values))
         self._drop_corrupt(corrupt)
@@ -418,7 +423,7 @@ class NixlBackend(AsyncClosing):
                         corrupt.append(key)
                     filled.append(False)
         finally:
-            release_all(raw)
+            release_all(raw, shared=True)
         return filled, corrupt, recheck
 
     def _put_sync(self, token: CancelToken, items: list[StoreItem]) -> None:

@@ -27,6 +27,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rex
+from redis._parsers import _HiredisParser
 from redis.connection import ConnectionPool
 
 from lmtier.framing import HEADER_BYTES, checksum_stream
@@ -40,7 +41,8 @@ __all__ = [
     "Alloc",
     "DirectReadParser",
     "Node",
-    "direct_reads_available",
+    "ReplySink",
+    "direct_read_parser",
 ]
 
 #: ``alloc(n)`` gets a bulk reply's length and returns writable byte views whose sizes add up to
@@ -62,10 +64,17 @@ _PIECE = 4 << 20
 _GET_WINDOW_BYTES = 4 << 20
 _MAX_WINDOW = 512
 
-# Why a thread-local: the parser is created by the connection and reached only through
-# ``Connection.read_response`` (whose error handling we want to keep), so the per-reply
-# destination is handed over on the side. Each worker thread drives one connection at a time.
-_SINK = threading.local()
+class ReplySink(threading.local):
+    """Where the calling thread's next GET reply goes: armed by :meth:`Node._read_into` around
+    one ``read_response``, read by the :class:`DirectReadParser` of that connection.
+
+    Why on the side, per thread: the parser is created by the connection and reached only through
+    ``Connection.read_response`` (whose error handling we keep), and each worker thread drives one
+    connection at a time. One sink per backend, handed to its parsers and its :class:`Node`s.
+    """
+
+    alloc: Alloc | None = None
+    piece: Callable[[int, memoryview], None] | None = None
 
 
 class _Filled:
@@ -78,140 +87,131 @@ class _Filled:
 FILLED = _Filled()
 
 
-def direct_reads_available() -> bool:
-    return DirectReadParser is not None
+def direct_read_parser(sink: ReplySink) -> Callable[..., Any] | None:
+    """The ``parser_class`` of a backend's connections: :class:`DirectReadParser` arming from
+    ``sink``; None where redis-py runs without hiredis (replies are then copied once more)."""
+    from redis.utils import HIREDIS_AVAILABLE
+
+    return partial(DirectReadParser, sink=sink) if HIREDIS_AVAILABLE else None
 
 
-def _make_parser_class() -> Any:
-    try:
-        from redis._parsers import _HiredisParser
-        from redis.utils import HIREDIS_AVAILABLE
-    except ImportError:  # pragma: no cover - depends on the installed redis-py
-        return None
-    if not HIREDIS_AVAILABLE:  # pragma: no cover - the lmtier[redis] extra installs hiredis
-        return None
+class DirectReadParser(_HiredisParser):  # type: ignore[misc]
+    """hiredis for every reply, except bulk replies read while a sink is armed.
 
-    class _DirectReadParser(_HiredisParser):  # type: ignore[misc, valid-type]
-        """hiredis for every reply, except bulk replies read while a sink is armed.
+    Armed reads go through ``_rbuf[_rpos:_rend]``: bytes received but not yet consumed (the
+    reply's header line, the start of its payload, the next pipelined replies). A payload is
+    copied out of it once, and the rest of the payload is received straight into place.
+    Leftover bytes are handed to hiredis before the next unarmed read.
+    """
 
-        Armed reads go through ``_rbuf[_rpos:_rend]``: bytes received but not yet consumed (the
-        reply's header line, the start of its payload, the next pipelined replies). A payload is
-        copied out of it once, and the rest of the payload is received straight into place.
-        Leftover bytes are handed to hiredis before the next unarmed read.
-        """
+    def __init__(self, socket_read_size: int, *, sink: ReplySink) -> None:
+        super().__init__(socket_read_size)
+        self._sink = sink
+        self._rbuf = bytearray(max(socket_read_size, 1 << 16))
+        self._rview = memoryview(self._rbuf)
+        self._rpos = self._rend = 0
 
-        def __init__(self, socket_read_size: int) -> None:
-            super().__init__(socket_read_size)
-            self._rbuf = bytearray(max(socket_read_size, 1 << 16))
-            self._rview = memoryview(self._rbuf)
+    def on_connect(self, connection: Any, **kwargs: Any) -> None:
+        super().on_connect(connection, **kwargs)
+        self._rpos = self._rend = 0
+
+    def on_disconnect(self) -> None:
+        super().on_disconnect()
+        self._rpos = self._rend = 0
+
+    def can_read(self, timeout: float = 0) -> bool:
+        return self._rpos < self._rend or bool(super().can_read(timeout))
+
+    def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
+        alloc = self._sink.alloc
+        sock = getattr(self, "_sock", None)
+        reader = getattr(self, "_reader", None)
+        if alloc is None or sock is None or reader is None or reader.has_data():
+            if self._rpos < self._rend and reader is not None:
+                reader.feed(self._rbuf, self._rpos, self._rend - self._rpos)
             self._rpos = self._rend = 0
+            return super().read_response(disable_decoding=disable_decoding, **kwargs)
+        return self._read_direct(sock, alloc)
 
-        def on_connect(self, connection: Any, **kwargs: Any) -> None:
-            super().on_connect(connection, **kwargs)
-            self._rpos = self._rend = 0
+    # -- the armed path ------------------------------------------------------------------
+    def _recv_more(self, sock: Any) -> None:
+        """Receive more bytes after the unconsumed ones (moved to the front first)."""
+        if self._rpos:
+            left = self._rend - self._rpos
+            self._rbuf[:left] = self._rview[self._rpos:self._rend]
+            self._rpos, self._rend = 0, left
+        if self._rend == len(self._rbuf):
+            raise rex.InvalidResponse("reply header line too long: stream out of sync")
+        n = sock.recv_into(self._rview[self._rend:])
+        if n == 0:
+            raise rex.ConnectionError("Connection closed by server.")
+        self._rend += n
 
-        def on_disconnect(self) -> None:
-            super().on_disconnect()
-            self._rpos = self._rend = 0
+    def _line(self, sock: Any) -> bytes:
+        while True:
+            end = self._rbuf.find(_CRLF, self._rpos, self._rend)
+            if end >= 0:
+                line = bytes(self._rview[self._rpos:end])
+                self._rpos = end + 2
+                return line
+            self._recv_more(sock)
 
-        def can_read(self, timeout: float = 0) -> bool:
-            return self._rpos < self._rend or bool(super().can_read(timeout))
-
-        def read_response(self, disable_decoding: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
-            alloc = getattr(_SINK, "alloc", None)
-            sock = getattr(self, "_sock", None)
-            reader = getattr(self, "_reader", None)
-            if alloc is None or sock is None or reader is None or reader.has_data():
-                if self._rpos < self._rend and reader is not None:
-                    reader.feed(self._rbuf, self._rpos, self._rend - self._rpos)
-                self._rpos = self._rend = 0
-                return super().read_response(disable_decoding=disable_decoding, **kwargs)
-            return self._read_direct(sock, alloc)
-
-        # -- the armed path ------------------------------------------------------------------
-        def _recv_more(self, sock: Any) -> None:
-            """Receive more bytes after the unconsumed ones (moved to the front first)."""
-            if self._rpos:
-                left = self._rend - self._rpos
-                self._rbuf[:left] = self._rview[self._rpos:self._rend]
-                self._rpos, self._rend = 0, left
-            if self._rend == len(self._rbuf):
-                raise rex.InvalidResponse("reply header line too long: stream out of sync")
-            n = sock.recv_into(self._rview[self._rend:])
-            if n == 0:
-                raise rex.ConnectionError("Connection closed by server.")
-            self._rend += n
-
-        def _line(self, sock: Any) -> bytes:
-            while True:
-                end = self._rbuf.find(_CRLF, self._rpos, self._rend)
-                if end >= 0:
-                    line = bytes(self._rview[self._rpos:end])
-                    self._rpos = end + 2
-                    return line
-                self._recv_more(sock)
-
-        def _read_direct(self, sock: Any, alloc: Alloc) -> Any:
-            line = self._line(sock)
-            kind = line[:1]
-            if kind == b"$":
-                n = int(line[1:])
-                if n < 0:
-                    return None
-                targets = alloc(n)
-                if targets is None:
-                    self._discard(sock, n)
-                else:
-                    self._fill(sock, targets, n, getattr(_SINK, "piece", None))
-                while self._rend - self._rpos < 2:
-                    self._recv_more(sock)
-                if self._rview[self._rpos:self._rpos + 2] != _CRLF:
-                    raise rex.InvalidResponse("bulk reply not terminated by CRLF: stream out of sync")
-                self._rpos += 2
-                return FILLED
-            if kind == b"-":
-                return self.parse_error(line[1:].decode("utf-8", "replace"))
-            if kind == b"_":  # RESP3 null
+    def _read_direct(self, sock: Any, alloc: Alloc) -> Any:
+        line = self._line(sock)
+        kind = line[:1]
+        if kind == b"$":
+            n = int(line[1:])
+            if n < 0:
                 return None
-            raise rex.InvalidResponse(f"expected a bulk reply, got {line[:40]!r}")
+            targets = alloc(n)
+            if targets is None:
+                self._discard(sock, n)
+            else:
+                self._fill(sock, targets, n, self._sink.piece)
+            while self._rend - self._rpos < 2:
+                self._recv_more(sock)
+            if self._rview[self._rpos:self._rpos + 2] != _CRLF:
+                raise rex.InvalidResponse("bulk reply not terminated by CRLF: stream out of sync")
+            self._rpos += 2
+            return FILLED
+        if kind == b"-":
+            return self.parse_error(line[1:].decode("utf-8", "replace"))
+        if kind == b"_":  # RESP3 null
+            return None
+        raise rex.InvalidResponse(f"expected a bulk reply, got {line[:40]!r}")
 
-        def _fill(self, sock: Any, targets: Sequence[memoryview], n: int,
-                  piece: Callable[[int, memoryview], None] | None) -> None:
-            if sum(t.nbytes for t in targets) != n:
-                raise ValueError("alloc() returned buffers that do not add up to the reply length")
-            for i, target in enumerate(targets):
-                size = target.nbytes
-                take = min(self._rend - self._rpos, size)
-                if take:  # bytes already received past the header line
-                    target[:take] = self._rview[self._rpos:self._rpos + take]
-                    self._rpos += take
-                    if piece is not None:
-                        piece(i, target[:take])
-                pos = take
-                while pos < size:  # the rest goes straight from the socket into place
-                    got = sock.recv_into(target[pos:])
-                    if got == 0:
-                        raise rex.ConnectionError("Connection closed by server.")
-                    if piece is not None:
-                        piece(i, target[pos:pos + got])
-                    pos += got
-
-        def _discard(self, sock: Any, n: int) -> None:
-            take = min(self._rend - self._rpos, n)
-            self._rpos += take
-            left = n - take
-            if left:
-                self._rpos = self._rend = 0
-            while left:
-                got = sock.recv_into(self._rview, min(left, len(self._rbuf)))
+    def _fill(self, sock: Any, targets: Sequence[memoryview], n: int,
+              piece: Callable[[int, memoryview], None] | None) -> None:
+        if sum(t.nbytes for t in targets) != n:
+            raise ValueError("alloc() returned buffers that do not add up to the reply length")
+        for i, target in enumerate(targets):
+            size = target.nbytes
+            take = min(self._rend - self._rpos, size)
+            if take:  # bytes already received past the header line
+                target[:take] = self._rview[self._rpos:self._rpos + take]
+                self._rpos += take
+                if piece is not None:
+                    piece(i, target[:take])
+            pos = take
+            while pos < size:  # the rest goes straight from the socket into place
+                got = sock.recv_into(target[pos:])
                 if got == 0:
                     raise rex.ConnectionError("Connection closed by server.")
-                left -= got
+                if piece is not None:
+                    piece(i, target[pos:pos + got])
+                pos += got
 
-    return _DirectReadParser
-
-
-DirectReadParser: Any = _make_parser_class()
+    def _discard(self, sock: Any, n: int) -> None:
+        take = min(self._rend - self._rpos, n)
+        self._rpos += take
+        left = n - take
+        if left:
+            self._rpos = self._rend = 0
+        while left:
+            got = sock.recv_into(self._rview, min(left, len(self._rbuf)))
+            if got == 0:
+                raise rex.ConnectionError("Connection closed by server.")
+            left -= got
 
 
 def _bulk(arg: bytes) -> bytes:
@@ -286,9 +286,10 @@ class Node:
     next use) and nothing of the batch is known.
     """
 
-    def __init__(self, pool: ConnectionPool, name: str) -> None:
+    def __init__(self, pool: ConnectionPool, name: str, sink: ReplySink) -> None:
         self.pool = pool
         self.name = name
+        self._sink = sink  # the one its pool's parsers read (direct_read_parser)
 
     @contextlib.contextmanager
     def _connection(self, token: CancelToken | None, *, caller_memory: bool = False) -> Iterator[Any]:
@@ -382,8 +383,7 @@ class Node:
                     window = min(window * 2, 8)
             return out
 
-    @staticmethod
-    def _read_into(conn: Any, alloc: Alloc) -> tuple[Any, int]:
+    def _read_into(self, conn: Any, alloc: Alloc) -> tuple[Any, int]:
         """One GET reply into ``alloc``'s buffers; returns ``(outcome, reply length)``."""
         length = 0
 
@@ -392,14 +392,15 @@ class Node:
             length = n
             return alloc(n)
 
-        _SINK.alloc = sized
-        _SINK.piece = getattr(alloc, "on_piece", None)
+        sink = self._sink
+        sink.alloc = sized
+        sink.piece = getattr(alloc, "on_piece", None)
         try:
             reply = conn.read_response()
         except rex.ResponseError as exc:
             return exc, 0
         finally:
-            _SINK.alloc = _SINK.piece = None
+            sink.alloc = sink.piece = None
         if isinstance(reply, (bytes, bytearray)):  # hiredis answered (no direct path): copy once
             targets = sized(len(reply))
             if targets is not None:

@@ -62,7 +62,7 @@ from lmtier.kit import (
 )
 from lmtier.protocol import Buffer, Capabilities
 from lmtier_backends.redis._errors import map_error
-from lmtier_backends.redis._wire import FILLED, DirectReadParser, Node
+from lmtier_backends.redis._wire import FILLED, Node, ReplySink, direct_read_parser
 
 if TYPE_CHECKING:
 
@@ -111,7 +111,8 @@ class RedisBackend(AsyncClosing):
         self._prefix = config.key_prefix.encode()
         self._px = max(1, round(config.ttl_s * 1000)) if config.ttl_s is not None else None
         self.tier = f"redis tier {self.where}"  # how messages and logs name the tier
-        self._conn_kwargs, self._address = _connection_kwargs(config, config.resolve_password())
+        self._sink = ReplySink()  # where each worker thread's GET replies go (_wire)
+        self._conn_kwargs, self._address = _connection_kwargs(config, config.resolve_password(), self._sink)
         self._workers = WorkerPool(config.max_connections, "redis")
         self._rejects = Rejections(self.tier)
         self._faults = KeyFaults(self.tier, lambda exc, op: self._mapped(op, exc))
@@ -160,7 +161,7 @@ class RedisBackend(AsyncClosing):
             if node is None:
                 pool = ConnectionPool(max_connections=self.config.max_connections,
                                       **self._address, **self._conn_kwargs)
-                node = self._nodes[""] = Node(pool, self.where)
+                node = self._nodes[""] = Node(pool, self.where, self._sink)
             return node
 
     def _topology_blocking(self) -> list[Node]:
@@ -187,7 +188,7 @@ class RedisBackend(AsyncClosing):
             if node is None:
                 pool = ConnectionPool(max_connections=self.config.max_connections, host=cnode.host,
                                       port=cnode.port, **self._conn_kwargs)
-                node = self._nodes[cnode.name] = Node(pool, cnode.name)
+                node = self._nodes[cnode.name] = Node(pool, cnode.name, self._sink)
             return node
 
     #: values keep their codec id and raw length (lmtier.protocol.SupportsCodecs)
@@ -623,7 +624,8 @@ def _config_get(node: Node, name: str, token: CancelToken) -> str | None:
     return None
 
 
-def _connection_kwargs(config: RedisConfig, password: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _connection_kwargs(config: RedisConfig, password: str | None, sink: ReplySink
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """redis-py connection options, split into common options and the address (host/port/path).
 
     Retries are off on purpose: a dead server must become a fast miss, and the manager's circuit
@@ -641,8 +643,9 @@ def _connection_kwargs(config: RedisConfig, password: str | None) -> tuple[dict[
         "retry": Retry(NoBackoff(), 0),
         "client_name": "lmtier",
     }
-    if DirectReadParser is not None:
-        common["parser_class"] = DirectReadParser
+    parser = direct_read_parser(sink)
+    if parser is not None:
+        common["parser_class"] = parser
     if "connection_class" in parsed:
         common["connection_class"] = parsed.pop("connection_class")
     if config.tls:

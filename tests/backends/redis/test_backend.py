@@ -198,7 +198,7 @@ async def test_without_the_direct_read_parser_replies_are_copied_from_redis_pys_
     """The fallback when hiredis (or the parser hook) is missing: same results, one more copy."""
     import lmtier_backends.redis.backend as backend_module
 
-    monkeypatch.setattr(backend_module, "DirectReadParser", None)
+    monkeypatch.setattr(backend_module, "direct_read_parser", lambda sink: None)
     backend = await _open(redis_server.url)
     try:
         keys = _keys(6)
