@@ -244,7 +244,9 @@ def test_a_frozen_redis_tier_is_a_miss_within_its_deadline(model: Any, tmp_path:
             try:
                 assert kv.generate(ids, max_new_tokens=5, do_sample=False)[0].tolist() == want
                 assert kv.last is not None and kv.last.hit_tokens == 0
-                assert kv.manager.tier("shared").breaker.state == "open"
+                # it opened on the missed deadline; its state now depends on how long generate
+                # took (past the cooldown a probe makes it half_open), so that is not asserted
+                assert kv.manager.tier("shared").breaker.times_opened >= 1
             finally:
                 remote.thaw()
 
