@@ -980,18 +980,28 @@ class KVCacheEngine:
         self.kvstore.flush(timeout)
 
     def close(self, timeout: float | None = 60.0) -> None:
-        """Flush, stop the engine's threads, close the store if the engine opened it. Idempotent."""
+        """Flush, stop the engine's threads, close the store if the engine opened it; within
+        ``timeout`` (``None``: no bound) for the flush and a local store's close together
+        (:meth:`LocalStore.close <lmtier.store.LocalStore.close>`: what the budget cuts short is
+        dropped or abandoned, logged and counted). Idempotent."""
         if self._closed:
             return
+        end = None if timeout is None else time.monotonic() + timeout
         try:
             self.flush(timeout)
         except Exception as exc:  # closing must go on: the tiers hold files and connections
             log.warning("lmtier: flush at close failed (%s: %s)", type(exc).__name__, exc)
         self._closed = True
-        self._lookups.shutdown(wait=True)
+        # lookups not started are dropped; those running end by their own deadline, or as misses
+        # when the store closes under them
+        self._lookups.shutdown(wait=False, cancel_futures=True)
         self._waiter.shutdown(wait=True)  # deferred returns of host chunks run first
         if self._owns_store:
-            self.kvstore.close()
+            if isinstance(self.kvstore, LocalStore):
+                self.kvstore.close(None if end is None else max(0.0, end - time.monotonic()))
+            else:
+                self.kvstore.close()
+        self._lookups.shutdown(wait=True)
 
     def __enter__(self) -> KVCacheEngine:
         return self

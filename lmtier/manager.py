@@ -311,6 +311,7 @@ class StorageManager:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._closed = False
+        self._finishing: set[asyncio.Task[None]] = set()  # closes a bounded aclose left running
         self._host_pool: HostMemoryPool | None = None
         self._pinned: bool | None = pin_host_memory
         self._decoders: dict[int, ValueCodec] | None = None
@@ -797,39 +798,97 @@ class StorageManager:
             await asyncio.wait(stuck, timeout=timeout_s)
         return not any(t.detached for t in self.tiers)
 
-    async def aclose(self, *, settle_s: float = 10.0) -> None:
+    async def aclose(self, *, settle_s: float = 10.0, timeout_s: float | None = None) -> None:
         """Drain background work, stop writers and close every backend. Idempotent.
 
         Calls detached at a deadline get ``settle_s`` to end (their backends' own timeouts end
         them); those still running then are cancelled before the backends close.
+
+        ``timeout_s`` bounds the whole close (``None``: no bound). Background writes not done by
+        then are dropped (logged, per tier), and tier calls that are still running — a frozen
+        server's, that cancelling could not stop — are abandoned: logged and counted
+        (``lmtier_tier_abandoned_calls_total``), their tier closed when they end, in the
+        background on this loop, which must keep running for it (:meth:`wait_closed`;
+        :class:`~lmtier.store.LocalStore` does so). The buffers they hold go back then.
         """
         if self._closed:
             return
-        await self.flush()
+        end = None if timeout_s is None else self._loop.time() + timeout_s
+
+        def left(cap: float | None = None) -> float | None:
+            rest = None if end is None else max(0.0, end - self._loop.time())
+            return cap if rest is None else rest if cap is None else min(cap, rest)
+
+        try:
+            await asyncio.wait_for(self.flush(), left())
+        except TimeoutError:
+            dropped = {t.name: t.queue.qsize() + t.writing for t in self.tiers if t.queue.qsize() + t.writing}
+            log.warning("lmtier: close: %d background write(s) not done by the close's deadline were dropped (%s)",
+                        sum(dropped.values()), ", ".join(f"{k}: {v}" for k, v in dropped.items()))
         self._closed = True
-        await self._stop_reopening()
-        for tier in self.tiers:
-            if tier.writer is not None:
-                tier.writer.cancel()
-        await asyncio.gather(*(t.writer for t in self.tiers if t.writer is not None), return_exceptions=True)
-        if not await self.settle(settle_s):
+        await self._stop_reopening(left(10.0) or 0.0)
+        writers = [t.writer for t in self.tiers if t.writer is not None]
+        for writer in writers:
+            writer.cancel()  # a write in flight is detached (see _calls): settled below like the others
+        if writers:
+            await asyncio.wait(writers, timeout=left())
+        for tier in self.tiers:  # what no writer will take: its values (lease views too) let go now
+            while not tier.queue.empty():
+                tier.queue.get_nowait()
+                tier.queue.task_done()
+        if not await self.settle(left(settle_s)):
             stuck = [task for t in self.tiers for task in t.detached]
             log.warning("lmtier: %d tier call(s) still stuck past their deadline at close; cancelling them",
                         len(stuck))
             for task in stuck:
                 task.cancel()
-            await asyncio.wait(stuck, timeout=1.0)
-        for tier in self.tiers:
-            if isinstance(tier.backend, SupportsStats):
-                self.metrics.remove_stats_source(tier.name, tier.backend.stats)
-            try:
-                await tier.backend.aclose()
-            except Exception as exc:  # closing one tier must not leave the others open
-                log.warning("lmtier tier %s: error while closing: %s", tier.name, exc)
-        if self._host_pool is not None:
-            self._host_pool.close()
+            await asyncio.wait(stuck, timeout=left(1.0))
+        closing: list[tuple[Tier | None, asyncio.Task[None]]] = [
+            (t, self._loop.create_task(self._close_tier(t), name=f"lmtier-close-{t.name}")) for t in self.tiers]
         if self._codec_pool is not None:
-            await self._codec_pool.aclose()
+            closing.append((None, self._loop.create_task(self._codec_pool.aclose(), name="lmtier-close-codecs")))
+        # at least a moment: backends that close without waiting on I/O are never reported abandoned
+        await asyncio.wait([task for _, task in closing], timeout=max(left() or 0.0, _CLOSE_GRACE_S)
+                           if end is not None else None)
+        if self._host_pool is not None:
+            self._host_pool.close()  # frees its slab now, or when the last buffer out comes back
+        late = [(tier, task) for tier, task in closing if not task.done()]
+        if late:
+            self._abandon(late)
+
+    def _abandon(self, late: Sequence[tuple[Tier | None, asyncio.Task[None]]]) -> None:
+        """A close's budget ran out while ``late`` tiers (None: the codec pool) were still closing:
+        log and count what is abandoned, and keep the tasks until they end (:meth:`wait_closed`)."""
+        tiers = [tier for tier, _ in late if tier is not None]
+        calls = 0
+        for tier in tiers:
+            running = max(1, sum(not task.done() for task in tier.detached))  # at least the close itself
+            calls += running
+            self.metrics.abandoned_calls.labels(tier.name).inc(running)
+        log.warning("lmtier: close: %d tier call(s) still running at the close's deadline were abandoned (%s); "
+                    "their tiers close, and the buffers they hold go back, when they end",
+                    calls, ", ".join(t.name for t in tiers) or "value codecs")
+        for _, task in late:
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def _close_tier(self, tier: Tier) -> None:
+        if isinstance(tier.backend, SupportsStats):
+            self.metrics.remove_stats_source(tier.name, tier.backend.stats)
+        try:
+            await tier.backend.aclose()
+        except Exception as exc:  # closing one tier must not leave the others open
+            log.warning("lmtier tier %s: error while closing: %s", tier.name, exc)
+
+    @property
+    def late_closes(self) -> frozenset[asyncio.Task[None]]:
+        """The closes of tiers a bounded :meth:`aclose` abandoned, still running (:meth:`wait_closed`)."""
+        return frozenset(self._finishing)
+
+    async def wait_closed(self) -> None:
+        """Wait until what :meth:`aclose` abandoned at its budget has ended (at once if nothing)."""
+        while self._finishing:
+            await asyncio.wait(list(self._finishing))
 
     async def __aenter__(self) -> StorageManager:
         return self
@@ -1218,8 +1277,7 @@ class StorageManager:
         def ended(t: asyncio.Task[Any]) -> None:
             tier.detached.discard(t)
             self.metrics.detached_calls.labels(tier.name).set(len(tier.detached))
-            for buf in retained:
-                buf.release()
+            release_all(retained)
             kept.clear()
             outcome = _consume(t)
             log.info("lmtier tier %s: a %s call detached at its deadline ended after %.2fs (%s)",
@@ -1880,6 +1938,10 @@ class StorageManager:
                 tier.writing -= 1
                 tier.queue.task_done()
                 self.metrics.queue_depth.labels(tier.name).set(tier.queue.qsize())
+
+
+#: how long a bounded close waits for backends to close even when its budget is spent
+_CLOSE_GRACE_S = 0.05
 
 
 async def _reclaim(attempts: Sequence[asyncio.Task[StorageBackend]], grace_s: float = 10.0) -> None:

@@ -53,6 +53,10 @@ class Metrics:
         self.detached_calls = Gauge("lmtier_tier_detached_calls",
                                     "Tier calls past their deadline still running in the background", ["tier"],
                                     registry=r)
+        self.abandoned_calls = Counter("lmtier_tier_abandoned_calls",
+                                       "Tier calls still running when a close's budget ran out: left to end in "
+                                       "the background (the tier is closed and their buffers go back then)",
+                                       ["tier"], registry=r)
         self.per_key_retries = Counter("lmtier_tier_per_key_retries",
                                        "Keys asked again one by one after their batch call failed on the tier's "
                                        "answer (one key's fault costs that key only)", ["tier", "op"], registry=r)

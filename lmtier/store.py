@@ -62,6 +62,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -271,6 +272,9 @@ class Residency:
 
 #: Residency changes a store keeps for its reader between two takes; older ones are dropped (counted).
 RESIDENCY_BACKLOG = 1 << 16
+#: how much longer than its budget a close waits for the manager's bounded close to return (the
+#: loop thread's turn around; the close itself keeps the budget)
+_CLOSE_SLACK_S = 0.5
 
 
 @runtime_checkable
@@ -338,7 +342,7 @@ class LocalStore:
         from lmtier.manager import StorageManager
 
         loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name=name, daemon=True)
+        thread = threading.Thread(target=_run_loop, args=(loop,), name=name, daemon=True)
         thread.start()
         try:
             manager = asyncio.run_coroutine_threadsafe(StorageManager.from_config(
@@ -508,14 +512,24 @@ class LocalStore:
     def flush(self, timeout_s: float | None = None) -> None:
         if self._closed:
             return
+        end = None if timeout_s is None else time.monotonic() + timeout_s
         with self._pending_lock:
             pending = list(self._pending)
         concurrent.futures.wait(pending, timeout_s)
-        self._submit(self.manager.flush(), "flush", fallback=None).result(timeout_s)
+        self._submit(self.manager.flush(), "flush", fallback=None).result(_left(end))
 
     def close(self, timeout_s: float | None = 60.0) -> None:
+        """Flush, close the manager (when this store opened it) and stop its loop thread, all within
+        ``timeout_s`` (``None``: no bound). Idempotent.
+
+        What the budget cuts short is dropped or abandoned, logged and counted
+        (:meth:`StorageManager.aclose`): tier calls that are still running end on the loop
+        thread, which then closes their tiers, gives their buffers back and stops
+        (:meth:`wait_closed`); a daemon thread, it never holds up the process' exit.
+        """
         if self._closed:
             return
+        end = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             self.flush(timeout_s)
         except Exception as exc:  # closing must go on: the tiers hold files and connections
@@ -523,11 +537,37 @@ class LocalStore:
         self._closed = True
         if not self._owns:
             return
+        rest = _left(end)
+        closing = asyncio.run_coroutine_threadsafe(self.manager.aclose(timeout_s=rest), self.loop)
         try:
-            asyncio.run_coroutine_threadsafe(self.manager.aclose(), self.loop).result(timeout_s)
-        finally:
-            if self._thread is not None:
-                _stop_loop(self.loop, self._thread)
+            closing.result(None if rest is None else rest + _CLOSE_SLACK_S)
+        except concurrent.futures.TimeoutError:
+            log.warning("lmtier: closing the store's tiers overran its %.1fs; they close in the background",
+                        timeout_s)
+        except Exception as exc:
+            log.warning("lmtier: closing the store's tiers failed (%s: %s)", type(exc).__name__, exc)
+        if self._thread is None:
+            return
+        if not closing.done() or self.manager.late_closes:
+            # Why not stop the loop now: what the close abandoned ends on it (and gives back its buffers)
+
+            async def stop_when_closed() -> None:
+                await asyncio.wrap_future(closing)
+                await _cancel_tasks(keep=self.manager.late_closes)  # store calls still waiting: misses now
+                await self.manager.wait_closed()
+                await _end_loop()
+
+            asyncio.run_coroutine_threadsafe(stop_when_closed(), self.loop)
+            return
+        _stop_loop(self.loop, self._thread)
+
+    def wait_closed(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``) until everything :meth:`close` abandoned at its budget has
+        ended and the loop thread stopped; True when it has (at once after an unhurried close)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def __enter__(self) -> LocalStore:
         return self
@@ -630,12 +670,45 @@ class ResidencyLog:
         return events, dropped
 
 
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """A store's loop thread: runs the loop until it is stopped, then closes it."""
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def _left(end: float | None) -> float | None:
+    """Seconds left until ``end`` (``time.monotonic()``), never negative; None: no bound."""
+    return None if end is None else max(0.0, end - time.monotonic())
+
+
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     if loop.is_closed():
         return
-    loop.call_soon_threadsafe(loop.stop)
+    asyncio.run_coroutine_threadsafe(_end_loop(), loop)
     thread.join()
     loop.close()
+
+
+async def _end_loop() -> None:
+    """Cancel what still runs on the store's loop, let it unwind, then stop the loop."""
+    await _cancel_tasks()
+    asyncio.get_running_loop().stop()
+
+
+async def _cancel_tasks(keep: Collection[asyncio.Task[Any]] = ()) -> None:
+    """Cancel every task on this loop but the caller's and ``keep``, and let them unwind (bounded).
+
+    Why: a store call that never ends would leave its caller's future unresolved, and a thread
+    waiting on it (an engine's lookup) waiting forever; cancelled, each resolves as a miss.
+    """
+    me = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not me and task not in keep]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=_CLOSE_SLACK_S)
 
 
 def _keys(keys: Sequence[ChunkKey]) -> list[ChunkKey]:

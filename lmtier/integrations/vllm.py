@@ -1315,7 +1315,9 @@ class LMTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         """Stop the worker's engine: stores in flight and queued tier writes get ``shutdown_flush_s``.
 
-        What is still queued after that is dropped, and the log says how much, per tier.
+        What is still queued after that is dropped, and the log says how much, per tier. Closing
+        the tiers then takes at most a second more: tier calls still running (a frozen server's)
+        are abandoned, logged and counted (:meth:`lmtier.store.LocalStore.close`).
         """
         if self._role != KVConnectorRole.WORKER:
             line, self._line = self._line, None

@@ -230,3 +230,84 @@ def test_residency_beyond_the_backlog_is_dropped_and_counted(store: LocalStore,
     events, dropped = store.take_residency()  # 8 changes (2 tiers x 4 keys): the newest 3 kept
     assert dropped == 5 and len(events) == 3
     assert store.take_residency() == ([], 0)
+
+
+class StuckPuts:
+    """A fault: a tier whose puts block until the test lets them go, and that cannot be stopped
+    (no cancellation reaches a blocked client); it closes only once they are done."""
+
+    def __init__(self, config: Any) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def capabilities(self) -> Any:
+        from lmtier import Capabilities
+
+        return Capabilities(shared=True)
+
+    async def contains(self, keys: Any) -> list[bool]:
+        return [False] * len(keys)
+
+    async def get(self, keys: Any) -> list[Any]:
+        return [None] * len(keys)
+
+    async def put(self, items: Any) -> None:
+        self.entered.set()
+        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def blocked() -> None:
+            self.release.wait()
+            loop.call_soon_threadsafe(done.set_result, None)
+
+        thread = threading.Thread(target=blocked, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        await asyncio.shield(done)  # a blocked client: cancelling the call does not stop it
+
+    async def delete(self, keys: Any) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        for thread in self._threads:  # a client's close waits for its calls, as a WorkerPool does
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    async def __aenter__(self) -> StuckPuts:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def test_a_close_abandons_calls_it_cannot_stop_and_their_buffers_go_back_when_they_end(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from lmtier import BackendSpec
+    from lmtier.registry import BackendRegistry
+
+    registry = BackendRegistry.discover()
+    registry.register(BackendSpec("stuck", f"{__name__}:StuckPuts", "lmtier_backends.cpu.config:CpuConfig"))
+    cfg = {"chunk_tokens": 16, "host_pool_bytes": 1 << 20, "tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "1MiB", "pinned": False}},
+        {"name": "stuck", "backend": "stuck", "write": "through", "timeout_s": 0.05}]}
+    metrics = CollectorRegistry()
+    store = LocalStore.open(cfg, registry=registry, metrics_registry=metrics)
+    stuck = store.manager.tier("stuck").backend
+    assert isinstance(stuck, StuckPuts)
+    hot_pool = store.manager.tier("hot").backend.pool  # type: ignore[attr-defined]
+    caplog.set_level(logging.INFO, logger="lmtier")
+    try:
+        assert store.put([(keys(1)[0], b"v" * 4096)]).result() == 1  # the stuck tier's put is detached
+        assert stuck.entered.is_set() and hot_pool.outstanding() >= 1  # its value is held for it
+        store.close(0.2)
+        assert not stuck.release.is_set()  # closed while the call is still running
+        assert "tier call(s) still running at the close's deadline were abandoned (stuck)" in caplog.text
+        assert metrics.get_sample_value("lmtier_tier_abandoned_calls_total", {"tier": "stuck"}) == 1
+        assert not store.wait_closed(0.0)  # its loop thread waits for the call
+    finally:
+        stuck.release.set()
+    assert store.wait_closed(30.0)
+    assert hot_pool.outstanding() == 0

@@ -269,3 +269,48 @@ async def test_a_value_the_disk_tier_hashed_reaches_redis_without_another_hash(
     await assert_the_disk_tiers_hash_travels_to(
         {"name": "redis", "backend": "redis", "options": options_for(redis_server.url), "write": redis_write},
         tmp_path, values=6)
+
+
+def test_a_store_closes_within_its_budget_while_redis_is_frozen(own_redis, caplog: pytest.LogCaptureFixture) -> None:
+    """A ``write: async`` Redis tier frozen (SIGSTOP) with writes queued and one in flight: the
+    store's close keeps its budget — it returns while the server is still stopped, though neither
+    the tier's deadline nor the socket's would end the write for minutes — drops what is queued,
+    logs it, and gives every buffer back once the frozen call ends."""
+    import logging
+    import threading
+
+    from lmtier.store import LocalStore
+
+    server = own_redis()
+    assert server.pid is not None
+    shared = {"name": "shared", "backend": "redis", "write": "async", "timeout_s": 120.0,
+              "breaker": {"failures": 1000, "cooldown_s": 1.0},
+              "options": options_for(server.url, read_timeout_s=120.0)}
+    cfg = {"chunk_tokens": 16, "host_pool_bytes": 1 << 20, "tiers": [
+        {"name": "hot", "backend": "cpu", "options": {"max_bytes": "8MiB", "pinned": False}}, shared]}
+    registry = CollectorRegistry()
+    store = LocalStore.open(cfg, metrics_registry=registry)
+    ns = make_namespace(test="close-frozen")
+    resumed = threading.Event()
+
+    def resume() -> None:  # the bound of a close that waits for the frozen server: the test then fails
+        resumed.set()
+        os.kill(server.pid, signal.SIGCONT)  # type: ignore[arg-type]
+
+    watchdog = threading.Timer(60.0, resume)
+    os.kill(server.pid, signal.SIGSTOP)
+    watchdog.start()
+    try:
+        caplog.set_level(logging.INFO, logger="lmtier")
+        for i in range(4):
+            store.put([(ChunkKey(ns, i.to_bytes(16, "big")), os.urandom(512 << 10))]).result()
+        store.close(0.5)
+        assert not resumed.is_set(), "the close waited for the frozen server"
+        assert "background write(s) not done by the close's deadline were dropped (shared:" in caplog.text
+    finally:
+        watchdog.cancel()
+        if not resumed.is_set():
+            os.kill(server.pid, signal.SIGCONT)
+    assert store.wait_closed(60.0)  # what the close abandoned has ended: its buffers are back
+
+
