@@ -15,20 +15,10 @@ set -uo pipefail
 OUT="${OUT:-/tmp/lmt-codecs-gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader 2>&1 \
-  | tee "$OUT/gpu.txt"
-if [[ -d .device-wheels ]]; then
-  python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio cramjam \
-    >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
-fi
-# the entry points (backends, codecs) need the package's metadata
-python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+source benchmarks/_gpu_setup.sh
+gpu_setup pydantic pytest-asyncio cramjam || exit 1
 start=$SECONDS
-bash native/build.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-echo "build: $((SECONDS - start)) s"
-start=$SECONDS
-python3 -m pytest -c /dev/null --rootdir . -W error -p no:cacheprovider -q -o "markers=gpu: needs a CUDA GPU" \
-  -o asyncio_default_fixture_loop_scope=function tests/native/test_coded_gpu.py tests/unit/test_coded_transfer.py \
+python3 -m pytest "${GPU_PYTEST_ARGS[@]}" tests/native/test_coded_gpu.py tests/unit/test_coded_transfer.py \
   tests/unit/test_engine_device_codec.py >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR|E )" "$OUT/pytest.log" | head -20

@@ -29,28 +29,15 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+source benchmarks/_gpu_setup.sh
 begin=$SECONDS
 left() { echo $((budget - (SECONDS - begin))); }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ((tiny)); then
   echo "dry run (--tiny): the CPU path; nothing installed, no native build"
 else
-  nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv >"$OUT/gpu.txt" 2>&1
-  cat "$OUT/gpu.txt"
+  gpu_setup pydantic pytest-asyncio --optional cramjam || exit 1  # cramjam: lossless codecs, no pass uses them
   df -h "${TMPDIR:-/tmp}" | tail -1
-  if [[ -d .device-wheels ]]; then
-    python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio \
-      >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
-    # a core dependency (lossless codecs) that no pass here uses: installed when carried
-    python3 -m pip install -q --no-index --find-links .device-wheels cramjam >>"$OUT/pip.log" 2>&1 \
-      || echo "cramjam not carried (no pass here needs it)"
-  fi
-  # the entry points (backends, the pytest plugin's markers) need the package's metadata
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 \
-    || { tail -5 "$OUT/pip.log"; exit 1; }
-  start=$SECONDS
-  bash native/build.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-  echo "build: $((SECONDS - start)) s"
 fi
 bench=(--prompts "$prompts" --disk-prompts "$prompts" --mixed-prompts "$prompts" --reps 5 --suffix-reps 2
        --split-ref-prompts 2 --out "$OUT/run")
@@ -67,11 +54,8 @@ if ((rc)) && [[ -s "$OUT/ttft.json" ]]; then  # cut short or failed: the table o
   python3 benchmarks/ttft_gpu.py --report "$OUT/ttft.json" >>"$OUT/ttft.txt" 2>>"$OUT/ttft.err"
 fi
 grep -iE "error|traceback" "$OUT/ttft.err" | tail -5
-# no ini file: the device lacks pytest-timeout, whose ini option would warn (= error)
-pytest_args=(-c /dev/null --rootdir . -W error -o "markers=gpu: needs a CUDA GPU"
-             -o asyncio_default_fixture_loop_scope=function -p no:cacheprovider -q)
 start=$SECONDS
-LMTIER_REQUIRE_NATIVE=$((1 - tiny)) timeout --kill-after=5 "$(left)" python3 -m pytest "${pytest_args[@]}" \
+LMTIER_REQUIRE_NATIVE=$((1 - tiny)) timeout --kill-after=5 "$(left)" python3 -m pytest "${GPU_PYTEST_ARGS[@]}" \
   tests/integration/test_cost_gpu.py tests/integration/test_engine_gpu.py tests/integration/test_transformers_gpu.py \
   tests/unit/test_memory.py tests/unit/test_cost_prefill.py \
   >"$OUT/pytest.log" 2>&1

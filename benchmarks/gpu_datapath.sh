@@ -29,28 +29,16 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+source benchmarks/_gpu_setup.sh
 begin=$SECONDS
 left() { echo $((budget - (SECONDS - begin))); }
 native=$((1 - tiny))
 if ((tiny)); then
   echo "dry run (--tiny): the CPU path; nothing installed, no native build"
 else
-  nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv >"$OUT/gpu.txt" 2>&1
-  cat "$OUT/gpu.txt"
-  if [[ -d .device-wheels ]]; then
-    python3 -m pip install -q --no-index --find-links .device-wheels pydantic pytest-asyncio >"$OUT/pip.log" 2>&1 \
-      || { tail -5 "$OUT/pip.log"; exit 1; }
-    python3 -m pip install -q --no-index --find-links .device-wheels cramjam >>"$OUT/pip.log" 2>&1 \
-      || echo "cramjam not carried (lossless codecs; nothing here uses them)"
-  fi
-  # the backends (cpu, disk) are found through the package's entry points: without its metadata
-  # the engine finds no tier. The --before run uses the same metadata (its modules come first on
-  # PYTHONPATH; an entry point it lacks, e.g. codecs, is a logged warning there)
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 \
-    || { tail -5 "$OUT/pip.log"; exit 1; }
-  start=$SECONDS
-  bash native/build.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-  echo "build: $((SECONDS - start)) s"
+  # the --before run uses the same package metadata (its modules come first on PYTHONPATH; an
+  # entry point it lacks, e.g. codecs, is a logged warning there)
+  gpu_setup pydantic pytest-asyncio --optional cramjam || exit 1
 fi
 bench=(--prompts "$prompts" --disk-prompts "$prompts" --reps 5 --suffix-reps 2 --split-ref-prompts 2)
 ((tiny)) && bench+=(--tiny)
@@ -67,12 +55,9 @@ cp "$OUT/after/ttft_gpu.json" "$OUT/ttft_after.json" 2>/dev/null
 if ((rc)) && [[ -s "$OUT/ttft_after.json" ]]; then  # cut short: the table of the phases it finished
   PYTHONPATH="$PWD" python3 benchmarks/ttft_gpu.py --report "$OUT/ttft_after.json" >>"$OUT/ttft_after.txt" 2>>"$OUT/ttft_after.err"
 fi
-# no ini file: the device lacks pytest-timeout, whose ini option would warn (= error)
-pytest_args=(-c /dev/null --rootdir . -W error -o "markers=gpu: needs a CUDA GPU"
-             -o asyncio_default_fixture_loop_scope=function -p no:cacheprovider -q)
 start=$SECONDS
 tests_s=90; [[ -z "$before" ]] && tests_s=$(left)
-PYTHONPATH="$PWD" LMTIER_REQUIRE_NATIVE=$native timeout --kill-after=5 "$tests_s" python3 -m pytest "${pytest_args[@]}" \
+PYTHONPATH="$PWD" LMTIER_REQUIRE_NATIVE=$native timeout --kill-after=5 "$tests_s" python3 -m pytest "${GPU_PYTEST_ARGS[@]}" \
   tests/integration/test_engine_gpu.py tests/integration/test_transformers_gpu.py >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20

@@ -10,19 +10,10 @@ set -uo pipefail
 OUT="${OUT:-/tmp/lmt-server-gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
-if [[ -d .device-wheels ]]; then
-  python3 -m pip install -q --no-index --find-links .device-wheels pydantic msgspec aiohttp pytest-asyncio \
-    >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
-fi
-# the entry points (backends, the `lmtier` command, the pytest plugin's markers) need the metadata
-python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+source benchmarks/_gpu_setup.sh
+gpu_setup pydantic msgspec aiohttp pytest-asyncio || exit 1
 start=$SECONDS
-bash native/build.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-echo "build: $((SECONDS - start)) s"
-start=$SECONDS
-LMTIER_REQUIRE_NATIVE=1 python3 -m pytest -c /dev/null --rootdir . -W error -p no:cacheprovider -q \
-  -o asyncio_default_fixture_loop_scope=function tests/server/test_server_gpu.py >"$OUT/pytest.log" 2>&1
+LMTIER_REQUIRE_NATIVE=1 python3 -m pytest "${GPU_PYTEST_ARGS[@]}" tests/server/test_server_gpu.py >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/pytest.log")"
 grep -E "^(FAILED|ERROR|E )" "$OUT/pytest.log" | head -20
 start=$SECONDS
