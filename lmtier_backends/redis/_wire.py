@@ -12,7 +12,8 @@ AUTH/ACL, SELECT, timeouts, error classes) and use only its public connection me
 
 * ``SET`` is packed here, with the 64-byte codec header and the caller's payload sent as
   separate pieces of one bulk string (RESP allows splitting a bulk string across writes), so the
-  payload is never joined or copied; all SETs of a batch go out as one pipeline.
+  payload is never joined or copied; all SETs of a batch go out as one pipeline, each command
+  with one scatter-gather ``sendmsg`` of its pieces (:func:`_send_groups`).
 * ``GET`` replies are received by :class:`DirectReadParser` straight into buffers chosen per
   reply (a warm receive slab, or the caller's own buffer for ``get_into``): one copy, kernel to
   destination. Every other reply (handshake, EXISTS, errors) is parsed by hiredis as usual.
@@ -21,6 +22,7 @@ AUTH/ACL, SELECT, timeouts, error classes) and use only its public connection me
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -218,8 +220,9 @@ def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(arg), arg)
 
 
-def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | None) -> Iterator[Buffer]:
-    """The byte pieces of a pipeline of ``SET``s, each payload sent as is (never copied or joined).
+def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | None) -> Iterator[list[Buffer]]:
+    """A pipeline of ``SET``s as groups of byte pieces, each group one write (:func:`_send_groups`);
+    each payload is sent as is (never copied or joined).
 
     A header needs its payload's checksum: one pass over every payload byte, unless the item
     carries it from a tier that already hashed it. Hashing a payload whole just before sending
@@ -234,10 +237,15 @@ def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | 
     hashed or is hashing is not hashed ahead, and a hash ahead stops as soon as another tier
     starts one (:attr:`lmtier.kit.StoreItem.unhashed`): ``item.checksum()`` then gives theirs,
     and one run ahead ends through :meth:`lmtier.kit.StoreItem.settle_checksum`.
+
+    A large payload's command goes out as one group: the command head (with the header) and the
+    payload's first piece, then the other pieces, the last with the command's CRLF. Why not the
+    head in a write of its own: on loopback with ``TCP_NODELAY`` that ~130-byte segment woke the
+    server once more per command, for nothing it could use yet.
     """
     suffix = _CRLF + (b"$2\r\nPX\r\n" + _bulk(str(px).encode()) if px else b"")
     nargs = b"*5\r\n$3\r\nSET\r\n" if px else b"*3\r\n$3\r\nSET\r\n"
-    small: list[Any] = []  # parts of small items, joined into one write
+    small: list[Any] = []  # parts of small items (and the next large item's head), joined into one piece
     ahead: tuple[int, Any, int] | None = None  # (item, its partial hash, bytes hashed so far)
     count = len(items)
     for i, (name, item) in enumerate(zip(names, items, strict=True)):
@@ -251,14 +259,18 @@ def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | 
         if payload.nbytes < _SMALL:
             small += (payload, suffix)
             continue
-        yield b"".join(small)
-        small = [suffix]
+        group: list[Buffer] = [b"".join(small)]
+        small = []
         nxt = items[i + 1] if i + 1 < count else None
         following = nxt.view if nxt is not None and nxt.nbytes >= _SMALL and nxt.unhashed else None
         hasher = checksum_stream() if following is not None else None
         done = 0
         for start in range(0, payload.nbytes, _PIECE):
-            yield payload[start:start + _PIECE]
+            group.append(payload[start:start + _PIECE])
+            if start + _PIECE >= payload.nbytes:
+                group.append(suffix)
+            yield group
+            group = []
             if hasher is not None and following is not None and done < following.nbytes:
                 if nxt is not None and not nxt.unhashed:  # another tier hashes it: no second pass
                     hasher = following = None
@@ -267,7 +279,44 @@ def _set_commands(names: Sequence[bytes], items: Sequence[StoreItem], px: int | 
                 done = min(done + _PIECE, following.nbytes)
         ahead = (i + 1, hasher, done) if hasher is not None else None
     if small:
-        yield b"".join(small)
+        yield [b"".join(small)]
+
+
+def _send_groups(conn: Any, groups: Iterator[list[Buffer]]) -> None:
+    """Write each group of byte pieces with one ``sendmsg`` (TLS sockets: ``sendall`` per piece).
+
+    Why not ``send_packed_command``: it makes one ``sendall`` per piece, i.e. one more write
+    (with a wake-up of the server) per command. Errors end as there: the connection is dropped
+    (nothing of the batch is known) and redis-py's ``TimeoutError``/``ConnectionError`` raised.
+    The socket is taken once: a connection dropped mid-batch (a fault, or a cancellation) ends
+    the batch with an error instead of the rest going out on a fresh connection.
+    """
+    if conn._sock is None:
+        conn.connect()
+    sock = conn._sock
+    gather = not isinstance(sock, ssl.SSLSocket)  # SSLSocket has no sendmsg
+    try:
+        for group in groups:
+            if not gather:
+                for piece in group:
+                    sock.sendall(piece)
+                continue
+            views = [memoryview(piece) for piece in group]
+            while views:
+                sent = sock.sendmsg(views)
+                while views and sent >= views[0].nbytes:  # drop what went out whole
+                    sent -= views.pop(0).nbytes
+                if sent:  # partly sent: the rest of that piece goes first next time
+                    views[0] = views[0][sent:]
+    except TimeoutError as exc:
+        conn.disconnect()
+        raise rex.TimeoutError("Timeout writing to socket") from exc
+    except OSError as exc:
+        conn.disconnect()
+        raise rex.ConnectionError(f"Error {exc.errno} while writing to socket. {exc.strerror}.") from exc
+    except BaseException:
+        conn.disconnect()
+        raise
 
 
 def _finish_hash(hasher: Any, done: int, payload: memoryview) -> int:
@@ -332,10 +381,7 @@ class Node:
         goes out (see :func:`_set_commands`).
         """
         with self._connection(token) as conn:
-            # Why one call fed by a generator: redis-py connects only at the start of a call, so a
-            # connection dropped mid-batch (a fault, or a cancellation) ends the batch with an
-            # error instead of the rest of a command going out on a fresh connection
-            conn.send_packed_command(_set_commands(names, items, px), check_health=False)
+            _send_groups(conn, _set_commands(names, items, px))
             return self._replies(conn, len(names))
 
     def _simple_many(self, head: bytes, keys: Sequence[bytes], tail: bytes, token: CancelToken | None) -> list[Any]:

@@ -118,6 +118,44 @@ async def test_checksums_hashed_ahead_while_sending_match_every_payload_in_any_o
         await backend.aclose()
 
 
+def test_groups_written_in_partial_sendmsg_calls_arrive_whole_and_in_order() -> None:
+    """One ``sendmsg`` per group: a kernel taking part of it (a small send buffer) gets the rest,
+    from the exact byte it stopped at, before the next group."""
+    import socket
+    import threading
+
+    from lmtier_backends.redis._wire import _send_groups
+
+    class _Conn:  # what _send_groups uses of a redis-py connection
+        def __init__(self, sock: socket.socket) -> None:
+            self._sock = sock
+
+        def disconnect(self) -> None:  # pragma: no cover - only on a failed write
+            raise AssertionError("the write failed")
+
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    left.settimeout(30)
+    groups = [[b"head-%d|" % i, memoryview(os.urandom(300_000 + i)), b"|"] for i in range(4)]
+    expected = b"".join(bytes(p) for g in groups for p in g)
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(expected):
+            received.extend(right.recv(1 << 16))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        _send_groups(_Conn(left), iter(groups))
+    finally:
+        reader.join(timeout=30)
+        left.close()
+        right.close()
+    same = bytes(received) == expected  # a bool: never let pytest diff megabytes
+    assert same, f"received {len(received)} bytes, not the {len(expected)} sent in order"
+
+
 @pytest.mark.asyncio
 async def test_a_put_cancelled_mid_batch_never_sends_the_rest_on_a_new_connection(own_redis) -> None:
     server = own_redis()
