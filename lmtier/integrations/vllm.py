@@ -590,6 +590,7 @@ class LMTierConnector(KVConnectorBase_V1):
         # Requests whose prefix a running request is computing wait for it ("ask again") instead of
         # computing it too, at most defer_max_s: req -> when that began (None: never again)
         self._deferred: dict[str, float | None] = {}
+        self._waited: dict[str, float] = {}  # req -> seconds it waited for such a prefix (its log line)
         self._kv_events = (ChunkEvents(self._block_size, self._chunk_tokens, self._world)
                            if _events_on(self._vllm_config) else None)
 
@@ -755,7 +756,9 @@ class LMTierConnector(KVConnectorBase_V1):
             return False
         computing = self._computing_extent(request, identity, limit)
         if computing - max(hit, 0) < self._chunk_tokens:
-            self._deferred.pop(rid, None)
+            since = self._deferred.pop(rid, None)
+            if since is not None:  # it waited: the allocation's log line says how long
+                self._waited[rid] = self._waited.get(rid, 0.0) + time.monotonic() - since
             return False
         now = time.monotonic()
         since = self._deferred.setdefault(rid, now)
@@ -795,6 +798,7 @@ class LMTierConnector(KVConnectorBase_V1):
         self._answer_gen.pop(rid, None)
         self._asked_gen.pop(rid, None)
         self._deferred.pop(rid, None)
+        waited = self._waited.pop(rid, None)
         hit = self._lookups.pop(rid, 0)
         self._lookup_started.pop(rid, None)
         local = self._local.pop(rid, 0)
@@ -828,8 +832,9 @@ class LMTierConnector(KVConnectorBase_V1):
                 sources[src] = sources.get(src, 0) + n
             self._hit_sources[rid] = sources
         where = ", ".join(f"{n} from {tier}" for tier, n in split.items() if n)
-        log.info("Request %s: total %d tokens, hit %d%s, need to load %d",
-                 rid, len(prompt), hit, f" ({where})" if where else "", num_external_tokens)
+        log.info("Request %s: total %d tokens, hit %d%s, need to load %d%s",
+                 rid, len(prompt), hit, f" ({where})" if where else "", num_external_tokens,
+                 f" (waited {waited:.2f}s for another request to compute its prefix)" if waited is not None else "")
         self._count("requests", 1)
         self._count("requested_tokens", len(prompt))
         self._count("hit_tokens", hit)
@@ -997,7 +1002,7 @@ class LMTierConnector(KVConnectorBase_V1):
         tracked = self._tracked.get(rid)
         for table in (self._lookups, self._lookup_started, self._partial, self._local, self._tracked,
                       self._pending_loads, self._identities, self._tier_runs, self._hit_sources, self._asks,
-                      self._answer_gen, self._asked_gen, self._deferred):
+                      self._answer_gen, self._asked_gen, self._deferred, self._waited):
             table.pop(rid, None)  # type: ignore[attr-defined]
         self._refreshing.discard(rid)
         if tracked is None or not self._saves() or not self._opts["save_replies"]:

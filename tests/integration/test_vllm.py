@@ -336,7 +336,8 @@ def test_the_openai_server_with_roles_in_separate_processes(
 
 
 def test_forced_preemptions_return_vllms_own_tokens_and_leak_nothing(
-        engines: EngineSlot, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        engines: EngineSlot, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """8 requests over 2 shared 512-token prefixes, 120 tokens generated each, in a KV cache of 16
     blocks (each request grows to 6): vLLM preempts and resumes them. Run twice (stores, with
     requests waiting for the prefix another one computes; then loads), every request's token ids
@@ -372,6 +373,7 @@ def test_forced_preemptions_return_vllms_own_tokens_and_leak_nothing(
         return preempt(request, *args, **kwargs)
 
     monkeypatch.setattr(scheduler, "_preempt_request", counted)
+    caplog.set_level(logging.INFO, logger="lmtier")
     try:
         first = runner.generate(llm, prompts, max_tokens=120)
         in_first = len(preempted)
@@ -382,6 +384,7 @@ def test_forced_preemptions_return_vllms_own_tokens_and_leak_nothing(
         engines.close()  # its pools are judged by the leak check
     assert in_first > 0 and len(preempted) > in_first  # each run was preempted
     assert [r.num_cached_tokens for r in first].count(512) >= 6  # waited for the other's prefix, then loaded
+    assert "need to load 512 (waited " in caplog.text  # the log line says a request waited, and how long
     assert all(r.num_cached_tokens >= 512 for r in second)
     for run, results in (("first", first), ("second", second)):
         for i, got in enumerate(results):
