@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml Makefile
 	# and host-pool imports need (tests/integration/test_sglang.py)
 	$(PIP) install -q --no-deps sglang==0.5.23
 	$(PIP) install -q orjson IPython gguf
-	$(PIP) install -q -e ".[redis,s3,server,test]"
+	$(PIP) install -q -e ".[redis,s3,server,codecs,test]"
 	touch $(STAMP)
 
 test: setup

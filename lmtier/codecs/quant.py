@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmtier.codecs.base import FLOAT_DTYPES, KVGeometry
+from lmtier.codecs.kernels import Fp8Kernels, fp8_kernels
 
 if TYPE_CHECKING:
     import torch
@@ -159,6 +160,8 @@ class _Quant:
         scales.copy_(torch.where(amax32 > 0, (amax32 * (1.0 / self._qmax)).clamp_min_(torch.finfo(torch.float32).tiny),
                                  1.0))
         inverse = scales.reciprocal()
+        if self._cpu_quantize(x, inverse, q):
+            return
         for xs, inv, qs in _steps(step, x, inverse, q):
             self._quantize(xs, inv, qs)
 
@@ -209,6 +212,8 @@ class _Quant:
         on any device, in steps of ``step`` elements (None: at once)."""
         import torch
 
+        if self._cpu_dequantize(q, scales, y):
+            return
         factored = scales * self._decode_factor
         for qs, ss, ys in _steps(step, q, factored, y):
             torch.mul(self._dequantize(qs), ss, out=ys)
@@ -227,6 +232,14 @@ class _Quant:
 
     def _quantize(self, x: torch.Tensor, inverse_scale: torch.Tensor, out: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def _cpu_quantize(self, x: torch.Tensor, inverse: torch.Tensor, q: torch.Tensor) -> bool:
+        """:meth:`quantize`'s second pass by a CPU kernel writing the same bytes, if one fits; False: none."""
+        return False
+
+    def _cpu_dequantize(self, q: torch.Tensor, scales: torch.Tensor, y: torch.Tensor) -> bool:
+        """:meth:`dequantize` by a CPU kernel writing the same bytes, if one fits; False: none."""
+        return False
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -274,6 +287,31 @@ def _tensor_over(view: memoryview, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(view, dtype=dtype)
 
 
+def _kernels_for(values: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> Fp8Kernels | None:
+    """The fp8 CPU kernels if they take these tensors: bf16 values on the CPU, every tensor
+    contiguous (what a value's codec call hands over); else None (torch's ops)."""
+    import torch
+
+    if values.device.type != "cpu" or values.dtype != torch.bfloat16 or not values.numel():
+        return None
+    if not (values.is_contiguous() and scales.is_contiguous() and codes.is_contiguous()):
+        return None
+    return fp8_kernels()
+
+
+def _flat(t: torch.Tensor) -> Any:
+    """A 1-D numpy view of contiguous CPU tensor ``t``'s memory."""
+    return t.numpy().reshape(-1)
+
+
+def _kernel_dims(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """``x`` (grouped as :func:`_grouped_as` makes it) as the kernels' rows x tokens x heads x width:
+    a group's scale is ``[row, head]``."""
+    if x.dim() == 4:  # block_head: (pages x 2, block, heads, head), scales (pages x 2, 1, heads, 1)
+        return int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), int(x.shape[3])
+    return int(x.shape[0]), 1, 1, int(x.shape[1])  # vector, layer: (groups, elements), scales (groups, 1)
+
+
 def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     """``|x|``'s bits as integers of ``x``'s width (sign bit cleared), a new tensor."""
 
@@ -315,6 +353,33 @@ class Fp8Codec(_Quant):
         # one pass: the product in float32, rounded to e4m3 as it is written. |x| / scale is at
         # most 448 up to float32 rounding, which rounds back to 448 (not past it): no clamp
         torch.mul(x, inverse_scale, out=out.view(torch.float8_e4m3fn))
+
+    def check_kv(self, kv: KVGeometry) -> str | None:
+        reason = super().check_kv(kv)
+        if reason is None and kv.dtype == "bfloat16":
+            # the engine/manager asks this when it registers its KV (at open): build the CPU
+            # kernels now (import numba, load or compile them: ~0.2-1 s holding the GIL) rather
+            # than inside the first put
+            fp8_kernels()
+        return reason
+
+    def _cpu_quantize(self, x: torch.Tensor, inverse: torch.Tensor, q: torch.Tensor) -> bool:
+        import torch
+
+        kernels = _kernels_for(x, inverse, q)
+        if kernels is None:
+            return False
+        kernels.encode_bf16(_flat(x.view(torch.int16)).view("uint16"), _flat(inverse), _flat(q), *_kernel_dims(x))
+        return True
+
+    def _cpu_dequantize(self, q: torch.Tensor, scales: torch.Tensor, y: torch.Tensor) -> bool:
+        import torch
+
+        kernels = _kernels_for(y, scales, q)
+        if kernels is None:
+            return False
+        kernels.decode_bf16(_flat(q), _flat(scales), _flat(y.view(torch.int16)).view("uint16"), *_kernel_dims(q))
+        return True
 
     def _dequantize(self, q: torch.Tensor) -> torch.Tensor:
         # torch's own fp8 -> float conversion runs at ~0.3 G elements/s per core on CPU. The bits
