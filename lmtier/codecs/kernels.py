@@ -35,13 +35,16 @@ log = logging.getLogger(__name__)
 class Fp8Kernels:
     """The compiled kernels; arrays are 1-D, C-contiguous numpy views of the tensors' memory.
 
-    ``encode_bf16(bits, inverse, codes, rows, tokens, heads, width)``: ``bits`` (uint16, the bf16
-    values as ``rows x tokens x heads x width``), ``inverse`` (float32, ``rows x heads``: the
-    reciprocal scale of each group), ``codes`` (uint8, ``bits``' length).
-    ``decode_bf16(codes, scales, bits, rows, tokens, heads, width)``: the inverse, ``scales``
-    the scales themselves (``rows x heads``).
+    ``scale_bf16(bits, scales, inverse, rows, tokens, heads, width)``: ``bits`` (uint16, the bf16
+    values as ``rows x tokens x heads x width``); writes each group's scale and its reciprocal
+    (float32, ``rows x heads``: a group is ``[row, :, head, :]``); False (nothing usable written)
+    if a group holds inf or NaN.
+    ``encode_bf16(bits, inverse, codes, rows, tokens, heads, width)``: ``codes`` (uint8, ``bits``'
+    length) from the values and the reciprocal scales.
+    ``decode_bf16(codes, scales, bits, rows, tokens, heads, width)``: the values back.
     """
 
+    scale_bf16: Any
     encode_bf16: Any
     decode_bf16: Any
 
@@ -101,6 +104,30 @@ def _compile() -> Fp8Kernels:
                     m = u32(((a + u32(0x7FFFF) + ((a >> u32(20)) & u32(1))) >> u32(20)) - u32(960))
                 q[d] = u8(m | sign)
 
+    tiny = f32(np.finfo(np.float32).tiny)
+
+    def scale_bf16(bits: Any, scales: Any, inverse: Any, rows: int, tokens: int, heads: int, width: int) -> bool:
+        # torch's ops: amax of the magnitude bits, then where(amax > 0, max(amax * f32(1 / 448),
+        # tiny), 1) and its reciprocal, each one float32 operation
+        lines = rows * tokens * heads
+        x2 = bits.reshape(lines, width)
+        amax = np.zeros(rows * heads, np.uint16)
+        for g in range(lines):
+            x = x2[g]
+            m = u16(0)
+            for d in range(width):
+                m = max(m, u16(x[d] & u16(0x7FFF)))
+            j = (g // (tokens * heads)) * heads + g % heads
+            amax[j] = max(amax[j], m)
+        for j in range(rows * heads):
+            if amax[j] >= u16(0x7F80):  # inf or NaN: the torch path raises (or, unchecked, writes it)
+                return False
+            a = u32(u32(amax[j]) << u32(16)).view(f32)
+            s = max(f32(a * f32(1.0 / 448.0)), tiny) if a > f32(0.0) else f32(1.0)
+            scales[j] = s
+            inverse[j] = f32(f32(1.0) / s)
+        return True
+
     def decode_bf16(codes: Any, scales: Any, bits: Any, rows: int, tokens: int, heads: int, width: int) -> None:
         lines = rows * tokens * heads
         q2, y2 = codes.reshape(lines, width), bits.reshape(lines, width)
@@ -125,9 +152,10 @@ def _compile() -> Fp8Kernels:
                 else:  # float32 -> bfloat16, nearest-even
                     y[d] = u16((u + u32(0x7FFF) + ((u >> u32(16)) & u32(1))) >> u32(16))
 
-    enc, dec = jit(encode_bf16), jit(decode_bf16)
+    scale, enc, dec = jit(scale_bf16), jit(encode_bf16), jit(decode_bf16)
     # compile now (one signature each), not in the middle of someone's first put
     z16, z32, z8 = np.zeros(1, np.uint16), np.ones(1, np.float32), np.zeros(1, np.uint8)
+    scale(z16, z32, np.ones(1, np.float32), 1, 1, 1, 1)
     enc(z16, z32, z8, 1, 1, 1, 1)
     dec(z8, z32, z16, 1, 1, 1, 1)
-    return Fp8Kernels(enc, dec)
+    return Fp8Kernels(scale, enc, dec)

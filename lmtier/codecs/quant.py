@@ -143,6 +143,8 @@ class _Quant:
         """
         import torch
 
+        if self._cpu_quantize(x, scales, q):
+            return
         dims = _reduce_dims(x)
         amax = torch.empty(scales.shape, dtype=x.dtype, device=x.device)
         for xs, ms in _steps(step, x, amax):
@@ -160,8 +162,6 @@ class _Quant:
         scales.copy_(torch.where(amax32 > 0, (amax32 * (1.0 / self._qmax)).clamp_min_(torch.finfo(torch.float32).tiny),
                                  1.0))
         inverse = scales.reciprocal()
-        if self._cpu_quantize(x, inverse, q):
-            return
         for xs, inv, qs in _steps(step, x, inverse, q):
             self._quantize(xs, inv, qs)
 
@@ -233,8 +233,8 @@ class _Quant:
     def _quantize(self, x: torch.Tensor, inverse_scale: torch.Tensor, out: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _cpu_quantize(self, x: torch.Tensor, inverse: torch.Tensor, q: torch.Tensor) -> bool:
-        """:meth:`quantize`'s second pass by a CPU kernel writing the same bytes, if one fits; False: none."""
+    def _cpu_quantize(self, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor) -> bool:
+        """:meth:`quantize` by CPU kernels writing the same bytes, if they fit; False: the torch ops run."""
         return False
 
     def _cpu_dequantize(self, q: torch.Tensor, scales: torch.Tensor, y: torch.Tensor) -> bool:
@@ -363,13 +363,18 @@ class Fp8Codec(_Quant):
             fp8_kernels()
         return reason
 
-    def _cpu_quantize(self, x: torch.Tensor, inverse: torch.Tensor, q: torch.Tensor) -> bool:
+    def _cpu_quantize(self, x: torch.Tensor, scales: torch.Tensor, q: torch.Tensor) -> bool:
+        import numpy as np
         import torch
 
-        kernels = _kernels_for(x, inverse, q)
+        kernels = _kernels_for(x, scales, q)
         if kernels is None:
             return False
-        kernels.encode_bf16(_flat(x.view(torch.int16)).view("uint16"), _flat(inverse), _flat(q), *_kernel_dims(x))
+        bits, dims = _flat(x.view(torch.int16)).view("uint16"), _kernel_dims(x)
+        inverse = np.empty(scales.numel(), np.float32)
+        if not kernels.scale_bf16(bits, _flat(scales), inverse, *dims):
+            return False  # inf or NaN: the torch ops raise (or, unchecked, encode it as they do)
+        kernels.encode_bf16(bits, inverse, _flat(q), *dims)
         return True
 
     def _cpu_dequantize(self, q: torch.Tensor, scales: torch.Tensor, y: torch.Tensor) -> bool:

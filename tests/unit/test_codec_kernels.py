@@ -80,3 +80,24 @@ def test_a_value_encodes_and_decodes_to_the_same_bytes_with_or_without_the_kerne
         codec.decode_tensor(encoded["torch"], decoded[mode])
     assert torch.equal(encoded["kernels"], encoded["torch"])
     assert torch.equal(decoded["kernels"], decoded["torch"])
+
+
+def test_every_bf16_value_as_a_groups_largest_gets_torchs_scale_and_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = every_bf16()
+    x = x[torch.isfinite(x.float())].contiguous().view(-1, 1)  # one group per value
+    x = torch.cat([x, x * 0.37], dim=1).contiguous()  # and a smaller one beside it
+    got_scales, want_scales = torch.empty(x.shape[0], 1), torch.empty(x.shape[0], 1)
+    got, want = (torch.empty(x.shape, dtype=torch.uint8) for _ in range(2))
+    Fp8Codec().quantize(x, got_scales, got)
+    monkeypatch.setenv("LMTIER_CODEC_KERNELS", "torch")
+    Fp8Codec().quantize(x, want_scales, want)
+    assert torch.equal(got_scales.view(torch.int32), want_scales.view(torch.int32))
+    assert torch.equal(got, want)
+
+
+def test_inf_or_nan_is_still_refused() -> None:
+    for bad in (float("inf"), float("nan")):
+        x = torch.ones(4, 128, dtype=torch.bfloat16)
+        x[2, 5] = bad
+        with pytest.raises(ValueError, match="inf or NaN"):
+            Fp8Codec().quantize(x, torch.empty(4, 1), torch.empty(4, 128, dtype=torch.uint8))
