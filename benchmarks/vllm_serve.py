@@ -115,7 +115,8 @@ def _bench(port: int, model: str, args: argparse.Namespace, seed: int, out: Path
            "--prefix-repetition-num-prefixes", str(args.prefixes), "--prefix-repetition-output-len", str(args.output),
            "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency),
            "--seed", str(seed), "--ignore-eos", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,e2el",
-           "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(out.parent),
+           "--metric-percentiles", "50,99", "--request-rate", str(args.request_rate),
+           "--save-result", "--save-detailed", "--result-dir", str(out.parent),
            "--result-filename", out.name]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_ENV})
     if done.returncode != 0:
@@ -133,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--suffix", type=int, default=128, help="unique suffix tokens per prompt (default 128)")
     p.add_argument("--prefixes", type=int, default=4, help="distinct prefixes (default 4)")
     p.add_argument("--output", type=int, default=8, help="tokens generated per request (default 8)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second, Poisson arrivals (default inf: every prompt at once, "
+                        "--max-concurrency in flight)")
     p.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND for every server (default 0-1)")
     p.add_argument("--preset", default="demo")
     p.add_argument("--servers", default="baseline,vllm-prefix-cache,lmtier",
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# vllm serve {vllm.__version__} (CPU) + vllm bench serve; {machine_line()}")
     print(f"# tiny Llama preset {args.preset!r}; prefix_repetition: {args.num_prompts} prompts, {args.prefixes} "
           f"prefixes of {args.prefix} tokens + {args.suffix}-token suffixes, {args.output} tokens out, "
-          f"max concurrency {args.max_concurrency}; VLLM_CPU_OMP_THREADS_BIND={args.bind}; {args.rounds} rounds")
+          f"max concurrency {args.max_concurrency}, request rate {args.request_rate}/s; VLLM_CPU_OMP_THREADS_BIND={args.bind}; {args.rounds} rounds")
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="lmtier-vllm-serve-") as tmp:
         root = Path(tmp)
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server = Server(model, logs / f"{name}-{r}.log", env, extra)
                 try:
                     _bench(server.port, model, args, 1000 + r, root / f"warm-{name}-{r}.json")
-                    results[name].append(_bench(server.port, model, args, r, root / f"{name}-{r}.json"))
+                    results[name].append(_bench(server.port, model, args, r, logs / f"{name}-{r}.json"))
                 finally:
                     server.stop()
                 res = results[name][-1]
