@@ -123,7 +123,9 @@ class _Quant:
         _PREFIX.pack_into(prefix, 0, _VERSION, _DTYPES[kv.dtype], _SCALES[self.scales], 0, kv.num_layers, pages,
                           kv.block_size, kv.num_kv_heads, kv.head_size, elems)
         head = torch.frombuffer(prefix, dtype=torch.uint8)
-        dst[: _PREFIX.size].copy_(head if dst.device.type == "cpu" else head.to(dst.device, non_blocking=False))
+        # to a device through pinned memory: a pageable copy would make the host wait for the
+        # device's queue once per chunk (the caching host allocator keeps it until the copy ran)
+        dst[: _PREFIX.size].copy_(head if dst.device.type == "cpu" else head.pin_memory().to(dst.device, non_blocking=True))
         scales = dst[_PREFIX.size: _PREFIX.size + 4 * groups].view(torch.float32)
         q = dst[_PREFIX.size + 4 * groups: _PREFIX.size + 4 * groups + elems]
         x = src.view(getattr(torch, kv.dtype))
