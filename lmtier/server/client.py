@@ -51,16 +51,15 @@ import array
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import itertools
 import logging
 import math
 import os
 import socket
 import threading
-from collections.abc import Collection, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from lmtier.cost import ReadCost
 from lmtier.errors import InvalidArgumentError, LmtierError, NotSupportedError
@@ -155,54 +154,146 @@ class _Link:
     slab: Slab
     server_pid: int
     loop: asyncio.AbstractEventLoop
-    pending: dict[int, asyncio.Future[p.Reply]] = field(default_factory=dict)
+    #: replies awaited, by request id: a loop future (:meth:`ServerStore._call`) or a caller's
+    #: :class:`_Waiter` (:meth:`ServerStore._direct`); the loop thread completes both
+    pending: dict[int, asyncio.Future[p.Reply] | _Waiter[Any] | _Released] = field(default_factory=dict)
     outbox: bytearray = field(default_factory=bytearray)
     usable: bool = False  # False until the slab is ready (CUDA registration) and while unresponsive
     closed: bool = False
     reader: asyncio.Task[None] | None = None
-    releases: list[int] = field(default_factory=list)
+    releases: list[int] = field(default_factory=list)  # slots to release when the one in flight is answered
+    releasing: bool = False  # a release message is in flight
+    #: writes come from the loop and, for direct calls, from callers' threads: one at a time, and
+    #: never on a closed socket (whose descriptor number the process may already have reused)
+    wlock: threading.Lock = field(default_factory=threading.Lock)
 
     def write(self, data: bytes) -> None:
-        """Queue a whole frame; frames go out in order and are never cut by a cancellation."""
-        if self.closed:
-            raise ConnectionError("connection closed")
-        if not self.outbox:
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self.loop.add_writer(self.sock, self._flush)
-        self.outbox += data
-        if len(self.outbox) > _MAX_OUTBOX:
-            raise ConnectionError(f"the server has not read {len(self.outbox)} bytes of requests")
+        """Queue a whole frame (any thread); frames go out in order and are never cut by a cancellation."""
+        with self.wlock:
+            if self.closed:
+                raise ConnectionError("connection closed")
+            if self.outbox:
+                self.outbox += data
+            else:
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                self.outbox += data[sent:]
+                self.loop.call_soon_threadsafe(self._watch)  # the loop sends the rest when it can
+            if len(self.outbox) > _MAX_OUTBOX:
+                raise ConnectionError(f"the server has not read {len(self.outbox)} bytes of requests")
+
+    def _watch(self) -> None:
+        with self.wlock:
+            if not self.closed and self.outbox:
+                self.loop.add_writer(self.sock, self._flush)
 
     def _flush(self) -> None:
-        try:
-            sent = self.sock.send(self.outbox)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.loop.remove_writer(self.sock)
-            return
-        del self.outbox[:sent]
-        if not self.outbox:
-            self.loop.remove_writer(self.sock)
+        with self.wlock:
+            if self.closed:
+                return
+            try:
+                sent = self.sock.send(self.outbox)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.loop.remove_writer(self.sock)
+                return
+            del self.outbox[:sent]
+            if not self.outbox:
+                self.loop.remove_writer(self.sock)
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.usable = False
-        with contextlib.suppress(Exception):
-            self.loop.remove_writer(self.sock)
-        self.sock.close()
-        for fut in self.pending.values():
+        """Close the socket and fail every reply awaited (on the loop thread)."""
+        with self.wlock:
+            if self.closed:
+                return
+            self.closed = True
+            self.usable = False
+            with contextlib.suppress(Exception):
+                self.loop.remove_writer(self.sock)
+            self.sock.close()
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for fut in pending:
             if not fut.done():
                 fut.set_exception(ConnectionError("connection to the lmtier server lost"))
-        self.pending.clear()
+
+
+class _Waiter(Generic[T]):
+    """A direct call's reply, awaited by the caller's thread on :attr:`out` (see :meth:`ServerStore._direct`).
+
+    Completed on the loop thread, exactly once: by the reply (:meth:`set_result`), a lost connection
+    (:meth:`set_exception`) or the deadline (:meth:`expire`); each turns what came into the call's
+    answer with ``finish`` (None: a miss). An answer holding slots that the caller no longer wants
+    (it cancelled :attr:`out`) is released at once.
+    """
+
+    __slots__ = ("_done", "finish", "link", "op", "out", "rid", "store", "timer")
+
+    def __init__(self, store: ServerStore, link: _Link, rid: int, op: str,
+                 finish: Callable[[_Link | None, p.Reply | None], T]) -> None:
+        self.store, self.link, self.rid, self.op, self.finish = store, link, rid, op, finish
+        self.out: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self.timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: p.Reply) -> None:
+        self._settle(self.store._answer(self.op, reply))
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.store._count(self.op, "disconnected")
+        self._settle(None)
+
+    def expire(self) -> None:
+        if self._done:
+            return
+        self.link.pending.pop(self.rid, None)
+        self.store._count(self.op, "deadline")
+        self.store._unresponsive(self.link, self.op)
+        self._settle(None)
+
+    def _settle(self, reply: p.Reply | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        value = self.finish(self.link, reply)
+        try:
+            self.out.set_result(value)
+        except concurrent.futures.InvalidStateError:  # the caller cancelled: nobody takes the slots
+            if isinstance(value, list):
+                for chunk in value:
+                    if isinstance(chunk, SlabChunk):
+                        chunk.release()
+
+
+class _Released:
+    """The reply awaited by a release message: logs a refusal, then sends what was released meanwhile."""
+
+    __slots__ = ("_done", "link", "store")
+
+    def __init__(self, store: ServerStore, link: _Link) -> None:
+        self.store, self.link, self._done = store, link, False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: p.Reply) -> None:
+        self._done = True
+        if isinstance(reply, p.Error):  # our bug, not the server's: say so loudly
+            log.error("lmtier: the server refused a release: %s [%s]", reply.message, reply.code)
+        self.store._send_releases(self.link)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True  # the connection is gone, and with it every slot it held
 
 
 class _Miss(Exception):
@@ -320,7 +411,11 @@ class ServerStore:
                timeout_s: float | None = None) -> concurrent.futures.Future[LookupResult]:
         raw = _wire_keys(keys)
         raw_tails = _wire_keys(tails)
-        return self._submit(self._lookup(raw, raw_tails, self._deadline("lookup", timeout_s)))
+        if not raw and not raw_tails:
+            return _finished(LookupResult(0))
+        return self._direct("lookup", lambda rid: p.Lookup(id=rid, keys=raw, tails=raw_tails),
+                            self._deadline("lookup", timeout_s),
+                            lambda link, reply: self._lookup_answer(raw, raw_tails, reply))
 
     def contains(self, keys: Sequence[ChunkKey], *, timeout_s: float | None = None) -> list[bool]:
         raw = _wire_keys(keys)
@@ -386,7 +481,11 @@ class ServerStore:
         sizes = _sizes(sizes)
         if len(sizes) != len(raw):
             raise InvalidArgumentError(f"fetch of {len(raw)} keys with {len(sizes)} sizes")
-        return self._submit(self._fetch(raw, sizes, self._deadline("fetch", timeout_s)))
+        if not raw:
+            return _finished([])
+        return self._direct("fetch", lambda rid: p.Fetch(id=rid, keys=raw, sizes=sizes),
+                            self._deadline("fetch", timeout_s),
+                            lambda link, reply: self._fetch_answer(link, sizes, reply))
 
     def fetch_into(self, keys: Sequence[ChunkKey], outs: Sequence[Buffer], *,
                    timeout_s: float | None = None) -> list[bool]:
@@ -574,10 +673,7 @@ class ServerStore:
         return f"ServerStore({self.address}, connected={self.connected})"
 
     # -- calls (on the loop) -------------------------------------------------------------------
-    async def _lookup(self, raw: list[bytes], raw_tails: list[bytes], deadline: float) -> LookupResult:
-        if not raw and not raw_tails:
-            return LookupResult(0)
-        reply = await self._call("lookup", lambda rid: p.Lookup(id=rid, keys=raw, tails=raw_tails), deadline)
+    def _lookup_answer(self, raw: list[bytes], raw_tails: list[bytes], reply: p.Reply | None) -> LookupResult:
         if not isinstance(reply, p.LookupReply):
             return LookupResult(0)
         hit = min(reply.hit_chunks, len(raw))
@@ -619,13 +715,9 @@ class ServerStore:
                                  link=link, even_if_unusable=True)
         return reply.written if isinstance(reply, p.CommitReply) else 0
 
-    async def _fetch(self, raw: list[bytes], sizes: list[int], deadline: float) -> list[HostChunk | None]:
-        if not raw:
-            return []
-        link = self._link
-        reply = await self._call("fetch", lambda rid: p.Fetch(id=rid, keys=raw, sizes=sizes), deadline)
+    def _fetch_answer(self, link: _Link | None, sizes: list[int], reply: p.Reply | None) -> list[HostChunk | None]:
         if not isinstance(reply, p.FetchReply) or link is None:
-            return [None] * len(raw)
+            return [None] * len(sizes)
         return self._chunks(link, reply.slots, sizes, writable=False)
 
     def _chunks(self, link: _Link, slots: list[p.Slot | None], sizes: list[int], *, writable: bool
@@ -669,6 +761,11 @@ class ServerStore:
             return None
         finally:
             link.pending.pop(rid, None)
+        return self._answer(op, reply, quiet=quiet, errors=errors)
+
+    def _answer(self, op: str, reply: p.Reply, *, quiet: bool = False, errors: bool = False) -> p.Reply | None:
+        """The reply to a call, or None for an :class:`~lmtier.server.protocol.Error` (counted, logged;
+        returned instead with ``errors``)."""
         if isinstance(reply, p.Error):
             self._count(op, reply.code)
             level = logging.DEBUG if quiet else logging.ERROR
@@ -676,44 +773,77 @@ class ServerStore:
             return reply if errors else None
         return reply
 
+    def _direct(self, op: str, make: Any, deadline: float, finish: Callable[[_Link | None, p.Reply | None], T]
+                ) -> concurrent.futures.Future[T]:
+        """Send one request from the caller's thread; the future is completed by the loop thread
+        when the reply is read, the deadline passes or the connection is lost (``finish`` of the
+        reply, or of None for a miss). Never raises for a fault.
+
+        Why not :meth:`_call` on the loop: the request leaves at once instead of after a wake-up of
+        the loop thread and a task, and the reply completes the caller's future as it is read —
+        two thread hand-overs and three loop turns fewer on the hit path (lookup, fetch)."""
+        if self._closed:
+            raise LmtierError("this ServerStore is closed")
+        link = self._link
+        if link is None or link.closed or not link.usable:
+            self._count(op, "unavailable")
+            return _finished(finish(link, None))
+        rid = next(self._ids)
+        waiter: _Waiter[T] = _Waiter(self, link, rid, op, finish)
+        link.pending[rid] = waiter
+        try:
+            link.write(p.encode(make(rid)))
+            self._loop.call_soon_threadsafe(self._arm, waiter, deadline)
+        except (ConnectionError, OSError, RuntimeError) as exc:  # RuntimeError: the loop is closed
+            link.pending.pop(rid, None)
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._lost, link, exc)
+            self._count(op, "disconnected")
+            return _finished(finish(link, None))
+        return waiter.out
+
+    def _arm(self, waiter: _Waiter[Any], deadline: float) -> None:
+        """On the loop: the direct call's deadline (unless its answer came first)."""
+        if not waiter.done():
+            waiter.timer = self._loop.call_at(deadline, waiter.expire)
+
     # -- releases ------------------------------------------------------------------------------
     def _send_release(self, link: _Link, slots: list[int]) -> None:
-        """Release ``slots`` (any thread); batched per loop turn; a dead connection freed them already."""
-        if link.closed or self._loop.is_closed():
+        """Release ``slots`` (any thread); a dead connection freed them already.
+
+        At most one release message is in flight per connection: slots released meanwhile wait for
+        its reply and then go out together. So a retrieve that gives its chunks back one at a time
+        sends one or two messages, from its own thread, and never wakes the loop thread on its path
+        (a wake-up cost the caller ~0.2 ms each on a busy 2-core box: the loop thread takes the GIL);
+        the reply is read by the loop later, off the caller's path."""
+        if link.closed:
             return
-        with contextlib.suppress(RuntimeError):  # the loop is closing: the connection goes with it
-            self._loop.call_soon_threadsafe(self._queue_release, link, slots)
+        with self._lock:
+            link.releases.extend(slots)
+            if link.releasing:
+                return
+            link.releasing = True
+        self._send_releases(link)
 
     def _chunk_done(self, n: int = 1) -> None:
         with self._lock:
             self._outstanding -= n
 
-    def _queue_release(self, link: _Link, slots: list[int]) -> None:
-        if link.closed:
-            return
-        if not link.releases:
-            self._loop.call_soon(self._send_releases, link)
-        link.releases.extend(slots)
-
     def _send_releases(self, link: _Link) -> None:
-        slots, link.releases = link.releases, []
-        if link.closed or not slots:
-            return
+        """Send the slots queued for release (any thread); called by the one in flight's reply."""
+        with self._lock:
+            slots, link.releases = link.releases, []
+            if not slots or link.closed:
+                link.releasing = False
+                return
         rid = next(self._ids)
-        fut: asyncio.Future[p.Reply] = self._loop.create_future()
-        link.pending[rid] = fut  # answered later; an error here is our bug: log it
-        fut.add_done_callback(functools.partial(self._released, link, rid))
+        link.pending[rid] = _Released(self, link)
         try:
             link.write(p.encode(p.Release(id=rid, slots=slots)))
-        except (ConnectionError, OSError) as exc:
-            self._lost(link, exc)
-
-    def _released(self, link: _Link, rid: int, fut: asyncio.Future[p.Reply]) -> None:
-        link.pending.pop(rid, None)
-        if not fut.cancelled() and fut.exception() is None and isinstance(fut.result(), p.Error):
-            reply = fut.result()
-            assert isinstance(reply, p.Error)
-            log.error("lmtier: the server refused a release: %s [%s]", reply.message, reply.code)
+        except (ConnectionError, OSError) as exc:  # the connection is gone: so are the slots it held
+            link.pending.pop(rid, None)
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the connection goes with it
+                self._loop.call_soon_threadsafe(self._lost, link, exc)
 
     # -- connection ----------------------------------------------------------------------------
     async def _first_connect(self) -> None:
@@ -797,7 +927,7 @@ class ServerStore:
             self._lost(link, exc)
 
     def _deliver(self, link: _Link, reply: p.Reply) -> None:
-        fut = link.pending.get(reply.id)
+        fut = link.pending.pop(reply.id, None)
         if fut is not None and not fut.done():
             fut.set_result(reply)
             return
@@ -878,7 +1008,8 @@ class ServerStore:
         return self._loop.time() + t
 
     def _count(self, op: str, reason: str, n: int = 1) -> None:
-        self.misses[(op, reason)] = self.misses.get((op, reason), 0) + n
+        with self._lock:  # direct calls count from callers' threads too
+            self.misses[(op, reason)] = self.misses.get((op, reason), 0) + n
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         if self._closed:

@@ -266,6 +266,35 @@ def test_a_frozen_server_is_a_miss_within_the_deadline_and_usable_again_once_it_
 
 
 # -- bad input ----------------------------------------------------------------------------------
+def test_fetches_cancelled_or_past_their_deadline_on_a_frozen_server_leave_no_lease_once_it_thaws(
+        own_server: ServerProc) -> None:
+    store = own_server.store(fetch_timeout_s=1.0, retry_max_s=0.2)
+    ks = keys(3, salt=14)
+    assert store_chunks(store, ks, 2048) == 3
+    (held,) = store.fetch(ks[:1], [2048]).result()
+    assert held is not None
+    own_server.signal(signal.SIGSTOP)
+    try:
+        cancelled = store.fetch(ks[1:2], [2048])
+        assert cancelled.cancel(), "a frozen server cannot have answered"
+        start = time.monotonic()
+        assert store.fetch(ks[2:], [2048]).result() == [None]
+        assert time.monotonic() - start < 1.0 + SLACK_S
+        held.release()  # sent to a server that does not read: it goes when the server does
+    finally:
+        own_server.signal(signal.SIGCONT)
+    # the server answers both fetches late, leasing a slot each: the client gives them back
+    wait_until(lambda: own_server.status()["leases"] == 0, what="late leases and the release to be settled")
+    assert store.outstanding() == 0
+    wait_until(lambda: store.connected, what="the thawed server to answer a ping")
+    leases = store.fetch(ks, [2048] * 3).result()
+    assert [bytes(x.view()) for x in leases if x is not None] == [payload(i, 2048) for i in range(3)]
+    for x in leases:
+        assert x is not None
+        x.release()
+    wait_until(lambda: own_server.status()["leases"] == 0, what="leases released")
+
+
 def test_a_client_of_another_protocol_version_is_refused_naming_both_versions(server: ServerProc) -> None:
     raw = RawClient(server.socket_path, hello=False)
     try:
