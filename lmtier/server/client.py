@@ -29,6 +29,13 @@ exception and never a wait past the deadline:
   it in the background; the first answer makes it usable again. Late replies that carry slots
   are released at once.
 
+**Threads.** The store runs an asyncio loop on a thread of its own: it reads every reply, runs
+the deadline timers and reconnects. The hit path's calls (``lookup``, ``fetch``) write their
+request from the caller's thread and are completed by the loop as their reply is read, and a
+released slot goes out with the next release message from the releasing thread (one in flight per
+connection): the caller never waits for the loop thread to wake up, which on a busy machine cost
+more than the server's own work (see ``docs/server.md``, Measured).
+
 **Namespaces.** :meth:`ServerStore.register_namespace` (:class:`~lmtier.store.SupportsNamespaces`,
 called by the engine) tells the server what a namespace's bytes are and returns the namespace to
 key under, which names the server's lossy codecs if it has any (``docs/codecs.md``); the store
