@@ -45,6 +45,7 @@ __all__ = [
     "PageLayout",
     "chunk_nbytes",
     "describe_layout",
+    "native_ready",
     "offload",
     "onload",
     "transfer_status",
@@ -72,6 +73,14 @@ def _fallback_reason(kv_layers: Sequence[Any], host_chunks: Sequence[Any]) -> st
     from lmtier.transfer import _native
 
     return _native.unavailable_reason()
+
+
+def native_ready() -> bool:
+    """Whether the native library loads here and LMTIER_DISABLE_NATIVE is not set (device-side
+    helpers such as the coded path's gathers and codec kernels take it then, else torch)."""
+    from lmtier.transfer import _native
+
+    return not _flag("LMTIER_DISABLE_NATIVE") and _native.unavailable_reason() is None
 
 
 def _run(op: str, kv_layers: Sequence[Any], host_chunks: Sequence[Any], *args: Any, **kwargs: Any) -> None:

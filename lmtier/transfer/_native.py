@@ -56,8 +56,10 @@ __all__ = [
     "LaunchOptions",
     "StagingConfig",
     "library_info",
+    "dequantize_runs",
     "offload",
     "onload",
+    "quantize_runs",
     "staging_config",
     "staging_in_use",
     "unavailable_reason",
@@ -66,7 +68,7 @@ __all__ = [
 log = logging.getLogger("lmtier.transfer")
 
 #: The C ABI this binding speaks (``lmt_abi_version()`` must return it).
-ABI_VERSION = 2
+ABI_VERSION = 3
 #: Copy paths: see the module docstring.
 MODES = ("auto", "mapped", "staged")
 LIB_NAME = "liblmtier_transfer.so"
@@ -130,6 +132,18 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         [ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_void_p)],
     ),
     "lmt_staging_destroy": (ctypes.c_int, [ctypes.c_void_p]),
+    # format, dtype, values, runs, run_elems, scales, codes, device, stream
+    "lmt_quantize_runs": (
+        ctypes.c_int,
+        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p,
+         ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p],
+    ),
+    # format, dtype, codes, scales, runs, run_elems, values, device, stream
+    "lmt_dequantize_runs": (
+        ctypes.c_int,
+        [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+         ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p],
+    ),
     "lmt_staging_slot_bytes": (ctypes.c_uint64, [ctypes.c_void_p]),
 }
 # lmt_copy_pages_staged: lmt_copy_pages's arguments plus the staging handle.
@@ -430,3 +444,48 @@ def onload(
 ) -> None:
     """Native pinned host → cache copy enqueued on ``stream`` (``mode``: see the module docstring)."""
     _copy(_H2D, kv_layers, layout, block_ids, host_chunks, layers, stream, options, mode)
+
+
+# -- the lossy codecs' kernels (lmtier.codecs.quant, scales: vector) --------------------------------
+_CODE_FORMATS = {"fp8": 0, "int8": 1}  # LMT_CODE_FP8_E4M3, LMT_CODE_INT8
+_CODE_DTYPES = {"bfloat16": 1, "float16": 2, "float32": 3}  # LMT_DTYPE_*
+
+
+def runs_fit(values: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether :func:`quantize_runs` / :func:`dequantize_runs` take these tensors: CUDA,
+    contiguous, ``values`` a ``(runs, run_elems)`` float tensor of a head vector per row
+    (``run_elems`` at most 4096: a warp reduces a run), ``scales`` one float32 per run."""
+    import torch
+
+    return (values.is_cuda and values.dim() == 2 and 0 < values.shape[1] <= 4096
+            and str(values.dtype).removeprefix("torch.") in _CODE_DTYPES
+            and values.is_contiguous() and codes.is_contiguous() and scales.is_contiguous()
+            and scales.dtype == torch.float32 and scales.numel() == values.shape[0]
+            and codes.numel() == values.numel() and codes.device == values.device == scales.device)
+
+
+def quantize_runs(fmt: str, values: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> None:
+    """The codec's quantize of each row of ``values`` (see :func:`runs_fit`) into one scale per row
+    and one code byte per element, enqueued on the current stream: the bytes of the torch ops."""
+    _run_codes("lmt_quantize_runs", fmt, values, values.data_ptr(), scales.data_ptr(), codes.data_ptr())
+
+
+def dequantize_runs(fmt: str, codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor) -> None:
+    """The inverse of :func:`quantize_runs`, into ``values`` (enqueued on the current stream)."""
+    _run_codes("lmt_dequantize_runs", fmt, values, codes.data_ptr(), scales.data_ptr(), values.data_ptr())
+
+
+def _run_codes(name: str, fmt: str, values: torch.Tensor, first: int, second: int, third: int) -> None:
+    import torch
+
+    runs, n = values.shape
+    device = values.device.index if values.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(device).cuda_stream
+    dtype = _CODE_DTYPES[str(values.dtype).removeprefix("torch.")]
+    lib = _library()
+    if name == "lmt_quantize_runs":  # values, runs, n, scales, codes
+        status = lib.lmt_quantize_runs(_CODE_FORMATS[fmt], dtype, first, runs, n, second, third, device, stream)
+    else:  # codes, scales, runs, n, values
+        status = lib.lmt_dequantize_runs(_CODE_FORMATS[fmt], dtype, first, second, runs, n, third, device, stream)
+    if status:
+        _raise(lib, status)

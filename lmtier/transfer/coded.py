@@ -201,9 +201,9 @@ def _device_copy(op: str, kv_layers: Sequence[torch.Tensor], layout: PageLayout,
     memory as it addresses mapped host memory (one launch, ~25 us for a 37.7 MB chunk on an
     H100); torch's gather is one index_select per layer (~1 ms). The torch path when the library
     does not load or is disabled (LMTIER_DISABLE_NATIVE), as for the plain calls."""
-    from lmtier.transfer import _fallback, _flag, _native
+    from lmtier.transfer import _fallback, _native, native_ready
 
-    if not _flag("LMTIER_DISABLE_NATIVE") and _native.unavailable_reason() is None:
+    if native_ready():
         getattr(_native, op)(kv_layers, layout, [ids], [buffer], stream=stream, mode="mapped")
         return
     getattr(_fallback, op)(kv_layers, layout, [ids], [buffer], stream=stream)

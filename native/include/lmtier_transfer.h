@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 /* Bumped on any incompatible change of the functions or structs below. */
-#define LMT_ABI_VERSION 2
+#define LMT_ABI_VERSION 3
 
 typedef enum lmt_status {
     LMT_OK = 0,
@@ -169,6 +169,24 @@ LMT_API int lmt_copy_pages_staged(int direction, const lmt_layout* layout,
                                   const uint64_t* host_ptrs, int32_t num_chunks, int32_t device,
                                   void* stream, const lmt_launch_opts* opts,
                                   lmt_staging* staging);
+
+/*
+ * The lossy value codecs on the device (lmtier/codecs/quant.py, `scales: vector`), so a chunk is
+ * quantized before its device->host copy and dequantized after its host->device copy in one
+ * kernel each. `runs` runs of `run_elems` contiguous elements (a head vector each): one float32
+ * scale per run and one code byte per element, exactly the bytes the codec's torch ops write.
+ * Device pointers; enqueued on `stream` of `device`.
+ */
+#define LMT_CODE_FP8_E4M3 0
+#define LMT_CODE_INT8 1
+#define LMT_DTYPE_BF16 1
+#define LMT_DTYPE_F16 2
+#define LMT_DTYPE_F32 3
+LMT_API int lmt_quantize_runs(int format, int dtype, const void* x, int64_t runs, int32_t run_elems,
+                              float* scales, uint8_t* codes, int32_t device, void* stream);
+LMT_API int lmt_dequantize_runs(int format, int dtype, const uint8_t* codes, const float* scales,
+                                int64_t runs, int32_t run_elems, void* y, int32_t device,
+                                void* stream);
 
 #ifdef __cplusplus
 }
