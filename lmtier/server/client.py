@@ -239,11 +239,13 @@ class _Waiter(Generic[T]):
     (it cancelled :attr:`out`) is released at once.
     """
 
-    __slots__ = ("_done", "finish", "link", "op", "out", "rid", "store", "timer")
+    __slots__ = ("_done", "errors", "finish", "link", "op", "out", "quiet", "rid", "store", "timer")
 
     def __init__(self, store: ServerStore, link: _Link, rid: int, op: str,
-                 finish: Callable[[_Link | None, p.Reply | None], T]) -> None:
+                 finish: Callable[[_Link | None, p.Reply | None], T], *, errors: bool = False,
+                 quiet: bool = False) -> None:
         self.store, self.link, self.rid, self.op, self.finish = store, link, rid, op, finish
+        self.errors, self.quiet = errors, quiet
         self.out: concurrent.futures.Future[T] = concurrent.futures.Future()
         self.timer: asyncio.TimerHandle | None = None
         self._done = False
@@ -252,7 +254,7 @@ class _Waiter(Generic[T]):
         return self._done
 
     def set_result(self, reply: p.Reply) -> None:
-        self._settle(self.store._answer(self.op, reply))
+        self._settle(self.store._answer(self.op, reply, quiet=self.quiet, errors=self.errors))
 
     def set_exception(self, exc: BaseException) -> None:
         self.store._count(self.op, "disconnected")
@@ -369,6 +371,9 @@ class ServerStore:
         self.misses: dict[tuple[str, str], int] = {}
         self._residency_link: _Link | None = None  # the connection residency was last taken on
         self._residency_off = False  # the server predates the residency op
+        self._residency_asking = False  # a residency request is in flight
+        self._residency_changes: list[Residency] = []  # arrived, not yet taken
+        self._residency_lost = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lmtier-server-client", daemon=True)
         self._thread.start()
@@ -612,34 +617,55 @@ class ServerStore:
                             "lossy tiers store these chunks raw until the engine restarts", self.address, kv.namespace, declared.namespace, used)
 
     def take_residency(self) -> tuple[list[Residency], int]:
-        """:class:`~lmtier.store.SupportsResidency`: the server's changes since the previous call.
+        """:class:`~lmtier.store.SupportsResidency`: the server's changes that have arrived since the
+        previous call. Never waits on the server (vLLM's KV events call it every worker step).
 
-        A server that does not answer in time reports none; one that predates the op raises
-        :class:`~lmtier.errors.NotSupportedError` (from then on, without asking). A new connection
-        (a reconnect, a restarted server) starts afresh: the changes in between are lost, which
-        the count of dropped changes says (at least 1).
+        Each call hands over what the earlier ``residency`` requests brought back and sends the next
+        one (at most one in flight; its reply is read by the loop thread), so changes arrive one call
+        late, and the first call starts the recording and answers none. A server that does not
+        answer in time brings none (a frozen one costs the caller nothing); one that predates the op
+        makes the call after it answered raise :class:`~lmtier.errors.NotSupportedError` (from then
+        on, without asking). A new connection (a reconnect, a restarted server) starts afresh: the
+        changes in between are lost, which the count of dropped changes says (at least 1).
         """
         if self._residency_off:
             raise NotSupportedError(f"lmtier serve at {self.address} does not report residency changes")
-        link = self._link
-        reply = self._run(self._call("residency", lambda rid: p.Residency(id=rid), self._deadline("residency", None),
-                                     quiet=True, errors=True))
-        if isinstance(reply, p.Error):
-            if reply.code == p.E_UNKNOWN_OP:
-                log.info("lmtier: lmtier serve at %s does not report residency changes (an older server)",
-                         self.address)
-                self._residency_off = True
-                raise NotSupportedError(f"lmtier serve at {self.address} does not report residency changes")
-            return [], 0
-        if not isinstance(reply, p.ResidencyReply):
-            return [], 0
-        lost = int(self._residency_link is not None and link is not self._residency_link)
-        self._residency_link = link
-        out = []
-        for raw, tier, held in reply.changes:
-            namespace, digest = p.decode_key(raw)
-            out.append(Residency(ChunkKey(namespace, digest), tier, held))
-        return out, reply.dropped + lost
+        with self._lock:
+            out, lost = self._residency_changes, self._residency_lost
+            self._residency_changes, self._residency_lost = [], 0
+            asking, self._residency_asking = self._residency_asking, True
+        if not asking:
+            try:
+                self._direct("residency", lambda rid: p.Residency(id=rid), self._deadline("residency", None),
+                             self._residency_answer, errors=True, quiet=True)
+            except LmtierError:  # closed meanwhile
+                with self._lock:
+                    self._residency_asking = False
+        return out, lost
+
+    def _residency_answer(self, link: _Link | None, reply: p.Reply | None) -> None:
+        """A ``residency`` reply (or a miss: None), kept for the next :meth:`take_residency`."""
+        try:
+            if isinstance(reply, p.Error):
+                if reply.code == p.E_UNKNOWN_OP:
+                    log.info("lmtier: lmtier serve at %s does not report residency changes (an older server)",
+                             self.address)
+                    self._residency_off = True
+                return
+            if not isinstance(reply, p.ResidencyReply):
+                return
+            changes = []
+            for raw, tier, held in reply.changes:
+                namespace, digest = p.decode_key(raw)
+                changes.append(Residency(ChunkKey(namespace, digest), tier, held))
+            with self._lock:
+                lost = int(self._residency_link is not None and link is not self._residency_link)
+                self._residency_link = link
+                self._residency_changes.extend(changes)
+                self._residency_lost += reply.dropped + lost
+        finally:
+            with self._lock:
+                self._residency_asking = False
 
     def outstanding(self) -> int:
         """Chunks handed out by this store and not yet released or committed (leak checks)."""
@@ -780,8 +806,8 @@ class ServerStore:
             return reply if errors else None
         return reply
 
-    def _direct(self, op: str, make: Any, deadline: float, finish: Callable[[_Link | None, p.Reply | None], T]
-                ) -> concurrent.futures.Future[T]:
+    def _direct(self, op: str, make: Any, deadline: float, finish: Callable[[_Link | None, p.Reply | None], T],
+                *, errors: bool = False, quiet: bool = False) -> concurrent.futures.Future[T]:
         """Send one request from the caller's thread; the future is completed by the loop thread
         when the reply is read, the deadline passes or the connection is lost (``finish`` of the
         reply, or of None for a miss). Never raises for a fault.
@@ -796,7 +822,7 @@ class ServerStore:
             self._count(op, "unavailable")
             return _finished(finish(link, None))
         rid = next(self._ids)
-        waiter: _Waiter[T] = _Waiter(self, link, rid, op, finish)
+        waiter: _Waiter[T] = _Waiter(self, link, rid, op, finish, errors=errors, quiet=quiet)
         link.pending[rid] = waiter
         try:
             link.write(p.encode(make(rid)))

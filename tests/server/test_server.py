@@ -540,6 +540,24 @@ def test_a_commit_sent_just_before_close_is_stored(server: ServerProc) -> None:
     assert other.lookup(ks).result().hit_chunks == 3
 
 
+def residency_until(store, want: set[tuple[str, ChunkKey, bool]]) -> int:  # type: ignore[no-untyped-def]
+    """Take ``store``'s residency changes until they are ``want`` (they arrive a call late, as the
+    background requests are answered); returns the dropped count they came with."""
+    got: set[tuple[str, ChunkKey, bool]] = set()
+    dropped = 0
+
+    def arrived() -> bool:
+        nonlocal dropped
+        events, n = store.take_residency()
+        dropped += n
+        got.update((e.tier, e.key, e.held) for e in events)
+        assert got <= want, f"unexpected residency changes {got - want}"
+        return got == want
+
+    wait_until(arrived, what=f"residency changes {want}")
+    return dropped
+
+
 def test_residency_tells_each_subscribed_client_what_the_tiers_took_and_dropped(tmp_path: Path) -> None:
     srv = start_server(tmp_path, config=tiers_yaml(tmp_path, slab="1MiB"))
     try:
@@ -549,18 +567,13 @@ def test_residency_tells_each_subscribed_client_what_the_tiers_took_and_dropped(
         size = 400 << 10  # the slab holds two
         assert store_chunks(b, ks[:2], size) == 2  # another client's stores are told too
         b.flush()
-        events, dropped = a.take_residency()
-        assert dropped == 0
-        assert {(e.tier, e.key, e.held) for e in events} == {
-            ("hot", ks[0], True), ("hot", ks[1], True), ("local", ks[0], True), ("local", ks[1], True)}
+        assert residency_until(a, {("hot", ks[0], True), ("hot", ks[1], True), ("local", ks[0], True),
+                                   ("local", ks[1], True)}) == 0
         assert store_chunks(b, ks[2:], size) == 1  # the slab evicts ks[0]; the disk tier has it
         b.flush()
-        events, _ = a.take_residency()
-        assert {(e.tier, e.key, e.held) for e in events} == {
-            ("hot", ks[2], True), ("local", ks[2], True), ("hot", ks[0], False)}
+        residency_until(a, {("hot", ks[2], True), ("local", ks[2], True), ("hot", ks[0], False)})
         b.delete([ks[1]])
-        events, _ = a.take_residency()
-        assert {(e.tier, e.key, e.held) for e in events} == {("hot", ks[1], False), ("local", ks[1], False)}
+        residency_until(a, {("hot", ks[1], False), ("local", ks[1], False)})
         raw = RawClient(srv.socket_path)  # the wire form: [key, tier name, held] triples
         try:
             assert raw.call(p.Residency(id=raw.next_id())) == p.ResidencyReply(id=2)
@@ -598,8 +611,17 @@ def test_a_server_that_predates_residency_is_asked_once_and_serves_on(tmp_path: 
         finally:
             raw.close()
         store = srv.store(name="new-client")
-        with pytest.raises(NotSupportedError, match="does not report residency changes"):
-            store.take_residency()
+        assert store.take_residency() == ([], 0)  # asks in the background: never waits
+
+        def refused() -> bool:
+            try:
+                store.take_residency()
+            except NotSupportedError as exc:
+                assert "does not report residency changes" in str(exc)
+                return True
+            return False
+
+        wait_until(refused, what="the store to learn that the server predates residency")
         with pytest.raises(NotSupportedError):  # not asked again
             store.take_residency()
         ks = keys(2, salt=11)
@@ -608,3 +630,20 @@ def test_a_server_that_predates_residency_is_asked_once_and_serves_on(tmp_path: 
         assert srv.log_path.read_text().count("unknown op 'residency'") == 2  # the raw client's, then one
     finally:
         srv.close()
+
+
+def test_take_residency_never_waits_on_a_frozen_server(own_server: ServerProc) -> None:
+    store = own_server.store(lookup_timeout_s=5.0, retry_max_s=0.2)  # a blocking call would wait 5 s
+    assert store.take_residency() == ([], 0)
+    own_server.signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        for _ in range(5):  # what vLLM's KV events do every worker step
+            assert store.take_residency()[0] == []
+        assert time.monotonic() - start < SLACK_S, "a worker step never waits on the server's residency"
+    finally:
+        own_server.signal(signal.SIGCONT)
+    ks = keys(1, salt=15)
+    assert store_chunks(store, ks, 1024) == 1
+    store.flush()
+    residency_until(store, {("hot", ks[0], True), ("local", ks[0], True)})  # and they flow again once it thaws
