@@ -51,7 +51,23 @@ def make_llm(model: str, lmtier: dict[str, Any] | None = None, *, role: str = "k
     # no local prefix cache (unless asked): every reuse must come through lmtier; eager: no compile time
     kwargs.setdefault("max_model_len", 4096)
     kwargs.setdefault("enable_prefix_caching", False)
+    _let_vllm_scan_llvmlite()
     return LLM(model=model, dtype="bfloat16", seed=0, enforce_eager=True, disable_log_stats=True, **kwargs)
+
+
+def _let_vllm_scan_llvmlite() -> None:
+    """vLLM 0.32's CPU worker init reads ``vars(x).get("kernel")`` of every module attribute that
+    has a ``__dict__``; llvmlite's lazy library wrapper (``llvmlite.binding.ffi.lib``, loaded with
+    numba by the fp8 kernel tests) answers ``__dict__`` with a wrapped function, and engine
+    creation fails (AttributeError: '_lib_fn_wrapper' object has no attribute 'get'). Giving the
+    wrapper a plain ``__dict__`` entry in its function table lets the scan pass it by; nothing
+    calls it. Only where llvmlite is loaded already: these tests build engines in one process."""
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
 
 
 def generate(llm: LLM, prompts: list[list[int]], *, max_tokens: int = MAX_TOKENS, cache_salt: str | None = None,

