@@ -12,7 +12,6 @@
 // time per chunk; one launch here reads the values once and writes the codes once.
 #include <cfloat>
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -113,6 +112,26 @@ int blocks_for(int64_t runs, int device) {
     return int(want < int64_t(sms) * 16 ? want : int64_t(sms) * 16);
 }
 
+template <class T>
+void launch_quantize(int format, const void* x, float* scales, uint8_t* codes, int64_t runs, int32_t n,
+                     int blocks, cudaStream_t s) {
+    const T* xs = static_cast<const T*>(x);
+    if (format == LMT_CODE_FP8_E4M3)
+        quantize_runs<T, 1><<<blocks, kThreads, 0, s>>>(xs, scales, codes, runs, n, 1.0f / 448.0f);
+    else
+        quantize_runs<T, 0><<<blocks, kThreads, 0, s>>>(xs, scales, codes, runs, n, 1.0f / 127.0f);
+}
+
+template <class T>
+void launch_dequantize(int format, const uint8_t* codes, const float* scales, void* y, int64_t runs, int32_t n,
+                       int blocks, cudaStream_t s) {
+    T* ys = static_cast<T*>(y);
+    if (format == LMT_CODE_FP8_E4M3)
+        dequantize_runs<T, 1><<<blocks, kThreads, 0, s>>>(codes, scales, ys, runs, n);
+    else
+        dequantize_runs<T, 0><<<blocks, kThreads, 0, s>>>(codes, scales, ys, runs, n);
+}
+
 int check_args(int format, int dtype, const void* a, const void* b, const void* c, int64_t runs, int32_t n) {
     if (format != LMT_CODE_FP8_E4M3 && format != LMT_CODE_INT8)
         return fail(LMT_ERR_INVALID_ARGUMENT, "format %d (use LMT_CODE_FP8_E4M3 or LMT_CODE_INT8)", format);
@@ -124,28 +143,6 @@ int check_args(int format, int dtype, const void* a, const void* b, const void* 
     return LMT_OK;
 }
 
-// Both entry points: check, select the device, then `launch(T*, fp8, blocks)` with the element
-// type of `dtype` (a null T* as the tag) and whether the codes are fp8, and report its launch.
-template <class Launch>
-int run_codes(int format, int dtype, const void* a, const void* b, const void* c, int64_t runs, int32_t n,
-              int32_t device, const char* what, Launch launch) {
-    clear_error();
-    const int st = check_args(format, dtype, a, b, c, runs, n);
-    if (st != LMT_OK || runs == 0) return st;
-    DeviceGuard guard(device);
-    if (guard.error() != cudaSuccess) return fail_cuda(guard.error(), "selecting the device");
-    const int blocks = blocks_for(runs, device);
-    const bool fp8 = format == LMT_CODE_FP8_E4M3;
-    if (dtype == LMT_DTYPE_BF16)
-        launch(static_cast<__nv_bfloat16*>(nullptr), fp8, blocks);
-    else if (dtype == LMT_DTYPE_F16)
-        launch(static_cast<__half*>(nullptr), fp8, blocks);
-    else
-        launch(static_cast<float*>(nullptr), fp8, blocks);
-    const cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? LMT_OK : fail_cuda(e, what);
-}
-
 }  // namespace
 }  // namespace lmt
 
@@ -153,34 +150,40 @@ extern "C" {
 
 LMT_API int lmt_quantize_runs(int format, int dtype, const void* x, int64_t runs, int32_t run_elems,
                               float* scales, uint8_t* codes, int32_t device, void* stream) {
+    lmt::clear_error();
+    int st = lmt::check_args(format, dtype, x, scales, codes, runs, run_elems);
+    if (st != LMT_OK || runs == 0) return st;
+    lmt::DeviceGuard guard(device);
+    if (guard.error() != cudaSuccess) return lmt::fail_cuda(guard.error(), "selecting the device");
+    const int blocks = lmt::blocks_for(runs, device);
     const auto s = static_cast<cudaStream_t>(stream);
-    return lmt::run_codes(format, dtype, x, scales, codes, runs, run_elems, device, "launching the quantize kernel",
-                          [&](auto* tag, bool fp8, int blocks) {
-                              using T = std::remove_pointer_t<decltype(tag)>;
-                              const T* xs = static_cast<const T*>(x);
-                              if (fp8)
-                                  lmt::quantize_runs<T, 1><<<blocks, lmt::kThreads, 0, s>>>(
-                                      xs, scales, codes, runs, run_elems, 1.0f / 448.0f);
-                              else
-                                  lmt::quantize_runs<T, 0><<<blocks, lmt::kThreads, 0, s>>>(
-                                      xs, scales, codes, runs, run_elems, 1.0f / 127.0f);
-                          });
+    if (dtype == LMT_DTYPE_BF16)
+        lmt::launch_quantize<__nv_bfloat16>(format, x, scales, codes, runs, run_elems, blocks, s);
+    else if (dtype == LMT_DTYPE_F16)
+        lmt::launch_quantize<__half>(format, x, scales, codes, runs, run_elems, blocks, s);
+    else
+        lmt::launch_quantize<float>(format, x, scales, codes, runs, run_elems, blocks, s);
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? LMT_OK : lmt::fail_cuda(e, "launching the quantize kernel");
 }
 
 LMT_API int lmt_dequantize_runs(int format, int dtype, const uint8_t* codes, const float* scales, int64_t runs,
                                 int32_t run_elems, void* y, int32_t device, void* stream) {
+    lmt::clear_error();
+    int st = lmt::check_args(format, dtype, codes, scales, y, runs, run_elems);
+    if (st != LMT_OK || runs == 0) return st;
+    lmt::DeviceGuard guard(device);
+    if (guard.error() != cudaSuccess) return lmt::fail_cuda(guard.error(), "selecting the device");
+    const int blocks = lmt::blocks_for(runs, device);
     const auto s = static_cast<cudaStream_t>(stream);
-    return lmt::run_codes(format, dtype, codes, scales, y, runs, run_elems, device, "launching the dequantize kernel",
-                          [&](auto* tag, bool fp8, int blocks) {
-                              using T = std::remove_pointer_t<decltype(tag)>;
-                              T* ys = static_cast<T*>(y);
-                              if (fp8)
-                                  lmt::dequantize_runs<T, 1><<<blocks, lmt::kThreads, 0, s>>>(
-                                      codes, scales, ys, runs, run_elems);
-                              else
-                                  lmt::dequantize_runs<T, 0><<<blocks, lmt::kThreads, 0, s>>>(
-                                      codes, scales, ys, runs, run_elems);
-                          });
+    if (dtype == LMT_DTYPE_BF16)
+        lmt::launch_dequantize<__nv_bfloat16>(format, codes, scales, y, runs, run_elems, blocks, s);
+    else if (dtype == LMT_DTYPE_F16)
+        lmt::launch_dequantize<__half>(format, codes, scales, y, runs, run_elems, blocks, s);
+    else
+        lmt::launch_dequantize<float>(format, codes, scales, y, runs, run_elems, blocks, s);
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? LMT_OK : lmt::fail_cuda(e, "launching the dequantize kernel");
 }
 
 }  // extern "C"
