@@ -52,7 +52,7 @@ demo: setup
 # Benchmarks that run anywhere, and those that need a CUDA GPU (run only where torch sees one);
 # tests/unit/test_makefile.py keeps these lists in agreement with benchmarks/*.py.
 CPU_BENCHES := cpu_tier codecs fp8_kernels lookup disk_tier redis_tier s3_tier nixl_tier vllm_ttft vllm_chat vllm_serve vllm_first_run reliability frozen_tiers server remote_hits sglang_hicache store_path cost_cpu
-GPU_BENCHES := transfer ttft_gpu
+GPU_BENCHES := transfer ttft_gpu codec_stages_gpu
 
 bench: setup
 	@for b in $(CPU_BENCHES); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
