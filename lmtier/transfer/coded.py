@@ -128,7 +128,7 @@ def _offload_on_device(kv_layers: Sequence[torch.Tensor], layout: PageLayout, bl
             if copied[slot] is not None:
                 main.wait_event(copied[slot])
             chunk = raw[slot][: raw_sizes[c]]
-            _pages_to_device_buffer(kv_layers, layout, ids, chunk, main)
+            _device_copy("offload", kv_layers, layout, ids, chunk, main)
             out.append(codec.encode_tensor(chunk, coded[slot][:n], kv, step=None, check=False))
             encoded = torch.cuda.Event()
             encoded.record(main)
@@ -172,7 +172,7 @@ def _onload_on_device(kv_layers: Sequence[torch.Tensor], layout: PageLayout, blo
             main.wait_event(arrived)
             chunk = raw[slot][: chunk_nbytes(layout, layers, spans[c][1])]
             codec.decode_tensor(coded[slot][: host.numel()], chunk, prefix=prefix, step=None)
-            _device_buffer_to_pages(kv_layers, layout, ids, _pages_in_play(chunk, layers, spans[c], len(ids)), main)
+            _device_copy("onload", kv_layers, layout, ids, _pages_in_play(chunk, layers, spans[c], len(ids)), main)
             decoded[slot] = torch.cuda.Event()
             decoded[slot].record(main)
 
@@ -183,16 +183,6 @@ def _pages_in_play(raw: torch.Tensor, layers: int, span: tuple[int, int], wanted
     if (first, stored) == (0, wanted):
         return raw
     return raw.view(layers, stored, -1)[:, first: first + wanted].contiguous().view(-1)
-
-
-def _pages_to_device_buffer(kv_layers: Sequence[torch.Tensor], layout: PageLayout, ids: Sequence[int],
-                            buffer: torch.Tensor, stream: Any) -> None:
-    _device_copy("offload", kv_layers, layout, ids, buffer, stream)
-
-
-def _device_buffer_to_pages(kv_layers: Sequence[torch.Tensor], layout: PageLayout, ids: Sequence[int],
-                            buffer: torch.Tensor, stream: Any) -> None:
-    _device_copy("onload", kv_layers, layout, ids, buffer, stream)
 
 
 def _device_copy(op: str, kv_layers: Sequence[torch.Tensor], layout: PageLayout, ids: Sequence[int],
@@ -214,13 +204,3 @@ def _check(kv_layers: Sequence[Any], block_ids: Sequence[Sequence[int]], host_ch
         raise InvalidArgumentError("no KV layers given")
     if len(block_ids) != len(host_chunks):
         raise InvalidArgumentError(f"{len(block_ids)} block-id lists for {len(host_chunks)} host chunks")
-
-
-def _on(kv_layer: torch.Tensor, stream: Any) -> Any:
-    import contextlib
-
-    import torch
-
-    if not kv_layer.is_cuda:
-        return contextlib.nullcontext()
-    return torch.cuda.stream(stream) if stream is not None else torch.cuda.device(kv_layer.device)
