@@ -13,11 +13,19 @@ uses the size this handle last saw for the key, else the last size it saw for an
 says the object is bigger than what was read, the object is read again at its exact size.
 
 A ranged GET past the end also says nothing of how many bytes came: a truncated object would
-leave the end of the buffer as it was. So each read of ``n`` bytes goes with a *probe*, a 1-byte
-GET of byte ``n - 1``, which fails exactly when the object is shorter than ``n``; a read is
-trusted only at the size its header announces, with the probe passed. An object the probe
-finds shorter than its header says, or longer, is returned cut to its header (which the tier
-then refuses as corrupt).
+leave the end of the buffer as it was (stale bytes of an earlier read, which can be the very bytes
+that are missing). So before each read of ``n`` bytes the buffer's byte ``n - 1`` is set to a
+*sentinel*; a read that changed it reached byte ``n - 1``, so the object is at least ``n`` bytes
+long. Only where the sentinel still stands - the object is shorter, or its byte ``n - 1`` is the
+sentinel - does a *probe* follow, a 1-byte GET of byte ``n - 1``, which fails exactly when the
+object is shorter than ``n``. The sentinel is ``0x7f`` - as the high byte of a little-endian
+bf16, fp16 or fp32, a magnitude of 2^127 or more, an infinity or a NaN, so rare in KV data - or
+``0x80`` where the end of the object was last seen holding ``0x7f`` (this key's object, read or
+written through this handle, else the last object seen): an object read again as it was never
+needs a probe.
+A read is trusted only at the size its header announces, with its last byte seen written. An
+object found shorter than its header says, or longer, is returned cut to its header (which the
+tier then refuses as corrupt); the header's checksum still guards every payload byte.
 
 A present key whose GET fails is re-checked: gone meanwhile is a miss, still there is a fault of
 that key alone (its exception is returned in its place; the tier settles it with
@@ -28,6 +36,7 @@ All methods block; the tier calls them on worker threads.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import threading
@@ -51,6 +60,7 @@ __all__ = ["ObjStore"]
 PLUGIN = "OBJ"
 _SIZE_CACHE_ENTRIES = 65536
 _SHRINK_SLACK = 1 << 20
+_SENTINEL = 0x7F
 
 
 class ObjStore:
@@ -67,10 +77,13 @@ class ObjStore:
         self._rest = rest
         self._timeout_s = timeout_s
         self._dev_ids = itertools.count(1)
-        self._sizes: OrderedDict[ChunkKey, int] = OrderedDict()
+        # per key: (header + payload bytes, last byte) last seen, either None if not seen
+        self._seen: OrderedDict[ChunkKey, tuple[int | None, int | None]] = OrderedDict()
         self._last_size = int(options.expected_item_bytes)
+        self._last_tail: int | None = None
         self._lock = threading.Lock()
         self.rereads = 0
+        self.probes = 0
 
     def name(self, key: ChunkKey) -> str:
         return object_name(self._opts.prefix, key)
@@ -118,14 +131,19 @@ class ObjStore:
         want = [i for i, p in enumerate(present) if p]
         out: list[HostBuffer | bytes | BaseException | None] = [None] * len(keys)
         try:
-            short = self._fetch(keys, want, out, exact=False)
+            unsure, _ = self._fetch(keys, {i: self._guess(keys[i]) for i in want}, out)
             # read again, at the size the header announces, what was not read at exactly that size
-            again = [i for i in want if isinstance(out[i], HostBuffer)
-                     and self._announced(keys[i], out[i]) not in (0, _nbytes(out[i]))
-                     and (i in short or self._announced(keys[i], out[i]) > _nbytes(out[i]))]
-            if again:
+            # (one round with the probes of the reads that were, but whose last byte was not seen)
+            again: dict[int, int] = {}
+            for i in want:
+                announced = self._announced(keys[i], out[i])
+                if announced not in (0, _nbytes(out[i])) and (i in unsure or announced > _nbytes(out[i])):
+                    again[i] = announced
+            with self._lock:
                 self.rereads += len(again)
-                short = (short - set(again)) | self._fetch(keys, again, out, exact=True)
+            unsure_again, short = self._fetch(keys, again, out, probes=self._to_probe(keys, unsure - set(again), out))
+            if unsure_again:
+                short |= self._fetch(keys, {}, out, probes=self._to_probe(keys, unsure_again, out))[1]
             for i in want:
                 buf = out[i]
                 if not isinstance(buf, HostBuffer):
@@ -135,6 +153,8 @@ class ObjStore:
                     out[i] = bytes(buf.tensor[:HEADER_BYTES].numpy())  # its size contradicts its header
                     buf.release()
                 else:
+                    if announced == buf.nbytes:
+                        self._remember(keys[i], tail=_last_byte(buf.data_ptr, buf.nbytes).value)
                     self._shrink(keys[i], out, i)
             return out
         except BaseException:
@@ -151,38 +171,43 @@ class ObjStore:
         present = self.exists(keys)
         todo = [i for i, p in enumerate(present) if p]
         out: list[HostBuffer | bytes | BaseException | None] = [None] * len(keys)
-        probes = self._staging.allocate(max(1, len(todo)))
         try:
             jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
             owners: list[int] = []
-            for j, i in enumerate(todo):
+            payloads: dict[int, tuple[int, int]] = {}  # i -> (its payload's job, the sentinel at its end)
+            for i in todo:
                 out[i] = header = self._staging.allocate(HEADER_BYTES)
                 header.tensor.zero_()
                 name = self.name(keys[i])
                 jobs.append((name, header.data_ptr, HEADER_BYTES, 0, header))
                 if outs[i].nbytes:
+                    payloads[i] = (len(jobs), _set_sentinel(outs[i].address, outs[i].nbytes, self._tail(keys[i])))
                     jobs.append((name, outs[i].address, outs[i].nbytes, HEADER_BYTES, None))
-                    # the probe: fails if the object ends before the payload the caller expects
-                    jobs.append((name, probes.data_ptr + j, 1, HEADER_BYTES + outs[i].nbytes - 1, probes))
                 owners.extend([i] * (len(jobs) - len(owners)))
             if jobs:
                 with outs_registered(self._agent, PLUGIN, [outs[i] for i in todo]):
                     outcome = self._transfer("READ", jobs, timeout_s=math.inf)
-                unclear = sorted({owners[j] for j, e in enumerate(outcome.errors) if e is not None})
+                unclear = {owners[j] for j, e in enumerate(outcome.errors) if e is not None}
+                unsure = [i for i, (j, sentinel) in payloads.items() if outcome.errors[j] is None
+                          and _last_byte(outs[i].address, outs[i].nbytes).value == sentinel]
+                if unsure:  # the probe fails if the object ends before the payload the caller expects
+                    _, probed = self._round([], [(self.name(keys[i]), HEADER_BYTES + outs[i].nbytes - 1)
+                                                 for i in unsure])
+                    unclear.update(i for i, error in zip(unsure, probed, strict=True) if error is not None)
+                for i in payloads.keys() - unclear:
+                    self._remember(keys[i], tail=_last_byte(outs[i].address, outs[i].nbytes).value)
                 for i in unclear:
                     buf, out[i] = out[i], None
                     if isinstance(buf, HostBuffer):
                         buf.release()
                 if unclear:  # gone, short, or a failing store: read() tells them apart
-                    whole = self.read([keys[i] for i in unclear])
-                    for i, got in zip(unclear, whole, strict=True):
+                    again = sorted(unclear)
+                    for i, got in zip(again, self.read([keys[i] for i in again]), strict=True):
                         out[i] = got
             return out
         except BaseException:
             release_all(out, shared=True)
             raise
-        finally:
-            probes.release()
 
     # -- updates ---------------------------------------------------------------------------------
     def write(self, items: Sequence[tuple[ChunkKey, HostBuffer, CallerBuffer | None]]) -> None:
@@ -193,7 +218,7 @@ class ObjStore:
         outcome = self._transfer("WRITE", [(self.name(k), buf.data_ptr, buf.nbytes, 0, buf) for k, buf, _ in items])
         for (key, buf, _), error in zip(items, outcome.errors, strict=True):
             if error is None:
-                self._remember(key, buf.nbytes)
+                self._remember(key, size=buf.nbytes, tail=_last_byte(buf.data_ptr, buf.nbytes).value)
         failed = [e for e in outcome.errors if e is not None]
         if failed:
             raise failed[0]
@@ -202,7 +227,7 @@ class ObjStore:
         statuses = self._rest.delete([self.name(k) for k in keys])
         with self._lock:
             for key in keys:
-                self._sizes.pop(key, None)
+                self._seen.pop(key, None)
         bad = [s for s in statuses if s not in (200, 204, 404)]
         if bad:
             raise TransferFailed(f"S3 DELETE answered HTTP {bad[0]}")
@@ -211,46 +236,70 @@ class ObjStore:
         """Nothing to release: the objects are the tier's persistent state."""
 
     def stats(self) -> dict[str, Any]:
-        return {"rereads": self.rereads}
+        return {"rereads": self.rereads, "probes": self.probes}
 
     # -- machinery -------------------------------------------------------------------------------
-    def _fetch(self, keys: Sequence[ChunkKey], which: Sequence[int], out: list[HostBuffer | bytes | BaseException | None], *,
-               exact: bool) -> set[int]:
-        """Read ``keys[i]`` for ``i`` in ``which`` into fresh buffers in ``out`` (releasing old ones),
-        each with its probe; returns the ``i`` whose object is shorter than the bytes read."""
-        if not which:
-            return set()
+    def _fetch(self, keys: Sequence[ChunkKey], sizes: dict[int, int],
+               out: list[HostBuffer | bytes | BaseException | None], *,
+               probes: Sequence[tuple[int, int]] = ()) -> tuple[set[int], set[int]]:
+        """Read ``sizes[i]`` bytes of ``keys[i]`` into a fresh buffer in ``out[i]`` (releasing an
+        old one), a sentinel at its last byte; in the same round, probe byte ``p`` of ``keys[i]``
+        for each ``(i, p)`` in ``probes``. Returns the ``i`` read whose sentinel still stands, and
+        the ``i`` probed whose object is shorter than ``p + 1`` bytes."""
+        if not sizes and not probes:
+            return set(), set()
         jobs: list[tuple[str, int, int, int, HostBuffer | None]] = []
-        probes = self._staging.allocate(len(which))
-        try:
-            for j, i in enumerate(which):
-                old = out[i]
-                size = self._announced(keys[i], old) if exact and isinstance(old, HostBuffer) else self._guess(keys[i])
-                out[i] = None
-                if isinstance(old, HostBuffer):
-                    old.release()
-                out[i] = buf = self._staging.allocate(size)
-                # a short object leaves the rest of the buffer as it was: never let an old header stand
-                buf.tensor[:HEADER_BYTES].zero_()
-                name = self.name(keys[i])
-                jobs.append((name, buf.data_ptr, buf.nbytes, 0, buf))
-                jobs.append((name, probes.data_ptr + j, 1, buf.nbytes - 1, probes))
-            outcome = self._transfer("READ", jobs)
-        finally:
-            probes.release()
+        sentinels: list[int] = []
+        for i, size in sizes.items():
+            old = out[i]
+            out[i] = None
+            if isinstance(old, HostBuffer):
+                old.release()
+            out[i] = buf = self._staging.allocate(size)
+            # a short object leaves the rest of the buffer as it was: never let an old header stand
+            buf.tensor[:HEADER_BYTES].zero_()
+            sentinels.append(_set_sentinel(buf.data_ptr, buf.nbytes, self._tail(keys[i])))
+            jobs.append((self.name(keys[i]), buf.data_ptr, buf.nbytes, 0, buf))
+        read, probed = self._round(jobs, [(self.name(keys[i]), at) for i, at in probes])
+        short = {i for (i, _), error in zip(probes, probed, strict=True) if error is not None}
         failed: dict[int, BaseException] = {}
-        for j, i in enumerate(which):
-            error = outcome.errors[2 * j]
+        unsure: set[int] = set()
+        for i, (_, address, nbytes, _, _), sentinel, error in zip(sizes, jobs, sentinels, read, strict=True):
             if error is not None:
                 failed[i] = error
-        short = {i for j, i in enumerate(which) if outcome.errors[2 * j + 1] is not None}
+            elif _last_byte(address, nbytes).value == sentinel:
+                unsure.add(i)
         for i in failed:
             failed_buf, out[i] = out[i], None
             if isinstance(failed_buf, HostBuffer):
                 failed_buf.release()
         if failed:
             self._settle_failed_reads(keys, failed, out)
-        return short - set(failed)
+        return unsure, short
+
+    def _to_probe(self, keys: Sequence[ChunkKey], unsure: set[int],
+                  out: list[HostBuffer | bytes | BaseException | None]) -> list[tuple[int, int]]:
+        """The probes a read whose sentinel still stands needs: none where its header is bad (the
+        tier refuses it whatever its size) or announces another size (read again, or refused)."""
+        return [(i, _nbytes(out[i]) - 1) for i in sorted(unsure)
+                if self._announced(keys[i], out[i]) == _nbytes(out[i])]
+
+    def _round(self, reads: Sequence[tuple[str, int, int, int, HostBuffer | None]], probes: Sequence[tuple[str, int]]
+               ) -> tuple[list[BaseException | None], list[BaseException | None]]:
+        """One round of requests: the ``reads`` jobs, and a *probe* - a GET of byte ``p`` of object
+        ``name`` - for each ``(name, p)`` in ``probes``. Returns each read's and each probe's error
+        (a probe fails where the object is shorter than ``p + 1`` bytes)."""
+        if not probes:
+            return self._transfer("READ", reads).errors, []
+        with self._lock:
+            self.probes += len(probes)
+        target = self._staging.allocate(len(probes))
+        try:
+            jobs = [*reads, *((name, target.data_ptr + j, 1, p, target) for j, (name, p) in enumerate(probes))]
+            errors = self._transfer("READ", jobs).errors
+        finally:
+            target.release()
+        return errors[:len(reads)], errors[len(reads):]
 
     def _settle_failed_reads(self, keys: Sequence[ChunkKey], failed: dict[int, BaseException],
                              out: list[HostBuffer | bytes | BaseException | None]) -> None:
@@ -299,21 +348,45 @@ class ObjStore:
                                                 codecs=READABLE_CODECS).payload_length
         except (CorruptDataError, NewerFormatError):
             return 0
-        self._remember(key, size)
+        self._remember(key, size=size)
         return size
 
     def _guess(self, key: ChunkKey) -> int:
         with self._lock:
-            return max(HEADER_BYTES, self._sizes.get(key, self._last_size))  # the header, at least
+            size = self._seen.get(key, (None, None))[0]
+            return max(HEADER_BYTES, self._last_size if size is None else size)  # the header, at least
 
-    def _remember(self, key: ChunkKey, size: int) -> None:
+    def _tail(self, key: ChunkKey) -> int | None:
+        """The last byte last seen of ``key``'s object, else of any object (None: none seen)."""
         with self._lock:
-            self._sizes[key] = size
-            self._sizes.move_to_end(key)
-            self._last_size = size
-            while len(self._sizes) > _SIZE_CACHE_ENTRIES:
-                self._sizes.popitem(last=False)
+            tail = self._seen.get(key, (None, None))[1]
+            return self._last_tail if tail is None else tail
+
+    def _remember(self, key: ChunkKey, *, size: int | None = None, tail: int | None = None) -> None:
+        with self._lock:
+            old_size, old_tail = self._seen.get(key, (None, None))
+            self._seen[key] = (old_size if size is None else size, old_tail if tail is None else tail)
+            self._seen.move_to_end(key)
+            if size is not None:
+                self._last_size = size
+            if tail is not None:
+                self._last_tail = tail
+            while len(self._seen) > _SIZE_CACHE_ENTRIES:
+                self._seen.popitem(last=False)
 
 
 def _nbytes(buf: object) -> int:
     return buf.nbytes if isinstance(buf, HostBuffer) else 0
+
+
+def _last_byte(address: int, nbytes: int) -> ctypes.c_ubyte:
+    """The last byte of the ``nbytes`` at ``address`` (memory the caller holds), to read or set."""
+    return ctypes.c_ubyte.from_address(address + nbytes - 1)
+
+
+def _set_sentinel(address: int, nbytes: int, avoid: int | None) -> int:
+    """Set the last byte of a read's destination to a sentinel other than ``avoid`` (the byte
+    the object's end last held); return it."""
+    sentinel = _SENTINEL if avoid != _SENTINEL else _SENTINEL ^ 0xFF
+    _last_byte(address, nbytes).value = sentinel
+    return sentinel

@@ -161,3 +161,87 @@ async def test_get_into_of_an_object_cut_after_its_header_is_false_deleted_and_c
     assert await tier.get_into([key], [bytearray(1000)]) == [False]
     assert tier.stats()["corrupt"] == 1
     assert s3.list_objects_v2(Bucket=bucket, Prefix=name).get("KeyCount", 0) == 0
+
+
+def _truncate(seaweed: Any, bucket: str, key: ChunkKey, payload: bytes) -> None:
+    """Store ``key``'s value with its last byte cut off, behind the tier's back."""
+    seaweed.endpoint.client().put_object(Bucket=bucket, Key=f"lmtier/{key}",
+                                         Body=(encode_header(key, payload) + payload)[:-1])
+
+
+def _gone(seaweed: Any, bucket: str, key: ChunkKey) -> bool:
+    return seaweed.endpoint.client().list_objects_v2(Bucket=bucket, Prefix=f"lmtier/{key}").get("KeyCount", 0) == 0
+
+
+@pytest.mark.asyncio
+async def test_get_into_of_an_object_cut_by_a_byte_after_a_full_read_into_the_same_buffer_is_a_miss(
+    seaweed: Any, bucket: str, opener: Callable[..., Any]
+) -> None:
+    # the caller's buffer still holds the byte the cut object lacks, so the checksum would pass:
+    # only seeing (or probing) the last byte written tells a cut object apart
+    tier = await opener()
+    (key,) = _keys(1)
+    payload = os.urandom(300_000)
+    await tier.put([(key, payload)])
+    out = bytearray(len(payload))
+    assert await tier.get_into([key], [out]) == [True]
+    _truncate(seaweed, bucket, key, payload)
+    assert await tier.get_into([key], [out]) == [False]
+    assert tier.stats()["corrupt"] == 1 and _gone(seaweed, bucket, key)
+
+
+@pytest.mark.asyncio
+async def test_get_of_an_object_cut_by_a_byte_after_a_full_get_is_a_miss(
+    seaweed: Any, bucket: str, opener: Callable[..., Any]
+) -> None:
+    tier = await opener()
+    (key,) = _keys(1)
+    payload = os.urandom(300_000)
+    await tier.put([(key, payload)])
+    (got,) = await tier.get([key])
+    assert got is not None and bytes(got) == payload
+    del got  # its staging range goes back, and the next read of the same size is staged there
+    _truncate(seaweed, bucket, key, payload)
+    assert await tier.get([key]) == [None]
+    assert tier.stats()["corrupt"] == 1 and _gone(seaweed, bucket, key)
+
+
+@pytest.mark.asyncio
+async def test_reads_of_whole_objects_send_no_probe(opener: Callable[..., Any]) -> None:
+    writer = await opener()
+    keys = _keys(3)
+    values = [os.urandom(200_000) + b"\x00" for _ in keys]  # not ending in the sentinel: no doubt
+    await writer.put(list(zip(keys, values, strict=True)))
+    reader = await opener()  # knows no sizes, nor how objects end
+    assert [bytes(v) for v in await reader.get(keys)] == values  # type: ignore[arg-type]
+    outs = [bytearray(len(v)) for v in values]
+    assert await reader.get_into(keys, outs) == [True, True, True]
+    assert [bytes(o) for o in outs] == values
+    assert reader.stats()["probes"] == 0 and reader.stats()["rereads"] == 3  # sizes were guessed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("op", ["get", "get_into"])
+async def test_a_value_ending_in_the_sentinel_is_served_after_one_probe(
+    opener: Callable[..., Any], op: str
+) -> None:
+    from lmtier_backends.nixl._obj import _SENTINEL
+
+    writer = await opener()
+    (key,) = _keys(1)
+    payload = os.urandom(200_000)[:-1] + bytes([_SENTINEL])  # a fresh reader cannot tell it is read whole
+    await writer.put([(key, payload)])
+    reader = await opener(expected_item_bytes=len(payload) + 64)
+
+    async def read() -> bytes | None:
+        if op == "get":
+            (got,) = await reader.get([key])
+            return None if got is None else bytes(got)
+        out = bytearray(len(payload))
+        return bytes(out) if await reader.get_into([key], [out]) == [True] else None
+
+    assert await read() == payload
+    assert reader.stats()["probes"] == 1
+    assert await read() == payload
+    assert reader.stats()["probes"] == 1  # now it knows how the object ends: another sentinel
+    assert reader.stats()["corrupt"] == 0
