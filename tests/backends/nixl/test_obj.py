@@ -177,8 +177,8 @@ def _gone(seaweed: Any, bucket: str, key: ChunkKey) -> bool:
 async def test_get_into_of_an_object_cut_by_a_byte_after_a_full_read_into_the_same_buffer_is_a_miss(
     seaweed: Any, bucket: str, opener: Callable[..., Any]
 ) -> None:
-    # the caller's buffer still holds the byte the cut object lacks, so the checksum would pass:
-    # only seeing (or probing) the last byte written tells a cut object apart
+    # the caller's buffer still holds the byte the cut object lacks: unless that byte is replaced
+    # (the sentinel) or the object probed, the checksum passes and a cut object is served
     tier = await opener()
     (key,) = _keys(1)
     payload = os.urandom(300_000)
@@ -245,3 +245,25 @@ async def test_a_value_ending_in_the_sentinel_is_served_after_one_probe(
     assert await read() == payload
     assert reader.stats()["probes"] == 1  # now it knows how the object ends: another sentinel
     assert reader.stats()["corrupt"] == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("op", ["get", "get_into"])
+async def test_an_object_cut_just_before_a_last_byte_equal_to_the_sentinel_is_a_miss(
+    seaweed: Any, bucket: str, opener: Callable[..., Any], op: str
+) -> None:
+    # the sentinel a fresh reader sets stands in for the missing byte, so the checksum passes:
+    # only the probe finds the object short
+    from lmtier_backends.nixl._obj import _SENTINEL
+
+    writer = await opener()
+    (key,) = _keys(1)
+    payload = os.urandom(200_000)[:-1] + bytes([_SENTINEL])
+    await writer.put([(key, payload)])
+    _truncate(seaweed, bucket, key, payload)
+    reader = await opener(expected_item_bytes=len(payload) + 64)
+    if op == "get":
+        assert await reader.get([key]) == [None]
+    else:
+        assert await reader.get_into([key], [bytearray(len(payload))]) == [False]
+    assert reader.stats()["corrupt"] == 1 and _gone(seaweed, bucket, key)
