@@ -18,7 +18,10 @@ figures are medians over repeats; tier/raw is the median over repeats of the rat
 repeat (the machine drifts between repeats, passes of one repeat run back to back); nothing is
 asserted.
 
-    python benchmarks/s3_tier.py [--concurrency 4] [--repeats 5] [--out results/]
+``--sizes 1MiB`` (or ``16MiB``, ``37.7MB``, comma-separated) runs only those objects, e.g. many
+repeats of the 1 MiB cells, where per-object costs and the machine's noise are largest.
+
+    python benchmarks/s3_tier.py [--concurrency 4] [--repeats 5] [--sizes 1MiB,16MiB,37.7MB] [--out results/]
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ from tests.support.seaweedfs import SeaweedFS, create_bucket
 MiB = 1 << 20
 CHUNK_BYTES = 36 * 2 * 8 * 128 * 2 * 256  # 37,748,736: Qwen3-8B, 256 tokens, bf16
 SIZES = [(1 * MiB, 64), (16 * MiB, 12), (CHUNK_BYTES, 6)]  # (object bytes, objects per batch)
+SIZE_NAMES = {"1MiB": 1 * MiB, "16MiB": 16 * MiB, "37.7MB": CHUNK_BYTES}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``--sizes``: comma-separated names of SIZE_NAMES, in the order given."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in SIZE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--sizes: expected names from {', '.join(SIZE_NAMES)}, got {text!r}")
+    return [SIZE_NAMES[n] for n in names]
 BUCKET = "lmtier-bench"
 MB = 1e6
 
@@ -78,6 +91,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where SeaweedFS keeps its data (default: a temp dir)")
     ap.add_argument("--out", default=None, help="directory for s3_tier.json")
+    ap.add_argument("--sizes", type=parse_sizes, default=[size for size, _ in SIZES],
+                    help=f"object sizes to run, comma-separated ({', '.join(SIZE_NAMES)}; default: all)")
     ap.add_argument("--no-sign-payload", action="store_true",
                     help="skip SHA-256 body signing on both sides (tier sign_payload: false)")
     args = ap.parse_args()
@@ -132,7 +147,7 @@ def run_all(
     pool = ThreadPoolExecutor(args.concurrency)
     ns = make_namespace(bench="s3_tier", run=os.urandom(4).hex())
     results = []
-    for size, count in SIZES:
+    for size, count in [(size, count) for size, count in SIZES if size in args.sizes]:
         data = os.urandom(size)
         total = size * count
         rates: dict[str, list[float]] = {
