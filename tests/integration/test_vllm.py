@@ -343,7 +343,8 @@ def test_forced_preemptions_return_vllms_own_tokens_and_leak_nothing(
     requests waiting for the prefix another one computes; then loads), every request's token ids
     equal vLLM's without lmtier, and its logprobs are within bf16 noise of vLLM's without lmtier
     either without preemption or with the same forced preemption (a resumed request's KV is
-    recomputed in a prefill, which moves late logprobs by up to ~0.08 here with or without lmtier).
+    recomputed in a prefill, which moves late logprobs by up to ~0.08 with or without lmtier:
+    ``RECOMPUTED_KV_LOGPROB_ATOL``).
     The test's host pools are all returned (the autouse leak check)."""
     import random
 
@@ -388,7 +389,7 @@ def test_forced_preemptions_return_vllms_own_tokens_and_leak_nothing(
     assert all(r.num_cached_tokens >= 512 for r in second)
     for run, results in (("first", first), ("second", second)):
         for i, got in enumerate(results):
-            problems = [runner.same_outputs(got, ref[i]) for ref in refs]
+            problems = [runner.same_outputs(got, ref[i], atol=runner.RECOMPUTED_KV_LOGPROB_ATOL) for ref in refs]
             assert None in problems, f"request {i} ({run} run): {problems}"
 
 

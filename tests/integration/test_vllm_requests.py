@@ -126,7 +126,8 @@ def test_the_next_chat_turn_hits_through_the_stored_reply(engine: EngineSlot, ba
     # turn 1 computed 600 + 99 tokens (the last generated one is never fed back): 2 chunks and a
     # 1-block tail reaching into the reply are stored at its end; the prompt alone would give 512
     assert turn2.num_cached_tokens == 640
-    assert runner.same_outputs(turn2, baseline["chat_turn2"]) is None
+    # the reply's KV was computed by decode steps, the baseline's by one prefill
+    assert runner.same_outputs(turn2, baseline["chat_turn2"], atol=runner.RECOMPUTED_KV_LOGPROB_ATOL) is None
     assert "Stored 128 of 640 tokens for request" in caplog.text  # the reply's block, at the end
 
 

@@ -21,6 +21,12 @@ ENGINE_ENV = {
 }
 MAX_TOKENS = 6
 LOGPROB_ATOL = 0.02  # bf16 noise between a full prefill and one over loaded KV; wrong KV moves ids
+#: Where part of the reused KV was computed by decode steps (a chat reply's) or recomputed after a
+#: preemption, and the reference computed it in one prefill: different kernels and summation orders
+#: in bf16. Why one bf16 ulp of a logit in [16, 32): on an AVX2-only host (AMD EPYC, no AVX-512;
+#: vLLM's CPU kernels are chosen by instruction set) these cases moved logprobs by up to 0.079,
+#: with equal token ids; wrong KV moves the ids (and logprobs by far more), which stay exact.
+RECOMPUTED_KV_LOGPROB_ATOL = 0.125
 
 
 @dataclass
@@ -102,13 +108,14 @@ def shutdown(llm: LLM) -> None:
     gc.collect()
 
 
-def same_outputs(got: Result, want: Result) -> str | None:
-    """None when ``got`` matches the baseline ``want``; else what differs."""
+def same_outputs(got: Result, want: Result, atol: float = LOGPROB_ATOL) -> str | None:
+    """None when ``got`` matches the baseline ``want`` (token ids equal, logprobs within ``atol``);
+    else what differs."""
     if got.token_ids != want.token_ids:
         return f"token ids {got.token_ids} != baseline {want.token_ids}"
     worst = max((abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)), default=0.0)
-    if worst > LOGPROB_ATOL:
-        return f"logprobs differ by {worst:.4f} > {LOGPROB_ATOL}: {got.logprobs} vs {want.logprobs}"
+    if worst > atol:
+        return f"logprobs differ by {worst:.4f} > {atol}: {got.logprobs} vs {want.logprobs}"
     return None
 
 
