@@ -22,12 +22,17 @@ over ``--prefixes`` shared prefixes of ``--prefix`` tokens, a ``--suffix``-token
 ``--max-concurrency`` at a time) twice: a warm-up run with other prefixes (untimed: kernels,
 files, the first stores), then the measured run (``--request-rate R``: Poisson arrivals at R
 requests per second instead of every prompt at once; with ``--logs``, vLLM's per-request results
-are kept there). Rounds alternate the servers; the table gives medians over rounds of vLLM's own
+are kept there). ``--warm-up same`` runs the warm-up with the measured run's seed: the same
+prefixes (vLLM 0.32 draws most suffixes anew), so every measured request finds its prefix in
+either cache, no request waits for another's, and what is timed is the hit: vLLM's blocks, shared
+by the requests of one prefix, against lmtier's copy loaded per request (``--prefixes`` equal to
+``--num-prompts`` leaves vLLM nothing to share). Rounds
+alternate the servers; the table gives medians over rounds of vLLM's own
 TTFT statistics, the speedup of each against the baseline, and lmtier's share of the prefix
 cache's speedup (the issue's goal: >= 95%). Nothing is asserted.
 
     python benchmarks/vllm_serve.py [--rounds 3] [--num-prompts 64] [--max-concurrency 16]
-        [--request-rate R] [--servers baseline,vllm-prefix-cache,lmtier,lmtier-ram,...] [--logs DIR]
+        [--request-rate R] [--warm-up other|same] [--dtype bfloat16] [--servers baseline,vllm-prefix-cache,lmtier,lmtier-ram,...] [--logs DIR]
 """
 
 from __future__ import annotations
@@ -76,10 +81,11 @@ def _vllm() -> str:
 class Server:
     """``vllm serve`` in its own process group, stopped by that group's id."""
 
-    def __init__(self, model: str, log: Path, env: dict[str, str], extra_args: list[str]) -> None:
+    def __init__(self, model: str, log: Path, env: dict[str, str], extra_args: list[str],
+                 dtype: str = "bfloat16") -> None:
         self.port = _free_port()
         cmd = [_vllm(), "serve", model, "--served-model-name", "tiny", "--host", "127.0.0.1",
-               "--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager", "--seed", "0", *extra_args]
+               "--port", str(self.port), "--dtype", dtype, "--enforce-eager", "--seed", "0", *extra_args]
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **env}, start_new_session=True)
@@ -137,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests per second, Poisson arrivals (default inf: every prompt at once, "
                         "--max-concurrency in flight)")
+    p.add_argument("--warm-up", choices=("other", "same"), default="other",
+                   help="the untimed first run: other prefixes (default) or the measured run's own")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="the model's dtype for every server (default bfloat16; on an AVX2-only host "
+                        "float32 prefilled ~5x faster than bfloat16)")
     p.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND for every server (default 0-1)")
     p.add_argument("--preset", default="demo")
     p.add_argument("--servers", default="baseline,vllm-prefix-cache,lmtier",
@@ -160,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# vllm serve {vllm.__version__} (CPU) + vllm bench serve; {machine_line()}")
     print(f"# tiny Llama preset {args.preset!r}; prefix_repetition: {args.num_prompts} prompts, {args.prefixes} "
           f"prefixes of {args.prefix} tokens + {args.suffix}-token suffixes, {args.output} tokens out, "
-          f"max concurrency {args.max_concurrency}, request rate {args.request_rate}/s; VLLM_CPU_OMP_THREADS_BIND={args.bind}; {args.rounds} rounds")
+          f"max concurrency {args.max_concurrency}, request rate {args.request_rate}/s, warm-up {args.warm_up}, {args.dtype}; VLLM_CPU_OMP_THREADS_BIND={args.bind}; {args.rounds} rounds")
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="lmtier-vllm-serve-") as tmp:
         root = Path(tmp)
@@ -180,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 logs = args.logs or root
                 logs.mkdir(parents=True, exist_ok=True)
-                server = Server(model, logs / f"{name}-{r}.log", env, extra)
+                server = Server(model, logs / f"{name}-{r}.log", env, extra, args.dtype)
                 try:
-                    _bench(server.port, model, args, 1000 + r, root / f"warm-{name}-{r}.json")
+                    warm_seed = r if args.warm_up == "same" else 1000 + r
+                    _bench(server.port, model, args, warm_seed, root / f"warm-{name}-{r}.json")
                     results[name].append(_bench(server.port, model, args, r, logs / f"{name}-{r}.json"))
                 finally:
                     server.stop()
