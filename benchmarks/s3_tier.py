@@ -51,18 +51,18 @@ from tests.support.seaweedfs import SeaweedFS, create_bucket
 MiB = 1 << 20
 CHUNK_BYTES = 36 * 2 * 8 * 128 * 2 * 256  # 37,748,736: Qwen3-8B, 256 tokens, bf16
 SIZES = [(1 * MiB, 64), (16 * MiB, 12), (CHUNK_BYTES, 6)]  # (object bytes, objects per batch)
-SIZE_NAMES = {"1MiB": 1 * MiB, "16MiB": 16 * MiB, "37.7MB": CHUNK_BYTES}
+SIZE_NAMES = {"1MiB": 1 * MiB, "16MiB": 16 * MiB, "37.7MB": CHUNK_BYTES}  # --sizes names of SIZES
+BUCKET = "lmtier-bench"
+MB = 1e6
 
 
 def parse_sizes(text: str) -> list[int]:
-    """``--sizes``: comma-separated names of SIZE_NAMES, in the order given."""
+    """``--sizes``: comma-separated names of SIZE_NAMES (they run in SIZES' order)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in SIZE_NAMES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"--sizes: expected names from {', '.join(SIZE_NAMES)}, got {text!r}")
     return [SIZE_NAMES[n] for n in names]
-BUCKET = "lmtier-bench"
-MB = 1e6
 
 
 def raw_client(server: SeaweedFS, concurrency: int, sign_payload: bool | None) -> Any:

@@ -26,10 +26,9 @@ are kept there). ``--warm-up same`` runs the warm-up with the measured run's see
 prefixes (vLLM 0.32 draws most suffixes anew), so every measured request finds its prefix in
 either cache, no request waits for another's, and what is timed is the hit: vLLM's blocks, shared
 by the requests of one prefix, against lmtier's copy loaded per request (``--prefixes`` equal to
-``--num-prompts`` leaves vLLM nothing to share). Rounds
-alternate the servers; the table gives medians over rounds of vLLM's own
-TTFT statistics, the speedup of each against the baseline, and lmtier's share of the prefix
-cache's speedup (the issue's goal: >= 95%). Nothing is asserted.
+``--num-prompts`` leaves vLLM nothing to share). Rounds alternate the servers; the table gives
+medians over rounds of vLLM's own TTFT statistics, the speedup of each against the baseline, and
+lmtier's share of the prefix cache's speedup (the issue's goal: >= 95%). Nothing is asserted.
 
     python benchmarks/vllm_serve.py [--rounds 3] [--num-prompts 64] [--max-concurrency 16]
         [--request-rate R] [--warm-up other|same] [--dtype bfloat16] [--servers baseline,vllm-prefix-cache,lmtier,lmtier-ram,...] [--logs DIR]
