@@ -14,8 +14,12 @@ binding" there), ``--enforce-eager``:
 and, with ``--servers``, variants of it that turn one mechanism off, to measure what each does:
 ``lmtier-no-defer`` (``defer_max_s: 0``), ``lmtier-round-trip`` (``scheduler_lookups: false``: each
 lookup rides one engine step, and no request waits for another's prefix), ``lmtier+prefix-cache``
-(vLLM's prefix cache on as well) and ``lmtier-ram`` (the RAM tier only: no disk writes behind the
-stores, which on a 2-core host share the cores the forward computes on).
+(vLLM's prefix cache on as well), ``lmtier+prefix-cache-reset`` (the same, with vLLM's prefix
+cache emptied after the warm-up through ``POST /reset_prefix_cache``, as an engine restart or
+eviction leaves it: every prefix is served by lmtier, and vLLM's cache shares the blocks lmtier
+loads among the requests of one prefix; with ``--warm-up same`` this is lmtier restoring vLLM's
+warm cache) and ``lmtier-ram`` (the RAM tier only: no disk writes behind the stores, which on a
+2-core host share the cores the forward computes on).
 
 Each server gets ``vllm bench serve --dataset-name prefix_repetition`` (``--num-prompts`` prompts
 over ``--prefixes`` shared prefixes of ``--prefix`` tokens, a ``--suffix``-token suffix each,
@@ -61,8 +65,11 @@ SERVERS: dict[str, tuple[bool, dict[str, Any] | None]] = {
     "lmtier-no-defer": (False, {"defer_max_s": 0}),
     "lmtier-round-trip": (False, {"scheduler_lookups": False}),
     "lmtier+prefix-cache": (True, {}),
+    "lmtier+prefix-cache-reset": (True, {}),
     "lmtier-ram": (False, {"tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": "2GiB"}}]}),
 }
+#: servers whose vLLM prefix cache is emptied between the warm-up and the measured run
+_RESET_AFTER_WARM_UP = {"lmtier+prefix-cache-reset"}
 _ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
@@ -130,6 +137,15 @@ def _bench(port: int, model: str, args: argparse.Namespace, seed: int, out: Path
     return result
 
 
+def _reset_prefix_cache(port: int) -> None:
+    """Empty vLLM's own prefix cache, not the connector's (the server runs with
+    ``VLLM_SERVER_DEV_MODE=1``, which adds the endpoint); raises if vLLM refused (blocks held)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/reset_prefix_cache", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as answer:
+        if not json.loads(answer.read()).get("success"):
+            raise RuntimeError("vLLM refused to reset its prefix cache after the warm-up")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -190,10 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 logs = args.logs or root
                 logs.mkdir(parents=True, exist_ok=True)
-                server = Server(model, logs / f"{name}-{r}.log", env, extra, args.dtype)
+                dev = {"VLLM_SERVER_DEV_MODE": "1"} if name in _RESET_AFTER_WARM_UP else {}
+                server = Server(model, logs / f"{name}-{r}.log", {**env, **dev}, extra, args.dtype)
                 try:
                     warm_seed = r if args.warm_up == "same" else 1000 + r
                     _bench(server.port, model, args, warm_seed, root / f"warm-{name}-{r}.json")
+                    if name in _RESET_AFTER_WARM_UP:
+                        _reset_prefix_cache(server.port)
                     results[name].append(_bench(server.port, model, args, r, logs / f"{name}-{r}.json"))
                 finally:
                     server.stop()

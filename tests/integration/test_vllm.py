@@ -435,6 +435,45 @@ def test_with_vllms_prefix_cache_on_no_request_waits_for_what_vllm_already_share
         assert runner.same_outputs(g, w) is None, f"request {i}"
 
 
+def test_after_vllms_prefix_cache_is_emptied_one_load_from_lmtier_is_shared_by_the_requests_of_a_prefix(
+        engines: EngineSlot, tiny_model: str, tmp_path: Path) -> None:
+    """vLLM's prefix cache emptied (a restart, an eviction) while lmtier holds a 512-token prefix:
+    4 requests over it in one batch. The first loads it from lmtier into blocks vLLM caches from
+    their allocation; the 3 others are served those blocks by vLLM's own cache in the same step.
+    lmtier loads the prefix once, not 4 times, and the outputs are vLLM's own from its warm cache
+    (the reference's prefix computed by the same storing prompt, so both read the same K/V).
+    This is what lets lmtier with vLLM's prefix cache match vLLM's warm cache (no copy per request
+    for attention to read; benchmarks/vllm_serve.py's ``lmtier+prefix-cache-reset``)."""
+    import random
+
+    rng = random.Random(79)
+    prefix = [rng.randrange(3, 2000) for _ in range(512)]
+    storing = prefix + [rng.randrange(3, 2000) for _ in range(200)]
+    prompts = [prefix + [rng.randrange(3, 2000) for _ in range(200 + i)] for i in range(4)]
+    engines.close()
+    reference = runner.make_llm(tiny_model, enable_prefix_caching=True)
+    try:
+        runner.generate(reference, [storing])
+        want = runner.generate(reference, prompts)
+    finally:
+        runner.shutdown(reference)
+    assert [r.num_cached_tokens for r in want] == [512] * 4  # the reference's cache was warm
+    llm = engines.open("prefix-cache-reset", tier_config(tmp_path / "disk"), enable_prefix_caching=True)
+    try:
+        runner.generate(llm, [storing])
+        assert llm.reset_prefix_cache()
+        engines.overwrite_kv_cache()  # freed blocks no longer hold the prefix: what is read was loaded
+        loaded_before = metric("lmtier_loaded_tokens_total")
+        got = runner.generate(llm, prompts)
+        loaded = metric("lmtier_loaded_tokens_total") - loaded_before
+    finally:
+        engines.close()
+    assert loaded == 512  # one copy, for the first request; vLLM shares it with the other three
+    assert [r.num_cached_tokens for r in got] == [512] * 4
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert runner.same_outputs(g, w) is None, f"request {i}"
+
+
 # -- configuration and statistics (no engine) ------------------------------------------------------
 def test_connector_config_inline_from_a_yaml_path_or_from_lmtier_config(tmp_path: Path) -> None:
     from lmtier.errors import ConfigError
