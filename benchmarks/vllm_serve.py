@@ -53,23 +53,30 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from _common import fmt_ratio, machine_line, median, print_table
 
-#: server name -> (vLLM's prefix cache on, connector options or None for no connector)
-SERVERS: dict[str, tuple[bool, dict[str, Any] | None]] = {
-    "baseline": (False, None),
-    "vllm-prefix-cache": (True, None),
-    "lmtier": (False, {}),
-    "lmtier-no-defer": (False, {"defer_max_s": 0}),
-    "lmtier-round-trip": (False, {"scheduler_lookups": False}),
-    "lmtier+prefix-cache": (True, {}),
-    "lmtier+prefix-cache-reset": (True, {}),
-    "lmtier-ram": (False, {"tiers": [{"name": "hot", "backend": "cpu", "options": {"max_bytes": "2GiB"}}]}),
+
+class ServerKind(NamedTuple):
+    """How one of the compared servers is started and prepared."""
+
+    prefix_cache: bool  # vLLM's own prefix cache on
+    connector: dict[str, Any] | None  # the connector's options over the tiers below; None: no connector
+    reset_after_warm_up: bool = False  # vLLM's prefix cache emptied between the warm-up and the measured run
+
+
+SERVERS: dict[str, ServerKind] = {
+    "baseline": ServerKind(False, None),
+    "vllm-prefix-cache": ServerKind(True, None),
+    "lmtier": ServerKind(False, {}),
+    "lmtier-no-defer": ServerKind(False, {"defer_max_s": 0}),
+    "lmtier-round-trip": ServerKind(False, {"scheduler_lookups": False}),
+    "lmtier+prefix-cache": ServerKind(True, {}),
+    "lmtier+prefix-cache-reset": ServerKind(True, {}, reset_after_warm_up=True),
+    "lmtier-ram": ServerKind(False, {"tiers": [{"name": "hot", "backend": "cpu",
+                                               "options": {"max_bytes": "2GiB"}}]}),
 }
-#: servers whose vLLM prefix cache is emptied between the warm-up and the measured run
-_RESET_AFTER_WARM_UP = {"lmtier+prefix-cache-reset"}
 _ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
@@ -193,25 +200,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in range(args.rounds):
             for name in results:
                 extra = ["--max-model-len", max_len]
-                prefix_cache, options = SERVERS[name]
-                extra.append("--enable-prefix-caching" if prefix_cache else "--no-enable-prefix-caching")
-                if options is not None:
+                kind = SERVERS[name]
+                extra.append("--enable-prefix-caching" if kind.prefix_cache else "--no-enable-prefix-caching")
+                if kind.connector is not None:
                     tiers = {"chunk_tokens": 256, "tiers": [
                         {"name": "hot", "backend": "cpu", "options": {"max_bytes": "2GiB"}},
                         {"name": "local", "backend": "disk", "options": {"root": str(root / f"disk-{name}-{r}")}}],
-                        **options}
+                        **kind.connector}
                     extra += ["--kv-transfer-config", json.dumps({
                         "kv_connector": "LMTierConnector", "kv_connector_module_path": "lmtier.integrations.vllm",
                         "kv_role": "kv_both", "kv_connector_extra_config": tiers})]
                 t0 = time.perf_counter()
                 logs = args.logs or root
                 logs.mkdir(parents=True, exist_ok=True)
-                dev = {"VLLM_SERVER_DEV_MODE": "1"} if name in _RESET_AFTER_WARM_UP else {}
+                dev = {"VLLM_SERVER_DEV_MODE": "1"} if kind.reset_after_warm_up else {}
                 server = Server(model, logs / f"{name}-{r}.log", {**env, **dev}, extra, args.dtype)
                 try:
                     warm_seed = r if args.warm_up == "same" else 1000 + r
                     _bench(server.port, model, args, warm_seed, root / f"warm-{name}-{r}.json")
-                    if name in _RESET_AFTER_WARM_UP:
+                    if kind.reset_after_warm_up:
                         _reset_prefix_cache(server.port)
                     results[name].append(_bench(server.port, model, args, r, logs / f"{name}-{r}.json"))
                 finally:
@@ -234,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(["server", "TTFT mean ms", "TTFT p50 ms", "TTFT p99 ms", "speedup (mean)", "speedup (p50)"], rows,
                 title="vllm bench serve: TTFT medians over rounds; speedups: medians of per-round ratios")
     for name in results:
-        if SERVERS[name][1] is None:
+        if SERVERS[name].connector is None:
             continue
         for key, label in (("mean_ttft_ms", "mean"), ("median_ttft_ms", "p50"), ("p99_ttft_ms", "p99")):
             shares = [pc[key] / lm[key] for pc, lm in zip(results["vllm-prefix-cache"], results[name], strict=True)]

@@ -26,16 +26,16 @@ def _keys(n: int) -> list[ChunkKey]:
     return [ChunkKey(ns, os.urandom(16)) for _ in range(n)]
 
 
-def _config(seaweed: Any, bucket: str, *, io_threads: int = 4, **obj: Any) -> NixlConfig:
-    return NixlConfig(plugin="obj", obj=obj_options(seaweed, bucket, **obj), staging_slab_bytes=8 << 20,
-                      io_threads=io_threads)
+def _config(seaweed: Any, bucket: str, *, io_threads: int | None = None, **obj: Any) -> NixlConfig:
+    threads = {} if io_threads is None else {"io_threads": io_threads}  # None: NixlConfig's default
+    return NixlConfig(plugin="obj", obj=obj_options(seaweed, bucket, **obj), staging_slab_bytes=8 << 20, **threads)
 
 
 @pytest_asyncio.fixture
 async def opener(seaweed: Any, bucket: str) -> AsyncIterator[Callable[..., Any]]:
     opened: list[NixlBackend] = []
 
-    async def open_tier(*, io_threads: int = 4, **obj: Any) -> NixlBackend:
+    async def open_tier(*, io_threads: int | None = None, **obj: Any) -> NixlBackend:
         backend = await open_nixl_backend(_config(seaweed, bucket, io_threads=io_threads, **obj))
         opened.append(backend)
         return backend
